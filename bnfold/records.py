@@ -1,0 +1,221 @@
+"""Records of the find and fold stages: what was paired, what was folded, what was left and why.
+
+All records are frozen dataclasses; ``to_dict()`` gives plain JSON values (the model itself is
+left out). Renderers (``bnfold.report``) and the CLI only read these.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bnfold._records import Record, not_serialised
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class BnKind(str, enum.Enum):
+    """How a batch norm appears in the model."""
+
+    MODULE = "module"  # a plain torch BatchNorm module (its forward is the stock one)
+    SUBCLASS = "subclass"  # a BatchNorm subclass with its own forward (extra behaviour kept)
+    FUNCTIONAL = "functional"  # a torch.nn.functional.batch_norm call in the model's forward
+
+
+class SkipReason(str, enum.Enum):
+    """Why a batch norm was not folded. Each value has a label and advice (``advice()``)."""
+
+    NO_PRODUCER = "no_producer"
+    PRODUCER_FANOUT = "producer_fanout"
+    PRODUCER_SHARED = "producer_shared"
+    BN_SHARED = "bn_shared"
+    BN_FANOUT = "bn_fanout"
+    ZERO_PADDING = "zero_padding"
+    LINEAR_AXIS = "linear_axis"
+    NO_RUNNING_STATS = "no_running_stats"
+    FUNCTIONAL_TRAINING = "functional_training"
+    NON_FLOAT = "non_float"
+    CHANNEL_MISMATCH = "channel_mismatch"
+    PARAMETRIZED = "parametrized"
+    HOOKS = "hooks"
+    UNSUPPORTED_FORWARD = "unsupported_forward"
+    NON_FINITE = "non_finite"
+    NEEDS_GRAPH_REWRITE = "needs_graph_rewrite"
+    UNSUPPORTED_PATTERN = "unsupported_pattern"
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self][0]
+
+    def advice(self) -> str:
+        return _LABELS[self][1]
+
+
+_LABELS: dict[SkipReason, tuple[str, str]] = {
+    SkipReason.NO_PRODUCER: (
+        "no adjacent Conv/Linear",
+        "the BN's input and output are not a Conv, ConvTranspose or Linear (e.g. BN after an add "
+        "or before an activation); nothing to fold it into",
+    ),
+    SkipReason.PRODUCER_FANOUT: (
+        "residual fan-out",
+        "the layer's output also feeds something other than the BN; folding would change that "
+        "other path",
+    ),
+    SkipReason.PRODUCER_SHARED: (
+        "shared layer",
+        "the layer (or its weight tensor) is used at another call site; give each call site its "
+        "own module to fold it",
+    ),
+    SkipReason.BN_SHARED: (
+        "shared BN",
+        "the same BN module is called at several places; give each call site its own BN",
+    ),
+    SkipReason.BN_FANOUT: (
+        "BN output fan-out",
+        "the BN output feeds more than the following layer, so the BN cannot move into it",
+    ),
+    SkipReason.ZERO_PADDING: (
+        "zero-padded BN→Conv",
+        "the conv after the BN pads with zeros, which would no longer be the BN's zero; use "
+        "padding=0 or a reflect/replicate/circular padding_mode",
+    ),
+    SkipReason.LINEAR_AXIS: (
+        "Linear on N-D input",
+        "BatchNorm1d normalises dim 1 but Linear acts on the last dim; only 2-D (N, C) "
+        "activations can be folded",
+    ),
+    SkipReason.NO_RUNNING_STATS: (
+        "no running stats",
+        "track_running_stats=False: eval mode uses batch statistics, which cannot be folded",
+    ),
+    SkipReason.FUNCTIONAL_TRAINING: (
+        "functional BN in training mode",
+        "F.batch_norm(..., training=True) normalises with batch statistics; pass training=False",
+    ),
+    SkipReason.NON_FLOAT: (
+        "non-floating-point weights",
+        "the layer's weights are not floating point (e.g. quantized); fold before quantizing",
+    ),
+    SkipReason.CHANNEL_MISMATCH: (
+        "channel mismatch",
+        "the BN's channel count differs from the layer's channels on the folded axis",
+    ),
+    SkipReason.PARAMETRIZED: (
+        "parametrized weight",
+        "the layer's weight is computed (parametrization or weight norm); remove it first "
+        "(torch.nn.utils.parametrize.remove_parametrizations)",
+    ),
+    SkipReason.HOOKS: (
+        "module hooks",
+        "a forward hook or pre-hook on the BN or layer would see different tensors after "
+        "folding; remove the hook to fold",
+    ),
+    SkipReason.UNSUPPORTED_FORWARD: (
+        "custom forward not understood",
+        "a BN subclass whose forward could not be reduced to one batch norm plus extra ops",
+    ),
+    SkipReason.NON_FINITE: (
+        "non-finite statistics",
+        "running statistics or affine parameters hold NaN/inf or a negative variance; "
+        "recalibrate first",
+    ),
+    SkipReason.NEEDS_GRAPH_REWRITE: (
+        "needs graph rewrite",
+        "folding a functional batch norm rewrites the forward, which cannot be done in place; "
+        "call fold(..., inplace=False)",
+    ),
+    SkipReason.UNSUPPORTED_PATTERN: (
+        "unsupported pattern",
+        "this layer/BN arrangement has no exact fold (e.g. BN before ConvTranspose)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Pair(Record):
+    """One batch norm that will be folded into one layer."""
+
+    bn: str  # module path, or the graph node name for a functional batch norm
+    bn_type: str
+    bn_kind: BnKind
+    producer: str  # module path of the Conv/ConvTranspose/Linear
+    producer_type: str
+    pattern: str  # row name in bnfold.patterns, e.g. "conv→bn"
+    channels: int
+
+
+@dataclass(frozen=True)
+class Skip(Record):
+    """One batch norm that stays, with the reason and the modules involved."""
+
+    bn: str
+    bn_type: str
+    reason: SkipReason
+    detail: str
+    producer: str | None = None
+    pattern: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan(Record):
+    """What ``find_pairs`` found: every batch norm is in exactly one of ``pairs`` or ``skipped``."""
+
+    pairs: tuple[Pair, ...]
+    skipped: tuple[Skip, ...]
+    method: str  # how the dataflow was read, e.g. "fx"
+    model_was_training: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def bn_total(self) -> int:
+        return len(self.pairs) + len(self.skipped)
+
+    def summary(self) -> str:
+        """One line, e.g. ``41 of 53 BatchNorms foldable; 12 skipped: 9 residual fan-out, ...``."""
+        head = f"{len(self.pairs)} of {self.bn_total} BatchNorms foldable"
+        if not self.skipped:
+            return head
+        counts = Counter(skip.reason.label for skip in self.skipped)
+        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+        return f"{head}; {len(self.skipped)} skipped: {parts}"
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["bn_total"] = self.bn_total
+        data["summary"] = self.summary()
+        return data
+
+
+@dataclass(frozen=True)
+class FoldedPair(Record):
+    """A pair that was folded, with the numbers worth knowing about it."""
+
+    pair: Pair
+    max_abs_scale: float  # max |gamma / sqrt(var + eps)|: large values amplify weight error
+    min_running_var: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FoldResult(Record):
+    """What ``fold`` did: the eval-mode folded model and the record of every batch norm."""
+
+    model: nn.Module = field(metadata=not_serialised(), repr=False, compare=False)
+    plan: Plan
+    folded: tuple[FoldedPair, ...]
+    skipped: tuple[Skip, ...]
+    graph_rewritten: bool  # True when ``model`` is a rewritten torch.fx.GraphModule
+    inplace: bool
+
+    def summary(self) -> str:
+        total = len(self.folded) + len(self.skipped)
+        head = f"folded {len(self.folded)} of {total} BatchNorms"
+        if not self.skipped:
+            return head
+        counts = Counter(skip.reason.label for skip in self.skipped)
+        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+        return f"{head}; {len(self.skipped)} left: {parts}"

@@ -1,0 +1,5 @@
+"""One module per subcommand; each imports torch and bnfold only inside its function body."""
+
+from bnfold_cli.commands.inspect import inspect
+
+COMMANDS = [inspect]

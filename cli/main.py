@@ -1,0 +1,92 @@
+"""Entry point of the ``bnfold`` command: the command group and the one place exit codes are chosen.
+
+Exit codes: 0 success, 1 verification failed, 2 usage error, 3 bnfold could not do the job.
+Nothing here imports torch: ``bnfold --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+
+EPILOG = """\b
+Exit codes:
+  0  success
+  1  verification failed (outputs differ beyond tolerance)
+  2  usage error (bad option, missing input shape)
+  3  bnfold could not do the job (unloadable model, failed export, ...)
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(package_name="bnfold")
+@click.option("--debug", is_flag=True, help="Show the Python traceback for expected errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Fold BatchNorms into Conv/Linear weights, recalibrate their statistics, export to ONNX
+    and verify the result.
+
+    \b
+    Examples:
+      bnfold inspect mypkg.models:resnet --input-shape 1x3x224x224
+      bnfold fold model.pt2 -o model.folded.pt2
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register_commands() -> None:
+    from bnfold_cli.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Map a library error to the documented exit code."""
+    from bnfold.errors import UsageError, VerificationFailed
+
+    if isinstance(exc, VerificationFailed):
+        return EXIT_VERIFY_FAILED
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and exits with) the exit code."""
+    _register_commands()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        code = EXIT_FAILED
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except Exception as exc:
+        if not _is_bnfold_error(exc) or debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        code = exit_code_for(exc)
+    else:
+        code = result if isinstance(result, int) else EXIT_OK
+    sys.exit(code)
+
+
+def _is_bnfold_error(exc: BaseException) -> bool:
+    module = sys.modules.get("bnfold.errors")
+    return module is not None and isinstance(exc, module.BnfoldError)
+
+
+if __name__ == "__main__":
+    main()
