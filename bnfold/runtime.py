@@ -1,0 +1,287 @@
+"""Runners: one callable per (engine, device) that turns input tensors into output arrays.
+
+This is the only module that imports onnxruntime. A runner is built once and then called on
+each input batch; it returns the model's outputs flattened to a list of numpy arrays, so the
+comparison code (``bnfold.verify``) never sees torch or onnxruntime objects.
+
+Honesty rules for CUDA:
+
+- An ORT session counts as running on CUDA only if ``session.get_providers()[0]`` is
+  ``CUDAExecutionProvider``. ORT silently falls back to CPU when the CUDA libraries cannot be
+  loaded; ``get_available_providers()`` lists what the *package* was built with, not what works.
+- ORT's CUDA provider uses TF32 by default (about 1e-3 relative drift); sessions built here pass
+  ``use_tf32=0``. Torch's TF32 flags are switched off while a runner runs (``tf32_disabled``).
+- When a CUDA runner cannot be built, ``RuntimeUnavailableError`` says why: the package lacks the
+  provider, there is no CUDA device, or the CUDA libraries are missing (ORT fell back to CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnfold._records import Record
+from bnfold.errors import LoadError, ModelInputError, RuntimeUnavailableError, UsageError
+from bnfold.modes import as_args, inference
+
+CPU = "cpu"
+CUDA = "cuda"
+DEVICES = (CPU, CUDA)
+
+ORT_CPU_PROVIDER = "CPUExecutionProvider"
+ORT_CUDA_PROVIDER = "CUDAExecutionProvider"
+
+#: ORT graph optimization levels a runner can be asked for.
+OPT_DEFAULT = "default"  # ORT_ENABLE_ALL, what a deployment gets without configuration
+OPT_DISABLE_ALL = "disable_all"  # ORT_DISABLE_ALL: runs the graph as written in the file
+OPTIMIZATIONS = (OPT_DEFAULT, OPT_DISABLE_ALL)
+
+
+@dataclass(frozen=True)
+class RunnerInfo(Record):
+    """What a runner really runs on, as checked after it was built."""
+
+    name: str  # e.g. "torch-cpu", "ort-cpu", "ort-cpu-noopt", "ort-cuda", "torch-cuda"
+    engine: str  # "torch" or "onnxruntime"
+    device: str  # "cpu" or "cuda": the device that was *verified* to run the model
+    providers: tuple[str, ...] = ()  # ORT session providers in priority order (empty for torch)
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- TF32 flags
+
+
+@contextmanager
+def tf32_disabled() -> Iterator[dict[str, str]]:
+    """Switch torch's TF32 paths off (matmul and cuDNN) and restore the previous flags after.
+
+    Yields the settings in force, for the report. Harmless on a CPU-only build.
+    """
+    matmul = torch.backends.cuda.matmul
+    cudnn = torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+        yield {
+            "torch.backends.cuda.matmul.allow_tf32": str(matmul.allow_tf32),
+            "torch.backends.cudnn.allow_tf32": str(cudnn.allow_tf32),
+        }
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+# ------------------------------------------------------------------------------- availability
+
+
+def torch_cuda_unavailable_reason() -> str | None:
+    """Why folded PyTorch cannot run on CUDA here, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return "torch sees no CUDA device"
+    return None
+
+
+def ort_cuda_unavailable_reason() -> str | None:
+    """Why ORT's CUDA provider cannot be used, as far as can be told without a session.
+
+    None means "worth trying": the session itself decides (see ``ort_runner``).
+    """
+    import onnxruntime as ort
+
+    if ORT_CUDA_PROVIDER not in ort.get_available_providers():
+        return (
+            f"the installed onnxruntime {ort.__version__} package lacks the CUDA execution "
+            "provider (install onnxruntime-gpu instead of onnxruntime)"
+        )
+    if cuda_device_count() == 0:
+        return "no CUDA device (no NVIDIA driver or GPU visible)"
+    return None
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the NVIDIA driver reports (0 without a driver), torch or not."""
+    if torch.version.cuda is not None:
+        return torch.cuda.device_count()
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (tensor, tuple, list, dict, nested) in pytree order."""
+    leaves, _ = torch.utils._pytree.tree_flatten(outputs)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").numpy()
+
+
+def _input_tensors(args: Any) -> tuple[torch.Tensor, ...]:
+    args = as_args(args)
+    for index, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor):
+            raise UsageError(
+                f"model input {index} is a {type(arg).__name__}; only tensor inputs can be run "
+                "on ONNX Runtime"
+            )
+    return args
+
+
+# -------------------------------------------------------------------------------- torch runner
+
+
+class TorchRunner:
+    """Runs a module in eval mode, no grad, TF32 off, on CPU or a CUDA copy of the module.
+
+    The caller's module is never moved or mutated: the CUDA runner runs a deep copy.
+    """
+
+    def __init__(self, model: nn.Module, device: str = CPU, name: str | None = None) -> None:
+        if device not in DEVICES:
+            raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        if device == CUDA:
+            reason = torch_cuda_unavailable_reason()
+            if reason is not None:
+                raise RuntimeUnavailableError(f"PyTorch on CUDA is not usable: {reason}")
+            model = copy.deepcopy(model).to("cuda")
+        self.model = model
+        self.device = device
+        settings = {"dtype": "float32", "mode": "eval, no_grad"}
+        if device == CUDA:
+            settings["torch.backends.cuda.matmul.allow_tf32"] = "False"
+            settings["torch.backends.cudnn.allow_tf32"] = "False"
+            settings["cuda_device"] = torch.cuda.get_device_name(0)
+        self.info = RunnerInfo(name or f"torch-{device}", "torch", device, (), settings)
+
+    def __call__(self, args: Any) -> list[np.ndarray]:
+        tensors = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in as_args(args)]
+        with inference(self.model), tf32_disabled():
+            outputs = self.model(*tensors)
+            if self.device == CUDA:
+                torch.cuda.synchronize()
+        return [_to_numpy(out) for out in flatten_outputs(outputs)]
+
+
+def torch_runner(model: nn.Module, device: str = CPU, *, name: str | None = None) -> TorchRunner:
+    """A runner for ``model`` on ``device``; raises RuntimeUnavailableError for unusable CUDA."""
+    return TorchRunner(model, device, name)
+
+
+# ---------------------------------------------------------------------------------- ORT runner
+
+
+class OrtRunner:
+    """Runs an ONNX file with an ONNX Runtime session on the CPU or CUDA execution provider."""
+
+    def __init__(self, session: Any, info: RunnerInfo) -> None:
+        self.session = session
+        self.info = info
+        self.input_names = tuple(item.name for item in session.get_inputs())
+        self.output_names = tuple(item.name for item in session.get_outputs())
+
+    def __call__(self, args: Any) -> list[np.ndarray]:
+        tensors = _input_tensors(args)
+        if len(tensors) != len(self.input_names):
+            raise ModelInputError(
+                f"the ONNX model takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(tensors)}"
+            )
+        feed = {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
+        return list(self.session.run(None, feed))
+
+
+def ort_runner(
+    path: str | os.PathLike[str],
+    device: str = CPU,
+    *,
+    optimization: str = OPT_DEFAULT,
+    name: str | None = None,
+    device_id: int = 0,
+) -> OrtRunner:
+    """An ORT session for the ONNX file at ``path`` on ``device`` with ``optimization``.
+
+    CUDA sessions are built with ``use_tf32=0``; the runner's ``info.device`` is "cuda" only when
+    ``session.get_providers()[0]`` is the CUDA provider, otherwise RuntimeUnavailableError says
+    why (package lacks the provider, no device, or libraries missing and ORT fell back to CPU).
+    """
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if optimization not in OPTIMIZATIONS:
+        raise UsageError(f"unknown optimization {optimization!r}; choose one of {OPTIMIZATIONS}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the fallback is detected below, not logged
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = (
+        level.ORT_ENABLE_ALL if optimization == OPT_DEFAULT else level.ORT_DISABLE_ALL
+    )
+    settings = {"graph_optimization_level": str(options.graph_optimization_level).split(".")[-1]}
+    if device == CUDA:
+        reason = ort_cuda_unavailable_reason()
+        if reason is not None:
+            raise RuntimeUnavailableError(f"ONNX Runtime CUDA is not usable: {reason}")
+        cuda_options = {"device_id": str(device_id), "use_tf32": "0"}
+        providers: Sequence[Any] = [(ORT_CUDA_PROVIDER, cuda_options), ORT_CPU_PROVIDER]
+        settings.update({f"cuda.{key}": value for key, value in cuda_options.items()})
+    else:
+        providers = [ORT_CPU_PROVIDER]
+    session = _session(ort, Path(path), options, providers, cuda=device == CUDA)
+    used = tuple(session.get_providers())
+    if device == CUDA and (not used or used[0] != ORT_CUDA_PROVIDER):
+        raise RuntimeUnavailableError(
+            "ONNX Runtime CUDA is not usable: CUDA libraries missing or incompatible (the session "
+            f"fell back to {', '.join(used) or 'nothing'}; check the CUDA/cuDNN versions "
+            f"onnxruntime {ort.__version__} needs)"
+        )
+    default_name = "ort-cuda" if device == CUDA else "ort-cpu"
+    if optimization == OPT_DISABLE_ALL:
+        default_name += "-noopt"
+    info = RunnerInfo(name or default_name, "onnxruntime", device, used, settings)
+    return OrtRunner(session, info)
+
+
+def _session(ort: Any, path: Path, options: Any, providers: Sequence[Any], cuda: bool) -> Any:
+    if not path.is_file():
+        raise UsageError(f"no ONNX file at {path}")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own exception types for bad files
+        if cuda:
+            raise RuntimeUnavailableError(
+                f"ONNX Runtime could not create a CUDA session for {path}: {_first_line(exc)}"
+            ) from exc
+        raise LoadError(f"ONNX Runtime could not load {path}: {_first_line(exc)}") from exc
+
+
+def ort_version() -> str:
+    """The installed onnxruntime version (for reports)."""
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
