@@ -14,6 +14,9 @@ from bnfold.errors import (
     UsageError,
     VerificationFailed,
 )
+from bnfold.fold import fold
+from bnfold.graph import find_pairs
+from bnfold.kernels import count_bn_kernels
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
 
 __version__ = "0.1.0"
@@ -38,4 +41,7 @@ __all__ = [
     "UsageError",
     "VerificationFailed",
     "__version__",
+    "count_bn_kernels",
+    "find_pairs",
+    "fold",
 ]

@@ -1,0 +1,283 @@
+"""The graph pass: find every batch norm, pair it with a layer it folds into, or say why not.
+
+This module reads the model and never changes a weight. ``analyse`` returns the plan plus what
+the fold stage needs (the traced graph and the sites); ``find_pairs`` returns the plan only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from bnfold.foldmath import Affine, bn_affine
+from bnfold.patterns import Position, Refusal, pattern_for
+from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
+from bnfold.sites import (
+    LayerSite,
+    NormSite,
+    functional_norm,
+    is_norm_call,
+    layer_site,
+    module_norm,
+)
+from bnfold.strip import strip_norm
+from bnfold.trace import Traced, propagate, trace_model
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """A pair with the live objects the fold needs."""
+
+    record: Pair
+    norm: NormSite
+    layer: LayerSite
+    position: Position
+    affine: Affine
+
+
+@dataclass(frozen=True)
+class Analysis:
+    plan: Plan
+    traced: Traced
+    pairs: tuple[PlannedPair, ...]
+
+
+def find_pairs(model: nn.Module, example_inputs: Any) -> Plan:
+    """Find every batch norm in ``model``'s dataflow and decide whether it can be folded.
+
+    ``example_inputs`` is a tensor or a tuple of positional inputs; one eval-mode forward is
+    run (flags restored, no autograd). The model is not changed. Every batch norm ends up in
+    exactly one of ``plan.pairs`` or ``plan.skipped`` (with a reason).
+    """
+    return analyse(model, example_inputs).plan
+
+
+def analyse(model: nn.Module, example_inputs: Any, *, allow_graph_rewrite: bool = True
+            ) -> Analysis:
+    """Trace, propagate shapes and pair batch norms with layers (see ``find_pairs``)."""
+    traced = trace_model(model, example_inputs)
+    gm = traced.module
+    module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    keep = {n.name for n in gm.graph.nodes if _is_subclass_call(gm, n)}
+    kept = propagate(traced, example_inputs, keep)
+    layers = {n: site for n in gm.graph.nodes if (site := layer_site(gm, n)) is not None}
+    context = _Context(gm, layers, module_calls, _tensor_uses(gm), allow_graph_rewrite)
+    pairs: list[PlannedPair] = []
+    skips: list[Skip] = []
+    for norm in _norm_sites(gm, kept):
+        outcome = context.decide(norm)
+        (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
+    _check_unique_layers(pairs)
+    plan = Plan(
+        pairs=tuple(p.record for p in pairs),
+        skipped=tuple(skips),
+        method=traced.method,
+        model_was_training=model.training,
+        notes=_plan_notes(model, pairs),
+    )
+    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+
+
+def _is_subclass_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, _BatchNorm) and module_norm(node, "", module).kind == BnKind.SUBCLASS
+
+
+def _norm_sites(gm: fx.GraphModule, kept: dict[str, Any]) -> list[NormSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, _BatchNorm):
+                site = module_norm(node, str(node.target), module)
+                if site.kind == BnKind.SUBCLASS and site.problem is None:
+                    strip_norm(site, kept.get(node.name, ()))
+                sites.append(site)
+        elif is_norm_call(node):
+            sites.append(functional_norm(gm, node))
+    return sites
+
+
+def _tensor_uses(gm: fx.GraphModule) -> Counter:
+    """How many parameters/buffers slots (over all modules) hold each tensor, by id."""
+    uses: Counter = Counter()
+    for _, tensor in gm.named_parameters(remove_duplicate=False):
+        uses[id(tensor)] += 1
+    return uses
+
+
+@dataclass
+class _Context:
+    gm: fx.GraphModule
+    layers: dict[fx.Node, LayerSite]
+    module_calls: Counter
+    tensor_uses: Counter
+    allow_graph_rewrite: bool
+
+    def decide(self, norm: NormSite) -> PlannedPair | Skip:
+        if norm.problem is not None:
+            return _skip(norm, norm.problem)
+        refusal = self._norm_refusal(norm)
+        if refusal is not None:
+            return _skip(norm, refusal)
+        affine = bn_affine(norm.params)
+        after = self._try(norm, Position.AFTER, affine)
+        if isinstance(after, PlannedPair):
+            return after
+        before = self._try(norm, Position.BEFORE, affine)
+        if isinstance(before, PlannedPair):
+            return before
+        for attempt in (after, before):
+            if attempt is not None:
+                return attempt
+        return _skip(norm, Refusal(SkipReason.NO_PRODUCER, self._neighbours(norm)))
+
+    def _norm_refusal(self, norm: NormSite) -> Refusal | None:
+        if norm.module is not None:
+            if self.module_calls[norm.node.target] > 1:
+                return Refusal(SkipReason.BN_SHARED,
+                               f"{norm.name} is called {self.module_calls[norm.node.target]} times")
+            if _has_hooks(norm.module):
+                return Refusal(SkipReason.HOOKS, f"{norm.name} has forward hooks or pre-hooks")
+        if norm.kind == BnKind.FUNCTIONAL and not self.allow_graph_rewrite:
+            return Refusal(SkipReason.NEEDS_GRAPH_REWRITE, f"{norm.name} is a functional call")
+        affine = bn_affine(norm.params)
+        negative = bool((norm.params.running_var.detach() < 0).any())
+        finite = torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()
+        if negative or not finite:
+            return Refusal(SkipReason.NON_FINITE, f"{norm.name} has NaN/inf or negative variance")
+        return None
+
+    def _try(self, norm: NormSite, position: Position, affine: Affine) -> PlannedPair | Skip | None:
+        layer, refusal = self._neighbour(norm, position)
+        if layer is None:
+            return _skip(norm, refusal) if refusal is not None else None
+        rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
+        view = replace(layer.view, activation_rank=rank)
+        pattern = pattern_for(layer.kind, position)
+        refusal = self._layer_refusal(norm, layer, position)
+        refusal = refusal or pattern.check(view, affine)
+        if refusal is not None:
+            return _skip(norm, refusal, layer.name, pattern.name)
+        record = Pair(bn=norm.name, bn_type=norm.type_name, bn_kind=norm.kind,
+                      producer=layer.name, producer_type=layer.type_name, pattern=pattern.name,
+                      channels=norm.params.num_features)
+        return PlannedPair(record, norm, layer, position, affine)
+
+    def _neighbour(self, norm: NormSite, position: Position
+                   ) -> tuple[LayerSite | None, Refusal | None]:
+        if position == Position.AFTER:
+            layer = self.layers.get(norm.input) if norm.input is not None else None
+            if layer is None:
+                return None, None
+            users = [u for u in layer.node.users if u is not norm.node]
+            if users:
+                names = ", ".join(u.name for u in users)
+                return layer, Refusal(SkipReason.PRODUCER_FANOUT,
+                                      f"{layer.name} output also feeds {names}")
+            return layer, None
+        followers = [u for u in norm.out.users if u in self.layers
+                     and _first_input(u) is norm.out]
+        if not followers:
+            return None, None
+        layer = followers[0]
+        others = [u for u in norm.out.users if u is not layer]
+        if others:
+            names = ", ".join(u.name for u in others)
+            return self.layers[layer], Refusal(SkipReason.BN_FANOUT,
+                                               f"{norm.name} output also feeds {names}")
+        return self.layers[layer], None
+
+    def _layer_refusal(self, norm: NormSite, layer: LayerSite, position: Position
+                       ) -> Refusal | None:
+        if layer.module is not None and self.module_calls[layer.node.target] > 1:
+            return Refusal(SkipReason.PRODUCER_SHARED,
+                           f"{layer.name} is called {self.module_calls[layer.node.target]} times")
+        if layer.module is None:
+            if not self.allow_graph_rewrite:
+                return Refusal(SkipReason.NEEDS_GRAPH_REWRITE,
+                               f"{layer.name} is a functional call")
+            if _attr_uses(self.gm, layer.weight_attr) > 1:
+                return Refusal(SkipReason.PRODUCER_SHARED,
+                               f"weight {layer.weight_attr} is used by several ops")
+        shared = [t for t in layer.tensors if self.tensor_uses[id(t)] > 1]
+        if shared:
+            return Refusal(SkipReason.PRODUCER_SHARED,
+                           f"{layer.name}'s weight tensor is shared with another module")
+        if layer.module is not None:
+            if _is_parametrized(layer.module):
+                return Refusal(SkipReason.PARAMETRIZED,
+                               f"{layer.name} has a parametrized or weight-normed weight")
+            if _has_hooks(layer.module):
+                return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
+        if not layer.weight.is_floating_point():
+            return Refusal(SkipReason.NON_FLOAT, f"{layer.name} weight is {layer.weight.dtype}")
+        expected = (layer.view.out_channels if position == Position.AFTER
+                    else layer.view.in_channels)
+        if norm.params.num_features != expected:
+            side = "output" if position == Position.AFTER else "input"
+            return Refusal(SkipReason.CHANNEL_MISMATCH,
+                           f"{norm.name} has {norm.params.num_features} channels, {layer.name} "
+                           f"has {expected} {side} channels")
+        return None
+
+    def _neighbours(self, norm: NormSite) -> str:
+        source = norm.input.name if norm.input is not None else "nothing"
+        users = ", ".join(u.name for u in norm.out.users) or "nothing"
+        return f"{norm.name} reads {source} and feeds {users}"
+
+
+def _skip(norm: NormSite, refusal: Refusal, producer: str | None = None,
+          pattern: str | None = None) -> Skip:
+    return Skip(bn=norm.name, bn_type=norm.type_name, reason=refusal.reason,
+                detail=refusal.detail, producer=producer, pattern=pattern)
+
+
+def _rank(node: fx.Node | None) -> int:
+    shape = node.meta.get("bnfold_shape") if node is not None else None
+    return len(shape) if shape is not None else -1
+
+
+def _first_input(node: fx.Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _attr_uses(gm: fx.GraphModule, target: str | None) -> int:
+    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    if parametrize.is_parametrized(module):
+        return True
+    return any(name.endswith(("_g", "_v", "_orig")) for name, _ in
+               module.named_parameters(recurse=False))
+
+
+def _check_unique_layers(pairs: list[PlannedPair]) -> None:
+    """Two norms may fold into one layer only from opposite sides."""
+    seen = Counter((id(p.layer.node), p.position) for p in pairs)
+    duplicated = [key for key, count in seen.items() if count > 1]
+    if duplicated:
+        raise AssertionError(f"internal error: a layer was paired twice on one side: {duplicated}")
+
+
+def _plan_notes(model: nn.Module, pairs: list[PlannedPair]) -> tuple[str, ...]:
+    notes = []
+    if model.training:
+        notes.append("model was in train mode: the fold computes the eval-mode function")
+    for pair in pairs:
+        notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
+    return tuple(notes)

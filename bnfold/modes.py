@@ -1,0 +1,38 @@
+"""Small context managers and input normalisation shared by the stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise example inputs: a tensor becomes a 1-tuple, a list a tuple."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode and restore each module's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no autograd, restored afterwards."""
+    with eval_mode(model), torch.no_grad():
+        yield model

@@ -1,0 +1,198 @@
+"""Reading a model's dataflow with torch.fx: tracers and shape propagation.
+
+Conv, ConvTranspose, Linear and BatchNorm modules (and their subclasses) are leaves, so a custom
+subclass forward never breaks the trace of the model around it. ``ConcreteTracer`` also runs every
+traced op on real example values, so Python control flow on shapes (``if x.numel() > 0``,
+``input.dim() != 4``) is decided by the example and recorded as a guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from bnfold.errors import ModelInputError, TraceError
+from bnfold.modes import as_args, inference
+
+LEAF_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, _ConvNd, nn.Linear)
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracer that keeps Conv/ConvTranspose/Linear/BatchNorm (and subclasses) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
+class ConcreteTracer(LeafTracer):
+    """A tracer that evaluates each node on real values while tracing.
+
+    Control flow on traced values is decided by the example inputs; each decision is appended
+    to ``guards`` so the caller can report what the trace assumed.
+    """
+
+    def __init__(self, example_args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self._example_args = list(example_args)
+        self._placeholders = 0
+        self.guards: list[str] = []
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind != "output":
+            node.meta["concrete"] = self._evaluate(node)
+        return node
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        def value(arg: Any) -> Any:
+            return arg.meta["concrete"] if isinstance(arg, fx.Node) else arg
+
+        args = fx.node.map_aggregate(node.args, value)
+        kwargs = fx.node.map_aggregate(node.kwargs, value)
+        if node.op == "placeholder":
+            index = self._placeholders
+            self._placeholders += 1
+            return self._example_args[index] if index < len(self._example_args) else None
+        if node.op == "get_attr":
+            return _fetch_attr(self.root, node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.root.get_submodule(node.target)(*args, **kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        decided = bool(obj.node.meta["concrete"])
+        self.guards.append(f"{obj.node.format_node()} -> {decided}")
+        return decided
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        concrete = obj.node.meta["concrete"]
+        self.guards.append(f"iterated {obj.node.name} of length {len(concrete)}")
+        return iter(obj[i] for i in range(len(concrete)))
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced model: a GraphModule sharing the model's submodules and tensors."""
+
+    module: fx.GraphModule
+    method: str  # "fx", "fx-concrete" or "graph-module"
+    guards: tuple[str, ...] = ()
+
+
+def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
+    """Trace ``model`` into a GraphModule without changing it.
+
+    A GraphModule (e.g. ``ExportedProgram.module()``) is used as it is. Raises ``TraceError``
+    naming the cause when the model cannot be traced.
+    """
+    if isinstance(model, fx.GraphModule):
+        return Traced(module=model, method="graph-module")
+    tracer = LeafTracer()
+    try:
+        graph = _trace_without_side_effects(tracer, model)
+    except Exception as exc:
+        raise TraceError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+            f"{_first_line(exc)}. Make the offending forward traceable (no Python control flow "
+            "on tensor values) or pass a torch.export program (.pt2)."
+        ) from exc
+    return Traced(module=_graph_module(tracer, graph), method="fx")
+
+
+def trace_concrete(module: nn.Module, example_inputs: Any) -> Traced:
+    """Trace ``module`` deciding control flow by the example inputs (guards recorded)."""
+    tracer = ConcreteTracer(as_args(example_inputs))
+    with inference(module):
+        graph = _trace_without_side_effects(tracer, module)
+    return Traced(_graph_module(tracer, graph), "fx-concrete", tuple(tracer.guards))
+
+
+def _trace_without_side_effects(tracer: fx.Tracer, root: nn.Module) -> fx.Graph:
+    """fx stores tensor constants as new attributes of the root; take them off again."""
+    before = set(root.__dict__)
+    try:
+        graph = tracer.trace(root)
+    finally:
+        added = set(root.__dict__) - before
+        tracer.added_constants = {name: root.__dict__[name] for name in added}
+        for name in added:
+            del root.__dict__[name]
+    return graph
+
+
+def _graph_module(tracer: fx.Tracer, graph: fx.Graph) -> fx.GraphModule:
+    root = tracer.root
+    for name, value in tracer.added_constants.items():
+        root.__dict__[name] = value
+    try:
+        name = type(root).__name__
+        return fx.GraphModule(root, graph, class_name=name)
+    finally:
+        for name in tracer.added_constants:
+            del root.__dict__[name]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def propagate(traced: Traced, example_inputs: Any, keep: set[str]) -> dict[str, Any]:
+    """Run the traced model once in eval mode without autograd.
+
+    Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
+    values of the nodes named in ``keep``. The model's
+    flags are restored afterwards. A failure raises ``ModelInputError`` naming the node and
+    module that rejected the input.
+    """
+    args = as_args(example_inputs)
+    interpreter = _ShapeRecorder(traced.module, keep)
+    with inference(traced.module):
+        try:
+            interpreter.run(*args)
+        except Exception as exc:
+            raise ModelInputError(_rejection_message(interpreter.current, exc)) from exc
+    return interpreter.kept
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(module)
+        self.keep = keep
+        self.kept: dict[str, Any] = {}
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        if n.name in self.keep:
+            self.kept[n.name] = fx.node.map_arg(n.args, lambda a: self.env[a])
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["bnfold_shape"] = tuple(result.shape)
+        return result
+
+
+def _rejection_message(node: fx.Node | None, exc: BaseException) -> str:
+    where = "the model"
+    if node is not None:
+        where = f"layer '{node.target}'" if node.op == "call_module" else f"op '{node.name}'"
+    return (
+        f"{where} rejected the example input: {type(exc).__name__}: {_first_line(exc)}. "
+        "Check --input-shape (batch, channels, spatial size) and dtype."
+    )
