@@ -1,0 +1,895 @@
+"""Verification: compare every candidate with the original model, and say which stage broke.
+
+Star topology: the reference is the original (unfolded) model in eval mode, float32, on CPU;
+every candidate (folded PyTorch, the ONNX file on ONNX Runtime CPU with default optimizations
+and with ORT_DISABLE_ALL, on ORT CUDA, folded PyTorch on CUDA) is compared with that reference
+alone. So a failure points at a stage: folded PyTorch differs -> the fold; ORT CPU differs ->
+the export (or, when only the optimized session differs, ORT's optimizer); only CUDA differs ->
+runtime numerics.
+
+The pass criterion, per output element i, with S = max |reference| over that output tensor:
+
+    |candidate_i - reference_i| <= atol * S + rtol * |reference_i|
+
+``atol`` is relative to the output's peak magnitude so the test does not depend on the units of
+the output. The report gives, per candidate and output, the worst ratio of error to allowed
+error (<= 1 passes), the (atol, rtol) that would just have passed, and the worst element.
+
+This module only compares. Runners come from ``bnfold.runtime``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnfold._records import Record
+from bnfold.errors import RuntimeUnavailableError, UsageError, VerificationFailed
+from bnfold.modes import as_args, inference
+from bnfold.records import FoldResult
+
+# --------------------------------------------------------------------------------- tolerances
+
+
+@dataclass(frozen=True)
+class Tolerance(Record):
+    """Allowed error: ``|c - r| <= atol * max|r| + rtol * |r|`` element-wise; ``why`` says why."""
+
+    atol: float
+    rtol: float
+    why: str
+
+    def describe(self) -> str:
+        return f"atol {self.atol:.0e}·max|ref| + rtol {self.rtol:.0e}·|ref|"
+
+
+#: Float32 on CPU (folded PyTorch, ORT CPU with and without graph optimizations).
+CPU_FP32 = Tolerance(
+    atol=1e-5,
+    rtol=1e-4,
+    why=(
+        "float32 on CPU. A correct fold changes only rounding: folded weights are rounded once "
+        "from float64 and conv/GEMM kernels sum in another order, so each layer adds errors of "
+        "order 1e-7 relative, which depth amplifies. Measured on the bnfold.zoo models with "
+        "realistic BN statistics (3 seeds, batches 1-3), the worst element uses under 0.09 of "
+        "this tolerance (ResNet-50: max abs diff ~4e-6 of the output's peak), so there is more "
+        "than 10x headroom, while a real mistake (a wrong channel axis, a lost bias, a dropped "
+        "BN, one conv weight off by 0.1%) exceeds it."
+    ),
+)
+
+#: Float32 on CUDA with TF32 off (torch flags off, ORT ``use_tf32=0``).
+CUDA_FP32 = Tolerance(
+    atol=1e-4,
+    rtol=1e-3,
+    why=(
+        "float32 on CUDA, TF32 off, 10x the CPU tolerance. cuDNN and cuBLAS pick other "
+        "algorithms than the CPU (Winograd and FFT convolutions, split-K reductions) whose "
+        "float32 error can be several times that of a CPU sum, and ORT's CUDA provider may pick "
+        "yet another; the reference stays on CPU, so their whole difference counts. TF32 (a "
+        "10-bit mantissa, ~1e-3 relative drift) is switched off rather than tolerated: left on, "
+        "it would exceed atol 1e-4 of the peak."
+    ),
+)
+
+#: Tolerance per candidate kind (the runner name without any label prefix).
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "torch-cpu": CPU_FP32,
+    "ort-cpu": CPU_FP32,
+    "ort-cpu-noopt": CPU_FP32,
+    "torch-cuda": CUDA_FP32,
+    "ort-cuda": CUDA_FP32,
+}
+
+#: Relative errors are reported only where ``|ref| >= REL_FLOOR * max|ref|`` (elsewhere the
+#: ratio of two near-zero numbers says nothing).
+REL_FLOOR = 1e-3
+
+DEFAULT_PROVIDERS = ("cpu", "cuda")
+DEFAULT_RANDOM_BATCH_SIZES = (1, 3)
+
+
+class Status(str, enum.Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    NOT_RUN = "not run"
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class InputInfo(Record):
+    """One input batch the models were run on."""
+
+    source: str  # "sample" (given by the caller) or "random" (seeded standard normal)
+    batch_size: int
+    shapes: tuple[tuple[int, ...], ...]
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputComparison(Record):
+    """One output of one candidate against the reference, over every input batch."""
+
+    output: str
+    index: int
+    shape: tuple[int, ...]  # the output's shape for the first input batch
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_rel_diff: float  # over elements with |ref| >= REL_FLOOR * max|ref|
+    cosine_similarity: float  # the lowest over input batches
+    top1_agreement: float | None  # fraction of rows with the same argmax, for (N, classes)
+    ratio: float  # worst |c - r| / (atol*S + rtol*|r|): <= 1 passes
+    needed_atol: float  # ratio * atol: with needed_rtol, the tolerance that would just pass
+    needed_rtol: float
+    worst_input: int  # index into VerificationReport.inputs
+    worst_index: tuple[int, ...]  # index of the worst element in that output
+    worst_reference: float
+    worst_candidate: float
+    passed: bool
+    detail: str | None = None  # e.g. a shape mismatch or non-finite values
+
+
+@dataclass(frozen=True)
+class LayerDivergence(Record):
+    """The first layer (in the reference's execution order) whose output diverges."""
+
+    layer: str  # module path in the candidate
+    reference_layer: str  # the module of the original model it was compared with
+    folded_with: str | None  # the BatchNorm folded into it, if any
+    max_abs_diff: float
+    ratio: float
+    input_index: int
+
+    def describe(self) -> str:
+        folded = f" (folded with {self.folded_with})" if self.folded_with else ""
+        return (
+            f"first diverging layer: {self.layer}{folded}: max abs diff "
+            f"{self.max_abs_diff:.3g}, {self.ratio:.3g}x the tolerance"
+        )
+
+
+@dataclass(frozen=True)
+class CandidateReport(Record):
+    """One candidate: where it ran, under what settings, and how it compares."""
+
+    name: str
+    engine: str  # "torch" or "onnxruntime"
+    device: str  # "cpu" or "cuda": where it verifiably ran (or was meant to run)
+    status: Status
+    tolerance: Tolerance
+    outputs: tuple[OutputComparison, ...] = ()
+    reason: str | None = None  # why it failed or was not run
+    providers: tuple[str, ...] = ()  # ORT session providers actually in use
+    settings: dict[str, str] = field(default_factory=dict)
+    divergence: LayerDivergence | None = None
+    hint: str | None = None  # which stage the failure points at
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASSED
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((out.ratio for out in self.outputs), default=float("nan"))
+
+
+@dataclass(frozen=True)
+class VerificationReport(Record):
+    """Every candidate against the one reference, with the inputs and settings used."""
+
+    reference: str
+    candidates: tuple[CandidateReport, ...]
+    inputs: tuple[InputInfo, ...]
+    settings: dict[str, str]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """True when no candidate failed and at least one ran ("not run" is never a pass)."""
+        statuses = [c.status for c in self.candidates]
+        return Status.FAILED not in statuses and Status.PASSED in statuses
+
+    @property
+    def failed(self) -> tuple[CandidateReport, ...]:
+        return tuple(c for c in self.candidates if c.status is Status.FAILED)
+
+    def summary(self) -> str:
+        counts = {s: sum(c.status is s for c in self.candidates) for s in Status}
+        parts = [f"{n} {s.value}" for s, n in counts.items() if n]
+        verdict = "PASSED" if self.passed else "FAILED"
+        failed = ", ".join(c.name for c in self.failed)
+        tail = f" ({failed})" if failed else ""
+        return f"verification {verdict}: {', '.join(parts)}{tail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["passed"] = self.passed
+        data["summary"] = self.summary()
+        return data
+
+    def format_text(self) -> str:
+        """A plain-text report for a terminal: one row per candidate and output."""
+        return _format_report(self)
+
+
+def require_passed(report: VerificationReport) -> VerificationReport:
+    """Return ``report`` if it passed, else raise VerificationFailed naming each failure.
+
+    The library's ``verify`` never raises for a numerical failure; the CLI calls this to turn a
+    failed report into exit code 1.
+    """
+    if report.passed:
+        return report
+    if not report.failed:
+        raise VerificationFailed("no candidate could be run, so nothing was verified")
+    lines = []
+    for cand in report.failed:
+        text = f"{cand.name}: {cand.reason or 'outputs differ'}"
+        if cand.outputs:
+            text += f" (worst {cand.worst_ratio:.3g}x the tolerance)"
+        if cand.divergence is not None:
+            text += f"; {cand.divergence.describe()}"
+        lines.append(text)
+    raise VerificationFailed("verification failed: " + "; ".join(lines))
+
+
+# ------------------------------------------------------------------------------- the metrics
+
+
+@dataclass
+class _Stats:
+    """Metrics of one output on one input batch."""
+
+    max_abs: float
+    sum_abs: float
+    count: int
+    max_rel: float
+    cosine: float
+    top1: tuple[int, int] | None  # (agreeing rows, rows)
+    ratio: float
+    worst_index: tuple[int, ...]
+    worst_ref: float
+    worst_cand: float
+    detail: str | None = None
+
+
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) -> _Stats:
+    """Metrics of ``candidate`` against ``reference`` (float64 arithmetic)."""
+    if tuple(reference.shape) != tuple(candidate.shape):
+        return _mismatch(f"shape {tuple(candidate.shape)} vs reference {tuple(reference.shape)}")
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.size == 0:
+        return _Stats(0.0, 0.0, 0, 0.0, 1.0, None, 0.0, (), 0.0, 0.0)
+    if not np.all(np.isfinite(ref)) or not np.all(np.isfinite(cand)):
+        where = "reference" if not np.all(np.isfinite(ref)) else "candidate"
+        return _mismatch(f"non-finite values (NaN/inf) in the {where} output")
+    diff = np.abs(cand - ref)
+    mag = np.abs(ref)
+    peak = float(mag.max()) or 1.0
+    ratios = diff / (tol.atol * peak + tol.rtol * mag)
+    flat = int(np.argmax(ratios))
+    worst = tuple(int(i) for i in np.unravel_index(flat, ref.shape))
+    significant = mag >= REL_FLOOR * peak
+    max_rel = float((diff[significant] / mag[significant]).max()) if significant.any() else 0.0
+    return _Stats(
+        max_abs=float(diff.max()),
+        sum_abs=float(diff.sum()),
+        count=int(diff.size),
+        max_rel=max_rel,
+        cosine=_cosine(ref, cand),
+        top1=_top1(ref, cand),
+        ratio=float(ratios.reshape(-1)[flat]),
+        worst_index=worst,
+        worst_ref=float(ref[worst]),
+        worst_cand=float(cand[worst]),
+    )
+
+
+def _mismatch(detail: str) -> _Stats:
+    inf = float("inf")
+    return _Stats(inf, inf, 1, inf, float("nan"), None, inf, (), float("nan"), float("nan"), detail)
+
+
+def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    a, b = ref.reshape(-1), cand.reshape(-1)
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if norms == 0.0:
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norms)
+
+
+def _top1(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int] | None:
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return None
+    agree = int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
+    return agree, int(ref.shape[0])
+
+
+def _aggregate(
+    name: str, index: int, per_batch: list[tuple[int, np.ndarray, _Stats]], tol: Tolerance
+) -> OutputComparison:
+    """Fold the per-batch metrics of one output into one comparison (worst case over batches)."""
+    worst_input, _, worst = max(per_batch, key=lambda item: item[2].ratio)
+    stats = [item[2] for item in per_batch]
+    count = sum(s.count for s in stats)
+    tops = [s.top1 for s in stats if s.top1 is not None]
+    detail = next((s.detail for s in stats if s.detail), None)
+    return OutputComparison(
+        output=name,
+        index=index,
+        shape=tuple(int(d) for d in per_batch[0][1].shape),
+        max_abs_diff=max(s.max_abs for s in stats),
+        mean_abs_diff=sum(s.sum_abs for s in stats) / count if count else 0.0,
+        max_rel_diff=max(s.max_rel for s in stats),
+        cosine_similarity=min(s.cosine for s in stats),
+        top1_agreement=sum(a for a, _ in tops) / sum(n for _, n in tops) if tops else None,
+        ratio=worst.ratio,
+        needed_atol=worst.ratio * tol.atol,
+        needed_rtol=worst.ratio * tol.rtol,
+        worst_input=worst_input,
+        worst_index=worst.worst_index,
+        worst_reference=worst.worst_ref,
+        worst_candidate=worst.worst_cand,
+        passed=worst.ratio <= 1.0 and detail is None,
+        detail=detail,
+    )
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def _sample_batches(inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    """A list means several batches; a tensor or a tuple of tensors is one batch."""
+    batches = list(inputs) if isinstance(inputs, list) else [inputs]
+    if not batches:
+        raise UsageError("verify needs at least one input batch to learn the input shapes")
+    result = []
+    for number, batch in enumerate(batches):
+        args = as_args(batch)
+        for index, arg in enumerate(args):
+            if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
+                raise UsageError(
+                    f"input batch {number}, argument {index}: expected a tensor with a batch "
+                    f"dimension, got {type(arg).__name__}"
+                )
+        result.append(tuple(_as_cpu_fp32(arg) for arg in args))
+    return result
+
+
+def _as_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu")
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _random_batch(
+    like: tuple[torch.Tensor, ...], batch: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal float inputs shaped like ``like`` with ``batch`` rows; non-float
+    inputs (e.g. token ids) repeat the sample's rows instead."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for arg in like:
+        if arg.is_floating_point():
+            out.append(torch.randn((batch, *arg.shape[1:]), generator=gen, dtype=torch.float32))
+        else:
+            out.append(arg[torch.arange(batch) % arg.shape[0]])
+    return tuple(out)
+
+
+def _input_plan(
+    inputs: Any, random_batch_sizes: Sequence[int], seed: int
+) -> tuple[list[tuple[torch.Tensor, ...]], list[InputInfo]]:
+    samples = _sample_batches(inputs)
+    batches, infos = [], []
+    for batch in samples:
+        batches.append(batch)
+        infos.append(InputInfo("sample", int(batch[0].shape[0]), _shapes(batch)))
+    for number, size in enumerate(random_batch_sizes):
+        if size < 1:
+            raise UsageError(f"random batch sizes must be >= 1, got {size}")
+        batch = _random_batch(samples[0], size, seed + number)
+        batches.append(batch)
+        infos.append(InputInfo("random", size, _shapes(batch), seed + number))
+    return batches, infos
+
+
+def _shapes(batch: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(d) for d in arg.shape) for arg in batch)
+
+
+# -------------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class _Spec:
+    """One runner to build: what, where, and how to name it."""
+
+    kind: str  # "torch-cpu", "ort-cpu", "ort-cpu-noopt", "torch-cuda", "ort-cuda"
+    name: str
+    target: Any  # nn.Module or Path
+    fold_result: FoldResult | None
+
+
+def _candidate_items(candidates: Any) -> list[tuple[str | None, Any]]:
+    if isinstance(candidates, Mapping):
+        return [(str(key), value) for key, value in candidates.items()]
+    if isinstance(candidates, (list, tuple)):
+        return [(None, value) for value in candidates]
+    return [(None, candidates)]
+
+
+def _specs(candidates: Any, providers: Sequence[str]) -> list[_Spec]:
+    from bnfold.export import ExportResult
+
+    specs: list[_Spec] = []
+    for label, value in _candidate_items(candidates):
+        fold_result = value if isinstance(value, FoldResult) else None
+        if fold_result is not None:
+            value = fold_result.model
+        if isinstance(value, ExportResult):
+            value = value.path
+        if isinstance(value, nn.Module):
+            kinds = [k for k, p in (("torch-cpu", "cpu"), ("torch-cuda", "cuda")) if p in providers]
+            target = value
+        elif isinstance(value, (str, os.PathLike)):
+            kinds = [
+                k
+                for k, p in (("ort-cpu", "cpu"), ("ort-cpu-noopt", "cpu"), ("ort-cuda", "cuda"))
+                if p in providers
+            ]
+            target = Path(value)
+        else:
+            raise UsageError(
+                f"cannot verify a {type(value).__name__}: a candidate is an nn.Module, a "
+                "FoldResult, an ONNX file path or an ExportResult"
+            )
+        specs.extend(_Spec(k, f"{label}:{k}" if label else k, target, fold_result) for k in kinds)
+    names = [spec.name for spec in specs]
+    duplicated = {name for name in names if names.count(name) > 1}
+    if duplicated:
+        raise UsageError(
+            f"several candidates would be named {', '.join(sorted(duplicated))}; pass candidates "
+            "as a mapping {label: candidate} to tell them apart"
+        )
+    return specs
+
+
+def _build_runner(spec: _Spec) -> Any:
+    from bnfold import runtime
+
+    if spec.kind.startswith("torch-"):
+        return runtime.torch_runner(spec.target, spec.kind.removeprefix("torch-"), name=spec.name)
+    device = runtime.CUDA if spec.kind == "ort-cuda" else runtime.CPU
+    optimization = runtime.OPT_DISABLE_ALL if spec.kind.endswith("-noopt") else runtime.OPT_DEFAULT
+    return runtime.ort_runner(spec.target, device, optimization=optimization, name=spec.name)
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+def verify(
+    reference: nn.Module,
+    candidates: Any,
+    inputs: Any,
+    providers: Sequence[str] | None = None,
+    *,
+    random_batch_sizes: Sequence[int] = DEFAULT_RANDOM_BATCH_SIZES,
+    seed: int = 0,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    locate: bool = True,
+) -> VerificationReport:
+    """Compare each candidate with ``reference`` (the original, unfolded model) on ``inputs``.
+
+    ``candidates``: one candidate, a list, or a mapping ``{label: candidate}``; a candidate is an
+    nn.Module or FoldResult (run by PyTorch) or an ONNX path or ExportResult (run by ORT).
+    ``inputs``: one batch (a tensor or a tuple of positional tensors) or a list of batches; seeded
+    random batches of ``random_batch_sizes`` rows are added (seed ``seed``).
+    ``providers``: which devices to verify on, from "cpu" and "cuda". Left as None it means
+    ("cpu", "cuda") with CUDA optional: a CUDA candidate that cannot run is reported "not run:
+    <why>". Naming "cuda" explicitly makes an unusable ORT CUDA provider (or, when only PyTorch
+    candidates are given, unusable PyTorch CUDA) raise RuntimeUnavailableError with the reason.
+    ``tolerances`` overrides entries of DEFAULT_TOLERANCES by candidate kind. With ``locate``,
+    a failing PyTorch candidate is traced layer by layer to name the first diverging layer.
+
+    Never raises for a numerical failure: check ``report.passed`` (or ``require_passed``).
+    Neither the reference nor any candidate is mutated (eval flags are restored).
+    """
+    explicit_cuda = providers is not None and "cuda" in providers
+    providers = tuple(DEFAULT_PROVIDERS if providers is None else providers)
+    unknown = [p for p in providers if p not in DEFAULT_PROVIDERS]
+    if unknown or not providers:
+        raise UsageError(f"unknown providers {unknown or providers}; choose from cpu, cuda")
+    tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    specs = _specs(candidates, providers)
+    if not specs:
+        raise UsageError("no candidate to verify for the requested providers")
+    reference, notes = _cpu_fp32_reference(reference)
+    batches, infos = _input_plan(inputs, random_batch_sizes, seed)
+    if len({info.batch_size for info in infos}) < 2:
+        notes.append("only one batch size was run; a batch-dependent export would go unnoticed")
+    from bnfold.runtime import TorchRunner, ort_version, tf32_disabled
+
+    with tf32_disabled() as tf32:
+        expected = [TorchRunner(reference)(batch) for batch in batches]
+        has_onnx = any(spec.kind.startswith("ort-") for spec in specs)
+        reports = []
+        for spec in specs:
+            must_run = (
+                explicit_cuda
+                and spec.kind.endswith("cuda")
+                and (spec.kind == "ort-cuda" or not has_onnx)
+            )
+            reports.append(
+                _check_candidate(spec, reference, batches, expected, tols, must_run, locate)
+            )
+    settings = {
+        "reference": "original model, eval mode, float32, CPU",
+        "torch": torch.__version__,
+        "onnxruntime": ort_version() if has_onnx else "not used",
+        **tf32,
+        "ort.cuda.use_tf32": "0",
+        "torch.num_threads": str(torch.get_num_threads()),
+    }
+    return VerificationReport(
+        reference=type(reference).__name__,
+        candidates=_with_hints(reports),
+        inputs=tuple(infos),
+        settings=settings,
+        notes=tuple(notes),
+    )
+
+
+def _cpu_fp32_reference(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The reference as a float32 CPU module: the model itself when it already is one, else a
+    converted copy (the caller's model is never converted in place)."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the reference must be an nn.Module, got {type(model).__name__}")
+    tensors = [*model.parameters(), *model.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    if all(t.device.type == "cpu" for t in tensors) and all(
+        t.dtype == torch.float32 for t in floats
+    ):
+        return model, []
+    converted = copy.deepcopy(model).to("cpu").float()
+    return converted, ["the reference was converted to a float32 CPU copy for verification"]
+
+
+def _check_candidate(
+    spec: _Spec,
+    reference: nn.Module,
+    batches: list[tuple[torch.Tensor, ...]],
+    expected: list[list[np.ndarray]],
+    tols: Mapping[str, Tolerance],
+    must_run: bool,
+    locate: bool,
+) -> CandidateReport:
+    tol = tols[spec.kind]
+    engine = "torch" if spec.kind.startswith("torch") else "onnxruntime"
+    device = "cuda" if spec.kind.endswith("cuda") else "cpu"
+    try:
+        runner = _build_runner(spec)
+    except RuntimeUnavailableError as exc:
+        if must_run:
+            raise
+        return CandidateReport(spec.name, engine, device, Status.NOT_RUN, tol, reason=str(exc))
+    info = runner.info
+    base = {
+        "name": spec.name,
+        "engine": engine,
+        "device": info.device,
+        "tolerance": tol,
+        "providers": info.providers,
+        "settings": info.settings,
+    }
+    names = getattr(runner, "output_names", None)
+    per_output: list[list[tuple[int, np.ndarray, _Stats]]] = []
+    for number, batch in enumerate(batches):
+        try:
+            got = runner(batch)
+        except Exception as exc:  # any engine error is a failure of this candidate
+            reason = (
+                f"raised {type(exc).__name__} on input #{number} (batch "
+                f"{batch[0].shape[0]}): {_first_line(exc)}"
+            )
+            return CandidateReport(**base, status=Status.FAILED, reason=reason)
+        if len(got) != len(expected[number]):
+            reason = f"returned {len(got)} outputs, the reference {len(expected[number])}"
+            return CandidateReport(**base, status=Status.FAILED, reason=reason)
+        for index, (ref, cand) in enumerate(zip(expected[number], got, strict=True)):
+            if number == 0:
+                per_output.append([])
+            per_output[index].append((number, ref, compare_arrays(ref, cand, tol)))
+    outputs = tuple(
+        _aggregate(_output_name(names, index, len(per_output)), index, items, tol)
+        for index, items in enumerate(per_output)
+    )
+    if all(out.passed for out in outputs):
+        return CandidateReport(**base, status=Status.PASSED, outputs=outputs)
+    failing = [out for out in outputs if not out.passed]
+    reason = "; ".join(
+        f"{out.output}: {out.detail}"
+        if out.detail
+        else f"{out.output}: max abs diff {out.max_abs_diff:.3g} is {out.ratio:.3g}x the tolerance"
+        for out in failing
+    )
+    divergence = None
+    if locate and spec.kind == "torch-cpu":
+        worst = max(failing, key=lambda out: out.ratio).worst_input
+        pairs = _fold_pairs(spec.fold_result)
+        divergence = locate_divergence(reference, spec.target, batches[worst], tol, pairs)
+        divergence = divergence and _with_input(divergence, worst)
+    return CandidateReport(
+        **base, status=Status.FAILED, outputs=outputs, reason=reason, divergence=divergence
+    )
+
+
+def _output_name(names: Sequence[str] | None, index: int, count: int) -> str:
+    if names and index < len(names):
+        return names[index]
+    return "output" if count == 1 else f"output_{index}"
+
+
+def _with_hints(reports: list[CandidateReport]) -> tuple[CandidateReport, ...]:
+    """Say which stage each failure points at, from which candidates passed."""
+    status = {r.name.split(":")[-1]: r.status for r in reports}
+    out = []
+    for r in reports:
+        kind = r.name.split(":")[-1]
+        hint = None
+        if r.status is Status.FAILED:
+            if kind == "torch-cpu":
+                hint = "folded PyTorch differs from the original: the fold is wrong"
+            elif kind.startswith("ort-cpu") and status.get("torch-cpu") is Status.PASSED:
+                hint = "folded PyTorch passed: the difference comes from the ONNX export"
+                if kind == "ort-cpu" and status.get("ort-cpu-noopt") is Status.PASSED:
+                    hint = (
+                        "ORT_DISABLE_ALL passed: ONNX Runtime's graph optimizer introduced "
+                        "the difference"
+                    )
+            elif kind.endswith("cuda") and status.get(kind.replace("cuda", "cpu")) is Status.PASSED:
+                hint = "the CPU run passed: the difference comes from CUDA runtime numerics"
+        out.append(r if hint is None else _replace(r, hint=hint))
+    return tuple(out)
+
+
+def _replace(record: Any, **changes: Any) -> Any:
+    return dataclasses.replace(record, **changes)
+
+
+def _with_input(divergence: LayerDivergence, index: int) -> LayerDivergence:
+    return _replace(divergence, input_index=index)
+
+
+def _fold_pairs(fold_result: FoldResult | None) -> list[tuple[str, str]] | None:
+    if fold_result is None:
+        return None
+    return [(fp.pair.producer, fp.pair.bn) for fp in fold_result.folded]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- layer localisation
+
+
+@dataclass
+class _Call:
+    """The first call of one module during a traced forward."""
+
+    order: int
+    module: nn.Module
+    value: torch.Tensor | None  # a copy of the first tensor output (safe from in-place ops)
+    input_ids: tuple[int, ...]
+    output_id: int | None
+
+
+def _trace_calls(model: nn.Module, args: tuple[torch.Tensor, ...]) -> dict[str, _Call]:
+    """Run ``model`` once (eval, no grad) recording each leaf module's first call."""
+    from bnfold.runtime import flatten_outputs
+
+    calls: dict[str, _Call] = {}
+    alive: list[Any] = []  # keeps traced tensors alive so their ids stay unique
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in calls:
+                return
+            outs = flatten_outputs(output)
+            ins = flatten_outputs(inputs)
+            alive.extend([*outs, *ins])
+            value = outs[0].detach().clone() if outs else None
+            calls[name] = _Call(
+                len(calls), module, value, tuple(id(t) for t in ins), id(outs[0]) if outs else None
+            )
+
+        return record
+
+    for name, module in model.named_modules():
+        if name and not any(True for _ in module.children()):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with inference(model):
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _comparison_points(
+    ref: dict[str, _Call], cand: dict[str, _Call], pairs: list[tuple[str, str]] | None
+) -> list[tuple[str, str, str | None]]:
+    """(reference module, candidate module, BN folded into it) to compare, in reference order."""
+    if pairs is None:
+        pairs = _infer_pairs(ref, cand)
+    skip: set[str] = set()
+    extra: dict[str, tuple[str, str]] = {}  # reference name -> (candidate name, folded BN)
+    folded_into: dict[str, str] = {}
+    for producer, bn in pairs:
+        if producer not in ref or bn not in ref:
+            continue
+        if ref[producer].order < ref[bn].order:  # layer -> BN: the layer now outputs BN's output
+            skip.update({producer, bn})
+            extra[bn] = (producer, bn)
+        else:  # BN -> layer: the layer's output is unchanged, the BN's is gone
+            skip.add(bn)
+            folded_into[producer] = bn
+    points = []
+    for name in sorted(ref, key=lambda n: ref[n].order):
+        if name in extra and extra[name][0] in cand:
+            points.append((name, *extra[name]))
+        elif name not in skip and name in cand:
+            points.append((name, name, folded_into.get(name)))
+    return points
+
+
+def _infer_pairs(ref: dict[str, _Call], cand: dict[str, _Call]) -> list[tuple[str, str]]:
+    """Folded (layer, BN) pairs, read from the traces: a BN of the original that is gone or an
+    Identity in the candidate, and the layer whose output it consumed (or that consumed it)."""
+    by_output = {call.output_id: name for name, call in ref.items() if call.output_id is not None}
+    pairs = []
+    for name, call in ref.items():
+        if not isinstance(call.module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if name in cand and not isinstance(cand[name].module, nn.Identity):
+            continue
+        producer = next((by_output[i] for i in call.input_ids if i in by_output), None)
+        if producer is not None and _is_layer(ref[producer].module):
+            pairs.append((producer, name))
+            continue
+        consumer = next(
+            (
+                n
+                for n, c in ref.items()
+                if call.output_id in c.input_ids and _is_layer(c.module) and c.order > call.order
+            ),
+            None,
+        )
+        if consumer is not None:
+            pairs.append((consumer, name))
+    return pairs
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+def locate_divergence(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: Any,
+    tolerance: Tolerance = CPU_FP32,
+    pairs: list[tuple[str, str]] | None = None,
+) -> LayerDivergence | None:
+    """The first layer, in the reference's execution order, whose output differs beyond
+    ``tolerance`` between ``reference`` and the folded ``candidate``.
+
+    Modules are matched by name (folding keeps module paths; a folded BN becomes Identity or
+    disappears). For each folded (layer, BN) pair, the layer's output in the candidate is
+    compared with the BN's output in the reference. ``pairs`` come from a FoldResult when
+    available, else they are read from the traces. Returns None when no module output diverges.
+    """
+    args = tuple(_as_cpu_fp32(a) for a in as_args(example_inputs))
+    ref_calls = _trace_calls(reference, args)
+    cand_calls = _trace_calls(candidate, args)
+    for ref_name, cand_name, folded in _comparison_points(ref_calls, cand_calls, pairs):
+        ref_value, cand_value = ref_calls[ref_name].value, cand_calls[cand_name].value
+        if ref_value is None or cand_value is None or ref_value.shape != cand_value.shape:
+            continue
+        stats = compare_arrays(ref_value.numpy(), cand_value.numpy(), tolerance)
+        if stats.ratio > 1.0:
+            return LayerDivergence(cand_name, ref_name, folded, stats.max_abs, stats.ratio, 0)
+    return None
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+_COLUMNS = (
+    "candidate",
+    "output",
+    "status",
+    "max abs",
+    "mean abs",
+    "max rel",
+    "cosine",
+    "top-1",
+    "err/tol",
+    "worst element (ref vs cand)",
+)
+
+
+def _format_report(report: VerificationReport) -> str:
+    lines = [report.summary(), f"reference: {report.reference} ({report.settings['reference']})"]
+    lines.append(
+        "inputs: "
+        + ", ".join(
+            f"{info.source} batch of {info.batch_size}"
+            + (f" (seed {info.seed})" if info.seed is not None else "")
+            for info in report.inputs
+        )
+    )
+    tf32 = [f"{k}={v}" for k, v in report.settings.items() if "tf32" in k]
+    lines.append("TF32 off: " + ", ".join(tf32))
+    rows = [list(_COLUMNS)]
+    for cand in report.candidates:
+        if not cand.outputs:
+            rows.append([cand.name, "-", cand.status.value, *[""] * 7])
+        for out in cand.outputs:
+            rows.append([cand.name, out.output, cand.status.value, *_metric_cells(out)])
+    lines.extend(_table(rows))
+    for cand in report.candidates:
+        if cand.status is Status.PASSED:
+            continue
+        lines.append(f"{cand.name} {cand.status.value}: {cand.reason}")
+        if cand.divergence is not None:
+            lines.append(f"  {cand.divergence.describe()}")
+        if cand.hint:
+            lines.append(f"  {cand.hint}")
+    by_tol: dict[str, list[str]] = {}
+    for cand in report.candidates:
+        by_tol.setdefault(cand.tolerance.describe(), []).append(cand.name)
+    for text, names in by_tol.items():
+        lines.append(f"tolerance for {', '.join(names)}: {text}")
+    lines.extend(f"note: {note}" for note in report.notes)
+    return "\n".join(lines)
+
+
+def _metric_cells(out: OutputComparison) -> list[str]:
+    top1 = "-" if out.top1_agreement is None else f"{100 * out.top1_agreement:.1f}%"
+    if out.detail:
+        return ["", "", "", "", top1, "inf", out.detail]
+    index = ", ".join(map(str, out.worst_index))
+    worst = f"#{out.worst_input}[{index}] {out.worst_reference:.6g} vs {out.worst_candidate:.6g}"
+    return [
+        f"{out.max_abs_diff:.3g}",
+        f"{out.mean_abs_diff:.3g}",
+        f"{out.max_rel_diff:.3g}",
+        f"{out.cosine_similarity:.8f}",
+        top1,
+        f"{out.ratio:.3g}",
+        worst,
+    ]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
