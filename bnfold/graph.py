@@ -23,6 +23,7 @@ from bnfold.sites import (
     LayerSite,
     NormSite,
     functional_norm,
+    has_stock_forward,
     is_norm_call,
     layer_site,
     module_norm,
@@ -209,6 +210,12 @@ class _Context:
             if _attr_uses(self.gm, layer.weight_attr) > 1:
                 return Refusal(SkipReason.PRODUCER_SHARED,
                                f"weight {layer.weight_attr} is used by several ops")
+        if not layer.weight.is_floating_point():
+            return Refusal(SkipReason.NON_FLOAT, f"{layer.name} weight is {layer.weight.dtype}")
+        if layer.module is not None and not has_stock_forward(layer.module):
+            return Refusal(SkipReason.UNSUPPORTED_FORWARD,
+                           f"{layer.name} ({layer.type_name}) overrides forward; its output is "
+                           "not known to be the plain layer's")
         shared = [t for t in layer.tensors if self.tensor_uses[id(t)] > 1]
         if shared:
             return Refusal(SkipReason.PRODUCER_SHARED,
@@ -219,8 +226,6 @@ class _Context:
                                f"{layer.name} has a parametrized or weight-normed weight")
             if _has_hooks(layer.module):
                 return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
-        if not layer.weight.is_floating_point():
-            return Refusal(SkipReason.NON_FLOAT, f"{layer.name} weight is {layer.weight.dtype}")
         expected = (layer.view.out_channels if position == Position.AFTER
                     else layer.view.in_channels)
         if norm.params.num_features != expected:

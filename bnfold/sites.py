@@ -25,6 +25,10 @@ from bnfold.records import BnKind, SkipReason
 aten = torch.ops.aten
 
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_STOCK_LAYER_FORWARDS = tuple(
+    cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                            nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+)
 
 # Functional batch norms: target -> names of the positional parameters.
 _FN_NORMS: dict[Any, tuple[str, ...]] = {
@@ -94,6 +98,11 @@ class LayerSite:
     module: nn.Module | None  # None for functional layers
     weight_attr: str | None = None  # functional layers: get_attr target of the weight
     tensors: tuple[torch.Tensor, ...] = ()  # every tensor the fold would rewrite
+
+
+def has_stock_forward(module: nn.Module) -> bool:
+    """True when a Conv/ConvTranspose/Linear module computes exactly what its class says."""
+    return type(module).forward in _STOCK_LAYER_FORWARDS
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:

@@ -47,7 +47,8 @@ class ConcreteTracer(LeafTracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind != "output":
-            node.meta["concrete"] = self._evaluate(node)
+            with _unpatched():  # run real modules, not fx's tracing wrappers
+                node.meta["concrete"] = self._evaluate(node)
         return node
 
     def _evaluate(self, node: fx.Node) -> Any:
@@ -79,10 +80,28 @@ class ConcreteTracer(LeafTracer):
         return iter(obj[i] for i in range(len(concrete)))
 
 
+def _unpatched() -> Any:
+    """fx patches Module.__call__/__getattr__ while tracing; concrete evaluation needs the
+    originals. ``_maybe_revert_all_patches`` is torch.fx's own switch for this."""
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+    return _maybe_revert_all_patches()
+
+
 def _fetch_attr(root: nn.Module, target: str) -> Any:
+    """Attribute lookup that bypasses ``Module.__getattr__`` (fx patches it while tracing)."""
     value: Any = root
     for atom in target.split("."):
-        value = getattr(value, atom)
+        if isinstance(value, nn.Module):
+            for table in ("_parameters", "_buffers", "_modules"):
+                entries = object.__getattribute__(value, table)
+                if atom in entries:
+                    value = entries[atom]
+                    break
+            else:
+                value = object.__getattribute__(value, atom)
+        else:
+            value = getattr(value, atom)
     return value
 
 

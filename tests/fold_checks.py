@@ -1,0 +1,91 @@
+"""Shared assertions for fold tests: exactness, structure, caller untouched, precision ratio."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+import bnfold
+from bnfold import zoo
+from bnfold.modes import as_args
+
+FP64_REL_TOL = 1e-10  # folded vs original, float64: max abs diff / max abs output
+PRECISION_RATIO_MAX = 2.0  # fp32 folded error / fp32 original error, both vs the fp64 reference
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything fold() must leave untouched: tensors (bitwise), flags, attribute names."""
+    state = {f"t:{k}": v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    state.update({f"m:{n}": (type(m), m.training) for n, m in model.named_modules()})
+    return state
+
+
+def assert_same_snapshot(before: dict[str, Any], model: nn.Module) -> None:
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if key.startswith("t:"):
+            assert value.dtype == after[key].dtype and torch.equal(value, after[key]), key
+        else:
+            assert value == after[key], key
+
+
+def run(model: nn.Module, inputs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*as_args(inputs))
+
+
+def rel_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+    return float((reference - other).abs().max() / scale)
+
+
+def fold_fp64(model: nn.Module, inputs: Any, *, folded: int | None = None,
+              skipped: int | None = None) -> bnfold.FoldResult:
+    """Fold a float64 copy; assert exactness, structure, coverage and an untouched caller."""
+    model = copy.deepcopy(model).double().eval()
+    inputs = tuple(t.double() for t in as_args(inputs))
+    before = snapshot(model)
+    result = bnfold.fold(model, inputs)
+    assert_same_snapshot(before, model)
+    assert rel_error(run(model, inputs), run(result.model, inputs)) < FP64_REL_TOL
+    assert bnfold.count_bn_kernels(result.model, inputs) == _kernel_skips(result)
+    assert len(result.folded) + len(result.skipped) == result.plan.bn_total
+    if folded is not None:
+        assert len(result.folded) == folded, result.skipped
+    if skipped is not None:
+        assert len(result.skipped) == skipped, result.skipped
+    assert not result.model.training
+    return result
+
+
+def _kernel_skips(result: bnfold.FoldResult) -> int:
+    return len(result.skipped)
+
+
+def precision_ratio(model: nn.Module, inputs: Any) -> float:
+    """RMS error vs the float64 reference: folded fp32 over original fp32."""
+    model = copy.deepcopy(model).float().eval()
+    inputs32 = tuple(t.float() for t in as_args(inputs))
+    inputs64 = tuple(t.double() for t in inputs32)
+    reference = run(copy.deepcopy(model).double(), inputs64)
+    folded = bnfold.fold(model, inputs32).model
+    original_error = _rms(run(model, inputs32).double() - reference)
+    folded_error = _rms(run(folded, inputs32).double() - reference)
+    return folded_error / max(original_error, 1e-30)
+
+
+def _rms(diff: torch.Tensor) -> float:
+    return float(diff.pow(2).mean().sqrt())
+
+
+def assert_precision(model: nn.Module, inputs: Any) -> None:
+    ratio = precision_ratio(model, inputs)
+    assert ratio <= PRECISION_RATIO_MAX, f"fp32 error ratio {ratio:.2f}"
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    return zoo.randomize_bn(model, seed=seed)
