@@ -165,8 +165,8 @@ class _Context:
         rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
         view = replace(layer.view, activation_rank=rank)
         pattern = pattern_for(layer.kind, position)
-        refusal = self._layer_refusal(norm, layer, position)
-        refusal = refusal or pattern.check(view, affine)
+        refusal = (refusal or self._layer_refusal(norm, layer, position)
+                   or pattern.check(view, affine))
         if refusal is not None:
             return _skip(norm, refusal, layer.name, pattern.name)
         record = Pair(bn=norm.name, bn_type=norm.type_name, bn_kind=norm.kind,

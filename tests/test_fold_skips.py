@@ -1,0 +1,278 @@
+"""Every skip reason: the batch norm stays, the reason is right, and outputs still match."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fold_checks import fold_fp64, randomize, rel_error, run
+from torch import nn
+from torch.nn.utils import parametrize
+
+import bnfold
+from bnfold import SkipReason
+
+
+class Residual(nn.Module):
+    """conv output feeds the BN and the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call under its own BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
+
+
+class TiedWeights(nn.Module):
+    """Two conv modules holding the same weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.b(x)
+
+
+class SharedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(4, 4, 1)
+        self.conv_b = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv_a(x)) + self.bn(self.conv_b(x))
+
+
+class BNFanOut(nn.Module):
+    """BN output feeds the conv and the identity path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        return self.conv(y) + y
+
+
+class LinearOn3D(nn.Module):
+    """Linear acts on the last dim; BatchNorm1d normalises dim 1 of the same size."""
+
+    def __init__(self, out_features: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, out_features)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+class FunctionalTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.conv(x), None, None, training=True)
+
+
+class Int8WeightConv(nn.Conv2d):
+    """Weight-only quantized conv: int8 weights dequantized in forward."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3)
+        self.scale = 0.01
+        q = torch.randint(-100, 100, self.weight.shape, dtype=torch.int8)
+        self.weight = nn.Parameter(q, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+class StdConv(nn.Conv2d):
+    """Weight-standardised conv (as in BiT/timm): folding a scale into W would be undone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias)
+
+
+class DoubleNorm(nn.BatchNorm2d):
+    """A subclass whose forward runs batch norm twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(super().forward(x))
+
+
+class ScaledInput(nn.BatchNorm2d):
+    """A subclass that changes the input before normalising it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 2)
+
+
+class Scale(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 1.5
+
+
+class AfterAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + x)
+
+
+def _seq(*layers: nn.Module) -> nn.Module:
+    return randomize(nn.Sequential(*layers).eval())
+
+
+def _parametrized() -> nn.Module:
+    model = _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    parametrize.register_parametrization(model[0], "weight", Scale())
+    return model
+
+
+def _weight_normed() -> nn.Module:
+    model = _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+def _hooked() -> nn.Module:
+    model = _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[1].register_forward_hook(lambda module, args, out: None)
+    return model
+
+
+def _nan_stats() -> nn.Module:
+    model = _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[1].running_var[0] = -1.0
+    return model
+
+
+X4 = (2, 4, 6, 6)
+X3 = (2, 3, 6, 6)
+
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = {
+    "residual_fan_out": (lambda: randomize(Residual()), X4, SkipReason.PRODUCER_FANOUT),
+    "conv_called_twice": (lambda: randomize(SharedConv()), X4, SkipReason.PRODUCER_SHARED),
+    "tied_weights": (lambda: randomize(TiedWeights()), X4, SkipReason.PRODUCER_SHARED),
+    "bn_called_twice": (lambda: randomize(SharedBN()), X4, SkipReason.BN_SHARED),
+    "bn_output_fan_out": (lambda: randomize(BNFanOut()), X4, SkipReason.BN_FANOUT),
+    "zero_padded_bn_conv": (lambda: _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), X3,
+                            SkipReason.ZERO_PADDING),
+    "linear_on_3d_same_size": (lambda: randomize(LinearOn3D()), (2, 8, 8),
+                               SkipReason.LINEAR_AXIS),
+    "linear_on_3d_other_size": (lambda: randomize(LinearOn3D(6)), (2, 8, 8),
+                                SkipReason.CHANNEL_MISMATCH),
+    "bn_3d_then_linear": (lambda: _seq(nn.BatchNorm1d(8), nn.Linear(5, 4)), (2, 8, 5),
+                          SkipReason.CHANNEL_MISMATCH),
+    "no_running_stats": (lambda: _seq(nn.Conv2d(3, 4, 3),
+                                      nn.BatchNorm2d(4, track_running_stats=False)), X3,
+                         SkipReason.NO_RUNNING_STATS),
+    "functional_training": (lambda: FunctionalTraining(), X3, SkipReason.FUNCTIONAL_TRAINING),
+    "int8_weights": (lambda: _seq(Int8WeightConv(), nn.BatchNorm2d(4)), X3,
+                     SkipReason.NON_FLOAT),
+    "weight_standardised_conv": (lambda: _seq(StdConv(3, 4, 3), nn.BatchNorm2d(4)), X3,
+                                 SkipReason.UNSUPPORTED_FORWARD),
+    "parametrized": (_parametrized, X3, SkipReason.PARAMETRIZED),
+    "weight_norm": (_weight_normed, X3, SkipReason.PARAMETRIZED),
+    "hooks": (_hooked, X3, SkipReason.HOOKS),
+    "negative_variance": (_nan_stats, X3, SkipReason.NON_FINITE),
+    "subclass_two_norms": (lambda: _seq(nn.Conv2d(3, 4, 3), DoubleNorm(4)), X3,
+                           SkipReason.UNSUPPORTED_FORWARD),
+    "subclass_changes_input": (lambda: _seq(nn.Conv2d(3, 4, 3), ScaledInput(4)), X3,
+                               SkipReason.UNSUPPORTED_FORWARD),
+    "bn_before_conv_transpose": (lambda: _seq(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3)),
+                                 X4, SkipReason.UNSUPPORTED_PATTERN),
+    "bn_after_add": (lambda: randomize(AfterAdd()), X4, SkipReason.NO_PRODUCER),
+    "bn_first_layer": (lambda: _seq(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)), X3,
+                       SkipReason.NO_PRODUCER),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_skip_reason_and_outputs_still_match(name: str) -> None:
+    build, shape, reason = CASES[name]
+    model = build().eval()
+    x = torch.randn(shape)
+    if reason == SkipReason.NON_FINITE:
+        result = bnfold.fold(model, x)
+        assert torch.equal(run(model, x).isnan(), run(result.model, x).isnan())
+        assert bnfold.count_bn_kernels(result.model, x) == 1
+    else:
+        result = fold_fp64(model, x)
+    reasons = {skip.reason for skip in result.skipped}
+    assert reason in reasons, result.skipped
+    skip = next(s for s in result.skipped if s.reason == reason)
+    assert skip.detail and skip.bn
+    assert reason.label and reason.advice()
+
+
+def test_inplace_cannot_rewrite_functional_norm() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+            self.register_buffer("mean", torch.zeros(4))
+            self.register_buffer("var", torch.ones(4) * 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.batch_norm(self.body(x), self.mean, self.var)
+
+    net = Functional().eval()
+    x = torch.randn(*X3)
+    expected = run(net, x)
+    result = bnfold.fold(net, x, inplace=True)
+    assert [s.reason for s in result.skipped] == [SkipReason.NEEDS_GRAPH_REWRITE]
+    assert result.model is net
+    assert rel_error(expected, run(net, x)) == 0.0
+
+
+def test_residual_network_folds_everything_except_fan_out() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+    model = randomize(nn.Sequential(Residual(), Block()))
+    result = fold_fp64(model, torch.randn(*X4), folded=2, skipped=1)
+    assert {f.pair.bn for f in result.folded} == {"1.bn1", "1.bn2"}
+    assert result.skipped[0].bn == "0.bn"
