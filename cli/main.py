@@ -7,6 +7,7 @@ Nothing here imports torch: ``bnfold --help`` must stay fast.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -34,8 +35,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
+      bnfold inspect model.pt2
       bnfold inspect mypkg.models:resnet --input-shape 1x3x224x224
-      bnfold fold model.pt2 -o model.folded.pt2
+      bnfold fold model.pt2                  # writes model.folded.pt2
+      bnfold fold weights.pt --arch mypkg.models:resnet --input-shape 1x3x224x224
+
+    Run 'bnfold COMMAND --help' for what MODEL can be and each command's options.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -63,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and exits with) the exit code."""
     _register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not debug:  # torch's own deprecation chatter is not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Aborted; no partial output was left.", err=True)
         code = EXIT_FAILED
     except click.ClickException as exc:
         exc.show()

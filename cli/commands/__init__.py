@@ -1,5 +1,6 @@
 """One module per subcommand; each imports torch and bnfold only inside its function body."""
 
+from bnfold_cli.commands.fold import fold
 from bnfold_cli.commands.inspect import inspect
 
-COMMANDS = [inspect]
+COMMANDS = [inspect, fold]

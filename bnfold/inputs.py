@@ -1,0 +1,148 @@
+"""Example inputs: built from shapes, and checked against the model before any analysis.
+
+``check_inputs`` runs one eval-mode forward with hooks on every submodule, so when the model
+rejects the inputs the error names the layer that raised (or the last one that ran), not just a
+stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import ModelInputError, UsageError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` → ``torch.float32``; ``UsageError`` for a name not in ``DTYPES``."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def make_example_inputs(
+    shapes: Sequence[tuple[Sequence[int], str | None]],
+    *,
+    default_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """One tensor per ``(shape, dtype name or None)``: standard normal values for floating
+    dtypes (seeded, so reports are reproducible), zeros for integer and bool dtypes."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape, dtype_name in shapes:
+        dtype = parse_dtype(dtype_name) if dtype_name else default_dtype
+        if any(int(size) <= 0 for size in shape):
+            raise UsageError(f"input shape {format_shape(shape)} has a dimension that is not > 0")
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(tuple(shape), generator=generator).to(dtype))
+        else:
+            tensors.append(torch.zeros(tuple(shape), dtype=dtype))
+    return tuple(tensors)
+
+
+def describe_inputs(example_inputs: Any) -> list[dict[str, Any]]:
+    """``[{"shape": [...], "dtype": "float32"}, ...]`` for a tensor or tuple of tensors."""
+    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return [
+        {"shape": list(item.shape), "dtype": str(item.dtype).removeprefix("torch.")}
+        if isinstance(item, torch.Tensor) else {"shape": None, "dtype": type(item).__name__}
+        for item in items
+    ]
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(size)) for size in shape)
+
+
+def check_inputs(model: nn.Module, example_inputs: Any) -> None:
+    """Run one eval-mode, no-grad forward; raise ``ModelInputError`` naming the failing layer.
+
+    Training flags are restored afterwards and no hook is left behind.
+    """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    tracker = _LayerTracker(model)
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:
+        raise ModelInputError(tracker.message(exc, args)) from exc
+    finally:
+        tracker.remove()
+        for module, training in flags:
+            module.training = training
+
+
+class _LayerTracker:
+    """Hooks on every submodule: a stack of the modules running, and the last one finished."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.last_done: str | None = None
+        self.handles = []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._enter(name, module)))
+            self.handles.append(module.register_forward_hook(self._leave(name)))
+
+    def _enter(self, name: str, module: nn.Module):
+        def hook(_module: nn.Module, _args: Any) -> None:
+            self.stack.append((name, module))
+
+        return hook
+
+    def _leave(self, name: str):
+        def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+            if self.stack and self.stack[-1][0] == name:
+                self.stack.pop()
+            self.last_done = name
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def message(self, exc: BaseException, args: tuple) -> str:
+        given = ", ".join(
+            f"{format_shape(a.shape)} {str(a.dtype).removeprefix('torch.')}"
+            if isinstance(a, torch.Tensor) else type(a).__name__
+            for a in args
+        )
+        if self.stack:
+            name, module = self.stack[-1]
+            where = f"layer '{name}' ({type(module).__name__})"
+        elif self.last_done:
+            where = f"the model's forward (after layer '{self.last_done}' ran)"
+        else:
+            where = "the model's forward (before any layer ran)"
+        reason = " ".join(str(exc).strip().splitlines()[:2])
+        return (
+            f"{where} rejected the example inputs ({given}): {type(exc).__name__}: {reason}. "
+            "Check the input shape and dtype (--input-shape, --dtype)"
+        )

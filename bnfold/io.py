@@ -1,0 +1,642 @@
+"""Loading and saving model files, safely.
+
+What ``load_model`` accepts, and what each costs in trust:
+
+- ``.pt2`` (``torch.export`` program): no code from the file runs. bnfold checks the archive
+  first (``bnfold._program``) because ``torch.export.load`` itself would unpickle some members
+  with ``weights_only=False`` and evaluate shape expressions and guards as Python.
+- ``package.module:callable`` (a factory): runs the user's own code, which they named.
+- state dict (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``) plus
+  ``arch`` (a factory): loaded with strict key checking; no code from the file runs.
+- full pickled module (``torch.save(model)``): loading it runs code from the file, so it is
+  refused unless ``trust_pickle=True``. The file is never unpickled to find that out: a
+  weights-only load fails on it, and its globals are listed by reading the pickle opcodes.
+- TorchScript archives are refused with the alternatives: bnfold folds ``nn.Module`` graphs,
+  and a scripted module has no Python graph to rewrite.
+
+``save_model`` writes ``.pt2`` (``torch.export``; loads back with plain torch) or a pickled
+module (only when the input was one). Every write goes to a temporary file in the target's
+directory and is renamed over the target at the end, so a failed or interrupted save leaves no
+partial file and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib
+import os
+import pickletools
+import re
+import struct
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bnfold._records import Record, not_serialised
+from bnfold.errors import BnfoldError, LoadError, SaveError, UnsafeFileError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ema")
+
+
+class ModelFormat(str, enum.Enum):
+    """Where a model came from (and, for outputs, how it is written)."""
+
+    EXPORTED_PROGRAM = "pt2"  # torch.export program
+    FACTORY = "factory"  # package.module:callable
+    STATE_DICT = "state_dict"  # .pt/.pth weights + arch factory
+    SAFETENSORS = "safetensors"  # .safetensors weights + arch factory
+    PICKLED_MODULE = "pickled_module"  # torch.save(model), loaded only when trusted
+
+    @property
+    def label(self) -> str:
+        return _FORMAT_LABELS[self]
+
+
+_FORMAT_LABELS = {
+    ModelFormat.EXPORTED_PROGRAM: "torch.export program",
+    ModelFormat.FACTORY: "factory",
+    ModelFormat.STATE_DICT: "state dict",
+    ModelFormat.SAFETENSORS: "safetensors state dict",
+    ModelFormat.PICKLED_MODULE: "pickled module",
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel(Record):
+    """A model read by ``load_model`` and what is known about where it came from."""
+
+    model: nn.Module = field(metadata=not_serialised(), repr=False, compare=False)
+    format: ModelFormat
+    source: str  # the file path or factory spec as given
+    arch: str | None = None  # the factory that built the architecture of a state dict
+    # The example inputs a .pt2 carries (positional tensors), else None.
+    example_inputs: tuple[torch.Tensor, ...] | None = field(
+        default=None, metadata=not_serialised(), repr=False, compare=False
+    )
+    # For each positional input, the dims the source program kept dynamic (pt2 only).
+    dynamic_dims: tuple[tuple[int, ...], ...] | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path | None:
+        """The input file, or None for a factory."""
+        return None if self.format is ModelFormat.FACTORY else Path(self.source)
+
+
+@dataclass(frozen=True)
+class SavedModel(Record):
+    """One file ``save_model`` wrote."""
+
+    path: str
+    format: ModelFormat
+    bytes: int
+    notes: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_model(
+    spec: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load ``spec``: a model file path or a ``package.module:callable`` factory.
+
+    ``arch`` is a factory building the architecture for a state-dict file. ``trust_pickle``
+    allows a full pickled module, which runs code from the file. Raises ``LoadError`` (missing,
+    damaged, not a model, keys that do not fit ``arch``), ``UnsafeFileError`` (would run code
+    from the file) or ``UsageError`` (a state dict without ``arch``, ``arch`` with no state
+    dict). The model is returned as loaded; nothing about it is changed.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.exists():
+        return _load_file(path, arch=arch, trust_pickle=trust_pickle)
+    if FACTORY_SPEC.match(text):
+        if arch is not None:
+            raise UsageError(f"arch ({arch}) is for state-dict files; {text} is a factory")
+        return LoadedModel(model=build_from_factory(text), format=ModelFormat.FACTORY, source=text)
+    raise LoadError(
+        f"{text}: no such file (and not a factory spec 'package.module:callable')"
+    )
+
+
+def build_from_factory(spec: str) -> nn.Module:
+    """Import ``package.module`` and call ``callable`` (an ``nn.Module`` instance is used as is).
+
+    The current directory is searched first, as ``python -m`` would.
+    """
+    from torch import nn
+
+    module_name, _, attr_path = spec.partition(":")
+    with _cwd_on_path():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise LoadError(
+                f"cannot import module '{module_name}' for {spec}: {exc}. The module must be "
+                "importable: run from its directory, install it, or add it to PYTHONPATH"
+            ) from exc
+        except Exception as exc:
+            raise LoadError(
+                f"importing '{module_name}' for {spec} raised {_one_line(exc)}"
+            ) from exc
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
+        target = getattr(target, part)
+    if isinstance(target, nn.Module):
+        return target
+    if not callable(target):
+        raise LoadError(f"{spec}: '{attr_path}' is a {type(target).__name__}, not callable")
+    try:
+        model = target()
+    except Exception as exc:
+        raise LoadError(f"calling {spec}() raised {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        raise LoadError(f"{path} is a directory, not a model file")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{path} is empty (0 bytes): not a model file")
+    kind, names = _sniff(path)
+    if kind == "pt2":
+        _no_arch(arch, path, "a torch.export program")
+        return _load_program(path, names)
+    if kind == "torchscript":
+        raise LoadError(
+            f"{path} is a TorchScript archive (torch.jit.save). bnfold cannot fold TorchScript: "
+            "it rewrites Python module graphs. Pass the model as a torch.export program (.pt2), "
+            "a state dict with --arch package.module:callable, or a factory instead."
+        )
+    if kind == "safetensors":
+        return _from_weights(_read_safetensors(path), path, arch, ModelFormat.SAFETENSORS)
+    if kind == "torch":
+        return _load_checkpoint(path, arch=arch, trust_pickle=trust_pickle)
+    raise LoadError(f"{path} is not a model file: {kind}")
+
+
+def _sniff(path: Path) -> tuple[str, list[str]]:
+    """Classify a file by content: pt2, torchscript, torch, safetensors, or why not."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if zipfile.is_zipfile(path):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise LoadError(f"{path}: damaged zip archive ({exc})") from None
+        if any(name.endswith("/archive_format") or "/models/" in name for name in names):
+            return "pt2", names
+        if any("/code/__torch__/" in name or name.endswith("/constants.pkl") for name in names):
+            return "torchscript", names
+        if any(name.endswith("/data.pkl") for name in names):
+            return "torch", names
+        return "a zip archive holding no PyTorch model", names
+    if head[:2] == b"PK":
+        return "a truncated or damaged zip archive (the file may be cut short)", []
+    if head[:1] == b"\x80":
+        return "torch", []
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        return "safetensors", []
+    return (
+        "expected a torch.export program (.pt2), a torch.save file (.pt/.pth) or .safetensors",
+        [],
+    )
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 30
+
+
+def _no_arch(arch: str | None, path: Path, what: str) -> None:
+    if arch is not None:
+        raise UsageError(f"--arch is for state-dict files; {path} is {what}")
+
+
+def _load_program(path: Path, names: list[str]) -> LoadedModel:
+    import torch
+
+    from bnfold import _program
+
+    _program.check_archive(path, names)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"{path}: torch.export.load failed: {_one_line(exc)}") from exc
+    _program.check_graph_targets(path, program)
+    model, notes = _program.module_from_program(program)
+    args, kwargs = program.example_inputs or ((), {})
+    example = tuple(args) if args and not kwargs else None
+    if kwargs:
+        notes.append("the program takes keyword inputs; give --input-shape for positional ones")
+    return LoadedModel(
+        model=model,
+        format=ModelFormat.EXPORTED_PROGRAM,
+        source=str(path),
+        example_inputs=example,
+        dynamic_dims=_program.dynamic_dims(program),
+        notes=tuple(notes),
+    )
+
+
+def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
+    import torch
+    from torch import nn
+
+    if trust_pickle:
+        obj = _torch_load(path, weights_only=False)
+    else:
+        obj = _torch_load(path, weights_only=True)
+    if isinstance(obj, nn.Module):
+        _no_arch(arch, path, "a full pickled model")
+        return LoadedModel(
+            model=obj, format=ModelFormat.PICKLED_MODULE, source=str(path),
+            notes=("loaded with --trust-pickle: code in the file ran",),
+        )
+    if isinstance(obj, dict):
+        return _from_weights(obj, path, arch, ModelFormat.STATE_DICT)
+    if isinstance(obj, torch.jit.ScriptModule):  # only reachable when trusted
+        raise LoadError(f"{path} holds a TorchScript module, which bnfold cannot fold")
+    raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            found = _disallowed(_pickle_globals(path))
+            if found:
+                raise _unsafe(path, found) from None
+        raise LoadError(f"{path}: not a readable PyTorch file ({_one_line(exc)})") from None
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise LoadError(
+            f"{path}: the pickled model needs code that is not importable here "
+            f"({_one_line(exc)}). A pickled module only loads where its classes' source is on "
+            "the path; save a .pt2 (torch.export) or a state dict instead"
+        ) from None
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: could not be read as a PyTorch file ({_one_line(exc)}); it may be "
+            "truncated or damaged"
+        ) from None
+
+
+def _disallowed(found: list[str]) -> list[str]:
+    """The globals a weights-only load refuses (torch's allowlist, plus user-added ones)."""
+    import torch
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except ImportError:  # older or newer torch: fall back to the obvious tensor rebuilders
+        allowed = {name for name in found if name.startswith(("torch._utils.", "collections."))}
+    for item in torch.serialization.get_safe_globals():
+        obj = item[0] if isinstance(item, tuple) else item
+        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return [name for name in found if name not in allowed]
+
+
+def _unsafe(path: Path, found: list[str]) -> UnsafeFileError:
+    shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+    if any(name.startswith("torch.nn.modules.") for name in found):
+        what = "is a full pickled model (torch.save(model))"
+    else:
+        what = "holds pickled Python objects, not just tensors"
+    return UnsafeFileError(
+        f"{path} {what}: loading it runs code from the file (it references {shown}). "
+        "If you trust its source, pass --trust-pickle (trust_pickle=True). Safer: re-save it "
+        "as a torch.export program (torch.export.save(torch.export.export(model.eval(), "
+        "example_inputs), 'model.pt2')) or as a state dict (torch.save(model.state_dict(), "
+        "'weights.pt')) loaded with --arch package.module:callable."
+    )
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals a pickle (plain or inside a torch.save zip) references, read from its opcodes
+    without unpickling anything. Empty if none are found or the stream cannot be read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+    except (StopIteration, OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    strings: list[str] = []
+    memo: dict[int, str] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                found.append(_global_name(*str(arg).split(" ", 1)))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(_global_name(strings[-2], strings[-1]))
+            elif isinstance(arg, str) and ("UNICODE" in opcode.name or "STRING" in opcode.name):
+                strings.append(arg)
+            elif opcode.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[int(arg)] = strings[-1]
+            elif opcode.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                strings.append(memo[int(arg)])
+            if opcode.name == "STOP":
+                break
+    except (ValueError, EOFError, struct.error):
+        pass  # truncated: report what was read
+    return list(dict.fromkeys(found))
+
+
+def _global_name(module: str, name: str) -> str:
+    return f"{'builtins' if module == '__builtin__' else module}.{name}"
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(
+            f"{path}: could not be read as safetensors ({_one_line(exc)}); it may be truncated "
+            "or not a safetensors file"
+        ) from None
+
+
+def _from_weights(obj: dict, path: Path, arch: str | None, fmt: ModelFormat) -> LoadedModel:
+    state, notes = _extract_state_dict(obj, path)
+    if arch is None:
+        raise UsageError(
+            f"{path} is a state dict (weights only, no architecture): pass "
+            "--arch package.module:callable that builds the model"
+        )
+    model = build_from_factory(arch)
+    _load_strict(model, state, path, arch)
+    return LoadedModel(model=model, format=fmt, source=str(path), arch=arch, notes=tuple(notes))
+
+
+def _extract_state_dict(obj: dict, path: Path) -> tuple[dict[str, Any], list[str]]:
+    import torch
+
+    def is_state(value: Any) -> bool:
+        return isinstance(value, dict) and bool(value) and all(
+            isinstance(key, str) and isinstance(item, torch.Tensor) for key, item in value.items()
+        )
+
+    notes: list[str] = []
+    state = obj
+    if not is_state(obj):
+        key = next((k for k in STATE_DICT_KEYS if is_state(obj.get(k))), None)
+        if key is None:
+            keys = ", ".join(map(str, list(obj)[:8]))
+            raise LoadError(f"{path} holds a dict (keys: {keys}) that is not a state dict")
+        state = obj[key]
+        notes.append(f"weights taken from the checkpoint's '{key}' entry")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+        notes.append("removed the 'module.' prefix (a DataParallel/DDP checkpoint)")
+    return dict(state), notes
+
+
+def _load_strict(model: nn.Module, state: dict[str, Any], path: Path, arch: str) -> None:
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_key_list(unexpected)}")
+        raise LoadError(
+            f"{path} does not fit --arch {arch}: " + "; ".join(parts) + ". A folded state dict "
+            "(BatchNorms removed, conv biases added) never fits the original architecture: "
+            "save folded models as .pt2"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise LoadError(f"{path} does not fit --arch {arch}: {_one_line(exc, lines=3)}") from None
+
+
+def _key_list(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ------------------------------------------------------------------ saving
+
+
+def output_format(path: str | os.PathLike[str]) -> ModelFormat:
+    """The format a path's extension asks for: ``.pt2`` or ``.pt``/``.pth`` (pickled module)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".pt2":
+        return ModelFormat.EXPORTED_PROGRAM
+    if suffix in (".pt", ".pth"):
+        return ModelFormat.PICKLED_MODULE
+    raise UsageError(
+        f"{path}: cannot tell the output format from '{suffix or 'no extension'}'; use .pt2 "
+        "(torch.export program) or .pt/.pth (pickled module, only for pickled inputs)"
+    )
+
+
+def default_output_path(loaded: LoadedModel, *, cwd: Path | None = None) -> Path:
+    """``<name>.folded.<ext>`` beside the input file (in ``cwd`` for a factory).
+
+    The extension is the input's own for a pickled module, ``.pt2`` otherwise.
+    """
+    if loaded.path is None:
+        name = loaded.source.rpartition(":")[2].rpartition(".")[2]
+        return (cwd or Path.cwd()) / f"{name}.folded.pt2"
+    source = loaded.path
+    ext = source.suffix if loaded.format is ModelFormat.PICKLED_MODULE else ".pt2"
+    stem = source.name[: -len(source.suffix)] if source.suffix else source.name
+    return source.with_name(f"{stem}.folded{ext}")
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Raise ``UsageError`` unless ``path`` can be written: its directory exists, it is none of
+    ``inputs``, and it does not exist yet (unless ``overwrite``)."""
+    out = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(out, Path(source)):
+            raise UsageError(f"{out} is the input file; bnfold never overwrites its input")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the directory {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a directory")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    format: ModelFormat | None = None,
+    overwrite: bool = False,
+    dynamic_dims: Sequence[Sequence[int]] | None = None,
+) -> SavedModel:
+    """Write ``model`` to ``path`` atomically, in a form that loads back without bnfold.
+
+    ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export``
+    with ``example_inputs``; the dims in ``dynamic_dims`` (default: dim 0 of every input, the
+    batch) are kept dynamic when the model allows it. Load back with
+    ``torch.export.load(path).module()``. Pickled module: ``torch.save(model)``; loading it
+    needs ``weights_only=False`` and the model classes' source. Raises ``UsageError`` for a path
+    that may not be written and ``SaveError`` when exporting or writing fails (nothing is left
+    behind, an existing file is untouched).
+    """
+    import torch
+
+    out = check_output_path(path, overwrite=overwrite)
+    fmt = format or output_format(out)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    notes: list[str] = []
+    if fmt is ModelFormat.EXPORTED_PROGRAM:
+        program, notes = _export(model, inputs, dynamic_dims)
+
+        def write(tmp: str) -> None:
+            torch.export.save(program, tmp)
+
+    elif fmt is ModelFormat.PICKLED_MODULE:
+
+        def write(tmp: str) -> None:
+            torch.save(model, tmp)
+
+    else:
+        raise UsageError(f"cannot save a model as {fmt.label}; use .pt2")
+    atomic_write(out, write)
+    return SavedModel(path=str(out), format=fmt, bytes=out.stat().st_size, notes=tuple(notes))
+
+
+def _export(
+    model: nn.Module, inputs: tuple, dynamic_dims: Sequence[Sequence[int]] | None
+) -> tuple[Any, list[str]]:
+    import torch
+    from torch.export import Dim
+
+    if dynamic_dims is None:
+        dynamic_dims = [(0,) if getattr(x, "ndim", 0) >= 1 else () for x in inputs]
+    shapes = tuple({dim: Dim.AUTO for dim in dims} or None for dims in dynamic_dims)
+    if len(shapes) != len(inputs):
+        shapes = None
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=shapes)
+    except Exception as first:
+        try:
+            program = torch.export.export(model, inputs)
+        except Exception:
+            raise SaveError(
+                f"torch.export could not export the folded model: {_one_line(first, lines=3)}. "
+                "A .pt2 needs a model torch.export can trace; for a pickled input, write a .pt "
+                "output instead"
+            ) from first
+    from bnfold._program import dynamic_dims as kept_dims
+
+    kept = kept_dims(program)
+    notes = [
+        "dynamic dims kept: " + ", ".join(
+            f"input {i} dim {d}" for i, dims in enumerate(kept) for d in dims
+        ) if any(kept) else "the saved program has static shapes (only the example shapes run)"
+    ]
+    return program, notes
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    On any failure (including KeyboardInterrupt) the temporary file is removed and ``path`` is
+    left as it was. Library errors are raised as ``SaveError``; an interrupt is re-raised.
+    """
+    out = Path(path)
+    try:
+        handle, tmp = tempfile.mkstemp(
+            dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}"
+        )
+    except OSError as exc:
+        raise SaveError(f"cannot write {out}: {exc.strerror or exc}") from None
+    os.close(handle)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
+        raise SaveError(f"writing {out} failed: {_one_line(exc)}; nothing was written") from exc
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file (a report) atomically; see ``atomic_write``."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _one_line(exc: BaseException, lines: int = 1) -> str:
+    text = " ".join(str(exc).strip().splitlines()[:lines]).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

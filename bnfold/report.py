@@ -1,0 +1,275 @@
+"""Rendering only: the human table, the JSON report and Markdown, from one ``Report`` record.
+
+A ``Report`` gathers the records a command produced (the loaded model, the plan, the fold
+result, the files written, and any later stage such as recalibration, export or verification as
+named ``sections``). ``render_text``, ``render_json`` and ``render_markdown`` only read it: no
+torch, no model, no side effects, so their output is stable and golden-file tested.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bnfold.records import FoldResult, Plan, Skip
+
+# A folded scale max |gamma / sqrt(var + eps)| above this amplifies the conv weights' rounding
+# error by as much; the report flags it (the fold is still exact in float64).
+LARGE_SCALE = 1e3
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one ``bnfold inspect``/``fold`` run reports.
+
+    ``model`` is ``LoadedModel.to_dict()``; ``inputs`` is ``[{"shape", "dtype"}]``;
+    ``outputs`` are ``SavedModel`` records; ``sections`` are ``(name, record)`` pairs appended
+    by later stages (each record needs ``to_dict()``; ``summary()`` is shown in the text).
+    """
+
+    command: str
+    versions: dict[str, str]
+    model: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    inputs_from: str
+    plan: Plan
+    result: FoldResult | None = None
+    bn_kernels_before: int | None = None
+    bn_kernels_after: int | None = None
+    outputs: tuple[Any, ...] = ()
+    dry_run: bool = False
+    sections: tuple[tuple[str, Any], ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> str:
+        return self.result.summary() if self.result is not None else self.plan.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "command": self.command,
+            "versions": dict(self.versions),
+            "model": self.model,
+            "inputs": self.inputs,
+            "inputs_from": self.inputs_from,
+            "summary": self.summary(),
+            "bn_kernels": {"before": self.bn_kernels_before, "after": self.bn_kernels_after},
+            "plan": self.plan.to_dict(),
+            "fold": _fold_dict(self.result),
+            "outputs": [output.to_dict() for output in self.outputs],
+            "dry_run": self.dry_run,
+            "notes": list(self.notes),
+        }
+        for name, record in self.sections:
+            data[name] = record.to_dict()
+        return data
+
+
+def _fold_dict(result: FoldResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    data = result.to_dict()
+    data.pop("plan", None)  # already reported at the top level
+    data["summary"] = result.summary()
+    return data
+
+
+# ------------------------------------------------------------------ JSON
+
+
+def render_json(report: Report) -> str:
+    """The JSON report: ``Report.to_dict()``, indented, keys in a stable order."""
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+# ------------------------------------------------------------------ text
+
+
+def render_text(report: Report, *, width: int = 100, color: bool = False) -> str:
+    """The human report: a header, the table of BatchNorms, reasons, notes, summary, outputs."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer, width=width, force_terminal=color, no_color=not color,
+        color_system="standard" if color else None, highlight=False, emoji=False,
+        legacy_windows=False,
+    )
+    console.print(_header(report), soft_wrap=False)
+    if report.plan.bn_total:
+        console.print(_table(report))
+    else:
+        console.print("No BatchNorm found in the model's dataflow.")
+    for line in _reason_lines(report.plan.skipped):
+        console.print(line)
+    for line in _note_lines(report):
+        console.print(line)
+    for name, record in report.sections:
+        if hasattr(record, "summary"):
+            console.print(f"{name}: {record.summary()}")
+    console.print(_summary_line(report), style="bold")
+    for line in _output_lines(report):
+        console.print(line)
+    return buffer.getvalue()
+
+
+def _header(report: Report) -> str:
+    model = report.model
+    fmt = _format_label(model.get("format"))
+    arch = f", architecture {model['arch']}" if model.get("arch") else ""
+    inputs = ", ".join(_input_text(item) for item in report.inputs) or "none"
+    return f"{model.get('source')} ({fmt}{arch}); inputs {inputs} ({report.inputs_from})"
+
+
+def _table(report: Report):
+    from rich import box
+    from rich.table import Table
+
+    folding = report.result is not None
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("BatchNorm", "Type", "Layer", "Pattern", "Status"):
+        table.add_column(column, overflow="fold")
+    if folding:
+        table.add_column("Scale", justify="right")
+    table.add_column("Reason", overflow="fold")
+    for row, style in _rows(report):
+        table.add_row(*row, style=style)
+    return table
+
+
+def _rows(report: Report):
+    """(cells, style) per BatchNorm: folded/foldable first, then kept, each in plan order."""
+    if report.result is not None:
+        for item in report.result.folded:
+            pair = item.pair
+            cells = [pair.bn, pair.bn_type, pair.producer, pair.pattern, "folded",
+                     _scale_text(item.max_abs_scale), ""]
+            yield cells, "green" if item.max_abs_scale <= LARGE_SCALE else "magenta"
+        skipped = report.result.skipped
+    else:
+        for pair in report.plan.pairs:
+            yield [pair.bn, pair.bn_type, pair.producer, pair.pattern, "foldable", ""], "green"
+        skipped = report.plan.skipped
+    for skip in skipped:
+        cells = [skip.bn, skip.bn_type, skip.producer or "-", skip.pattern or "-", "kept"]
+        if report.result is not None:
+            cells.append("")
+        cells.append(skip.reason.label)
+        yield cells, "yellow"
+
+
+def _reason_lines(skipped: Sequence[Skip]) -> list[str]:
+    counts = Counter(skip.reason for skip in skipped)
+    if not counts:
+        return []
+    lines = ["Why BatchNorms are kept:"]
+    for reason, n in counts.most_common():
+        lines.append(f"  {reason.label} ({n}): {reason.advice()}")
+    return lines
+
+
+def _note_lines(report: Report) -> list[str]:
+    notes = list(report.model.get("notes") or ()) + list(report.plan.notes) + list(report.notes)
+    if report.result is not None:
+        for item in report.result.folded:
+            if item.max_abs_scale > LARGE_SCALE:
+                notes.append(
+                    f"{item.pair.bn}: large scale {_scale_text(item.max_abs_scale)} (smallest "
+                    f"running_var {item.min_running_var:.3g}); the folded weights amplify "
+                    "rounding error by as much: verify the folded model"
+                )
+            notes.extend(f"{item.pair.bn}: {note}" for note in item.notes)
+    return [f"note: {note}" for note in notes]
+
+
+def _summary_line(report: Report) -> str:
+    line = report.summary()
+    before, after = report.bn_kernels_before, report.bn_kernels_after
+    if before is not None and after is not None:
+        line += f"; BN kernels per forward: {before} → {after}"
+    elif before is not None:
+        line += f"; BN kernels per forward: {before}"
+    return line
+
+
+def _output_lines(report: Report) -> list[str]:
+    lines = []
+    for output in report.outputs:
+        detail = f"{_format_label(output.format)}, {_size_text(output.bytes)}"
+        lines.append(f"Wrote {output.path} ({detail})")
+        lines.extend(f"  {note}" for note in output.notes)
+    if report.dry_run:
+        lines.append("Dry run: no model file written.")
+    return lines
+
+
+# ------------------------------------------------------------------ Markdown
+
+
+def render_markdown(report: Report) -> str:
+    """A Markdown section: header, a table with each kept BatchNorm's detail, the summary."""
+    folding = report.result is not None
+    lines = [f"### bnfold {report.command}: `{report.model.get('source')}`", ""]
+    lines.append(f"Inputs: {', '.join(_input_text(i) for i in report.inputs) or 'none'} "
+                 f"({report.inputs_from}).")
+    lines.append("")
+    head = ["BatchNorm", "Type", "Layer", "Pattern", "Status"]
+    head += ["Scale"] if folding else []
+    head += ["Reason"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" for _ in head) + "|")
+    for cells, _style in _rows(report):
+        lines.append("| " + " | ".join(_md_cells(cells)) + " |")
+    skipped = report.result.skipped if folding else report.plan.skipped
+    if skipped:
+        lines += ["", "Kept:", ""]
+        lines += [f"- `{skip.bn}`: {skip.reason.label}: {skip.detail}" for skip in skipped]
+    lines += ["", f"**{_summary_line(report)}**"]
+    for line in _output_lines(report):
+        lines.append(line if line.startswith("  ") else f"\n{line}")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cells(cells: list[str]) -> list[str]:
+    """Escape pipes; module paths (BatchNorm and Layer columns) as code."""
+    escaped = [cell.replace("|", "\\|") for cell in cells]
+    for index in (0, 2):
+        if escaped[index] not in ("", "-"):
+            escaped[index] = f"`{escaped[index]}`"
+    return escaped
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def _format_label(value: Any) -> str:
+    from bnfold.io import ModelFormat
+
+    try:
+        return ModelFormat(value).label
+    except ValueError:
+        return str(value)
+
+
+def _input_text(item: dict[str, Any]) -> str:
+    shape = item.get("shape")
+    dims = "x".join(str(size) for size in shape) if shape is not None else "?"
+    return f"{dims} {item.get('dtype')}"
+
+
+def _scale_text(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _size_text(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+__all__ = ["LARGE_SCALE", "Report", "render_json", "render_markdown", "render_text"]

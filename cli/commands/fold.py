@@ -1,0 +1,189 @@
+"""``bnfold fold``: fold every foldable BatchNorm and save a model that loads without bnfold.
+
+The command is a pipeline of small steps over one ``FoldRun``:
+
+    load + check inputs → [recalibrate] → fold → save → [export ONNX] → [verify] → report
+
+A later stage is an option on ``fold``, a ``_<stage>_step(run, ...)`` function that reads
+``run.model``/``run.inputs`` and appends its record to ``run.sections`` (shown in the text
+report through its ``summary()``, and in the JSON under its name), and one line in ``fold``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.options import (
+    MODEL_HELP,
+    ModelRequest,
+    Prepared,
+    check_report_paths,
+    count_bn_kernels,
+    emit,
+    model_options,
+    prepare,
+    status,
+    versions,
+)
+
+EPILOG = MODEL_HELP + """
+\b
+Output (-o, default MODEL's name + .folded + extension, beside MODEL):
+  .pt2      a torch.export program: load with torch.export.load(path).module()
+  .pt/.pth  a pickled module, only when MODEL is one (--trust-pickle); add --pt2
+            for a .pt2 beside it
+The input is never overwritten; an existing output only with --force. Files are
+written to a temporary name and renamed, so a failed run leaves nothing behind.
+
+\b
+Examples:
+  bnfold fold model.pt2                       # writes model.folded.pt2
+  bnfold fold mypkg.models:resnet50 --input-shape 1x3x224x224 -o resnet50.pt2
+  bnfold fold weights.pt --arch mypkg.models:resnet50 --input-shape 1x3x224x224
+  bnfold fold model.pt --trust-pickle --pt2   # model.folded.pt + model.folded.pt2
+  bnfold fold model.pt2 --dry-run --json report.json
+
+""" + EXIT_CODES
+
+
+@dataclass
+class FoldRun:
+    """The state the steps pass along: the model being worked on and what each step did."""
+
+    prepared: Prepared
+    model: Any  # the current model: loaded, then recalibrated, then folded
+    result: Any = None  # FoldResult
+    bn_before: int | None = None
+    bn_after: int | None = None
+    outputs: list[Any] = field(default_factory=list)  # SavedModel records
+    sections: list[tuple[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> tuple[Any, ...]:
+        return self.prepared.inputs
+
+    @property
+    def loaded(self) -> Any:
+        return self.prepared.loaded
+
+
+@click.command("fold", epilog=EPILOG)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).")
+@click.option("--pt2", "also_pt2", is_flag=True,
+              help="With a pickled-module output, also write a .pt2 beside it.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files (never MODEL).")
+@click.option("--dry-run", is_flag=True,
+              help="Fold in memory and report what would be written; write no model file.")
+@model_options
+def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool,
+         dry_run: bool, json_path: str | None, markdown_path: str | None) -> None:
+    """Fold every foldable BatchNorm into its Conv/ConvTranspose/Linear and save the model.
+
+    Prints the table of BatchNorms (folded or kept, and why), the BN kernels one forward runs
+    before and after, and where the output was written.
+    """
+    check_report_paths(json_path, markdown_path)
+    _check_output_early(output, request, force=force)
+    run = FoldRun(prepared=(prepared := prepare(request)), model=prepared.model)
+    targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=force)
+    # --data DATA goes here: _recalibrate_step(run, data) sets run.model, adds a section.
+    _fold_step(run)
+    if dry_run:
+        run.notes.extend(f"would write {path}" for path, _ in targets)
+    else:
+        _save_step(run, targets, force=force)
+    # --onnx OUT.onnx and --verify go here: _export_step(run, path), _verify_step(run).
+    emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path)
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _check_output_early(output: Path | None, request: ModelRequest, *, force: bool) -> None:
+    """Refuse a bad explicit -o before spending time on loading and folding."""
+    if output is None:
+        return
+    from bnfold.io import check_output_path, output_format
+
+    output_format(output)
+    spec = Path(request.spec)
+    check_output_path(output, inputs=[spec if spec.exists() else None], overwrite=force)
+
+
+def _resolve_outputs(run: FoldRun, output: Path | None, *, also_pt2: bool,
+                     force: bool) -> list[tuple[Path, Any]]:
+    """The files to write, .pt2 first (its export is what can fail), each checked."""
+    from bnfold.errors import UsageError
+    from bnfold.io import (
+        ModelFormat,
+        check_output_path,
+        default_output_path,
+        output_format,
+    )
+
+    main = output or default_output_path(run.loaded)
+    fmt = output_format(main)
+    if fmt is ModelFormat.PICKLED_MODULE and run.loaded.format is not ModelFormat.PICKLED_MODULE:
+        raise UsageError(
+            f"{main}: a .pt/.pth output is a pickled module, written only when MODEL is one "
+            "(loaded with --trust-pickle); write a .pt2 instead"
+        )
+    targets = [(main, fmt)]
+    if also_pt2 and fmt is not ModelFormat.EXPORTED_PROGRAM:
+        targets.insert(0, (main.with_suffix(".pt2"), ModelFormat.EXPORTED_PROGRAM))
+    for path, _ in targets:
+        check_output_path(path, inputs=[run.loaded.path], overwrite=force)
+    return targets
+
+
+# ------------------------------------------------------------------ steps
+
+
+def _fold_step(run: FoldRun) -> None:
+    import bnfold
+
+    with status("Folding"):
+        run.bn_before = count_bn_kernels(run.model, run.inputs)
+        run.result = bnfold.fold(run.model, run.inputs)
+        run.model = run.result.model
+        run.bn_after = bnfold.count_bn_kernels(run.model, run.inputs)
+
+
+def _save_step(run: FoldRun, targets: list[tuple[Path, Any]], *, force: bool) -> None:
+    from bnfold.io import save_model
+
+    dims = run.loaded.dynamic_dims
+    if dims is not None and len(dims) != len(run.inputs):
+        dims = None
+    for path, fmt in targets:
+        with status(f"Writing {path}"):
+            saved = save_model(run.model, path, example_inputs=run.inputs, format=fmt,
+                               overwrite=force, dynamic_dims=dims)
+        run.outputs.append(saved)
+
+
+def _report(run: FoldRun, dry_run: bool) -> Any:
+    from bnfold.inputs import describe_inputs
+    from bnfold.report import Report
+
+    return Report(
+        command="fold",
+        versions=versions(),
+        model=run.loaded.to_dict(),
+        inputs=describe_inputs(run.inputs),
+        inputs_from=run.prepared.inputs_from,
+        plan=run.result.plan,
+        result=run.result,
+        bn_kernels_before=run.bn_before,
+        bn_kernels_after=run.bn_after,
+        outputs=tuple(run.outputs),
+        dry_run=dry_run,
+        sections=tuple(run.sections),
+        notes=tuple(run.notes),
+    )

@@ -1,0 +1,229 @@
+"""Options every model-reading command shares, and the plumbing behind them.
+
+Parsing (``--input-shape``, ``--dtype``, the MODEL argument, ``--arch``, ``--trust-pickle``,
+``--json``, ``--markdown``) needs only click. ``prepare`` (load the model, build and check the
+example inputs) and ``emit`` (print the report, write the JSON/Markdown files) import bnfold and
+torch inside their bodies, so ``bnfold --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from bnfold.io import LoadedModel
+    from bnfold.report import Report
+
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
+_SHAPE = re.compile(r"^\d+(x\d+)*$")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One ``--input-shape``: the dims and an optional per-input dtype (``2x16:int64``)."""
+
+    shape: tuple[int, ...]
+    dtype: str | None = None
+
+
+class InputShape(click.ParamType):
+    """``1x3x224x224`` or ``1x3x224x224:float16``."""
+
+    name = "SHAPE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> ShapeSpec:
+        if isinstance(value, ShapeSpec):
+            return value
+        text, _, dtype = str(value).strip().lower().partition(":")
+        if not _SHAPE.match(text):
+            self.fail(f"'{value}' is not a shape like 1x3x224x224 (optionally :dtype)", param, ctx)
+        dims = tuple(int(size) for size in text.split("x"))
+        if any(size == 0 for size in dims):
+            self.fail(f"'{value}' has a zero dimension", param, ctx)
+        if dtype and dtype not in DTYPE_NAMES:
+            self.fail(f"unknown dtype '{dtype}' in '{value}'; use {', '.join(DTYPE_NAMES)}",
+                      param, ctx)
+        return ShapeSpec(dims, dtype or None)
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the user asked to load, and with which inputs."""
+
+    spec: str
+    arch: str | None
+    trust_pickle: bool
+    shapes: tuple[ShapeSpec, ...]
+    dtype: str | None
+
+
+@dataclass
+class Prepared:
+    """A loaded model with example inputs that it accepts."""
+
+    loaded: LoadedModel
+    inputs: tuple[Any, ...]
+    inputs_from: str
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+
+MODEL_HELP = """\b
+MODEL is one of:
+  model.pt2                a torch.export program (no code from the file runs)
+  pkg.module:factory       a callable returning an nn.Module (your code)
+  weights.pt / .safetensors  a state dict, with --arch pkg.module:factory
+  model.pt                 a full pickled module: only with --trust-pickle
+"""
+
+
+def model_options(command: Callable) -> Callable:
+    """Add MODEL and the shared options; the command receives ``request: ModelRequest`` plus
+    ``json_path`` and ``markdown_path``."""
+    decorators = [
+        click.argument("model", metavar="MODEL"),
+        click.option("--input-shape", "shapes", type=InputShape(), multiple=True,
+                     help="Example input shape, e.g. 1x3x224x224 (optionally :DTYPE, e.g. "
+                          "2x16:int64). Repeat for each positional input. Default: the .pt2 "
+                          "program's own example inputs."),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES, case_sensitive=False),
+                     default=None, help="Dtype of the example inputs (default: the model's "
+                                        "parameter dtype)."),
+        click.option("--arch", metavar="PKG.MODULE:FACTORY", default=None,
+                     help="Factory building the architecture for a state-dict MODEL."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "
+                          "only for files whose source you trust."),
+        click.option("--json", "json_path", metavar="FILE", default=None,
+                     help="Also write the report as JSON to FILE ('-' for stdout, which "
+                          "replaces the table)."),
+        click.option("--markdown", "markdown_path", metavar="FILE", default=None,
+                     help="Also write the report as Markdown to FILE."),
+        click.option("--debug", is_flag=True, expose_value=False,
+                     help="Show the Python traceback for expected errors."),
+    ]
+
+    def wrapper(model: str, shapes: tuple, dtype: str | None, arch: str | None,
+                trust_pickle: bool, **kwargs: Any) -> Any:
+        request = ModelRequest(model, arch, trust_pickle, tuple(shapes), dtype)
+        return command(request=request, **kwargs)
+
+    wrapper.__name__ = command.__name__
+    wrapper.__doc__ = command.__doc__
+    for decorator in reversed(decorators):
+        wrapper = decorator(wrapper)
+    return wrapper
+
+
+# ------------------------------------------------------------------ loading
+
+
+def prepare(request: ModelRequest) -> Prepared:
+    """Load MODEL and build its example inputs (``count_bn_kernels`` checks them)."""
+    from bnfold.errors import UsageError
+    from bnfold.inputs import make_example_inputs, model_dtype, parse_dtype
+    from bnfold.io import load_model
+
+    with status(f"Loading {request.spec}"):
+        loaded = load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
+    if request.shapes:
+        default = parse_dtype(request.dtype) if request.dtype else model_dtype(loaded.model)
+        specs = [(spec.shape, spec.dtype) for spec in request.shapes]
+        inputs = make_example_inputs(specs, default_dtype=default)
+        source = "--input-shape"
+    elif loaded.example_inputs is not None:
+        inputs = loaded.example_inputs
+        if request.dtype:
+            inputs = tuple(t.to(parse_dtype(request.dtype)) for t in inputs)
+        source = "the program's example inputs"
+    else:
+        raise UsageError(
+            f"{request.spec} carries no example inputs: pass --input-shape, e.g. "
+            "--input-shape 1x3x224x224 (repeat it for each positional input)"
+        )
+    return Prepared(loaded, inputs, source)
+
+
+def count_bn_kernels(model: Any, inputs: tuple[Any, ...]) -> int:
+    """``bnfold.count_bn_kernels``, the first forward a command runs: when the model rejects
+    the inputs, rerun it with layer hooks so the error names the layer (``ModelInputError``)."""
+    import bnfold
+    from bnfold.inputs import check_inputs
+
+    try:
+        return bnfold.count_bn_kernels(model, inputs)
+    except bnfold.BnfoldError:
+        raise
+    except Exception:
+        check_inputs(model, inputs)
+        raise
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on stderr while work runs, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import torch
+
+    import bnfold
+
+    return {"bnfold": bnfold.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------ output
+
+
+def emit(report: Report, *, json_path: str | None, markdown_path: str | None) -> None:
+    """Print the human report (unless the JSON goes to stdout) and write the report files."""
+    from bnfold.io import write_text_atomic
+    from bnfold.report import render_json, render_markdown, render_text
+
+    if json_path == "-":
+        click.echo(render_json(report), nl=False)
+    else:
+        tty = sys.stdout.isatty()
+        width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+        click.echo(render_text(report, width=width, color=tty), nl=False)
+    if json_path and json_path != "-":
+        write_text_atomic(json_path, render_json(report))
+        _note(f"JSON report: {json_path}")
+    if markdown_path:
+        write_text_atomic(markdown_path, render_markdown(report))
+        _note(f"Markdown report: {markdown_path}")
+
+
+def check_report_paths(*paths: str | None) -> None:
+    """Fail before any work when a report file cannot be written (its directory is missing)."""
+    from bnfold.errors import UsageError
+
+    for path in paths:
+        if path and path != "-" and not Path(path).parent.is_dir():
+            raise UsageError(f"cannot write {path}: the directory {Path(path).parent} does not "
+                             "exist")
+
+
+def _note(message: str) -> None:
+    click.echo(message, err=True)
