@@ -11,12 +11,10 @@ from typing import Any
 
 def to_jsonable(value: Any) -> Any:
     """Convert records, enums, tuples and floats into plain JSON values (NaN/inf become strings)."""
+    if isinstance(value, Record):
+        return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            field.name: to_jsonable(getattr(value, field.name))
-            for field in dataclasses.fields(value)
-            if field.metadata.get("json", True)
-        }
+        return _fields(value)
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):
@@ -28,11 +26,19 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _fields(value: Any) -> dict[str, Any]:
+    return {
+        field.name: to_jsonable(getattr(value, field.name))
+        for field in dataclasses.fields(value)
+        if field.metadata.get("json", True)
+    }
+
+
 class Record:
     """Mixin for frozen dataclasses: ``to_dict()`` and ``to_json()``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self)
+        return _fields(self)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

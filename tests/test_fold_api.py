@@ -1,0 +1,112 @@
+"""The public fold API: caller untouched, in-place mode, records, errors, exported programs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fold_checks import assert_same_snapshot, fold_fp64, randomize, rel_error, run, snapshot
+from torch import nn
+
+import bnfold
+from bnfold import zoo
+
+
+def _small() -> nn.Module:
+    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+
+
+def test_caller_model_in_train_mode_is_bit_identical() -> None:
+    model = _small().train()
+    model[1].momentum = 0.3
+    before = snapshot(model)
+    x = torch.randn(2, 3, 8, 8)
+    result = bnfold.fold(model, x)
+    assert_same_snapshot(before, model)
+    assert model.training and model[1].training
+    assert not result.model.training
+    assert result.plan.model_was_training
+    assert any("train mode" in note for note in result.plan.notes)
+    expected = run(model.eval(), x)
+    assert rel_error(expected, run(result.model, x)) < 1e-5
+
+
+def test_find_pairs_does_not_touch_the_model() -> None:
+    model = _small()
+    before = snapshot(model)
+    plan = bnfold.find_pairs(model, torch.randn(2, 3, 8, 8))
+    assert_same_snapshot(before, model)
+    assert [p.bn for p in plan.pairs] == ["1", "4"]
+    assert not hasattr(model, "_tensor_constant0")
+
+
+def test_inplace_folds_the_model_itself() -> None:
+    model = _small().eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = run(model, x)
+    result = bnfold.fold(model, x, inplace=True)
+    assert result.model is model and result.inplace
+    assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.Identity)
+    assert rel_error(expected, run(model, x)) < 1e-5
+
+
+def test_records_are_json_serialisable() -> None:
+    model = randomize(zoo.resnet18(width=8, num_classes=10))
+    result = bnfold.fold(model, zoo.example_input("resnet18"))
+    data = json.loads(result.to_json())
+    assert "model" not in data
+    assert len(data["folded"]) == 20 and data["skipped"] == []
+    assert data["plan"]["summary"] == "20 of 20 BatchNorms foldable"
+    assert data["folded"][0]["pair"]["pattern"] == "conv→bn"
+    assert json.loads(bnfold.find_pairs(model, zoo.example_input("resnet18")).to_json())
+
+
+def test_plan_summary_counts_reasons() -> None:
+    plan = bnfold.Plan(
+        pairs=(),
+        skipped=tuple(bnfold.Skip("bn", "BatchNorm2d", reason, "d") for reason in
+                      [bnfold.SkipReason.PRODUCER_FANOUT] * 2 + [bnfold.SkipReason.ZERO_PADDING]),
+        method="fx", model_was_training=False)
+    assert plan.summary() == ("0 of 3 BatchNorms foldable; 3 skipped: 2 residual fan-out, "
+                              "1 zero-padded BN→Conv")
+
+
+def test_untraceable_model_gives_bnfold_error() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return self.bn(self.conv(x))
+            return self.conv(x)
+
+    with pytest.raises(bnfold.BnfoldError, match="DataDependent") as info:
+        bnfold.find_pairs(DataDependent(), torch.randn(1, 3, 8, 8))
+    assert not isinstance(info.value, torch.fx.proxy.TraceError)
+
+
+def test_input_the_model_rejects_names_the_layer() -> None:
+    with pytest.raises(bnfold.ModelInputError, match="layer '0'"):
+        bnfold.find_pairs(_small(), torch.randn(2, 5, 8, 8))
+
+
+def test_exported_program_module_folds_exactly() -> None:
+    model = _small().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = torch.export.export(model, (x,)).module()
+    result = fold_fp64(gm, x, folded=2, skipped=0)
+    assert result.graph_rewritten
+    assert all(f.pair.bn_kind == bnfold.BnKind.FUNCTIONAL for f in result.folded)
+    assert rel_error(run(model, x), run(result.model, x)) < 1e-10
+
+
+def test_zoo_models_fold_completely() -> None:
+    for name in ("mobilenet_v2", "unet3d", "mlp", "small_cnn"):
+        model = randomize(zoo.BUILDERS[name]())
+        result = fold_fp64(model, zoo.example_input(name), skipped=0)
+        assert len(result.folded) == result.plan.bn_total > 0
