@@ -27,6 +27,7 @@ import inspect
 import io
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from collections import Counter
@@ -47,7 +48,8 @@ from bnfold.records import FoldResult
 #: serialised ONNX file at 2 GiB; 256 MiB of headroom is left for the graph itself.
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 256 * 1024**2
 
-#: Tensors smaller than this stay inside the .onnx file even when external data is used.
+#: Tensors smaller than this stay inside the .onnx file even when external data is used (shape
+#: inference must read small constants such as axes and shapes).
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 #: Batch sizes (besides the example's) at which ONNX Runtime must run a dynamic-batch export.
@@ -564,7 +566,7 @@ def _write(proto: Any, staged: Path, name: str, external: bool) -> str | None:
     except (OSError, ValueError) as exc:
         raise SaveError(f"could not write the ONNX file for {name}: {exc}") from exc
     if data_name and not (staged.parent / data_name).exists():
-        data_name = None  # every tensor was below EXTERNAL_TENSOR_MIN_BYTES
+        data_name = None  # every tensor was small enough to stay inline
     return data_name
 
 
@@ -646,7 +648,8 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
 def _publish(staged: Path, target: Path, data_name: str | None) -> None:
     """Move the staged data file, then the .onnx file, into place (each with os.replace)."""
     try:
-        if data_name:
+        if data_name:  # onnx writes the data file owner-only; give it the .onnx file's mode
+            os.chmod(staged.parent / data_name, stat.S_IMODE(staged.stat().st_mode))
             os.replace(staged.parent / data_name, target.parent / data_name)
         os.replace(staged, target)
     except OSError as exc:
