@@ -23,6 +23,12 @@ class BnKind(str, enum.Enum):
     MODULE = "module"  # a plain torch BatchNorm module (its forward is the stock one)
     SUBCLASS = "subclass"  # a BatchNorm subclass with its own forward (extra behaviour kept)
     FUNCTIONAL = "functional"  # a torch.nn.functional.batch_norm call in the model's forward
+    # A module with running statistics buffers but no BatchNorm base class (FrozenBatchNorm2d in
+    # detection backbones) whose forward is proven to be a constant per-channel affine map.
+    FROZEN = "frozen"
+    # Another user module proven to be a constant per-channel affine map (a learnt per-channel
+    # scale/shift). It is reported only when folded; a refusal is a plan note, not a skip.
+    AFFINE = "affine"
 
 
 class SkipReason(str, enum.Enum):
@@ -45,6 +51,9 @@ class SkipReason(str, enum.Enum):
     NON_FINITE = "non_finite"
     NEEDS_GRAPH_REWRITE = "needs_graph_rewrite"
     UNSUPPORTED_PATTERN = "unsupported_pattern"
+    INPUT_DEPENDENT = "input_dependent"
+    NOT_AFFINE = "not_affine"
+    NOT_TRACEABLE = "not_traceable"
 
     @property
     def label(self) -> str:
@@ -132,6 +141,23 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
         "unsupported pattern",
         "this layer/BN arrangement has no exact fold (e.g. BN before ConvTranspose)",
     ),
+    SkipReason.INPUT_DEPENDENT: (
+        "input-dependent routing",
+        "the forward reads tensor values to decide what runs, so another input may route this "
+        "layer or norm elsewhere; pass extra example inputs that take every branch "
+        "(extra_inputs=...) so the pairing can be checked on each, or make the branch static",
+    ),
+    SkipReason.NOT_AFFINE: (
+        "not a per-channel affine",
+        "the module's forward could not be proven to be a constant per-channel affine map "
+        "(scale and shift along dim 1) on its input",
+    ),
+    SkipReason.NOT_TRACEABLE: (
+        "functional BN, model not traceable",
+        "a batch norm called as a function (or from an unregistered module) can only be folded "
+        "by rewriting the traced graph; make the forward traceable by torch.fx or fold a "
+        "torch.export program (.pt2)",
+    ),
 }
 
 
@@ -158,6 +184,7 @@ class Skip(Record):
     detail: str
     producer: str | None = None
     pattern: str | None = None
+    bn_kind: BnKind | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +193,10 @@ class Plan(Record):
 
     pairs: tuple[Pair, ...]
     skipped: tuple[Skip, ...]
-    method: str  # how the dataflow was read, e.g. "fx"
+    # How the dataflow was read: "fx" (symbolic trace), "graph-module" (a GraphModule as given),
+    # or "recorded" (fx could not trace the model: the dataflow of real eval forwards was
+    # recorded and the fold is done on the model's own modules).
+    method: str
     model_was_training: bool
     notes: tuple[str, ...] = ()
 
