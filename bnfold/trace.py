@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from bnfold.affine import is_affine_candidate
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.modes import as_args, inference
 
@@ -28,7 +29,9 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps Conv/ConvTranspose/Linear/BatchNorm (and subclasses) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, LEAF_TYPES) or is_affine_candidate(m):  # FrozenBatchNorm2d-style
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 class ConcreteTracer(LeafTracer):
