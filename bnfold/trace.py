@@ -29,6 +29,8 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps Conv/ConvTranspose/Linear/BatchNorm (and subclasses) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Identity:  # traced through: conv -> Identity -> BN is conv -> BN
+            return False
         if isinstance(m, LEAF_TYPES) or is_affine_candidate(m):  # FrozenBatchNorm2d-style
             return True
         return super().is_leaf_module(m, module_qualified_name)

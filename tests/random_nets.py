@@ -1,0 +1,98 @@
+"""Random small networks for property-based fold tests (a recipe of steps, fx-traceable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from bnfold import zoo
+
+CHANNELS = 4
+SIZE = 6
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "module", "residual", "fanout", "shared"
+    names: tuple[str, ...]
+
+
+class RandomNet(nn.Module):
+    """Runs ``steps`` over a [N, 4, 6, 6] activation; an optional 2-D tail with Linear/BN1d."""
+
+    def __init__(self, layers: dict[str, nn.Module], steps: list[Step], tail: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.steps = steps
+        self.tail = nn.Sequential(nn.Flatten(), nn.Linear(CHANNELS * SIZE * SIZE, 8),
+                                  nn.BatchNorm1d(8), nn.ReLU(), nn.BatchNorm1d(8),
+                                  nn.Linear(8, 5)) if tail else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            mods = [self.layers[name] for name in step.names]
+            if step.kind == "module" or step.kind == "shared":
+                x = mods[0](x)
+            elif step.kind == "residual":
+                x = x + mods[1](mods[0](x))
+            else:  # fanout: the conv output feeds the BN and the add
+                y = mods[0](x)
+                x = mods[1](y) + y
+        return self.tail(x)
+
+
+def _conv(draw: st.DrawFn) -> nn.Module:
+    groups = draw(st.sampled_from([1, 2, 4]))
+    if draw(st.booleans()):
+        return nn.ConvTranspose2d(CHANNELS, CHANNELS, 3, padding=1, groups=groups,
+                                  bias=draw(st.booleans()))
+    kernel = draw(st.sampled_from([1, 3]))
+    padding = draw(st.sampled_from([0, kernel // 2])) if kernel == 3 else 0
+    mode = draw(st.sampled_from(["zeros", "reflect"])) if padding else "zeros"
+    conv = nn.Conv2d(CHANNELS, CHANNELS, kernel, padding=padding, groups=groups,
+                     padding_mode=mode, bias=draw(st.booleans()))
+    if padding < kernel // 2:  # pad the shrunk map back to 6x6
+        return nn.Sequential(conv, nn.ZeroPad2d(1))
+    return conv
+
+
+@st.composite
+def random_nets(draw: st.DrawFn) -> RandomNet:
+    layers: dict[str, nn.Module] = {}
+    convs: list[str] = []
+    steps: list[Step] = []
+
+    def add(prefix: str, module: nn.Module) -> str:
+        name = f"{prefix}{len(layers)}"
+        layers[name] = module
+        return name
+
+    for _ in range(draw(st.integers(2, 7))):
+        kind = draw(st.sampled_from(["conv", "bn", "relu", "residual", "fanout", "shared"]))
+        if kind == "conv":
+            name = add("conv", _conv(draw))
+            convs.append(name)
+            steps.append(Step("module", (name,)))
+        elif kind == "bn":
+            steps.append(Step("module", (add("bn", nn.BatchNorm2d(CHANNELS)),)))
+        elif kind == "relu":
+            steps.append(Step("module", (add("relu", nn.ReLU()),)))
+        elif kind == "residual":
+            first, second = _conv(draw), nn.BatchNorm2d(CHANNELS)
+            if draw(st.booleans()):
+                first, second = second, first  # BN before the conv
+            steps.append(Step("residual", (add("res", first), add("res", second))))
+        elif kind == "fanout":
+            steps.append(Step("fanout", (add("fan", _conv(draw)),
+                                         add("fan", nn.BatchNorm2d(CHANNELS)))))
+        elif convs:
+            steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
+    net = RandomNet(layers, steps, tail=draw(st.booleans()))
+    return zoo.randomize_bn(net.eval(), seed=draw(st.integers(0, 1000)))
+
+
+def example(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
