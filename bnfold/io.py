@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib
+import io
 import os
 import pickletools
 import re
@@ -347,10 +348,19 @@ def _pickle_globals(path: Path) -> list[str]:
     except (StopIteration, OSError, zipfile.BadZipFile):
         return []
     found: list[str] = []
+    stream = io.BytesIO(data)
+    # A legacy torch.save file is several pickles in a row (then raw storage bytes).
+    while stream.tell() < len(data) and _scan_one_pickle(stream, found):
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _scan_one_pickle(stream: io.BytesIO, found: list[str]) -> bool:
+    """Append the globals of the next pickle in ``stream``; False when none could be read."""
     strings: list[str] = []
     memo: dict[int, str] = {}
     try:
-        for opcode, arg, _ in pickletools.genops(data):
+        for opcode, arg, _ in pickletools.genops(stream):
             if opcode.name in ("GLOBAL", "INST"):
                 found.append(_global_name(*str(arg).split(" ", 1)))
             elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
@@ -363,11 +373,9 @@ def _pickle_globals(path: Path) -> list[str]:
                 memo[len(memo)] = strings[-1]
             elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
                 strings.append(memo[int(arg)])
-            if opcode.name == "STOP":
-                break
-    except (ValueError, EOFError, struct.error):
-        pass  # truncated: report what was read
-    return list(dict.fromkeys(found))
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+        return False  # truncated, or raw bytes after the last pickle
+    return True
 
 
 def _global_name(module: str, name: str) -> str:
