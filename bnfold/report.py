@@ -89,7 +89,10 @@ def render_json(report: Report) -> str:
 
 
 def render_text(report: Report, *, width: int = 100, color: bool = False) -> str:
-    """The human report: a header, the table of BatchNorms, reasons, notes, summary, outputs."""
+    """The human report: a header, the table of BatchNorms, reasons, notes, summary, outputs.
+
+    Without ``color`` the text is plain (no escape codes, no trailing spaces).
+    """
     from rich.console import Console
 
     buffer = io.StringIO()
@@ -98,22 +101,42 @@ def render_text(report: Report, *, width: int = 100, color: bool = False) -> str
         color_system="standard" if color else None, highlight=False, emoji=False,
         legacy_windows=False,
     )
-    console.print(_header(report), soft_wrap=False)
+    console.print(_header(report))
     if report.plan.bn_total:
         console.print(_table(report))
     else:
         console.print("No BatchNorm found in the model's dataflow.")
-    for line in _reason_lines(report.plan.skipped):
-        console.print(line)
-    for line in _note_lines(report):
-        console.print(line)
-    for name, record in report.sections:
-        if hasattr(record, "summary"):
-            console.print(f"{name}: {record.summary()}")
-    console.print(_summary_line(report), style="bold")
-    for line in _output_lines(report):
-        console.print(line)
-    return buffer.getvalue()
+    reasons = _reason_rows(report.plan.skipped if report.result is None else report.result.skipped)
+    if reasons:
+        console.print("Why BatchNorms are kept:")
+        console.print(_grid(reasons, indent=2))
+    notes = [("note:", note) for note in _notes(report)]
+    notes += [(f"{name}:", record.summary()) for name, record in report.sections
+              if hasattr(record, "summary")]
+    if notes:
+        console.print(_grid(notes))
+    console.print(report.summary(), style="bold")
+    kernels = _kernel_line(report)
+    if kernels:
+        console.print(kernels)
+    if report.outputs or report.dry_run:
+        console.print(_grid(_output_rows(report)))
+    text = buffer.getvalue()
+    if not color:
+        text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    return text
+
+
+def _grid(rows: list[tuple[str, str]], indent: int = 0):
+    """Two columns: a label, and text that wraps under itself (hanging indent)."""
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 1, 0, 0))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(" " * indent + label, text)
+    return grid
 
 
 def _header(report: Report) -> str:
@@ -134,9 +157,11 @@ def _table(report: Report):
         table.add_column(column, overflow="fold")
     if folding:
         table.add_column("Scale", justify="right")
-    table.add_column("Reason", overflow="fold")
+    has_reasons = bool(report.result.skipped if folding else report.plan.skipped)
+    if has_reasons:
+        table.add_column("Reason", overflow="fold")
     for row, style in _rows(report):
-        table.add_row(*row, style=style)
+        table.add_row(*(row if has_reasons else row[:-1]), style=style)
     return table
 
 
@@ -161,17 +186,12 @@ def _rows(report: Report):
         yield cells, "yellow"
 
 
-def _reason_lines(skipped: Sequence[Skip]) -> list[str]:
+def _reason_rows(skipped: Sequence[Skip]) -> list[tuple[str, str]]:
     counts = Counter(skip.reason for skip in skipped)
-    if not counts:
-        return []
-    lines = ["Why BatchNorms are kept:"]
-    for reason, n in counts.most_common():
-        lines.append(f"  {reason.label} ({n}): {reason.advice()}")
-    return lines
+    return [(f"{reason.label} ({n}):", reason.advice()) for reason, n in counts.most_common()]
 
 
-def _note_lines(report: Report) -> list[str]:
+def _notes(report: Report) -> list[str]:
     notes = list(report.model.get("notes") or ()) + list(report.plan.notes) + list(report.notes)
     if report.result is not None:
         for item in report.result.folded:
@@ -182,28 +202,27 @@ def _note_lines(report: Report) -> list[str]:
                     "rounding error by as much: verify the folded model"
                 )
             notes.extend(f"{item.pair.bn}: {note}" for note in item.notes)
-    return [f"note: {note}" for note in notes]
+    return notes
 
 
-def _summary_line(report: Report) -> str:
-    line = report.summary()
+def _kernel_line(report: Report) -> str | None:
     before, after = report.bn_kernels_before, report.bn_kernels_after
-    if before is not None and after is not None:
-        line += f"; BN kernels per forward: {before} → {after}"
-    elif before is not None:
-        line += f"; BN kernels per forward: {before}"
-    return line
+    if before is None:
+        return None
+    if after is None:
+        return f"BN kernels per forward: {before}"
+    return f"BN kernels per forward: {before} → {after}"
 
 
-def _output_lines(report: Report) -> list[str]:
-    lines = []
+def _output_rows(report: Report) -> list[tuple[str, str]]:
+    rows = []
     for output in report.outputs:
         detail = f"{_format_label(output.format)}, {_size_text(output.bytes)}"
-        lines.append(f"Wrote {output.path} ({detail})")
-        lines.extend(f"  {note}" for note in output.notes)
+        notes = "".join(f"; {note}" for note in output.notes)
+        rows.append(("Wrote", f"{output.path} ({detail}){notes}"))
     if report.dry_run:
-        lines.append("Dry run: no model file written.")
-    return lines
+        rows.append(("Dry run:", "no model file written"))
+    return rows
 
 
 # ------------------------------------------------------------------ Markdown
@@ -227,9 +246,19 @@ def render_markdown(report: Report) -> str:
     if skipped:
         lines += ["", "Kept:", ""]
         lines += [f"- `{skip.bn}`: {skip.reason.label}: {skip.detail}" for skip in skipped]
-    lines += ["", f"**{_summary_line(report)}**"]
-    for line in _output_lines(report):
-        lines.append(line if line.startswith("  ") else f"\n{line}")
+    lines += ["", f"**{report.summary()}**"]
+    kernels = _kernel_line(report)
+    if kernels:
+        lines += ["", kernels + "."]
+    notes = _notes(report)
+    if notes:
+        lines += ["", *(f"- note: {note}" for note in notes)]
+    for output in report.outputs:
+        notes = "".join(f"; {note}" for note in output.notes)
+        lines += ["", f"Wrote `{output.path}` ({_format_label(output.format)}, "
+                      f"{_size_text(output.bytes)}{notes})."]
+    if report.dry_run:
+        lines += ["", "Dry run: no model file written."]
     return "\n".join(lines) + "\n"
 
 

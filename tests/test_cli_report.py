@@ -1,0 +1,125 @@
+"""Golden-file tests of the report renderings (text table, JSON, Markdown) on hand-built records.
+
+The records are fixed here, so the goldens change only when the rendering does. To accept a
+deliberate change: ``BNFOLD_UPDATE_GOLDEN=1 pytest tests/test_cli_report.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bnfold.io import ModelFormat, SavedModel
+from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
+from bnfold.report import Report, render_json, render_markdown, render_text
+
+GOLDEN = Path(__file__).parent / "golden"
+VERSIONS = {"bnfold": "X.Y.Z", "torch": "X.Y.Z", "python": "X.Y.Z"}
+MODEL = {
+    "format": "pt2",
+    "source": "models/resnet.pt2",
+    "arch": None,
+    "dynamic_dims": [[0]],
+    "notes": ["rebuilt layer modules from the program's aten graph: 3 BatchNorm2d, 3 Conv2d"],
+}
+INPUTS = [{"shape": [2, 3, 64, 64], "dtype": "float32"}]
+
+
+def _pair(bn: str, producer: str, pattern: str = "conv→bn") -> Pair:
+    return Pair(bn=bn, bn_type="BatchNorm2d", bn_kind=BnKind.MODULE, producer=producer,
+                producer_type="Conv2d", pattern=pattern, channels=64)
+
+
+PAIRS = (
+    _pair("bn1", "conv1"),
+    _pair("layer1.0.bn1", "layer1.0.conv1"),
+    _pair("stem.bn0", "stem.conv", pattern="bn→conv"),
+)
+SKIPS = (
+    Skip(bn="layer1.0.bn2", bn_type="BatchNorm2d", reason=SkipReason.PRODUCER_FANOUT,
+         detail="layer1.0.conv2's output also feeds add_1", producer="layer1.0.conv2",
+         pattern="conv→bn"),
+    Skip(bn="head.norm", bn_type="BatchNorm2d", reason=SkipReason.ZERO_PADDING,
+         detail="head.conv pads with zeros (padding=1)", producer="head.conv", pattern="bn→conv"),
+)
+PLAN = Plan(pairs=PAIRS, skipped=SKIPS, method="fx", model_was_training=False)
+RESULT = FoldResult(
+    model=None,
+    plan=PLAN,
+    folded=(
+        FoldedPair(PAIRS[0], max_abs_scale=1.74, min_running_var=0.51),
+        FoldedPair(PAIRS[1], max_abs_scale=31622.8, min_running_var=1e-9),
+        FoldedPair(PAIRS[2], max_abs_scale=0.5, min_running_var=4.0),
+    ),
+    skipped=SKIPS,
+    graph_rewritten=False,
+    inplace=False,
+)
+
+
+def _inspect_report() -> Report:
+    return Report(command="inspect", versions=VERSIONS, model=MODEL, inputs=INPUTS,
+                  inputs_from="the program's example inputs", plan=PLAN, bn_kernels_before=5)
+
+
+def _fold_report() -> Report:
+    output = SavedModel(path="models/resnet.folded.pt2", format=ModelFormat.EXPORTED_PROGRAM,
+                        bytes=102_571_480, notes=("dynamic dims kept: input 0 dim 0",))
+    return Report(command="fold", versions=VERSIONS, model=MODEL, inputs=INPUTS,
+                  inputs_from="the program's example inputs", plan=PLAN, result=RESULT,
+                  bn_kernels_before=5, bn_kernels_after=2, outputs=(output,))
+
+
+CASES = {
+    "inspect.txt": lambda: render_text(_inspect_report(), width=100),
+    "inspect.json": lambda: render_json(_inspect_report()),
+    "fold.txt": lambda: render_text(_fold_report(), width=100),
+    "fold.json": lambda: render_json(_fold_report()),
+    "fold.md": lambda: render_markdown(_fold_report()),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rendering_matches_golden(name):
+    rendered = CASES[name]()
+    path = GOLDEN / name
+    if os.environ.get("BNFOLD_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(rendered, encoding="utf-8")
+    assert rendered == path.read_text(encoding="utf-8"), f"rendering of {name} changed"
+
+
+def test_json_report_has_the_promised_content():
+    data = json.loads(render_json(_fold_report()))
+    assert data["versions"].keys() >= {"bnfold", "torch"}
+    assert data["bn_kernels"] == {"before": 5, "after": 2}
+    assert data["plan"]["bn_total"] == 5 and len(data["plan"]["pairs"]) == 3
+    assert data["fold"]["skipped"][0]["reason"] == "producer_fanout"
+    assert "plan" not in data["fold"]
+    assert data["outputs"][0]["format"] == "pt2"
+    assert data["summary"] == "folded 3 of 5 BatchNorms; 2 left: 1 residual fan-out, " \
+                              "1 zero-padded BN→Conv"
+
+
+def test_text_is_plain_without_a_terminal_and_coloured_with_one():
+    plain = render_text(_fold_report(), width=100, color=False)
+    assert "\x1b[" not in plain
+    assert "\x1b[" in render_text(_fold_report(), width=100, color=True)
+
+
+def test_extra_sections_reach_json_and_text():
+    class Stage:
+        def summary(self) -> str:
+            return "recalibrated 5 BatchNorms on 64 samples"
+
+        def to_dict(self) -> dict:
+            return {"samples": 64}
+
+    report = Report(command="fold", versions=VERSIONS, model=MODEL, inputs=INPUTS,
+                    inputs_from="--input-shape", plan=PLAN, result=RESULT,
+                    sections=(("calibration", Stage()),))
+    assert json.loads(render_json(report))["calibration"] == {"samples": 64}
+    assert "calibration: recalibrated 5 BatchNorms on 64 samples" in render_text(report)
