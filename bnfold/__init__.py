@@ -14,10 +14,12 @@ from bnfold.errors import (
     UsageError,
     VerificationFailed,
 )
+from bnfold.export import ExportResult, export_onnx
 from bnfold.fold import fold
 from bnfold.graph import find_pairs
 from bnfold.kernels import count_bn_kernels
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
+from bnfold.verify import VerificationReport, require_passed, verify
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,7 @@ __all__ = [
     "BnfoldError",
     "CalibrationError",
     "ExportError",
+    "ExportResult",
     "FoldResult",
     "FoldedPair",
     "LoadError",
@@ -40,8 +43,12 @@ __all__ = [
     "UnsafeFileError",
     "UsageError",
     "VerificationFailed",
+    "VerificationReport",
     "__version__",
     "count_bn_kernels",
+    "export_onnx",
     "find_pairs",
     "fold",
+    "require_passed",
+    "verify",
 ]
