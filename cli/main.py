@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and exits with) the exit code."""
     _register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    if not debug:  # torch's own deprecation chatter is not the user's business
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:  # torch's own deprecation chatter is not the user's business
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+            result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Aborted; no partial output was left.", err=True)
         code = EXIT_FAILED
