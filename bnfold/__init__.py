@@ -17,6 +17,7 @@ from bnfold.errors import (
 from bnfold.export import ExportResult, export_onnx
 from bnfold.fold import fold
 from bnfold.graph import find_pairs
+from bnfold.io import LoadedModel, ModelFormat, SavedModel, load_model, save_model
 from bnfold.kernels import count_bn_kernels
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
 from bnfold.verify import VerificationReport, require_passed, verify
@@ -32,11 +33,14 @@ __all__ = [
     "FoldResult",
     "FoldedPair",
     "LoadError",
+    "LoadedModel",
+    "ModelFormat",
     "ModelInputError",
     "Pair",
     "Plan",
     "RuntimeUnavailableError",
     "SaveError",
+    "SavedModel",
     "Skip",
     "SkipReason",
     "TraceError",
@@ -49,6 +53,8 @@ __all__ = [
     "export_onnx",
     "find_pairs",
     "fold",
+    "load_model",
     "require_passed",
+    "save_model",
     "verify",
 ]
