@@ -1,0 +1,172 @@
+"""bnfold.fold vs torch.fx.experimental.optimization.fuse, side by side in one process.
+
+For each model: fold time (median of interleaved repetitions, ratio bnfold/fuse), BN kernels
+left by each, fp32 error ratio of each (RMS error of the folded fp32 model vs the fp64 reference
+over the same for the original fp32 model), whether each result is correct (fp64 relative error
+of folded vs original), and eager CPU latency of the original vs bnfold's folded model.
+
+    python benchmarks/fold_bench.py [--repeat 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+import bnfold
+from bnfold import zoo
+
+WRONG = 1e-6  # fp64 relative error above this means the folded model computes something else
+
+
+class Traps(nn.Module):
+    """Two patterns fuse folds wrongly: Linear on a 3-D input before BatchNorm1d of the same
+    size, and one conv called twice under two different BNs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.bn_seq = nn.BatchNorm1d(16)
+        self.conv = nn.Conv2d(16, 16, 1)
+        self.bn_a = nn.BatchNorm2d(16)
+        self.bn_b = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn_seq(self.fc(x))  # (N, 16, 16): BN normalises dim 1, Linear the last dim
+        y = y.unsqueeze(-1)
+        return self.bn_a(self.conv(y)) + self.bn_b(self.conv(y * 0.5))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "resnet18": (zoo.resnet18, zoo.DEFAULT_INPUT_SHAPES["resnet18"]),
+    "resnet50": (zoo.resnet50, zoo.DEFAULT_INPUT_SHAPES["resnet50"]),
+    "mobilenet_v2": (zoo.mobilenet_v2, zoo.DEFAULT_INPUT_SHAPES["mobilenet_v2"]),
+    "unet3d": (zoo.unet3d, zoo.DEFAULT_INPUT_SHAPES["unet3d"]),
+    "mlp": (zoo.mlp, zoo.DEFAULT_INPUT_SHAPES["mlp"]),
+    "traps": (Traps, (2, 16, 16)),
+}
+
+
+def _median_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Interleave the candidates so machine noise hits both alike; median seconds each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _fp64_rel_error(original: nn.Module, folded: nn.Module, x: torch.Tensor) -> float:
+    a = _run(copy.deepcopy(original).double(), x.double())
+    b = _run(copy.deepcopy(folded).double(), x.double())
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _precision_ratio(original: nn.Module, folded: nn.Module, x: torch.Tensor) -> float:
+    reference = _run(copy.deepcopy(original).double(), x.double())
+    err_orig = (_run(original, x).double() - reference).pow(2).mean().sqrt()
+    err_fold = (_run(folded, x).double() - reference).pow(2).mean().sqrt()
+    return float(err_fold / err_orig.clamp_min(1e-30))
+
+
+def _fuse(model: nn.Module) -> nn.Module | str:
+    try:
+        return fuse(model)
+    except Exception as exc:  # report fuse's failure, do not hide it
+        return f"{type(exc).__name__}"
+
+
+def bench_model(name: str, repeat: int) -> dict[str, Any]:
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(build().eval())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ours = bnfold.fold(model, x).model
+    theirs = _fuse(model)
+    row: dict[str, Any] = {"model": name, "bn_total": bnfold.count_bn_kernels(model, x)}
+    fns: dict[str, Callable[[], Any]] = {"bnfold": lambda: bnfold.fold(model, x)}
+    if isinstance(theirs, nn.Module):
+        fns["fuse"] = lambda: fuse(model)
+    times = _median_times(fns, repeat)
+    row["bnfold_ms"] = times["bnfold"] * 1e3
+    row["bn_left_bnfold"] = bnfold.count_bn_kernels(ours, x)
+    row["bnfold_error_fp64"] = _fp64_rel_error(model, ours, x)
+    row["bnfold_precision_ratio"] = _precision_ratio(model, ours, x)
+    if isinstance(theirs, nn.Module):
+        row["fuse_ms"] = times["fuse"] * 1e3
+        row["time_ratio"] = times["bnfold"] / times["fuse"]
+        row["bn_left_fuse"] = bnfold.count_bn_kernels(theirs, x)
+        row["fuse_error_fp64"] = _fp64_rel_error(model, theirs, x)
+        row["fuse_precision_ratio"] = _precision_ratio(model, theirs, x)
+    else:
+        row["fuse_failed"] = theirs
+    latency = _median_times({"original": lambda: _run(model, x),
+                             "folded": lambda: _run(ours, x)}, repeat * 3)
+    row["latency_original_ms"] = latency["original"] * 1e3
+    row["latency_folded_ms"] = latency["folded"] * 1e3
+    row["latency_ratio"] = latency["folded"] / latency["original"]
+    return row
+
+
+def _verdict(error: float) -> str:
+    return "exact" if error < WRONG else f"WRONG ({error:.1e})"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | BNs | BN left: bnfold / fuse | fold ms: bnfold / fuse (ratio) | "
+        "result: bnfold / fuse | fp32 error ratio: bnfold / fuse | eager latency folded/orig |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "fuse_failed" in r:
+            fuse_left, fuse_time, fuse_ok, fuse_prec = "-", f"fuse failed: {r['fuse_failed']}", \
+                "-", "-"
+        else:
+            fuse_left = str(r["bn_left_fuse"])
+            fuse_time = f"{r['fuse_ms']:.1f} ({r['time_ratio']:.2f}×)"
+            fuse_ok = _verdict(r["fuse_error_fp64"])
+            fuse_prec = f"{r['fuse_precision_ratio']:.2f}"
+        lines.append(
+            f"| {r['model']} | {r['bn_total']} | {r['bn_left_bnfold']} / {fuse_left} | "
+            f"{r['bnfold_ms']:.1f} / {fuse_time} | {_verdict(r['bnfold_error_fp64'])} / "
+            f"{fuse_ok} | {r['bnfold_precision_ratio']:.2f} / {fuse_prec} | "
+            f"{r['latency_ratio']:.2f} ({r['latency_folded_ms']:.2f} / "
+            f"{r['latency_original_ms']:.2f} ms) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = [bench_model(name, args.repeat) for name in args.models]
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
