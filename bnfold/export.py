@@ -25,6 +25,7 @@ import ast
 import contextlib
 import inspect
 import io
+import logging
 import os
 import shutil
 import stat
@@ -357,26 +358,37 @@ def _torchscript_available() -> bool:
     return "dynamo" in inspect.signature(torch.onnx.export).parameters
 
 
+#: torch loggers that narrate the export on stderr; quieted to errors while bnfold exports
+#: (failures are reported through ExportError and the result's warnings instead).
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental")
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[list[str]]:
-    """Keep the exporters' prints and deprecation noise off the console; collect warnings that
-    matter (e.g. TracerWarnings about traced control flow) as notes."""
+    """Keep the exporters' prints, log lines and deprecation noise off the console; collect
+    warnings that matter (e.g. TracerWarnings about traced control flow) as notes."""
     notes: list[str] = []
     sink = io.StringIO()
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
     with (
         warnings.catch_warnings(record=True) as caught,
         contextlib.redirect_stdout(sink),
         contextlib.redirect_stderr(sink),
     ):
         warnings.simplefilter("always")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         try:
             yield notes
         finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
             for item in caught:
                 if issubclass(item.category, (DeprecationWarning, FutureWarning)):
                     continue
                 text = str(item.message).strip().splitlines()[0] if str(item.message) else ""
-                if text and text not in notes:
+                if text and f"{item.category.__name__}: {text}" not in notes:
                     notes.append(f"{item.category.__name__}: {text}")
 
 
@@ -648,6 +660,9 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
 def _publish(staged: Path, target: Path, data_name: str | None) -> None:
     """Move the staged data file, then the .onnx file, into place (each with os.replace)."""
     try:
+        for path in [staged, *([staged.parent / data_name] if data_name else [])]:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
         if data_name:  # onnx writes the data file owner-only; give it the .onnx file's mode
             os.chmod(staged.parent / data_name, stat.S_IMODE(staged.stat().st_mode))
             os.replace(staged.parent / data_name, target.parent / data_name)

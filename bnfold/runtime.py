@@ -218,12 +218,14 @@ def ort_runner(
     optimization: str = OPT_DEFAULT,
     name: str | None = None,
     device_id: int = 0,
+    intra_op_threads: int | None = None,
 ) -> OrtRunner:
     """An ORT session for the ONNX file at ``path`` on ``device`` with ``optimization``.
 
     CUDA sessions are built with ``use_tf32=0``; the runner's ``info.device`` is "cuda" only when
     ``session.get_providers()[0]`` is the CUDA provider, otherwise RuntimeUnavailableError says
     why (package lacks the provider, no device, or libraries missing and ORT fell back to CPU).
+    ``intra_op_threads`` caps ORT's thread pool (None: ORT's default, one thread per core).
     """
     import onnxruntime as ort
 
@@ -238,6 +240,9 @@ def ort_runner(
         level.ORT_ENABLE_ALL if optimization == OPT_DEFAULT else level.ORT_DISABLE_ALL
     )
     settings = {"graph_optimization_level": str(options.graph_optimization_level).split(".")[-1]}
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+        settings["intra_op_num_threads"] = str(intra_op_threads)
     if device == CUDA:
         reason = ort_cuda_unavailable_reason()
         if reason is not None:

@@ -1,6 +1,8 @@
 """One module per subcommand; each imports torch and bnfold only inside its function body."""
 
+from bnfold_cli.commands.export import export
 from bnfold_cli.commands.fold import fold
 from bnfold_cli.commands.inspect import inspect
+from bnfold_cli.commands.verify import verify
 
-COMMANDS = [inspect, fold]
+COMMANDS = [inspect, fold, export, verify]
