@@ -256,3 +256,17 @@ def test_bad_targets_and_arguments(tmp_path) -> None:
             TwoInTwoOut(), (image(batch=2), vector(batch=3, features=6)), tmp_path / "m.onnx"
         )
     assert os.listdir(tmp_path) == []
+
+
+def test_onnx_benchmark_smoke(tmp_path) -> None:
+    """benchmarks/onnx_bench.py runs end to end on the smallest zoo model."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_bench.py"
+    spec = importlib.util.spec_from_file_location("onnx_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.bench_model("mlp", tmp_path, repeat=1, threads=1)
+    assert row["plain"]["batchnorm_nodes"] == 1 and row["bnfold"]["batchnorm_nodes"] == 0
+    assert row["bnfold"]["max_rel_error"] < 1e-5
+    assert "| mlp | 3/3 |" in bench.markdown([row], threads=1, repeat=1)
