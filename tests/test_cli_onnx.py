@@ -113,3 +113,28 @@ def test_usage_errors_exit_2(files, capsys) -> None:
         "tpu",
     )
     assert code == 2 and "--providers" in err
+
+
+def test_verify_on_sample_data(files, capsys) -> None:
+    data = files / "samples.pt"
+    torch.save(torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(3)), data)
+    code, text, err = run(
+        capsys,
+        "verify",
+        files / "broken.onnx",
+        "--reference",
+        files / "model.pt2",
+        "--data",
+        data,
+        "--batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--random-batches",
+        "none",
+        "--json",
+        "-",
+    )
+    assert code == 1, err  # the broken ONNX fails on the sample data too
+    inputs = json.loads(text)["verification"]["inputs"]
+    assert [(i["source"], i["batch_size"]) for i in inputs] == [("sample", 4), ("sample", 4)]

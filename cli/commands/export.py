@@ -52,8 +52,8 @@ Examples:
 @providers_option
 @model_options
 def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_batch: bool,
-           force: bool, do_verify: bool, data: str | None, batches: int, seed: int,
-           random_batches: str, providers: str | None, json_path: str | None,
+           force: bool, do_verify: bool, data: str | None, batches: int, batch_size: int,
+           seed: int, random_batches: str, providers: str | None, json_path: str | None,
            markdown_path: str | None) -> None:
     """Fold MODEL's BatchNorms and export it to ONNX, checked and with a proven dynamic batch."""
     from bnfold_cli.commands.verify import parse_providers, run_verification
@@ -81,7 +81,8 @@ def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_ba
         candidates = {"folded": result, "onnx": exported} if result else {"onnx": exported}
         with status("Verifying"):
             verification = run_verification(run.model, candidates, run.inputs, data=data,
-                                            batches=batches, seed=seed, providers=chosen,
+                                            batches=batches, batch_size=batch_size,
+                                            seed=seed, providers=chosen,
                                             random_batches=random_batches)
         sections.append(("verification", verification))
     report = Report(

@@ -36,13 +36,15 @@ Examples:
 
 
 def verify_options(command: Callable) -> Callable:
-    """``--data``, ``--batches``, ``--seed``, ``--random-batches`` for a verification step."""
+    """``--data``, ``--batches``, ``--batch-size``, ``--seed``, ``--random-batches``."""
     decorators = [
         click.option("--data", metavar="DATA", default=None,
                      help="Sample data to verify on (as for recalibration: .pt, .npy/.npz, an "
                           "image folder or pkg.module:callable)."),
         click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
                      help="How many batches of DATA to use."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Batch size when DATA is split into batches (a file or folder)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random input batches."),
         click.option("--random-batches", metavar="SIZES", default="1,3", show_default=True,
@@ -89,14 +91,13 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def data_batches(spec: str, limit: int) -> list[Any]:
+def data_batches(spec: str, limit: int, batch_size: int = 8, seed: int = 0) -> list[Any]:
     """The first ``limit`` batches of DATA, each a tensor or a tuple of positional tensors."""
     from bnfold.data import load_data
-
     from bnfold.errors import UsageError
 
     batches: list[Any] = []
-    for batch in load_data(spec):
+    for batch in load_data(spec, batch_size=batch_size, seed=seed):
         if isinstance(batch, dict):
             raise UsageError(f"{spec} yields dict batches; verify feeds positional inputs only")
         batches.append(tuple(batch) if isinstance(batch, (list, tuple)) else batch)
@@ -108,8 +109,8 @@ def data_batches(spec: str, limit: int) -> list[Any]:
 
 
 def run_verification(reference: Any, candidates: Any, inputs: Any, *, data: str | None = None,
-                     batches: int = 4, seed: int = 0, providers: tuple[str, ...] | None = None,
-                     random_batches: str = "1,3") -> Any:
+                     batches: int = 4, batch_size: int = 8, seed: int = 0,
+                     providers: tuple[str, ...] | None = None, random_batches: str = "1,3") -> Any:
     """``bnfold.verify`` on DATA's first batches (or ``inputs``) plus seeded random batches.
 
     Returns the VerificationReport; the caller prints it and then calls
@@ -117,7 +118,7 @@ def run_verification(reference: Any, candidates: Any, inputs: Any, *, data: str 
     """
     import bnfold
 
-    samples = data_batches(data, batches) if data else [inputs]
+    samples = data_batches(data, batches, batch_size, seed) if data else [inputs]
     return bnfold.verify(reference, candidates, samples, providers=providers, seed=seed,
                          random_batch_sizes=parse_sizes(random_batches))
 
@@ -145,8 +146,9 @@ def run_verification(reference: Any, candidates: Any, inputs: Any, *, data: str 
 @click.option("--debug", is_flag=True, expose_value=False,
               help="Show the Python traceback for expected errors.")
 def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, dtype: str | None,
-           arch: str | None, trust_pickle: bool, data: str | None, batches: int, seed: int,
-           random_batches: str, providers: str | None, json_path: str | None) -> None:
+           arch: str | None, trust_pickle: bool, data: str | None, batches: int,
+           batch_size: int, seed: int, random_batches: str, providers: str | None,
+           json_path: str | None) -> None:
     """Verify that OUT.onnx computes what the original model computes, on each runtime."""
     import json
 
@@ -174,7 +176,8 @@ def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, d
         candidates = {"folded": load_model(folded, trust_pickle=trust_pickle).model, **candidates}
     with status("Verifying"):
         report = run_verification(model, candidates, inputs, data=data, batches=batches,
-                                  seed=seed, providers=chosen, random_batches=random_batches)
+                                  batch_size=batch_size, seed=seed, providers=chosen,
+                                  random_batches=random_batches)
     document = {"command": "verify", "versions": versions(), "onnx": str(onnx_path),
                 "reference": loaded.to_dict(), "verification": report.to_dict()}
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
