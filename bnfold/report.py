@@ -99,7 +99,7 @@ def render_text(report: Report, *, width: int = 100, color: bool = False) -> str
     console = Console(
         file=buffer, width=width, force_terminal=color, no_color=not color,
         color_system="standard" if color else None, highlight=False, emoji=False,
-        legacy_windows=False,
+        markup=False, legacy_windows=False,
     )
     console.print(_header(report))
     if report.plan.bn_total:
@@ -111,8 +111,6 @@ def render_text(report: Report, *, width: int = 100, color: bool = False) -> str
         console.print("Why BatchNorms are kept:")
         console.print(_grid(reasons, indent=2))
     notes = [("note:", note) for note in _notes(report)]
-    notes += [(f"{name}:", record.summary()) for name, record in report.sections
-              if hasattr(record, "summary")]
     if notes:
         console.print(_grid(notes))
     console.print(report.summary(), style="bold")
@@ -121,10 +119,21 @@ def render_text(report: Report, *, width: int = 100, color: bool = False) -> str
         console.print(kernels)
     if report.outputs or report.dry_run:
         console.print(_grid(_output_rows(report)))
+    for name, record in report.sections:  # later stages print their own pre-formatted text
+        console.print(_section_text(name, record), soft_wrap=True)
     text = buffer.getvalue()
     if not color:
         text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     return text
+
+
+def _section_text(name: str, record: Any) -> str:
+    """A later stage's own text (``format_text()``), else its ``summary()``, else its name."""
+    if hasattr(record, "format_text"):
+        return record.format_text()
+    if hasattr(record, "summary"):
+        return f"{name}: {record.summary()}"
+    return f"{name}: done"
 
 
 def _grid(rows: list[tuple[str, str]], indent: int = 0):
@@ -294,7 +303,7 @@ def _scale_text(value: float) -> str:
 
 
 def _size_text(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "kB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000

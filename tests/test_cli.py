@@ -195,3 +195,31 @@ def test_hostile_pickle_is_refused_and_not_executed(tmp_path, capsys):
     assert code == 3 and "runs code from the file" in err
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys, pt2,
+                                                                 monkeypatch):
+    code, out, err = run(capsys, "fold", pt2, "--onnx", tmp_path / "m.onnx", "--verify",
+                         "--json", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["export"]["path"] == str(tmp_path / "m.onnx") and report["verification"]["passed"]
+    assert "verification PASSED" in out
+
+    import bnfold
+
+    real_fold = bnfold.fold
+
+    def broken_fold(model, inputs, **kwargs):
+        result = real_fold(model, inputs, **kwargs)
+        with torch.no_grad():
+            result.model.conv1.weight.mul_(1.5)  # a wrong fold
+        return result
+
+    monkeypatch.setattr(bnfold, "fold", broken_fold)
+    code, out, err = run(capsys, "fold", pt2, "--verify", "--dry-run", "--force")
+    assert code == 1, err
+    assert "verification FAILED" in out and err.startswith("error:")
+    code, out, err = run(capsys, "fold", pt2, "-o", tmp_path / "same.onnx", "--onnx",
+                         tmp_path / "same.onnx")
+    assert code == 2

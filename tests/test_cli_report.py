@@ -123,3 +123,14 @@ def test_extra_sections_reach_json_and_text():
                     sections=(("calibration", Stage()),))
     assert json.loads(render_json(report))["calibration"] == {"samples": 64}
     assert "calibration: recalibrated 5 BatchNorms on 64 samples" in render_text(report)
+
+
+def test_names_with_brackets_are_printed_literally():
+    skip = Skip(bn="blocks[0]", bn_type="BatchNorm2d", reason=SkipReason.NO_PRODUCER,
+                detail="padding [1, 1]")
+    plan = Plan(pairs=(), skipped=(skip,), method="fx", model_was_training=False,
+                notes=("[bold]not markup[/bold]",))
+    report = Report(command="inspect", versions=VERSIONS, model=MODEL, inputs=INPUTS,
+                    inputs_from="--input-shape", plan=plan)
+    text = render_text(report)
+    assert "blocks[0]" in text and "[bold]not markup[/bold]" in text

@@ -4,9 +4,10 @@ The command is a pipeline of small steps over one ``FoldRun``:
 
     load + check inputs → [recalibrate] → fold → save → [export ONNX] → [verify] → report
 
-A later stage is an option on ``fold``, a ``_<stage>_step(run, ...)`` function that reads
+A stage is an option on ``fold``, a ``_<stage>_step(run, ...)`` function that reads
 ``run.model``/``run.inputs`` and appends its record to ``run.sections`` (shown in the text
-report through its ``summary()``, and in the JSON under its name), and one line in ``fold``.
+report through its ``format_text()`` or ``summary()``, and in the JSON under its name), and one
+line in ``fold`` (``--onnx`` and ``--verify`` are built this way; ``--data`` goes where marked).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ Examples:
   bnfold fold weights.pt --arch mypkg.models:resnet50 --input-shape 1x3x224x224
   bnfold fold model.pt --trust-pickle --pt2   # model.folded.pt + model.folded.pt2
   bnfold fold model.pt2 --dry-run --json report.json
+  bnfold fold model.pt2 --onnx model.onnx --verify   # exit 1 if outputs differ
 
 """ + EXIT_CODES
 
@@ -79,10 +81,18 @@ class FoldRun:
               help="With a pickled-module output, also write a .pt2 beside it.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files (never MODEL).")
 @click.option("--dry-run", is_flag=True,
-              help="Fold in memory and report what would be written; write no model file.")
+              help="Fold in memory and report what would be written; write no file but the "
+                   "reports.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also export the folded model to ONNX at this path (checked: "
+                                 "dynamic batch, no training-mode BatchNormalization).")
+@click.option("--verify", "verify_outputs", is_flag=True,
+              help="Compare the folded model (and the --onnx file under ONNX Runtime) with the "
+                   "original; exit 1 if any output differs beyond tolerance.")
 @model_options
 def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool,
-         dry_run: bool, json_path: str | None, markdown_path: str | None) -> None:
+         dry_run: bool, onnx_path: Path | None, verify_outputs: bool, json_path: str | None,
+         markdown_path: str | None) -> None:
     """Fold every foldable BatchNorm into its Conv/ConvTranspose/Linear and save the model.
 
     Prints the table of BatchNorms (folded or kept, and why), the BN kernels one forward runs
@@ -90,30 +100,48 @@ def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool
     """
     check_report_paths(json_path, markdown_path)
     _check_output_early(output, request, force=force)
+    _check_output_early(onnx_path, request, force=force, any_format=True)
     run = FoldRun(prepared=(prepared := prepare(request)), model=prepared.model)
     targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=force)
+    _check_distinct([path for path, _ in targets] + ([onnx_path] if onnx_path else []))
     # --data DATA goes here: _recalibrate_step(run, data) sets run.model, adds a section.
     _fold_step(run)
     if dry_run:
         run.notes.extend(f"would write {path}" for path, _ in targets)
+        run.notes.extend([f"would export {onnx_path}"] if onnx_path else [])
     else:
         _save_step(run, targets, force=force)
-    # --onnx OUT.onnx and --verify go here: _export_step(run, path), _verify_step(run).
+    exported = _export_step(run, onnx_path) if onnx_path and not dry_run else None
+    verification = _verify_step(run, exported) if verify_outputs else None
     emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path)
+    if verification is not None:
+        from bnfold import require_passed
+
+        require_passed(verification)  # VerificationFailed: exit code 1, after the report
 
 
 # ------------------------------------------------------------------ outputs
 
 
-def _check_output_early(output: Path | None, request: ModelRequest, *, force: bool) -> None:
-    """Refuse a bad explicit -o before spending time on loading and folding."""
+def _check_output_early(output: Path | None, request: ModelRequest, *, force: bool,
+                        any_format: bool = False) -> None:
+    """Refuse a bad explicit output path before spending time on loading and folding."""
     if output is None:
         return
     from bnfold.io import check_output_path, output_format
 
-    output_format(output)
+    if not any_format:
+        output_format(output)
     spec = Path(request.spec)
     check_output_path(output, inputs=[spec if spec.exists() else None], overwrite=force)
+
+
+def _check_distinct(paths: list[Path]) -> None:
+    from bnfold.errors import UsageError
+
+    resolved = [path.resolve() for path in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError(f"two outputs would be the same file: {', '.join(map(str, paths))}")
 
 
 def _resolve_outputs(run: FoldRun, output: Path | None, *, also_pt2: bool,
@@ -166,6 +194,28 @@ def _save_step(run: FoldRun, targets: list[tuple[Path, Any]], *, force: bool) ->
             saved = save_model(run.model, path, example_inputs=run.inputs, format=fmt,
                                overwrite=force, dynamic_dims=dims)
         run.outputs.append(saved)
+
+
+def _export_step(run: FoldRun, path: Path) -> Any:
+    from bnfold import export_onnx
+
+    with status(f"Exporting {path}"):
+        exported = export_onnx(run.result, run.inputs, path)
+    run.sections.append(("export", exported))
+    return exported
+
+
+def _verify_step(run: FoldRun, exported: Any) -> Any:
+    """The folded model (and the ONNX file) against the original model, as loaded."""
+    from bnfold import verify
+
+    candidates = {"folded (torch)": run.result}
+    if exported is not None:
+        candidates["onnx"] = exported
+    with status("Verifying outputs"):
+        report = verify(run.prepared.model, candidates, run.inputs)
+    run.sections.append(("verification", report))
+    return report
 
 
 def _report(run: FoldRun, dry_run: bool) -> Any:
