@@ -143,8 +143,9 @@ def export_onnx(
     """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``; see the module docstring.
 
     ``example_inputs`` is a tensor or a tuple of positional tensors, batch on dim 0.
-    ``metadata`` adds ``metadata_props`` to the file: a FoldResult (its folded/skipped counts;
-    the default when ``model`` is a FoldResult) or a mapping of extra keys. ``exporter`` is
+    The file's ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped
+    counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
+    its own keys. ``exporter`` is
     "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
     Raises ExportError (nothing written) when the export or a check fails, SaveError when the
     file cannot be written, UsageError for bad arguments.
@@ -152,13 +153,13 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     fold_result = model if isinstance(model, FoldResult) else None
-    module = fold_result.model if fold_result is not None else model
-    if metadata is None:
-        metadata = fold_result
+    if isinstance(metadata, FoldResult):
+        fold_result, metadata = metadata, None
+    module = model.model if isinstance(model, FoldResult) else model
     if not isinstance(module, nn.Module):
         raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
     target = _check_target(Path(path))
-    args = _example_args(example_inputs, dynamic_batch)
+    args = _on_device(_example_args(example_inputs, dynamic_batch), module)
     with inference(module):
         output_count = _count_outputs(module, args)
         input_names = _input_names(module, len(args))
@@ -167,9 +168,9 @@ def export_onnx(
             module, args, input_names, output_names, opset, dynamic_batch, exporter
         )
     _refuse_training_batchnorm(proto)
-    props = _metadata(metadata, used, dynamic_batch)
+    props = _metadata(fold_result, metadata, used, dynamic_batch)
     _set_metadata(proto, props)
-    bn_nodes = batchnorm_nodes(proto, fold_result if isinstance(metadata, FoldResult) else None)
+    bn_nodes = batchnorm_nodes(proto, fold_result)
     external = _weight_bytes(proto) > external_data_threshold
     with _staging(target) as staged:
         data_name = _write(proto, staged, target.name, external)
@@ -225,6 +226,12 @@ def _example_args(example_inputs: Any, dynamic_batch: bool) -> tuple[torch.Tenso
         if sizes == {1}:  # a batch-1 example lets the exporter specialise the batch to 1
             args = tuple(torch.cat([arg, arg]) for arg in args)
     return tuple(args)
+
+
+def _on_device(args: tuple[torch.Tensor, ...], module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The example inputs on the module's device (its first parameter's, else unchanged)."""
+    param = next(module.parameters(), None)
+    return args if param is None else tuple(arg.to(param.device) for arg in args)
 
 
 def _batch_size(args: tuple[torch.Tensor, ...]) -> int:
@@ -506,7 +513,10 @@ def _symbolic_dim0(values: Any) -> tuple[list[str], list[str]]:
 
 
 def _metadata(
-    metadata: FoldResult | Mapping[str, Any] | None, exporter: str, dynamic_batch: bool
+    fold_result: FoldResult | None,
+    extra: Mapping[str, Any] | None,
+    exporter: str,
+    dynamic_batch: bool,
 ) -> dict[str, str]:
     from bnfold import __version__
 
@@ -516,11 +526,11 @@ def _metadata(
         "bnfold.exporter": exporter,
         "bnfold.dynamic_batch": str(dynamic_batch).lower(),
     }
-    if isinstance(metadata, FoldResult):
-        props["bnfold.folded"] = str(len(metadata.folded))
-        props["bnfold.skipped"] = str(len(metadata.skipped))
-    elif metadata is not None:
-        props.update({str(key): str(value) for key, value in metadata.items()})
+    if fold_result is not None:
+        props["bnfold.folded"] = str(len(fold_result.folded))
+        props["bnfold.skipped"] = str(len(fold_result.skipped))
+    if extra is not None:
+        props.update({str(key): str(value) for key, value in extra.items()})
     return props
 
 
