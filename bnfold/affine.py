@@ -442,3 +442,15 @@ def _refuse(detail: str) -> Refusal:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else repr(exc)
+
+
+def affine_skips_to_notes(skips: list) -> tuple[list, list[str]]:
+    """A refused ``BnKind.AFFINE`` module is not a batch norm: its refusal becomes a plan note
+    (dropped when it sits next to no layer at all); every other skip stays a skip."""
+    kept, notes = [], []
+    for skip in skips:
+        if skip.bn_kind != BnKind.AFFINE:
+            kept.append(skip)
+        elif skip.reason != SkipReason.NO_PRODUCER:
+            notes.append(f"{skip.bn} ({skip.bn_type}) left as it is: {skip.detail}")
+    return kept, notes

@@ -8,7 +8,8 @@ two norms fold into the same layer (one before it, one after it).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,11 +26,13 @@ from bnfold.graph import PlannedPair, analyse
 from bnfold.patterns import Position
 from bnfold.records import BnKind, FoldedPair, FoldResult
 from bnfold.sites import LayerSite, NormSite
+from bnfold.unwrap import unwrap
 
 LARGE_SCALE = 1e3  # |gamma / sqrt(var + eps)| above this amplifies weight rounding error
 
 
-def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> FoldResult:
+def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
+         extra_inputs: Sequence[Any] = ()) -> FoldResult:
     """Fold every foldable batch norm of ``model`` into its neighbouring layer.
 
     Returns a ``FoldResult`` whose ``model`` computes the eval-mode function of ``model`` with
@@ -38,10 +41,18 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> Fol
     ``inplace=False`` (default) the caller's model is not changed at all; with ``inplace=True``
     the model itself is folded and returned (functional norms, which need a graph rewrite, are
     then skipped unless the model is a GraphModule).
+
+    Wrappers (``torch.compile``, ``DataParallel``, ``DistributedDataParallel``) are taken off:
+    ``result.model`` is the folded inner module (see ``bnfold.unwrap``). A model torch.fx cannot
+    trace is analysed from recorded forwards on ``example_inputs`` and ``extra_inputs`` and
+    folded at module level (see ``find_pairs``).
     """
+    model, wrapper_notes = unwrap(model)
     work = model if inplace else copy.deepcopy(model)
     allow_rewrite = not inplace or isinstance(model, fx.GraphModule)
-    analysis = analyse(work, example_inputs, allow_graph_rewrite=allow_rewrite)
+    analysis = analyse(work, example_inputs, allow_graph_rewrite=allow_rewrite,
+                       extra_inputs=extra_inputs)
+    plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
     gm = analysis.traced.module
     rewrite = any(_needs_rewrite(p) for p in analysis.pairs) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
@@ -54,8 +65,8 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> Fol
         gm.graph.lint()
         gm.recompile()
     target.eval()
-    return FoldResult(model=target, plan=analysis.plan, folded=records,
-                      skipped=analysis.plan.skipped, graph_rewritten=rewrite, inplace=inplace)
+    return FoldResult(model=target, plan=plan, folded=records,
+                      skipped=plan.skipped, graph_rewritten=rewrite, inplace=inplace)
 
 
 def _needs_rewrite(pair: PlannedPair) -> bool:

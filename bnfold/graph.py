@@ -7,6 +7,7 @@ the fold stage needs (the traced graph and the sites); ``find_pairs`` returns th
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,6 +17,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from bnfold.affine import affine_site, affine_skips_to_notes, is_affine_candidate
+from bnfold.errors import TraceError
+from bnfold.fallback import trace_checked
 from bnfold.foldmath import Affine, bn_affine
 from bnfold.patterns import Position, Refusal, pattern_for
 from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
@@ -29,7 +33,8 @@ from bnfold.sites import (
     module_norm,
 )
 from bnfold.strip import strip_norm
-from bnfold.trace import Traced, propagate, trace_model
+from bnfold.trace import Traced
+from bnfold.unwrap import state_notes, unwrap
 
 
 @dataclass(frozen=True)
@@ -50,46 +55,70 @@ class Analysis:
     pairs: tuple[PlannedPair, ...]
 
 
-def find_pairs(model: nn.Module, example_inputs: Any) -> Plan:
+def find_pairs(model: nn.Module, example_inputs: Any, *, extra_inputs: Sequence[Any] = ()
+               ) -> Plan:
     """Find every batch norm in ``model``'s dataflow and decide whether it can be folded.
 
-    ``example_inputs`` is a tensor or a tuple of positional inputs; one eval-mode forward is
-    run (flags restored, no autograd). The model is not changed. Every batch norm ends up in
-    exactly one of ``plan.pairs`` or ``plan.skipped`` (with a reason).
+    ``example_inputs`` is a tensor or a tuple of positional inputs; eval-mode forwards are run
+    (flags restored, no autograd). The model is not changed. Every batch norm ends up in
+    exactly one of ``plan.pairs`` or ``plan.skipped`` (with a reason). Wrappers
+    (``torch.compile``, ``DataParallel``, ``DistributedDataParallel``) are looked through.
+    When torch.fx cannot trace the model, its dataflow is recorded from real forwards instead
+    (``plan.method == "recorded"``, see ``bnfold.fallback``); ``extra_inputs`` (more example
+    inputs, same form) are then recorded too, so pairs behind data-dependent branches can be
+    checked on each.
     """
-    return analyse(model, example_inputs).plan
+    return analyse(model, example_inputs, extra_inputs=extra_inputs).plan
 
 
-def analyse(model: nn.Module, example_inputs: Any, *, allow_graph_rewrite: bool = True
-            ) -> Analysis:
-    """Trace, propagate shapes and pair batch norms with layers (see ``find_pairs``)."""
-    traced = trace_model(model, example_inputs)
-    gm = traced.module
+def analyse(model: nn.Module, example_inputs: Any, *, allow_graph_rewrite: bool = True,
+            extra_inputs: Sequence[Any] = ()) -> Analysis:
+    """Trace (or record), propagate shapes and pair batch norms with layers (see
+    ``find_pairs``)."""
+    model, wrapper_notes = unwrap(model)
+    try:
+        traced, kept = trace_checked(model, example_inputs, _is_subclass_call)
+    except TraceError as exc:
+        from bnfold.fallback import analyse_recorded
+
+        return analyse_recorded(model, example_inputs, extra_inputs, allow_graph_rewrite, exc,
+                                wrapper_notes)
+    pairs, skips, notes = decide(traced.module, kept, allow_graph_rewrite)
+    plan = Plan(
+        pairs=tuple(p.record for p in pairs),
+        skipped=tuple(skips),
+        method=traced.method,
+        model_was_training=model.training,
+        notes=(*wrapper_notes, *_plan_notes(model, pairs), *notes),
+    )
+    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+
+
+def decide(gm: fx.GraphModule, kept: dict[str, Any], allow_graph_rewrite: bool, *,
+           extra_uses: Counter | None = None
+           ) -> tuple[list[PlannedPair], list[Skip], list[str]]:
+    """Pair or skip every norm call of a traced (or recorded) graph; ``kept`` holds the inputs
+    of subclass and affine-candidate calls, ``extra_uses`` more uses of tensors by id."""
     module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    keep = {n.name for n in gm.graph.nodes if _is_subclass_call(gm, n)}
-    kept = propagate(traced, example_inputs, keep)
     layers = {n: site for n in gm.graph.nodes if (site := layer_site(gm, n)) is not None}
-    context = _Context(gm, layers, module_calls, _tensor_uses(gm), allow_graph_rewrite)
+    uses = _tensor_uses(gm) + (extra_uses or Counter())
+    context = _Context(gm, layers, module_calls, uses, allow_graph_rewrite)
     pairs: list[PlannedPair] = []
     skips: list[Skip] = []
     for norm in _norm_sites(gm, kept):
         outcome = context.decide(norm)
         (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
     _check_unique_layers(pairs)
-    plan = Plan(
-        pairs=tuple(p.record for p in pairs),
-        skipped=tuple(skips),
-        method=traced.method,
-        model_was_training=model.training,
-        notes=_plan_notes(model, pairs),
-    )
-    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+    skips, notes = affine_skips_to_notes(skips)
+    return pairs, skips, notes
 
 
 def _is_subclass_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
     module = gm.get_submodule(node.target)
+    if is_affine_candidate(module):  # its forward is proven on the real input
+        return True
     return isinstance(module, _BatchNorm) and module_norm(node, "", module).kind == BnKind.SUBCLASS
 
 
@@ -103,6 +132,9 @@ def _norm_sites(gm: fx.GraphModule, kept: dict[str, Any]) -> list[NormSite]:
                 if site.kind == BnKind.SUBCLASS and site.problem is None:
                     strip_norm(site, kept.get(node.name, ()))
                 sites.append(site)
+            elif is_affine_candidate(module):  # FrozenBatchNorm2d-style or per-channel affine
+                sites.append(affine_site(node, str(node.target), module,
+                                         kept.get(node.name, ())))
         elif is_norm_call(node):
             sites.append(functional_norm(gm, node))
     return sites
@@ -244,7 +276,7 @@ class _Context:
 def _skip(norm: NormSite, refusal: Refusal, producer: str | None = None,
           pattern: str | None = None) -> Skip:
     return Skip(bn=norm.name, bn_type=norm.type_name, reason=refusal.reason,
-                detail=refusal.detail, producer=producer, pattern=pattern)
+                detail=refusal.detail, producer=producer, pattern=pattern, bn_kind=norm.kind)
 
 
 def _rank(node: fx.Node | None) -> int:
@@ -261,7 +293,8 @@ def _attr_uses(gm: fx.GraphModule, target: str | None) -> int:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _is_parametrized(module: nn.Module) -> bool:
@@ -283,6 +316,7 @@ def _plan_notes(model: nn.Module, pairs: list[PlannedPair]) -> tuple[str, ...]:
     notes = []
     if model.training:
         notes.append("model was in train mode: the fold computes the eval-mode function")
+    notes.extend(state_notes(model))
     for pair in pairs:
         notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
     return tuple(notes)

@@ -177,11 +177,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else repr(exc)
 
 
-def propagate(traced: Traced, example_inputs: Any, keep: set[str]) -> dict[str, Any]:
+def propagate(traced: Traced, example_inputs: Any, keep: set[str],
+              outputs: list[Any] | None = None) -> dict[str, Any]:
     """Run the traced model once in eval mode without autograd.
 
     Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
-    values of the nodes named in ``keep``. The model's
+    values of the nodes named in ``keep`` (and appends the graph's output to ``outputs`` when
+    given). The model's
     flags are restored afterwards. A failure raises ``ModelInputError`` naming the node and
     module that rejected the input.
     """
@@ -189,9 +191,11 @@ def propagate(traced: Traced, example_inputs: Any, keep: set[str]) -> dict[str, 
     interpreter = _ShapeRecorder(traced.module, keep)
     with inference(traced.module):
         try:
-            interpreter.run(*args)
+            result = interpreter.run(*args)
         except Exception as exc:
             raise ModelInputError(_rejection_message(interpreter.current, exc)) from exc
+    if outputs is not None:
+        outputs.append(result)
     return interpreter.kept
 
 

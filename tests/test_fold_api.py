@@ -73,7 +73,7 @@ def test_plan_summary_counts_reasons() -> None:
                               "1 zero-padded BN→Conv")
 
 
-def test_untraceable_model_gives_bnfold_error() -> None:
+def test_untraceable_model_is_recorded_not_an_error() -> None:
     class DataDependent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -85,9 +85,9 @@ def test_untraceable_model_gives_bnfold_error() -> None:
                 return self.bn(self.conv(x))
             return self.conv(x)
 
-    with pytest.raises(bnfold.BnfoldError, match="DataDependent") as info:
-        bnfold.find_pairs(DataDependent(), torch.randn(1, 3, 8, 8))
-    assert not isinstance(info.value, torch.fx.proxy.TraceError)
+    plan = bnfold.find_pairs(DataDependent(), torch.ones(1, 3, 8, 8))
+    assert plan.method == "recorded"  # fx fails; the real forward's dataflow is recorded
+    assert [s.reason for s in plan.skipped] == [bnfold.SkipReason.INPUT_DEPENDENT]
 
 
 def test_input_the_model_rejects_names_the_layer() -> None:
