@@ -1,0 +1,254 @@
+"""recalibrate: exact pooled statistics, train-mode BN semantics, and nothing else touched."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from calibrate_models import (
+    assert_same,
+    frozen_state,
+    mixed,
+    reference_statistics,
+    statistics_error,
+    uneven_batches,
+)
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+import bnfold
+from bnfold.calibrate import CalibrationReport, LayerStatus, recalibrate
+from bnfold.zoo import randomize_bn, small_cnn
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-10)], ids=["fp32", "fp64"]
+)
+def test_closed_form_uneven_batches(dtype: torch.dtype, tolerance: float) -> None:
+    model = mixed(dtype=dtype)
+    batches = uneven_batches(dtype=dtype)
+    reference = reference_statistics(model, batches)
+    report = recalibrate(model, batches)
+    errors = statistics_error(model, reference)
+    assert set(errors) == {"bn", "shared", "bn_act", "seq_bn", "bn1d"}
+    for name, (mean_error, var_error) in errors.items():
+        assert mean_error < tolerance, (name, mean_error)
+        assert var_error < tolerance, (name, var_error)
+    layers = {layer.name: layer for layer in report.layers}
+    for name, (_, _, count) in reference.items():
+        assert layers[name].samples == count
+        assert layers[name].status is LayerStatus.RECALIBRATED
+
+
+def test_bn_called_twice_pools_both_calls() -> None:
+    model = mixed()
+    batches = uneven_batches()
+    report = recalibrate(model, batches)
+    shared = next(layer for layer in report.layers if layer.name == "shared")
+    assert shared.calls == 2 * len(batches)
+    assert shared.samples == 2 * sum(b.shape[0] for b in batches) * 8 * 8
+    assert int(model.shared.num_batches_tracked) == 2 * len(batches)
+    assert int(model.bn.num_batches_tracked) == len(batches)
+
+
+def test_bn3d_closed_form() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.BatchNorm3d(4)
+    ).eval()
+    batches = uneven_batches((2, 5, 3), (1, 4, 4, 4))
+    reference = reference_statistics(model, batches)
+    recalibrate(model, batches)
+    for name, (mean_error, var_error) in statistics_error(model, reference).items():
+        assert mean_error < 1e-6 and var_error < 1e-6, name
+
+
+def test_large_offset_is_exact() -> None:
+    """Data with mean/std = 1e4: a sum-of-squares formula in float32 would lose everything."""
+    model = nn.Sequential(nn.BatchNorm1d(6)).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(n, 6, 16, generator=gen, dtype=torch.float64) + 1e4).float()
+        for n in (7, 3, 12)
+    ]
+    values = torch.cat(batches).double().transpose(0, 1).reshape(6, -1)
+    recalibrate(model, batches)
+    var = model[0].running_var.double()
+    assert float(((var - values.var(dim=1)).abs() / values.var(dim=1)).max()) < 1e-6
+
+
+def test_dropout_and_train_mode_modules_do_not_change_the_result() -> None:
+    with_dropout = mixed()
+    without = copy.deepcopy(with_dropout)
+    without.drop = nn.Identity()
+    without.bn_act.drop = nn.Identity()
+    batches = uneven_batches()
+    recalibrate(with_dropout, batches)
+    recalibrate(without, batches)
+    for (name, a), (_, b) in zip(
+        with_dropout.named_buffers(), without.named_buffers(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_update_bn_is_wrong_where_bnfold_is_exact() -> None:
+    """The anchor: update_bn (whole model in train mode, equal-weight batches) misses."""
+    model = mixed()
+    batches = uneven_batches()
+    reference = reference_statistics(model, batches)
+    anchor = copy.deepcopy(model)
+    update_bn(batches, anchor)
+    worst = max(err for pair in statistics_error(anchor, reference).values() for err in pair)
+    assert worst > 1e-2
+
+
+def test_nothing_but_statistics_changes() -> None:
+    model = mixed()
+    model.train()
+    model.seq_bn.eval()  # a mixed pattern of flags, restored exactly
+    model.drop.eval()
+    before = frozen_state(model)
+    stats_before = {name: buf.clone() for name, buf in model.named_buffers()}
+    recalibrate(model, uneven_batches())
+    assert_same(before, frozen_state(model))
+    changed = {
+        name for name, buf in model.named_buffers() if not torch.equal(buf, stats_before[name])
+    }
+    assert changed  # the statistics did change...
+    assert all(
+        name.rsplit(".", 1)[1] in {"running_mean", "running_var", "num_batches_tracked"}
+        for name in changed
+    )
+    assert not any(name.startswith("unused.") for name in changed)  # ...and only those seen
+
+
+def test_downstream_bns_see_batch_normalised_inputs() -> None:
+    """On one batch, eval mode after recalibration computes what train-mode BNs compute.
+
+    Train mode normalises with the biased batch variance; running_var is unbiased. Undo that
+    factor and the two forwards agree to float64 rounding, downstream BNs included.
+    """
+    model = randomize_bn(small_cnn(width=8)).double()
+    x = uneven_batches((16,), (3, 16, 16), dtype=torch.float64)[0]
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        module.training = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    with torch.no_grad():
+        expected = twin(x)
+    report = recalibrate(model, [x])
+    modules = dict(model.named_modules())
+    assert len(report.recalibrated) == 5
+    for layer in report.recalibrated:
+        assert layer.calls == 1
+        modules[layer.name].running_var.mul_((layer.samples - 1) / layer.samples)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ batch forms
+
+
+def test_tuple_dict_forward_and_cap() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.bn(a + b)
+
+    batches = uneven_batches((4, 6, 3), (4,))
+    pairs = [(x, 2 * x) for x in batches]
+    dicts = [{"a": x, "b": 2 * x} for x in batches]
+    labelled = [(3 * x, torch.zeros(len(x), dtype=torch.long)) for x in batches]
+    results = []
+    for data, forward in [
+        (pairs, None),
+        (dicts, None),
+        (labelled, lambda model, batch: model(batch[0], torch.zeros_like(batch[0]))),
+    ]:
+        model = TwoInputs().eval()
+        recalibrate(model, data, forward=forward)
+        results.append(model.bn.running_var.clone())
+    assert torch.allclose(results[0], results[1]) and torch.allclose(results[0], results[2])
+
+    capped, first_two = TwoInputs().eval(), TwoInputs().eval()
+    report = recalibrate(capped, pairs, batches=2)
+    recalibrate(first_two, pairs[:2])
+    assert report.batches == 2 and report.samples == 10
+    assert torch.equal(capped.bn.running_var, first_two.bn.running_var)
+
+
+def test_progress_and_device() -> None:
+    model = mixed()
+    seen = []
+    report = recalibrate(
+        model, uneven_batches(), device="cpu", progress=lambda i, n: seen.append((i, n))
+    )
+    assert seen == [(0, 3), (1, 8), (2, 5), (3, 2), (4, 11)]
+    assert report.samples == 29 and report.batches == 5 and report.world_size == 1
+
+
+def test_float16_statistics() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(4)).half().eval()
+    batches = uneven_batches((3, 5), (4, 6, 6), dtype=torch.float16, offset=2.0, scale=1.0)
+    recalibrate(model, batches)
+    values = torch.cat(batches).double().transpose(0, 1).reshape(4, -1)
+    assert model[0].running_var.dtype == torch.float16
+    rel = (model[0].running_var.double() - values.var(dim=1)).abs() / values.var(dim=1)
+    assert float(rel.max()) < 1e-3  # one float16 rounding of the result
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_report_is_json_and_names_unseen_and_skipped() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[0].zero_()  # channel 0 is constant: zero variance
+    report = recalibrate(model, uneven_batches())
+    assert isinstance(report, CalibrationReport)
+    data = json.loads(report.to_json())
+    assert [layer["status"] for layer in data["layers"]] == ["recalibrated", "no_running_stats"]
+    assert report.layers[0].near_zero_var_channels == (0,)
+    assert report.skipped[0].name == "2" and "track_running_stats" in report.skipped[0].detail
+    assert report.layers[0].mean_shift is not None and report.layers[0].std_ratio is not None
+
+    unseen = mixed()
+    before = unseen.unused.running_mean.clone()
+    report = recalibrate(unseen, uneven_batches())
+    assert [layer.name for layer in report.unseen] == ["unused"]
+    assert torch.equal(unseen.unused.running_mean, before)
+    assert "unused" in report.summary() and "no data" in report.format_text()
+
+
+def test_shift_is_in_units_of_the_old_std() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        model[0].running_mean.fill_(1.0)
+        model[0].running_var.fill_(4.0)
+    x = torch.tensor([[5.0, 1.0], [5.0, 3.0], [5.0, 5.0]])
+    report = recalibrate(model, [x])
+    layer = report.layers[0]
+    eps = model[0].eps
+    # channel 0: mean 5 (shift 4 / sqrt(4 + eps)); channel 1: mean 3 (shift 2 / sqrt(4 + eps))
+    assert layer.mean_shift.max == pytest.approx(4 / (4 + eps) ** 0.5)
+    assert layer.mean_shift.min == pytest.approx(2 / (4 + eps) ** 0.5)
+    assert layer.near_zero_var_channels == (0,)
+    assert layer.new_var.max == pytest.approx(4.0)
+
+
+def test_exported_from_package() -> None:
+    assert bnfold.recalibrate is recalibrate
+    assert bnfold.CalibrationReport is CalibrationReport
+
+
+def test_model_without_running_stats_only_is_reported_not_run() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False))
+    report = recalibrate(model, [])
+    assert report.batches == 0 and report.skipped and not report.recalibrated
