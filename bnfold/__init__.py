@@ -1,6 +1,8 @@
 """bnfold: fold every BatchNorm that can be folded, explain the rest, recalibrate exactly,
 and prove the deployed ONNX model computes the same function."""
 
+from bnfold.calibrate import CalibrationReport, LayerCalibration, LayerStatus, recalibrate
+from bnfold.data import DataSource, load_data
 from bnfold.errors import (
     BnfoldError,
     CalibrationError,
@@ -28,10 +30,14 @@ __all__ = [
     "BnKind",
     "BnfoldError",
     "CalibrationError",
+    "CalibrationReport",
+    "DataSource",
     "ExportError",
     "ExportResult",
     "FoldResult",
     "FoldedPair",
+    "LayerCalibration",
+    "LayerStatus",
     "LoadError",
     "LoadedModel",
     "ModelFormat",
@@ -53,7 +59,9 @@ __all__ = [
     "export_onnx",
     "find_pairs",
     "fold",
+    "load_data",
     "load_model",
+    "recalibrate",
     "require_passed",
     "save_model",
     "verify",
