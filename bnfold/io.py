@@ -606,6 +606,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     try:
         write(tmp)
         _fsync(tmp)
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
         os.replace(tmp, out)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -613,6 +614,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
         raise SaveError(f"writing {out} failed: {_one_line(exc)}; nothing was written") from exc
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -4,7 +4,9 @@ atomic writes, and a clear error (nothing written, nothing lost) for every bad i
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
+import stat
 import sys
 from pathlib import Path
 
@@ -415,6 +417,16 @@ def test_write_text_atomic_replaces_whole_file(tmp_path):
     write_text_atomic(path, "second")
     assert path.read_text() == "second"
     assert_no_temp_files(tmp_path)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "report.json"
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(path, "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_default_output_names(tmp_path, user):
