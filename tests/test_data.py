@@ -1,0 +1,222 @@
+"""load_data: every DATA form, seeded batching, sharding, and clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnfold import recalibrate
+from bnfold.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+from bnfold.errors import LoadError, UnsafeFileError, UsageError
+
+
+def _samples(n: int = 10, features: int = 3) -> torch.Tensor:
+    return torch.arange(n * features, dtype=torch.float32).view(n, features)
+
+
+def _rows(batches: list) -> list[float]:
+    return sorted(float(row[0]) for batch in batches for row in batch)
+
+
+# ----------------------------------------------------------------------------------- tensors
+
+
+def test_tensor_file_is_batched_with_a_seeded_shuffle(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(_samples(10), path)
+    data = load_data(path, batch_size=4, seed=0)
+    batches = list(data)
+    assert [len(b) for b in batches] == [4, 4, 2] and len(data) == 3
+    assert _rows(batches) == _rows([_samples(10)])  # every sample exactly once
+    assert all(
+        torch.equal(a, b) for a, b in zip(batches, load_data(path, batch_size=4), strict=True)
+    )
+    other = list(load_data(path, batch_size=4, seed=1))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+def test_a_last_batch_of_one_joins_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(_samples(9), path)
+    assert [len(b) for b in load_data(path, batch_size=4)] == [4, 5]
+
+
+def test_tuple_and_dict_files(tmp_path: Path) -> None:
+    a, b = _samples(6), -_samples(6)
+    torch.save((a, b), tmp_path / "pair.pt")
+    torch.save({"x": a, "mask": b}, tmp_path / "named.pt")
+    first = load_data(tmp_path / "pair.pt", batch_size=4).first_batch()
+    assert isinstance(first, tuple) and torch.equal(first[0], -first[1])
+    named = load_data(tmp_path / "named.pt", batch_size=4).first_batch()
+    assert set(named) == {"x", "mask"} and torch.equal(named["x"], -named["mask"])
+    with pytest.raises(UsageError, match="not positional tensors"):
+        load_data(tmp_path / "named.pt").example_inputs()
+
+
+def test_list_file_is_ready_made_batches(tmp_path: Path) -> None:
+    batches = [_samples(3), _samples(5)]
+    torch.save(batches, tmp_path / "batches.pt")
+    data = load_data(tmp_path / "batches.pt", batch_size=100)
+    assert [len(b) for b in data] == [3, 5] and len(data) == 2
+
+
+def test_mismatched_sample_counts(tmp_path: Path) -> None:
+    torch.save((_samples(4), _samples(5)), tmp_path / "bad.pt")
+    with pytest.raises(LoadError, match="different numbers of samples"):
+        load_data(tmp_path / "bad.pt")
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"x": _samples(2), "args": argparse.Namespace(a=1)}, tmp_path / "obj.pt")
+    with pytest.raises(UnsafeFileError, match="weights_only=True"):
+        load_data(tmp_path / "obj.pt")
+
+
+def test_unsupported_contents(tmp_path: Path) -> None:
+    torch.save(7, tmp_path / "seven.pt")
+    with pytest.raises(LoadError, match="expected a tensor"):
+        load_data(tmp_path / "seven.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(LoadError, match=r"junk\.pt"):
+        load_data(tmp_path / "junk.pt")
+
+
+def test_numpy_files_and_dtype_cast(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 4)))
+    data = load_data(tmp_path / "x.npy", batch_size=3, dtype=torch.float32)
+    assert all(b.dtype == torch.float32 for b in data)
+    np.savez(tmp_path / "pos.npz", np.ones((4, 2)), np.arange(4))
+    np.savez(tmp_path / "named.npz", x=np.ones((4, 2)))
+    first = load_data(tmp_path / "pos.npz", dtype=torch.float32).first_batch()
+    assert isinstance(first, tuple) and first[0].dtype == torch.float32
+    assert first[1].dtype == torch.int64  # integer inputs are never cast
+    assert set(load_data(tmp_path / "named.npz").first_batch()) == {"x"}
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafeFileError, match="object arrays"):
+        load_data(tmp_path / "obj.npy")
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+def _image(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    _image(tmp_path / "a" / "one.png", (40, 30), (255, 0, 128))
+    _image(tmp_path / "b" / "two.jpg", (30, 50), (10, 20, 30))
+    _image(tmp_path / "b" / "three.PNG", (64, 64), (255, 0, 128))
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = load_data(tmp_path, batch_size=2, image_size=16)
+    batches = list(data)
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 16, 16)]  # 2 + a last 1 merged
+    expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
+    )
+    pixels = batches[0][:, :, 8, 8]
+    assert any(torch.allclose(row, expected, atol=1e-6) for row in pixels)
+    assert "3 images" in data.description
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="no images"):
+        load_data(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(LoadError, match=r"broken\.png"):
+        list(load_data(tmp_path / "bad"))
+    with pytest.raises(UsageError, match="1 or 3 values"):
+        load_data(tmp_path / "bad", mean=(0.5, 0.5))
+    with pytest.raises(UsageError, match="resize"):
+        load_data(tmp_path / "bad", image_size=32, resize=16)
+
+
+# --------------------------------------------------------------------------------- callables
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "userdata.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    return [torch.ones(2, 3), torch.zeros(4, 3)]\n"
+        "def stream():\n"
+        "    yield torch.ones(2, 3)\n"
+        "    yield torch.zeros(3, 3)\n"
+        "def number():\n"
+        "    return 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    yield "userdata"
+    sys.modules.pop("userdata", None)
+
+
+def test_callable(user_module: str) -> None:
+    data = load_data(f"{user_module}:batches")
+    assert [len(b) for b in data] == [2, 4] and len(data) == 2
+
+
+def test_generator_is_peeked_then_read_once(user_module: str) -> None:
+    data = load_data(f"{user_module}:stream")
+    assert tuple(data.example_inputs()[0].shape) == (2, 3)
+    assert [len(b) for b in data] == [2, 3]
+    with pytest.raises(LoadError, match="one-shot"):
+        list(data)
+
+
+def test_callable_errors(user_module: str) -> None:
+    with pytest.raises(LoadError, match="iterable of batches"):
+        load_data(f"{user_module}:number")
+    with pytest.raises(LoadError, match="no attribute"):
+        load_data(f"{user_module}:missing")
+    with pytest.raises(LoadError, match="cannot import"):
+        load_data("no_such_module_here:data")
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+def test_shards_split_the_batches(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(_samples(20), path)
+    whole = list(load_data(path, batch_size=3))
+    shards = [list(load_data(path, batch_size=3, shard=(rank, 3))) for rank in range(3)]
+    assert [len(s) for s in shards] == [
+        len(load_data(path, batch_size=3, shard=(r, 3))) for r in range(3)
+    ]
+    assert _rows([b for s in shards for b in s]) == _rows(whole)
+    assert torch.equal(shards[1][0], whole[1])
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(_samples(4), path)
+    with pytest.raises(UsageError, match="batch_size"):
+        load_data(path, batch_size=0)
+    with pytest.raises(UsageError, match="shard"):
+        load_data(path, shard=(2, 2))
+    with pytest.raises(LoadError, match="no such file"):
+        load_data(tmp_path / "missing.pt")
+    (tmp_path / "x.csv").write_text("1,2")
+    with pytest.raises(LoadError, match="cannot tell"):
+        load_data(tmp_path / "x.csv")
+
+
+def test_recalibrate_consumes_a_data_source(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(torch.randn(50, 4, dtype=torch.float64) * 2 + 1, path)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4)).eval()
+    report = recalibrate(model, load_data(path, batch_size=16, dtype=torch.float32))
+    assert report.batches == 4 and report.samples == 50
+    values = torch.load(path).float().double()
+    assert torch.allclose(model[0].running_var.double(), values.var(dim=0), rtol=1e-6)
