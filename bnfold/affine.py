@@ -143,7 +143,7 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
     if mismatch is not None:
         return _refuse(mismatch)
     notes = tuple(f"forward specialised on {_describe(g)}" for g in guards)
-    return Proof(affine, ("proven per-channel affine from its traced forward", *notes))
+    return Proof(affine, notes)
 
 
 # ------------------------------------------------------------------------------ tracing

@@ -153,10 +153,10 @@ class _State:
         tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, Tensor)]
         node = self.add_node("call_module", self.paths[id(module)],
                              tuple(self.node_for(t) for t in tensors))
+        self.stack.append(_Frame(module, node, True))
+        self.leaf_depth += 1  # from here on ops are the leaf's own, the copy below included
         if _needs_input(module):  # a copy: the original must be free to die (liveness)
             self.kept[node.name] = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-        self.stack.append(_Frame(module, node, True))
-        self.leaf_depth += 1
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         while self.stack:
