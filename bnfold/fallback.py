@@ -157,9 +157,8 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
 
     pairs, skips, notes = decide(recording.module, recording.kept, allow_graph_rewrite,
                                  extra_uses=recording.outside_uses)
-    pairs, moved = _refuse_exposed_norms(recording, pairs)
     by_node = {p.norm.node: p for p in pairs}
-    skip_nodes = {**_skip_nodes(recording.module, skips), **moved}
+    skip_nodes = _skip_nodes(recording.module, skips)
     outcomes: dict[str, PlannedPair | Skip] = {}
     occurrences: Counter = Counter()
     dependent: set[str] = set()
@@ -200,27 +199,6 @@ def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
         if node.op == "call_module" and remaining.get(str(node.target)):
             matched[node] = remaining[str(node.target)].pop(0)
     return matched
-
-
-def _refuse_exposed_norms(recording: Recording, pairs: list[PlannedPair]
-                          ) -> tuple[list[PlannedPair], dict[fx.Node, Skip]]:
-    """A norm whose own tensors are read outside it (``self.bn.weight`` in a forward) cannot
-    become an Identity: those reads would fail or change."""
-    kept: list[PlannedPair] = []
-    moved: dict[fx.Node, Skip] = {}
-    for pair in pairs:
-        module = pair.norm.module
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)
-                   ] if module is not None else []
-        if any(recording.outside_uses[id(t)] for t in tensors):
-            moved[pair.norm.node] = (Skip(bn=pair.record.bn, bn_type=pair.record.bn_type,
-                              reason=SkipReason.BN_SHARED,
-                              detail=f"{pair.record.bn}'s parameters or buffers are also read "
-                              "outside it in the forward", producer=pair.record.producer,
-                              pattern=pair.record.pattern, bn_kind=pair.norm.kind))
-        else:
-            kept.append(pair)
-    return kept, moved
 
 
 def _routing_dependent(recording: Recording, pair: PlannedPair) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
 from bnfold.sites import (
     LayerSite,
     NormSite,
+    fetch_attr,
     functional_norm,
     has_stock_forward,
     is_norm_call,
@@ -98,11 +99,12 @@ def decide(gm: fx.GraphModule, kept: dict[str, Any], allow_graph_rewrite: bool, 
            extra_uses: Counter | None = None
            ) -> tuple[list[PlannedPair], list[Skip], list[str]]:
     """Pair or skip every norm call of a traced (or recorded) graph; ``kept`` holds the inputs
-    of subclass and affine-candidate calls, ``extra_uses`` more uses of tensors by id."""
+    of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
+    module tensors outside their module that the graph has no get_attr node for."""
     module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     layers = {n: site for n in gm.graph.nodes if (site := layer_site(gm, n)) is not None}
-    uses = _tensor_uses(gm) + (extra_uses or Counter())
-    context = _Context(gm, layers, module_calls, uses, allow_graph_rewrite)
+    reads = _attr_reads(gm) + (extra_uses or Counter())
+    context = _Context(gm, layers, module_calls, _tensor_uses(gm), allow_graph_rewrite, reads)
     pairs: list[PlannedPair] = []
     skips: list[Skip] = []
     for norm in _norm_sites(gm, kept):
@@ -155,6 +157,7 @@ class _Context:
     module_calls: Counter
     tensor_uses: Counter
     allow_graph_rewrite: bool
+    outside_reads: Counter = field(default_factory=Counter)  # id(tensor) -> reads elsewhere
 
     def decide(self, norm: NormSite) -> PlannedPair | Skip:
         if norm.problem is not None:
@@ -181,6 +184,9 @@ class _Context:
                                f"{norm.name} is called {self.module_calls[norm.node.target]} times")
             if _has_hooks(norm.module):
                 return Refusal(SkipReason.HOOKS, f"{norm.name} has forward hooks or pre-hooks")
+            if any(self.outside_reads[id(t)] for t in _own_tensors(norm.module)):
+                return Refusal(SkipReason.BN_SHARED, f"{norm.name}'s parameters or buffers are "
+                               "also read elsewhere in the forward")
         if norm.kind == BnKind.FUNCTIONAL and not self.allow_graph_rewrite:
             return Refusal(SkipReason.NEEDS_GRAPH_REWRITE, f"{norm.name} is a functional call")
         affine = bn_affine(norm.params)
@@ -248,6 +254,9 @@ class _Context:
             return Refusal(SkipReason.UNSUPPORTED_FORWARD,
                            f"{layer.name} ({layer.type_name}) overrides forward; its output is "
                            "not known to be the plain layer's")
+        if layer.module is not None and any(self.outside_reads[id(t)] for t in layer.tensors):
+            return Refusal(SkipReason.PRODUCER_SHARED,
+                           f"{layer.name}'s weight or bias is also read elsewhere in the forward")
         shared = [t for t in layer.tensors if self.tensor_uses[id(t)] > 1]
         if shared:
             return Refusal(SkipReason.PRODUCER_SHARED,
@@ -290,6 +299,21 @@ def _first_input(node: fx.Node) -> Any:
 
 def _attr_uses(gm: fx.GraphModule, target: str | None) -> int:
     return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def _attr_reads(gm: fx.GraphModule) -> Counter:
+    """Tensors the forward reads directly (``self.conv.weight``), by id."""
+    reads: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            value = fetch_attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                reads[id(value)] += len(node.users)
+    return reads
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
 def _has_hooks(module: nn.Module) -> bool:
