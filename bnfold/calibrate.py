@@ -362,12 +362,14 @@ class _Moments:
         self.bn = bn
         self.shift: torch.Tensor | None = None  # K, in the compute dtype
         self.total: torch.Tensor | None = None  # float64 [2, C]: Σ(x − K), Σ(x − K)²
-        self.parts: list[torch.Tensor] = []
+        self.sums: list[torch.Tensor] = []
+        self.squares: list[torch.Tensor] = []
         self.count = 0
         self.calls = 0
+        self.clamp = not bn.eps > 0  # var + eps > 0 already when eps > 0
 
     def add(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool one call's input; return its per-channel sums (for the NaN check).
+        """Pool one call's input; return its per-channel sum of squares (for the NaN check).
 
         Also writes this call's batch mean and biased variance into the layer's running buffers,
         so its eval-mode forward normalises with batch statistics, as in training.
@@ -380,32 +382,35 @@ class _Moments:
             self.shift = x.mean(dims, dtype=compute)
             self.total = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
         dev = x - self.shift.view([1, channels] + [1] * (x.dim() - 2))  # float16 -> float32
-        sums = torch.stack([dev.sum(dims), dev.square_().sum(dims)])
-        self.parts.append(sums)
+        s1 = dev.sum(dims)
+        s2 = dev.square_().sum(dims)
+        self.sums.append(s1)
+        self.squares.append(s2)
         self.count += n
         self.calls += 1
-        if len(self.parts) >= self._FLUSH:
+        if len(self.sums) >= self._FLUSH:
             self.flush()
-        self._write_batch_statistics(sums, n)
-        return sums
+        self._write_batch_statistics(s1, s2, n)
+        return s2
 
-    def _write_batch_statistics(self, sums: torch.Tensor, n: int) -> None:
+    def _write_batch_statistics(self, s1: torch.Tensor, s2: torch.Tensor, n: int) -> None:
         """running_mean = K + Σd/n, running_var = (Σd² − (Σd)²/n)/n (biased, as in training)."""
-        s1, s2 = sums[0], sums[1]
         running_mean, running_var = self.bn.running_mean, self.bn.running_var
         if running_mean.dtype == s1.dtype and running_var.dtype == s1.dtype:
             torch.add(self.shift, s1, alpha=1.0 / n, out=running_mean)
-            torch.addcmul(s2, s1, s1, value=-1.0 / n, out=running_var).mul_(1.0 / n).clamp_(0.0)
+            torch.addcmul(s2, s1, s1, value=-1.0 / n, out=running_var).mul_(1.0 / n)
         else:  # e.g. float16 buffers: compute in float32, round once
             running_mean.copy_(torch.add(self.shift, s1, alpha=1.0 / n))
-            var = torch.addcmul(s2, s1, s1, value=-1.0 / n).mul_(1.0 / n).clamp_(0.0)
-            running_var.copy_(var)
+            running_var.copy_(torch.addcmul(s2, s1, s1, value=-1.0 / n).mul_(1.0 / n))
+        if self.clamp:
+            running_var.clamp_(min=0.0)
 
     def flush(self) -> None:
-        if self.parts:
+        if self.sums:
             assert self.total is not None
-            self.total += torch.stack(self.parts).sum(0, dtype=torch.float64)
-            self.parts = []
+            self.total[0] += torch.stack(self.sums).sum(0, dtype=torch.float64)
+            self.total[1] += torch.stack(self.squares).sum(0, dtype=torch.float64)
+            self.sums, self.squares = [], []
 
     def local(self) -> tuple[float, torch.Tensor, torch.Tensor]:
         """(count, mean, M2) of everything pooled here, float64; M2 = Σ (x − mean)²."""
@@ -472,10 +477,10 @@ class _Session:
         """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them."""
         if not self.checks:
             return
-        if bool(torch.isfinite(torch.cat([sums[1] for _, sums in self.checks])).all()):
+        if bool(torch.isfinite(torch.cat([s2 for _, s2 in self.checks])).all()):
             return
-        for name, sums in self.checks:
-            if not bool(torch.isfinite(sums[1]).all()):
+        for name, s2 in self.checks:
+            if not bool(torch.isfinite(s2).all()):
                 raise CalibrationError(
                     f"batch {self.batch_index}: BatchNorm {name!r} is the first layer whose "
                     "input holds NaN or infinite values; check the data (and the layers before "

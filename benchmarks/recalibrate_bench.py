@@ -1,0 +1,291 @@
+"""``bnfold.recalibrate`` against ``torch.optim.swa_utils.update_bn``, side by side in one process.
+
+For each model: the same model and the same uneven batches (sizes cycle through ``--sizes``,
+data far from zero mean) go through both tools. Reported:
+
+- **throughput** (samples/s; best of ``--repeat`` interleaved runs) and the ratio bnfold /
+  update_bn (> 1: bnfold is faster). update_bn runs as shipped (it is ``torch.no_grad``).
+- **peak memory**: the highest total of live tensor bytes allocated during the call, from the
+  torch profiler's memory events (``profile_memory=True``: every allocation and free with its
+  time stamp, summed in time order), on a separate profiled run; or
+  ``torch.cuda.max_memory_allocated`` on a CUDA device. Ratio bnfold / update_bn (< 1: less).
+- **error** of each against the exact statistics: a float64 copy of the model fed the same
+  data in float64, its BNs in train mode and everything else in eval, every BN input pooled in
+  float64 (per-batch ``var_mean``, merged by Chan's formula). Reported: the worst BN's
+  max |mean error| / std and max |var error| / var. The "floor" column is the same pooling
+  applied to the float32 model's own BN inputs: the error any float32 forward pass has.
+
+    python benchmarks/recalibrate_bench.py                 # the default models
+    python benchmarks/recalibrate_bench.py --repeat 9 --batches 24
+    python benchmarks/recalibrate_bench.py --smoke         # tiny sizes, one repeat (a test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+from bnfold import recalibrate, zoo
+
+BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    sample_shape: tuple[int, ...]
+
+
+CASES = [
+    Case("small_cnn (dropout)", lambda: zoo.small_cnn(width=16), (3, 32, 32)),
+    Case("resnet18 w32", lambda: zoo.resnet18(num_classes=10, width=32), (3, 64, 64)),
+    Case("mobilenet_v2 x0.5 (dropout)", lambda: zoo.mobilenet_v2(10, 0.5), (3, 64, 64)),
+    Case("mlp (dropout)", lambda: zoo.mlp(), (64,)),
+]
+SMOKE_CASES = [Case("small_cnn w4 (dropout)", lambda: zoo.small_cnn(width=4), (3, 8, 8))]
+
+
+@dataclass
+class Row:
+    model: str
+    batches: int
+    samples: int
+    has_dropout: bool
+    bnfold_samples_per_s: float
+    update_bn_samples_per_s: float
+    throughput_ratio: float
+    bnfold_peak_mb: float
+    update_bn_peak_mb: float
+    memory_ratio: float
+    memory_source: str
+    bnfold_mean_error: float
+    bnfold_var_error: float
+    update_bn_mean_error: float
+    update_bn_var_error: float
+    floor_mean_error: float
+    floor_var_error: float
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def exact_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple]:
+    """Per BN: float64 (mean, unbiased var) of every element of its input, BNs in train mode."""
+    twin = copy.deepcopy(model)
+    pooled: dict[str, list] = {}
+    for module in twin.modules():
+        module.training = isinstance(module, BN)
+    for name, module in twin.named_modules():
+        if isinstance(module, BN):
+            module.register_forward_pre_hook(_merge_into(pooled, name))
+    with torch.no_grad():
+        for x in batches:
+            twin(x)
+    return {name: (mean, m2 / (n - 1)) for name, (n, mean, m2) in pooled.items()}
+
+
+def _merge_into(pooled: dict[str, list], name: str) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().to(torch.float64)
+        dims = [0, *range(2, x.dim())]
+        n_b = x.numel() // x.shape[1]
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        if name not in pooled:
+            pooled[name] = [n_b, mean_b, var_b * n_b]
+            return
+        n_a, mean_a, m2_a = pooled[name]
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        pooled[name] = [
+            n,
+            mean_a + delta * (n_b / n),
+            m2_a + var_b * n_b + delta**2 * (n_a * n_b / n),
+        ]
+
+    return hook
+
+
+def errors(stats: dict[str, tuple], exact: dict[str, tuple]) -> tuple[float, float]:
+    """Worst BN's max |mean − exact| / exact std and max |var − exact| / exact var."""
+    worst_mean = worst_var = 0.0
+    for name, (mean, var) in exact.items():
+        got_mean, got_var = (t.to(torch.float64) for t in stats[name])
+        std = var.sqrt().clamp(min=1e-12)
+        worst_mean = max(worst_mean, float(((got_mean - mean).abs() / std).max()))
+        worst_var = max(worst_var, float(((got_var - var).abs() / var.clamp(min=1e-24)).max()))
+    return worst_mean, worst_var
+
+
+def running_statistics(model: nn.Module) -> dict[str, tuple]:
+    return {
+        name: (m.running_mean, m.running_var)
+        for name, m in model.named_modules()
+        if isinstance(m, BN) and m.running_mean is not None
+    }
+
+
+# ---------------------------------------------------------------------------- the measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(runs: dict[str, Callable[[], None]], repeat: int, device: torch.device) -> dict:
+    """Best wall time of each run, interleaved so machine noise hits all sides alike."""
+    best = dict.fromkeys(runs, float("inf"))
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeat):
+        for key, fn in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int, str]:
+    """Peak live tensor bytes allocated while ``fn`` runs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, "torch profiler memory events"
+
+
+def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: torch.device,
+            seed: int = 0) -> Row:  # fmt: skip
+    torch.manual_seed(seed)
+    model = zoo.randomize_bn(case.build(), seed=seed).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [
+        (torch.randn((sizes[i % len(sizes)], *case.sample_shape), generator=gen) * 2 + 1).to(device)
+        for i in range(n_batches)
+    ]
+    samples = sum(len(x) for x in batches)
+    exact = exact_statistics(model.double(), [x.double() for x in batches])
+    model.float()
+    floor = errors(exact_statistics(model, batches), exact)
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+
+    def run_bnfold() -> None:
+        recalibrate(ours, batches)
+
+    def run_update_bn() -> None:
+        update_bn(batches, theirs)
+
+    times = best_time({"bnfold": run_bnfold, "update_bn": run_update_bn}, repeat, device)
+    ours_peak, source = peak_bytes(run_bnfold, device)
+    theirs_peak, _ = peak_bytes(run_update_bn, device)
+    ours_err = errors(running_statistics(ours), exact)
+    theirs_err = errors(running_statistics(theirs), exact)
+    return Row(
+        model=case.name,
+        batches=n_batches,
+        samples=samples,
+        has_dropout=any(isinstance(m, nn.Dropout) for m in model.modules()),
+        bnfold_samples_per_s=samples / times["bnfold"],
+        update_bn_samples_per_s=samples / times["update_bn"],
+        throughput_ratio=times["update_bn"] / times["bnfold"],
+        bnfold_peak_mb=ours_peak / 2**20,
+        update_bn_peak_mb=theirs_peak / 2**20,
+        memory_ratio=ours_peak / max(theirs_peak, 1),
+        memory_source=source,
+        bnfold_mean_error=ours_err[0],
+        bnfold_var_error=ours_err[1],
+        update_bn_mean_error=theirs_err[0],
+        update_bn_var_error=theirs_err[1],
+        floor_mean_error=floor[0],
+        floor_var_error=floor[1],
+    )
+
+
+# ----------------------------------------------------------------------------------- the table
+
+
+def markdown(rows: list[Row], sizes: list[int], device: torch.device, threads: int) -> str:
+    head = [
+        f"bnfold.recalibrate vs torch.optim.swa_utils.update_bn on {device} "
+        f"({threads} threads), batch sizes cycling {sizes}; peak memory from "
+        f"{rows[0].memory_source if rows else '-'}.",
+        "",
+        "| model | batches (samples) | bnfold samples/s | update_bn samples/s | throughput "
+        "ratio | peak MB bnfold / update_bn | memory ratio | bnfold error mean / var | "
+        "update_bn error mean / var | floor (fp32 forward) mean / var |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head.append(
+            f"| {r.model} | {r.batches} ({r.samples}) | {r.bnfold_samples_per_s:,.0f} | "
+            f"{r.update_bn_samples_per_s:,.0f} | **{r.throughput_ratio:.2f}** | "
+            f"{r.bnfold_peak_mb:.1f} / {r.update_bn_peak_mb:.1f} | **{r.memory_ratio:.2f}** | "
+            f"{r.bnfold_mean_error:.1e} / {r.bnfold_var_error:.1e} | "
+            f"{r.update_bn_mean_error:.1e} / {r.update_bn_var_error:.1e} | "
+            f"{r.floor_mean_error:.1e} / {r.floor_var_error:.1e} |"
+        )
+    head.append("")
+    head.append(
+        "Throughput ratio = bnfold / update_bn samples per second (> 1: bnfold faster); memory "
+        "ratio = bnfold / update_bn peak (< 1: bnfold smaller). Errors: worst BN, max over "
+        "channels, |mean error| / std and |var error| / var against float64 statistics of "
+        "every BN input of a float64 copy of the model (train-mode BN semantics); the floor is "
+        "what exact pooling of the float32 model's own BN inputs gets."
+    )
+    return "\n".join(head) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved timed runs (best)")
+    parser.add_argument("--batches", type=int, default=12, help="batches per recalibration")
+    parser.add_argument("--sizes", default="32,7,64,19,48", help="batch sizes, cycled")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    cases, repeat, n_batches = CASES, args.repeat, args.batches
+    if args.smoke:
+        cases, repeat, n_batches, sizes = SMOKE_CASES, 1, 3, [4, 3]
+    device = torch.device(args.device)
+    rows = [measure(case, sizes, n_batches, repeat, device) for case in cases]
+    print(markdown(rows, sizes, device, torch.get_num_threads()), end="")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump([asdict(row) for row in rows], handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

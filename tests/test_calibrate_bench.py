@@ -1,0 +1,24 @@
+"""Smoke test of benchmarks/recalibrate_bench.py at tiny sizes (the numbers are not checked,
+except that bnfold is exact where update_bn is not)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "recalibrate_bench.py"
+
+
+def test_benchmark_runs_and_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("recalibrate_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke"])
+    table = capsys.readouterr().out
+    assert "| model |" in table and "throughput ratio" in table
+    (row,) = rows
+    assert row.bnfold_var_error < 1e-5 < 1e-2 < row.update_bn_var_error
+    assert row.bnfold_peak_mb >= 0 and row.memory_ratio > 0
