@@ -420,6 +420,8 @@ def _per_channel(lin: _Lin, x: Tensor) -> Affine | Refusal:
 
 
 def _check_numerically(module: nn.Module, x: Tensor, affine: Affine) -> str | None:
+    if not (torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()):
+        return None  # NaN/inf statistics: the graph pass refuses it as non-finite
     with inference(module):
         out = module(x)
     if not isinstance(out, Tensor) or out.shape != x.shape:
