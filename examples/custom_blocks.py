@@ -2,11 +2,12 @@
 
     python examples/custom_blocks.py [--out DIR]
 
-Five blocks that real networks use, each with a BatchNorm. A fold that pairs modules by their
-order in ``__init__`` would fold all six BatchNorms and get four of them silently wrong. bnfold
-reads the dataflow, folds what it can prove exact, and keeps the rest with a reason and advice;
-the folded model is then checked against the original in float64. The plan is also written to
-DIR/plan.json (default: a new temporary folder).
+Five blocks that real networks use, each with a BatchNorm. A fold that pairs each conv with the
+BatchNorm declared after it would silently break four of them (it would drop the fused ReLU,
+change the residual path, change both uses of the shared conv, and scale a weight that is
+standardised away). bnfold reads the dataflow, folds what it can prove exact, and keeps the
+rest with a reason and advice; the folded model is then checked against the original in
+float64. The plan is also written to DIR/plan.json (default: a new temporary folder).
 """
 
 from __future__ import annotations
