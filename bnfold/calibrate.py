@@ -351,8 +351,8 @@ class _Backup:
 class _Moments:
     """Per-channel sums of ``x − K`` and ``(x − K)²`` for one BatchNorm, pooled in float64.
 
-    Each call's sums (in the compute dtype) are kept and added into the float64 totals in
-    groups of ``_FLUSH`` calls, which keeps the per-call work to a few tensor operations.
+    Each call's float64 sums are kept and added into the totals in groups of ``_FLUSH`` calls,
+    which keeps the per-call work to a few tensor operations.
     """
 
     _FLUSH = 64
@@ -376,14 +376,12 @@ class _Moments:
         """
         channels = x.shape[1]
         n = x.numel() // channels
-        dims = [0, *range(2, x.dim())]
         if self.shift is None:
             compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-            self.shift = x.mean(dims, dtype=compute)
+            self.shift = x.mean([0, *range(2, x.dim())], dtype=compute)
             self.total = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
         dev = x - self.shift.view([1, channels] + [1] * (x.dim() - 2))  # float16 -> float32
-        s1 = dev.sum(dims)
-        s2 = dev.square_().sum(dims)
+        s1, s2 = _channel_sums(dev)
         self.sums.append(s1)
         self.squares.append(s2)
         self.count += n
@@ -395,15 +393,9 @@ class _Moments:
 
     def _write_batch_statistics(self, s1: torch.Tensor, s2: torch.Tensor, n: int) -> None:
         """running_mean = K + Σd/n, running_var = (Σd² − (Σd)²/n)/n (biased, as in training)."""
-        running_mean, running_var = self.bn.running_mean, self.bn.running_var
-        if running_mean.dtype == s1.dtype and running_var.dtype == s1.dtype:
-            torch.add(self.shift, s1, alpha=1.0 / n, out=running_mean)
-            torch.addcmul(s2, s1, s1, value=-1.0 / n, out=running_var).mul_(1.0 / n)
-        else:  # e.g. float16 buffers: compute in float32, round once
-            running_mean.copy_(torch.add(self.shift, s1, alpha=1.0 / n))
-            running_var.copy_(torch.addcmul(s2, s1, s1, value=-1.0 / n).mul_(1.0 / n))
-        if self.clamp:
-            running_var.clamp_(min=0.0)
+        self.bn.running_mean.copy_(torch.add(self.shift, s1, alpha=1.0 / n))
+        var = torch.addcmul(s2, s1, s1, value=-1.0 / n).mul_(1.0 / n)
+        self.bn.running_var.copy_(var.clamp_(min=0.0) if self.clamp else var)
 
     def flush(self) -> None:
         if self.sums:
@@ -434,24 +426,23 @@ class _Pooled:
 
 
 class _Session:
-    """Hooks on every target BatchNorm, and the per-batch bookkeeping they share."""
+    """Hooks on every target BatchNorm, and the bookkeeping they share."""
+
+    #: Batches between NaN/inf checks (each check synchronises with the device once).
+    CHECK_EVERY = 16
 
     def __init__(self, targets: dict[str, nn.Module]) -> None:
         self.moments = {name: _Moments(name, bn) for name, bn in targets.items()}
+        self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
-        self.inside: str | None = None  # the BatchNorm whose forward is running
-        self.checks: list[tuple[str, torch.Tensor]] = []  # this batch's calls, in order
-        self.handles = []
-        for name, bn in targets.items():
-            moments = self.moments[name]
-            self.handles.append(
-                bn.register_forward_pre_hook(self._pre_hook(moments), with_kwargs=True)
-            )
-            self.handles.append(bn.register_forward_hook(self._post_hook))
+        self.checks: list[tuple[int, str, torch.Tensor]] = []  # calls since the last check
+        self.handles = [
+            bn.register_forward_pre_hook(self._pre_hook(self.moments[name]), with_kwargs=True)
+            for name, bn in targets.items()
+        ]
 
     def _pre_hook(self, moments: _Moments) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.inside = moments.name
             x = args[0] if args else kwargs.get("input")
             if not _usable_input(x, module):
                 return  # let the layer's own forward reject it, with its own message
@@ -461,29 +452,35 @@ class _Session:
                     f"channel (input shape {tuple(x.shape)}); batch statistics need at least two, "
                     "as in training: use a larger batch size"
                 )
-            self.checks.append((moments.name, moments.add(x)))
+            self.checks.append((self.batch_index, moments.name, moments.add(x)))
 
         return hook
 
-    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.inside = None
+    def inside(self, exc: BaseException) -> str | None:
+        """The innermost target BatchNorm whose forward is in ``exc``'s traceback, if any."""
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            name = self.names.get(id(tb.tb_frame.f_locals.get("self")))
+            found = name or found
+            tb = tb.tb_next
+        return found
 
     def start_batch(self, index: int) -> None:
         self.batch_index = index
-        self.inside = None
-        self.checks = []
+        if index and index % self.CHECK_EVERY == 0:
+            self.check_finite()
 
     def check_finite(self) -> None:
         """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them."""
-        if not self.checks:
+        checks, self.checks = self.checks, []
+        if not checks or bool(torch.isfinite(torch.cat([c[2] for c in checks])).all()):
             return
-        if bool(torch.isfinite(torch.cat([s2 for _, s2 in self.checks])).all()):
-            return
-        for name, s2 in self.checks:
+        for index, name, s2 in checks:
             if not bool(torch.isfinite(s2).all()):
                 raise CalibrationError(
-                    f"batch {self.batch_index}: BatchNorm {name!r} is the first layer whose "
-                    "input holds NaN or infinite values; check the data (and the layers before "
+                    f"batch {index}: BatchNorm {name!r} is the first layer whose input holds "
+                    "NaN or infinite values; check the data (and the layers before "
                     f"{name!r}) for NaN/inf. Statistics restored, model unchanged"
                 )
 
@@ -502,6 +499,24 @@ class _Session:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def _channel_sums(dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 per-channel Σd and Σd² of ``dev`` (channels on dim 1); squares ``dev`` in place.
+
+    Each sample's values are summed first in ``dev``'s dtype, along the contiguous axis (fast,
+    and cascade summation keeps the error ~1e-7 relative), then the per-sample sums in float64.
+    """
+    batch, channels = dev.shape[0], dev.shape[1]
+    if dev.dim() == 2:
+        return dev.sum(0, dtype=torch.float64), dev.square_().sum(0, dtype=torch.float64)
+    if dev.is_contiguous() or not dev.movedim(1, -1).is_contiguous():
+        rows, axis = dev.reshape(batch, channels, -1), 2  # a copy only for odd strides
+    else:  # channels last
+        rows, axis = dev.movedim(1, -1).reshape(batch, -1, channels), 1
+    s1 = rows.sum(axis).sum(0, dtype=torch.float64)
+    s2 = rows.square_().sum(axis).sum(0, dtype=torch.float64)
+    return s1, s2
 
 
 def _usable_input(x: Any, bn: nn.Module) -> bool:
@@ -587,13 +602,13 @@ def _run(
             batch = _to_device(batch, device)
             session.start_batch(index)
             _feed_one(model, batch, feed, session, index)
-            session.check_finite()
             items = batch_items(batch)
             totals[0] += 1
             totals[1] += items
             if progress is not None:
                 progress(index, items)
             index += 1
+    session.check_finite()
     return totals
 
 
@@ -619,7 +634,8 @@ def _feed_one(
     except BnfoldError:
         raise
     except Exception as exc:
-        where = f" inside BatchNorm {session.inside!r}" if session.inside is not None else ""
+        inside = session.inside(exc)
+        where = f" inside BatchNorm {inside!r}" if inside is not None else ""
         hint = ""
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
             hint = (

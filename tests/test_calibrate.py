@@ -252,3 +252,20 @@ def test_model_without_running_stats_only_is_reported_not_run() -> None:
     model = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False))
     report = recalibrate(model, [])
     assert report.batches == 0 and report.skipped and not report.recalibrated
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_memory_layouts(layout: str) -> None:
+    batches = uneven_batches((5, 9, 3), (6, 10, 10), offset=50.0, scale=2.0)
+    if layout == "channels_last":
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    elif layout == "strided":
+        batches = [x.transpose(2, 3) for x in batches]
+    model = nn.Sequential(nn.BatchNorm2d(6)).eval()
+    recalibrate(model, batches)
+    values = torch.cat(batches).double().transpose(0, 1).reshape(6, -1)
+    var = model[0].running_var.double()
+    assert float(((var - values.var(dim=1)).abs() / values.var(dim=1)).max()) < 1e-6
+    # the mean is stored in float32: its rounding (|mean| 50 × 2**-24) bounds the error
+    mean_error = (model[0].running_mean.double() - values.mean(dim=1)).abs().max()
+    assert float(mean_error) < 50 * 2**-23
