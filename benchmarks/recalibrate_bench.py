@@ -50,6 +50,7 @@ CASES = [
     Case("resnet18 w32", lambda: zoo.resnet18(num_classes=10, width=32), (3, 64, 64)),
     Case("mobilenet_v2 x0.5 (dropout)", lambda: zoo.mobilenet_v2(10, 0.5), (3, 64, 64)),
     Case("mlp (dropout)", lambda: zoo.mlp(), (64,)),
+    Case("resnet18 112x112", lambda: zoo.resnet18(num_classes=10), (3, 112, 112)),
 ]
 SMOKE_CASES = [Case("small_cnn w4 (dropout)", lambda: zoo.small_cnn(width=4), (3, 8, 8))]
 

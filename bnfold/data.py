@@ -115,6 +115,10 @@ class DataSource:
         """Batches before sharding, when known."""
         return None
 
+    def _sizes(self) -> list[int] | None:
+        """Samples in each batch before sharding, when known."""
+        return None
+
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches()):
             if index % self.world == self.rank:
@@ -130,6 +134,13 @@ class DataSource:
     def num_batches(self) -> int | None:
         """Batches this rank will feed, or None when the data does not say."""
         return None if self._count() is None else len(self)
+
+    def num_samples(self, batches: int | None = None) -> int | None:
+        """Samples in this rank's first ``batches`` batches (all if None), when known."""
+        sizes = self._sizes()
+        if sizes is None:
+            return None
+        return sum(sizes[self.rank :: self.world][:batches])
 
     def first_batch(self) -> Batch:
         """The first batch of the data (of the whole data, whatever the shard)."""
@@ -166,6 +177,9 @@ class _TensorSource(DataSource):
     def _count(self) -> int:
         return len(_batch_bounds(self.count, self.batch_size))
 
+    def _sizes(self) -> list[int]:
+        return [stop - start for start, stop in _batch_bounds(self.count, self.batch_size)]
+
     def _batches(self) -> Iterator[Batch]:
         order = _permutation(self.count, self.seed)
         for start, stop in _batch_bounds(self.count, self.batch_size):
@@ -193,6 +207,11 @@ class _ListSource(DataSource):
 
     def _count(self) -> int:
         return len(self.batches)
+
+    def _sizes(self) -> list[int]:
+        from bnfold.calibrate import batch_items
+
+        return [batch_items(batch) for batch in self.batches]
 
     def _batches(self) -> Iterator[Batch]:
         yield from self.batches
@@ -281,6 +300,9 @@ class _ImageFolder(DataSource):
 
     def _count(self) -> int:
         return len(_batch_bounds(len(self.files), self.batch_size))
+
+    def _sizes(self) -> list[int]:
+        return [stop - start for start, stop in _batch_bounds(len(self.files), self.batch_size)]
 
     def _batches(self) -> Iterator[torch.Tensor]:
         order = _permutation(len(self.files), self.seed).tolist()

@@ -220,3 +220,13 @@ def test_recalibrate_consumes_a_data_source(tmp_path: Path) -> None:
     assert report.batches == 4 and report.samples == 50
     values = torch.load(path).float().double()
     assert torch.allclose(model[0].running_var.double(), values.var(dim=0), rtol=1e-6)
+
+
+def test_num_samples(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(_samples(20), path)
+    assert load_data(path, batch_size=6).num_samples() == 20  # batches of 6, 6, 6, 2
+    assert load_data(path, batch_size=6).num_samples(2) == 12
+    assert load_data(path, batch_size=6, shard=(1, 2)).num_samples() == 8
+    torch.save([_samples(3), _samples(4)], tmp_path / "list.pt")
+    assert load_data(tmp_path / "list.pt").num_samples() == 7
