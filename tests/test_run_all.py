@@ -1,0 +1,63 @@
+"""benchmarks/run_all.py: a quick run of one small benchmark writes the document; a failing
+benchmark is reported in it and makes the exit code 1."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ALL = ROOT / "benchmarks" / "run_all.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bnfold_run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_quick_run_of_one_benchmark_writes_the_document(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--quick", "--only", "fold_bench", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = output.read_text()
+    assert "Smoke run (`--quick`)" in text
+    assert "Ratios are measured side by side" in text
+    assert "`python benchmarks/run_all.py --quick --only fold_bench --output " in text
+    for key in ("| CPU |", "| cores |", "| RAM |", "| OS |", "| python |", "| torch |",
+                "| onnx |", "| onnxruntime |", "| bnfold |"):
+        assert key in text, key
+    assert "| [fold_bench](#fold_bench) | ok |" in text
+    assert "## fold_bench" in text
+    assert "`python benchmarks/fold_bench.py --repeat 1 --models mlp traps`" in text
+    assert "| traps | 3 |" in text  # the benchmark's own table, verbatim
+
+
+def test_every_benchmark_has_quick_arguments_or_a_smoke_flag() -> None:
+    run_all = _module()
+    for script in run_all.discover(None):
+        quick = run_all.arguments(script, quick=True)
+        assert quick, f"{script.name}: add its --quick arguments to ARGS in run_all.py"
+
+
+def test_a_failing_benchmark_is_reported() -> None:
+    run_all = _module()
+    good = run_all.Result("a_bench", "A.", ["python", "a.py"], 1.0, 0, "| x |\n|---|\n| 1 |\n", "")
+    crashed = run_all.Result("b_bench", "B.", ["python", "b.py"], 2.0, 1, "", "Traceback\nBoom")
+    silent = run_all.Result("c_bench", "C.", ["python", "c.py"], 3.0, 0, "no table", "")
+    assert good.ok and not crashed.ok and not silent.ok
+    text = run_all.document([good, crashed, silent], [], False, "today", 6.0, "1.00")
+    assert "| [b_bench](#b_bench) | FAILED (exit 1) |" in text
+    assert "| [c_bench](#c_bench) | FAILED (no Markdown table) |" in text
+    assert "Boom" in text
+    assert "Smoke run" not in text
