@@ -152,6 +152,8 @@ def classify(argv: list[str]) -> tuple[str, str]:
     for prefix, why in NOT_RUN.items():
         if tuple(argv[: len(prefix)]) == prefix:
             return "not-run", why
+    if any(char in token for token in argv for char in "|<>"):
+        return "unknown", "pipes and redirections are not supported by this harness"
     if argv[0] == "bnfold":
         sub = next((a for a in argv[1:] if not a.startswith("-")), None)
         if sub in PARSE_ONLY:
@@ -163,8 +165,6 @@ def classify(argv: list[str]) -> tuple[str, str]:
         ("examples/", "benchmarks/")
     ):
         return "script", "tests/test_examples.py runs examples; benchmarks have smoke tests"
-    if any(char in token for token in argv for char in "|<>"):
-        return "unknown", "pipes and redirections are not supported by this harness"
     return "unknown", "this harness does not know how to run it; teach tests/test_readme.py"
 
 
