@@ -3,6 +3,7 @@ statistics, equal to one process fed every rank's batches; a failing rank fails 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from calibrate_models import mixed, uneven_batches
 
+import bnfold
 from bnfold import recalibrate
 
 pytestmark = pytest.mark.distributed
@@ -128,7 +130,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     ("fp32", torch.float32, 1e-6),
     ("fp64", torch.float64, 1e-12),
     ("empty-rank", torch.float64, 1e-12),
-])  # fmt: skip
+])
 def test_ranks_agree_with_one_process(
     ranks: list[dict], scenario: str, dtype: torch.dtype, tolerance: float
 ) -> None:
@@ -166,3 +168,44 @@ def test_single_process_reference_sees_the_unused_branch() -> None:
     assert unused["status"] == "recalibrated" and unused["calls"] == 3
     model = mixed()
     assert recalibrate(model, uneven_batches((4,))).unseen
+
+
+def test_torchrun_cli_rank0_writes_the_same_model(tmp_path: Path) -> None:
+    """``torchrun --no-python bnfold recalibrate``: one output, one report, single-process
+    statistics."""
+    import shutil
+
+    bnfold_exe = shutil.which("bnfold")
+    if bnfold_exe is None:
+        pytest.skip("the bnfold command is not on PATH")
+    (tmp_path / "dist_user.py").write_text(
+        "import torch\nfrom calibrate_models import mixed\n"
+        "def build():\n    return mixed()\n"
+    )
+    data = torch.cat(uneven_batches((13, 11, 9, 17)))
+    torch.save(data, tmp_path / "data.pt")
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests)])}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+        str(WORLD), "--no-python", bnfold_exe, "recalibrate", "dist_user:build",
+        "--data", "data.pt", "--batch-size", "8", "-o", "out.pt2", "--json", "r.json",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("recalibrated 5 of 6 BatchNorms") == 1  # rank 0 alone prints
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".pt2", ".json")) == [
+        "out.pt2",
+        "r.json",
+    ]
+    report = json.loads((tmp_path / "r.json").read_text())["recalibration"]
+    assert report["world_size"] == WORLD and report["samples"] == len(data)
+    got = dict(bnfold.load_model(tmp_path / "out.pt2").model.named_buffers())
+    model = mixed()
+    recalibrate(model, bnfold.load_data(tmp_path / "data.pt", batch_size=8))
+    expected = dict(model.named_buffers())
+    assert got and set(got) <= set(expected)  # (the exported program drops the unused BN)
+    for name, value in got.items():
+        assert torch.allclose(value, expected[name], rtol=1e-6, atol=1e-6), name
