@@ -18,11 +18,15 @@ How a forward pass is run (the semantics of ``torch.optim.swa_utils.update_bn``,
   flag stays False, so a BN subclass keeps its extra behaviour (activation, dropout) in eval form,
   and a ``SyncBatchNorm`` normalises each rank's batch by itself (no collective in the forward).
 - Statistics of a call with input ``x`` (channels on dim 1): with a per-layer shift ``K`` (the
-  mean of the first batch the layer saw), ``d = x - K`` in float32 (float64 for float64 input),
-  the per-channel sums of ``d`` and ``d²`` are added into float64 accumulators. At the end
+  mean of the first batch the layer saw), ``d = x - K`` in float32 (float64 for float64 input);
+  each sample's sums of ``d`` and ``d²`` per channel are taken along the contiguous axis
+  (cascade summation), then summed over samples and calls in float64. At the end
   ``mean = K + Σd / n`` and ``var = (Σd² − (Σd)²/n) / (n − 1)``. The shift keeps the subtraction
-  free of cancellation, so the result matches float64 statistics of the same inputs to ~1e-7
-  relative (the tests hold it to 1e-6).
+  free of cancellation (data with mean/std = 1e4 is exact too), so the result matches float64
+  statistics of the same inputs to ~1e-7 relative or better (the tests hold it to 1e-6; the
+  stored mean is rounded once to the buffer's dtype).
+- NaN/inf: checked every ``_Session.CHECK_EVERY`` batches and at the end; the error names the
+  batch and the first BatchNorm, in call order, whose input held them.
 
 Distributed: when ``torch.distributed`` is initialised, each rank feeds its own batches; the
 per-channel count, mean and squared deviations are all-reduced in float64 (two reductions: the

@@ -49,7 +49,7 @@ A state dict keeps MODEL's keys: load it into the same architecture, strictly.
 \b
 Several processes (each feeds its share of the batches; statistics are all-reduced
 so every rank holds the same; only rank 0 writes files and prints):
-  torchrun --standalone --nproc-per-node 4 --no-python bnfold recalibrate \
+  torchrun --standalone --nproc-per-node 4 --no-python bnfold recalibrate \\
       model.pt2 --data images/ -o model.recalibrated.pt2
 
 \b
