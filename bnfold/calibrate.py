@@ -129,6 +129,7 @@ class CalibrationReport(Record):
     world_size: int
     seconds: float
     accumulation_dtype: str = "float64"
+    notes: tuple[str, ...] = ()
 
     @property
     def recalibrated(self) -> tuple[LayerCalibration, ...]:
@@ -163,7 +164,7 @@ class CalibrationReport(Record):
 
     def format_text(self) -> str:
         """A plain-text table, one row per BatchNorm, then the summary line."""
-        header = ("BatchNorm", "samples", "mean shift (max, old std)", "std ratio", "var<eps", "")
+        header = ("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")
         rows = [header]
         for layer in self.layers:
             if layer.status is LayerStatus.RECALIBRATED:
@@ -186,7 +187,8 @@ class CalibrationReport(Record):
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in rows
         ]
-        return "\n".join([*lines, self.summary()])
+        notes = [f"note: {note}" for note in self.notes]
+        return "\n".join([*lines, *notes, self.summary()])
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -239,9 +241,10 @@ def recalibrate(
     """
     _check_arguments(model, batches)
     started = time.perf_counter()
+    model, notes = _unwrap(model)
     targets, skipped = _find_batchnorms(model)
     if not targets:
-        return _report(model, {}, skipped, batches=0, samples=0, world=1, started=started)
+        return _report(model, {}, skipped, 0, 0, 1, started, notes=notes)
     device = torch.device(device) if device is not None else _model_device(model)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
@@ -262,7 +265,7 @@ def recalibrate(
     finally:
         session.remove_hooks()
         backup.restore_flags()
-    return _report(model, pooled, skipped, totals[0], totals[1], world, started, backup)
+    return _report(model, pooled, skipped, totals[0], totals[1], world, started, backup, notes)
 
 
 # --------------------------------------------------------------------------------- preparation
@@ -278,6 +281,23 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
         )
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise UsageError(f"batches must be a positive integer or None, got {batches!r}")
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers: they
+    share its buffers, and a DistributedDataParallel forward would run a collective per batch
+    (a hang when ranks have different numbers of batches)."""
+    from bnfold.unwrap import unwrap
+
+    inner, _ = unwrap(model)
+    kinds = []
+    while model is not inner:
+        kinds.append(type(model).__name__)
+        wrapped = getattr(model, "module", None)
+        model = wrapped if isinstance(wrapped, nn.Module) else model._orig_mod
+    if not kinds:
+        return inner, ()
+    return inner, (f"recalibrated the module inside {', '.join(kinds)}; it shares the statistics",)
 
 
 def _find_batchnorms(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -761,6 +781,7 @@ def _report(
     world: int,
     started: float,
     backup: _Backup | None = None,
+    notes: tuple[str, ...] = (),
 ) -> CalibrationReport:
     layers = []
     for name, module in model.named_modules():
@@ -797,6 +818,7 @@ def _report(
         samples=samples,
         world_size=world,
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
 
 

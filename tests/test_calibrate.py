@@ -269,3 +269,15 @@ def test_memory_layouts(layout: str) -> None:
     # the mean is stored in float32: its rounding (|mean| 50 × 2**-24) bounds the error
     mean_error = (model[0].running_mean.double() - values.mean(dim=1)).abs().max()
     assert float(mean_error) < 50 * 2**-23
+
+
+def test_wrapped_model_is_recalibrated_inside() -> None:
+    model = mixed()
+    plain = copy.deepcopy(model)
+    batches = uneven_batches()
+    report = recalibrate(nn.DataParallel(model), batches)  # no GPU: it calls the module
+    recalibrate(plain, batches)
+    assert report.notes and "DataParallel" in report.notes[0]
+    assert report.layers[0].name == "bn"  # names of the inner module
+    for (name, a), (_, b) in zip(model.named_buffers(), plain.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
