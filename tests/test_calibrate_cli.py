@@ -205,4 +205,4 @@ def test_help_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "torchrun --nproc-per-node" in result.stdout
+    assert "torchrun --standalone --nproc-per-node" in result.stdout
