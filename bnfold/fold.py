@@ -23,6 +23,7 @@ from bnfold.foldmath import (
     fold_into_output,
 )
 from bnfold.graph import PlannedPair, analyse
+from bnfold.modes import set_eval
 from bnfold.patterns import Position
 from bnfold.records import BnKind, FoldedPair, FoldResult
 from bnfold.sites import LayerSite, NormSite
@@ -64,7 +65,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
-    target.eval()
+    set_eval(target)
     return FoldResult(model=target, plan=plan, folded=records,
                       skipped=plan.skipped, graph_rewritten=rewrite, inplace=inplace)
 

@@ -19,12 +19,20 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
+def set_eval(model: nn.Module) -> nn.Module:
+    """``model.eval()`` by setting each module's flag: ``torch.export``'s ``.module()`` refuses
+    ``eval()`` calls, but its flags mean the same."""
+    for module in model.modules():
+        module.training = False
+    return model
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode and restore each module's own flag afterwards."""
     flags = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
+        set_eval(model)
         yield model
     finally:
         for module, training in flags:

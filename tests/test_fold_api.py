@@ -110,3 +110,15 @@ def test_zoo_models_fold_completely() -> None:
         model = randomize(zoo.BUILDERS[name]())
         result = fold_fp64(model, zoo.example_input(name), skipped=0)
         assert len(result.folded) == result.plan.bn_total > 0
+
+
+def test_loaded_exported_program_module_folds(tmp_path) -> None:
+    """``torch.export.load(...).module()`` refuses ``.eval()``; the fold must not call it."""
+    model = _small().eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    assert len(bnfold.find_pairs(loaded, x).pairs) == 2
+    result = bnfold.fold(loaded, x)
+    assert bnfold.count_bn_kernels(result.model, x) == 0
+    assert rel_error(run(model, x), run(result.model, x)) < 1e-5
