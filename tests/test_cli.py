@@ -134,6 +134,16 @@ def test_dry_run_and_json_to_stdout_write_no_model(tmp_path, capsys, pt2):
     assert not (tmp_path / "model.folded.pt2").exists()
 
 
+def test_dry_run_notes_an_existing_output_instead_of_refusing(tmp_path, capsys, pt2):
+    existing = tmp_path / "model.folded.pt2"
+    existing.write_bytes(b"keep me")
+    code, out, _ = run(capsys, "fold", pt2, "--dry-run")
+    assert code == 0 and "exists: a real run needs --force" in " ".join(out.split())
+    assert existing.read_bytes() == b"keep me"
+    code, _, err = run(capsys, "fold", pt2)
+    assert code == 2 and "--force" in err and existing.read_bytes() == b"keep me"
+
+
 def test_fold_pickled_module_with_trust_writes_pickle_and_pt2(tmp_path, capsys, user):
     torch.save(user.build(), tmp_path / "net.pth")
     code, _, err = run(capsys, "fold", tmp_path / "net.pth")

@@ -99,16 +99,17 @@ def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool
     before and after, and where the output was written.
     """
     check_report_paths(json_path, markdown_path)
-    _check_output_early(output, request, force=force)
-    _check_output_early(onnx_path, request, force=force, any_format=True)
+    replace = force or dry_run  # a dry run writes nothing, so an existing output is only noted
+    _check_output_early(output, request, force=replace)
+    _check_output_early(onnx_path, request, force=replace, any_format=True)
     run = FoldRun(prepared=(prepared := prepare(request)), model=prepared.model)
-    targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=force)
+    targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=replace)
     _check_distinct([path for path, _ in targets] + ([onnx_path] if onnx_path else []))
     # --data DATA goes here: _recalibrate_step(run, data) sets run.model, adds a section.
     _fold_step(run)
     if dry_run:
-        run.notes.extend(f"would write {path}" for path, _ in targets)
-        run.notes.extend([f"would export {onnx_path}"] if onnx_path else [])
+        planned = [path for path, _ in targets] + ([onnx_path] if onnx_path else [])
+        run.notes.extend(f"would write {path}" + _exists_note(path, force) for path in planned)
     else:
         _save_step(run, targets, force=force)
     exported = _export_step(run, onnx_path) if onnx_path and not dry_run else None
@@ -134,6 +135,10 @@ def _check_output_early(output: Path | None, request: ModelRequest, *, force: bo
         output_format(output)
     spec = Path(request.spec)
     check_output_path(output, inputs=[spec if spec.exists() else None], overwrite=force)
+
+
+def _exists_note(path: Path, force: bool) -> str:
+    return " (exists: a real run needs --force)" if path.exists() and not force else ""
 
 
 def _check_distinct(paths: list[Path]) -> None:
