@@ -13,56 +13,21 @@ folded model is written to DIR (default: a new temporary folder).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import bnfold
 from bnfold import zoo
 
+# The synthetic task and the plain training loop of `bnfold demo`: each class is a fixed 3x8x8
+# pattern under noise; `contrast` scales the images (a new camera, different pixel statistics).
+from bnfold.demo import accuracy, train
+from bnfold.demo import synthetic_task as camera_images
+
 CLASSES = 4
-TEMPLATES = torch.randn(CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(99))
-
-
-def camera_images(n: int, seed: int, contrast: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic task: each class is a fixed 3x8x8 pattern under noise. ``contrast`` scales
-    the images: a new camera sees the same scenes with different pixel statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, CLASSES, (n,), generator=gen)
-    images = torch.randn(n, 3, 8, 8, generator=gen) + 0.6 * TEMPLATES[labels]
-    return contrast * images, labels
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int, steps: int,
-          lr: float) -> None:
-    """Plain SGD in train mode (BatchNorms update their running statistics as usual)."""
-    gen = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(x), (batch,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-             batch_stats: bool = False) -> float:
-    """Eval-mode accuracy: the BatchNorms use their running statistics. With ``batch_stats``,
-    a copy of the model whose BatchNorms normalise with the test batch's own statistics (what
-    the weights can do when the statistics are right; the model itself is not touched)."""
-    if batch_stats:
-        model = copy.deepcopy(model)
-        for module in model.modules():
-            module.training = isinstance(module, nn.modules.batchnorm._BatchNorm)
-    with torch.no_grad():
-        return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,17 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = camera_images(512, seed=2, contrast=0.2)  # held out, new camera
 
     model = zoo.small_cnn(num_classes=CLASSES, width=8)
-    train(model, old_x, old_y, batch=32, steps=150, lr=0.05)
+    train(model, old_x, old_y, batch=32, steps=150, lr=0.05, seed=0)
     old_test_x, old_test_y = camera_images(512, seed=2, contrast=1.0)
     print(f"trained on the old camera (batch 32): old-camera test accuracy "
           f"{accuracy(model, old_test_x, old_test_y):.1%}")
 
     # Fine-tune on the new camera with batch size 2: the weights adapt (with the test batch's
     # own statistics the model scores well), but the running statistics are stale and noisy.
-    train(model, new_x, new_y, batch=2, steps=10, lr=0.002)
+    train(model, new_x, new_y, batch=2, steps=10, lr=0.002, seed=0)
     stale = accuracy(model, test_x, test_y)
     print(f"fine-tuned on the new camera (batch 2): new-camera test accuracy {stale:.1%} "
-          f"in eval mode, {accuracy(model, test_x, test_y, batch_stats=True):.1%} with batch "
+          f"in eval mode, {accuracy(model, test_x, test_y, bn_batch_stats=True):.1%} with batch "
           "statistics: the running statistics are stale")
 
     # Recalibrate on the new camera's images, in batches of any size (the statistics are
