@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.foldmath import Affine, BnParams
+from bnfold.guards import describe, trace_guarded, value_dependent_nodes
 from bnfold.modes import inference
 from bnfold.patterns import Refusal
 from bnfold.records import BnKind, SkipReason
@@ -41,10 +42,6 @@ from bnfold.sites import NormSite
 #: by the module's dtype. The proof itself is exact; this only catches interpreter bugs.
 CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
-_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
-                         "layout", "is_sparse", "is_quantized"})
-_META_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "is_contiguous",
-                           "is_floating_point", "get_device", "element_size"})
 _NO_OP_METHODS = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16",
                             "contiguous", "clone", "detach"})
 _ADD = {operator.add, operator.iadd, torch.add, "add"}
@@ -124,15 +121,14 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
         return _refuse(f"its input has shape {tuple(x.shape)} and dtype {x.dtype}; a per-channel "
                        "map needs a floating (N, C, ...) input")
     try:
-        gm, guards = _trace(module, x)
+        traced = trace_guarded(module, (x,))
     except Exception as exc:
         return _refuse(f"tracing its forward failed: {type(exc).__name__}: {_first_line(exc)}")
-    dependent = _value_dependent_nodes(gm)
-    value_guards = [g for g in guards if g in dependent]
+    value_guards = traced.value_guards()
     if value_guards:
         return _refuse("its forward branches on the values of its input "
-                       f"({_describe(value_guards[0])})")
-    result = _interpret(gm, dependent)
+                       f"({describe(value_guards[0])})")
+    result = _interpret(traced.module, value_dependent_nodes(traced.module))
     if not isinstance(result, _Lin):
         detail = result.reason if isinstance(result, _Unknown) else "its output is a constant"
         return _refuse(detail)
@@ -142,67 +138,8 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
     mismatch = _check_numerically(module, x, affine)
     if mismatch is not None:
         return _refuse(mismatch)
-    notes = tuple(f"forward specialised on {_describe(g)}" for g in guards)
+    notes = tuple(f"forward specialised on {describe(g)}" for g in traced.guards)
     return Proof(affine, notes)
-
-
-# ------------------------------------------------------------------------------ tracing
-
-
-def _trace(module: nn.Module, x: Tensor) -> tuple[fx.GraphModule, list[fx.Node]]:
-    from bnfold.trace import ConcreteTracer, _graph_module, _trace_without_side_effects
-
-    class GuardTracer(ConcreteTracer):
-        def __init__(self) -> None:
-            super().__init__((x,))
-            self.guard_nodes: list[fx.Node] = []
-
-        def to_bool(self, obj: fx.Proxy) -> bool:
-            self.guard_nodes.append(obj.node)
-            return super().to_bool(obj)
-
-        def iter(self, obj: fx.Proxy) -> Any:
-            self.guard_nodes.append(obj.node)
-            return super().iter(obj)
-
-    tracer = GuardTracer()
-    with inference(module):
-        graph = _trace_without_side_effects(tracer, module)
-    return _graph_module(tracer, graph), tracer.guard_nodes
-
-
-def _describe(guard: fx.Node) -> str:
-    """``x.requires_grad -> False`` style text for a guard node."""
-    def text(arg: Any) -> str:
-        return arg.name if isinstance(arg, fx.Node) else repr(arg)
-
-    args = [text(a) for a in guard.args]
-    if guard.op == "call_function" and guard.target is getattr and len(args) == 2:
-        expr = f"{args[0]}.{guard.args[1]}"
-    elif guard.op == "call_method":
-        expr = f"{args[0]}.{guard.target}({', '.join(args[1:])})"
-    else:
-        expr = f"{getattr(guard.target, '__name__', guard.target)}({', '.join(args)})"
-    concrete = guard.meta.get("concrete")
-    return f"{expr} -> {concrete}" if isinstance(concrete, (bool, int)) else expr
-
-
-def _is_metadata(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in _META_ATTRS
-    return node.op == "call_method" and node.target in _META_METHODS
-
-
-def _value_dependent_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends on the input's values (not only on its shape or dtype)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dependent: set[fx.Node] = set(placeholders[:1])
-    for node in gm.graph.nodes:
-        if node in dependent or _is_metadata(node):
-            continue
-        if any(arg in dependent for arg in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
 
 
 # ------------------------------------------------------------------------------ interpretation

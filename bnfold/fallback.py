@@ -10,13 +10,13 @@
    own rules decide every norm in each recording. Norms are folded at module level in the user's
    own model (``Plan.method == "recorded"``); the forward is never replaced.
 
-Input-dependent routing: code that runs before the forward first reads a tensor value into
-Python (``item``, ``bool``, ``tolist``...) depends only on input shapes and module state. A pair
-whose calls come later, or whose tensor is still referenced at that read, may be routed
-differently by another input: it is folded only when every recorded input pairs it identically
-(so at least two inputs), and a plan note says so; otherwise it is skipped with
-``SkipReason.INPUT_DEPENDENT``. Routing on input *shapes* is assumed to stay the same at other
-shapes (the plan notes the recorded shapes).
+Input-dependent routing: until the forward first reads a tensor value into Python (``item``,
+``bool``, ``tolist``...), what runs depends only on input shapes and module state. Once it has,
+any later code may call any module on any tensor for another input, including the modules of a
+pair recorded before the read. So in a forward that reads values, every pair is folded only when
+every recorded input (the example plus ``extra_inputs``: at least two) pairs it identically, and
+a plan note says so; otherwise it is skipped with ``SkipReason.INPUT_DEPENDENT``. Routing on input
+*shapes* is assumed to stay the same at other shapes (the plan notes the recorded shapes).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from bnfold.affine import is_frozen_norm
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.modes import as_args, inference
-from bnfold.patterns import Position
 from bnfold.record import Recording, record
 from bnfold.records import BnKind, Plan, Skip, SkipReason
 from bnfold.trace import Traced, propagate, trace_model
@@ -145,7 +146,7 @@ def analyse_recorded(model: nn.Module, example_inputs: Any, extra_inputs: Sequen
         skipped=tuple(skips),
         method="recorded",
         model_was_training=model.training,
-        notes=(*notes, *_recorded_notes(runs, fx_error), *_plan_notes(model, pairs),
+        notes=(*notes, *_recorded_notes(model, runs, fx_error), *_plan_notes(model, pairs),
                *merge_notes, *dict.fromkeys(n for run in runs for n in run.notes)),
     )
     traced = Traced(module=first.module, method="recorded")
@@ -202,13 +203,9 @@ def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
 
 
 def _routing_dependent(recording: Recording, pair: PlannedPair) -> bool:
-    if recording.first_read is None:
-        return False
-    nodes = (pair.norm.node, pair.layer.node)
-    if any(recording.order[n] > recording.first_read for n in nodes):
-        return True
-    watched = pair.layer.node if pair.position == Position.AFTER else pair.norm.out
-    return watched in recording.alive_at_read
+    """After a read of tensor values any module may be called anywhere on another input."""
+    del pair  # the read makes every pair of the run depend on the input's values
+    return recording.first_read is not None
 
 
 def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
@@ -251,12 +248,12 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
         return first, None
     read = next(run.recording.read_detail for run in runs if run.recording.first_read is not None)
     if len(runs) == 1:
-        return _dependent_skip(first, f"it runs after the forward reads tensor values ({read}); "
-                               "one example input cannot show another input pairs it the same "
-                               "way"), None
-    return first, (f"{first.record.bn}: routed after a read of tensor values ({read}); paired "
-                   f"with {first.record.producer} identically on all {len(runs)} recorded "
-                   "inputs, and folded on that evidence")
+        return _dependent_skip(first, f"the forward reads tensor values ({read}), so another "
+                               "input may route it differently; one example input cannot show "
+                               "otherwise"), None
+    return first, (f"{first.record.bn}: the forward reads tensor values ({read}); paired with "
+                   f"{first.record.producer} identically on all {len(runs)} recorded inputs, "
+                   "and folded on that evidence")
 
 
 def _signature(pair: PlannedPair) -> tuple:
@@ -270,7 +267,7 @@ def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:
                 bn_kind=pair.norm.kind)
 
 
-def _recorded_notes(runs: list[_Run], fx_error: TraceError) -> list[str]:
+def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) -> list[str]:
     shapes = "; ".join(", ".join(str(list(s)) for s in run.recording.input_shapes)
                        for run in runs)
     notes = [
@@ -282,8 +279,14 @@ def _recorded_notes(runs: list[_Run], fx_error: TraceError) -> list[str]:
     ]
     reads = [run.recording.read_detail for run in runs if run.recording.first_read is not None]
     if reads:
-        notes.append(f"the forward reads tensor values ({reads[0]}): pairs that run after it "
-                     "fold only when every recorded input pairs them identically")
+        notes.append(f"the forward reads tensor values ({reads[0]}): a pair folds only when "
+                     "every recorded input pairs it identically")
+    called = {path for run in runs for path in run.called}
+    idle = [name for name, m in model.named_modules()
+            if name and name not in called and (isinstance(m, _BatchNorm) or is_frozen_norm(m))]
+    if idle:
+        notes.append(f"{len(idle)} batch norm module(s) never ran on the recorded inputs and are "
+                     f"left as they are: {', '.join(idle[:5])}{' ...' if len(idle) > 5 else ''}")
     return notes
 
 

@@ -68,7 +68,6 @@ class Recording:
     order: dict[fx.Node, int]  # execution order of every node
     first_read: int | None  # order of the first read of tensor values into Python, if any
     read_detail: str | None  # what that read was and where
-    alive_at_read: set[fx.Node]  # nodes whose output was still referenced at that read
     outside_uses: Counter  # id(tensor) -> ops outside leaf modules that read a leaf's tensor
     loose_norms: list[LooseNorm]
     input_shapes: tuple[tuple[int, ...], ...]
@@ -94,7 +93,6 @@ class _State:
     order: dict[fx.Node, int] = field(default_factory=dict)
     first_read: int | None = None
     read_detail: str | None = None
-    alive_at_read: set[fx.Node] = field(default_factory=set)
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
 
@@ -133,7 +131,6 @@ class _State:
             self.first_read = len(self.order)
             where = self.where()
             self.read_detail = f"{what} in {where or 'the model forward'}"
-            self.alive_at_read = self.alive_nodes()
 
     # -------------------------------------------------------------- module hooks
 
@@ -278,7 +275,7 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     module = fx.GraphModule(model, state.graph, class_name=type(model).__name__)
     return Recording(module=module, kept=state.kept, order=state.order,
                      first_read=state.first_read, read_detail=state.read_detail,
-                     alive_at_read=state.alive_at_read, outside_uses=state.outside_uses,
+                     outside_uses=state.outside_uses,
                      loose_norms=state.loose_norms,
                      input_shapes=tuple(tuple(t.shape) for t in leaves))
 

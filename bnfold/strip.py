@@ -13,10 +13,10 @@ import torch.fx as fx
 from torch import nn
 
 from bnfold.foldmath import BnParams
+from bnfold.guards import describe, trace_guarded
 from bnfold.patterns import Refusal
 from bnfold.records import SkipReason
 from bnfold.sites import NormSite, functional_norm, is_norm_call
-from bnfold.trace import trace_concrete
 
 
 def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
@@ -24,10 +24,15 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     ``nn.Identity`` or a GraphModule) and ``site.notes``; or set ``site.problem``."""
     module = site.module
     try:
-        traced = trace_concrete(module, example_args)
+        traced = trace_guarded(module, tuple(example_args))
     except Exception as exc:
         site.problem = _unsupported(f"tracing {type(module).__name__}.forward failed: "
                                     f"{type(exc).__name__}: {exc}")
+        return
+    value_guards = traced.value_guards()
+    if value_guards:
+        site.problem = _unsupported("its forward branches on the values of its input "
+                                    f"({describe(value_guards[0])}); a fold would fix one branch")
         return
     gm = traced.module
     calls = [n for n in gm.graph.nodes if is_norm_call(n)]
@@ -40,14 +45,14 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     if problem is not None:
         site.problem = problem
         return
+    notes = tuple(f"forward specialised on {describe(guard)}" for guard in traced.guards)
     inner.out.replace_all_uses_with(placeholders[0])
     _erase(gm.graph, inner)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     site.params = inner.params
     site.extra = _simplest(gm, placeholders[0])
-    site.notes = tuple(f"forward specialised on {guard}" for guard in traced.guards
-                       if "numel" in guard)
+    site.notes = notes
 
 
 def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]

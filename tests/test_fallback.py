@@ -186,6 +186,8 @@ def test_bn_modules_that_do_not_run_are_not_in_the_plan_and_hooks_are_cleaned_up
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     result = _fold(Net(), 1, 3, 4, 4)
     assert folded(result) == {"bn": "conv"}
+    assert any("never ran on the recorded inputs" in n and "unused" in n
+               for n in result.plan.notes)
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
 

@@ -5,9 +5,11 @@ family; ``-m slow`` runs all of them (and their ONNX round trips)."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
+import torch
 
 pytest.importorskip("monai")
 
@@ -15,6 +17,7 @@ from monai_models import FAST, FAST_ONNX, MODELS, build
 from wild_checks import fold_checked
 
 import bnfold
+from bnfold.verify import DEFAULT_TOLERANCES, Tolerance
 
 # name -> (how the dataflow is read, BNs folded, skips by reason). DenseNet's norm1/transition
 # norms are pre-activation (BN -> ReLU -> conv); HighResNet's are BN after a residual add.
@@ -67,10 +70,26 @@ def test_monai_network_folds_exactly(name: str) -> None:
 ONNX_SLOW = tuple(name for name in MODELS if name not in FAST_ONNX)
 
 
+def _own_fp32_tolerance(model, x) -> Tolerance:
+    """Random deep networks are chaotic in float32: the original model's own float32 output
+    can be 1e-3 (relative to its peak) away from float64. Allow 10x that, never less than the
+    default; a real folding mistake changes outputs by O(1), and exactness is proven in float64
+    by ``test_monai_network_folds_exactly``."""
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+        noise = float((model(x).double() - reference).abs().max() / reference.abs().max())
+    default = DEFAULT_TOLERANCES["torch-cpu"]
+    return Tolerance(atol=max(default.atol, 10 * noise), rtol=default.rtol,
+                     why=f"this network's own float32 error vs float64 is {noise:.1e} of its peak")
+
+
 @pytest.mark.parametrize("name", _params(FAST_ONNX, False) + _params(ONNX_SLOW, True))
 def test_monai_network_exports_and_verifies_on_ort_cpu(name: str, tmp_path) -> None:
     model, x = build(name)
     result = bnfold.fold(model, x)
     exported = bnfold.export_onnx(result, x, tmp_path / f"{name}.onnx")
-    report = bnfold.verify(model, {"folded": result, "onnx": exported}, x, providers=["cpu"])
+    tolerance = _own_fp32_tolerance(model, x)
+    report = bnfold.verify(model, {"folded": result, "onnx": exported}, x, providers=["cpu"],
+                           tolerances=dict.fromkeys(("torch-cpu", "ort-cpu", "ort-cpu-noopt"),
+                                                    tolerance))
     assert report.passed, report.format_text()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from wild_checks import fold_checked, folded, reasons
-from wild_models import WILD, BatchNormAct2d
+from wild_models import WILD, BatchNormAct2d, randomise
 
 import bnfold
 from bnfold.records import BnKind
@@ -82,15 +83,29 @@ def test_fx_trace_that_takes_the_wrong_branch_is_not_trusted() -> None:
     assert any("does not reproduce" in note for note in result.plan.notes)
 
 
-def test_pairs_after_a_data_dependent_read_need_several_inputs() -> None:
+def test_a_forward_that_reads_values_needs_several_inputs_to_fold() -> None:
     model, (x,) = _fixture("head_reads_values")
     one = fold_checked(model, (x,), method="recorded")
-    assert folded(one) == {"backbone.1": "backbone.0", "backbone.4": "backbone.3"}
-    assert reasons(one) == {"head_bn": "input_dependent"}
+    assert not one.folded  # after a read, any module may be called anywhere for another input
+    assert set(reasons(one).values()) == {"input_dependent"}
     assert "extra_inputs" in bnfold.SkipReason.INPUT_DEPENDENT.advice()
     several = fold_checked(model, (x,), extra_inputs=[(x * 3,), (-x,)], method="recorded")
-    assert folded(several)["head_bn"] == "head_conv"
+    assert folded(several) == {"backbone.1": "backbone.0", "backbone.4": "backbone.3",
+                               "head_bn": "head_conv"}
     assert any("identically on all 3 recorded inputs" in n for n in several.plan.notes)
+
+
+def test_bn_subclass_branching_on_values_is_not_specialised() -> None:
+    class ValueGated(BatchNormAct2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)
+            return self.act(x) if x.mean() > 0 else x
+
+    model = randomise(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ValueGated(8)))
+    result = fold_checked(model, (torch.randn(2, 3, 4, 4),))
+    assert reasons(result) == {"1": "unsupported_forward"}
+    assert "branches on the values" in result.skipped[0].detail
 
 
 def test_branch_that_routes_a_layer_elsewhere_is_not_folded() -> None:
