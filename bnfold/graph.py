@@ -203,8 +203,8 @@ class _Context:
         rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
         view = replace(layer.view, activation_rank=rank)
         pattern = pattern_for(layer.kind, position)
-        refusal = (refusal or self._layer_refusal(norm, layer, position)
-                   or pattern.check(view, affine))
+        refusal = (refusal or _extra_between(norm, layer, position)
+                   or self._layer_refusal(norm, layer, position) or pattern.check(view, affine))
         if refusal is not None:
             return _skip(norm, refusal, layer.name, pattern.name)
         record = Pair(bn=norm.name, bn_type=norm.type_name, bn_kind=norm.kind,
@@ -286,6 +286,17 @@ def _skip(norm: NormSite, refusal: Refusal, producer: str | None = None,
           pattern: str | None = None) -> Skip:
     return Skip(bn=norm.name, bn_type=norm.type_name, reason=refusal.reason,
                 detail=refusal.detail, producer=producer, pattern=pattern, bn_kind=norm.kind)
+
+
+def _extra_between(norm: NormSite, layer: LayerSite, position: Position) -> Refusal | None:
+    """A subclass's extra behaviour runs after its batch norm: the norm can fold into the layer
+    before it, never into the layer after it (the extra ops sit in between)."""
+    if position == Position.BEFORE and norm.kind == BnKind.SUBCLASS and not isinstance(
+            norm.extra, nn.Identity):
+        return Refusal(SkipReason.UNSUPPORTED_FORWARD,
+                       f"{norm.name} ({norm.type_name}) does more after its batch norm, and that "
+                       f"runs between the norm and {layer.name}")
+    return None
 
 
 def _rank(node: fx.Node | None) -> int:
