@@ -129,8 +129,11 @@ def model_options(command: Callable) -> Callable:
 # ------------------------------------------------------------------ loading
 
 
-def prepare(request: ModelRequest) -> Prepared:
-    """Load MODEL and build its example inputs (``count_bn_kernels`` checks them)."""
+def prepare(request: ModelRequest,
+            inputs_from_data: Callable[[Any], tuple[Any, ...]] | None = None) -> Prepared:
+    """Load MODEL and build its example inputs (``count_bn_kernels`` checks them): from
+    ``--input-shape``, else the program's own example inputs, else ``inputs_from_data(model)``
+    (the first batch of ``--data``) when given."""
     from bnfold.errors import UsageError
     from bnfold.inputs import make_example_inputs, model_dtype, parse_dtype
     from bnfold.io import load_model
@@ -147,10 +150,13 @@ def prepare(request: ModelRequest) -> Prepared:
         if request.dtype:
             inputs = tuple(t.to(parse_dtype(request.dtype)) for t in inputs)
         source = "the program's example inputs"
+    elif inputs_from_data is not None:
+        inputs = inputs_from_data(loaded.model)
+        source = "the first batch of --data"
     else:
         raise UsageError(
             f"{request.spec} carries no example inputs: pass --input-shape, e.g. "
-            "--input-shape 1x3x224x224 (repeat it for each positional input)"
+            "--input-shape 1x3x224x224 (repeat it for each positional input), or --data"
         )
     return Prepared(loaded, inputs, source)
 

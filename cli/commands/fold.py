@@ -7,7 +7,7 @@ The command is a pipeline of small steps over one ``FoldRun``:
 A stage is an option on ``fold``, a ``_<stage>_step(run, ...)`` function that reads
 ``run.model``/``run.inputs`` and appends its record to ``run.sections`` (shown in the text
 report through its ``format_text()`` or ``summary()``, and in the JSON under its name), and one
-line in ``fold`` (``--onnx`` and ``--verify`` are built this way; ``--data`` goes where marked).
+line in ``fold`` (``--data``, ``--onnx`` and ``--verify`` are built this way).
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from bnfold_cli.commands.recalibrate import (
+    DATA_HELP,
+    DataRequest,
+    data_options,
+    open_data,
+    recalibrate_with_progress,
+)
 from bnfold_cli.main import EPILOG as EXIT_CODES
 from bnfold_cli.options import (
     MODEL_HELP,
@@ -31,7 +38,7 @@ from bnfold_cli.options import (
     versions,
 )
 
-EPILOG = MODEL_HELP + """
+EPILOG = MODEL_HELP + "\n" + DATA_HELP + """
 \b
 Output (-o, default MODEL's name + .folded + extension, beside MODEL):
   .pt2      a torch.export program: load with torch.export.load(path).module()
@@ -48,6 +55,7 @@ Examples:
   bnfold fold model.pt --trust-pickle --pt2   # model.folded.pt + model.folded.pt2
   bnfold fold model.pt2 --dry-run --json report.json
   bnfold fold model.pt2 --onnx model.onnx --verify   # exit 1 if outputs differ
+  bnfold fold model.pt2 --data samples.pt     # recalibrate statistics, then fold
 
 """ + EXIT_CODES
 
@@ -89,10 +97,11 @@ class FoldRun:
 @click.option("--verify", "verify_outputs", is_flag=True,
               help="Compare the folded model (and the --onnx file under ONNX Runtime) with the "
                    "original; exit 1 if any output differs beyond tolerance.")
+@data_options(required=False)
 @model_options
-def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool,
-         dry_run: bool, onnx_path: Path | None, verify_outputs: bool, json_path: str | None,
-         markdown_path: str | None) -> None:
+def fold(request: ModelRequest, data_request: DataRequest | None, output: Path | None,
+         also_pt2: bool, force: bool, dry_run: bool, onnx_path: Path | None,
+         verify_outputs: bool, json_path: str | None, markdown_path: str | None) -> None:
     """Fold every foldable BatchNorm into its Conv/ConvTranspose/Linear and save the model.
 
     Prints the table of BatchNorms (folded or kept, and why), the BN kernels one forward runs
@@ -102,10 +111,13 @@ def fold(request: ModelRequest, output: Path | None, also_pt2: bool, force: bool
     replace = force or dry_run  # a dry run writes nothing, so an existing output is only noted
     _check_output_early(output, request, force=replace)
     _check_output_early(onnx_path, request, force=replace, any_format=True)
-    run = FoldRun(prepared=(prepared := prepare(request)), model=prepared.model)
+    data = _DataOnce(data_request)
+    prepared = prepare(request, inputs_from_data=data.example_inputs if data_request else None)
+    run = FoldRun(prepared=prepared, model=prepared.model)
     targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=replace)
     _check_distinct([path for path, _ in targets] + ([onnx_path] if onnx_path else []))
-    # --data DATA goes here: _recalibrate_step(run, data) sets run.model, adds a section.
+    if data_request is not None:
+        _recalibrate_step(run, data, quiet=json_path == "-")
     _fold_step(run)
     if dry_run:
         planned = [path for path, _ in targets] + ([onnx_path] if onnx_path else [])
@@ -176,6 +188,31 @@ def _resolve_outputs(run: FoldRun, output: Path | None, *, also_pt2: bool,
 
 
 # ------------------------------------------------------------------ steps
+
+
+class _DataOnce:
+    """``--data`` opened once, for the model as loaded: the example inputs (when no
+    ``--input-shape`` is given) and the recalibration read the same source."""
+
+    def __init__(self, request: DataRequest | None) -> None:
+        self.request = request
+        self.source: Any = None
+
+    def open(self, model: Any) -> Any:
+        if self.source is None:
+            self.source = open_data(self.request, model)
+        return self.source
+
+    def example_inputs(self, model: Any) -> tuple[Any, ...]:
+        return self.open(model).example_inputs()
+
+
+def _recalibrate_step(run: FoldRun, data: _DataOnce, *, quiet: bool) -> None:
+    """Recalibrate the loaded model in place: it is also the reference ``--verify`` compares
+    with, so verification checks the fold of the recalibrated model."""
+    source = data.open(run.model)
+    report = recalibrate_with_progress(run.model, source, data.request, quiet=quiet)
+    run.sections.append(("recalibration", report))
 
 
 def _fold_step(run: FoldRun) -> None:
