@@ -16,7 +16,7 @@ data far from zero mean) go through both tools. Reported:
   applied to the float32 model's own BN inputs: the error any float32 forward pass has.
 
     python benchmarks/recalibrate_bench.py                 # the default models
-    python benchmarks/recalibrate_bench.py --repeat 9 --batches 24
+    python benchmarks/recalibrate_bench.py --repeat 9 --threads 1 --models resnet,mlp
     python benchmarks/recalibrate_bench.py --smoke         # tiny sizes, one repeat (a test)
 """
 
@@ -271,12 +271,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="only cases whose name contains one of these comma-separated words",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     cases, repeat, n_batches = CASES, args.repeat, args.batches
+    if args.models:
+        words = args.models.split(",")
+        cases = [case for case in CASES if any(word in case.name for word in words)]
     if args.smoke:
         cases, repeat, n_batches, sizes = SMOKE_CASES, 1, 3, [4, 3]
     device = torch.device(args.device)
