@@ -160,6 +160,7 @@ ALL = {**conv_cases(), **conv_transpose_cases(), **norm_cases(), **before_cases(
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_folds_exactly_in_float64(name: str) -> None:
+    torch.manual_seed(0)
     model, x = ALL[name]()
     result = fold_fp64(model, x, skipped=0)
     assert len(result.folded) >= 1
@@ -167,7 +168,12 @@ def test_folds_exactly_in_float64(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_float32_error_is_not_worse(name: str) -> None:
+    """Measured on 64 seeded samples: with a handful of outputs the RMS error is too noisy to
+    compare (the ratio is ~1.6 for depthwise convs, whose 9-term sums make one extra weight
+    rounding visible)."""
+    torch.manual_seed(0)
     model, x = ALL[name]()
+    x = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     assert_precision(model, x)
 
 
