@@ -98,6 +98,23 @@ def test_half_precision_keeps_dtype_and_says_so(dtype: torch.dtype) -> None:
     assert folded_error <= 2 * original_error + 1e-3
 
 
+class Untraceable(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 4:  # fx cannot trace this: the recorded path
+            raise ValueError("expects NCHW")
+        return super().forward(x)
+
+
+def test_recorded_path_keeps_dtype_and_mode_too() -> None:
+    model = Untraceable(*_net()).to(torch.bfloat16).train()
+    result = bnfold.fold(model, _x(torch.bfloat16))
+    assert result.plan.method == "recorded" and len(result.folded) == 2
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    assert model.training and not result.model.training
+    notes = " ".join(result.plan.notes)
+    assert "train mode" in notes and "bfloat16 on cpu" in notes
+
+
 NO_CUDA = torch_cuda_unavailable_reason()
 
 
@@ -105,12 +122,6 @@ NO_CUDA = torch_cuda_unavailable_reason()
 @pytest.mark.skipif(NO_CUDA is not None, reason=f"PyTorch CUDA not usable: {NO_CUDA}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_model_folds_on_its_device(dtype: torch.dtype) -> None:
-    class Untraceable(nn.Sequential):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() < 4:
-                raise ValueError
-            return super().forward(x)
-
     for model in (_net(), Untraceable(*_net())):
         model = model.to("cuda", dtype)
         x = _x(dtype, "cuda")
