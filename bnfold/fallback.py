@@ -167,12 +167,12 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
         outcome = by_node.get(node) or skip_nodes.get(node)
         if outcome is None:
             continue
-        name = outcome.record.bn if isinstance(outcome, _pair_type()) else outcome.bn
+        name = outcome.record.bn if not isinstance(outcome, Skip) else outcome.bn
         key = f"{name}#{occurrences[name]}"
         occurrences[name] += 1
         outcomes[key] = outcome
-        if isinstance(outcome, _pair_type()) and _routing_dependent(recording, outcome):
-            dependent.add(key)
+        if not isinstance(outcome, Skip) and recording.first_read is not None:
+            dependent.add(key)  # after a read of values any module may be called anywhere
     for loose in recording.loose_norms:
         name = f"{loose.where or 'forward'}:{loose.op}"
         key = f"{name}#{occurrences[name]}"
@@ -182,12 +182,6 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
                              "outside a registered BatchNorm module", bn_kind=BnKind.FUNCTIONAL)
     called = Counter(n.target for n in recording.module.graph.nodes if n.op == "call_module")
     return _Run(recording, outcomes, dependent, called, list(notes))
-
-
-def _pair_type() -> type:
-    from bnfold.graph import PlannedPair
-
-    return PlannedPair
 
 
 def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
@@ -202,12 +196,6 @@ def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
     return matched
 
 
-def _routing_dependent(recording: Recording, pair: PlannedPair) -> bool:
-    """After a read of tensor values any module may be called anywhere on another input."""
-    del pair  # the read makes every pair of the run depend on the input's values
-    return recording.first_read is not None
-
-
 def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
     keys = list(dict.fromkeys(key for run in runs for key in run.outcomes))
     pairs: list[PlannedPair] = []
@@ -216,14 +204,14 @@ def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
     layer_runs: dict[str, int] = {}
     for key in keys:
         outcome, note = _merged_outcome(key, runs)
-        if isinstance(outcome, _pair_type()):
+        if not isinstance(outcome, Skip):
             run_index = next(i for i, run in enumerate(runs) if key in run.outcomes)
             layer = outcome.record.producer
             if layer_runs.setdefault(layer, run_index) != run_index:
                 outcome = _dependent_skip(outcome, "its layer's other norm pairs on another "
                                           "recorded input")
-        (pairs if isinstance(outcome, _pair_type()) else skips).append(outcome)
-        if note and isinstance(outcome, _pair_type()):
+        (pairs if not isinstance(outcome, Skip) else skips).append(outcome)
+        if note and not isinstance(outcome, Skip):
             notes.append(note)
     return pairs, skips, notes
 
@@ -231,11 +219,11 @@ def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
 def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str | None]:
     present = [(i, run.outcomes[key]) for i, run in enumerate(runs) if key in run.outcomes]
     first = present[0][1]
-    if not isinstance(first, _pair_type()):
+    if isinstance(first, Skip):
         return first, None
     signature = _signature(first)
     for index, outcome in present[1:]:
-        if not isinstance(outcome, _pair_type()) or _signature(outcome) != signature:
+        if isinstance(outcome, Skip) or _signature(outcome) != signature:
             what = (f"skipped ({outcome.reason.label})" if isinstance(outcome, Skip)
                     else f"paired with {outcome.record.producer}")
             return _dependent_skip(first, f"paired with {first.record.producer} on input 0 but "
