@@ -93,12 +93,11 @@ def fold_into_output(
     weight: Tensor, bias: Tensor | None, affine: Affine, layout: Layout
 ) -> FoldedWeights:
     """Fold ``affine`` applied *after* the layer: ``W' = W * s`` on output channels,
-    ``b' = b * s + t`` (``b = 0`` without bias). Computed in float64 (the weight is promoted
-    element by element, so any input dtype gives a float64 result without an extra pass)."""
-    w = weight.detach()
+    ``b' = b * s + t`` (``b = 0`` without bias). Computed in float64."""
+    w = weight.detach().to(torch.float64, copy=True)  # a private copy: scaled in place below
     canon = _canonical(w, layout)
-    scaled = canon * _output_scale(canon, affine)
-    return FoldedWeights(weight=_from_canonical(scaled, w, layout), bias=output_bias(bias, affine))
+    canon.mul_(_output_scale(canon, affine))  # faster than a mixed-dtype product
+    return FoldedWeights(weight=_from_canonical(canon, w, layout), bias=output_bias(bias, affine))
 
 
 def output_bias(bias: Tensor | None, affine: Affine) -> Tensor:
