@@ -46,7 +46,17 @@ def _cases() -> dict[str, Callable[[], tuple[nn.Module, tuple]]]:
     for name in MODELS:
         cases[name] = lambda name=name: (lambda m, x: (m, (x,)))(*build(name))
     cases.update(WILD)
+    for name in ("data_dependent", "asserts_and_loops", "head_reads_values"):
+        cases[f"{name} +2 inputs"] = lambda name=name: WILD[name]()
     return cases
+
+
+def _extra_inputs(name: str, args: tuple) -> list[tuple]:
+    """For the ``+2 inputs`` cases: two more inputs (scaled and negated), so pairs behind a
+    data-dependent branch can be checked on each recorded input."""
+    if not name.endswith("+2 inputs"):
+        return []
+    return [tuple(a * 3 for a in args), tuple(-a for a in args)]
 
 
 def _median_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
@@ -91,16 +101,19 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, tuple]], repeat: int
     torch.manual_seed(0)
     model, args = build()
     model.eval()
-    ours = bnfold.fold(model, args)
+    extra = _extra_inputs(name, args)
+    ours = bnfold.fold(model, args, extra_inputs=extra)
     model64, args64 = copy.deepcopy(model).double(), _double(args)
     row: dict[str, Any] = {
         "model": name, "method": ours.plan.method,
         "bn_before": bnfold.count_bn_kernels(model, args),
         "bn_left_bnfold": bnfold.count_bn_kernels(ours.model, args),
         "skips": len(ours.skipped),
-        "bnfold_error": _fp64_error(model64, bnfold.fold(model64, args64).model, args64),
+        "bnfold_error": _fp64_error(
+            model64, bnfold.fold(model64, args64, extra_inputs=_double(extra)).model, args64),
     }
-    fns: dict[str, Callable[[], Any]] = {"bnfold": lambda: bnfold.fold(model, args)}
+    fns: dict[str, Callable[[], Any]] = {
+        "bnfold": lambda: bnfold.fold(model, args, extra_inputs=extra)}
     theirs = _fuse(model)
     if isinstance(theirs, nn.Module):
         try:
