@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from bnfold.affine import is_frozen_norm
+from bnfold.affine import affine_skips_to_notes, is_frozen_norm
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.modes import as_args, inference
 from bnfold.record import Recording, record
@@ -140,6 +140,7 @@ def analyse_recorded(model: nn.Module, example_inputs: Any, extra_inputs: Sequen
             "or report this model to bnfold."
         ) from exc
     pairs, skips, merge_notes = _merge(runs)
+    skips, affine_notes = affine_skips_to_notes(skips)
     first = runs[0].recording
     plan = Plan(
         pairs=tuple(p.record for p in pairs),
@@ -147,7 +148,8 @@ def analyse_recorded(model: nn.Module, example_inputs: Any, extra_inputs: Sequen
         method="recorded",
         model_was_training=model.training,
         notes=(*notes, *_recorded_notes(model, runs, fx_error), *_plan_notes(model, pairs),
-               *merge_notes, *dict.fromkeys(n for run in runs for n in run.notes)),
+               *merge_notes, *affine_notes,
+               *dict.fromkeys(n for run in runs for n in run.notes)),
     )
     traced = Traced(module=first.module, method="recorded")
     return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
@@ -229,9 +231,11 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
             return _dependent_skip(first, f"paired with {first.record.producer} on input 0 but "
                                    f"{what} on input {index}"), None
     for index, run in enumerate(runs):
-        if key not in run.outcomes and run.called[first.record.producer]:
-            return _dependent_skip(first, f"{first.record.producer} runs without "
-                                   f"{first.record.bn} on input {index}"), None
+        if key in run.outcomes:
+            continue
+        if run.called[first.record.producer] or run.called[first.record.bn]:
+            return _dependent_skip(first, f"{first.record.producer} and {first.record.bn} do "
+                                   f"not run as a pair on input {index}"), None
     if not any(key in runs[i].dependent for i, _ in present):
         return first, None
     read = next(run.recording.read_detail for run in runs if run.recording.first_read is not None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from wild_checks import fold_checked, folded, reasons
-from wild_models import WILD, BatchNormAct2d, randomise
+from wild_models import WILD, BatchNormAct2d, ChannelScale, randomise
 
 import bnfold
 from bnfold.records import BnKind
@@ -124,7 +124,7 @@ def test_branch_that_routes_a_layer_elsewhere_is_not_folded() -> None:
     x = torch.rand(2, 3, 4, 4)
     result = fold_checked(model, (x,), extra_inputs=[(-x,)], method="recorded")
     assert reasons(result) == {"bn": "input_dependent"}
-    assert "runs without bn on input 1" in result.skipped[0].detail
+    assert "do not run as a pair on input 1" in result.skipped[0].detail
 
 
 def test_bn_subclass_with_an_activation_never_folds_into_the_next_layer() -> None:
@@ -132,3 +132,21 @@ def test_bn_subclass_with_an_activation_never_folds_into_the_next_layer() -> Non
         model = randomise(torch.nn.Sequential(BatchNormAct2d(4, act=act), torch.nn.Conv2d(4, 4, 1)))
         result = fold_checked(model, (torch.randn(2, 4, 5, 5),))
         assert reasons(result) == expected  # BN -> ReLU -> conv is pre-activation
+
+
+def test_a_scale_after_a_branch_that_skips_the_layer_is_left() -> None:
+    class Either(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+            self.scale = ChannelScale(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale(self.conv(x) if x.mean() > 0 else x * 2)
+
+    model = randomise(Either())
+    x = torch.rand(2, 4, 3, 3)
+    result = fold_checked(model, (x,), extra_inputs=[(-x,)], method="recorded")
+    assert not result.folded and not result.skipped  # a scale module is no norm: a note
+    assert any("scale (ChannelScale) left as it is" in n and "do not run as a pair" in n
+               for n in result.plan.notes)
