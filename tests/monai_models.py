@@ -78,8 +78,8 @@ MODELS: dict[str, tuple[Builder, tuple[int, ...]]] = {
                                               norm_type="batch"), (2, 1, 12, 12, 12)),
 }
 
-FAST = ("resnet18-2d", "densenet121-2d", "efficientnet-b0-2d", "unet-2d", "basicunet-3d",
-        "dynunet-2d", "attentionunet-2d", "highresnet-3d")
+FAST = ("resnet18-2d", "densenet121-2d", "unet-2d", "basicunet-3d", "dynunet-2d",
+        "attentionunet-2d", "highresnet-3d")
 
 #: Models whose ONNX export and ORT CPU verification run by default (fx and recorded paths).
 FAST_ONNX = ("unet-2d", "basicunet-3d")
