@@ -43,6 +43,7 @@ ARGS: dict[str, tuple[list[str], list[str]]] = {
     "onnx_bench": ([], ["--repeat", "2", "--models", "mlp,small_cnn"]),
     "recalibrate_bench": ([], ["--smoke"]),
     "cli_bench": ([], ["--smoke"]),
+    "realworld_bench": ([], ["--quick", "--repeat", "1"]),
 }
 
 NOTE = """\
