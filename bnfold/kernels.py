@@ -72,7 +72,9 @@ class _InstanceNormMute(TorchFunctionMode):
 
 
 def count_bn_kernels(model: nn.Module, example_inputs: Any) -> int:
-    """Number of batch-norm kernels one eval-mode forward of ``model`` runs (flags restored)."""
+    """Number of batch norms one eval-mode forward of ``model`` runs (flags restored): ATen
+    batch-norm kernels, except instance norm's, plus one per FrozenBatchNorm-style module call
+    (see the module doc). Wrappers (torch.compile, DataParallel, DDP) are looked through."""
     model, _ = unwrap(model)
     counter = _BatchNormCounter()
     hooks = (torch.nn.modules.module.register_module_forward_pre_hook(counter.pre_hook),
