@@ -32,12 +32,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from bnfold.affine import affine_skips_to_notes, is_frozen_norm
+from bnfold.affine import affine_skips_to_notes, is_affine_candidate, is_frozen_norm
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.modes import as_args, inference
 from bnfold.record import Recording, record
 from bnfold.records import BnKind, Plan, Skip, SkipReason
-from bnfold.trace import Traced, propagate, trace_model
+from bnfold.trace import LEAF_TYPES, Traced, propagate, trace_model
 
 if TYPE_CHECKING:
     from bnfold.graph import Analysis, PlannedPair
@@ -71,24 +71,68 @@ def trace_checked(model: nn.Module, example_inputs: Any,
         raise TraceError(f"the fx trace of {type(model).__name__} fails on the example input "
                          f"({exc})") from exc
     if traced.method != "graph-module":
-        _check_faithful(model, example_inputs, outputs[0] if outputs else None)
+        _check_faithful(model, gm, example_inputs, outputs[0] if outputs else None)
     return traced, kept
 
 
-def _check_faithful(model: nn.Module, example_inputs: Any, traced_output: Any) -> None:
+def _check_faithful(model: nn.Module, traced: fx.GraphModule, example_inputs: Any,
+                    traced_output: Any) -> None:
     try:
-        with inference(model):
+        with inference(model), _LeafCalls() as calls:
             expected = model(*as_args(example_inputs))
     except Exception as exc:
         raise TraceError(f"{type(model).__name__} itself fails on the example input while its "
                          f"fx trace runs: {type(exc).__name__}: {exc}") from exc
-    problem = _difference(expected, traced_output)
+    problem = _difference(expected, traced_output) or _call_difference(model, traced, calls)
     if problem is not None:
         raise TraceError(
             f"torch.fx's trace of {type(model).__name__} does not reproduce the model on the "
             f"example input ({problem}); typically a check such as isinstance(x, torch.Tensor) "
             "that is false for fx's proxies"
         )
+
+
+class _LeafCalls(Counter):
+    """Counts the outermost calls of leaf modules (layers, norms) while active."""
+
+    def __enter__(self) -> _LeafCalls:
+        self._depth = 0
+        hooks = torch.nn.modules.module
+        self._handles = (hooks.register_module_forward_pre_hook(self._pre),
+                         hooks.register_module_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
+            if self._depth == 0:
+                self[id(module)] += 1
+            self._depth += 1
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
+            self._depth -= 1
+
+
+def _call_difference(model: nn.Module, traced: fx.GraphModule, calls: Counter) -> str | None:
+    """Outputs can agree by accident (a ReLU that zeroes everything): the leaf calls must too."""
+    in_graph: Counter = Counter()
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            module = traced.get_submodule(str(node.target))
+            if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
+                in_graph[id(module)] += 1
+    if in_graph == calls:
+        return None
+    names = {id(m): name for name, m in model.named_modules()}
+    for key in (*calls, *in_graph):
+        if calls[key] != in_graph[key]:
+            return (f"{names.get(key) or 'a layer'} runs {calls[key]} time(s) in the model and "
+                    f"{in_graph[key]} in the trace")
+    return None
 
 
 def _difference(expected: Any, got: Any) -> str | None:

@@ -150,3 +150,19 @@ def test_a_scale_after_a_branch_that_skips_the_layer_is_left() -> None:
     assert not result.folded and not result.skipped  # a scale module is no norm: a note
     assert any("scale (ChannelScale) left as it is" in n and "do not run as a pair" in n
                for n in result.plan.notes)
+
+
+def test_fx_trace_that_skips_a_norm_is_caught_even_when_outputs_agree() -> None:
+    class Trap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(x) if isinstance(x, torch.Tensor) else x  # fx: the else branch
+            return torch.relu(-y.abs())  # all zeros either way
+
+    result = fold_checked(randomise(Trap()), (torch.randn(2, 3, 4, 4),), method="recorded")
+    assert reasons(result) == {"bn": "no_producer"}
+    assert any("bn runs 1 time(s) in the model and 0 in the trace" in n
+               for n in result.plan.notes)
