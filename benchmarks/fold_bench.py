@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import median_times
 
 import bnfold
 from bnfold import zoo
@@ -56,15 +59,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def _median_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Interleave the candidates so machine noise hits both alike; median seconds each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +97,7 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
     fns: dict[str, Callable[[], Any]] = {"bnfold": lambda: bnfold.fold(model, x)}
     if isinstance(theirs, nn.Module):
         fns["fuse"] = lambda: fuse(model)
-    times = _median_times(fns, repeat)
+    times = median_times(fns, repeat)
     row["bnfold_ms"] = times["bnfold"] * 1e3
     row["bn_left_bnfold"] = bnfold.count_bn_kernels(ours, x)
     row["bnfold_error_fp64"] = _fp64_rel_error(model, ours, x)
@@ -116,7 +110,7 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
         row["fuse_precision_ratio"] = _precision_ratio(model, theirs, x)
     else:
         row["fuse_failed"] = theirs
-    latency = _median_times({"original": lambda: _run(model, x),
+    latency = median_times({"original": lambda: _run(model, x),
                              "folded": lambda: _run(ours, x)}, repeat * 3)
     row["latency_original_ms"] = latency["original"] * 1e3
     row["latency_folded_ms"] = latency["folded"] * 1e3

@@ -19,11 +19,9 @@ import argparse
 import contextlib
 import io
 import json
-import statistics
+import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,9 @@ import onnx
 import torch
 from torch import nn
 from torch.export import Dim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import median_times
 
 import bnfold
 from bnfold import zoo
@@ -62,18 +63,6 @@ def describe(path: Path) -> dict[str, Any]:
     }
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Interleave the candidates so machine noise hits both alike; median seconds each."""
-    for fn in fns.values():  # warm up (allocations, kernel selection)
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def max_error(runner: Any, model: nn.Module, x: torch.Tensor) -> float:
@@ -106,14 +95,15 @@ def bench_model(name: str, workdir: Path, repeat: int, threads: int) -> dict[str
         row[side]["max_rel_error"] = max_error(runner, model, zoo.example_input(name, batch=8))
     for batch in BATCHES:
         xb = zoo.example_input(name, batch=batch, seed=1)
-        times = median_times({s: (lambda r=r, xb=xb: r((xb,))) for s, r in runners.items()}, repeat)
+        calls = {s: (lambda r=r, xb=xb: r((xb,))) for s, r in runners.items()}
+        times = median_times(calls, repeat, warmup=3)
         row[f"ms_b{batch}"] = {side: 1e3 * t for side, t in times.items()}
     noopt = {
         side: ort_runner(path, optimization=OPT_DISABLE_ALL, intra_op_threads=threads)
         for side, path in (("plain", plain_path), ("bnfold", ours_path))
     }
     x8 = zoo.example_input(name, batch=8, seed=1)
-    times = median_times({s: (lambda r=r: r((x8,))) for s, r in noopt.items()}, repeat)
+    times = median_times({s: (lambda r=r: r((x8,))) for s, r in noopt.items()}, repeat, warmup=3)
     row["ms_b8_noopt"] = {side: 1e3 * t for side, t in times.items()}
     return row
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,9 @@ from torch.fx.experimental.optimization import fuse
 from torch.utils import _pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import median_times
 
 import bnfold
 from bnfold.modes import as_args
@@ -59,15 +60,6 @@ def _extra_inputs(name: str, args: tuple) -> list[tuple]:
     return [tuple(a * 3 for a in args), tuple(-a for a in args)]
 
 
-def _median_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Interleave the candidates so machine noise hits both alike; median seconds each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _double(value: Any) -> Any:
@@ -124,7 +116,7 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, tuple]], repeat: int
             theirs = f"fused model fails: {type(exc).__name__}"
     if not isinstance(theirs, nn.Module):
         row["fuse_failed"] = theirs
-    times = _median_times(fns, repeat)
+    times = median_times(fns, repeat)
     row["bnfold_ms"] = times["bnfold"] * 1e3
     if "fuse" in times:
         row["fuse_ms"] = times["fuse"] * 1e3
