@@ -1,10 +1,13 @@
 """How a model's dataflow is read: a checked fx trace, or recorded real forwards.
 
-1. ``trace_checked``: torch.fx symbolic trace (``LeafTracer``), one eval forward of the traced
-   graph (shapes, subclass inputs), then a faithfulness check: the traced graph's outputs must
-   equal the model's own on the example (``FAITHFUL_RTOL``). fx silently takes the wrong branch
-   of checks like ``isinstance(x, torch.Tensor)`` (false for its proxies), so a trace that runs
-   is not yet a trace that is right. Any failure raises ``TraceError``.
+1. ``trace_checked``: torch.fx symbolic trace (``LeafTracer``), one eval forward of the model
+   itself, then one of the traced graph (shapes, subclass inputs), and a faithfulness check: the
+   traced graph's outputs must equal the model's own on the example (``FAITHFUL_RTOL``), and it
+   must call the same layers and norms as often. fx silently takes the wrong branch of checks
+   like ``isinstance(x, torch.Tensor)`` (false for its proxies), so a trace that runs is not yet
+   a trace that is right. The graph's run takes a layer's result from the model's own run when
+   the layer gets equal arguments (``bnfold.leafcalls``), so the check costs about one forward.
+   Any failure raises ``TraceError``.
 2. ``analyse_recorded``: when fx fails, the dataflow is recorded from real eval forwards
    (``bnfold.record``) on the example input and on each of ``extra_inputs``, and the graph pass's
    own rules decide every norm in each recording. Norms are folded at module level in the user's
@@ -34,10 +37,11 @@ from torch.utils import _pytree as pytree
 
 from bnfold.affine import affine_skips_to_notes, is_affine_candidate, is_frozen_norm
 from bnfold.errors import ModelInputError, TraceError
+from bnfold.leafcalls import LeafCalls
 from bnfold.modes import as_args, inference
 from bnfold.record import Recording, record
 from bnfold.records import BnKind, Plan, Skip, SkipReason
-from bnfold.trace import LEAF_TYPES, Traced, propagate, trace_model
+from bnfold.trace import LAYER_TYPES, LEAF_TYPES, Traced, propagate, trace_model
 
 if TYPE_CHECKING:
     from bnfold.graph import Analysis, PlannedPair
@@ -62,59 +66,38 @@ def trace_checked(model: nn.Module, example_inputs: Any,
     traced = trace_model(model, example_inputs)
     gm = traced.module
     keep = {n.name for n in gm.graph.nodes if needs_input(gm, n)}
+    if traced.method == "graph-module":  # the model is its own graph: nothing to check
+        return traced, propagate(traced, example_inputs, keep)
+    expected, calls = _run_model(model, example_inputs)
     outputs: list[Any] = []
     try:
-        kept = propagate(traced, example_inputs, keep, outputs=outputs)
+        kept = propagate(traced, example_inputs, keep, outputs=outputs, reuse=calls)
     except ModelInputError as exc:
-        if traced.method == "graph-module":
-            raise
         raise TraceError(f"the fx trace of {type(model).__name__} fails on the example input "
                          f"({exc})") from exc
-    if traced.method != "graph-module":
-        _check_faithful(model, gm, example_inputs, outputs[0] if outputs else None)
-    return traced, kept
-
-
-def _check_faithful(model: nn.Module, traced: fx.GraphModule, example_inputs: Any,
-                    traced_output: Any) -> None:
-    try:
-        with inference(model), _LeafCalls() as calls:
-            expected = model(*as_args(example_inputs))
-    except Exception as exc:
-        raise TraceError(f"{type(model).__name__} itself fails on the example input while its "
-                         f"fx trace runs: {type(exc).__name__}: {exc}") from exc
-    problem = _difference(expected, traced_output) or _call_difference(model, traced, calls)
+    problem = _difference(expected, outputs[0]) or _call_difference(model, gm, calls.counts)
     if problem is not None:
         raise TraceError(
             f"torch.fx's trace of {type(model).__name__} does not reproduce the model on the "
             f"example input ({problem}); typically a check such as isinstance(x, torch.Tensor) "
             "that is false for fx's proxies"
         )
+    return traced, kept
 
 
-class _LeafCalls(Counter):
-    """Counts the outermost calls of leaf modules (layers, norms) while active."""
-
-    def __enter__(self) -> _LeafCalls:
-        self._depth = 0
-        hooks = torch.nn.modules.module
-        self._handles = (hooks.register_module_forward_pre_hook(self._pre),
-                         hooks.register_module_forward_hook(self._post))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
-            if self._depth == 0:
-                self[id(module)] += 1
-            self._depth += 1
-
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
-            self._depth -= 1
+def _run_model(model: nn.Module, example_inputs: Any) -> tuple[Any, LeafCalls]:
+    """The model's own eval output (copied: the traced run may reuse its tensors) and its leaf
+    calls."""
+    leaves = [m for m in model.modules() if isinstance(m, LEAF_TYPES) or is_affine_candidate(m)]
+    try:
+        layers = [m for m in leaves if isinstance(m, LAYER_TYPES)]
+        with inference(model), LeafCalls(leaves, layers) as calls:
+            output = model(*as_args(example_inputs))
+    except Exception as exc:
+        raise TraceError(f"{type(model).__name__} fails on the example input: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    expected = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, output)
+    return expected, calls
 
 
 def _call_difference(model: nn.Module, traced: fx.GraphModule, calls: Counter) -> str | None:

@@ -19,8 +19,11 @@ from torch import nn
 from bnfold.foldmath import (
     Affine,
     FoldedWeights,
+    Workspace,
     fold_into_input,
     fold_into_output,
+    output_bias,
+    scale_output_channels_,
 )
 from bnfold.graph import PlannedPair, analyse
 from bnfold.modes import set_eval
@@ -57,7 +60,9 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
     gm = analysis.traced.module
     rewrite = any(_needs_rewrite(p) for p in analysis.pairs) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
-    folded = tuple(_fold_layer_group(target, group) for group in _by_layer(analysis.pairs))
+    workspace = Workspace()
+    folded = tuple(_fold_layer_group(target, group, workspace)
+                   for group in _by_layer(analysis.pairs))
     records = _records(analysis.pairs, folded)
     for pair in analysis.pairs:
         _remove_norm(target, pair.norm)
@@ -86,11 +91,17 @@ class _LayerFold:
     pairs: tuple[PlannedPair, ...]
 
 
-def _fold_layer_group(root: nn.Module, group: list[PlannedPair]) -> _LayerFold:
+def _fold_layer_group(root: nn.Module, group: list[PlannedPair], workspace: Workspace
+                      ) -> _LayerFold:
     """Fold the (one or two) norms of one layer in float64, then write the result once."""
     layer = group[0].layer
     device = layer.weight.device
     affines = [Affine(p.affine.scale.to(device), p.affine.shift.to(device)) for p in group]
+    if len(group) == 1 and group[0].position == Position.AFTER and layer.weight.is_contiguous():
+        with torch.no_grad():  # the common case, without a weight-sized float64 copy
+            scale_output_channels_(layer.weight, affines[0].scale, layer.layout, workspace)
+        _write_bias(root, layer, output_bias(layer.bias, affines[0]))
+        return _LayerFold(tuple(group))
     weights = FoldedWeights(layer.weight.detach(), layer.bias)
     for pair, affine in sorted(zip(group, affines, strict=True),
                                key=lambda item: item[0].position != Position.BEFORE):

@@ -102,12 +102,14 @@ def decide(gm: fx.GraphModule, kept: dict[str, Any], allow_graph_rewrite: bool, 
     of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
     module tensors outside their module that the graph has no get_attr node for."""
     module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    layers = {n: site for n in gm.graph.nodes if (site := layer_site(gm, n)) is not None}
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    layers = {n: site for n in gm.graph.nodes
+              if (site := layer_site(gm, n, modules)) is not None}
     reads = _attr_reads(gm) + (extra_uses or Counter())
     context = _Context(gm, layers, module_calls, _tensor_uses(gm), allow_graph_rewrite, reads)
     pairs: list[PlannedPair] = []
     skips: list[Skip] = []
-    for norm in _norm_sites(gm, kept):
+    for norm in _norm_sites(gm, kept, modules):
         outcome = context.decide(norm)
         (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
     _check_unique_layers(pairs)
@@ -124,11 +126,12 @@ def _is_subclass_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(module, _BatchNorm) and module_norm(node, "", module).kind == BnKind.SUBCLASS
 
 
-def _norm_sites(gm: fx.GraphModule, kept: dict[str, Any]) -> list[NormSite]:
+def _norm_sites(gm: fx.GraphModule, kept: dict[str, Any], modules: dict[str, nn.Module]
+                ) -> list[NormSite]:
     sites = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
+            module = modules[node.target]
             if isinstance(module, _BatchNorm):
                 site = module_norm(node, str(node.target), module)
                 if site.kind == BnKind.SUBCLASS and site.problem is None:
@@ -162,10 +165,10 @@ class _Context:
     def decide(self, norm: NormSite) -> PlannedPair | Skip:
         if norm.problem is not None:
             return _skip(norm, norm.problem)
-        refusal = self._norm_refusal(norm)
+        affine = bn_affine(norm.params)
+        refusal = self._norm_refusal(norm, affine)
         if refusal is not None:
             return _skip(norm, refusal)
-        affine = bn_affine(norm.params)
         after = self._try(norm, Position.AFTER, affine)
         if isinstance(after, PlannedPair):
             return after
@@ -177,7 +180,7 @@ class _Context:
                 return attempt
         return _skip(norm, Refusal(SkipReason.NO_PRODUCER, self._neighbours(norm)))
 
-    def _norm_refusal(self, norm: NormSite) -> Refusal | None:
+    def _norm_refusal(self, norm: NormSite, affine: Affine) -> Refusal | None:
         if norm.module is not None:
             if self.module_calls[norm.node.target] > 1:
                 return Refusal(SkipReason.BN_SHARED,
@@ -189,7 +192,6 @@ class _Context:
                                "also read elsewhere in the forward")
         if norm.kind == BnKind.FUNCTIONAL and not self.allow_graph_rewrite:
             return Refusal(SkipReason.NEEDS_GRAPH_REWRITE, f"{norm.name} is a functional call")
-        affine = bn_affine(norm.params)
         negative = bool((norm.params.running_var.detach() < 0).any())
         finite = torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()
         if negative or not finite:

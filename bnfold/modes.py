@@ -23,20 +23,25 @@ def set_eval(model: nn.Module) -> nn.Module:
     """``model.eval()`` by setting each module's flag: ``torch.export``'s ``.module()`` refuses
     ``eval()`` calls, but its flags mean the same."""
     for module in model.modules():
-        module.training = False
+        if module.training:  # Module.__setattr__ is slow: write only what changes
+            module.training = False
     return model
 
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode and restore each module's own flag afterwards."""
+    """Put every module in eval mode and restore each module's own flag afterwards (a flag is
+    written only where it differs: ``Module.__setattr__`` is slow)."""
     flags = [(module, module.training) for module in model.modules()]
     try:
-        set_eval(model)
+        for module, training in flags:
+            if training:
+                module.training = False
         yield model
     finally:
         for module, training in flags:
-            module.training = training
+            if module.training != training:
+                module.training = training
 
 
 @contextmanager

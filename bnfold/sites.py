@@ -171,10 +171,12 @@ def module_norm(node: fx.Node, name: str, module: _BatchNorm) -> NormSite:
     return site
 
 
-def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:
-    """Recognise a Conv/ConvTranspose/Linear call (module or functional), else None."""
+def layer_site(gm: fx.GraphModule, node: fx.Node,
+               modules: dict[str, nn.Module] | None = None) -> LayerSite | None:
+    """Recognise a Conv/ConvTranspose/Linear call (module or functional), else None.
+    ``modules`` (qualified name -> module) saves looking each module up again."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = modules[node.target] if modules else gm.get_submodule(node.target)
         if isinstance(module, (_ConvNd, nn.Linear)):
             return _module_layer(node, str(node.target), module)
         return None

@@ -20,9 +20,11 @@ from torch.nn.modules.conv import _ConvNd
 
 from bnfold.affine import is_affine_candidate
 from bnfold.errors import ModelInputError, TraceError
+from bnfold.leafcalls import LeafCalls
 from bnfold.modes import as_args, inference
 
-LEAF_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, _ConvNd, nn.Linear)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
+LEAF_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, *LAYER_TYPES)
 
 
 class LeafTracer(fx.Tracer):
@@ -178,42 +180,101 @@ def _first_line(exc: BaseException) -> str:
 
 
 def propagate(traced: Traced, example_inputs: Any, keep: set[str],
-              outputs: list[Any] | None = None) -> dict[str, Any]:
+              outputs: list[Any] | None = None, reuse: LeafCalls | None = None
+              ) -> dict[str, Any]:
     """Run the traced model once in eval mode without autograd.
 
     Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
     values of the nodes named in ``keep`` (and appends the graph's output to ``outputs`` when
-    given). The model's
-    flags are restored afterwards. A failure raises ``ModelInputError`` naming the node and
-    module that rejected the input.
+    given). Leaf calls whose arguments equal those of a call kept in ``reuse`` take its result
+    (see ``bnfold.leafcalls``). The model's flags are restored afterwards. A failure raises
+    ``ModelInputError`` naming the node and module that rejected the input.
     """
-    args = as_args(example_inputs)
-    interpreter = _ShapeRecorder(traced.module, keep)
+    run = _GraphRun(traced.module, keep, reuse)
     with inference(traced.module):
         try:
-            result = interpreter.run(*args)
+            result = run.run(as_args(example_inputs))
         except Exception as exc:
-            raise ModelInputError(_rejection_message(interpreter.current, exc)) from exc
+            raise ModelInputError(_rejection_message(run.current, exc)) from exc
     if outputs is not None:
         outputs.append(result)
-    return interpreter.kept
+    return run.kept
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, keep: set[str]) -> None:
-        super().__init__(module)
+class _GraphRun:
+    """Runs a graph node by node (what ``fx.Interpreter`` does, with less per-node overhead),
+    recording tensor shapes, the inputs of the ``keep`` nodes, and taking reusable leaf results
+    from ``reuse``. Each value is dropped after its last use."""
+
+    def __init__(self, module: fx.GraphModule, keep: set[str], reuse: LeafCalls | None) -> None:
+        self.module = module
         self.keep = keep
+        self.reuse = reuse
         self.kept: dict[str, Any] = {}
         self.current: fx.Node | None = None
 
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        if n.name in self.keep:
-            self.kept[n.name] = fx.node.map_arg(n.args, lambda a: self.env[a])
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["bnfold_shape"] = tuple(result.shape)
-        return result
+    def run(self, args: tuple[Any, ...]) -> Any:
+        graph = self.module.graph
+        inputs = iter(graph.process_inputs(*args))
+        env: dict[fx.Node, Any] = {}
+        last_uses = _last_uses(graph)
+        for node in graph.nodes:
+            self.current = node
+            if node.op == "output":
+                return graph.process_outputs(fx.node.map_arg(node.args[0], env.__getitem__))
+            if node.name in self.keep:
+                self.kept[node.name] = fx.node.map_arg(node.args, env.__getitem__)
+            value = self._value(node, env, inputs)
+            if isinstance(value, torch.Tensor):
+                node.meta["bnfold_shape"] = tuple(value.shape)
+            env[node] = value
+            for done in last_uses.get(node, ()):
+                del env[done]
+        raise RuntimeError("the graph has no output node")
+
+    def _value(self, node: fx.Node, env: dict[fx.Node, Any], inputs: Iterator[Any]) -> Any:
+        if node.op == "placeholder":
+            return _placeholder(node, inputs)
+        if node.op == "get_attr":
+            return _fetch_attr(self.module, str(node.target))
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = dict(fx.node.map_arg(node.kwargs, env.__getitem__))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        module = self.module.get_submodule(str(node.target))
+        if self.reuse is not None:
+            reused, result = self.reuse.reuse(module, args, kwargs)
+            if reused:
+                return result
+        return module(*args, **kwargs)
+
+
+def _placeholder(node: fx.Node, inputs: Iterator[Any]) -> Any:
+    if str(node.target).startswith("*"):
+        return list(inputs)
+    try:
+        return next(inputs)
+    except StopIteration:
+        if node.args:  # a default value
+            return node.args[0]
+        raise TypeError(f"missing input for {node.target!r}") from None
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values whose last reader it is (the output node keeps its own)."""
+    seen: set[fx.Node] = set()
+    last: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        if node.op == "output":
+            seen.update(node.all_input_nodes)
+            continue
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                last.setdefault(node, []).append(source)
+    return last
 
 
 def _rejection_message(node: fx.Node | None, exc: BaseException) -> str:

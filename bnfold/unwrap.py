@@ -45,8 +45,9 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def state_notes(model: nn.Module) -> tuple[str, ...]:
     """What the folded model keeps from the model's state: the device and dtype of its weights
     (said only when they are not the default float32 on CPU)."""
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in _floating(model)})
-    devices = sorted({str(t.device) for t in _floating(model)})
+    kinds = {(t.dtype, t.device) for t in _floating(model)}
+    dtypes = sorted({str(dtype).removeprefix("torch.") for dtype, _ in kinds})
+    devices = sorted({str(device) for _, device in kinds})
     if not dtypes or (dtypes == ["float32"] and devices == ["cpu"]):
         return ()
     rounding = (f"rounded once to {', '.join(d for d in dtypes if d != 'float64')}"

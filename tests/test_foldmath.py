@@ -6,13 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnfold import foldmath
 from bnfold.foldmath import (
     Affine,
     BnParams,
     Layout,
+    Workspace,
     bn_affine,
     fold_into_input,
     fold_into_output,
+    scale_output_channels_,
 )
 
 torch.manual_seed(0)
@@ -129,3 +132,25 @@ def test_result_is_float64_for_every_dtype(dtype: torch.dtype) -> None:
     assert folded.weight.dtype == torch.float64 and folded.bias.dtype == torch.float64
     exact = w.double() * affine.scale[:, None, None, None]
     assert torch.equal(folded.weight, exact)
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 17])
+@pytest.mark.parametrize(("shape", "layout"), [
+    ((8, 3, 3, 3), Layout()),                       # conv
+    ((8, 2, 3), Layout(groups=4)),                  # grouped conv1d
+    ((6, 5), Layout()),                             # linear
+    ((6, 4, 3, 3), Layout(groups=1, transposed=True)),
+    ((6, 2, 3, 3, 3), Layout(groups=3, transposed=True)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blockwise_output_scaling_gives_the_same_bits(monkeypatch, block: int, shape: tuple,
+                                                       layout: Layout, dtype: torch.dtype) -> None:
+    """The in-place, blockwise path must round exactly like the float64 reference path."""
+    monkeypatch.setattr(foldmath, "BLOCK", block)
+    weight = torch.randn(shape).to(dtype)
+    channels = shape[1] * layout.groups if layout.transposed else shape[0]
+    affine = bn_affine(_bn(channels))
+    expected = fold_into_output(weight, None, affine, layout).weight.to(dtype)
+    scaled = weight.clone()
+    scale_output_channels_(scaled, affine.scale, layout, Workspace())
+    assert torch.equal(scaled, expected)
