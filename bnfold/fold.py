@@ -30,6 +30,7 @@ from bnfold.modes import set_eval
 from bnfold.patterns import Position
 from bnfold.records import BnKind, FoldedPair, FoldResult
 from bnfold.sites import LayerSite, NormSite
+from bnfold.trace import runnable
 from bnfold.unwrap import unwrap
 
 LARGE_SCALE = 1e3  # |gamma / sqrt(var + eps)| above this amplifies weight rounding error
@@ -69,7 +70,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
     if rewrite:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
-        gm.recompile()
+        target = runnable(gm)
     set_eval(target)
     return FoldResult(model=target, plan=plan, folded=records,
                       skipped=plan.skipped, graph_rewritten=rewrite, inplace=inplace)

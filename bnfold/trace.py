@@ -112,6 +112,29 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
     return value
 
 
+def _lazy_graph_module() -> type[fx.GraphModule]:
+    """The graph pass reads a trace's graph and never runs its Python code: torch's lazy
+    GraphModule skips generating that code until it is needed (a GraphModule where it is
+    missing)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return fx.GraphModule
+    return _LazyGraphModule
+
+
+_AnalysisModule = _lazy_graph_module()
+
+
+def runnable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain GraphModule (code generated) with ``gm``'s graph and attributes, for handing out
+    a rewritten trace."""
+    if _AnalysisModule is not fx.GraphModule and isinstance(gm, _AnalysisModule):
+        return fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    gm.recompile()
+    return gm
+
+
 @dataclass(frozen=True)
 class Traced:
     """A traced model: a GraphModule sharing the model's submodules and tensors."""
@@ -168,7 +191,7 @@ def _graph_module(tracer: fx.Tracer, graph: fx.Graph) -> fx.GraphModule:
         root.__dict__[name] = value
     try:
         name = type(root).__name__
-        return fx.GraphModule(root, graph, class_name=name)
+        return _AnalysisModule(root, graph, class_name=name)
     finally:
         for name in tracer.added_constants:
             del root.__dict__[name]

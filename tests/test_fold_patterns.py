@@ -203,6 +203,8 @@ def test_functional_norm_is_removed_from_the_graph() -> None:
     assert result.graph_rewritten
     assert result.folded[0].pair.bn_kind == BnKind.FUNCTIONAL
     assert "batch_norm" not in result.model.code
+    # a plain GraphModule is handed out: the lazy one used while analysing is not
+    assert type(result.model).__mro__[1] is torch.fx.GraphModule
 
 
 def test_bn_on_both_sides_of_one_layer() -> None:
