@@ -56,16 +56,17 @@ FAITHFUL_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2,
 
 
 def trace_checked(model: nn.Module, example_inputs: Any,
-                  needs_input: Callable[[fx.GraphModule, fx.Node], bool]
+                  needs_input: Callable[[nn.Module], bool]
                   ) -> tuple[Traced, dict[str, Any]]:
     """Trace ``model`` with fx, propagate shapes, and check the trace reproduces the model.
 
-    Returns the trace and the inputs of the nodes ``needs_input`` selects. Raises
+    Returns the trace and the inputs of the module calls ``needs_input`` selects. Raises
     ``TraceError`` when fx fails, the traced graph rejects the example, or its outputs differ.
     """
     traced = trace_model(model, example_inputs)
     gm = traced.module
-    keep = {n.name for n in gm.graph.nodes if needs_input(gm, n)}
+    called = {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    keep = {node.name for node, module in called.items() if needs_input(module)}
     if traced.method == "graph-module":  # the model is its own graph: nothing to check
         return traced, propagate(traced, example_inputs, keep)
     expected, calls = _run_model(model, example_inputs)
@@ -75,7 +76,7 @@ def trace_checked(model: nn.Module, example_inputs: Any,
     except ModelInputError as exc:
         raise TraceError(f"the fx trace of {type(model).__name__} fails on the example input "
                          f"({exc})") from exc
-    problem = _difference(expected, outputs[0]) or _call_difference(model, gm, calls.counts)
+    problem = _difference(expected, outputs[0]) or _call_difference(model, called, calls.counts)
     if problem is not None:
         raise TraceError(
             f"torch.fx's trace of {type(model).__name__} does not reproduce the model on the "
@@ -100,14 +101,12 @@ def _run_model(model: nn.Module, example_inputs: Any) -> tuple[Any, LeafCalls]:
     return expected, calls
 
 
-def _call_difference(model: nn.Module, traced: fx.GraphModule, calls: Counter) -> str | None:
-    """Outputs can agree by accident (a ReLU that zeroes everything): the leaf calls must too."""
-    in_graph: Counter = Counter()
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            module = traced.get_submodule(str(node.target))
-            if isinstance(module, LEAF_TYPES) or is_affine_candidate(module):
-                in_graph[id(module)] += 1
+def _call_difference(model: nn.Module, called: dict[fx.Node, nn.Module], calls: Counter
+                     ) -> str | None:
+    """Outputs can agree by accident (a ReLU that zeroes everything): the leaf calls must too.
+    ``called`` maps the graph's module calls to their modules."""
+    in_graph = Counter(id(module) for module in called.values()
+                       if isinstance(module, LEAF_TYPES) or is_affine_candidate(module))
     if in_graph == calls:
         return None
     names = {id(m): name for name, m in model.named_modules()}

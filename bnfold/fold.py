@@ -7,7 +7,6 @@ two norms fold into the same layer (one before it, one after it).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnfold.clone import clone_model
 from bnfold.foldmath import (
     Affine,
     FoldedWeights,
@@ -53,7 +53,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
     folded at module level (see ``find_pairs``).
     """
     model, wrapper_notes = unwrap(model)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else clone_model(model)
     allow_rewrite = not inplace or isinstance(model, fx.GraphModule)
     analysis = analyse(work, example_inputs, allow_graph_rewrite=allow_rewrite,
                        extra_inputs=extra_inputs)

@@ -30,6 +30,7 @@ from bnfold.sites import (
     functional_norm,
     has_stock_forward,
     is_norm_call,
+    is_stock_norm,
     layer_site,
     module_norm,
 )
@@ -117,13 +118,10 @@ def decide(gm: fx.GraphModule, kept: dict[str, Any], allow_graph_rewrite: bool, 
     return pairs, skips, notes
 
 
-def _is_subclass_call(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op != "call_module":
-        return False
-    module = gm.get_submodule(node.target)
-    if is_affine_candidate(module):  # its forward is proven on the real input
-        return True
-    return isinstance(module, _BatchNorm) and module_norm(node, "", module).kind == BnKind.SUBCLASS
+def _is_subclass_call(module: nn.Module) -> bool:
+    if isinstance(module, _BatchNorm):
+        return not is_stock_norm(module)
+    return is_affine_candidate(module)  # its forward is proven on the real input
 
 
 def _norm_sites(gm: fx.GraphModule, kept: dict[str, Any], modules: dict[str, nn.Module]

@@ -100,6 +100,11 @@ class LayerSite:
     tensors: tuple[torch.Tensor, ...] = ()  # every tensor the fold would rewrite
 
 
+def is_stock_norm(module: nn.Module) -> bool:
+    """True for a BatchNorm module (or SyncBatchNorm) whose class keeps torch's forward."""
+    return type(module).forward in _STOCK_FORWARDS
+
+
 def has_stock_forward(module: nn.Module) -> bool:
     """True when a Conv/ConvTranspose/Linear module computes exactly what its class says."""
     return type(module).forward in _STOCK_LAYER_FORWARDS
@@ -157,7 +162,7 @@ def functional_norm(gm: fx.GraphModule, node: fx.Node) -> NormSite:
 
 def module_norm(node: fx.Node, name: str, module: _BatchNorm) -> NormSite:
     """A call of a BatchNorm module (stock, SyncBatchNorm or subclass)."""
-    stock = type(module).forward in _STOCK_FORWARDS
+    stock = is_stock_norm(module)
     site = NormSite(node=node, out=node, input=_as_node(node.args[0]) if node.args else None,
                     name=name, type_name=type(module).__name__,
                     kind=BnKind.MODULE if stock else BnKind.SUBCLASS, module=module)

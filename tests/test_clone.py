@@ -1,0 +1,60 @@
+"""clone_model must be copy.deepcopy, only faster."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bnfold.clone import clone_model
+
+
+class _Tagged(nn.Parameter):
+    pass
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 4), nn.Linear(4, 4))
+    model[3].weight = model[2].weight  # tied
+    model[0].bias.requires_grad_(False)
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # left to deepcopy
+    model[2].register_buffer("window", torch.arange(12.0)[2:8])  # a view: left to deepcopy
+    model[2].register_buffer("head", model[2].window[:3])  # shares the view's storage
+    model[1].tag = _Tagged(torch.ones(2))  # a parameter subclass: left to deepcopy
+    model[1].running_mean.note = "kept"  # a tensor attribute: left to deepcopy
+    return model
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False)]
+
+
+def test_same_tensors_as_deepcopy_and_none_shared_with_the_model() -> None:
+    model = _model()
+    ours, reference = clone_model(model), copy.deepcopy(model)
+    originals = {t.untyped_storage().data_ptr() for _, t in _tensors(model)}
+    for (name, a), (_, b) in zip(_tensors(ours), _tensors(reference), strict=True):
+        assert type(a) is type(b), name
+        assert a.requires_grad == b.requires_grad, name
+        assert a.stride() == b.stride() and torch.equal(a, b), name
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.untyped_storage().data_ptr() not in originals, name
+    assert ours[3].weight is ours[2].weight  # aliasing kept
+    assert ours[2].head.untyped_storage().data_ptr() == ours[2].window.untyped_storage().data_ptr()
+    assert ours[1].running_mean.note == "kept"
+    assert isinstance(ours[1].tag, _Tagged)
+
+
+def test_plain_tensors_take_the_fast_path() -> None:
+    from bnfold.clone import _plain_copies
+
+    model = _model()
+    fast = _plain_copies(model)
+    assert id(model[1].weight) in fast and id(model[1].running_var) in fast
+    assert id(model[2].weight) in fast  # tied: copied once, deepcopy's memo shares it
+    for left in (model[0].weight, model[2].window, model[2].head, model[1].tag,
+                 model[1].running_mean):
+        assert id(left) not in fast
