@@ -281,3 +281,29 @@ def test_wrapped_model_is_recalibrated_inside() -> None:
     assert report.layers[0].name == "bn"  # names of the inner module
     for (name, a), (_, b) in zip(model.named_buffers(), plain.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(("offset", "subtract"), [(0.0, False), (0.3, False), (50.0, True)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtract: bool,
+                                                            layout: str) -> None:
+    """A centred first input takes K = 0 (no shifted copy); an offset one keeps the shift.
+    Either way the pooled statistics match float64 ones to well below 1e-6."""
+    from bnfold.calibrate import _Moments
+
+    gen = torch.Generator().manual_seed(3)
+    bn = nn.BatchNorm2d(6)
+    moments = _Moments("bn", bn)
+    batches = [torch.randn(n, 6, 9, 7, generator=gen) + offset for n in (5, 2, 11)]
+    if layout == "channels_last":
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    for x in batches:
+        moments.add(x)
+    assert moments.subtract is subtract
+    n, mean, m2 = moments.local()
+    every = torch.cat([x.double().transpose(0, 1).reshape(6, -1) for x in batches], dim=1)
+    var, expected_mean = torch.var_mean(every, dim=1, correction=0)
+    std = var.sqrt()
+    assert n == every.shape[1]
+    assert float(((mean - expected_mean).abs() / std).max()) < 1e-6
+    assert float(((m2 / n - var).abs() / var).max()) < 1e-6
