@@ -10,6 +10,9 @@ under a heading, with the exact command and its wall time. A benchmark not liste
 runs without arguments (with ``--smoke`` under ``--quick`` when it offers that flag). The
 document also records the machine, the versions, the date, the git commit and this command.
 
+The README quotes some benchmarks' first table between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->``; a full run that writes BENCHMARKS.md refreshes those tables too.
+
 ``--quick`` is a smoke run (one or two repetitions, the smallest models): it checks that every
 benchmark still runs and prints its table; its numbers mean nothing. So it writes only to
 ``--output`` when one is given, never over BENCHMARKS.md by default.
@@ -36,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
+README = ROOT / "README.md"
 
 # Arguments per benchmark: (full run, --quick smoke run).
 ARGS: dict[str, tuple[list[str], list[str]]] = {
@@ -203,6 +207,30 @@ def document(results: list[Result], argv: list[str], quick: bool, started: str,
     return "\n".join(lines).rstrip() + "\n"
 
 
+def first_table(text: str) -> str:
+    """The first Markdown table in ``text`` (consecutive ``|`` lines)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"^\|.*\|\s*$", line):
+            lines.append(line.rstrip())
+        elif lines:
+            break
+    return "\n".join(lines)
+
+
+def refresh_readme(readme: str, results: list[Result], commit: str) -> str:
+    """``readme`` with each ``<!-- bench:NAME -->`` block replaced by NAME's first table."""
+    for result in results:
+        table = first_table(result.stdout) if result.ok else ""
+        if not table:
+            continue
+        pattern = re.compile(rf"(<!-- bench:{result.name} -->\n).*?(<!-- /bench:{result.name} -->)",
+                             re.S)
+        block = f"{table}\n\n(`{shlex.join(result.command)}`, commit {commit})\n"
+        readme = pattern.sub(lambda m, b=block: m.group(1) + b + m.group(2), readme)
+    return readme
+
+
 def _status(result: Result) -> str:
     if result.code == 124:
         return "timed out"
@@ -244,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         output.write_text(text, encoding="utf-8")
         print(f"wrote {output}", file=sys.stderr)
+        if output == DEFAULT_OUTPUT and not args.quick:
+            before = README.read_text(encoding="utf-8")
+            after = refresh_readme(before, results, git_commit())
+            if after != before:
+                README.write_text(after, encoding="utf-8")
+                print(f"refreshed the benchmark tables in {README.name}", file=sys.stderr)
     return 0 if all(result.ok for result in results) else 1
 
 

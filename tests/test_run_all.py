@@ -61,3 +61,26 @@ def test_a_failing_benchmark_is_reported() -> None:
     assert "| [c_bench](#c_bench) | FAILED (no Markdown table) |" in text
     assert "Boom" in text
     assert "Smoke run" not in text
+
+
+def test_readme_tables_are_refreshed_from_a_full_run() -> None:
+    run_all = _module()
+    fold = run_all.Result("fold_bench", "F.", ["python", "benchmarks/fold_bench.py"], 1.0, 0,
+                          "intro\n\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\nafter\n", "")
+    failed = run_all.Result("cli_bench", "C.", ["python", "c.py"], 1.0, 1, "| x |\n", "boom")
+    readme = ("text\n<!-- bench:fold_bench -->\nold table\n<!-- /bench:fold_bench -->\n"
+              "<!-- bench:cli_bench -->\nkept\n<!-- /bench:cli_bench -->\n")
+    refreshed = run_all.refresh_readme(readme, [fold, failed], "abc123")
+    assert ("<!-- bench:fold_bench -->\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\n"
+            "(`python benchmarks/fold_bench.py`, commit abc123)\n<!-- /bench:fold_bench -->"
+            in refreshed)
+    assert "old table" not in refreshed
+    assert "<!-- bench:cli_bench -->\nkept\n" in refreshed  # a failed run leaves its table
+
+
+def test_readme_marks_the_tables_the_issues_ask_for() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in ("fold_bench", "recalibrate_bench"):
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        assert start in readme and end in readme, name
+        assert "|---|" in readme.split(start)[1].split(end)[0], name
