@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold._patch import ForwardPatches
 from bnfold._records import Record
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 
@@ -478,9 +479,6 @@ class _Pooled:
     var: torch.Tensor  # float64, unbiased
 
 
-_ABSENT = object()
-
-
 class _Session:
     """Hooks on every target BatchNorm, and the bookkeeping they share."""
 
@@ -492,14 +490,13 @@ class _Session:
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
         self.checks: list[tuple[int, str, torch.Tensor]] = []  # calls since the last check
-        self.saved: list[tuple[nn.Module, Any]] = []
+        self.patches = ForwardPatches()
         for name, bn in targets.items():
-            self.saved.append((bn, bn.__dict__.get("forward", _ABSENT)))
-            bn.__dict__["forward"] = self._observing(self.moments[name], bn.forward)
+            self.patches.wrap(bn, lambda forward, m=self.moments[name]: self._observing(m, forward))
 
     def _observing(self, moments: _Moments, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """``forward`` that first pools its input (an instance attribute: lighter than a
-        pre-hook; it sees the input after any pre-hooks of the layer, as a last pre-hook would)."""
+        """``forward`` that first pools its input (see ``bnfold._patch``: it sees the input after
+        any pre-hooks of the layer, as a last pre-hook would)."""
 
         def observed(*args: Any, **kwargs: Any) -> Any:
             x = args[0] if args else kwargs.get("input")
@@ -559,11 +556,7 @@ class _Session:
 
     def remove_hooks(self) -> None:
         """Give each layer its own ``forward`` back."""
-        for bn, own in self.saved:
-            del bn.__dict__["forward"]
-            if own is not _ABSENT:
-                bn.__dict__["forward"] = own
-        self.saved = []
+        self.patches.restore()
 
 
 def _first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

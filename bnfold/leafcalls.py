@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from bnfold._patch import ForwardPatches
+
 #: Upper bound on the bytes of tensors kept alive for reuse (a rough sum: shared storage is
 #: counted once per reference).
 KEEP_BYTES = 256 * 2**20
-
-_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ class LeafCalls:
     those of ``reusable`` (worth it for layers; norms are cheap to compute again).
 
     Use as a context manager around one forward of the model that owns ``leaves``. While active,
-    each leaf's ``forward`` is wrapped by an instance attribute (cheaper than module hooks);
-    the leaf's own attribute, if it had one, is put back afterwards.
+    each leaf's ``forward`` is wrapped (``bnfold._patch``).
     """
 
     def __init__(self, leaves: Iterable[nn.Module], reusable: Iterable[nn.Module] = (),
@@ -54,25 +53,19 @@ class LeafCalls:
         self._reusable = {id(module) for module in reusable}
         self._budget = keep_bytes
         self._depth = 0
-        self._saved: list[tuple[nn.Module, Any]] = []
+        self._patches = ForwardPatches()
         self._calls: dict[int, deque[_Call]] = {}
         self.counts: Counter = Counter()
 
     def __enter__(self) -> LeafCalls:
         for module in self._leaves:
-            own = module.__dict__.get("forward", _ABSENT)
-            self._saved.append((module, own))
-            module.forward = self._wrap(module, module.forward)
+            self._patches.wrap(module, lambda forward, m=module: self._wrap(m, forward))
             if module._forward_hooks or module._forward_pre_hooks:
                 self._reusable.discard(id(module))  # its result is seen before its own hooks
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, own in self._saved:
-            del module.forward
-            if own is not _ABSENT:
-                module.forward = own
-        self._saved.clear()
+        self._patches.restore()
 
     def _wrap(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(*args: Any, **kwargs: Any) -> Any:
