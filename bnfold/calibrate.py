@@ -396,7 +396,7 @@ class _Moments:
         self.mean_buffer: torch.Tensor = bn.running_mean  # looked up once: __getattr__ is slow
         self.var_buffer: torch.Tensor = bn.running_var
         self.shift: torch.Tensor | None = None  # K, in the compute dtype
-        self.shifts: dict[int, torch.Tensor] = {}  # K viewed for inputs of each rank
+        self.shifts: dict[int, torch.Tensor] = {}  # K viewed for inputs with each number of dims
         self.total: torch.Tensor | None = None  # float64 [2, C]: Σ(x − K), Σ(x − K)²
         self.sums: list[torch.Tensor] = []
         self.squares: list[torch.Tensor] = []

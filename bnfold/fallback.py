@@ -35,13 +35,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from bnfold.affine import affine_skips_to_notes, is_affine_candidate, is_frozen_norm
+from bnfold.affine import affine_skips_to_notes, is_frozen_norm
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.leafcalls import LeafCalls
 from bnfold.modes import as_args, inference
 from bnfold.record import Recording, record
 from bnfold.records import BnKind, Plan, Skip, SkipReason
-from bnfold.trace import LAYER_TYPES, LEAF_TYPES, Traced, propagate, trace_model
+from bnfold.trace import LAYER_TYPES, Traced, is_leaf, propagate, trace_model
 
 if TYPE_CHECKING:
     from bnfold.graph import Analysis, PlannedPair
@@ -89,7 +89,7 @@ def trace_checked(model: nn.Module, example_inputs: Any,
 def _run_model(model: nn.Module, example_inputs: Any) -> tuple[Any, LeafCalls]:
     """The model's own eval output (copied: the traced run may reuse its tensors) and its leaf
     calls."""
-    leaves = [m for m in model.modules() if isinstance(m, LEAF_TYPES) or is_affine_candidate(m)]
+    leaves = [m for m in model.modules() if is_leaf(m)]
     try:
         layers = [m for m in leaves if isinstance(m, LAYER_TYPES)]
         with inference(model), LeafCalls(leaves, layers) as calls:
@@ -105,8 +105,7 @@ def _call_difference(model: nn.Module, called: dict[fx.Node, nn.Module], calls: 
                      ) -> str | None:
     """Outputs can agree by accident (a ReLU that zeroes everything): the leaf calls must too.
     ``called`` maps the graph's module calls to their modules."""
-    in_graph = Counter(id(module) for module in called.values()
-                       if isinstance(module, LEAF_TYPES) or is_affine_candidate(module))
+    in_graph = Counter(id(module) for module in called.values() if is_leaf(module))
     if in_graph == calls:
         return None
     names = {id(m): name for name, m in model.named_modules()}

@@ -37,7 +37,7 @@ from bnfold.affine import is_affine_candidate
 from bnfold.errors import ModelInputError
 from bnfold.kernels import _KERNELS as BATCH_NORM_KERNELS
 from bnfold.modes import as_args, inference
-from bnfold.trace import LEAF_TYPES
+from bnfold.trace import is_leaf
 
 _VALUE_READ_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
 _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
@@ -137,7 +137,7 @@ class _State:
     def is_leaf(self, module: nn.Module) -> bool:
         if id(module) not in self.paths:
             return False
-        return isinstance(module, LEAF_TYPES) or is_affine_candidate(module)
+        return is_leaf(module)
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.leaf_depth > 0:
@@ -246,9 +246,8 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     """
     args = as_args(example_inputs)
     paths = {id(m): name for name, m in model.named_modules() if name}
-    leaf_tensors = {id(t) for m in model.modules() if isinstance(m, LEAF_TYPES)
-                    or is_affine_candidate(m) for t in (*m.parameters(recurse=False),
-                                                         *m.buffers(recurse=False))}
+    leaf_tensors = {id(t) for m in model.modules() if is_leaf(m)
+                    for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     state = _State(paths=paths, leaf_tensors=leaf_tensors)
     leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
     for i, tensor in enumerate(leaves):

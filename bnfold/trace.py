@@ -27,13 +27,19 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 LEAF_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, *LAYER_TYPES)
 
 
+def is_leaf(module: nn.Module) -> bool:
+    """A module the graph pass sees as one call: a layer, a norm, or a per-channel affine
+    candidate (FrozenBatchNorm2d-style)."""
+    return isinstance(module, LEAF_TYPES) or is_affine_candidate(module)
+
+
 class LeafTracer(fx.Tracer):
     """fx tracer that keeps Conv/ConvTranspose/Linear/BatchNorm (and subclasses) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Identity:  # traced through: conv -> Identity -> BN is conv -> BN
             return False
-        if isinstance(m, LEAF_TYPES) or is_affine_candidate(m):  # FrozenBatchNorm2d-style
+        if is_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
