@@ -38,10 +38,8 @@ statistics, equal to one process fed every rank's batches.
 
 from __future__ import annotations
 
-import enum
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +47,17 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold._records import Record
+from bnfold.batchstats import LayerStatistics, RowTable, Scratch
+from bnfold.calreport import (
+    CalibrationReport,
+    ChannelSummary,
+    LayerCalibration,
+    LayerStatus,
+    Recalibrated,
+    build_report,
+)
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
+from bnfold.sites import is_stock_norm
 
 __all__ = [
     "CalibrationReport",
@@ -63,136 +70,6 @@ __all__ = [
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ProgressFn = Callable[[int, int], None]
-
-#: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
-#: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
-#: scale it by about ``gamma / sqrt(eps)``.
-NEAR_ZERO_VAR_FACTOR = 1.0
-
-
-# ------------------------------------------------------------------------------------- records
-
-
-class LayerStatus(str, enum.Enum):
-    """What recalibration did with one BatchNorm."""
-
-    RECALIBRATED = "recalibrated"  # running stats replaced by the pooled statistics
-    NO_DATA = "no_data"  # never called on any batch: its (stale) stats were left as they were
-    NO_RUNNING_STATS = "no_running_stats"  # track_running_stats=False: eval uses batch stats
-
-
-@dataclass(frozen=True)
-class ChannelSummary(Record):
-    """Minimum, mean and maximum of a per-channel quantity."""
-
-    min: float
-    mean: float
-    max: float
-
-
-@dataclass(frozen=True)
-class LayerCalibration(Record):
-    """One BatchNorm's recalibration: what it saw and how far its statistics moved.
-
-    ``samples`` counts elements per channel pooled (batch items × spatial positions, over every
-    call and every rank). ``mean_shift`` is ``|new_mean − old_mean| / sqrt(old_var + eps)`` per
-    channel: the shift in units of the old standard deviation. ``std_ratio`` is
-    ``sqrt((new_var + eps) / (old_var + eps))``: how much the layer's normaliser changed.
-    ``near_zero_var_channels`` lists channels whose new variance is below ``eps``.
-    """
-
-    name: str
-    type: str
-    status: LayerStatus
-    num_features: int
-    calls: int = 0
-    samples: int = 0
-    old_mean: ChannelSummary | None = None
-    new_mean: ChannelSummary | None = None
-    old_var: ChannelSummary | None = None
-    new_var: ChannelSummary | None = None
-    mean_shift: ChannelSummary | None = None
-    std_ratio: ChannelSummary | None = None
-    near_zero_var_channels: tuple[int, ...] = ()
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class CalibrationReport(Record):
-    """What ``recalibrate`` did: one entry per BatchNorm (in ``named_modules`` order).
-
-    ``batches`` and ``samples`` (batch items, from dim 0 of each batch's first tensor) are totals
-    over every rank; ``world_size`` is 1 outside ``torch.distributed``. Statistics are pooled in
-    ``accumulation_dtype``.
-    """
-
-    layers: tuple[LayerCalibration, ...]
-    batches: int
-    samples: int
-    world_size: int
-    seconds: float
-    accumulation_dtype: str = "float64"
-    notes: tuple[str, ...] = ()
-
-    @property
-    def recalibrated(self) -> tuple[LayerCalibration, ...]:
-        return tuple(x for x in self.layers if x.status is LayerStatus.RECALIBRATED)
-
-    @property
-    def unseen(self) -> tuple[LayerCalibration, ...]:
-        """BatchNorms that no batch reached: their statistics are still the old ones."""
-        return tuple(x for x in self.layers if x.status is LayerStatus.NO_DATA)
-
-    @property
-    def skipped(self) -> tuple[LayerCalibration, ...]:
-        """BatchNorms without running statistics (nothing to recalibrate)."""
-        return tuple(x for x in self.layers if x.status is LayerStatus.NO_RUNNING_STATS)
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        """One line: how many BatchNorms were recalibrated, on how much data; what was not."""
-        ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
-        text = (
-            f"recalibrated {len(self.recalibrated)} of {len(self.layers)} BatchNorms from "
-            f"{self.batches} batches ({self.samples} samples{ranks}) in {self.seconds:.2f} s"
-        )
-        if self.unseen:
-            text += f"; no data reached {', '.join(x.name for x in self.unseen)} (left as is)"
-        if self.skipped:
-            text += f"; skipped {', '.join(x.name for x in self.skipped)} (no running stats)"
-        return text
-
-    def format_text(self) -> str:
-        """A plain-text table, one row per BatchNorm, then the summary line."""
-        header = ("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")
-        rows = [header]
-        for layer in self.layers:
-            if layer.status is LayerStatus.RECALIBRATED:
-                assert layer.mean_shift is not None and layer.std_ratio is not None
-                rows.append(
-                    (
-                        layer.name,
-                        str(layer.samples),
-                        f"{layer.mean_shift.max:.3g}",
-                        f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}",
-                        str(len(layer.near_zero_var_channels) or ""),
-                        "",
-                    )
-                )
-            else:
-                label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
-                rows.append((layer.name, "0", "-", "-", "", label))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows
-        ]
-        notes = [f"note: {note}" for note in self.notes]
-        return "\n".join([*lines, *notes, self.summary()])
-
 
 # ----------------------------------------------------------------------------------- public API
 
@@ -245,13 +122,14 @@ def recalibrate(
     _check_arguments(model, batches)
     started = time.perf_counter()
     model, notes = _unwrap(model)
-    targets, skipped = _find_batchnorms(model)
+    named = list(model.named_modules())
+    targets, skipped = _find_batchnorms(named)
     if not targets:
-        return _report(model, {}, skipped, 0, 0, 1, started, notes=notes)
+        return build_report(named, [], list(skipped), 0, 0, 1, started, notes)
     device = torch.device(device) if device is not None else _model_device(model)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
-    backup = _Backup(model, targets)
+    backup = _Backup([module for _, module in named], targets)
     session = _Session(targets)
     try:
         totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
@@ -268,7 +146,29 @@ def recalibrate(
     finally:
         session.remove_hooks()
         backup.restore_flags()
-    return _report(model, pooled, skipped, totals[0], totals[1], world, started, backup, notes)
+    recalibrated = [
+        Recalibrated(name, targets[name], p.calls, p.count, p.mean, p.var, *backup.stats[name][:2])
+        for name, p in pooled.items()
+    ]
+    notes += _bound_notes(pooled)
+    return build_report(
+        named, recalibrated, list(skipped), totals[0], totals[1], world, started, notes
+    )
+
+
+#: A pooled variance whose error bound exceeds this gets a note in the report.
+BOUND_NOTE = 1e-6
+
+
+def _bound_notes(pooled: dict[str, _Pooled]) -> tuple[str, ...]:
+    return tuple(
+        f"BatchNorm {name!r}: its inputs moved far from zero after the first batch (|mean| "
+        f"over {LayerStatistics.KERNEL_OFFSET:g} std); its variance is exact only to "
+        f"{p.var_error_bound:.1e} relative. Recalibrate a float64 copy of the model for "
+        "exact statistics"
+        for name, p in pooled.items()
+        if p.var_error_bound > BOUND_NOTE
+    )
 
 
 # --------------------------------------------------------------------------------- preparation
@@ -303,11 +203,13 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     return inner, (f"recalibrated the module inside {', '.join(kinds)}; it shares the statistics",)
 
 
-def _find_batchnorms(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def _find_batchnorms(
+    named: list[tuple[str, nn.Module]],
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """BatchNorms with running statistics (to recalibrate) and without (reported, skipped)."""
     targets: dict[str, nn.Module] = {}
     skipped: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in named:
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         label = name or "(model)"
@@ -345,19 +247,26 @@ def _world_size() -> int:
 
 
 class _Backup:
-    """Every module's ``training`` flag, and every target's statistics, to restore."""
+    """Every module's ``training`` flag, and every target's statistics (copied together, one
+    flat copy per dtype and device), to restore; the old statistics also go into the report."""
 
-    def __init__(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
-        self.flags = [(module, module.training) for module in model.modules()]
-        self.stats = {
-            name: (
-                bn.running_mean.clone(),
-                bn.running_var.clone(),
-                None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone(),
-            )
-            for name, bn in targets.items()
-        }
+    def __init__(self, modules: list[nn.Module], targets: dict[str, nn.Module]) -> None:
+        self.flags = [(module, module.training) for module in modules]
         self.targets = targets
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        for names in _groups(targets).values():
+            bns = [targets[name] for name in names]
+            widths = [bn.running_mean.shape[0] for bn in bns]
+            means = torch.cat([bn.running_mean for bn in bns]).split(widths)
+            variances = torch.cat([bn.running_var for bn in bns]).split(widths)
+            tracked = [bn.num_batches_tracked for bn in bns]
+            counters: Sequence[torch.Tensor | None] = [None] * len(bns)
+            if all(t is not None and t.device == bns[0].running_mean.device for t in tracked):
+                counters = torch.stack(tracked).unbind()
+            elif any(t is not None for t in tracked):
+                counters = [None if t is None else t.clone() for t in tracked]
+            for name, mean, var, counter in zip(names, means, variances, counters, strict=True):
+                self.stats[name] = (mean, var, counter)
 
     def restore_flags(self) -> None:
         for module, training in self.flags:
@@ -366,107 +275,27 @@ class _Backup:
 
     def restore_statistics(self) -> None:
         with torch.no_grad():
-            for name, (mean, var, tracked) in self.stats.items():
-                bn = self.targets[name]
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                if tracked is not None:
-                    bn.num_batches_tracked.copy_(tracked)
+            names = list(self.stats)
+            bns = [self.targets[name] for name in names]
+            torch._foreach_copy_(
+                [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+                [self.stats[name][0] for name in names] + [self.stats[name][1] for name in names],
+            )
+            for name, bn in zip(names, bns, strict=True):
+                if self.stats[name][2] is not None:
+                    bn.num_batches_tracked.copy_(self.stats[name][2])
+
+
+def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
+    """Target names by the dtype and device of their statistics."""
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+    for name, bn in targets.items():
+        key = (bn.running_mean.dtype, bn.running_mean.device)
+        groups.setdefault(key, []).append(name)
+    return groups
 
 
 # ------------------------------------------------------------------------------- the statistics
-
-
-class _Moments:
-    """Per-channel sums of ``x − K`` and ``(x − K)²`` for one BatchNorm, pooled in float64.
-
-    Each call's float64 sums are kept and added into the totals in groups of ``_FLUSH`` calls,
-    which keeps the per-call work to a few tensor operations. When the layer's first input is
-    centred (every channel's mean within ``CENTRED`` of its standard deviation, measured on the
-    first sample), ``K = 0`` and ``x`` is summed as it is, without a shifted copy: the float32
-    sums then lose at most a few parts in 1e7 of the variance to cancellation.
-    """
-
-    _FLUSH = 64
-    CENTRED = 1.0
-
-    def __init__(self, name: str, bn: nn.Module) -> None:
-        self.name = name
-        self.bn = bn
-        self.mean_buffer: torch.Tensor = bn.running_mean  # looked up once: __getattr__ is slow
-        self.var_buffer: torch.Tensor = bn.running_var
-        self.shift: torch.Tensor | None = None  # K, in the compute dtype
-        self.shifts: dict[int, torch.Tensor] = {}  # K viewed for inputs with each number of dims
-        self.total: torch.Tensor | None = None  # float64 [2, C]: Σ(x − K), Σ(x − K)²
-        self.sums: list[torch.Tensor] = []
-        self.squares: list[torch.Tensor] = []
-        self.count = 0
-        self.calls = 0
-        self.clamp = not bn.eps > 0  # var + eps > 0 already when eps > 0
-        self.subtract = True  # False once K = 0: x is summed as it is
-
-    def add(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool one call's input; return its per-channel sum of squares (for the NaN check).
-
-        Also writes this call's batch mean and biased variance into the layer's running buffers,
-        so its eval-mode forward normalises with batch statistics, as in training.
-        """
-        channels = x.shape[1]
-        n = x.numel() // channels
-        if self.shift is None:
-            self._choose_shift(x)
-        if self.subtract:
-            shift = self.shifts.get(x.dim())
-            if shift is None:
-                view = [1, channels] + [1] * (x.dim() - 2)
-                shift = self.shifts[x.dim()] = self.shift.view(view)
-            s1, s2 = _channel_sums(x - shift)  # float16 -> float32
-        else:
-            s1, s2 = _channel_sums(x)
-        self.sums.append(s1)
-        self.squares.append(s2)
-        self.count += n
-        self.calls += 1
-        if len(self.sums) >= self._FLUSH:
-            self.flush()
-        self._write_batch_statistics(s1, s2, n)
-        return s2
-
-    def _choose_shift(self, x: torch.Tensor) -> None:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.total = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
-        if x.dim() == 2:  # small: always shifted, by the batch mean
-            self.shift = x.mean(0, dtype=compute)
-            return
-        centre, spread = _first_sample_moments(x)
-        self.subtract = x.dtype not in (torch.float32, torch.float64) or not bool(
-            (centre.abs() <= self.CENTRED * spread).all())
-        self.shift = centre.to(compute) if self.subtract else torch.zeros_like(centre,
-                                                                               dtype=compute)
-
-    def _write_batch_statistics(self, s1: torch.Tensor, s2: torch.Tensor, n: int) -> None:
-        """running_mean = K + Σd/n, running_var = (Σd² − (Σd)²/n)/n (biased, as in training);
-        each computed in float64 and rounded once into the buffer."""
-        torch.add(self.shift, s1, alpha=1.0 / n, out=self.mean_buffer)
-        var = torch.addcmul(s2, s1, s1, value=-1.0 / n)
-        torch.mul(var.clamp_(min=0.0) if self.clamp else var, 1.0 / n, out=self.var_buffer)
-
-    def flush(self) -> None:
-        if self.sums:
-            assert self.total is not None
-            self.total[0] += torch.stack(self.sums).sum(0, dtype=torch.float64)
-            self.total[1] += torch.stack(self.squares).sum(0, dtype=torch.float64)
-            self.sums, self.squares = [], []
-
-    def local(self) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """(count, mean, M2) of everything pooled here, float64; M2 = Σ (x − mean)²."""
-        self.flush()
-        assert self.total is not None and self.shift is not None
-        n = float(self.count)
-        s1, s2 = self.total[0], self.total[1]
-        mean = self.shift.to(torch.float64) + s1 / n
-        m2 = (s2 - s1 * s1 / n).clamp_(min=0.0)
-        return n, mean, m2
 
 
 @dataclass
@@ -477,43 +306,61 @@ class _Pooled:
     calls: int
     mean: torch.Tensor  # float64
     var: torch.Tensor  # float64, unbiased
+    var_error_bound: float = 0.0  # from float32 kernel rows (see bnfold.batchstats)
 
 
 class _Session:
-    """Hooks on every target BatchNorm, and the bookkeeping they share."""
+    """Every target BatchNorm's forward wrapped, and the bookkeeping the wrappers share."""
 
-    #: Batches between NaN/inf checks (each check synchronises with the device once).
-    CHECK_EVERY = 16
+    #: Batches between NaN/inf checks (each check synchronises with the device once), after
+    #: which the row tables are pooled and their rows reused.
+    CHECK_EVERY = 8
 
     def __init__(self, targets: dict[str, nn.Module]) -> None:
-        self.moments = {name: _Moments(name, bn) for name, bn in targets.items()}
+        scratch = Scratch()
+        self.tables: list[tuple[RowTable, list[LayerStatistics]]] = []
+        self.layers: dict[str, LayerStatistics] = {}
+        for (dtype, device), names in _groups(targets).items():
+            tabled = [name for name in names if _tabled(targets[name])]
+            table = None
+            if tabled and device.type == "cpu":
+                widths = [targets[n].running_mean.shape[0] for n in tabled]
+                table = RowTable(widths, dtype, device, rows=self.CHECK_EVERY)
+                layers = [
+                    LayerStatistics(n, targets[n], table, i, scratch) for i, n in enumerate(tabled)
+                ]
+                self.tables.append((table, layers))
+                self.layers.update((layer.name, layer) for layer in layers)
+            for name in names:
+                if name not in self.layers:
+                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, scratch)
+        self.layers = {name: self.layers[name] for name in targets}  # named_modules order
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
         self.checks: list[tuple[int, str, torch.Tensor]] = []  # calls since the last check
         self.patches = ForwardPatches()
         for name, bn in targets.items():
-            self.patches.wrap(bn, lambda forward, m=self.moments[name]: self._observing(m, forward))
+            self.patches.wrap(bn, lambda forward, m=self.layers[name]: self._observing(m, forward))
 
-    def _observing(self, moments: _Moments, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """``forward`` that first pools its input (see ``bnfold._patch``: it sees the input after
-        any pre-hooks of the layer, as a last pre-hook would)."""
+    def _observing(self, layer: LayerStatistics, forward: Callable[..., Any]) -> Callable[..., Any]:
+        """``forward`` run with batch statistics, pooling its input (see ``bnfold._patch``: it
+        sees the input after any pre-hooks of the layer, as a last pre-hook would)."""
 
         def observed(*args: Any, **kwargs: Any) -> Any:
             x = args[0] if args else kwargs.get("input")
-            if _usable_input(x, moments.bn):  # else the layer's own forward rejects it
-                self._observe(moments, x)
-            return forward(*args, **kwargs)
+            if not _usable_input(x, layer.bn):  # the layer's own forward rejects it
+                return forward(*args, **kwargs)
+            if x.numel() // x.shape[1] < 2:
+                raise ModelInputError(
+                    f"batch {self.batch_index}: BatchNorm {layer.name!r} got one value per "
+                    f"channel (input shape {tuple(x.shape)}); batch statistics need at least "
+                    "two, as in training: use a larger batch size"
+                )
+            y, check = layer.call(x, forward, args, kwargs)
+            self.checks.append((self.batch_index, layer.name, check))
+            return y
 
         return observed
-
-    def _observe(self, moments: _Moments, x: torch.Tensor) -> None:
-        if x.numel() // x.shape[1] < 2:
-            raise ModelInputError(
-                f"batch {self.batch_index}: BatchNorm {moments.name!r} got one value per "
-                f"channel (input shape {tuple(x.shape)}); batch statistics need at least two, "
-                "as in training: use a larger batch size"
-            )
-        self.checks.append((self.batch_index, moments.name, moments.add(x)))
 
     def inside(self, exc: BaseException) -> str | None:
         """The innermost target BatchNorm whose forward is in ``exc``'s traceback, if any."""
@@ -529,6 +376,13 @@ class _Session:
         self.batch_index = index
         if index and index % self.CHECK_EVERY == 0:
             self.check_finite()
+            self.settle()
+
+    def settle(self) -> None:
+        """Pool the row tables (after the NaN check: their rows are then reused)."""
+        for table, layers in self.tables:
+            for slot in table.settle(LayerStatistics.KERNEL_OFFSET):
+                layers[slot].kernel_ok = False
 
     def check_finite(self) -> None:
         """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them."""
@@ -544,14 +398,20 @@ class _Session:
                 )
 
     def pooled(self, distributed: bool, device: torch.device) -> dict[str, _Pooled]:
+        self.settle()
+        bounds = dict.fromkeys(self.layers, 0.0)
+        for table, layers in self.tables:
+            for layer, bound in zip(layers, table.bounds(LayerStatistics.ROW_ERROR), strict=True):
+                bounds[layer.name] = bound
         if distributed:
-            return _all_reduce_moments(self.moments, device)
+            return _all_reduce_moments(self.layers, bounds, device)
         result = {}
-        for name, moments in self.moments.items():
-            if moments.count == 0:
-                continue
-            _, mean, m2 = moments.local()
-            result[name] = _pooled(name, moments.count, moments.calls, mean, m2)
+        for name, layer in self.layers.items():
+            pooled = layer.pooled()
+            if pooled is not None:
+                result[name] = _pooled(
+                    name, pooled.count, layer.calls, pooled.mean, pooled.m2, bounds[name]
+                )
         return result
 
     def remove_hooks(self) -> None:
@@ -559,37 +419,9 @@ class _Session:
         self.patches.restore()
 
 
-def _first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of the first sample's values (inputs with
-    spatial dims), cheaply, along its contiguous axis. The shift K only has to be near the
-    data's mean."""
-    channels = x.shape[1]
-    first = x[0]
-    if first.is_contiguous() or not first.movedim(0, -1).is_contiguous():
-        values = first.reshape(channels, -1)
-    else:
-        values = first.movedim(0, -1).reshape(-1, channels).t()
-    mean = values.mean(1, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
-    return mean, (values - mean[:, None]).square_().mean(1).sqrt_()
-
-
-def _channel_sums(dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 per-channel Σd and Σd² of ``dev`` (channels on dim 1); may square ``dev`` in place.
-
-    Each sample's values are summed first in ``dev``'s dtype, along the contiguous axis (fast,
-    and cascade summation keeps the error ~1e-7 relative), then the per-sample sums in float64.
-    Σd² comes from the per-sample 2-norms: one read of ``dev``, no squared copy.
-    """
-    batch, channels = dev.shape[0], dev.shape[1]
-    if dev.dim() == 2:
-        return dev.sum(0, dtype=torch.float64), dev.square_().sum(0, dtype=torch.float64)
-    if dev.is_contiguous() or not dev.movedim(1, -1).is_contiguous():
-        rows, axis = dev.reshape(batch, channels, -1), 2  # a copy only for odd strides
-    else:  # channels last
-        rows, axis = dev.movedim(1, -1).reshape(batch, -1, channels), 1
-    s1 = rows.sum(axis).sum(0, dtype=torch.float64)
-    norms = torch.linalg.vector_norm(rows, dim=axis).to(torch.float64)
-    return s1, norms.square_().sum(0)
+def _tabled(bn: nn.Module) -> bool:
+    """Whether a BatchNorm's calls can go through torch's kernel (stock forward)."""
+    return is_stock_norm(bn) and "forward" not in bn.__dict__
 
 
 def _usable_input(x: Any, bn: nn.Module) -> bool:
@@ -602,13 +434,15 @@ def _usable_input(x: Any, bn: nn.Module) -> bool:
     )
 
 
-def _pooled(name: str, count: int, calls: int, mean: torch.Tensor, m2: torch.Tensor) -> _Pooled:
+def _pooled(
+    name: str, count: int, calls: int, mean: torch.Tensor, m2: torch.Tensor, bound: float
+) -> _Pooled:
     if count < 2:
         raise CalibrationError(
             f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
             "variance needs at least two: use more data"
         )
-    return _Pooled(count=count, calls=calls, mean=mean, var=m2 / (count - 1))
+    return _Pooled(count, calls, mean, m2 / (count - 1), bound)
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -769,24 +603,28 @@ def _collective_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if "gloo" in backend else device
 
 
-def _all_reduce_moments(moments: dict[str, _Moments], device: torch.device) -> dict[str, _Pooled]:
+def _all_reduce_moments(
+    layers: dict[str, LayerStatistics], local_bounds: dict[str, float], device: torch.device
+) -> dict[str, _Pooled]:
     """Merge every rank's (count, mean, M2) exactly: global mean first, then M2 about it."""
     dist = torch.distributed
     where = _collective_device(device)
-    names = list(moments)  # named_modules order: identical on every rank
-    sizes = [moments[name].bn.num_features for name in names]
+    names = list(layers)  # named_modules order: identical on every rank
+    sizes = [layers[name].bn.num_features for name in names]
     local = {}
     counts, sums = [], []
     for name, size in zip(names, sizes, strict=True):
-        m = moments[name]
-        if m.count:
-            n, mean, m2 = m.local()
-        else:
+        pooled = layers[name].pooled()
+        if pooled is None:
             n, mean = 0.0, torch.zeros(size, dtype=torch.float64)
             m2 = torch.zeros(size, dtype=torch.float64)
+        else:
+            n, mean, m2 = float(pooled.count), pooled.mean, pooled.m2
         mean, m2 = mean.to(where, torch.float64), m2.to(where, torch.float64)
         local[name] = (n, mean, m2)
-        counts.append(torch.tensor([n, float(m.calls)], dtype=torch.float64, device=where))
+        counts.append(
+            torch.tensor([n, float(layers[name].calls)], dtype=torch.float64, device=where)
+        )
         sums.append(mean * n)
     first = torch.cat(counts + sums)
     dist.all_reduce(first)
@@ -801,11 +639,19 @@ def _all_reduce_moments(moments: dict[str, _Moments], device: torch.device) -> d
         deviations.append(m2 + n * (mean - global_mean[name]) ** 2)
     second = torch.cat(deviations)
     dist.all_reduce(second)
+    global_m2 = dict(zip(names, torch.split(second, sizes), strict=True))
+    bounds = torch.tensor(  # each rank's bound, summed: still a bound
+        [local_bounds[name] for name in names],
+        dtype=torch.float64,
+        device=where,
+    )
+    dist.all_reduce(bounds)
     result = {}
-    for i, (name, m2) in enumerate(zip(names, torch.split(second, sizes), strict=True)):
+    for i, name in enumerate(names):
         count, calls = int(head[2 * i]), int(head[2 * i + 1])
         if count:
-            result[name] = _pooled(name, count, calls, global_mean[name], m2)
+            m2 = global_m2[name]
+            result[name] = _pooled(name, count, calls, global_mean[name], m2, float(bounds[i]))
     return result
 
 
@@ -814,88 +660,12 @@ def _all_reduce_moments(moments: dict[str, _Moments], device: torch.device) -> d
 
 def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Pooled]) -> None:
     with torch.no_grad():
-        for name, stats in pooled.items():
-            bn = targets[name]
-            bn.running_mean.copy_(stats.mean)
-            bn.running_var.copy_(stats.var)
+        bns = [targets[name] for name in pooled]
+        stats = list(pooled.values())
+        torch._foreach_copy_(
+            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+            [p.mean for p in stats] + [p.var for p in stats],
+        )
+        for bn, p in zip(bns, stats, strict=True):
             if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.fill_(stats.calls)
-
-
-def _report(
-    model: nn.Module,
-    pooled: dict[str, _Pooled],
-    skipped: dict[str, nn.Module],
-    batches: int,
-    samples: int,
-    world: int,
-    started: float,
-    backup: _Backup | None = None,
-    notes: tuple[str, ...] = (),
-) -> CalibrationReport:
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        label = name or "(model)"
-        kind = type(module).__name__
-        if label in skipped:
-            layers.append(
-                LayerCalibration(
-                    name=label,
-                    type=kind,
-                    status=LayerStatus.NO_RUNNING_STATS,
-                    num_features=module.num_features,
-                    detail="track_running_stats=False: eval mode uses batch statistics, "
-                    "nothing to recalibrate",
-                )
-            )
-        elif label in pooled and backup is not None:
-            layers.append(_layer(label, module, pooled[label], backup.stats[label]))
-        else:
-            layers.append(
-                LayerCalibration(
-                    name=label,
-                    type=kind,
-                    status=LayerStatus.NO_DATA,
-                    num_features=module.num_features,
-                    detail="no batch reached this layer: its statistics are still the old ones",
-                )
-            )
-    return CalibrationReport(
-        layers=tuple(layers),
-        batches=batches,
-        samples=samples,
-        world_size=world,
-        seconds=time.perf_counter() - started,
-        notes=notes,
-    )
-
-
-def _layer(name: str, bn: nn.Module, stats: _Pooled, old: tuple) -> LayerCalibration:
-    old_mean = old[0].to(torch.float64).cpu()
-    old_var = old[1].to(torch.float64).cpu()
-    new_mean, new_var = stats.mean.cpu(), stats.var.cpu()
-    eps = float(bn.eps)
-    shift = (new_mean - old_mean).abs() / (old_var + eps).clamp(min=0).sqrt()
-    ratio = ((new_var + eps) / (old_var + eps).clamp(min=math.ulp(0.0))).sqrt()
-    tiny = (new_var < NEAR_ZERO_VAR_FACTOR * eps).nonzero().flatten().tolist()
-    table = torch.stack([old_mean, new_mean, old_var, new_var, shift, ratio])
-    low, high = table.aminmax(dim=1)
-    rows = torch.stack([low, table.mean(dim=1), high], dim=1).tolist()
-    summaries = [ChannelSummary(*row) for row in rows]
-    return LayerCalibration(
-        name=name,
-        type=type(bn).__name__,
-        status=LayerStatus.RECALIBRATED,
-        num_features=bn.num_features,
-        calls=stats.calls,
-        samples=stats.count,
-        old_mean=summaries[0],
-        new_mean=summaries[1],
-        old_var=summaries[2],
-        new_var=summaries[3],
-        mean_shift=summaries[4],
-        std_ratio=summaries[5],
-        near_zero_var_channels=tuple(int(i) for i in tiny),
-    )
+                bn.num_batches_tracked.fill_(p.calls)

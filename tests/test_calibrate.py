@@ -289,18 +289,18 @@ def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtr
                                                             layout: str) -> None:
     """A centred first input takes K = 0 (no shifted copy); an offset one keeps the shift.
     Either way the pooled statistics match float64 ones to well below 1e-6."""
-    from bnfold.calibrate import _Moments
+    from bnfold.batchstats import Scratch, _ShiftedSums
 
     gen = torch.Generator().manual_seed(3)
-    bn = nn.BatchNorm2d(6)
-    moments = _Moments("bn", bn)
     batches = [torch.randn(n, 6, 9, 7, generator=gen) + offset for n in (5, 2, 11)]
     if layout == "channels_last":
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    sums = _ShiftedSums(batches[0])
     for x in batches:
-        moments.add(x)
-    assert moments.subtract is subtract
-    n, mean, m2 = moments.local()
+        sums.add(x, Scratch())
+    assert sums.subtract is subtract
+    pooled = sums.pool()
+    n, mean, m2 = pooled.count, pooled.mean, pooled.m2
     every = torch.cat([x.double().transpose(0, 1).reshape(6, -1) for x in batches], dim=1)
     var, expected_mean = torch.var_mean(every, dim=1, correction=0)
     std = var.sqrt()

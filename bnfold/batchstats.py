@@ -1,0 +1,456 @@
+"""BatchNorm statistics during recalibration: each call's batch statistics for the forward pass,
+and exact float64 pooling of every element each layer saw.
+
+Each call takes one of three routes (``LayerStatistics.call``); all three are exact to float32
+rounding and normalise the call's input with its own batch statistics, as a train-mode
+BatchNorm does:
+
+- **kernel** (a stock BatchNorm on CPU; input in its float32/float64 statistics' dtype, and
+  float64 or contiguous channels-first with more than one value per channel per sample):
+  torch's train-mode kernel normalises the batch and, given momentum 1, writes the batch mean
+  and unbiased variance into a row of a ``RowTable``. For these inputs the CPU kernel sums in
+  float64 and rounds once (the tests hold it to that). The rows of every layer are pooled
+  together in float64 by Chan's formula (a few tensor operations per ``RowTable.settle``, not
+  per layer). A float32 row's rounded mean enters the between-call term Σ n_b (m_b − M)² with
+  an error of at most ulp(m_b) per unit of n_b |m_b − M|, so float32 inputs take this route only
+  while every channel's |mean| ≤ ``KERNEL_OFFSET`` std (checked on the layer's first call and
+  on every row pooled), and that bound is kept (``RowTable.bounds``).
+- **stash** (other inputs below ``SUMS_MIN`` elements of a stock BatchNorm on CPU: 2-D,
+  channels-last, float16, far from zero): the train-mode kernel normalises the batch (its row is
+  read for the NaN check only), and a copy of the input is kept and pooled in float64 in groups
+  (``_Stash``).
+- **sums** (large inputs, layers off the CPU, BatchNorm subclasses with their own forward):
+  per-channel sums of ``d = x − K`` and ``d²`` along the contiguous axis (``_ShiftedSums``; a
+  shift ``K`` near the layer's mean keeps them free of cancellation). The batch mean and
+  biased variance go into the layer's running buffers and the layer runs its own eval-mode
+  forward, so a subclass keeps its extra behaviour in eval form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Forward = Callable[..., Any]
+
+F64 = torch.float64
+
+
+@dataclass
+class Pooled:
+    """Count, mean and sum of squared deviations (``m2``) of a set of values, per channel."""
+
+    count: int
+    mean: torch.Tensor  # float64
+    m2: torch.Tensor  # float64
+
+    def merge(self, other: Pooled) -> Pooled:
+        """Both sets together (Chan's formula, float64)."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta.square_() * (self.count * other.count / count)
+        return Pooled(count, mean, m2)
+
+
+def merge_all(parts: Sequence[Pooled | None]) -> Pooled | None:
+    total = None
+    for part in parts:
+        if part is not None and part.count:
+            total = part if total is None else total.merge(part)
+    return total
+
+
+# --------------------------------------------------------------------------------- row table
+
+
+class RowTable:
+    """Per-call batch mean and unbiased variance of several layers (statistics of one dtype on
+    one device): a column block per layer (its *slot*), a row per call. Rows are pooled into
+    per-column float64 totals by ``settle`` and then reused."""
+
+    def __init__(
+        self, widths: Sequence[int], dtype: torch.dtype, device: torch.device, rows: int = 8
+    ) -> None:
+        self.widths = list(widths)
+        self.starts = [sum(self.widths[:i]) for i in range(len(self.widths))]
+        self.dtype = dtype
+        self.table = torch.zeros(2, rows, sum(self.widths), dtype=dtype, device=device)
+        self.column_slot = torch.repeat_interleave(
+            torch.arange(len(self.widths), device=device),
+            torch.tensor(self.widths, device=device),
+        )
+        self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
+        self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
+        self.pooled_counts = [0] * len(self.widths)
+        self.count: torch.Tensor | None = None  # per column, float64
+        self.mean = self.m2 = torch.zeros(0, dtype=F64)
+        self.bound_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def next(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (mean, variance) row of ``slot``'s next call; ``count`` values per channel are
+        pooled from it (0: the row is only read)."""
+        counts = self.counts[slot]
+        index = len(counts)
+        counts.append(count)
+        views = self.views[slot]
+        if index < len(views):
+            return views[index]
+        if index == self.table.shape[1]:
+            self._grow()
+        start, stop = self.starts[slot], self.starts[slot] + self.widths[slot]
+        self.views[slot] = list(
+            zip(
+                self.table[0, :, start:stop].unbind(0),
+                self.table[1, :, start:stop].unbind(0),
+                strict=True,
+            )
+        )
+        return self.views[slot][index]
+
+    def uncount(self, slot: int) -> None:
+        """Do not pool ``slot``'s last row."""
+        self.counts[slot][-1] = 0
+
+    def _grow(self) -> None:
+        rows = self.table.shape[1]
+        table = self.table.new_zeros(2, 2 * rows, self.table.shape[2])
+        table[:, :rows] = self.table
+        self.table = table
+        self.views = [[] for _ in self.widths]
+
+    def settle(self, offset_limit: float) -> list[int]:
+        """Pool the rows written since the last call; the rows are then free. Returns the
+        slots with a pooled float32 row whose |mean| exceeds ``offset_limit`` std."""
+        rows = max(len(counts) for counts in self.counts)
+        pooled = any(any(counts) for counts in self.counts)
+        if pooled:
+            for slot, counts in enumerate(self.counts):
+                self.pooled_counts[slot] += sum(counts)
+            padded = [counts + [0] * (rows - len(counts)) for counts in self.counts]
+            n = torch.tensor(padded, dtype=F64, device=self.table.device).t()[:, self.column_slot]
+        self.counts = [[] for _ in self.widths]
+        if not pooled:
+            return []
+        block = self.table[:, :rows].to(F64)
+        means, variances = block[0], block[1]
+        total = n.sum(0)
+        mean = (n * means).sum(0).div_(total.clamp(min=1.0))
+        dev = means - mean
+        m2 = ((n - 1).clamp_(min=0.0) * variances + n * dev.square()).sum(0)
+        self._merge(total, mean, m2)
+        if self.dtype == F64:
+            return []
+        return self._track_float32(n, means, variances, mean, dev, offset_limit)
+
+    def _merge(self, total: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.count is None:
+            self.count, self.mean, self.m2 = total, mean, m2
+            return
+        count = self.count + total
+        delta = mean - self.mean
+        share = total / count.clamp(min=1.0)
+        self.mean = self.mean + delta * share
+        self.m2 = self.m2 + m2 + delta.square_() * self.count * share
+        self.count = count
+
+    def _track_float32(
+        self,
+        n: torch.Tensor,
+        means: torch.Tensor,
+        variances: torch.Tensor,
+        mean: torch.Tensor,
+        dev: torch.Tensor,
+        offset_limit: float,
+    ) -> list[int]:
+        """Keep what bounds the error of the rows' float32 means (per column: the block mean
+        M_b, Σ n |m − M_b| ulp(m) and Σ n ulp(m); the final mean is known only at the end), and
+        find the slots whose rows sat far from zero."""
+        magnitude = means.to(self.dtype).abs()
+        ulp = torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude
+        weights = n * ulp.to(F64)
+        self.bound_terms.append((mean, (weights * dev.abs_()).sum(0), weights.sum(0)))
+        far = (means.abs_() > variances.sqrt_().mul_(offset_limit)).logical_and_(n > 0).any(0)
+        if not bool(far.any()):
+            return []
+        return torch.unique(self.column_slot[far]).tolist()
+
+    def layer(self, slot: int) -> Pooled | None:
+        """What ``slot``'s pooled rows hold (None when none were pooled)."""
+        count = self.pooled_counts[slot]
+        if not count:
+            return None
+        start = self.starts[slot]
+        window = slice(start, start + self.widths[slot])
+        return Pooled(count, self.mean[window], self.m2[window])
+
+    def bounds(self, row_error: float) -> list[float]:
+        """Per slot, a bound on the relative error of its pooled variance from float32 rows:
+        ``row_error`` (each row's own rounding) plus the rounding of the rows' means in the
+        between-call term; 0 for slots without float32 rows."""
+        if not self.bound_terms or self.count is None:
+            return [0.0] * len(self.widths)
+        between = sum(a + (m - self.mean).abs_() * u for m, a, u in self.bound_terms)
+        ratio = between / self.m2.clamp(min=math.ulp(0.0))
+        lengths = torch.tensor(self.widths, device=ratio.device)
+        worst = torch.segment_reduce(ratio, "max", lengths=lengths).tolist()
+        return [row_error + w if self.pooled_counts[slot] else 0.0 for slot, w in enumerate(worst)]
+
+
+# ------------------------------------------------------------------------------------- stash
+
+
+class _Stash:
+    """Copies of small inputs, pooled in float64 (torch's two-pass statistics) in groups."""
+
+    BYTES = 1 << 20  # pooled when the copies exceed this
+
+    def __init__(self) -> None:
+        self.copies: list[torch.Tensor] = []
+        self.bytes = 0
+
+    def add(self, x: torch.Tensor) -> bool:
+        """Keep a copy of ``x``; True when the copies should now be pooled."""
+        copy = x.clone()
+        self.copies.append(copy)
+        self.bytes += copy.numel() * copy.element_size()
+        return self.bytes >= self.BYTES
+
+    def pool(self) -> Pooled:
+        channels = self.copies[0].shape[1]
+        values = torch.cat(
+            [c if c.dim() == 2 else c.movedim(1, -1).reshape(-1, channels) for c in self.copies]
+        ).to(F64)
+        self.copies, self.bytes = [], 0
+        mean, var = torch.ops.aten.batch_norm_update_stats(values, None, None, 1.0)
+        return Pooled(values.shape[0], mean, var * values.shape[0])
+
+
+# ----------------------------------------------------------------------------- shifted sums
+
+
+class Scratch:
+    """One reused buffer per dtype and device for the shifted copies ``x − K``: a fresh large
+    tensor per call costs page faults that can exceed the arithmetic. Shared by every layer (a
+    copy is consumed before the next call)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """A ``dtype`` tensor laid out like ``x`` (contiguous or channels-last), else None."""
+        if x.is_contiguous():
+            order = None
+        elif x.dim() in (4, 5) and x.movedim(1, -1).is_contiguous():
+            order = [0, x.dim() - 1, *range(1, x.dim() - 1)]
+        else:
+            return None
+        key = (dtype, x.device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < x.numel():
+            buffer = self.buffers[key] = torch.empty(x.numel(), dtype=dtype, device=x.device)
+        flat = buffer[: x.numel()]
+        if order is None:
+            return flat.view(x.shape)
+        return flat.view(x.movedim(1, -1).shape).permute(order)
+
+
+class _ShiftedSums:
+    """Per-channel Σ(x − K) and Σ(x − K)², each call's sums in float64, pooled in groups.
+
+    ``K`` is chosen on the first call: the first sample's mean (the batch mean for 2-D inputs),
+    or 0 when that input is already centred (every channel's mean within ``CENTRED`` of its
+    standard deviation), which saves the shifted copy; the float32 sums then lose at most a few
+    parts in 1e7 of the variance to cancellation.
+    """
+
+    FLUSH = 64
+    CENTRED = 1.0
+
+    def __init__(self, x: torch.Tensor) -> None:
+        compute = F64 if x.dtype == F64 else torch.float32
+        self.total = torch.zeros(2, x.shape[1], dtype=F64, device=x.device)
+        self.count = 0
+        self.pending: list[torch.Tensor] = []  # each call's float64 [Σd, Σd²]
+        self.views: dict[int, torch.Tensor] = {}  # K viewed for inputs with each number of dims
+        if x.dim() == 2:  # small: always shifted, by the batch mean
+            self.shift, self.subtract = x.mean(0, dtype=compute), True
+            return
+        centre, spread = first_sample_moments(x)
+        self.subtract = x.dtype not in (torch.float32, F64) or not bool(
+            (centre.abs() <= self.CENTRED * spread).all()
+        )
+        self.shift = (
+            centre.to(compute) if self.subtract else torch.zeros_like(centre, dtype=compute)
+        )
+
+    def add(self, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        """Pool one call's input; return its float64 [Σd, Σd²] (to read, not to keep)."""
+        if self.subtract:
+            shift = self.views.get(x.dim())
+            if shift is None:
+                view = [1, x.shape[1]] + [1] * (x.dim() - 2)
+                shift = self.views[x.dim()] = self.shift.view(view)
+            dev = scratch.like(x, self.shift.dtype)  # float16 -> float32
+            sums = channel_sums(x - shift if dev is None else torch.sub(x, shift, out=dev))
+        else:
+            sums = channel_sums(x)
+        self.pending.append(sums)
+        self.count += x.numel() // x.shape[1]
+        if len(self.pending) >= self.FLUSH:
+            self.flush()
+        return sums
+
+    def flush(self) -> None:
+        if self.pending:
+            self.total += torch.stack(self.pending).sum(0)
+            self.pending = []
+
+    def pool(self) -> Pooled:
+        self.flush()
+        s1, s2 = self.total[0], self.total[1]
+        mean = self.shift.to(F64) + s1 / self.count
+        return Pooled(self.count, mean, (s2 - s1 * s1 / self.count).clamp_(min=0.0))
+
+
+def first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of the first sample's values (inputs with
+    spatial dims), cheaply, along its contiguous axis. A shift only has to be near the data's
+    mean."""
+    channels = x.shape[1]
+    first = x[0]
+    if first.is_contiguous() or not first.movedim(0, -1).is_contiguous():
+        values = first.reshape(channels, -1)
+    else:
+        values = first.movedim(0, -1).reshape(-1, channels).t()
+    mean = values.mean(1, dtype=torch.float32 if x.dtype != F64 else F64)
+    return mean, (values - mean[:, None]).square_().mean(1).sqrt_()
+
+
+def channel_sums(dev: torch.Tensor) -> torch.Tensor:
+    """Float64 per-channel [Σd, Σd²] of ``dev`` (channels on dim 1); may square ``dev`` in place.
+
+    Each sample's values are summed first in ``dev``'s dtype, along the contiguous axis (fast,
+    and cascade summation keeps the error ~1e-7 relative), then the per-sample sums in float64.
+    Σd² comes from the per-sample 2-norms: one read of ``dev``, no squared copy.
+    """
+    batch, channels = dev.shape[0], dev.shape[1]
+    if dev.dim() == 2:
+        return torch.stack((dev.sum(0, dtype=F64), dev.square_().sum(0, dtype=F64)))
+    if dev.is_contiguous() or not dev.movedim(1, -1).is_contiguous():
+        rows, axis = dev.reshape(batch, channels, -1), 2  # a copy only for odd strides
+    else:  # channels last
+        rows, axis = dev.movedim(1, -1).reshape(batch, -1, channels), 1
+    per_sample = torch.stack((rows.sum(axis), torch.linalg.vector_norm(rows, dim=axis).square_()))
+    return per_sample.sum(1, dtype=F64)
+
+
+# ---------------------------------------------------------------------------------- a layer
+
+
+class LayerStatistics:
+    """One BatchNorm's calls: runs each (``call``) and pools what it saw (``pooled``).
+
+    ``table`` and ``slot``: where its kernel and stash rows go (None for a layer that only takes
+    the sums route: a subclass with its own forward, or statistics off the CPU).
+    """
+
+    #: Inputs that cannot take the kernel route are kept (stash route) up to this many
+    #: elements, and summed (sums route) above it.
+    STASH_MAX = 1 << 16
+    #: Float32 inputs take the kernel route while |mean| ≤ KERNEL_OFFSET · std per channel: the
+    #: kernel's float32 batch means then cost the pooled variance at most ~1e-6 relative.
+    KERNEL_OFFSET = 16.0
+    #: The kernel's own rounding of a row's variance (float32 products summed in float64,
+    #: rounded once), relative: the constant part of a float32 row's error bound.
+    ROW_ERROR = 2.0**-22
+
+    def __init__(
+        self, name: str, bn: nn.Module, table: RowTable | None, slot: int, scratch: Scratch
+    ) -> None:
+        self.name = name
+        self.bn = bn
+        self.table, self.slot, self.scratch = table, slot, scratch
+        self.mean_buffer: torch.Tensor = bn.running_mean  # looked up once: __getattr__ is slow
+        self.var_buffer: torch.Tensor = bn.running_var
+        self.dtype = self.mean_buffer.dtype
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.check_dim = bn._check_input_dim
+        self.cudnn = torch.backends.cudnn.enabled
+        self.wide = self.dtype == F64  # float64 statistics: every layout is summed in float64
+        self.clamp = not self.eps > 0  # var + eps > 0 already when eps > 0
+        kernel_dtype = self.dtype in (torch.float32, F64)
+        # None: decided on the first kernel call (float32)
+        self.kernel_ok: bool | None = (
+            True if self.dtype == F64 else (None if kernel_dtype else False)
+        )
+        self.stash = _Stash()
+        self.stash_pool: Pooled | None = None
+        self.sums: _ShiftedSums | None = None
+        self.calls = 0
+
+    def call(
+        self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the layer on ``x`` with batch statistics and pool ``x``. Returns the layer's
+        output and a tensor that is non-finite when ``x`` held NaN or inf."""
+        self.calls += 1
+        table = self.table
+        if table is None or not x.is_cpu:
+            return self._summed(x, forward, args, kwargs)
+        n = x.numel() // x.shape[1]
+        kernel = (
+            self.kernel_ok is not False
+            and x.dtype == self.dtype
+            and (self.wide or (n > x.shape[0] and x.is_contiguous()))
+        )
+        if not kernel and x.numel() > self.STASH_MAX:
+            return self._summed(x, forward, args, kwargs)
+        self.check_dim(x)
+        mean, var = table.next(self.slot, n if kernel else 0)
+        y = torch.batch_norm(x, self.weight, self.bias, mean, var, True, 1.0, self.eps, self.cudnn)
+        if not kernel:
+            self._keep(x)
+        elif self.kernel_ok is None:
+            self.kernel_ok = bool((mean.abs() <= self.KERNEL_OFFSET * var.sqrt()).all())
+            if not self.kernel_ok:  # far from zero: this call is kept and pooled exactly
+                table.uncount(self.slot)
+                self._keep(x)
+        return y, var
+
+    def _keep(self, x: torch.Tensor) -> None:
+        if self.stash.add(x):
+            pooled = self.stash.pool()
+            self.stash_pool = pooled if self.stash_pool is None else self.stash_pool.merge(pooled)
+
+    def _summed(
+        self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
+    ) -> tuple[Any, torch.Tensor]:
+        if self.sums is None:
+            self.sums = _ShiftedSums(x)
+        sums = self.sums.add(x, self.scratch)
+        self._write_batch_statistics(sums, x.numel() // x.shape[1])
+        return forward(*args, **kwargs), sums[1]
+
+    def _write_batch_statistics(self, sums: torch.Tensor, n: int) -> None:
+        """running_mean = K + Σd/n, running_var = Σd²/n − (Σd/n)² (biased, as in training);
+        each computed in float64 and rounded once into the buffer."""
+        assert self.sums is not None
+        scaled = sums * (1.0 / n)
+        torch.add(self.sums.shift, scaled[0], out=self.mean_buffer)
+        torch.addcmul(scaled[1], scaled[0], scaled[0], value=-1.0, out=self.var_buffer)
+        if self.clamp:  # eps = 0: a constant channel must not get a negative variance
+            self.var_buffer.clamp_(min=0.0)
+
+    def pooled(self) -> Pooled | None:
+        """Everything this layer saw, pooled in float64 (None when it saw nothing); the row
+        table must have been settled."""
+        rows = self.table.layer(self.slot) if self.table is not None else None
+        stash = self.stash.pool() if self.stash.copies else None
+        sums = self.sums.pool() if self.sums is not None and self.sums.count else None
+        return merge_all([rows, self.stash_pool, stash, sums])

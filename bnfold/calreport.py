@@ -1,0 +1,269 @@
+"""The report of a recalibration: per BatchNorm, old against new statistics, built for every
+layer at once (a few tensor operations in all, not per layer)."""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bnfold._records import Record
+
+F64 = torch.float64
+
+#: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
+#: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
+#: scale it by about ``gamma / sqrt(eps)``.
+NEAR_ZERO_VAR_FACTOR = 1.0
+
+
+# ------------------------------------------------------------------------------------- records
+
+
+class LayerStatus(str, enum.Enum):
+    """What recalibration did with one BatchNorm."""
+
+    RECALIBRATED = "recalibrated"  # running stats replaced by the pooled statistics
+    NO_DATA = "no_data"  # never called on any batch: its (stale) stats were left as they were
+    NO_RUNNING_STATS = "no_running_stats"  # track_running_stats=False: eval uses batch stats
+
+
+@dataclass(frozen=True)
+class ChannelSummary(Record):
+    """Minimum, mean and maximum of a per-channel quantity."""
+
+    min: float
+    mean: float
+    max: float
+
+
+@dataclass(frozen=True)
+class LayerCalibration(Record):
+    """One BatchNorm's recalibration: what it saw and how far its statistics moved.
+
+    ``samples`` counts elements per channel pooled (batch items × spatial positions, over every
+    call and every rank). ``mean_shift`` is ``|new_mean − old_mean| / sqrt(old_var + eps)`` per
+    channel: the shift in units of the old standard deviation. ``std_ratio`` is
+    ``sqrt((new_var + eps) / (old_var + eps))``: how much the layer's normaliser changed.
+    ``near_zero_var_channels`` lists channels whose new variance is below ``eps``.
+    """
+
+    name: str
+    type: str
+    status: LayerStatus
+    num_features: int
+    calls: int = 0
+    samples: int = 0
+    old_mean: ChannelSummary | None = None
+    new_mean: ChannelSummary | None = None
+    old_var: ChannelSummary | None = None
+    new_var: ChannelSummary | None = None
+    mean_shift: ChannelSummary | None = None
+    std_ratio: ChannelSummary | None = None
+    near_zero_var_channels: tuple[int, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CalibrationReport(Record):
+    """What ``recalibrate`` did: one entry per BatchNorm (in ``named_modules`` order).
+
+    ``batches`` and ``samples`` (batch items, from dim 0 of each batch's first tensor) are totals
+    over every rank; ``world_size`` is 1 outside ``torch.distributed``. Statistics are pooled in
+    ``accumulation_dtype``.
+    """
+
+    layers: tuple[LayerCalibration, ...]
+    batches: int
+    samples: int
+    world_size: int
+    seconds: float
+    accumulation_dtype: str = "float64"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def recalibrated(self) -> tuple[LayerCalibration, ...]:
+        return tuple(x for x in self.layers if x.status is LayerStatus.RECALIBRATED)
+
+    @property
+    def unseen(self) -> tuple[LayerCalibration, ...]:
+        """BatchNorms that no batch reached: their statistics are still the old ones."""
+        return tuple(x for x in self.layers if x.status is LayerStatus.NO_DATA)
+
+    @property
+    def skipped(self) -> tuple[LayerCalibration, ...]:
+        """BatchNorms without running statistics (nothing to recalibrate)."""
+        return tuple(x for x in self.layers if x.status is LayerStatus.NO_RUNNING_STATS)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line: how many BatchNorms were recalibrated, on how much data; what was not."""
+        ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
+        text = (
+            f"recalibrated {len(self.recalibrated)} of {len(self.layers)} BatchNorms from "
+            f"{self.batches} batches ({self.samples} samples{ranks}) in {self.seconds:.2f} s"
+        )
+        if self.unseen:
+            text += f"; no data reached {', '.join(x.name for x in self.unseen)} (left as is)"
+        if self.skipped:
+            text += f"; skipped {', '.join(x.name for x in self.skipped)} (no running stats)"
+        return text
+
+    def format_text(self) -> str:
+        """A plain-text table, one row per BatchNorm, then the summary line."""
+        header = ("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")
+        rows = [header]
+        for layer in self.layers:
+            if layer.status is LayerStatus.RECALIBRATED:
+                assert layer.mean_shift is not None and layer.std_ratio is not None
+                rows.append(
+                    (
+                        layer.name,
+                        str(layer.samples),
+                        f"{layer.mean_shift.max:.3g}",
+                        f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}",
+                        str(len(layer.near_zero_var_channels) or ""),
+                        "",
+                    )
+                )
+            else:
+                label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
+                rows.append((layer.name, "0", "-", "-", "", label))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        notes = [f"note: {note}" for note in self.notes]
+        return "\n".join([*lines, *notes, self.summary()])
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+@dataclass
+class Recalibrated:
+    """One recalibrated BatchNorm's data for the report."""
+
+    name: str
+    bn: nn.Module
+    calls: int
+    count: int
+    new_mean: torch.Tensor  # float64
+    new_var: torch.Tensor  # float64, unbiased
+    old_mean: torch.Tensor
+    old_var: torch.Tensor
+
+
+def build_report(
+    named: Sequence[tuple[str, nn.Module]],
+    recalibrated: Sequence[Recalibrated],
+    skipped: Sequence[str],
+    batches: int,
+    samples: int,
+    world: int,
+    started: float,
+    notes: tuple[str, ...] = (),
+) -> CalibrationReport:
+    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order."""
+    done = dict(zip((r.name for r in recalibrated), _summaries(recalibrated), strict=True))
+    layers = []
+    for name, module in named:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        label = name or "(model)"
+        if label in done:
+            layers.append(done[label])
+        elif label in skipped:
+            layers.append(_unpooled(label, module, LayerStatus.NO_RUNNING_STATS))
+        else:
+            layers.append(_unpooled(label, module, LayerStatus.NO_DATA))
+    return CalibrationReport(
+        layers=tuple(layers),
+        batches=batches,
+        samples=samples,
+        world_size=world,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibration:
+    detail = (
+        "track_running_stats=False: eval mode uses batch statistics, nothing to recalibrate"
+        if status is LayerStatus.NO_RUNNING_STATS
+        else "no batch reached this layer: its statistics are still the old ones"
+    )
+    return LayerCalibration(
+        name=label,
+        type=type(module).__name__,
+        status=status,
+        num_features=module.num_features,
+        detail=detail,
+    )
+
+
+def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
+    """Every layer's channel summaries from one concatenation of all their channels."""
+    if not layers:
+        return []
+    widths = [r.new_mean.numel() for r in layers]
+
+    def flat(key: str) -> torch.Tensor:
+        pieces = [getattr(r, key) for r in layers]
+        return torch.cat([p if p.is_cpu else p.cpu() for p in pieces]).to(F64)
+
+    old_mean, new_mean, old_var, new_var = (
+        flat(key) for key in ("old_mean", "new_mean", "old_var", "new_var")
+    )
+    eps = torch.repeat_interleave(
+        torch.tensor([float(r.bn.eps) for r in layers], dtype=F64), torch.tensor(widths)
+    )
+    shift = (new_mean - old_mean).abs_() / (old_var + eps).clamp_(min=0).sqrt_()
+    ratio = ((new_var + eps) / (old_var + eps).clamp_(min=math.ulp(0.0))).sqrt_()
+    table = torch.stack([old_mean, new_mean, old_var, new_var, shift, ratio])
+    lengths = torch.tensor(widths).expand(6, len(widths))
+    low, mid, high = (
+        torch.segment_reduce(table, how, lengths=lengths, axis=1).t().tolist()
+        for how in ("min", "mean", "max")
+    )
+    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, widths)
+    return [
+        LayerCalibration(
+            name=r.name,
+            type=type(r.bn).__name__,
+            status=LayerStatus.RECALIBRATED,
+            num_features=r.bn.num_features,
+            calls=r.calls,
+            samples=r.count,
+            old_mean=ChannelSummary(low[i][0], mid[i][0], high[i][0]),
+            new_mean=ChannelSummary(low[i][1], mid[i][1], high[i][1]),
+            old_var=ChannelSummary(low[i][2], mid[i][2], high[i][2]),
+            new_var=ChannelSummary(low[i][3], mid[i][3], high[i][3]),
+            mean_shift=ChannelSummary(low[i][4], mid[i][4], high[i][4]),
+            std_ratio=ChannelSummary(low[i][5], mid[i][5], high[i][5]),
+            near_zero_var_channels=tuple(tiny[i]),
+        )
+        for i, r in enumerate(layers)
+    ]
+
+
+def _near_zero(mask: torch.Tensor, widths: list[int]) -> list[list[int]]:
+    """Per layer, the channel indices where ``mask`` (over all layers' channels) is set."""
+    starts = [0]
+    for width in widths[:-1]:
+        starts.append(starts[-1] + width)
+    found: list[list[int]] = [[] for _ in widths]
+    for column in mask.nonzero().flatten().tolist():
+        layer = bisect.bisect_right(starts, column) - 1
+        found[layer].append(column - starts[layer])
+    return found
