@@ -208,7 +208,7 @@ class RowTable:
 class _Stash:
     """Copies of small inputs, pooled in float64 (torch's two-pass statistics) in groups."""
 
-    BYTES = 1 << 20  # pooled when the copies exceed this
+    BYTES = 1 << 18  # pooled when the copies exceed this
 
     def __init__(self) -> None:
         self.copies: list[torch.Tensor] = []
@@ -235,12 +235,14 @@ class _Stash:
 
 
 class Scratch:
-    """One reused buffer per dtype and device for the shifted copies ``x − K``: a fresh large
-    tensor per call costs page faults that can exceed the arithmetic. Shared by every layer (a
-    copy is consumed before the next call)."""
+    """What every layer shares: one reused buffer per dtype and device for the shifted copies
+    ``x − K`` (a fresh large tensor per call costs page faults that can exceed the arithmetic; a
+    copy is consumed before the next call), and ``loose``: the NaN-check tensors of calls
+    outside the row tables."""
 
-    def __init__(self) -> None:
+    def __init__(self, loose: list[torch.Tensor] | None = None) -> None:
         self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.loose: list[torch.Tensor] = [] if loose is None else loose
 
     def like(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """A ``dtype`` tensor laid out like ``x`` (contiguous or channels-last), else None."""
@@ -360,6 +362,9 @@ class LayerStatistics:
     the sums route: a subclass with its own forward, or statistics off the CPU).
     """
 
+    #: Inputs of at least this many elements take the sums route: on CPU its vectorised passes
+    #: beat the kernel's scalar statistics loops there (``benchmarks/recalibrate_bench.py``).
+    SUMS_MIN = 1 << 17
     #: Inputs that cannot take the kernel route are kept (stash route) up to this many
     #: elements, and summed (sums route) above it.
     STASH_MAX = 1 << 16
@@ -401,7 +406,7 @@ class LayerStatistics:
         output and a tensor that is non-finite when ``x`` held NaN or inf."""
         self.calls += 1
         table = self.table
-        if table is None or not x.is_cpu:
+        if table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
             return self._summed(x, forward, args, kwargs)
         n = x.numel() // x.shape[1]
         kernel = (
@@ -425,8 +430,10 @@ class LayerStatistics:
 
     def _keep(self, x: torch.Tensor) -> None:
         if self.stash.add(x):
-            pooled = self.stash.pool()
-            self.stash_pool = pooled if self.stash_pool is None else self.stash_pool.merge(pooled)
+            self._add_stash(self.stash.pool())
+
+    def _add_stash(self, pooled: Pooled) -> None:
+        self.stash_pool = pooled if self.stash_pool is None else self.stash_pool.merge(pooled)
 
     def _summed(
         self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
@@ -435,6 +442,7 @@ class LayerStatistics:
             self.sums = _ShiftedSums(x)
         sums = self.sums.add(x, self.scratch)
         self._write_batch_statistics(sums, x.numel() // x.shape[1])
+        self.scratch.loose.append(sums[1])
         return forward(*args, **kwargs), sums[1]
 
     def _write_batch_statistics(self, sums: torch.Tensor, n: int) -> None:
@@ -446,6 +454,11 @@ class LayerStatistics:
         torch.addcmul(scaled[1], scaled[0], scaled[0], value=-1.0, out=self.var_buffer)
         if self.clamp:  # eps = 0: a constant channel must not get a negative variance
             self.var_buffer.clamp_(min=0.0)
+
+    def settle(self) -> None:
+        """Pool the kept copies (bounds the memory they hold)."""
+        if self.stash.copies:
+            self._add_stash(self.stash.pool())
 
     def pooled(self) -> Pooled | None:
         """Everything this layer saw, pooled in float64 (None when it saw nothing); the row

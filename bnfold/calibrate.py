@@ -338,6 +338,7 @@ class _Session:
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
         self.checks: list[tuple[int, str, torch.Tensor]] = []  # calls since the last check
+        self.loose = scratch.loose  # their check tensors outside the row tables
         self.patches = ForwardPatches()
         for name, bn in targets.items():
             self.patches.wrap(bn, lambda forward, m=self.layers[name]: self._observing(m, forward))
@@ -383,11 +384,21 @@ class _Session:
         for table, layers in self.tables:
             for slot in table.settle(LayerStatistics.KERNEL_OFFSET):
                 layers[slot].kernel_ok = False
+            for layer in layers:
+                layer.settle()
 
     def check_finite(self) -> None:
-        """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them."""
+        """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them.
+
+        Every call's check tensor is recorded in call order, but the common case reads only
+        the row tables (whole) and the checks outside them."""
         checks, self.checks = self.checks, []
-        if not checks or bool(torch.isfinite(torch.cat([c[2] for c in checks])).all()):
+        loose, self.loose[:] = list(self.loose), []
+        if not checks:
+            return
+        if all(bool(torch.isfinite(table.table).all()) for table, _ in self.tables) and (
+            not loose or bool(torch.isfinite(torch.cat(loose)).all())
+        ):
             return
         for index, name, s2 in checks:
             if not bool(torch.isfinite(s2).all()):
@@ -666,6 +677,8 @@ def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Pooled])
             [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
             [p.mean for p in stats] + [p.var for p in stats],
         )
-        for bn, p in zip(bns, stats, strict=True):
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.fill_(p.calls)
+        counted = [(bn.num_batches_tracked, p.calls) for bn, p in zip(bns, stats, strict=True)]
+        counted = [(tracked, calls) for tracked, calls in counted if tracked is not None]
+        if counted:
+            torch._foreach_mul_([t for t, _ in counted], 0)
+            torch._foreach_add_([t for t, _ in counted], [c for _, c in counted])
