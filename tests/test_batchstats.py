@@ -1,0 +1,286 @@
+"""The three statistics routes of recalibration (kernel rows, kept copies, shifted sums): which
+input takes which, each exact against float64, the row table, and the float32 error bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from calibrate_models import reference_statistics, statistics_error
+from torch import nn
+
+from bnfold.batchstats import LayerStatistics, Pooled, RowTable, Scratch, _Stash
+from bnfold.calibrate import recalibrate
+
+F64 = torch.float64
+
+
+def _batches(shape: tuple[int, ...], sizes=(5, 2, 9, 3), offset=3.0, seed=0, **kw) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn((n, *shape), generator=gen, dtype=F64) * 2 + offset).to(
+            **{"dtype": torch.float32, **kw}
+        )
+        for n in sizes
+    ]
+
+
+def _exact(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = torch.cat([v.to(F64).transpose(0, 1).reshape(v.shape[1], -1) for v in values], 1)
+    return flat.mean(1), flat.var(1)
+
+
+def _layer(bn: nn.Module) -> LayerStatistics:
+    table = RowTable([bn.num_features], bn.running_mean.dtype, torch.device("cpu"))
+    return LayerStatistics("bn", bn.eval(), table, 0, Scratch())
+
+
+def _feed(layer: LayerStatistics, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for x in batches:
+            y, check = layer.call(x, layer.bn.forward, (x,), {})
+            assert bool(torch.isfinite(check).all())
+            outputs.append(y)
+    assert layer.table is not None
+    layer.table.settle(layer.KERNEL_OFFSET)
+    return outputs
+
+
+def _assert_exact(pooled: Pooled | None, batches: list[torch.Tensor], tol: float = 1e-6) -> None:
+    assert pooled is not None
+    mean, var = _exact(batches)
+    std = var.sqrt()
+    assert pooled.count == sum(x.numel() // x.shape[1] for x in batches)
+    assert float(((pooled.mean - mean).abs() / std).max()) < tol
+    unbiased = pooled.m2 / (pooled.count - 1)
+    assert float(((unbiased - var).abs() / var).max()) < tol
+
+
+# ------------------------------------------------------------------------ torch's CPU kernel
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 8, 300), (16, 6, 32, 32), (4, 3, 4, 8, 8), (64, 1, 32), (1, 8, 40, 40), (300, 4, 2)],
+    ids=["ncl", "nchw", "ncdhw", "one-channel", "one-sample", "two-values"],
+)
+def test_cpu_kernel_rows_are_summed_in_float64(shape: tuple[int, ...]) -> None:
+    """What the kernel route stands on: for contiguous channels-first float32 input torch's CPU
+    train-mode kernel sums in float64 and rounds once, even 1e4 std from zero."""
+    x = (torch.randn(shape, dtype=F64) + 1e4).float()
+    mean, var = torch.zeros(shape[1]), torch.zeros(shape[1])
+    torch.batch_norm(x, None, None, mean, var, True, 1.0, 1e-5, False)
+    exact_mean, exact_var = _exact([x])
+    assert torch.equal(mean, exact_mean.float())  # one rounding of the float64 mean
+    assert float(((var.double() - exact_var).abs() / exact_var).max()) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["2-D", "channels-last", "strided"])
+def test_cpu_kernel_float64_statistics_in_any_layout(layout: str) -> None:
+    x = torch.randn(64, 8, 6, 6, dtype=F64) + 1e4
+    x = {
+        "2-D": x[:, :, 0, 0].contiguous(),
+        "channels-last": x.contiguous(memory_format=torch.channels_last),
+        "strided": x[:, :, ::2],
+    }[layout]
+    mean, var = torch.zeros(8, dtype=F64), torch.zeros(8, dtype=F64)
+    torch.batch_norm(x, None, None, mean, var, True, 1.0, 1e-5, False)
+    exact_mean, exact_var = _exact([x])
+    assert float(((mean - exact_mean).abs() / exact_var.sqrt()).max()) < 1e-9
+    assert float(((var - exact_var).abs() / exact_var).max()) < 1e-9
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def test_contiguous_input_takes_the_kernel_route() -> None:
+    layer = _layer(nn.BatchNorm2d(5))
+    batches = _batches((5, 6, 6))
+    _feed(layer, batches)
+    assert layer.kernel_ok is True
+    assert layer.table is not None
+    assert layer.table.pooled_counts == [sum(b.shape[0] for b in batches) * 36]
+    assert not layer.stash.copies and layer.stash_pool is None and layer.sums is None
+    _assert_exact(layer.pooled(), batches)
+
+
+@pytest.mark.parametrize(
+    ("bn", "shape", "kw"),
+    [
+        (nn.BatchNorm1d(7), (7,), {}),
+        (nn.BatchNorm2d(5), (5, 6, 6), {"memory_format": torch.channels_last}),
+        (nn.BatchNorm2d(5).half(), (5, 6, 6), {"dtype": torch.float16}),
+    ],
+    ids=["2-D", "channels-last", "float16"],
+)
+def test_other_small_inputs_are_kept_and_pooled_in_float64(bn, shape, kw) -> None:
+    layer = _layer(bn)
+    batches = _batches(shape, **kw)
+    _feed(layer, batches)
+    assert layer.table is not None and layer.table.pooled_counts == [0]
+    assert layer.stash.copies and layer.sums is None
+    tol = 1e-6 if batches[0].dtype == torch.float32 else 1e-12  # float16 data: exact in float64
+    _assert_exact(layer.pooled(), batches, tol)
+
+
+def test_a_first_call_far_from_zero_turns_the_kernel_route_off() -> None:
+    layer = _layer(nn.BatchNorm2d(4))
+    batches = _batches((4, 5, 5), offset=200.0)  # |mean| = 100 std
+    _feed(layer, batches)
+    assert layer.kernel_ok is False
+    assert layer.table is not None and layer.table.pooled_counts == [0]
+    _assert_exact(layer.pooled(), batches)
+
+
+def test_large_inputs_are_summed_and_written_for_the_layers_own_forward() -> None:
+    layer = _layer(nn.BatchNorm2d(3))
+    shape = (3, 160, 160)  # 76,800 values per sample
+    assert 2 * 3 * 160 * 160 >= LayerStatistics.SUMS_MIN
+    batches = _batches(shape, sizes=(2, 3))
+    outputs = _feed(layer, batches)
+    assert layer.sums is not None and layer.table is not None
+    assert layer.table.pooled_counts == [0]
+    _assert_exact(layer.pooled(), batches)
+    # the last call's output used that call's batch statistics, as in training
+    x = batches[-1]
+    expected = nn.functional.batch_norm(x, None, None, layer.bn.weight, layer.bn.bias, True)
+    torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_with_its_own_forward_is_summed() -> None:
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    bn = Scaled(4)
+    layer = LayerStatistics("bn", bn.eval(), None, 0, Scratch())
+    batches = _batches((4, 3, 3))
+    with torch.no_grad():
+        outputs = [layer.call(x, bn.forward, (x,), {})[0] for x in batches]
+    assert layer.sums is not None
+    _assert_exact(layer.pooled(), batches)
+    x = batches[-1]
+    expected = 2 * nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True)
+    torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_route_normalises_with_batch_statistics() -> None:
+    """Kernel, kept and summed calls produce what a train-mode BatchNorm produces."""
+    for bn, shape, kw in [
+        (nn.BatchNorm2d(4), (4, 6, 6), {}),
+        (nn.BatchNorm1d(6), (6,), {}),
+        (nn.BatchNorm2d(4), (4, 6, 6), {"memory_format": torch.channels_last}),
+    ]:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+        layer = _layer(bn)
+        x = _batches(shape, **kw)[0]
+        y = _feed(layer, [x])[0]
+        expected = nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- the table
+
+
+def test_rows_grow_and_pool_exactly_across_layers() -> None:
+    """Three layers in one table, one called three times per batch (the table grows)."""
+    bns = [nn.BatchNorm2d(3).eval(), nn.BatchNorm2d(5).eval(), nn.BatchNorm1d(2).eval()]
+    table = RowTable([3, 5, 2], torch.float32, torch.device("cpu"), rows=2)
+    layers = [LayerStatistics(str(i), bn, table, i, Scratch()) for i, bn in enumerate(bns)]
+    fed: list[list[torch.Tensor]] = [[], [], []]
+    shapes = [(3, 4, 4), (5, 2, 3), (2, 16)]
+    with torch.no_grad():
+        for step in range(5):
+            for i, layer in enumerate(layers):
+                for x in _batches(shapes[i], sizes=(3 + step,) * (3 if i == 1 else 1), seed=step):
+                    layer.call(x, layer.bn.forward, (x,), {})
+                    fed[i].append(x)
+            if step == 2:
+                table.settle(LayerStatistics.KERNEL_OFFSET)
+    table.settle(LayerStatistics.KERNEL_OFFSET)
+    assert table.table.shape[1] >= 9  # grew from 2 rows
+    for layer, batches in zip(layers, fed, strict=True):
+        _assert_exact(layer.pooled(), batches)
+
+
+def test_float32_bound_covers_drift_and_is_noted() -> None:
+    """A wide first batch (mean 12 std from zero: the kernel route), then narrow batches 300
+    std from zero whose means differ: their float32 row means lose precision in the
+    between-batch term. The bound covers the actual error and the report says so."""
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 4, 4, generator=gen) * 25 + 300]
+    batches += [torch.randn(4, 3, 4, 4, generator=gen) + 300 + 3 * i for i in range(9)]
+    reference = reference_statistics(model, batches)
+    report = recalibrate(model, batches)
+    _, var_error = statistics_error(model, reference)["0"]
+    (note,) = report.notes
+    assert "'0'" in note and "far from zero" in note and "float64 copy" in note
+    bound = float(note.split("exact only to ")[1].split(" ")[0])
+    assert var_error <= bound
+    assert var_error > 1e-9  # the drift did cost precision: the bound is not vacuous
+
+
+def test_no_note_when_the_bound_is_small() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    report = recalibrate(model, _batches((3, 5, 5), offset=6.0))
+    assert report.notes == ()
+
+
+def test_bound_holds_on_random_offsets() -> None:
+    """The bound is rigorous: random per-batch offsets up to the limit, worst case kept."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        scale = float(torch.rand(1, generator=gen)) * 12
+        offsets = (1 + torch.rand(6, generator=gen)) * scale
+        batches = [torch.randn(3, 4, 5, 5, generator=gen) + float(o) for o in offsets]
+        layer = _layer(nn.BatchNorm2d(4))
+        _feed(layer, batches)
+        pooled = layer.pooled()
+        assert pooled is not None and layer.table is not None
+        (bound,) = layer.table.bounds(layer.ROW_ERROR)
+        _, var = _exact(batches)
+        error = float(((pooled.m2 / (pooled.count - 1) - var).abs() / var).max())
+        assert error <= max(bound, 1e-12), (trial, error, bound)  # 0: no float32 rows
+
+
+# ------------------------------------------------------------------------------------ stash
+
+
+def test_stash_pools_when_full_and_stays_exact() -> None:
+    stash = _Stash()
+    batches = _batches((64,), sizes=(300,) * 8, offset=1e3)  # 77 KB per copy
+    full = [stash.add(x) for x in batches]
+    assert full.index(True) == 3  # 4 copies reach 256 KB
+    _assert_exact(stash.pool(), batches)
+    assert stash.copies == [] and stash.bytes == 0
+
+
+def test_pooled_merge_is_chan() -> None:
+    batches = _batches((3,), sizes=(4, 7), offset=50.0)
+    parts = []
+    for x in batches:
+        mean, var = _exact([x])
+        parts.append(Pooled(x.shape[0], mean, var * (x.shape[0] - 1)))
+    _assert_exact(parts[0].merge(parts[1]), batches, 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("bn", "shape"),
+    [(nn.BatchNorm2d(3), (3, 4, 4)), (nn.BatchNorm1d(3), (3,)), (nn.BatchNorm2d(3), (3, 160, 160))],
+    ids=["kernel", "kept", "summed"],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_are_refused_on_every_route(bn: nn.Module, shape: tuple, bad: float) -> None:
+    from bnfold.errors import CalibrationError
+
+    model = nn.Sequential(nn.Identity(), bn).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(shape, sizes=(2, 3, 2))
+    batches[1].view(-1)[5] = bad
+    with pytest.raises(CalibrationError, match=r"batch 1: BatchNorm '1' is the first layer"):
+        recalibrate(model, batches)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
