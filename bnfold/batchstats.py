@@ -5,25 +5,32 @@ Each call takes one of three routes (``LayerStatistics.call``); all three are ex
 rounding and normalise the call's input with its own batch statistics, as a train-mode
 BatchNorm does:
 
-- **kernel** (a stock BatchNorm on CPU; input in its float32/float64 statistics' dtype, and
-  float64 or contiguous channels-first with more than one value per channel per sample):
+- **kernel** (a stock BatchNorm on CPU; input below ``SUMS_MIN`` elements, in its
+  float32/float64 statistics' dtype, and float64 or contiguous channels-first with more than
+  one value per channel per sample):
   torch's train-mode kernel normalises the batch and, given momentum 1, writes the batch mean
   and unbiased variance into a row of a ``RowTable``. For these inputs the CPU kernel sums in
   float64 and rounds once (the tests hold it to that). The rows of every layer are pooled
   together in float64 by Chan's formula (a few tensor operations per ``RowTable.settle``, not
-  per layer). A float32 row's rounded mean enters the between-call term Σ n_b (m_b − M)² with
-  an error of at most ulp(m_b) per unit of n_b |m_b − M|, so float32 inputs take this route only
-  while every channel's |mean| ≤ ``KERNEL_OFFSET`` std (checked on the layer's first call and
-  on every row pooled), and that bound is kept (``RowTable.bounds``).
-- **stash** (other inputs below ``SUMS_MIN`` elements of a stock BatchNorm on CPU: 2-D,
+  per layer). A float32 row's mean is rounded (by at most half an ulp of the largest |m_b|),
+  and that rounding enters the between-call term Σ n_b (m_b − M)²; ``RowTable.bounds`` bounds
+  its effect on the variance. So float32 inputs take this route only while every channel's
+  |mean| ≤ ``KERNEL_OFFSET`` std (checked on the layer's first call and on every row pooled),
+  and a bound above ``bnfold.calibrate.BOUND_NOTE`` is reported.
+- **stash** (any other input of a stock BatchNorm on CPU up to ``STASH_MAX`` elements: 2-D,
   channels-last, float16, far from zero): the train-mode kernel normalises the batch (its row is
   read for the NaN check only), and a copy of the input is kept and pooled in float64 in groups
   (``_Stash``).
-- **sums** (large inputs, layers off the CPU, BatchNorm subclasses with their own forward):
-  per-channel sums of ``d = x − K`` and ``d²`` along the contiguous axis (``_ShiftedSums``; a
-  shift ``K`` near the layer's mean keeps them free of cancellation). The batch mean and
-  biased variance go into the layer's running buffers and the layer runs its own eval-mode
-  forward, so a subclass keeps its extra behaviour in eval form.
+- **sums** (everything else: large inputs, layers off the CPU, BatchNorm subclasses with their
+  own forward): per-channel sums of ``d = x − K`` and ``d²`` (``_ShiftedSums``; a shift
+  ``K`` near the layer's mean keeps them free of cancellation). The batch mean and biased
+  variance go into the layer's running buffers and the layer runs its own eval-mode forward,
+  so a subclass keeps its extra behaviour in eval form.
+
+On CPU the kernel route costs what ``torch.optim.swa_utils.update_bn`` costs per call (the same
+kernel). Below ``SUMS_MIN`` elements the sums route's fixed cost (about ten small operations)
+exceeds the kernel's slower loops; above it the sums route is cheaper
+(``benchmarks/recalibrate_bench.py``).
 """
 
 from __future__ import annotations
@@ -89,8 +96,8 @@ class RowTable:
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
         self.count: torch.Tensor | None = None  # per column, float64
-        self.mean = self.m2 = torch.zeros(0, dtype=F64)
-        self.bound_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.mean = self.m2 = self.between = torch.zeros(0, dtype=F64)
+        self.largest: torch.Tensor | None = None  # per column, max |row mean| pooled (float32)
 
     def next(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (mean, variance) row of ``slot``'s next call; ``count`` values per channel are
@@ -141,44 +148,34 @@ class RowTable:
         means, variances = block[0], block[1]
         total = n.sum(0)
         mean = (n * means).sum(0).div_(total.clamp(min=1.0))
-        dev = means - mean
-        m2 = ((n - 1).clamp_(min=0.0) * variances + n * dev.square()).sum(0)
-        self._merge(total, mean, m2)
+        between = (n * (means - mean).square_()).sum(0)
+        within = ((n - 1).clamp_(min=0.0) * variances).sum(0)
+        self._merge(total, mean, within, between)
         if self.dtype == F64:
             return []
-        return self._track_float32(n, means, variances, mean, dev, offset_limit)
+        used = n > 0
+        magnitude = torch.where(used, means.abs(), 0.0).amax(0)
+        self.largest = magnitude if self.largest is None else torch.maximum(self.largest, magnitude)
+        far = (means.abs_() > variances.sqrt_().mul_(offset_limit)).logical_and_(used).any(0)
+        if not bool(far.any()):
+            return []
+        return torch.unique(self.column_slot[far]).tolist()
 
-    def _merge(self, total: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def _merge(
+        self, total: torch.Tensor, mean: torch.Tensor, within: torch.Tensor, between: torch.Tensor
+    ) -> None:
+        """Chan's formula per column; the between-call part of M2 is kept apart as well."""
         if self.count is None:
-            self.count, self.mean, self.m2 = total, mean, m2
+            self.count, self.mean, self.m2, self.between = total, mean, within + between, between
             return
         count = self.count + total
         delta = mean - self.mean
         share = total / count.clamp(min=1.0)
+        gap = delta.square() * self.count * share
         self.mean = self.mean + delta * share
-        self.m2 = self.m2 + m2 + delta.square_() * self.count * share
+        self.m2 = self.m2 + within + between + gap
+        self.between = self.between + between + gap
         self.count = count
-
-    def _track_float32(
-        self,
-        n: torch.Tensor,
-        means: torch.Tensor,
-        variances: torch.Tensor,
-        mean: torch.Tensor,
-        dev: torch.Tensor,
-        offset_limit: float,
-    ) -> list[int]:
-        """Keep what bounds the error of the rows' float32 means (per column: the block mean
-        M_b, Σ n |m − M_b| ulp(m) and Σ n ulp(m); the final mean is known only at the end), and
-        find the slots whose rows sat far from zero."""
-        magnitude = means.to(self.dtype).abs()
-        ulp = torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude
-        weights = n * ulp.to(F64)
-        self.bound_terms.append((mean, (weights * dev.abs_()).sum(0), weights.sum(0)))
-        far = (means.abs_() > variances.sqrt_().mul_(offset_limit)).logical_and_(n > 0).any(0)
-        if not bool(far.any()):
-            return []
-        return torch.unique(self.column_slot[far]).tolist()
 
     def layer(self, slot: int) -> Pooled | None:
         """What ``slot``'s pooled rows hold (None when none were pooled)."""
@@ -190,13 +187,16 @@ class RowTable:
         return Pooled(count, self.mean[window], self.m2[window])
 
     def bounds(self, row_error: float) -> list[float]:
-        """Per slot, a bound on the relative error of its pooled variance from float32 rows:
-        ``row_error`` (each row's own rounding) plus the rounding of the rows' means in the
-        between-call term; 0 for slots without float32 rows."""
-        if not self.bound_terms or self.count is None:
+        """Per slot, a bound on the relative error of its pooled variance from float32 rows (0
+        for slots without any): ``row_error`` for each row's own rounding, plus the rounding
+        e_b of the rows' means, |e_b| ≤ u/2 with u = ulp(max |m_b|), in the between-call
+        term: |Σ 2 n_b (m_b − M) e_b + n_b e_b²| ≤ u √(N · Σ n_b (m_b − M)²) + N u²/4."""
+        if self.largest is None or self.count is None:
             return [0.0] * len(self.widths)
-        between = sum(a + (m - self.mean).abs_() * u for m, a, u in self.bound_terms)
-        ratio = between / self.m2.clamp(min=math.ulp(0.0))
+        largest = self.largest.to(self.dtype)
+        ulp = (torch.nextafter(largest, torch.full_like(largest, math.inf)) - largest).to(F64)
+        error = ulp * (self.count * self.between).sqrt_() + self.count * ulp.square() / 4
+        ratio = error / self.m2.clamp(min=math.ulp(0.0))
         lengths = torch.tensor(self.widths, device=ratio.device)
         worst = torch.segment_reduce(ratio, "max", lengths=lengths).tolist()
         return [row_error + w if self.pooled_counts[slot] else 0.0 for slot, w in enumerate(worst)]
@@ -208,7 +208,7 @@ class RowTable:
 class _Stash:
     """Copies of small inputs, pooled in float64 (torch's two-pass statistics) in groups."""
 
-    BYTES = 1 << 18  # pooled when the copies exceed this
+    BYTES = 1 << 20  # pooled when the copies exceed this
 
     def __init__(self) -> None:
         self.copies: list[torch.Tensor] = []
@@ -232,34 +232,6 @@ class _Stash:
 
 
 # ----------------------------------------------------------------------------- shifted sums
-
-
-class Scratch:
-    """What every layer shares: one reused buffer per dtype and device for the shifted copies
-    ``x − K`` (a fresh large tensor per call costs page faults that can exceed the arithmetic; a
-    copy is consumed before the next call), and ``loose``: the NaN-check tensors of calls
-    outside the row tables."""
-
-    def __init__(self, loose: list[torch.Tensor] | None = None) -> None:
-        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self.loose: list[torch.Tensor] = [] if loose is None else loose
-
-    def like(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """A ``dtype`` tensor laid out like ``x`` (contiguous or channels-last), else None."""
-        if x.is_contiguous():
-            order = None
-        elif x.dim() in (4, 5) and x.movedim(1, -1).is_contiguous():
-            order = [0, x.dim() - 1, *range(1, x.dim() - 1)]
-        else:
-            return None
-        key = (dtype, x.device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < x.numel():
-            buffer = self.buffers[key] = torch.empty(x.numel(), dtype=dtype, device=x.device)
-        flat = buffer[: x.numel()]
-        if order is None:
-            return flat.view(x.shape)
-        return flat.view(x.movedim(1, -1).shape).permute(order)
 
 
 class _ShiftedSums:
@@ -291,15 +263,14 @@ class _ShiftedSums:
             centre.to(compute) if self.subtract else torch.zeros_like(centre, dtype=compute)
         )
 
-    def add(self, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    def add(self, x: torch.Tensor) -> torch.Tensor:
         """Pool one call's input; return its float64 [Σd, Σd²] (to read, not to keep)."""
         if self.subtract:
             shift = self.views.get(x.dim())
             if shift is None:
                 view = [1, x.shape[1]] + [1] * (x.dim() - 2)
                 shift = self.views[x.dim()] = self.shift.view(view)
-            dev = scratch.like(x, self.shift.dtype)  # float16 -> float32
-            sums = channel_sums(x - shift if dev is None else torch.sub(x, shift, out=dev))
+            sums = channel_sums(x - shift)  # float16 -> float32
         else:
             sums = channel_sums(x)
         self.pending.append(sums)
@@ -337,19 +308,20 @@ def first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def channel_sums(dev: torch.Tensor) -> torch.Tensor:
     """Float64 per-channel [Σd, Σd²] of ``dev`` (channels on dim 1); may square ``dev`` in place.
 
-    Each sample's values are summed first in ``dev``'s dtype, along the contiguous axis (fast,
-    and cascade summation keeps the error ~1e-7 relative), then the per-sample sums in float64.
-    Σd² comes from the per-sample 2-norms: one read of ``dev``, no squared copy.
+    Channels-first: each sample's values are summed along the contiguous axis in ``dev``'s dtype
+    (cascade summation keeps the error ~1e-7 relative), Σd² from the per-sample 2-norms (one
+    read, no squared copy), then the per-sample sums in float64. Channels-last: the sums run
+    along a strided axis, which torch accumulates in order, so they are taken in float64.
     """
     batch, channels = dev.shape[0], dev.shape[1]
     if dev.dim() == 2:
         return torch.stack((dev.sum(0, dtype=F64), dev.square_().sum(0, dtype=F64)))
     if dev.is_contiguous() or not dev.movedim(1, -1).is_contiguous():
-        rows, axis = dev.reshape(batch, channels, -1), 2  # a copy only for odd strides
-    else:  # channels last
-        rows, axis = dev.movedim(1, -1).reshape(batch, -1, channels), 1
-    per_sample = torch.stack((rows.sum(axis), torch.linalg.vector_norm(rows, dim=axis).square_()))
-    return per_sample.sum(1, dtype=F64)
+        rows = dev.reshape(batch, channels, -1)  # a copy only for odd strides
+        per_sample = torch.stack((rows.sum(2), torch.linalg.vector_norm(rows, dim=2).square_()))
+        return per_sample.sum(1, dtype=F64)
+    rows = dev.movedim(1, -1).reshape(batch, -1, channels).to(F64)
+    return torch.stack((rows.sum((0, 1)), rows.square_().sum((0, 1))))
 
 
 # ---------------------------------------------------------------------------------- a layer
@@ -362,8 +334,8 @@ class LayerStatistics:
     the sums route: a subclass with its own forward, or statistics off the CPU).
     """
 
-    #: Inputs of at least this many elements take the sums route: on CPU its vectorised passes
-    #: beat the kernel's scalar statistics loops there (``benchmarks/recalibrate_bench.py``).
+    #: Inputs of at least this many elements take the sums route: its vectorised passes beat
+    #: the kernel's scalar statistics loops there (measured on 2 CPU cores).
     SUMS_MIN = 1 << 17
     #: Inputs that cannot take the kernel route are kept (stash route) up to this many
     #: elements, and summed (sums route) above it.
@@ -376,11 +348,17 @@ class LayerStatistics:
     ROW_ERROR = 2.0**-22
 
     def __init__(
-        self, name: str, bn: nn.Module, table: RowTable | None, slot: int, scratch: Scratch
+        self,
+        name: str,
+        bn: nn.Module,
+        table: RowTable | None,
+        slot: int,
+        loose: list[torch.Tensor] | None = None,
     ) -> None:
         self.name = name
         self.bn = bn
-        self.table, self.slot, self.scratch = table, slot, scratch
+        self.table, self.slot = table, slot
+        self.loose = [] if loose is None else loose  # NaN-check tensors outside the table
         self.mean_buffer: torch.Tensor = bn.running_mean  # looked up once: __getattr__ is slow
         self.var_buffer: torch.Tensor = bn.running_var
         self.dtype = self.mean_buffer.dtype
@@ -406,9 +384,9 @@ class LayerStatistics:
         output and a tensor that is non-finite when ``x`` held NaN or inf."""
         self.calls += 1
         table = self.table
+        n = x.numel() // x.shape[1]
         if table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
             return self._summed(x, forward, args, kwargs)
-        n = x.numel() // x.shape[1]
         kernel = (
             self.kernel_ok is not False
             and x.dtype == self.dtype
@@ -440,9 +418,9 @@ class LayerStatistics:
     ) -> tuple[Any, torch.Tensor]:
         if self.sums is None:
             self.sums = _ShiftedSums(x)
-        sums = self.sums.add(x, self.scratch)
+        sums = self.sums.add(x)
         self._write_batch_statistics(sums, x.numel() // x.shape[1])
-        self.scratch.loose.append(sums[1])
+        self.loose.append(sums[1])
         return forward(*args, **kwargs), sums[1]
 
     def _write_batch_statistics(self, sums: torch.Tensor, n: int) -> None:
@@ -454,11 +432,6 @@ class LayerStatistics:
         torch.addcmul(scaled[1], scaled[0], scaled[0], value=-1.0, out=self.var_buffer)
         if self.clamp:  # eps = 0: a constant channel must not get a negative variance
             self.var_buffer.clamp_(min=0.0)
-
-    def settle(self) -> None:
-        """Pool the kept copies (bounds the memory they hold)."""
-        if self.stash.copies:
-            self._add_stash(self.stash.pool())
 
     def pooled(self) -> Pooled | None:
         """Everything this layer saw, pooled in float64 (None when it saw nothing); the row

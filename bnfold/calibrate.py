@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import LayerStatistics, RowTable, Scratch
+from bnfold.batchstats import LayerStatistics, RowTable
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -314,10 +314,10 @@ class _Session:
 
     #: Batches between NaN/inf checks (each check synchronises with the device once), after
     #: which the row tables are pooled and their rows reused.
-    CHECK_EVERY = 8
+    CHECK_EVERY = 16
 
     def __init__(self, targets: dict[str, nn.Module]) -> None:
-        scratch = Scratch()
+        loose: list[torch.Tensor] = []  # NaN-check tensors of calls outside the row tables
         self.tables: list[tuple[RowTable, list[LayerStatistics]]] = []
         self.layers: dict[str, LayerStatistics] = {}
         for (dtype, device), names in _groups(targets).items():
@@ -327,18 +327,18 @@ class _Session:
                 widths = [targets[n].running_mean.shape[0] for n in tabled]
                 table = RowTable(widths, dtype, device, rows=self.CHECK_EVERY)
                 layers = [
-                    LayerStatistics(n, targets[n], table, i, scratch) for i, n in enumerate(tabled)
+                    LayerStatistics(n, targets[n], table, i, loose) for i, n in enumerate(tabled)
                 ]
                 self.tables.append((table, layers))
                 self.layers.update((layer.name, layer) for layer in layers)
             for name in names:
                 if name not in self.layers:
-                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, scratch)
+                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, loose)
         self.layers = {name: self.layers[name] for name in targets}  # named_modules order
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
         self.checks: list[tuple[int, str, torch.Tensor]] = []  # calls since the last check
-        self.loose = scratch.loose  # their check tensors outside the row tables
+        self.loose = loose
         self.patches = ForwardPatches()
         for name, bn in targets.items():
             self.patches.wrap(bn, lambda forward, m=self.layers[name]: self._observing(m, forward))
@@ -384,8 +384,6 @@ class _Session:
         for table, layers in self.tables:
             for slot in table.settle(LayerStatistics.KERNEL_OFFSET):
                 layers[slot].kernel_ok = False
-            for layer in layers:
-                layer.settle()
 
     def check_finite(self) -> None:
         """Refuse NaN/inf, naming the first BatchNorm (in call order) that saw them.

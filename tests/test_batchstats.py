@@ -8,7 +8,7 @@ import torch
 from calibrate_models import reference_statistics, statistics_error
 from torch import nn
 
-from bnfold.batchstats import LayerStatistics, Pooled, RowTable, Scratch, _Stash
+from bnfold.batchstats import LayerStatistics, Pooled, RowTable, _Stash
 from bnfold.calibrate import recalibrate
 
 F64 = torch.float64
@@ -31,7 +31,7 @@ def _exact(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _layer(bn: nn.Module) -> LayerStatistics:
     table = RowTable([bn.num_features], bn.running_mean.dtype, torch.device("cpu"))
-    return LayerStatistics("bn", bn.eval(), table, 0, Scratch())
+    return LayerStatistics("bn", bn.eval(), table, 0)
 
 
 def _feed(layer: LayerStatistics, batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -132,11 +132,11 @@ def test_a_first_call_far_from_zero_turns_the_kernel_route_off() -> None:
     _assert_exact(layer.pooled(), batches)
 
 
-def test_large_inputs_are_summed_and_written_for_the_layers_own_forward() -> None:
+def test_large_inputs_off_the_kernel_route_are_summed_for_the_layers_own_forward() -> None:
     layer = _layer(nn.BatchNorm2d(3))
-    shape = (3, 160, 160)  # 76,800 values per sample
-    assert 2 * 3 * 160 * 160 >= LayerStatistics.SUMS_MIN
-    batches = _batches(shape, sizes=(2, 3))
+    shape = (3, 120, 120)
+    assert 2 * 3 * 120 * 120 > LayerStatistics.STASH_MAX
+    batches = _batches(shape, sizes=(2, 3), memory_format=torch.channels_last)
     outputs = _feed(layer, batches)
     assert layer.sums is not None and layer.table is not None
     assert layer.table.pooled_counts == [0]
@@ -147,13 +147,23 @@ def test_large_inputs_are_summed_and_written_for_the_layers_own_forward() -> Non
     torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_large_contiguous_inputs_are_summed() -> None:
+    layer = _layer(nn.BatchNorm2d(4))
+    batches = _batches((4, 96, 96), sizes=(4, 3))
+    assert min(x.numel() for x in batches) >= LayerStatistics.SUMS_MIN
+    _feed(layer, batches)
+    assert layer.sums is not None and layer.table is not None
+    assert layer.table.pooled_counts == [0]
+    _assert_exact(layer.pooled(), batches)
+
+
 def test_a_subclass_with_its_own_forward_is_summed() -> None:
     class Scaled(nn.BatchNorm2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 2 * super().forward(x)
 
     bn = Scaled(4)
-    layer = LayerStatistics("bn", bn.eval(), None, 0, Scratch())
+    layer = LayerStatistics("bn", bn.eval(), None, 0)
     batches = _batches((4, 3, 3))
     with torch.no_grad():
         outputs = [layer.call(x, bn.forward, (x,), {})[0] for x in batches]
@@ -188,7 +198,7 @@ def test_rows_grow_and_pool_exactly_across_layers() -> None:
     """Three layers in one table, one called three times per batch (the table grows)."""
     bns = [nn.BatchNorm2d(3).eval(), nn.BatchNorm2d(5).eval(), nn.BatchNorm1d(2).eval()]
     table = RowTable([3, 5, 2], torch.float32, torch.device("cpu"), rows=2)
-    layers = [LayerStatistics(str(i), bn, table, i, Scratch()) for i, bn in enumerate(bns)]
+    layers = [LayerStatistics(str(i), bn, table, i) for i, bn in enumerate(bns)]
     fed: list[list[torch.Tensor]] = [[], [], []]
     shapes = [(3, 4, 4), (5, 2, 3), (2, 16)]
     with torch.no_grad():
@@ -251,9 +261,9 @@ def test_bound_holds_on_random_offsets() -> None:
 
 def test_stash_pools_when_full_and_stays_exact() -> None:
     stash = _Stash()
-    batches = _batches((64,), sizes=(300,) * 8, offset=1e3)  # 77 KB per copy
+    batches = _batches((64,), sizes=(300,) * 15, offset=1e3)  # 76.8 KB per copy
     full = [stash.add(x) for x in batches]
-    assert full.index(True) == 3  # 4 copies reach 256 KB
+    assert full.index(True) == 13  # 14 copies reach 1 MiB
     _assert_exact(stash.pool(), batches)
     assert stash.copies == [] and stash.bytes == 0
 
@@ -268,18 +278,19 @@ def test_pooled_merge_is_chan() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bn", "shape"),
-    [(nn.BatchNorm2d(3), (3, 4, 4)), (nn.BatchNorm1d(3), (3,)), (nn.BatchNorm2d(3), (3, 160, 160))],
+    ("shape", "kw"),
+    [((3, 4, 4), {}), ((3, 4, 4), {"memory_format": torch.channels_last}),
+     ((3, 120, 120), {"memory_format": torch.channels_last})],
     ids=["kernel", "kept", "summed"],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_and_inf_are_refused_on_every_route(bn: nn.Module, shape: tuple, bad: float) -> None:
+def test_nan_and_inf_are_refused_on_every_route(shape: tuple, kw: dict, bad: float) -> None:
     from bnfold.errors import CalibrationError
 
-    model = nn.Sequential(nn.Identity(), bn).eval()
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm2d(3)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = _batches(shape, sizes=(2, 3, 2))
-    batches[1].view(-1)[5] = bad
+    batches = _batches(shape, sizes=(2, 3, 2), **kw)
+    batches[1][1, 2, 3, 1] = bad
     with pytest.raises(CalibrationError, match=r"batch 1: BatchNorm '1' is the first layer"):
         recalibrate(model, batches)
     for key, value in model.state_dict().items():

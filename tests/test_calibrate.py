@@ -289,7 +289,7 @@ def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtr
                                                             layout: str) -> None:
     """A centred first input takes K = 0 (no shifted copy); an offset one keeps the shift.
     Either way the pooled statistics match float64 ones to well below 1e-6."""
-    from bnfold.batchstats import Scratch, _ShiftedSums
+    from bnfold.batchstats import _ShiftedSums
 
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randn(n, 6, 9, 7, generator=gen) + offset for n in (5, 2, 11)]
@@ -297,7 +297,7 @@ def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtr
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
     sums = _ShiftedSums(batches[0])
     for x in batches:
-        sums.add(x, Scratch())
+        sums.add(x)
     assert sums.subtract is subtract
     pooled = sums.pool()
     n, mean, m2 = pooled.count, pooled.mean, pooled.m2
