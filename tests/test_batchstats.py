@@ -149,7 +149,7 @@ def test_large_inputs_off_the_kernel_route_are_summed_for_the_layers_own_forward
 
 def test_large_contiguous_inputs_are_summed() -> None:
     layer = _layer(nn.BatchNorm2d(4))
-    batches = _batches((4, 96, 96), sizes=(4, 3))
+    batches = _batches((4, 128, 128), sizes=(4, 2))
     assert min(x.numel() for x in batches) >= LayerStatistics.SUMS_MIN
     _feed(layer, batches)
     assert layer.sums is not None and layer.table is not None
