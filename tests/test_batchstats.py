@@ -295,3 +295,31 @@ def test_nan_and_inf_are_refused_on_every_route(shape: tuple, kw: dict, bad: flo
         recalibrate(model, batches)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# ------------------------------------------------------------------------- stock variants
+
+
+def test_affine_free_sync_and_hooked_batchnorms_are_exact() -> None:
+    """BatchNorm without affine parameters, SyncBatchNorm outside torch.distributed, and a
+    BatchNorm whose pre-hook rescales its input (the statistics are of what the layer gets) and
+    whose forward hook sees the train-mode output."""
+    seen = []
+    hooked = nn.BatchNorm2d(3)
+    hooked.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    hooked.register_forward_hook(lambda m, args, out: seen.append(out.mean().item()))
+    model = nn.Sequential(
+        nn.BatchNorm2d(3, affine=False),
+        nn.SyncBatchNorm(3),
+        hooked,
+        nn.Sequential(nn.Flatten(2), nn.BatchNorm1d(3)),  # (N, 3, 36): kernel route
+    ).eval()
+    batches = _batches((3, 6, 6))
+    reference = reference_statistics(model, batches)
+    seen.clear()  # the reference's copy of the model ran the hook too
+    recalibrate(model, batches)
+    errors = statistics_error(model, reference)
+    assert set(errors) == {"0", "1", "2", "3.1"}
+    for name, (mean_error, var_error) in errors.items():
+        assert mean_error < 1e-6 and var_error < 1e-6, name
+    assert len(seen) == len(batches) and all(abs(m) < 1e-5 for m in seen)  # normalised
