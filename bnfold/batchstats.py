@@ -189,13 +189,14 @@ class RowTable:
     def bounds(self, row_error: float) -> list[float]:
         """Per slot, a bound on the relative error of its pooled variance from float32 rows (0
         for slots without any): ``row_error`` for each row's own rounding, plus the rounding
-        e_b of the rows' means, |e_b| ≤ u/2 with u = ulp(max |m_b|), in the between-call
-        term: |Σ 2 n_b (m_b − M) e_b + n_b e_b²| ≤ u √(N · Σ n_b (m_b − M)²) + N u²/4."""
+        e_b of the rows' means, |e_b| ≤ u/2 with u = ulp(max |m_b|). A row's variance is taken
+        about its rounded mean (+ n_b e_b²) and so is the between-call term, so M2 is off by
+        |Σ 2 n_b (m_b − M) e_b + 2 n_b e_b²| ≤ u √(N · Σ n_b (m_b − M)²) + N u²/2."""
         if self.largest is None or self.count is None:
             return [0.0] * len(self.widths)
         largest = self.largest.to(self.dtype)
         ulp = (torch.nextafter(largest, torch.full_like(largest, math.inf)) - largest).to(F64)
-        error = ulp * (self.count * self.between).sqrt_() + self.count * ulp.square() / 4
+        error = ulp * (self.count * self.between).sqrt_() + self.count * ulp.square() / 2
         ratio = error / self.m2.clamp(min=math.ulp(0.0))
         lengths = torch.tensor(self.widths, device=ratio.device)
         worst = torch.segment_reduce(ratio, "max", lengths=lengths).tolist()
