@@ -12,21 +12,19 @@ How a forward pass is run (the semantics of ``torch.optim.swa_utils.update_bn``,
 - Every module is in eval mode (Dropout off, anything else whose train mode differs is off) and
   autograd is off.
 - Every BatchNorm normalises its input with that call's *batch* statistics, as a train-mode
-  BatchNorm does, so each downstream BatchNorm sees exactly what it would see in training.
-  bnfold computes those batch statistics itself (one pass over the input, below) and hands them
-  to the layer's own eval-mode forward through its running buffers; the layer's ``training``
-  flag stays False, so a BN subclass keeps its extra behaviour (activation, dropout) in eval form,
-  and a ``SyncBatchNorm`` normalises each rank's batch by itself (no collective in the forward).
-- Statistics of a call with input ``x`` (channels on dim 1): with a per-layer shift ``K`` (near
-  the mean of the first input the layer saw: its first sample's mean, or the batch mean for
-  2-D inputs; 0 when that input is already centred, see ``_Moments``), ``d = x - K`` in
-  float32 (float64 for float64 input);
-  each sample's sums of ``d`` and ``d²`` per channel are taken along the contiguous axis
-  (cascade summation), then summed over samples and calls in float64. At the end
-  ``mean = K + Σd / n`` and ``var = (Σd² − (Σd)²/n) / (n − 1)``. The shift keeps the subtraction
-  free of cancellation (data with mean/std = 1e4 is exact too), so the result matches float64
-  statistics of the same inputs to ~1e-7 relative or better (the tests hold it to 1e-6; the
-  stored mean is rounded once to the buffer's dtype).
+  BatchNorm does, so each downstream BatchNorm sees exactly what it would see in training. The
+  layer's ``training`` flag stays False: a stock BatchNorm on CPU is run through torch's
+  train-mode kernel directly, and a BN subclass with its own forward gets the batch statistics
+  in its running buffers and runs its eval forward, so it keeps its extra behaviour
+  (activation, dropout) in eval form. A ``SyncBatchNorm`` normalises each rank's batch by
+  itself (no collective in the forward).
+- Statistics (``bnfold.batchstats``): each call's are taken exactly (torch's CPU kernel sums in
+  float64; other inputs are kept and pooled in float64, or summed about a shift near the
+  layer's mean) and pooled over calls by Chan's formula in float64, so the result matches
+  float64 statistics of the same inputs to ~1e-7 relative (the tests hold it to 1e-6; data
+  with mean/std = 1e4 is exact too; the stored mean is rounded once to the buffer's dtype).
+  Where float32 kernel rows far from zero could cost more than ``BOUND_NOTE``, the report says
+  so with the bound.
 - NaN/inf: checked every ``_Session.CHECK_EVERY`` batches and at the end; the error names the
   batch and the first BatchNorm, in call order, whose input held them.
 
