@@ -20,7 +20,7 @@ BatchNorm does:
 - **stash** (any other input of a stock BatchNorm on CPU up to ``STASH_MAX`` elements: 2-D,
   channels-last, float16, far from zero): the train-mode kernel normalises the batch (its row is
   read for the NaN check only), and a copy of the input is kept and pooled in float64 in groups
-  (``_Stash``).
+  (``_Stash``; all layers' copies share ``StashBudget.LIMIT`` bytes).
 - **sums** (everything else: large inputs, layers off the CPU, BatchNorm subclasses with their
   own forward): per-channel sums of ``d = x − K`` and ``d²`` (``_ShiftedSums``; a shift
   ``K`` near the layer's mean keeps them free of cancellation). The batch mean and biased
@@ -206,30 +206,59 @@ class RowTable:
 # ------------------------------------------------------------------------------------- stash
 
 
-class _Stash:
-    """Copies of small inputs, pooled in float64 (torch's two-pass statistics) in groups."""
+class StashBudget:
+    """The memory every layer's kept copies share: when they reach ``LIMIT`` bytes, all of them
+    are pooled (the cost of pooling is per byte, so the limit only bounds memory)."""
 
-    BYTES = 1 << 20  # pooled when the copies exceed this
+    LIMIT = 4 << 20
 
     def __init__(self) -> None:
+        self.used = 0
+        self.stashes: list[_Stash] = []
+
+    def pool_all(self) -> None:
+        for stash in self.stashes:
+            stash.pool()
+
+
+class _Stash:
+    """One layer's copies of small inputs, pooled in float64 (torch's two-pass statistics)."""
+
+    def __init__(self, budget: StashBudget) -> None:
         self.copies: list[torch.Tensor] = []
         self.bytes = 0
+        self.pooled: Pooled | None = None
+        self.budget = budget
+        budget.stashes.append(self)
 
-    def add(self, x: torch.Tensor) -> bool:
-        """Keep a copy of ``x``; True when the copies should now be pooled."""
+    def add(self, x: torch.Tensor) -> None:
+        """Keep a copy of ``x``."""
         copy = x.clone()
         self.copies.append(copy)
-        self.bytes += copy.numel() * copy.element_size()
-        return self.bytes >= self.BYTES
+        size = copy.numel() * copy.element_size()
+        self.bytes += size
+        self.budget.used += size
+        if self.budget.used >= self.budget.LIMIT:
+            self.budget.pool_all()
 
-    def pool(self) -> Pooled:
+    def pool(self) -> None:
+        """Pool the copies into ``pooled`` and let them go."""
+        if not self.copies:
+            return
         channels = self.copies[0].shape[1]
         values = torch.cat(
             [c if c.dim() == 2 else c.movedim(1, -1).reshape(-1, channels) for c in self.copies]
         ).to(F64)
+        self.budget.used -= self.bytes
         self.copies, self.bytes = [], 0
         mean, var = torch.ops.aten.batch_norm_update_stats(values, None, None, 1.0)
-        return Pooled(values.shape[0], mean, var * values.shape[0])
+        block = Pooled(values.shape[0], mean, var * values.shape[0])
+        self.pooled = block if self.pooled is None else self.pooled.merge(block)
+
+    def result(self) -> Pooled | None:
+        """Everything kept, pooled."""
+        self.pool()
+        return self.pooled
 
 
 # ----------------------------------------------------------------------------- shifted sums
@@ -355,6 +384,7 @@ class LayerStatistics:
         table: RowTable | None,
         slot: int,
         loose: list[torch.Tensor] | None = None,
+        budget: StashBudget | None = None,
     ) -> None:
         self.name = name
         self.bn = bn
@@ -366,15 +396,14 @@ class LayerStatistics:
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
         self.check_dim = bn._check_input_dim
         self.cudnn = torch.backends.cudnn.enabled
-        self.wide = self.dtype == F64  # float64 statistics: every layout is summed in float64
+        self.any_layout = self.dtype == F64  # the float64 kernel sums any layout in float64
         self.clamp = not self.eps > 0  # var + eps > 0 already when eps > 0
         kernel_dtype = self.dtype in (torch.float32, F64)
         # None: decided on the first kernel call (float32)
         self.kernel_ok: bool | None = (
             True if self.dtype == F64 else (None if kernel_dtype else False)
         )
-        self.stash = _Stash()
-        self.stash_pool: Pooled | None = None
+        self.stash = _Stash(budget if budget is not None else StashBudget())
         self.sums: _ShiftedSums | None = None
         self.calls = 0
 
@@ -391,7 +420,7 @@ class LayerStatistics:
         kernel = (
             self.kernel_ok is not False
             and x.dtype == self.dtype
-            and (self.wide or (n > x.shape[0] and x.is_contiguous()))
+            and (self.any_layout or (n > x.shape[0] and x.is_contiguous()))
         )
         if not kernel and x.numel() > self.STASH_MAX:
             return self._summed(x, forward, args, kwargs)
@@ -408,11 +437,7 @@ class LayerStatistics:
         return y, var
 
     def _keep(self, x: torch.Tensor) -> None:
-        if self.stash.add(x):
-            self._add_stash(self.stash.pool())
-
-    def _add_stash(self, pooled: Pooled) -> None:
-        self.stash_pool = pooled if self.stash_pool is None else self.stash_pool.merge(pooled)
+        self.stash.add(x)
 
     def _summed(
         self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
@@ -438,6 +463,5 @@ class LayerStatistics:
         """Everything this layer saw, pooled in float64 (None when it saw nothing); the row
         table must have been settled."""
         rows = self.table.layer(self.slot) if self.table is not None else None
-        stash = self.stash.pool() if self.stash.copies else None
         sums = self.sums.pool() if self.sums is not None and self.sums.count else None
-        return merge_all([rows, self.stash_pool, stash, sums])
+        return merge_all([rows, self.stash.result(), sums])

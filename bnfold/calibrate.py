@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import LayerStatistics, RowTable
+from bnfold.batchstats import LayerStatistics, RowTable, StashBudget
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -316,6 +316,7 @@ class _Session:
 
     def __init__(self, targets: dict[str, nn.Module]) -> None:
         loose: list[torch.Tensor] = []  # NaN-check tensors of calls outside the row tables
+        budget = StashBudget()
         self.tables: list[tuple[RowTable, list[LayerStatistics]]] = []
         self.layers: dict[str, LayerStatistics] = {}
         for (dtype, device), names in _groups(targets).items():
@@ -325,13 +326,14 @@ class _Session:
                 widths = [targets[n].running_mean.shape[0] for n in tabled]
                 table = RowTable(widths, dtype, device, rows=self.CHECK_EVERY)
                 layers = [
-                    LayerStatistics(n, targets[n], table, i, loose) for i, n in enumerate(tabled)
+                    LayerStatistics(n, targets[n], table, i, loose, budget)
+                    for i, n in enumerate(tabled)
                 ]
                 self.tables.append((table, layers))
                 self.layers.update((layer.name, layer) for layer in layers)
             for name in names:
                 if name not in self.layers:
-                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, loose)
+                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, loose, budget)
         self.layers = {name: self.layers[name] for name in targets}  # named_modules order
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0

@@ -8,7 +8,7 @@ import torch
 from calibrate_models import reference_statistics, statistics_error
 from torch import nn
 
-from bnfold.batchstats import LayerStatistics, Pooled, RowTable, _Stash
+from bnfold.batchstats import LayerStatistics, Pooled, RowTable, StashBudget, _Stash
 from bnfold.calibrate import recalibrate
 
 F64 = torch.float64
@@ -100,7 +100,7 @@ def test_contiguous_input_takes_the_kernel_route() -> None:
     assert layer.kernel_ok is True
     assert layer.table is not None
     assert layer.table.pooled_counts == [sum(b.shape[0] for b in batches) * 36]
-    assert not layer.stash.copies and layer.stash_pool is None and layer.sums is None
+    assert not layer.stash.copies and layer.stash.pooled is None and layer.sums is None
     _assert_exact(layer.pooled(), batches)
 
 
@@ -259,13 +259,36 @@ def test_bound_holds_on_random_offsets() -> None:
 # ------------------------------------------------------------------------------------ stash
 
 
-def test_stash_pools_when_full_and_stays_exact() -> None:
-    stash = _Stash()
-    batches = _batches((64,), sizes=(300,) * 15, offset=1e3)  # 76.8 KB per copy
-    full = [stash.add(x) for x in batches]
-    assert full.index(True) == 13  # 14 copies reach 1 MiB
-    _assert_exact(stash.pool(), batches)
-    assert stash.copies == [] and stash.bytes == 0
+def test_stashes_share_one_budget_and_stay_exact() -> None:
+    """Two layers' copies: when together they reach the limit, both are pooled."""
+    budget = StashBudget()
+    first, second = _Stash(budget), _Stash(budget)
+    batches = _batches((64,), sizes=(300,) * 16, offset=1e3)  # 76.8 KB per copy
+    held = []
+    for a, b in zip(batches[::2], batches[1::2], strict=True):
+        first.add(a)
+        second.add(b)
+        held.append(budget.used)
+        assert budget.used == first.bytes + second.bytes < StashBudget.LIMIT
+    assert held[-1] == 16 * 300 * 64 * 4  # 1.2 MB, under the limit: nothing pooled early
+    assert first.pooled is None and second.pooled is None
+    _assert_exact(first.result(), batches[::2])
+    _assert_exact(second.result(), batches[1::2])
+    assert budget.used == 0
+
+
+def test_stash_budget_pools_every_layer_when_full() -> None:
+    budget = StashBudget()
+    stashes = [_Stash(budget) for _ in range(3)]
+    fed: list[list[torch.Tensor]] = [[], [], []]
+    for step in range(30):
+        x = _batches((256,), sizes=(600,), seed=step)[0]  # 614 KB per copy
+        stashes[step % 3].add(x)
+        fed[step % 3].append(x)
+        assert budget.used < StashBudget.LIMIT
+    assert all(stash.pooled is not None for stash in stashes)
+    for stash, batches in zip(stashes, fed, strict=True):
+        _assert_exact(stash.result(), batches)
 
 
 def test_pooled_merge_is_chan() -> None:
