@@ -55,6 +55,10 @@ class Pooled:
     count: int
     mean: torch.Tensor  # float64
     m2: torch.Tensor  # float64
+    var: torch.Tensor | None = None  # m2 / (count - 1), when already computed
+
+    def unbiased(self) -> torch.Tensor:
+        return self.var if self.var is not None else self.m2 / (self.count - 1)
 
     def merge(self, other: Pooled) -> Pooled:
         """Both sets together (Chan's formula, float64)."""
@@ -97,6 +101,7 @@ class RowTable:
         self.pooled_counts = [0] * len(self.widths)
         self.count: torch.Tensor | None = None  # per column, float64
         self.mean = self.m2 = self.between = torch.zeros(0, dtype=F64)
+        self.var: torch.Tensor | None = None  # made from the final totals by ``layer``
         self.largest: torch.Tensor | None = None  # per column, max |row mean| pooled (float32)
 
     def next(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +149,7 @@ class RowTable:
         self.counts = [[] for _ in self.widths]
         if not pooled:
             return []
+        self.var = None
         block = self.table[:, :rows].to(F64)
         means, variances = block[0], block[1]
         total = n.sum(0)
@@ -184,7 +190,9 @@ class RowTable:
             return None
         start = self.starts[slot]
         window = slice(start, start + self.widths[slot])
-        return Pooled(count, self.mean[window], self.m2[window])
+        if self.var is None:  # every slot's unbiased variance at once
+            self.var = self.m2 / (self.count - 1).clamp_(min=1.0)
+        return Pooled(count, self.mean[window], self.m2[window], self.var[window])
 
     def bounds(self, row_error: float) -> list[float]:
         """Per slot, a bound on the relative error of its pooled variance from float32 rows (0

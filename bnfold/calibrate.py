@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import LayerStatistics, RowTable, StashBudget
+from bnfold.batchstats import LayerStatistics, Pooled, RowTable, StashBudget
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -418,9 +418,7 @@ class _Session:
         for name, layer in self.layers.items():
             pooled = layer.pooled()
             if pooled is not None:
-                result[name] = _pooled(
-                    name, pooled.count, layer.calls, pooled.mean, pooled.m2, bounds[name]
-                )
+                result[name] = _pooled(name, pooled, layer.calls, bounds[name])
         return result
 
     def remove_hooks(self) -> None:
@@ -443,15 +441,13 @@ def _usable_input(x: Any, bn: nn.Module) -> bool:
     )
 
 
-def _pooled(
-    name: str, count: int, calls: int, mean: torch.Tensor, m2: torch.Tensor, bound: float
-) -> _Pooled:
-    if count < 2:
+def _pooled(name: str, pooled: Pooled, calls: int, bound: float) -> _Pooled:
+    if pooled.count < 2:
         raise CalibrationError(
             f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
             "variance needs at least two: use more data"
         )
-    return _Pooled(count, calls, mean, m2 / (count - 1), bound)
+    return _Pooled(pooled.count, calls, pooled.mean, pooled.unbiased(), bound)
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -659,8 +655,8 @@ def _all_reduce_moments(
     for i, name in enumerate(names):
         count, calls = int(head[2 * i]), int(head[2 * i + 1])
         if count:
-            m2 = global_m2[name]
-            result[name] = _pooled(name, count, calls, global_mean[name], m2, float(bounds[i]))
+            total = Pooled(count, global_mean[name], global_m2[name])
+            result[name] = _pooled(name, total, calls, float(bounds[i]))
     return result
 
 
