@@ -416,44 +416,41 @@ class LayerStatistics:
         self.calls = 0
 
     def call(
-        self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
+        self, x: torch.Tensor, n: int, forward: Forward, args: tuple, kwargs: dict
     ) -> tuple[Any, torch.Tensor]:
-        """Run the layer on ``x`` with batch statistics and pool ``x``. Returns the layer's
-        output and a tensor that is non-finite when ``x`` held NaN or inf."""
+        """Run the layer on ``x`` (``n`` values per channel) with batch statistics and pool
+        ``x``. Returns the layer's output and a tensor that is non-finite when ``x`` held NaN or
+        inf."""
         self.calls += 1
         table = self.table
-        n = x.numel() // x.shape[1]
         if table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
-            return self._summed(x, forward, args, kwargs)
+            return self._summed(x, n, forward, args, kwargs)
         kernel = (
             self.kernel_ok is not False
             and x.dtype == self.dtype
             and (self.any_layout or (n > x.shape[0] and x.is_contiguous()))
         )
         if not kernel and x.numel() > self.STASH_MAX:
-            return self._summed(x, forward, args, kwargs)
+            return self._summed(x, n, forward, args, kwargs)
         self.check_dim(x)
         mean, var = table.next(self.slot, n if kernel else 0)
         y = torch.batch_norm(x, self.weight, self.bias, mean, var, True, 1.0, self.eps, self.cudnn)
         if not kernel:
-            self._keep(x)
+            self.stash.add(x)
         elif self.kernel_ok is None:
             self.kernel_ok = bool((mean.abs() <= self.KERNEL_OFFSET * var.sqrt()).all())
             if not self.kernel_ok:  # far from zero: this call is kept and pooled exactly
                 table.uncount(self.slot)
-                self._keep(x)
+                self.stash.add(x)
         return y, var
 
-    def _keep(self, x: torch.Tensor) -> None:
-        self.stash.add(x)
-
     def _summed(
-        self, x: torch.Tensor, forward: Forward, args: tuple, kwargs: dict
+        self, x: torch.Tensor, n: int, forward: Forward, args: tuple, kwargs: dict
     ) -> tuple[Any, torch.Tensor]:
         if self.sums is None:
             self.sums = _ShiftedSums(x)
         sums = self.sums.add(x)
-        self._write_batch_statistics(sums, x.numel() // x.shape[1])
+        self._write_batch_statistics(sums, n)
         self.loose.append(sums[1])
         return forward(*args, **kwargs), sums[1]
 

@@ -158,7 +158,7 @@ def recalibrate(
 BOUND_NOTE = 1e-6
 
 
-def _bound_notes(pooled: dict[str, _Pooled]) -> tuple[str, ...]:
+def _bound_notes(pooled: dict[str, _Final]) -> tuple[str, ...]:
     return tuple(
         f"BatchNorm {name!r}: its inputs moved far from zero after the first batch (|mean| "
         f"over {LayerStatistics.KERNEL_OFFSET:g} std); its variance is exact only to "
@@ -273,15 +273,12 @@ class _Backup:
 
     def restore_statistics(self) -> None:
         with torch.no_grad():
-            names = list(self.stats)
-            bns = [self.targets[name] for name in names]
-            torch._foreach_copy_(
-                [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-                [self.stats[name][0] for name in names] + [self.stats[name][1] for name in names],
-            )
-            for name, bn in zip(names, bns, strict=True):
-                if self.stats[name][2] is not None:
-                    bn.num_batches_tracked.copy_(self.stats[name][2])
+            saved = list(self.stats.values())
+            bns = [self.targets[name] for name in self.stats]
+            _copy_into_buffers(bns, [s[0] for s in saved], [s[1] for s in saved])
+            for bn, (_, _, tracked) in zip(bns, saved, strict=True):
+                if tracked is not None:
+                    bn.num_batches_tracked.copy_(tracked)
 
 
 def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
@@ -297,8 +294,8 @@ def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.devi
 
 
 @dataclass
-class _Pooled:
-    """Final statistics of one BatchNorm."""
+class _Final:
+    """Final statistics of one BatchNorm (what is written and reported)."""
 
     count: int
     calls: int
@@ -351,13 +348,14 @@ class _Session:
             x = args[0] if args else kwargs.get("input")
             if not _usable_input(x, layer.bn):  # the layer's own forward rejects it
                 return forward(*args, **kwargs)
-            if x.numel() // x.shape[1] < 2:
+            n = x.numel() // x.shape[1]
+            if n < 2:
                 raise ModelInputError(
                     f"batch {self.batch_index}: BatchNorm {layer.name!r} got one value per "
                     f"channel (input shape {tuple(x.shape)}); batch statistics need at least "
                     "two, as in training: use a larger batch size"
                 )
-            y, check = layer.call(x, forward, args, kwargs)
+            y, check = layer.call(x, n, forward, args, kwargs)
             self.checks.append((self.batch_index, layer.name, check))
             return y
 
@@ -406,7 +404,7 @@ class _Session:
                     f"{name!r}) for NaN/inf. Statistics restored, model unchanged"
                 )
 
-    def pooled(self, distributed: bool, device: torch.device) -> dict[str, _Pooled]:
+    def pooled(self, distributed: bool, device: torch.device) -> dict[str, _Final]:
         self.settle()
         bounds = dict.fromkeys(self.layers, 0.0)
         for table, layers in self.tables:
@@ -441,13 +439,13 @@ def _usable_input(x: Any, bn: nn.Module) -> bool:
     )
 
 
-def _pooled(name: str, pooled: Pooled, calls: int, bound: float) -> _Pooled:
+def _pooled(name: str, pooled: Pooled, calls: int, bound: float) -> _Final:
     if pooled.count < 2:
         raise CalibrationError(
             f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
             "variance needs at least two: use more data"
         )
-    return _Pooled(pooled.count, calls, pooled.mean, pooled.unbiased(), bound)
+    return _Final(pooled.count, calls, pooled.mean, pooled.unbiased(), bound)
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -610,7 +608,7 @@ def _collective_device(device: torch.device) -> torch.device:
 
 def _all_reduce_moments(
     layers: dict[str, LayerStatistics], local_bounds: dict[str, float], device: torch.device
-) -> dict[str, _Pooled]:
+) -> dict[str, _Final]:
     """Merge every rank's (count, mean, M2) exactly: global mean first, then M2 about it."""
     dist = torch.distributed
     where = _collective_device(device)
@@ -663,16 +661,22 @@ def _all_reduce_moments(
 # ------------------------------------------------------------------------------ write, report
 
 
-def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Pooled]) -> None:
+def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Final]) -> None:
     with torch.no_grad():
         bns = [targets[name] for name in pooled]
         stats = list(pooled.values())
-        torch._foreach_copy_(
-            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-            [p.mean for p in stats] + [p.var for p in stats],
-        )
+        _copy_into_buffers(bns, [p.mean for p in stats], [p.var for p in stats])
         counted = [(bn.num_batches_tracked, p.calls) for bn, p in zip(bns, stats, strict=True)]
         counted = [(tracked, calls) for tracked, calls in counted if tracked is not None]
         if counted:
-            torch._foreach_mul_([t for t, _ in counted], 0)
+            torch._foreach_zero_([t for t, _ in counted])
             torch._foreach_add_([t for t, _ in counted], [c for _, c in counted])
+
+
+def _copy_into_buffers(
+    bns: list[nn.Module], means: list[torch.Tensor], variances: list[torch.Tensor]
+) -> None:
+    """Every BatchNorm's running mean and variance written at once (converted to their dtype)."""
+    torch._foreach_copy_(
+        [bn.running_mean for bn in bns] + [bn.running_var for bn in bns], [*means, *variances]
+    )

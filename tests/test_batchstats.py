@@ -38,7 +38,7 @@ def _feed(layer: LayerStatistics, batches: list[torch.Tensor]) -> list[torch.Ten
     outputs = []
     with torch.no_grad():
         for x in batches:
-            y, check = layer.call(x, layer.bn.forward, (x,), {})
+            y, check = layer.call(x, x.numel() // x.shape[1], layer.bn.forward, (x,), {})
             assert bool(torch.isfinite(check).all())
             outputs.append(y)
     assert layer.table is not None
@@ -166,7 +166,7 @@ def test_a_subclass_with_its_own_forward_is_summed() -> None:
     layer = LayerStatistics("bn", bn.eval(), None, 0)
     batches = _batches((4, 3, 3))
     with torch.no_grad():
-        outputs = [layer.call(x, bn.forward, (x,), {})[0] for x in batches]
+        outputs = [layer.call(x, x.numel() // 4, bn.forward, (x,), {})[0] for x in batches]
     assert layer.sums is not None
     _assert_exact(layer.pooled(), batches)
     x = batches[-1]
@@ -205,7 +205,7 @@ def test_rows_grow_and_pool_exactly_across_layers() -> None:
         for step in range(5):
             for i, layer in enumerate(layers):
                 for x in _batches(shapes[i], sizes=(3 + step,) * (3 if i == 1 else 1), seed=step):
-                    layer.call(x, layer.bn.forward, (x,), {})
+                    layer.call(x, x.numel() // x.shape[1], layer.bn.forward, (x,), {})
                     fed[i].append(x)
             if step == 2:
                 table.settle(LayerStatistics.KERNEL_OFFSET)
