@@ -17,10 +17,12 @@ BatchNorm does:
   its effect on the variance. So float32 inputs take this route only while every channel's
   |mean| ≤ ``KERNEL_OFFSET`` std (checked on the layer's first call and on every row pooled),
   and a bound above ``bnfold.calibrate.BOUND_NOTE`` is reported.
-- **stash** (any other input of a stock BatchNorm on CPU up to ``STASH_MAX`` elements: 2-D,
-  channels-last, float16, far from zero): the train-mode kernel normalises the batch (its row is
-  read for the NaN check only), and a copy of the input is kept and pooled in float64 in groups
-  (``_Stash``; all layers' copies share ``StashBudget.LIMIT`` bytes).
+- **exact** (any other input of a stock BatchNorm on CPU up to ``EXACT_MAX`` elements in a
+  dtype the layer takes: 2-D, channels-last, float16/bfloat16, far from zero): the train-mode
+  kernel runs on a float64 copy of the input (float64 parameters), so its rows are float64
+  statistics, summed in float64 whatever the layout; they go into a float64 ``RowTable``
+  shared by the layers and are pooled like the kernel rows. The output is rounded once to the
+  input's dtype.
 - **sums** (everything else: large inputs, layers off the CPU, BatchNorm subclasses with their
   own forward): per-channel sums of ``d = x − K`` and ``d²`` (``_ShiftedSums``; a shift
   ``K`` near the layer's mean keeps them free of cancellation). The batch mean and biased
@@ -28,7 +30,9 @@ BatchNorm does:
   so a subclass keeps its extra behaviour in eval form.
 
 On CPU the kernel route costs what ``torch.optim.swa_utils.update_bn`` costs per call (the same
-kernel). Below ``SUMS_MIN`` elements the sums route's fixed cost (about ten small operations)
+kernel), and less for small inputs the kernel sums along the batch (2-D, channels-last): those
+calls run on one thread (``serial``), where starting a parallel region costs more than the
+work. Below ``SUMS_MIN`` elements the sums route's fixed cost (about ten small operations)
 exceeds the kernel's slower loops; above it the sums route is cheaper
 (``benchmarks/recalibrate_bench.py``).
 """
@@ -77,6 +81,28 @@ def merge_all(parts: Sequence[Pooled | None]) -> Pooled | None:
     return total
 
 
+# ----------------------------------------------------------------------------------- threads
+
+#: Up to this many elements, torch's CPU batch-norm kernels that sum along the batch (2-D and
+#: channels-last inputs, one value per channel per sample) run faster on one thread: starting
+#: the parallel region costs more than the work (on 2 cores, a 32×256 batch: 9.5 µs on one
+#: thread against 17.9 µs on two; even at 2^16 elements). Contiguous channels-first inputs are
+#: split by channel and gain from every thread, so they keep them.
+SERIAL_MAX = 1 << 15
+
+
+def serial(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on one intra-op thread; the caller's thread count is restored after."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fn(*args)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------- row table
 
 
@@ -90,12 +116,9 @@ class RowTable:
     ) -> None:
         self.widths = list(widths)
         self.starts = [sum(self.widths[:i]) for i in range(len(self.widths))]
-        self.dtype = dtype
-        self.table = torch.zeros(2, rows, sum(self.widths), dtype=dtype, device=device)
-        self.column_slot = torch.repeat_interleave(
-            torch.arange(len(self.widths), device=device),
-            torch.tensor(self.widths, device=device),
-        )
+        self.dtype, self.device, self.rows = dtype, device, rows
+        self.table: torch.Tensor | None = None  # (2, rows, columns), made on the first row
+        self.column_slot: torch.Tensor | None = None  # each column's slot, made when pooling
         self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
@@ -113,7 +136,10 @@ class RowTable:
         views = self.views[slot]
         if index < len(views):
             return views[index]
-        if index == self.table.shape[1]:
+        if self.table is None:
+            columns = sum(self.widths)
+            self.table = torch.zeros(2, self.rows, columns, dtype=self.dtype, device=self.device)
+        elif index == self.table.shape[1]:
             self._grow()
         start, stop = self.starts[slot], self.starts[slot] + self.widths[slot]
         self.views[slot] = list(
@@ -130,6 +156,7 @@ class RowTable:
         self.counts[slot][-1] = 0
 
     def _grow(self) -> None:
+        assert self.table is not None
         rows = self.table.shape[1]
         table = self.table.new_zeros(2, 2 * rows, self.table.shape[2])
         table[:, :rows] = self.table
@@ -144,10 +171,15 @@ class RowTable:
         if pooled:
             for slot, counts in enumerate(self.counts):
                 self.pooled_counts[slot] += sum(counts)
+            if self.column_slot is None:
+                self.column_slot = torch.repeat_interleave(
+                    torch.arange(len(self.widths), device=self.device),
+                    torch.tensor(self.widths, device=self.device),
+                )
             padded = [counts + [0] * (rows - len(counts)) for counts in self.counts]
-            n = torch.tensor(padded, dtype=F64, device=self.table.device).t()[:, self.column_slot]
+            n = torch.tensor(padded, dtype=F64, device=self.device).t()[:, self.column_slot]
         self.counts = [[] for _ in self.widths]
-        if not pooled:
+        if not pooled or self.table is None:
             return []
         self.var = None
         block = self.table[:, :rows].to(F64)
@@ -166,6 +198,10 @@ class RowTable:
         if not bool(far.any()):
             return []
         return torch.unique(self.column_slot[far]).tolist()
+
+    def finite(self) -> bool:
+        """Whether every row written holds finite values (unwritten rows are zeros)."""
+        return self.table is None or bool(torch.isfinite(self.table).all())
 
     def _merge(
         self, total: torch.Tensor, mean: torch.Tensor, within: torch.Tensor, between: torch.Tensor
@@ -209,64 +245,6 @@ class RowTable:
         lengths = torch.tensor(self.widths, device=ratio.device)
         worst = torch.segment_reduce(ratio, "max", lengths=lengths).tolist()
         return [row_error + w if self.pooled_counts[slot] else 0.0 for slot, w in enumerate(worst)]
-
-
-# ------------------------------------------------------------------------------------- stash
-
-
-class StashBudget:
-    """The memory every layer's kept copies share: when they reach ``LIMIT`` bytes, all of them
-    are pooled (the cost of pooling is per byte, so the limit only bounds memory)."""
-
-    LIMIT = 4 << 20
-
-    def __init__(self) -> None:
-        self.used = 0
-        self.stashes: list[_Stash] = []
-
-    def pool_all(self) -> None:
-        for stash in self.stashes:
-            stash.pool()
-
-
-class _Stash:
-    """One layer's copies of small inputs, pooled in float64 (torch's two-pass statistics)."""
-
-    def __init__(self, budget: StashBudget) -> None:
-        self.copies: list[torch.Tensor] = []
-        self.bytes = 0
-        self.pooled: Pooled | None = None
-        self.budget = budget
-        budget.stashes.append(self)
-
-    def add(self, x: torch.Tensor) -> None:
-        """Keep a copy of ``x``."""
-        copy = x.clone()
-        self.copies.append(copy)
-        size = copy.numel() * copy.element_size()
-        self.bytes += size
-        self.budget.used += size
-        if self.budget.used >= self.budget.LIMIT:
-            self.budget.pool_all()
-
-    def pool(self) -> None:
-        """Pool the copies into ``pooled`` and let them go."""
-        if not self.copies:
-            return
-        channels = self.copies[0].shape[1]
-        values = torch.cat(
-            [c if c.dim() == 2 else c.movedim(1, -1).reshape(-1, channels) for c in self.copies]
-        ).to(F64)
-        self.budget.used -= self.bytes
-        self.copies, self.bytes = [], 0
-        mean, var = torch.ops.aten.batch_norm_update_stats(values, None, None, 1.0)
-        block = Pooled(values.shape[0], mean, var * values.shape[0])
-        self.pooled = block if self.pooled is None else self.pooled.merge(block)
-
-    def result(self) -> Pooled | None:
-        """Everything kept, pooled."""
-        self.pool()
-        return self.pooled
 
 
 # ----------------------------------------------------------------------------- shifted sums
@@ -368,16 +346,17 @@ def channel_sums(dev: torch.Tensor) -> torch.Tensor:
 class LayerStatistics:
     """One BatchNorm's calls: runs each (``call``) and pools what it saw (``pooled``).
 
-    ``table`` and ``slot``: where its kernel and stash rows go (None for a layer that only takes
-    the sums route: a subclass with its own forward, or statistics off the CPU).
+    ``table`` and ``slot``: where its kernel rows go; ``exact``: the float64 table (same slots)
+    for its exact rows. None for a layer that only takes the sums route: a subclass with its own
+    forward, or statistics off the CPU.
     """
 
     #: Inputs of at least this many elements take the sums route: its vectorised passes beat
     #: the kernel's scalar statistics loops there (measured on 2 CPU cores).
     SUMS_MIN = 1 << 17
-    #: Inputs that cannot take the kernel route are kept (stash route) up to this many
-    #: elements, and summed (sums route) above it.
-    STASH_MAX = 1 << 16
+    #: Inputs that cannot take the kernel route take the exact route up to this many elements
+    #: (their float64 copy is made per call), and the sums route above it.
+    EXACT_MAX = 1 << 16
     #: Float32 inputs take the kernel route while |mean| ≤ KERNEL_OFFSET · std per channel: the
     #: kernel's float32 batch means then cost the pooled variance at most ~1e-6 relative.
     KERNEL_OFFSET = 16.0
@@ -392,12 +371,15 @@ class LayerStatistics:
         table: RowTable | None,
         slot: int,
         loose: list[torch.Tensor] | None = None,
-        budget: StashBudget | None = None,
+        exact: RowTable | None = None,
     ) -> None:
         self.name = name
         self.bn = bn
         self.table, self.slot = table, slot
-        self.loose = [] if loose is None else loose  # NaN-check tensors outside the table
+        if exact is None and table is not None:
+            exact = RowTable(table.widths, F64, table.device, rows=table.rows)
+        self.exact = exact
+        self.loose = [] if loose is None else loose  # NaN-check tensors outside the tables
         self.mean_buffer: torch.Tensor = bn.running_mean  # looked up once: __getattr__ is slow
         self.var_buffer: torch.Tensor = bn.running_var
         self.dtype = self.mean_buffer.dtype
@@ -411,7 +393,11 @@ class LayerStatistics:
         self.kernel_ok: bool | None = (
             True if self.dtype == F64 else (None if kernel_dtype else False)
         )
-        self.stash = _Stash(budget if budget is not None else StashBudget())
+        # input dtypes the layer's own forward takes (half inputs with float32 statistics too)
+        self.input_dtypes = {self.dtype}
+        if self.dtype == torch.float32:
+            self.input_dtypes |= {torch.float16, torch.bfloat16}
+        self.affine64: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
         self.sums: _ShiftedSums | None = None
         self.calls = 0
 
@@ -422,27 +408,51 @@ class LayerStatistics:
         ``x``. Returns the layer's output and a tensor that is non-finite when ``x`` held NaN or
         inf."""
         self.calls += 1
-        table = self.table
-        if table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
+        if self.table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
             return self._summed(x, n, forward, args, kwargs)
-        kernel = (
+        if (
             self.kernel_ok is not False
             and x.dtype == self.dtype
             and (self.any_layout or (n > x.shape[0] and x.is_contiguous()))
-        )
-        if not kernel and x.numel() > self.STASH_MAX:
+        ):
+            self.check_dim(x)
+            return self._kernel(x, n)
+        if x.numel() > self.EXACT_MAX or x.dtype not in self.input_dtypes:
             return self._summed(x, n, forward, args, kwargs)
         self.check_dim(x)
-        mean, var = table.next(self.slot, n if kernel else 0)
-        y = torch.batch_norm(x, self.weight, self.bias, mean, var, True, 1.0, self.eps, self.cudnn)
-        if not kernel:
-            self.stash.add(x)
-        elif self.kernel_ok is None:
+        return self._exact_call(x, n)
+
+    def _kernel(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's train-mode kernel writes the batch mean and unbiased variance into a row."""
+        assert self.table is not None
+        mean, var = self.table.next(self.slot, n)
+        y = _train_batch_norm(x, n, self.weight, self.bias, mean, var, self.eps, self.cudnn)
+        if self.kernel_ok is None:
             self.kernel_ok = bool((mean.abs() <= self.KERNEL_OFFSET * var.sqrt()).all())
-            if not self.kernel_ok:  # far from zero: this call is kept and pooled exactly
-                table.uncount(self.slot)
-                self.stash.add(x)
+            if not self.kernel_ok:  # far from zero: this call's row is taken exactly instead
+                self.table.uncount(self.slot)
+                var = self._exact_row(x.to(F64), n)
         return y, var
+
+    def _exact_call(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The train-mode kernel on a float64 copy of ``x``: float64 rows whatever the input's
+        layout or dtype, and the output rounded once to ``x``'s dtype."""
+        assert self.exact is not None
+        if self.affine64 is None:  # parameters do not change during recalibration
+            self.affine64 = tuple(
+                None if p is None else p.detach().to(F64) for p in (self.weight, self.bias)
+            )
+        mean, var = self.exact.next(self.slot, n)
+        weight, bias = self.affine64
+        y = _train_batch_norm(x.to(F64), n, weight, bias, mean, var, self.eps, self.cudnn)
+        return y.to(x.dtype), var
+
+    def _exact_row(self, x64: torch.Tensor, n: int) -> torch.Tensor:
+        """Only the statistics of ``x64`` (float64) into an exact row; returns its variance."""
+        assert self.exact is not None
+        mean, var = self.exact.next(self.slot, n)
+        torch.ops.aten.batch_norm_update_stats(x64, mean, var, 1.0)
+        return var
 
     def _summed(
         self, x: torch.Tensor, n: int, forward: Forward, args: tuple, kwargs: dict
@@ -466,7 +476,25 @@ class LayerStatistics:
 
     def pooled(self) -> Pooled | None:
         """Everything this layer saw, pooled in float64 (None when it saw nothing); the row
-        table must have been settled."""
-        rows = self.table.layer(self.slot) if self.table is not None else None
+        tables must have been settled."""
+        rows = [t.layer(self.slot) for t in (self.table, self.exact) if t is not None]
         sums = self.sums.pool() if self.sums is not None and self.sums.count else None
-        return merge_all([rows, self.stash.result(), sums])
+        return merge_all([*rows, sums])
+
+
+def _train_batch_norm(
+    x: torch.Tensor,
+    n: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    cudnn: bool,
+) -> torch.Tensor:
+    """torch's train-mode kernel, momentum 1: ``mean``/``var`` get the batch mean and unbiased
+    variance. On one thread for small inputs it sums along the batch (see ``SERIAL_MAX``)."""
+    args = (x, weight, bias, mean, var, True, 1.0, eps, cudnn)
+    if x.numel() <= SERIAL_MAX and (n == x.shape[0] or not x.is_contiguous()):
+        return serial(torch.batch_norm, *args)
+    return torch.batch_norm(*args)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import LayerStatistics, Pooled, RowTable, StashBudget
+from bnfold.batchstats import F64, LayerStatistics, Pooled, RowTable
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -313,24 +313,23 @@ class _Session:
 
     def __init__(self, targets: dict[str, nn.Module]) -> None:
         loose: list[torch.Tensor] = []  # NaN-check tensors of calls outside the row tables
-        budget = StashBudget()
         self.tables: list[tuple[RowTable, list[LayerStatistics]]] = []
         self.layers: dict[str, LayerStatistics] = {}
         for (dtype, device), names in _groups(targets).items():
             tabled = [name for name in names if _tabled(targets[name])]
-            table = None
             if tabled and device.type == "cpu":
                 widths = [targets[n].running_mean.shape[0] for n in tabled]
                 table = RowTable(widths, dtype, device, rows=self.CHECK_EVERY)
+                exact = RowTable(widths, F64, device, rows=self.CHECK_EVERY)
                 layers = [
-                    LayerStatistics(n, targets[n], table, i, loose, budget)
+                    LayerStatistics(n, targets[n], table, i, loose, exact)
                     for i, n in enumerate(tabled)
                 ]
-                self.tables.append((table, layers))
+                self.tables += [(table, layers), (exact, layers)]
                 self.layers.update((layer.name, layer) for layer in layers)
             for name in names:
                 if name not in self.layers:
-                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, loose, budget)
+                    self.layers[name] = LayerStatistics(name, targets[name], None, 0, loose)
         self.layers = {name: self.layers[name] for name in targets}  # named_modules order
         self.names = {id(bn): name for name, bn in targets.items()}
         self.batch_index = 0
@@ -392,7 +391,7 @@ class _Session:
         loose, self.loose[:] = list(self.loose), []
         if not checks:
             return
-        if all(bool(torch.isfinite(table.table).all()) for table, _ in self.tables) and (
+        if all(table.finite() for table, _ in self.tables) and (
             not loose or bool(torch.isfinite(torch.cat(loose)).all())
         ):
             return
@@ -409,7 +408,7 @@ class _Session:
         bounds = dict.fromkeys(self.layers, 0.0)
         for table, layers in self.tables:
             for layer, bound in zip(layers, table.bounds(LayerStatistics.ROW_ERROR), strict=True):
-                bounds[layer.name] = bound
+                bounds[layer.name] = max(bounds[layer.name], bound)
         if distributed:
             return _all_reduce_moments(self.layers, bounds, device)
         result = {}

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -213,30 +214,30 @@ def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibr
 
 
 def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
-    """Every layer's channel summaries from one concatenation of all their channels."""
+    """Every layer's channel summaries from one concatenation of all their channels (in numpy:
+    a few operations on small arrays, where each torch operation would cost more than its
+    work)."""
     if not layers:
         return []
     widths = [r.new_mean.numel() for r in layers]
-
-    def flat(key: str) -> torch.Tensor:
-        pieces = [getattr(r, key) for r in layers]
-        return torch.cat([p if p.is_cpu else p.cpu() for p in pieces]).to(F64)
-
-    old_mean, new_mean, old_var, new_var = (
-        flat(key) for key in ("old_mean", "new_mean", "old_var", "new_var")
-    )
-    eps = torch.repeat_interleave(
-        torch.tensor([float(r.bn.eps) for r in layers], dtype=F64), torch.tensor(widths)
-    )
-    shift = (new_mean - old_mean).abs_() / (old_var + eps).clamp_(min=0).sqrt_()
-    ratio = ((new_var + eps) / (old_var + eps).clamp_(min=math.ulp(0.0))).sqrt_()
-    table = torch.stack([old_mean, new_mean, old_var, new_var, shift, ratio])
-    lengths = torch.tensor(widths).expand(6, len(widths))
-    low, mid, high = (
-        torch.segment_reduce(table, how, lengths=lengths, axis=1).t().tolist()
-        for how in ("min", "mean", "max")
-    )
-    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, widths)
+    keys = ("old_mean", "new_mean", "old_var", "new_var")
+    pieces = [getattr(r, key) for key in keys for r in layers]
+    flat = torch.cat([p if p.is_cpu else p.cpu() for p in pieces]).to(F64).numpy()
+    old_mean, new_mean, old_var, new_var = flat.reshape(4, -1)
+    starts = np.cumsum([0, *widths[:-1]])
+    eps = np.repeat(np.array([float(r.bn.eps) for r in layers]), widths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.abs(new_mean - old_mean) / np.sqrt(np.maximum(old_var + eps, 0.0))
+        ratio = np.sqrt((new_var + eps) / np.maximum(old_var + eps, math.ulp(0.0)))
+    table = np.stack([old_mean, new_mean, old_var, new_var, shift, ratio])
+    low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
+    mid = (np.add.reduceat(table, starts, axis=1) / np.array(widths)).T.tolist()
+    high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
+    summaries = [  # per layer, per quantity
+        [ChannelSummary(*values) for values in zip(*rows, strict=True)]
+        for rows in zip(low, mid, high, strict=True)
+    ]
+    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts.tolist())
     return [
         LayerCalibration(
             name=r.name,
@@ -245,25 +246,22 @@ def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
             num_features=r.bn.num_features,
             calls=r.calls,
             samples=r.count,
-            old_mean=ChannelSummary(low[i][0], mid[i][0], high[i][0]),
-            new_mean=ChannelSummary(low[i][1], mid[i][1], high[i][1]),
-            old_var=ChannelSummary(low[i][2], mid[i][2], high[i][2]),
-            new_var=ChannelSummary(low[i][3], mid[i][3], high[i][3]),
-            mean_shift=ChannelSummary(low[i][4], mid[i][4], high[i][4]),
-            std_ratio=ChannelSummary(low[i][5], mid[i][5], high[i][5]),
-            near_zero_var_channels=tuple(tiny[i]),
+            old_mean=summary[0],
+            new_mean=summary[1],
+            old_var=summary[2],
+            new_var=summary[3],
+            mean_shift=summary[4],
+            std_ratio=summary[5],
+            near_zero_var_channels=tuple(near),
         )
-        for i, r in enumerate(layers)
+        for r, summary, near in zip(layers, summaries, tiny, strict=True)
     ]
 
 
-def _near_zero(mask: torch.Tensor, widths: list[int]) -> list[list[int]]:
+def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:
     """Per layer, the channel indices where ``mask`` (over all layers' channels) is set."""
-    starts = [0]
-    for width in widths[:-1]:
-        starts.append(starts[-1] + width)
-    found: list[list[int]] = [[] for _ in widths]
-    for column in mask.nonzero().flatten().tolist():
+    found: list[list[int]] = [[] for _ in starts]
+    for column in np.flatnonzero(mask).tolist():
         layer = bisect.bisect_right(starts, column) - 1
         found[layer].append(column - starts[layer])
     return found

@@ -1,5 +1,6 @@
-"""The three statistics routes of recalibration (kernel rows, kept copies, shifted sums): which
-input takes which, each exact against float64, the row table, and the float32 error bound."""
+"""The three statistics routes of recalibration (kernel rows, exact float64 rows, shifted sums):
+which input takes which, each exact against float64, the row tables, and the float32 error
+bound."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from calibrate_models import reference_statistics, statistics_error
 from torch import nn
 
-from bnfold.batchstats import LayerStatistics, Pooled, RowTable, StashBudget, _Stash
+from bnfold.batchstats import SERIAL_MAX, LayerStatistics, Pooled, RowTable, serial
 from bnfold.calibrate import recalibrate
 
 F64 = torch.float64
@@ -41,8 +42,9 @@ def _feed(layer: LayerStatistics, batches: list[torch.Tensor]) -> list[torch.Ten
             y, check = layer.call(x, x.numel() // x.shape[1], layer.bn.forward, (x,), {})
             assert bool(torch.isfinite(check).all())
             outputs.append(y)
-    assert layer.table is not None
-    layer.table.settle(layer.KERNEL_OFFSET)
+    for table in (layer.table, layer.exact):
+        assert table is not None
+        table.settle(layer.KERNEL_OFFSET)
     return outputs
 
 
@@ -100,7 +102,8 @@ def test_contiguous_input_takes_the_kernel_route() -> None:
     assert layer.kernel_ok is True
     assert layer.table is not None
     assert layer.table.pooled_counts == [sum(b.shape[0] for b in batches) * 36]
-    assert not layer.stash.copies and layer.stash.pooled is None and layer.sums is None
+    assert layer.exact is not None and layer.exact.table is None  # never needed: not made
+    assert layer.sums is None
     _assert_exact(layer.pooled(), batches)
 
 
@@ -113,14 +116,17 @@ def test_contiguous_input_takes_the_kernel_route() -> None:
     ],
     ids=["2-D", "channels-last", "float16"],
 )
-def test_other_small_inputs_are_kept_and_pooled_in_float64(bn, shape, kw) -> None:
+def test_other_small_inputs_take_exact_float64_rows(bn, shape, kw) -> None:
     layer = _layer(bn)
     batches = _batches(shape, **kw)
-    _feed(layer, batches)
-    assert layer.table is not None and layer.table.pooled_counts == [0]
-    assert layer.stash.copies and layer.sums is None
-    tol = 1e-6 if batches[0].dtype == torch.float32 else 1e-12  # float16 data: exact in float64
-    _assert_exact(layer.pooled(), batches, tol)
+    outputs = _feed(layer, batches)
+    assert layer.table is not None and layer.table.table is None  # no kernel row at all
+    assert layer.exact is not None
+    assert layer.exact.pooled_counts == [sum(x.numel() // x.shape[1] for x in batches)]
+    assert layer.sums is None
+    _assert_exact(layer.pooled(), batches, 1e-12)  # float64 rows of float32/16 data: exact
+    for x, y in zip(batches, outputs, strict=True):  # the output keeps the input's dtype
+        assert y.dtype == x.dtype and y.shape == x.shape
 
 
 def test_a_first_call_far_from_zero_turns_the_kernel_route_off() -> None:
@@ -129,17 +135,18 @@ def test_a_first_call_far_from_zero_turns_the_kernel_route_off() -> None:
     _feed(layer, batches)
     assert layer.kernel_ok is False
     assert layer.table is not None and layer.table.pooled_counts == [0]
-    _assert_exact(layer.pooled(), batches)
+    assert layer.exact is not None and layer.exact.pooled_counts == [19 * 25]
+    _assert_exact(layer.pooled(), batches, 1e-12)
 
 
 def test_large_inputs_off_the_kernel_route_are_summed_for_the_layers_own_forward() -> None:
     layer = _layer(nn.BatchNorm2d(3))
     shape = (3, 120, 120)
-    assert 2 * 3 * 120 * 120 > LayerStatistics.STASH_MAX
+    assert 2 * 3 * 120 * 120 > LayerStatistics.EXACT_MAX
     batches = _batches(shape, sizes=(2, 3), memory_format=torch.channels_last)
     outputs = _feed(layer, batches)
-    assert layer.sums is not None and layer.table is not None
-    assert layer.table.pooled_counts == [0]
+    assert layer.sums is not None and layer.table is not None and layer.exact is not None
+    assert layer.table.pooled_counts == layer.exact.pooled_counts == [0]
     _assert_exact(layer.pooled(), batches)
     # the last call's output used that call's batch statistics, as in training
     x = batches[-1]
@@ -175,7 +182,8 @@ def test_a_subclass_with_its_own_forward_is_summed() -> None:
 
 
 def test_every_route_normalises_with_batch_statistics() -> None:
-    """Kernel, kept and summed calls produce what a train-mode BatchNorm produces."""
+    """Kernel and exact-row calls produce what a train-mode BatchNorm produces (2-D inputs on
+    one thread, channels-last ones on every thread)."""
     for bn, shape, kw in [
         (nn.BatchNorm2d(4), (4, 6, 6), {}),
         (nn.BatchNorm1d(6), (6,), {}),
@@ -256,39 +264,85 @@ def test_bound_holds_on_random_offsets() -> None:
         assert error <= max(bound, 1e-12), (trial, error, bound)  # 0: no float32 rows
 
 
-# ------------------------------------------------------------------------------------ stash
+# ------------------------------------------------------------------------------- exact rows
 
 
-def test_stashes_share_one_budget_and_stay_exact() -> None:
-    """Two layers' copies: when together they reach the limit, both are pooled."""
-    budget = StashBudget()
-    first, second = _Stash(budget), _Stash(budget)
-    batches = _batches((64,), sizes=(300,) * 16, offset=1e3)  # 76.8 KB per copy
-    held = []
-    for a, b in zip(batches[::2], batches[1::2], strict=True):
-        first.add(a)
-        second.add(b)
-        held.append(budget.used)
-        assert budget.used == first.bytes + second.bytes < StashBudget.LIMIT
-    assert held[-1] == 16 * 300 * 64 * 4  # 1.2 MB, under the limit: nothing pooled early
-    assert first.pooled is None and second.pooled is None
-    _assert_exact(first.result(), batches[::2])
-    _assert_exact(second.result(), batches[1::2])
-    assert budget.used == 0
-
-
-def test_stash_budget_pools_every_layer_when_full() -> None:
-    budget = StashBudget()
-    stashes = [_Stash(budget) for _ in range(3)]
+def test_exact_rows_share_one_float64_table_across_layers() -> None:
+    """Two 2-D layers and a channels-last one in one group: their float64 rows share a table
+    (made on the first exact call), the row table of the float32 kernel stays unmade."""
+    bns = [nn.BatchNorm1d(6).eval(), nn.BatchNorm1d(3).eval(), nn.BatchNorm2d(4).eval()]
+    table = RowTable([6, 3, 4], torch.float32, torch.device("cpu"), rows=2)
+    exact = RowTable([6, 3, 4], F64, torch.device("cpu"), rows=2)
+    layers = [LayerStatistics(str(i), bn, table, i, exact=exact) for i, bn in enumerate(bns)]
+    shapes: list[tuple[tuple[int, ...], dict]] = [
+        ((6,), {}), ((3,), {}), ((4, 3, 3), {"memory_format": torch.channels_last})
+    ]
     fed: list[list[torch.Tensor]] = [[], [], []]
-    for step in range(30):
-        x = _batches((256,), sizes=(600,), seed=step)[0]  # 614 KB per copy
-        stashes[step % 3].add(x)
-        fed[step % 3].append(x)
-        assert budget.used < StashBudget.LIMIT
-    assert all(stash.pooled is not None for stash in stashes)
-    for stash, batches in zip(stashes, fed, strict=True):
-        _assert_exact(stash.result(), batches)
+    with torch.no_grad():
+        for step in range(5):
+            for i, layer in enumerate(layers):
+                shape, kw = shapes[i]
+                for x in _batches(shape, sizes=(2 + step,), offset=1e4, seed=step, **kw):
+                    layer.call(x, x.numel() // x.shape[1], layer.bn.forward, (x,), {})
+                    fed[i].append(x)
+    exact.settle(LayerStatistics.KERNEL_OFFSET)
+    table.settle(LayerStatistics.KERNEL_OFFSET)
+    assert table.table is None and exact.table is not None and exact.table.shape[1] >= 5
+    for layer, batches in zip(layers, fed, strict=True):
+        _assert_exact(layer.pooled(), batches, 1e-12)
+
+
+def test_mixed_dtypes_the_layer_rejects_go_to_its_own_forward() -> None:
+    """A float32 input to a float64 BatchNorm: the layer's own forward decides (it rejects it,
+    as it would outside recalibration)."""
+    layer = _layer(nn.BatchNorm1d(3).double())
+    x = _batches((3,))[0]
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer.call(x, x.shape[0], layer.bn.forward, (x,), {})
+
+
+def test_half_inputs_of_a_float32_layer_take_exact_rows() -> None:
+    """Half-precision inputs to a float32 BatchNorm (torch's mixed-precision kernel accepts
+    them): exact rows, output in the input's dtype."""
+    layer = _layer(nn.BatchNorm1d(5))
+    batches = _batches((5,), dtype=torch.bfloat16)
+    outputs = _feed(layer, batches)
+    assert layer.exact is not None and layer.exact.pooled_counts == [19]
+    _assert_exact(layer.pooled(), batches, 1e-12)
+    assert all(y.dtype == torch.bfloat16 for y in outputs)
+
+
+def test_serial_restores_the_thread_count_also_on_error() -> None:
+    threads = torch.get_num_threads()
+    assert serial(torch.get_num_threads) == 1
+    with pytest.raises(RuntimeError):  # a kernel that rejects its input
+        serial(torch.batch_norm, torch.ones(2, 3), None, None, None, None, False, 0.1, 1e-5, False)
+    assert torch.get_num_threads() == threads
+
+
+def test_small_batch_summed_inputs_run_on_one_thread(monkeypatch) -> None:
+    """2-D inputs up to SERIAL_MAX elements run the kernel on one thread; contiguous
+    channels-first ones keep every thread."""
+    seen: list[int] = []
+    kernel = torch.batch_norm
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(torch, "batch_norm", spy)
+    if torch.get_num_threads() == 1:
+        pytest.skip("one intra-op thread: nothing to switch")
+    for bn, x in [
+        (nn.BatchNorm1d(8), torch.randn(16, 8)),
+        (nn.BatchNorm1d(8), torch.randn(SERIAL_MAX // 8 + 1, 8)),
+        (nn.BatchNorm2d(8), torch.randn(4, 8, 5, 5)),
+    ]:
+        layer = _layer(bn)
+        with torch.no_grad():
+            layer.call(x, x.numel() // 8, bn.forward, (x,), {})
+    threads = torch.get_num_threads()
+    assert seen == [1, threads, threads]
 
 
 def test_pooled_merge_is_chan() -> None:
@@ -304,7 +358,7 @@ def test_pooled_merge_is_chan() -> None:
     ("shape", "kw"),
     [((3, 4, 4), {}), ((3, 4, 4), {"memory_format": torch.channels_last}),
      ((3, 120, 120), {"memory_format": torch.channels_last})],
-    ids=["kernel", "kept", "summed"],
+    ids=["kernel", "exact", "summed"],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_and_inf_are_refused_on_every_route(shape: tuple, kw: dict, bad: float) -> None:
