@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,7 +109,7 @@ def serial(fn: Callable[..., Any], *args: Any) -> Any:
 
 class RowTable:
     """Per-call batch mean and unbiased variance of several layers (statistics of one dtype on
-    one device): a column block per layer (its *slot*), a row per call. Rows are pooled into
+    the CPU): a column block per layer (its *slot*), a row per call. Rows are pooled into
     per-column float64 totals by ``settle`` and then reused."""
 
     def __init__(
@@ -118,14 +119,14 @@ class RowTable:
         self.starts = [sum(self.widths[:i]) for i in range(len(self.widths))]
         self.dtype, self.device, self.rows = dtype, device, rows
         self.table: torch.Tensor | None = None  # (2, rows, columns), made on the first row
-        self.column_slot: torch.Tensor | None = None  # each column's slot, made when pooling
         self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
-        self.count: torch.Tensor | None = None  # per column, float64
-        self.mean = self.m2 = self.between = torch.zeros(0, dtype=F64)
-        self.var: torch.Tensor | None = None  # made from the final totals by ``layer``
-        self.largest: torch.Tensor | None = None  # per column, max |row mean| pooled (float32)
+        # per column, float64 (numpy): count, mean, M2 and its between-call part
+        self.count: np.ndarray | None = None
+        self.mean = self.m2 = self.between = np.zeros(0)
+        self.var: np.ndarray | None = None  # made from the final totals by ``layer``
+        self.largest: np.ndarray | None = None  # per column, max |row mean| pooled
 
     def next(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (mean, variance) row of ``slot``'s next call; ``count`` values per channel are
@@ -165,46 +166,45 @@ class RowTable:
 
     def settle(self, offset_limit: float) -> list[int]:
         """Pool the rows written since the last call; the rows are then free. Returns the
-        slots with a pooled float32 row whose |mean| exceeds ``offset_limit`` std."""
-        rows = max(len(counts) for counts in self.counts)
-        pooled = any(any(counts) for counts in self.counts)
-        if pooled:
-            for slot, counts in enumerate(self.counts):
-                self.pooled_counts[slot] += sum(counts)
-            if self.column_slot is None:
-                self.column_slot = torch.repeat_interleave(
-                    torch.arange(len(self.widths), device=self.device),
-                    torch.tensor(self.widths, device=self.device),
-                )
-            padded = [counts + [0] * (rows - len(counts)) for counts in self.counts]
-            n = torch.tensor(padded, dtype=F64, device=self.device).t()[:, self.column_slot]
-        self.counts = [[] for _ in self.widths]
-        if not pooled or self.table is None:
+        slots with a pooled float32 row whose |mean| exceeds ``offset_limit`` std.
+
+        In numpy: the rows are few and small, and each torch operation would cost more than
+        its work."""
+        counts, self.counts = self.counts, [[] for _ in self.widths]
+        if self.table is None or not any(any(c) for c in counts):
             return []
+        for slot, c in enumerate(counts):
+            self.pooled_counts[slot] += sum(c)
+        rows = max(len(c) for c in counts)
+        per_slot = np.array([c + [0] * (rows - len(c)) for c in counts], dtype=np.float64).T
+        n = np.repeat(per_slot, self.widths, axis=1)  # (rows, columns)
+        means, variances = self.table[:, :rows].numpy().astype(np.float64)
         self.var = None
-        block = self.table[:, :rows].to(F64)
-        means, variances = block[0], block[1]
-        total = n.sum(0)
-        mean = (n * means).sum(0).div_(total.clamp(min=1.0))
-        between = (n * (means - mean).square_()).sum(0)
-        within = ((n - 1).clamp_(min=0.0) * variances).sum(0)
-        self._merge(total, mean, within, between)
-        if self.dtype == F64:
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the check
+            total = n.sum(0)
+            mean = (n * means).sum(0) / np.maximum(total, 1.0)
+            between = (n * np.square(means - mean)).sum(0)
+            within = (np.maximum(n - 1, 0.0) * variances).sum(0)
+            self._merge(total, mean, within, between)
+            if self.dtype == F64:
+                return []
+            used = n > 0
+            largest = np.where(used, np.abs(means), 0.0).max(0)
+            if self.largest is not None:
+                largest = np.maximum(self.largest, largest)
+            self.largest = largest
+            far = ((np.abs(means) > np.sqrt(variances) * offset_limit) & used).any(0)
+        if not far.any():
             return []
-        used = n > 0
-        magnitude = torch.where(used, means.abs(), 0.0).amax(0)
-        self.largest = magnitude if self.largest is None else torch.maximum(self.largest, magnitude)
-        far = (means.abs_() > variances.sqrt_().mul_(offset_limit)).logical_and_(used).any(0)
-        if not bool(far.any()):
-            return []
-        return torch.unique(self.column_slot[far]).tolist()
+        slots = np.repeat(np.arange(len(self.widths)), self.widths)
+        return np.unique(slots[far]).tolist()
 
     def finite(self) -> bool:
         """Whether every row written holds finite values (unwritten rows are zeros)."""
-        return self.table is None or bool(torch.isfinite(self.table).all())
+        return self.table is None or bool(np.isfinite(self.table.numpy()).all())
 
     def _merge(
-        self, total: torch.Tensor, mean: torch.Tensor, within: torch.Tensor, between: torch.Tensor
+        self, total: np.ndarray, mean: np.ndarray, within: np.ndarray, between: np.ndarray
     ) -> None:
         """Chan's formula per column; the between-call part of M2 is kept apart as well."""
         if self.count is None:
@@ -212,8 +212,8 @@ class RowTable:
             return
         count = self.count + total
         delta = mean - self.mean
-        share = total / count.clamp(min=1.0)
-        gap = delta.square() * self.count * share
+        share = total / np.maximum(count, 1.0)
+        gap = np.square(delta) * self.count * share
         self.mean = self.mean + delta * share
         self.m2 = self.m2 + within + between + gap
         self.between = self.between + between + gap
@@ -222,13 +222,18 @@ class RowTable:
     def layer(self, slot: int) -> Pooled | None:
         """What ``slot``'s pooled rows hold (None when none were pooled)."""
         count = self.pooled_counts[slot]
-        if not count:
+        if not count or self.count is None:
             return None
         start = self.starts[slot]
         window = slice(start, start + self.widths[slot])
         if self.var is None:  # every slot's unbiased variance at once
-            self.var = self.m2 / (self.count - 1).clamp_(min=1.0)
-        return Pooled(count, self.mean[window], self.m2[window], self.var[window])
+            self.var = self.m2 / np.maximum(self.count - 1, 1.0)
+        return Pooled(
+            count,
+            torch.from_numpy(self.mean[window]),
+            torch.from_numpy(self.m2[window]),
+            torch.from_numpy(self.var[window]),
+        )
 
     def bounds(self, row_error: float) -> list[float]:
         """Per slot, a bound on the relative error of its pooled variance from float32 rows (0
@@ -236,14 +241,14 @@ class RowTable:
         e_b of the rows' means, |e_b| ≤ u/2 with u = ulp(max |m_b|). A row's variance is taken
         about its rounded mean (+ n_b e_b²) and so is the between-call term, so M2 is off by
         |Σ 2 n_b (m_b − M) e_b + 2 n_b e_b²| ≤ u √(N · Σ n_b (m_b − M)²) + N u²/2."""
-        if self.largest is None or self.count is None:
+        if self.largest is None or self.count is None or self.table is None:
             return [0.0] * len(self.widths)
-        largest = self.largest.to(self.dtype)
-        ulp = (torch.nextafter(largest, torch.full_like(largest, math.inf)) - largest).to(F64)
-        error = ulp * (self.count * self.between).sqrt_() + self.count * ulp.square() / 2
-        ratio = error / self.m2.clamp(min=math.ulp(0.0))
-        lengths = torch.tensor(self.widths, device=ratio.device)
-        worst = torch.segment_reduce(ratio, "max", lengths=lengths).tolist()
+        row_dtype = self.table.numpy().dtype
+        ulp = np.spacing(self.largest.astype(row_dtype)).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            error = ulp * np.sqrt(self.count * self.between) + self.count * np.square(ulp) / 2
+            ratio = error / np.maximum(self.m2, math.ulp(0.0))
+        worst = np.maximum.reduceat(ratio, self.starts).tolist()
         return [row_error + w if self.pooled_counts[slot] else 0.0 for slot, w in enumerate(worst)]
 
 
@@ -399,6 +404,9 @@ class LayerStatistics:
             self.input_dtypes |= {torch.float16, torch.bfloat16}
         self.affine64: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
         self.sums: _ShiftedSums | None = None
+        # running mean, variance and count as they were, kept before the sums route first
+        # writes the buffers (the other routes never do)
+        self.saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.calls = 0
 
     def call(
@@ -458,6 +466,12 @@ class LayerStatistics:
         self, x: torch.Tensor, n: int, forward: Forward, args: tuple, kwargs: dict
     ) -> tuple[Any, torch.Tensor]:
         if self.sums is None:
+            tracked = self.bn.num_batches_tracked
+            self.saved = (
+                self.mean_buffer.clone(),
+                self.var_buffer.clone(),
+                None if tracked is None else tracked.clone(),
+            )
             self.sums = _ShiftedSums(x)
         sums = self.sums.add(x)
         self._write_batch_statistics(sums, n)
@@ -473,6 +487,23 @@ class LayerStatistics:
         torch.addcmul(scaled[1], scaled[0], scaled[0], value=-1.0, out=self.var_buffer)
         if self.clamp:  # eps = 0: a constant channel must not get a negative variance
             self.var_buffer.clamp_(min=0.0)
+
+    def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running mean and variance as they were before recalibration."""
+        if self.saved is not None:
+            return self.saved[0], self.saved[1]
+        return self.mean_buffer, self.var_buffer
+
+    def restore_statistics(self) -> None:
+        """Undo the sums route's writes into the running buffers."""
+        if self.saved is None:
+            return
+        mean, var, tracked = self.saved
+        with torch.no_grad():
+            self.mean_buffer.copy_(mean)
+            self.var_buffer.copy_(var)
+            if tracked is not None:
+                self.bn.num_batches_tracked.copy_(tracked)
 
     def pooled(self) -> Pooled | None:
         """Everything this layer saw, pooled in float64 (None when it saw nothing); the row

@@ -37,7 +37,7 @@ statistics, equal to one process fed every rank's batches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,7 @@ def recalibrate(
     device = torch.device(device) if device is not None else _model_device(model)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
-    backup = _Backup([module for _, module in named], targets)
+    flags = _Flags([module for _, module in named])
     session = _Session(targets)
     try:
         totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
@@ -137,17 +137,33 @@ def recalibrate(
                 "(model left unchanged)"
             )
         pooled = session.pooled(world > 1, device)
-        _write_statistics(targets, pooled)
+        report = _report(named, session, pooled, skipped, totals, world, started, notes)
+        _write_statistics(targets, pooled)  # last: nothing after it can fail
     except BaseException:
-        backup.restore_statistics()
+        session.restore_statistics()
         raise
     finally:
         session.remove_hooks()
-        backup.restore_flags()
+        flags.restore()
+    return report
+
+
+def _report(
+    named: list[tuple[str, nn.Module]],
+    session: _Session,
+    pooled: dict[str, _Final],
+    skipped: dict[str, nn.Module],
+    totals: list[int],
+    world: int,
+    started: float,
+    notes: tuple[str, ...],
+) -> CalibrationReport:
+    """The report, built before the new statistics are written (it reads the old ones)."""
     recalibrated = [
-        Recalibrated(name, targets[name], p.calls, p.count, p.mean, p.var, *backup.stats[name][:2])
+        Recalibrated(name, session.layers[name].bn, p.calls, p.count, p.mean, p.var,
+                     *session.layers[name].old_statistics())
         for name, p in pooled.items()
-    ]
+    ]  # fmt: skip
     notes += _bound_notes(pooled)
     return build_report(
         named, recalibrated, list(skipped), totals[0], totals[1], world, started, notes
@@ -244,41 +260,16 @@ def _world_size() -> int:
     return 1
 
 
-class _Backup:
-    """Every module's ``training`` flag, and every target's statistics (copied together, one
-    flat copy per dtype and device), to restore; the old statistics also go into the report."""
+class _Flags:
+    """Every module's ``training`` flag, to restore."""
 
-    def __init__(self, modules: list[nn.Module], targets: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
         self.flags = [(module, module.training) for module in modules]
-        self.targets = targets
-        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        for names in _groups(targets).values():
-            bns = [targets[name] for name in names]
-            widths = [bn.running_mean.shape[0] for bn in bns]
-            means = torch.cat([bn.running_mean for bn in bns]).split(widths)
-            variances = torch.cat([bn.running_var for bn in bns]).split(widths)
-            tracked = [bn.num_batches_tracked for bn in bns]
-            counters: Sequence[torch.Tensor | None] = [None] * len(bns)
-            if all(t is not None and t.device == bns[0].running_mean.device for t in tracked):
-                counters = torch.stack(tracked).unbind()
-            elif any(t is not None for t in tracked):
-                counters = [None if t is None else t.clone() for t in tracked]
-            for name, mean, var, counter in zip(names, means, variances, counters, strict=True):
-                self.stats[name] = (mean, var, counter)
 
-    def restore_flags(self) -> None:
+    def restore(self) -> None:
         for module, training in self.flags:
             if module.training != training:  # Module.__setattr__ is slow: write only changes
                 module.training = training
-
-    def restore_statistics(self) -> None:
-        with torch.no_grad():
-            saved = list(self.stats.values())
-            bns = [self.targets[name] for name in self.stats]
-            _copy_into_buffers(bns, [s[0] for s in saved], [s[1] for s in saved])
-            for bn, (_, _, tracked) in zip(bns, saved, strict=True):
-                if tracked is not None:
-                    bn.num_batches_tracked.copy_(tracked)
 
 
 def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
@@ -417,6 +408,11 @@ class _Session:
             if pooled is not None:
                 result[name] = _pooled(name, pooled, layer.calls, bounds[name])
         return result
+
+    def restore_statistics(self) -> None:
+        """Put back the statistics of every layer whose buffers were written (sums route)."""
+        for layer in self.layers.values():
+            layer.restore_statistics()
 
     def remove_hooks(self) -> None:
         """Give each layer its own ``forward`` back."""

@@ -221,9 +221,8 @@ def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
         return []
     widths = [r.new_mean.numel() for r in layers]
     keys = ("old_mean", "new_mean", "old_var", "new_var")
-    pieces = [getattr(r, key) for key in keys for r in layers]
-    flat = torch.cat([p if p.is_cpu else p.cpu() for p in pieces]).to(F64).numpy()
-    old_mean, new_mean, old_var, new_var = flat.reshape(4, -1)
+    pieces = [getattr(r, key).detach().cpu().numpy() for key in keys for r in layers]
+    old_mean, new_mean, old_var, new_var = np.concatenate(pieces, dtype=np.float64).reshape(4, -1)
     starts = np.cumsum([0, *widths[:-1]])
     eps = np.repeat(np.array([float(r.bn.eps) for r in layers]), widths)
     with np.errstate(divide="ignore", invalid="ignore"):
