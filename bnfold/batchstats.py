@@ -118,7 +118,8 @@ class RowTable:
         self.widths = list(widths)
         self.starts = [sum(self.widths[:i]) for i in range(len(self.widths))]
         self.dtype, self.device, self.rows = dtype, device, rows
-        self.table: torch.Tensor | None = None  # (2, rows, columns), made on the first row
+        # (rows, 2, columns): each call's mean then variance; made on the first row
+        self.table: torch.Tensor | None = None
         self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
@@ -139,17 +140,12 @@ class RowTable:
             return views[index]
         if self.table is None:
             columns = sum(self.widths)
-            self.table = torch.zeros(2, self.rows, columns, dtype=self.dtype, device=self.device)
-        elif index == self.table.shape[1]:
+            self.table = torch.zeros(self.rows, 2, columns, dtype=self.dtype, device=self.device)
+        elif index == self.table.shape[0]:
             self._grow()
         start, stop = self.starts[slot], self.starts[slot] + self.widths[slot]
-        self.views[slot] = list(
-            zip(
-                self.table[0, :, start:stop].unbind(0),
-                self.table[1, :, start:stop].unbind(0),
-                strict=True,
-            )
-        )
+        flat = self.table.view(-1, self.table.shape[2])[:, start:stop].unbind(0)  # one op
+        self.views[slot] = list(zip(flat[::2], flat[1::2], strict=True))
         return self.views[slot][index]
 
     def uncount(self, slot: int) -> None:
@@ -158,9 +154,9 @@ class RowTable:
 
     def _grow(self) -> None:
         assert self.table is not None
-        rows = self.table.shape[1]
-        table = self.table.new_zeros(2, 2 * rows, self.table.shape[2])
-        table[:, :rows] = self.table
+        rows = self.table.shape[0]
+        table = self.table.new_zeros(2 * rows, 2, self.table.shape[2])
+        table[:rows] = self.table
         self.table = table
         self.views = [[] for _ in self.widths]
 
@@ -178,7 +174,8 @@ class RowTable:
         rows = max(len(c) for c in counts)
         per_slot = np.array([c + [0] * (rows - len(c)) for c in counts], dtype=np.float64).T
         n = np.repeat(per_slot, self.widths, axis=1)  # (rows, columns)
-        means, variances = self.table[:, :rows].numpy().astype(np.float64)
+        block = self.table[:rows].numpy().astype(np.float64)
+        means, variances = block[:, 0], block[:, 1]
         self.var = None
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the check
             total = n.sum(0)

@@ -218,7 +218,7 @@ def test_rows_grow_and_pool_exactly_across_layers() -> None:
             if step == 2:
                 table.settle(LayerStatistics.KERNEL_OFFSET)
     table.settle(LayerStatistics.KERNEL_OFFSET)
-    assert table.table.shape[1] >= 9  # grew from 2 rows
+    assert table.table.shape[0] >= 9  # grew from 2 rows
     for layer, batches in zip(layers, fed, strict=True):
         _assert_exact(layer.pooled(), batches)
 
@@ -287,7 +287,7 @@ def test_exact_rows_share_one_float64_table_across_layers() -> None:
                     fed[i].append(x)
     exact.settle(LayerStatistics.KERNEL_OFFSET)
     table.settle(LayerStatistics.KERNEL_OFFSET)
-    assert table.table is None and exact.table is not None and exact.table.shape[1] >= 5
+    assert table.table is None and exact.table is not None and exact.table.shape[0] >= 5
     for layer, batches in zip(layers, fed, strict=True):
         _assert_exact(layer.pooled(), batches, 1e-12)
 
