@@ -130,6 +130,7 @@ def recalibrate(
     flags = _Flags([module for _, module in named])
     session = _Session(targets)
     try:
+        flags.evaluate()
         totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
         if totals[0] == 0:
             raise CalibrationError(
@@ -265,6 +266,12 @@ class _Flags:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.flags = [(module, module.training) for module in modules]
+
+    def evaluate(self) -> None:
+        """Every module in eval mode (the BatchNorms' forwards are replaced meanwhile)."""
+        for module, training in self.flags:
+            if training:
+                module.training = False
 
     def restore(self) -> None:
         for module, training in self.flags:
@@ -490,10 +497,8 @@ def _run(
     limit: int | None,
     progress: ProgressFn | None,
 ) -> list[int]:
-    """Feed the batches; return [batches, batch items] fed on this rank."""
-    for module in model.modules():
-        if module.training:
-            module.training = False
+    """Feed the batches (the model in eval mode); return [batches, batch items] fed on this
+    rank."""
     totals = [0, 0]
     try:
         iterator = iter(data)
