@@ -63,15 +63,28 @@ class Pooled:
     var: torch.Tensor | None = None  # m2 / (count - 1), when already computed
 
     def unbiased(self) -> torch.Tensor:
-        return self.var if self.var is not None else self.m2 / (self.count - 1)
+        if self.var is not None:
+            return self.var
+        return _tensor(_array(self.m2) / (self.count - 1))
 
     def merge(self, other: Pooled) -> Pooled:
-        """Both sets together (Chan's formula, float64)."""
+        """Both sets together (Chan's formula, float64; in numpy on the CPU, where these few
+        small operations cost less)."""
         count = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta.square_() * (self.count * other.count / count)
-        return Pooled(count, mean, m2)
+        a_mean, a_m2, b_mean, b_m2 = (_array(t) for t in (self.mean, self.m2, other.mean, other.m2))
+        delta = b_mean - a_mean
+        mean = a_mean + delta * (other.count / count)
+        m2 = a_m2 + b_m2 + delta * delta * (self.count * other.count / count)
+        return Pooled(count, _tensor(mean), _tensor(m2))
+
+
+def _array(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """A CPU tensor as a numpy view; others as they are (both take the same arithmetic)."""
+    return t.numpy() if t.is_cpu else t
+
+
+def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 def merge_all(parts: Sequence[Pooled | None]) -> Pooled | None:
@@ -174,23 +187,28 @@ class RowTable:
         rows = max(len(c) for c in counts)
         per_slot = np.array([c + [0] * (rows - len(c)) for c in counts], dtype=np.float64).T
         n = np.repeat(per_slot, self.widths, axis=1)  # (rows, columns)
-        block = self.table[:rows].numpy().astype(np.float64)
-        means, variances = block[:, 0], block[:, 1]
+        n_less_one = np.repeat(np.maximum(per_slot - 1, 0.0), self.widths, axis=1)
+        raw = self.table[:rows].numpy()
+        means, variances = raw[:, 0].astype(np.float64), raw[:, 1].astype(np.float64)
         self.var = None
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the check
-            total = n.sum(0)
-            mean = (n * means).sum(0) / np.maximum(total, 1.0)
-            between = (n * np.square(means - mean)).sum(0)
-            within = (np.maximum(n - 1, 0.0) * variances).sum(0)
+            total = np.repeat(per_slot.sum(0), self.widths)
+            mean = np.einsum("rc,rc->c", n, means) / np.maximum(total, 1.0)
+            deviation = means - mean
+            between = np.einsum("rc,rc,rc->c", n, deviation, deviation)
+            within = np.einsum("rc,rc->c", n_less_one, variances)
             self._merge(total, mean, within, between)
             if self.dtype == F64:
                 return []
-            used = n > 0
-            largest = np.where(used, np.abs(means), 0.0).max(0)
+            # in the rows' own dtype, over every row up to ``rows``: a row not pooled now is
+            # zeros, an earlier (already checked) row, or a row kept out for being far from
+            # zero, which only makes the bound larger and its slot is already off the route
+            magnitude = np.abs(raw[:, 0])
+            largest = magnitude.max(0).astype(np.float64)
             if self.largest is not None:
                 largest = np.maximum(self.largest, largest)
             self.largest = largest
-            far = ((np.abs(means) > np.sqrt(variances) * offset_limit) & used).any(0)
+            far = (magnitude > np.sqrt(raw[:, 1]) * offset_limit).any(0)
         if not far.any():
             return []
         slots = np.repeat(np.arange(len(self.widths)), self.widths)
@@ -304,9 +322,12 @@ class _ShiftedSums:
 
     def pool(self) -> Pooled:
         self.flush()
-        s1, s2 = self.total[0], self.total[1]
-        mean = self.shift.to(F64) + s1 / self.count
-        return Pooled(self.count, mean, (s2 - s1 * s1 / self.count).clamp_(min=0.0))
+        total, shift = _array(self.total), _array(self.shift.to(F64))
+        s1, s2 = total[0], total[1]
+        mean = shift + s1 / self.count
+        m2 = s2 - s1 * s1 / self.count
+        m2[m2 < 0] = 0.0  # rounding of a constant channel
+        return Pooled(self.count, _tensor(mean), _tensor(m2))
 
 
 def first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
