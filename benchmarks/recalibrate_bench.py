@@ -5,10 +5,8 @@ data far from zero mean) go through both tools. Reported:
 
 - **throughput** (samples/s; best of ``--repeat`` interleaved runs) and the ratio bnfold /
   update_bn (> 1: bnfold is faster). update_bn runs as shipped (it is ``torch.no_grad``).
-- **steady state**: the same runs on ``--steady`` times as many batches give each tool's cost
-  per batch (the slope between the two lengths) and its fixed cost per call (what is left at
-  zero batches: set-up, pooling, the report). The per-batch ratio is the throughput ratio of a
-  long recalibration.
+- **a longer run**: the same ratio on ``--long`` times as many batches (the same sizes), where
+  each tool's fixed cost per call (set-up, pooling, the report) weighs less.
 - **peak memory**: the highest total of live tensor bytes allocated during the call, from the
   torch profiler's memory events (``profile_memory=True``: every allocation and free with its
   time stamp, summed in time order), on a separate profiled run; or
@@ -21,7 +19,7 @@ data far from zero mean) go through both tools. Reported:
 
     python benchmarks/recalibrate_bench.py                 # the default models
     python benchmarks/recalibrate_bench.py --repeat 9 --threads 1 --models resnet,mlp
-    python benchmarks/recalibrate_bench.py --steady 0      # no steady-state runs (faster)
+    python benchmarks/recalibrate_bench.py --long 0        # no longer runs (faster)
     python benchmarks/recalibrate_bench.py --smoke         # tiny sizes, one repeat (a test)
 """
 
@@ -69,10 +67,8 @@ class Row:
     bnfold_samples_per_s: float
     update_bn_samples_per_s: float
     throughput_ratio: float
-    steady_batches: int
-    steady_ratio: float | None  # per-batch cost, update_bn / bnfold
-    bnfold_fixed_ms: float | None
-    update_bn_fixed_ms: float | None
+    long_batches: int
+    long_throughput_ratio: float | None
     bnfold_peak_mb: float
     update_bn_peak_mb: float
     memory_ratio: float
@@ -201,27 +197,8 @@ def make_batches(sizes: list[int], count: int, shape: tuple[int, ...], device: t
     ]
 
 
-@dataclass
-class Steady:
-    batches: int
-    ratio: float  # per-batch cost, update_bn / bnfold
-    fixed: dict[str, float]  # seconds per call at zero batches
-
-
-def steady_state(runs: dict[str, Callable[[list[torch.Tensor]], None]], short: list,
-                 long: list, short_times: dict[str, float], repeat: int,
-                 device: torch.device) -> Steady:  # fmt: skip
-    """Cost per batch (slope between the short and the long run) and fixed cost per call."""
-    on_long = {key: lambda fn=fn: fn(long) for key, fn in runs.items()}
-    long_times = best_time(on_long, repeat, device)
-    extra = len(long) - len(short)
-    slope = {key: (long_times[key] - short_times[key]) / extra for key in runs}
-    fixed = {key: short_times[key] - len(short) * slope[key] for key in runs}
-    return Steady(len(long), slope["update_bn"] / slope["bnfold"], fixed)
-
-
 def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: torch.device,
-            steady: int = 0, seed: int = 0) -> Row:  # fmt: skip
+            long: int = 0, seed: int = 0) -> Row:  # fmt: skip
     torch.manual_seed(seed)
     model = zoo.randomize_bn(case.build(), seed=seed).to(device)
     batches = make_batches(sizes, n_batches, case.sample_shape, device, seed)
@@ -239,10 +216,12 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
     theirs_peak, _ = peak_bytes(lambda: runs["update_bn"](batches), device)
     ours_err = errors(running_statistics(ours), exact)
     theirs_err = errors(running_statistics(theirs), exact)
-    long = None
-    if steady > 1:
-        longer = make_batches(sizes, steady * n_batches, case.sample_shape, device, seed)
-        long = steady_state(runs, batches, longer, times, max(2, repeat // 2), device)
+    longer = make_batches(sizes, long * n_batches, case.sample_shape, device, seed)
+    long_ratio = None
+    if long > 1:
+        on_long = {key: lambda fn=fn: fn(longer) for key, fn in runs.items()}
+        long_times = best_time(on_long, max(2, repeat // 2), device)
+        long_ratio = long_times["update_bn"] / long_times["bnfold"]
     return Row(
         model=case.name,
         batches=n_batches,
@@ -251,10 +230,8 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
         bnfold_samples_per_s=samples / times["bnfold"],
         update_bn_samples_per_s=samples / times["update_bn"],
         throughput_ratio=times["update_bn"] / times["bnfold"],
-        steady_batches=long.batches if long else 0,
-        steady_ratio=long.ratio if long else None,
-        bnfold_fixed_ms=long.fixed["bnfold"] * 1e3 if long else None,
-        update_bn_fixed_ms=long.fixed["update_bn"] * 1e3 if long else None,
+        long_batches=len(longer),
+        long_throughput_ratio=long_ratio,
         bnfold_peak_mb=ours_peak / 2**20,
         update_bn_peak_mb=theirs_peak / 2**20,
         memory_ratio=ours_peak / max(theirs_peak, 1),
@@ -278,20 +255,17 @@ def markdown(rows: list[Row], sizes: list[int], device: torch.device, threads: i
         f"{rows[0].memory_source if rows else '-'}.",
         "",
         "| model | batches (samples) | bnfold samples/s | update_bn samples/s | throughput "
-        "ratio | per-batch ratio (steady state) | fixed ms per call bnfold / update_bn | "
-        "peak MB bnfold / update_bn | memory ratio | bnfold error mean / var | "
-        "update_bn error mean / var | floor (fp32 forward) mean / var |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ratio | throughput ratio, longer run | peak MB bnfold / update_bn | memory ratio | "
+        "bnfold error mean / var | update_bn error mean / var | floor (fp32 forward) mean / var |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        steady, fixed = "-", "-"
-        if r.steady_ratio is not None:
-            steady = f"**{r.steady_ratio:.2f}** ({r.batches} → {r.steady_batches} batches)"
-            fixed = f"{r.bnfold_fixed_ms:.2f} / {r.update_bn_fixed_ms:.2f}"
+        longer = "-"
+        if r.long_throughput_ratio is not None:
+            longer = f"**{r.long_throughput_ratio:.2f}** ({r.long_batches} batches)"
         head.append(
             f"| {r.model} | {r.batches} ({r.samples}) | {r.bnfold_samples_per_s:,.0f} | "
-            f"{r.update_bn_samples_per_s:,.0f} | **{r.throughput_ratio:.2f}** | {steady} | "
-            f"{fixed} | "
+            f"{r.update_bn_samples_per_s:,.0f} | **{r.throughput_ratio:.2f}** | {longer} | "
             f"{r.bnfold_peak_mb:.1f} / {r.update_bn_peak_mb:.1f} | **{r.memory_ratio:.2f}** | "
             f"{r.bnfold_mean_error:.1e} / {r.bnfold_var_error:.1e} | "
             f"{r.update_bn_mean_error:.1e} / {r.update_bn_var_error:.1e} | "
@@ -300,9 +274,8 @@ def markdown(rows: list[Row], sizes: list[int], device: torch.device, threads: i
     head.append("")
     head.append(
         "Throughput ratio = bnfold / update_bn samples per second (> 1: bnfold faster). "
-        "Per-batch ratio: update_bn / bnfold cost per batch, the slope between the run above "
-        "and one on more batches (the throughput ratio of a long recalibration); fixed ms: "
-        "each tool's cost per call at zero batches (set-up, pooling, report). Memory "
+        "The longer run: the same on more batches of the same sizes, where each tool's fixed "
+        "cost per call (set-up, pooling, the report) weighs less. Memory "
         "ratio = bnfold / update_bn peak (< 1: bnfold smaller). Errors: worst BN, max over "
         "channels, |mean error| / std and |var error| / var against float64 statistics of "
         "every BN input of a float64 copy of the model (train-mode BN semantics); the floor is "
@@ -316,10 +289,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeat", type=int, default=5, help="interleaved timed runs (best)")
     parser.add_argument("--batches", type=int, default=12, help="batches per recalibration")
     parser.add_argument(
-        "--steady",
-        type=int,
-        default=4,
-        help="also run on this many times the batches, for the per-batch cost (0: skip)",
+        "--long", type=int, default=4, help="also run on this many times the batches (0: skip)"
     )
     parser.add_argument("--sizes", default="32,7,64,19,48", help="batch sizes, cycled")
     parser.add_argument("--device", default="cpu")
@@ -335,14 +305,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    cases, repeat, n_batches, steady = CASES, args.repeat, args.batches, args.steady
+    cases, repeat, n_batches, long = CASES, args.repeat, args.batches, args.long
     if args.models:
         words = args.models.split(",")
         cases = [case for case in CASES if any(word in case.name for word in words)]
     if args.smoke:
-        cases, repeat, n_batches, sizes, steady = SMOKE_CASES, 1, 3, [4, 3], 2
+        cases, repeat, n_batches, sizes, long = SMOKE_CASES, 1, 3, [4, 3], 2
     device = torch.device(args.device)
-    rows = [measure(case, sizes, n_batches, repeat, device, steady) for case in cases]
+    rows = [measure(case, sizes, n_batches, repeat, device, long) for case in cases]
     print(markdown(rows, sizes, device, torch.get_num_threads()), end="")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -5,7 +5,9 @@ data holds, as ``running_mean`` / ``running_var``, the mean and unbiased varianc
 it saw (count-weighted over all batches and all calls, accumulated in float64), and
 ``num_batches_tracked`` counts the calls pooled. Nothing else in the model changes: parameters,
 other buffers, ``training`` flags and ``momentum`` are as before (a test compares them bit for
-bit). If anything fails, the statistics are restored too and the model is exactly as it was.
+bit). If anything fails, the statistics are restored too and the model is exactly as it was:
+the running buffers are written once, last, and the only route that writes them per call (the
+sums route, for the layer's own forward) keeps the old values before its first write.
 
 How a forward pass is run (the semantics of ``torch.optim.swa_utils.update_bn``, done right):
 
@@ -19,10 +21,11 @@ How a forward pass is run (the semantics of ``torch.optim.swa_utils.update_bn``,
   (activation, dropout) in eval form. A ``SyncBatchNorm`` normalises each rank's batch by
   itself (no collective in the forward).
 - Statistics (``bnfold.batchstats``): each call's are taken exactly (torch's CPU kernel sums in
-  float64; other inputs are kept and pooled in float64, or summed about a shift near the
-  layer's mean) and pooled over calls by Chan's formula in float64, so the result matches
-  float64 statistics of the same inputs to ~1e-7 relative (the tests hold it to 1e-6; data
-  with mean/std = 1e4 is exact too; the stored mean is rounded once to the buffer's dtype).
+  float64; other small inputs go through the kernel as a float64 copy; large ones are summed
+  about a shift near the layer's mean) and pooled over calls by Chan's formula in float64, so
+  the result matches float64 statistics of the same inputs to ~1e-7 relative (the tests hold it
+  to 1e-6; data with mean/std = 1e4 is exact too; the stored mean is rounded once to the
+  buffer's dtype).
   Where float32 kernel rows far from zero could cost more than ``BOUND_NOTE``, the report says
   so with the bound.
 - NaN/inf: checked every ``_Session.CHECK_EVERY`` batches and at the end; the error names the

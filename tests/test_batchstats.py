@@ -400,3 +400,38 @@ def test_affine_free_sync_and_hooked_batchnorms_are_exact() -> None:
     for name, (mean_error, var_error) in errors.items():
         assert mean_error < 1e-6 and var_error < 1e-6, name
     assert len(seen) == len(batches) and all(abs(m) < 1e-5 for m in seen)  # normalised
+
+
+def test_report_has_the_old_statistics_on_every_route() -> None:
+    """The report reads the old statistics before the new ones are written; the sums route,
+    which writes each call's statistics into the buffers, keeps the old ones first."""
+    model = nn.Sequential(
+        nn.BatchNorm2d(3),  # small contiguous input: kernel rows
+        nn.Flatten(0, 1),  # (N·3, 6, 6) → a BatchNorm1d over 6 "channels" of a 3-D input
+        nn.BatchNorm1d(6),  # channels-first 3-D, small: kernel rows
+    ).eval()
+    wide = nn.Sequential(nn.BatchNorm2d(2), nn.Flatten(1), nn.BatchNorm1d(2 * 150 * 150))
+    for bn in [*model.modules(), *wide.modules()]:
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-3, 3)
+                bn.running_var.uniform_(0.5, 4)
+    for net, batches in [
+        (model, _batches((3, 6, 6))),
+        (wide, _batches((2, 150, 150), sizes=(3, 4))),  # both layers large: the sums route
+    ]:
+        before = {
+            name: (bn.running_mean.clone(), bn.running_var.clone())
+            for name, bn in net.named_modules()
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        }
+        report = recalibrate(net, batches)
+        for layer in report.layers:
+            old_mean, old_var = before[layer.name]
+            bn = net.get_submodule(layer.name)
+            assert layer.old_mean is not None and layer.new_mean is not None
+            assert layer.old_var is not None
+            assert layer.old_mean.max == pytest.approx(float(old_mean.max()))
+            assert layer.old_mean.min == pytest.approx(float(old_mean.min()))
+            assert layer.old_var.max == pytest.approx(float(old_var.max()))
+            assert layer.new_mean.max == pytest.approx(float(bn.running_mean.max()), rel=1e-6)
