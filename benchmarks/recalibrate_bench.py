@@ -3,8 +3,9 @@
 For each model: the same model and the same uneven batches (sizes cycle through ``--sizes``,
 data far from zero mean) go through both tools. Reported:
 
-- **throughput** (samples/s; best of ``--repeat`` interleaved runs) and the ratio bnfold /
-  update_bn (> 1: bnfold is faster). update_bn runs as shipped (it is ``torch.no_grad``).
+- **throughput** (samples/s; best of ``--repeat`` interleaved runs, more for short runs: see
+  ``MIN_SECONDS``) and the ratio bnfold / update_bn (> 1: bnfold is faster). update_bn runs as
+  shipped (it is ``torch.no_grad``).
 - **a longer run**: the same ratio on ``--long`` times as many batches (the same sizes), where
   each tool's fixed cost per call (set-up, pooling, the report) weighs less.
 - **peak memory**: the highest total of live tensor bytes allocated during the call, from the
@@ -147,11 +148,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Short runs are repeated until each side has run about this long (at most MAX_REPEAT times):
+#: the best of five 2 ms runs still moves by 10 % between processes.
+MIN_SECONDS = 1.0
+MAX_REPEAT = 400
+
+
 def best_time(runs: dict[str, Callable[[], None]], repeat: int, device: torch.device) -> dict:
-    """Best wall time of each run, interleaved so machine noise hits all sides alike."""
+    """Best wall time of each run, interleaved so machine noise hits all sides alike; at least
+    ``repeat`` runs each, more for short runs (``MIN_SECONDS``)."""
     best = dict.fromkeys(runs, float("inf"))
-    for fn in runs.values():  # warm-up
+    for key, fn in runs.items():  # warm-up
+        _sync(device)
+        start = time.perf_counter()
         fn()
+        _sync(device)
+        best[key] = time.perf_counter() - start
+    slowest = max(best.values())
+    repeat = max(repeat, min(MAX_REPEAT, int(MIN_SECONDS / max(slowest, 1e-9))))
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
         for key, fn in runs.items():
             _sync(device)
