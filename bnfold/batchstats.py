@@ -106,7 +106,9 @@ SERIAL_MAX = 1 << 15
 
 
 def serial(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on one intra-op thread; the caller's thread count is restored after."""
+    """``fn(*args)`` on one intra-op thread; the caller's thread count is restored after. The
+    count is process-wide: another Python thread running torch operations during this one call
+    (microseconds) would run them on one thread too (their speed only, never their results)."""
     threads = torch.get_num_threads()
     if threads == 1:
         return fn(*args)
