@@ -157,24 +157,21 @@ MAX_REPEAT = 400
 def best_time(runs: dict[str, Callable[[], None]], repeat: int, device: torch.device) -> dict:
     """Best wall time of each run, interleaved so machine noise hits all sides alike; at least
     ``repeat`` runs each, more for short runs (``MIN_SECONDS``)."""
-    best = dict.fromkeys(runs, float("inf"))
-    for key, fn in runs.items():  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best[key] = time.perf_counter() - start
-    slowest = max(best.values())
-    repeat = max(repeat, min(MAX_REPEAT, int(MIN_SECONDS / max(slowest, 1e-9))))
+    warm_up = {key: _timed(fn, device) for key, fn in runs.items()}
+    repeat = max(repeat, min(MAX_REPEAT, int(MIN_SECONDS / max(max(warm_up.values()), 1e-9))))
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
         for key, fn in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            best[key] = min(best[key], time.perf_counter() - start)
+            best[key] = min(best[key], _timed(fn, device))
     return best
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int, str]:
@@ -216,7 +213,8 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
             long: int = 0, seed: int = 0) -> Row:  # fmt: skip
     torch.manual_seed(seed)
     model = zoo.randomize_bn(case.build(), seed=seed).to(device)
-    batches = make_batches(sizes, n_batches, case.sample_shape, device, seed)
+    longer = make_batches(sizes, max(long, 1) * n_batches, case.sample_shape, device, seed)
+    batches = longer[:n_batches]  # the same generator: the longer run's first batches
     samples = sum(len(x) for x in batches)
     exact = exact_statistics(model.double(), [x.double() for x in batches])
     model.float()
@@ -231,7 +229,6 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
     theirs_peak, _ = peak_bytes(lambda: runs["update_bn"](batches), device)
     ours_err = errors(running_statistics(ours), exact)
     theirs_err = errors(running_statistics(theirs), exact)
-    longer = make_batches(sizes, long * n_batches, case.sample_shape, device, seed)
     long_ratio = None
     if long > 1:
         on_long = {key: lambda fn=fn: fn(longer) for key, fn in runs.items()}
@@ -245,7 +242,7 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
         bnfold_samples_per_s=samples / times["bnfold"],
         update_bn_samples_per_s=samples / times["update_bn"],
         throughput_ratio=times["update_bn"] / times["bnfold"],
-        long_batches=len(longer),
+        long_batches=len(longer) if long > 1 else 0,
         long_throughput_ratio=long_ratio,
         bnfold_peak_mb=ours_peak / 2**20,
         update_bn_peak_mb=theirs_peak / 2**20,

@@ -58,6 +58,7 @@ from bnfold.calreport import (
     build_report,
 )
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
+from bnfold.modes import eval_mode
 from bnfold.sites import is_stock_norm
 
 __all__ = [
@@ -130,25 +131,23 @@ def recalibrate(
     device = torch.device(device) if device is not None else _model_device(model)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
-    flags = _Flags([module for _, module in named])
-    session = _Session(targets)
-    try:
-        flags.evaluate()
-        totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
-        if totals[0] == 0:
-            raise CalibrationError(
-                "no batches: the data yielded nothing, so there is nothing to recalibrate from "
-                "(model left unchanged)"
-            )
-        pooled = session.pooled(world > 1, device)
-        report = _report(named, session, pooled, skipped, totals, world, started, notes)
-        _write_statistics(targets, pooled)  # last: nothing after it can fail
-    except BaseException:
-        session.restore_statistics()
-        raise
-    finally:
-        session.remove_hooks()
-        flags.restore()
+    with eval_mode(model):  # every flag restored afterwards
+        session = _Session(targets)
+        try:
+            totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
+            if totals[0] == 0:
+                raise CalibrationError(
+                    "no batches: the data yielded nothing, so there is nothing to recalibrate "
+                    "from (model left unchanged)"
+                )
+            pooled = session.pooled(world > 1, device)
+            report = _report(named, session, pooled, skipped, totals, world, started, notes)
+            _write_statistics(targets, pooled)  # last: nothing after it can fail
+        except BaseException:
+            session.restore_statistics()
+            raise
+        finally:
+            session.remove_hooks()
     return report
 
 
@@ -262,24 +261,6 @@ def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-class _Flags:
-    """Every module's ``training`` flag, to restore."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.flags = [(module, module.training) for module in modules]
-
-    def evaluate(self) -> None:
-        """Every module in eval mode (the BatchNorms' forwards are replaced meanwhile)."""
-        for module, training in self.flags:
-            if training:
-                module.training = False
-
-    def restore(self) -> None:
-        for module, training in self.flags:
-            if module.training != training:  # Module.__setattr__ is slow: write only changes
-                module.training = training
 
 
 def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
@@ -661,25 +642,19 @@ def _all_reduce_moments(
     return result
 
 
-# ------------------------------------------------------------------------------ write, report
+# ------------------------------------------------------------------------------------- write
 
 
 def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Final]) -> None:
     with torch.no_grad():
         bns = [targets[name] for name in pooled]
         stats = list(pooled.values())
-        _copy_into_buffers(bns, [p.mean for p in stats], [p.var for p in stats])
+        torch._foreach_copy_(  # converted to each buffer's dtype
+            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+            [p.mean for p in stats] + [p.var for p in stats],
+        )
         counted = [(bn.num_batches_tracked, p.calls) for bn, p in zip(bns, stats, strict=True)]
         counted = [(tracked, calls) for tracked, calls in counted if tracked is not None]
         if counted:
             torch._foreach_zero_([t for t, _ in counted])
             torch._foreach_add_([t for t, _ in counted], [c for _, c in counted])
-
-
-def _copy_into_buffers(
-    bns: list[nn.Module], means: list[torch.Tensor], variances: list[torch.Tensor]
-) -> None:
-    """Every BatchNorm's running mean and variance written at once (converted to their dtype)."""
-    torch._foreach_copy_(
-        [bn.running_mean for bn in bns] + [bn.running_var for bn in bns], [*means, *variances]
-    )

@@ -16,8 +16,6 @@ from torch import nn
 
 from bnfold._records import Record
 
-F64 = torch.float64
-
 #: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
 #: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
 #: scale it by about ``gamma / sqrt(eps)``.
