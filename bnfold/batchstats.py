@@ -53,38 +53,37 @@ Forward = Callable[..., Any]
 F64 = torch.float64
 
 
+#: Per-channel float64 values: a numpy array for statistics on the CPU (where numpy's small
+#: operations cost less than torch's), a tensor on other devices. Both take the same arithmetic.
+Array = np.ndarray | torch.Tensor
+
+
 @dataclass
 class Pooled:
     """Count, mean and sum of squared deviations (``m2``) of a set of values, per channel."""
 
     count: int
-    mean: torch.Tensor  # float64
-    m2: torch.Tensor  # float64
-    var: torch.Tensor | None = None  # m2 / (count - 1), when already computed
+    mean: Array  # float64
+    m2: Array  # float64
+    var: Array | None = None  # m2 / (count - 1), when already computed
 
-    def unbiased(self) -> torch.Tensor:
+    def unbiased(self) -> Array:
         if self.var is not None:
             return self.var
-        return _tensor(_array(self.m2) / (self.count - 1))
+        return self.m2 / (self.count - 1)
 
     def merge(self, other: Pooled) -> Pooled:
-        """Both sets together (Chan's formula, float64; in numpy on the CPU, where these few
-        small operations cost less)."""
+        """Both sets together (Chan's formula, float64)."""
         count = self.count + other.count
-        a_mean, a_m2, b_mean, b_m2 = (_array(t) for t in (self.mean, self.m2, other.mean, other.m2))
-        delta = b_mean - a_mean
-        mean = a_mean + delta * (other.count / count)
-        m2 = a_m2 + b_m2 + delta * delta * (self.count * other.count / count)
-        return Pooled(count, _tensor(mean), _tensor(m2))
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
+        return Pooled(count, mean, m2)
 
 
-def _array(t: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """A CPU tensor as a numpy view; others as they are (both take the same arithmetic)."""
+def _array(t: torch.Tensor) -> Array:
+    """A CPU tensor as a numpy view; others as they are."""
     return t.numpy() if t.is_cpu else t
-
-
-def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 def merge_all(parts: Sequence[Pooled | None]) -> Pooled | None:
@@ -191,7 +190,7 @@ class RowTable:
         n = np.repeat(per_slot, self.widths, axis=1)  # (rows, columns)
         n_less_one = np.repeat(np.maximum(per_slot - 1, 0.0), self.widths, axis=1)
         raw = self.table[:rows].numpy()
-        means, variances = raw[:, 0].astype(np.float64), raw[:, 1].astype(np.float64)
+        means, variances = (raw[:, i].astype(np.float64, copy=False) for i in (0, 1))
         self.var = None
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the check
             total = np.repeat(per_slot.sum(0), self.widths)
@@ -245,12 +244,7 @@ class RowTable:
         window = slice(start, start + self.widths[slot])
         if self.var is None:  # every slot's unbiased variance at once
             self.var = self.m2 / np.maximum(self.count - 1, 1.0)
-        return Pooled(
-            count,
-            torch.from_numpy(self.mean[window]),
-            torch.from_numpy(self.m2[window]),
-            torch.from_numpy(self.var[window]),
-        )
+        return Pooled(count, self.mean[window], self.m2[window], self.var[window])
 
     def bounds(self, row_error: float) -> list[float]:
         """Per slot, a bound on the relative error of its pooled variance from float32 rows (0
@@ -329,7 +323,7 @@ class _ShiftedSums:
         mean = shift + s1 / self.count
         m2 = s2 - s1 * s1 / self.count
         m2[m2 < 0] = 0.0  # rounding of a constant channel
-        return Pooled(self.count, _tensor(mean), _tensor(m2))
+        return Pooled(self.count, mean, m2)
 
 
 def first_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

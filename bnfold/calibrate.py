@@ -44,11 +44,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import F64, LayerStatistics, Pooled, RowTable
+from bnfold.batchstats import F64, Array, LayerStatistics, Pooled, RowTable
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -128,7 +129,7 @@ def recalibrate(
     targets, skipped = _find_batchnorms(named)
     if not targets:
         return build_report(named, [], list(skipped), 0, 0, 1, started, notes)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else _model_device(named)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
     with eval_mode(model):  # every flag restored afterwards
@@ -142,7 +143,7 @@ def recalibrate(
                 )
             pooled = session.pooled(world > 1, device)
             report = _report(named, session, pooled, skipped, totals, world, started, notes)
-            _write_statistics(targets, pooled)  # last: nothing after it can fail
+            _write_statistics(session.layers, pooled)  # last: nothing after it can fail
         except BaseException:
             session.restore_statistics()
             raise
@@ -249,10 +250,14 @@ def _find_batchnorms(
     return targets, skipped
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensors in (model.parameters(), model.buffers()):
-        for tensor in tensors:
-            return tensor.device
+def _model_device(named: list[tuple[str, nn.Module]]) -> torch.device:
+    """The device of the model's first parameter, else of its first buffer (in the order of
+    ``model.parameters()``: modules in ``named_modules`` order)."""
+    for tensors in ("_parameters", "_buffers"):
+        for _, module in named:
+            for tensor in getattr(module, tensors).values():
+                if tensor is not None:
+                    return tensor.device
     return torch.device("cpu")
 
 
@@ -267,7 +272,8 @@ def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.devi
     """Target names by the dtype and device of their statistics."""
     groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for name, bn in targets.items():
-        key = (bn.running_mean.dtype, bn.running_mean.device)
+        statistics = bn.running_mean
+        key = (statistics.dtype, statistics.device)
         groups.setdefault(key, []).append(name)
     return groups
 
@@ -281,8 +287,8 @@ class _Final:
 
     count: int
     calls: int
-    mean: torch.Tensor  # float64
-    var: torch.Tensor  # float64, unbiased
+    mean: Array  # float64
+    var: Array  # float64, unbiased
     var_error_bound: float = 0.0  # from float32 kernel rows (see bnfold.batchstats)
 
 
@@ -607,7 +613,7 @@ def _all_reduce_moments(
             m2 = torch.zeros(size, dtype=torch.float64)
         else:
             n, mean, m2 = float(pooled.count), pooled.mean, pooled.m2
-        mean, m2 = mean.to(where, torch.float64), m2.to(where, torch.float64)
+        mean, m2 = (torch.as_tensor(t).to(where, torch.float64) for t in (mean, m2))
         local[name] = (n, mean, m2)
         counts.append(
             torch.tensor([n, float(layers[name].calls)], dtype=torch.float64, device=where)
@@ -645,16 +651,30 @@ def _all_reduce_moments(
 # ------------------------------------------------------------------------------------- write
 
 
-def _write_statistics(targets: dict[str, nn.Module], pooled: dict[str, _Final]) -> None:
+def _write_statistics(layers: dict[str, LayerStatistics], pooled: dict[str, _Final]) -> None:
+    """Each layer's new statistics into its running buffers, rounded once to their dtype, and
+    its pooled calls into ``num_batches_tracked``."""
+    written = []
+    for name, final in pooled.items():
+        layer = layers[name]
+        written += _assign(layer.mean_buffer, final.mean) + _assign(layer.var_buffer, final.var)
+        tracked = layer.bn.num_batches_tracked
+        if tracked is not None:
+            written += _assign(tracked, np.asarray(final.calls))
+    torch.autograd.graph.increment_version(written)  # as torch's own in-place writes do
+
+
+#: Tensor dtypes numpy has: a CPU buffer of one of these is written through a numpy view (a
+#: tenth of a torch operation's cost for a few hundred values).
+_NUMPY_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.int64))
+
+
+def _assign(buffer: torch.Tensor, values: Array) -> list[torch.Tensor]:
+    """``buffer[...] = values``; returns the buffers written outside torch (their version
+    counters are bumped by the caller)."""
+    if isinstance(values, np.ndarray) and buffer.is_cpu and buffer.dtype in _NUMPY_DTYPES:
+        buffer.detach().numpy()[...] = values
+        return [buffer]
     with torch.no_grad():
-        bns = [targets[name] for name in pooled]
-        stats = list(pooled.values())
-        torch._foreach_copy_(  # converted to each buffer's dtype
-            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-            [p.mean for p in stats] + [p.var for p in stats],
-        )
-        counted = [(bn.num_batches_tracked, p.calls) for bn, p in zip(bns, stats, strict=True)]
-        counted = [(tracked, calls) for tracked, calls in counted if tracked is not None]
-        if counted:
-            torch._foreach_zero_([t for t, _ in counted])
-            torch._foreach_add_([t for t, _ in counted], [c for _, c in counted])
+        buffer.copy_(torch.as_tensor(values))
+    return []

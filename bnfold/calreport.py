@@ -157,8 +157,8 @@ class Recalibrated:
     bn: nn.Module
     calls: int
     count: int
-    new_mean: torch.Tensor  # float64
-    new_var: torch.Tensor  # float64, unbiased
+    new_mean: np.ndarray | torch.Tensor  # float64
+    new_var: np.ndarray | torch.Tensor  # float64, unbiased
     old_mean: torch.Tensor
     old_var: torch.Tensor
 
@@ -212,47 +212,74 @@ def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibr
 
 
 def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
-    """Every layer's channel summaries from one concatenation of all their channels (in numpy:
-    a few operations on small arrays, where each torch operation would cost more than its
-    work)."""
+    """Every layer's channel summaries from one table of all their channels (in numpy: a few
+    operations on small arrays, where each torch operation would cost more than its work)."""
     if not layers:
         return []
-    widths = [r.new_mean.numel() for r in layers]
+    widths = [r.bn.num_features for r in layers]
+    starts = [0]
+    for width in widths[:-1]:
+        starts.append(starts[-1] + width)
+    # rows: old mean, new mean, old var, new var, mean shift, std ratio
+    table = np.empty((6, sum(widths)))
     keys = ("old_mean", "new_mean", "old_var", "new_var")
-    pieces = [getattr(r, key).detach().cpu().numpy() for key in keys for r in layers]
-    old_mean, new_mean, old_var, new_var = np.concatenate(pieces, dtype=np.float64).reshape(4, -1)
-    starts = np.cumsum([0, *widths[:-1]])
-    eps = np.repeat(np.array([float(r.bn.eps) for r in layers]), widths)
+    np.concatenate([_host(getattr(r, key)) for key in keys for r in layers], out=table[:4].ravel())
+    old_mean, new_mean, old_var, new_var, shift, ratio = table
+    eps = _eps(layers, widths)
     with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.abs(new_mean - old_mean) / np.sqrt(np.maximum(old_var + eps, 0.0))
-        ratio = np.sqrt((new_var + eps) / np.maximum(old_var + eps, math.ulp(0.0)))
-    table = np.stack([old_mean, new_mean, old_var, new_var, shift, ratio])
+        old_scale = old_var + eps
+        np.divide(np.abs(new_mean - old_mean), np.sqrt(np.maximum(old_scale, 0.0)), out=shift)
+        np.sqrt((new_var + eps) / np.maximum(old_scale, math.ulp(0.0)), out=ratio)
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
-    mid = (np.add.reduceat(table, starts, axis=1) / np.array(widths)).T.tolist()
+    mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    summaries = [  # per layer, per quantity
-        [ChannelSummary(*values) for values in zip(*rows, strict=True)]
-        for rows in zip(low, mid, high, strict=True)
-    ]
-    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts.tolist())
+    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts)
     return [
-        LayerCalibration(
-            name=r.name,
-            type=type(r.bn).__name__,
-            status=LayerStatus.RECALIBRATED,
-            num_features=r.bn.num_features,
-            calls=r.calls,
-            samples=r.count,
-            old_mean=summary[0],
-            new_mean=summary[1],
-            old_var=summary[2],
-            new_var=summary[3],
-            mean_shift=summary[4],
-            std_ratio=summary[5],
-            near_zero_var_channels=tuple(near),
-        )
-        for r, summary, near in zip(layers, summaries, tiny, strict=True)
+        _recalibrated(r, [ChannelSummary(*values) for values in zip(*rows, strict=True)], near)
+        for r, *rows, near in zip(layers, low, mid, high, tiny, strict=True)
     ]
+
+
+def _eps(layers: Sequence[Recalibrated], widths: list[int]) -> float | np.ndarray:
+    """Each channel's ``eps`` (one number when every layer has the same)."""
+    values = [float(r.bn.eps) for r in layers]
+    if values.count(values[0]) == len(values):
+        return values[0]
+    return np.repeat(values, widths)
+
+
+def _recalibrated(
+    r: Recalibrated, summary: list[ChannelSummary], near: list[int]
+) -> LayerCalibration:
+    return LayerCalibration(
+        name=r.name,
+        type=type(r.bn).__name__,
+        status=LayerStatus.RECALIBRATED,
+        num_features=r.bn.num_features,
+        calls=r.calls,
+        samples=r.count,
+        old_mean=summary[0],
+        new_mean=summary[1],
+        old_var=summary[2],
+        new_var=summary[3],
+        mean_shift=summary[4],
+        std_ratio=summary[5],
+        near_zero_var_channels=tuple(near),
+    )
+
+
+#: Tensor dtypes numpy has (a CPU tensor of one of these is viewed, not copied).
+_NUMPY_DTYPES = frozenset((torch.float64, torch.float32, torch.float16))
+
+
+def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-channel values as a numpy array (a view where it can be)."""
+    if isinstance(values, np.ndarray):
+        return values
+    values = values.detach()
+    if not values.is_cpu or values.dtype not in _NUMPY_DTYPES:
+        values = values.to("cpu", torch.float64)
+    return values.numpy()
 
 
 def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:

@@ -202,6 +202,23 @@ def test_float16_statistics() -> None:
     assert float(rel.max()) < 1e-3  # one float16 rounding of the result
 
 
+def test_bfloat16_statistics_and_their_report() -> None:
+    """numpy has no bfloat16: the report reads such buffers through a float64 copy."""
+    model = nn.Sequential(nn.BatchNorm1d(4)).to(torch.bfloat16).eval()
+    old_mean = model[0].running_mean.clone()
+    batches = uneven_batches((8, 5, 9), (4,), dtype=torch.bfloat16, offset=5.0, scale=3.0)
+    report = recalibrate(model, batches)
+    values = torch.cat(batches).double()
+    assert model[0].running_mean.dtype == torch.bfloat16
+    rel = (model[0].running_var.double() - values.var(dim=0)).abs() / values.var(dim=0)
+    assert float(rel.max()) < 1e-2  # one bfloat16 rounding of the result
+    (layer,) = report.layers
+    assert layer.old_mean is not None and layer.new_var is not None
+    assert layer.old_mean.max == float(old_mean.max())
+    assert layer.new_var.min == pytest.approx(float(values.var(dim=0).min()), rel=1e-12)
+    json.loads(report.to_json())
+
+
 # ------------------------------------------------------------------------------------ report
 
 
@@ -300,7 +317,7 @@ def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtr
         sums.add(x)
     assert sums.subtract is subtract
     pooled = sums.pool()
-    n, mean, m2 = pooled.count, pooled.mean, pooled.m2
+    n, mean, m2 = pooled.count, torch.as_tensor(pooled.mean), torch.as_tensor(pooled.m2)
     every = torch.cat([x.double().transpose(0, 1).reshape(6, -1) for x in batches], dim=1)
     var, expected_mean = torch.var_mean(every, dim=1, correction=0)
     std = var.sqrt()
