@@ -134,6 +134,8 @@ class RowTable:
         self.dtype, self.device, self.rows = dtype, device, rows
         # (rows, 2, columns): each call's mean then variance; made on the first row
         self.table: torch.Tensor | None = None
+        self.array = np.zeros((0, 2, 0))  # the table's numpy view
+        self.column_widths = np.array(self.widths)
         self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
@@ -154,7 +156,7 @@ class RowTable:
             return views[index]
         if self.table is None:
             columns = sum(self.widths)
-            self.table = torch.zeros(self.rows, 2, columns, dtype=self.dtype, device=self.device)
+            self._use(torch.zeros(self.rows, 2, columns, dtype=self.dtype, device=self.device))
         elif index == self.table.shape[0]:
             self._grow()
         start, stop = self.starts[slot], self.starts[slot] + self.widths[slot]
@@ -171,8 +173,11 @@ class RowTable:
         rows = self.table.shape[0]
         table = self.table.new_zeros(2 * rows, 2, self.table.shape[2])
         table[:rows] = self.table
-        self.table = table
+        self._use(table)
         self.views = [[] for _ in self.widths]
+
+    def _use(self, table: torch.Tensor) -> None:
+        self.table, self.array = table, table.numpy()
 
     def settle(self, offset_limit: float) -> list[int]:
         """Pool the rows written since the last call; the rows are then free. Returns the
@@ -187,13 +192,13 @@ class RowTable:
             self.pooled_counts[slot] += sum(c)
         rows = max(len(c) for c in counts)
         per_slot = np.array([c + [0] * (rows - len(c)) for c in counts], dtype=np.float64).T
-        n = np.repeat(per_slot, self.widths, axis=1)  # (rows, columns)
-        n_less_one = np.repeat(np.maximum(per_slot - 1, 0.0), self.widths, axis=1)
-        raw = self.table[:rows].numpy()
+        n = np.repeat(per_slot, self.column_widths, axis=1)  # (rows, columns)
+        n_less_one = np.maximum(n - 1.0, 0.0)
+        raw = self.array[:rows]
         means, variances = (raw[:, i].astype(np.float64, copy=False) for i in (0, 1))
         self.var = None
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the check
-            total = np.repeat(per_slot.sum(0), self.widths)
+            total = np.repeat(per_slot.sum(0), self.column_widths)
             mean = np.einsum("rc,rc->c", n, means) / np.maximum(total, 1.0)
             deviation = means - mean
             between = np.einsum("rc,rc,rc->c", n, deviation, deviation)
@@ -217,7 +222,7 @@ class RowTable:
 
     def finite(self) -> bool:
         """Whether every row written holds finite values (unwritten rows are zeros)."""
-        return self.table is None or bool(np.isfinite(self.table.numpy()).all())
+        return bool(np.isfinite(self.array).all())
 
     def _merge(
         self, total: np.ndarray, mean: np.ndarray, within: np.ndarray, between: np.ndarray
@@ -254,7 +259,7 @@ class RowTable:
         |Σ 2 n_b (m_b − M) e_b + 2 n_b e_b²| ≤ u √(N · Σ n_b (m_b − M)²) + N u²/2."""
         if self.largest is None or self.count is None or self.table is None:
             return [0.0] * len(self.widths)
-        row_dtype = self.table.numpy().dtype
+        row_dtype = self.array.dtype
         ulp = np.spacing(self.largest.astype(row_dtype)).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             error = ulp * np.sqrt(self.count * self.between) + self.count * np.square(ulp) / 2
