@@ -435,25 +435,35 @@ class LayerStatistics:
         ``x``. Returns the layer's output and a tensor that is non-finite when ``x`` held NaN or
         inf."""
         self.calls += 1
-        if self.table is None or not x.is_cpu or x.numel() >= self.SUMS_MIN:
+        size = x.numel()
+        if self.table is None or size >= self.SUMS_MIN or not x.is_cpu:
             return self._summed(x, n, forward, args, kwargs)
+        # the kernel sums along the batch (2-D, channels-last, one value per sample): in the
+        # input's dtype, and faster on one thread when small (see ``SERIAL_MAX``)
+        along_batch = n == x.shape[0] or not x.is_contiguous()
+        one_thread = along_batch and size <= SERIAL_MAX
+        dtype = x.dtype
         if (
             self.kernel_ok is not False
-            and x.dtype == self.dtype
-            and (self.any_layout or (n > x.shape[0] and x.is_contiguous()))
+            and dtype == self.dtype
+            and (self.any_layout or not along_batch)
         ):
             self.check_dim(x)
-            return self._kernel(x, n)
-        if x.numel() > self.EXACT_MAX or x.dtype not in self.input_dtypes:
+            return self._kernel(x, n, one_thread)
+        if size > self.EXACT_MAX or dtype not in self.input_dtypes:
             return self._summed(x, n, forward, args, kwargs)
         self.check_dim(x)
-        return self._exact_call(x, n)
+        return self._exact_call(x, n, one_thread)
 
-    def _kernel(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernel(
+        self, x: torch.Tensor, n: int, one_thread: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """torch's train-mode kernel writes the batch mean and unbiased variance into a row."""
         assert self.table is not None
         mean, var = self.table.next(self.slot, n)
-        y = _train_batch_norm(x, n, self.weight, self.bias, mean, var, self.eps, self.cudnn)
+        y = _train_batch_norm(
+            x, self.weight, self.bias, mean, var, self.eps, self.cudnn, one_thread
+        )
         if self.kernel_ok is None:
             self.kernel_ok = bool((mean.abs() <= self.KERNEL_OFFSET * var.sqrt()).all())
             if not self.kernel_ok:  # far from zero: this call's row is taken exactly instead
@@ -461,7 +471,9 @@ class LayerStatistics:
                 var = self._exact_row(x.to(F64), n)
         return y, var
 
-    def _exact_call(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exact_call(
+        self, x: torch.Tensor, n: int, one_thread: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The train-mode kernel on a float64 copy of ``x``: float64 rows whatever the input's
         layout or dtype, and the output rounded once to ``x``'s dtype."""
         assert self.exact is not None
@@ -471,7 +483,7 @@ class LayerStatistics:
             )
         mean, var = self.exact.next(self.slot, n)
         weight, bias = self.affine64
-        y = _train_batch_norm(x.to(F64), n, weight, bias, mean, var, self.eps, self.cudnn)
+        y = _train_batch_norm(x.to(F64), weight, bias, mean, var, self.eps, self.cudnn, one_thread)
         return y.to(x.dtype), var
 
     def _exact_row(self, x64: torch.Tensor, n: int) -> torch.Tensor:
@@ -534,17 +546,17 @@ class LayerStatistics:
 
 def _train_batch_norm(
     x: torch.Tensor,
-    n: int,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
     eps: float,
     cudnn: bool,
+    one_thread: bool,
 ) -> torch.Tensor:
     """torch's train-mode kernel, momentum 1: ``mean``/``var`` get the batch mean and unbiased
-    variance. On one thread for small inputs it sums along the batch (see ``SERIAL_MAX``)."""
+    variance; on one intra-op thread if ``one_thread`` (see ``SERIAL_MAX``)."""
     args = (x, weight, bias, mean, var, True, 1.0, eps, cudnn)
-    if x.numel() <= SERIAL_MAX and (n == x.shape[0] or not x.is_contiguous()):
+    if one_thread:
         return serial(torch.batch_norm, *args)
     return torch.batch_norm(*args)
