@@ -120,6 +120,8 @@ def serial(fn: Callable[..., Any], *args: Any) -> Any:
 
 # --------------------------------------------------------------------------------- row table
 
+_NONE = np.zeros(0)  # an empty placeholder array
+
 
 class RowTable:
     """Per-call batch mean and unbiased variance of several layers (statistics of one dtype on
@@ -134,14 +136,13 @@ class RowTable:
         self.dtype, self.device, self.rows = dtype, device, rows
         # (rows, 2, columns): each call's mean then variance; made on the first row
         self.table: torch.Tensor | None = None
-        self.array = np.zeros((0, 2, 0))  # the table's numpy view
-        self.column_widths = np.array(self.widths)
+        self.array = self.column_widths = _NONE  # the table's numpy view; widths as an array
         self.counts: list[list[int]] = [[] for _ in self.widths]  # per row; 0: not pooled
         self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.widths]
         self.pooled_counts = [0] * len(self.widths)
         # per column, float64 (numpy): count, mean, M2 and its between-call part
         self.count: np.ndarray | None = None
-        self.mean = self.m2 = self.between = np.zeros(0)
+        self.mean = self.m2 = self.between = _NONE
         self.var: np.ndarray | None = None  # made from the final totals by ``layer``
         self.largest: np.ndarray | None = None  # per column, max |row mean| pooled
 
@@ -178,6 +179,7 @@ class RowTable:
 
     def _use(self, table: torch.Tensor) -> None:
         self.table, self.array = table, table.numpy()
+        self.column_widths = np.array(self.widths)
 
     def settle(self, offset_limit: float) -> list[int]:
         """Pool the rows written since the last call; the rows are then free. Returns the
@@ -222,7 +224,7 @@ class RowTable:
 
     def finite(self) -> bool:
         """Whether every row written holds finite values (unwritten rows are zeros)."""
-        return bool(np.isfinite(self.array).all())
+        return self.table is None or bool(np.isfinite(self.array).all())
 
     def _merge(
         self, total: np.ndarray, mean: np.ndarray, within: np.ndarray, between: np.ndarray

@@ -132,7 +132,7 @@ def recalibrate(
     device = torch.device(device) if device is not None else _model_device(named)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
-    with eval_mode(model):  # every flag restored afterwards
+    with eval_mode(model, (module for _, module in named)):  # every flag restored afterwards
         session = _Session(targets)
         try:
             totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
@@ -444,6 +444,8 @@ def _pooled(name: str, pooled: Pooled, calls: int, bound: float) -> _Final:
 
 
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -276,16 +276,15 @@ def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-channel values as a numpy array (a view where it can be)."""
     if isinstance(values, np.ndarray):
         return values
-    values = values.detach()
-    if not values.is_cpu or values.dtype not in _NUMPY_DTYPES:
-        values = values.to("cpu", torch.float64)
-    return values.numpy()
+    if values.is_cpu and values.dtype in _NUMPY_DTYPES and not values.requires_grad:
+        return values.numpy()
+    return values.detach().to("cpu", torch.float64).numpy()
 
 
 def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:
     """Per layer, the channel indices where ``mask`` (over all layers' channels) is set."""
     found: list[list[int]] = [[] for _ in starts]
-    for column in np.flatnonzero(mask).tolist():
+    for column in mask.nonzero()[0].tolist():
         layer = bisect.bisect_right(starts, column) - 1
         found[layer].append(column - starts[layer])
     return found

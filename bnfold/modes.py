@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,10 +29,12 @@ def set_eval(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Put every module in eval mode and restore each module's own flag afterwards (a flag is
-    written only where it differs: ``Module.__setattr__`` is slow)."""
-    flags = [(module, module.training) for module in model.modules()]
+    written only where it differs: ``Module.__setattr__`` is slow). ``modules``: the model's
+    modules, when the caller already has them."""
+    modules = model.modules() if modules is None else modules
+    flags = [(module, module.training) for module in modules]
     try:
         for module, training in flags:
             if training:
