@@ -1,11 +1,12 @@
 """``bnfold.recalibrate`` against ``torch.optim.swa_utils.update_bn``, side by side in one process.
 
-For each model: the same model and the same uneven batches (sizes cycle through ``--sizes``,
-data far from zero mean) go through both tools. Reported:
+For each model, in a fresh interpreter (``--in-process``: all in this one): the same model and
+the same uneven batches (sizes cycle through ``--sizes``, data far from zero mean) go through
+both tools. Reported:
 
-- **throughput** (samples/s; best of ``--repeat`` interleaved runs, more for short runs: see
-  ``MIN_SECONDS``) and the ratio bnfold / update_bn (> 1: bnfold is faster). update_bn runs as
-  shipped (it is ``torch.no_grad``).
+- **throughput** (samples/s; best of ``--repeat`` interleaved runs after ``WARM_UP`` untimed
+  rounds, more for short runs: see ``MIN_SECONDS``) and the ratio bnfold / update_bn (> 1:
+  bnfold is faster). update_bn runs as shipped (it is ``torch.no_grad``).
 - **a longer run**: the same ratio on ``--long`` times as many batches (the same sizes), where
   each tool's fixed cost per call (set-up, pooling, the report) weighs less.
 - **peak memory**: the highest total of live tensor bytes allocated during the call, from the
@@ -29,9 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -152,11 +157,18 @@ def _sync(device: torch.device) -> None:
 #: the best of five 2 ms runs still moves by 10 % between processes.
 MIN_SECONDS = 1.0
 MAX_REPEAT = 400
+#: Untimed rounds first: both tools' first runs in a process are slower (up to 25 % on the
+#: largest model, more for bnfold) while the allocator settles on the run's buffer sizes.
+WARM_UP = 2
 
 
 def best_time(runs: dict[str, Callable[[], None]], repeat: int, device: torch.device) -> dict:
-    """Best wall time of each run, interleaved so machine noise hits all sides alike; at least
-    ``repeat`` runs each, more for short runs (``MIN_SECONDS``)."""
+    """Best wall time of each run, interleaved so machine noise hits all sides alike, after
+    ``WARM_UP`` untimed rounds; at least ``repeat`` runs each, more for short runs
+    (``MIN_SECONDS``)."""
+    for _ in range(WARM_UP - 1):
+        for fn in runs.values():
+            fn()
     warm_up = {key: _timed(fn, device) for key, fn in runs.items()}
     repeat = max(repeat, min(MAX_REPEAT, int(MIN_SECONDS / max(max(warm_up.values()), 1e-9))))
     best = dict.fromkeys(runs, float("inf"))
@@ -232,7 +244,7 @@ def measure(case: Case, sizes: list[int], n_batches: int, repeat: int, device: t
     long_ratio = None
     if long > 1:
         on_long = {key: lambda fn=fn: fn(longer) for key, fn in runs.items()}
-        long_times = best_time(on_long, max(2, repeat // 2), device)
+        long_times = best_time(on_long, repeat, device)
         long_ratio = long_times["update_bn"] / long_times["bnfold"]
     return Row(
         model=case.name,
@@ -296,6 +308,22 @@ def markdown(rows: list[Row], sizes: list[int], device: torch.device, threads: i
     return "\n".join(head) + "\n"
 
 
+def in_fresh_process(index: int, args: argparse.Namespace) -> Row:
+    """Case ``index`` measured by this script in a new interpreter: what ran before in this
+    process (other models' runs leave its heap and caches in another state) does not move
+    the numbers, and each model is measured as one ``bnfold recalibrate`` run would be."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.json"
+        command = [sys.executable, __file__, "--case", str(index), "--json", str(out)]
+        command += ["--repeat", str(args.repeat), "--batches", str(args.batches)]
+        command += ["--long", str(args.long), "--sizes", args.sizes, "--device", args.device]
+        command += ["--threads", str(args.threads)] if args.threads else []
+        command += ["--smoke"] if args.smoke else []
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        (row,) = json.loads(out.read_text(encoding="utf-8"))
+    return Row(**row)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="interleaved timed runs (best)")
@@ -313,18 +341,30 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="only cases whose name contains one of these comma-separated words",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every model in this process (default: each model in a fresh one)",
+    )
+    parser.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)  # child runs
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    cases, repeat, n_batches, long = CASES, args.repeat, args.batches, args.long
+    all_cases = SMOKE_CASES if args.smoke else CASES
+    cases, repeat, n_batches, long = all_cases, args.repeat, args.batches, args.long
     if args.models:
         words = args.models.split(",")
-        cases = [case for case in CASES if any(word in case.name for word in words)]
+        cases = [case for case in cases if any(word in case.name for word in words)]
+    if args.case is not None:
+        cases = [all_cases[args.case]]
     if args.smoke:
-        cases, repeat, n_batches, sizes, long = SMOKE_CASES, 1, 3, [4, 3], 2
+        repeat, n_batches, sizes, long = 1, 3, [4, 3], 2
     device = torch.device(args.device)
-    rows = [measure(case, sizes, n_batches, repeat, device, long) for case in cases]
+    if args.in_process or len(cases) == 1:
+        rows = [measure(case, sizes, n_batches, repeat, device, long) for case in cases]
+    else:
+        rows = [in_fresh_process(all_cases.index(case), args) for case in cases]
     print(markdown(rows, sizes, device, torch.get_num_threads()), end="")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from bnfold._patch import ForwardPatches
-from bnfold.batchstats import F64, Array, LayerStatistics, Pooled, RowTable
+from bnfold.batchstats import F64, NUMPY_DTYPES, Array, LayerStatistics, Pooled, RowTable
 from bnfold.calreport import (
     CalibrationReport,
     ChannelSummary,
@@ -666,15 +666,10 @@ def _write_statistics(layers: dict[str, LayerStatistics], pooled: dict[str, _Fin
     torch.autograd.graph.increment_version(written)  # as torch's own in-place writes do
 
 
-#: Tensor dtypes numpy has: a CPU buffer of one of these is written through a numpy view (a
-#: tenth of a torch operation's cost for a few hundred values).
-_NUMPY_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.int64))
-
-
 def _assign(buffer: torch.Tensor, values: Array) -> list[torch.Tensor]:
     """``buffer[...] = values``; returns the buffers written outside torch (their version
     counters are bumped by the caller)."""
-    if isinstance(values, np.ndarray) and buffer.is_cpu and buffer.dtype in _NUMPY_DTYPES:
+    if isinstance(values, np.ndarray) and buffer.is_cpu and buffer.dtype in NUMPY_DTYPES:
         buffer.detach().numpy()[...] = values
         return [buffer]
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bnfold._records import Record
+from bnfold.batchstats import NUMPY_DTYPES
 
 #: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
 #: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
@@ -268,15 +269,11 @@ def _recalibrated(
     )
 
 
-#: Tensor dtypes numpy has (a CPU tensor of one of these is viewed, not copied).
-_NUMPY_DTYPES = frozenset((torch.float64, torch.float32, torch.float16))
-
-
 def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-channel values as a numpy array (a view where it can be)."""
     if isinstance(values, np.ndarray):
         return values
-    if values.is_cpu and values.dtype in _NUMPY_DTYPES and not values.requires_grad:
+    if values.is_cpu and values.dtype in NUMPY_DTYPES and not values.requires_grad:
         return values.numpy()
     return values.detach().to("cpu", torch.float64).numpy()
 

@@ -435,3 +435,31 @@ def test_report_has_the_old_statistics_on_every_route() -> None:
             assert layer.old_mean.min == pytest.approx(float(old_mean.min()))
             assert layer.old_var.max == pytest.approx(float(old_var.max()))
             assert layer.new_mean.max == pytest.approx(float(bn.running_mean.max()), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout", [{}, {"memory_format": torch.channels_last}], ids=["nchw", "nhwc"]
+)
+def test_large_inputs_are_shifted_a_few_samples_at_a_time(
+    layout: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of two samples (the input is 9): the same sums as one shifted copy, and exact."""
+    from bnfold import batchstats
+
+    batches = _batches((3, 8, 8), sizes=(9, 4), offset=40.0, **layout)
+    whole = batchstats._ShiftedSums(batches[0])
+    for x in batches:
+        whole.add(x)
+    monkeypatch.setattr(batchstats, "SHIFT_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)
+    pieces = batchstats._ShiftedSums(batches[0])
+    assert pieces.subtract
+    calls = []
+    original = batchstats.channel_sums
+    monkeypatch.setattr(
+        batchstats, "channel_sums", lambda d: calls.append(d.shape[0]) or original(d)
+    )
+    for x in batches:
+        pieces.add(x)
+    assert calls == [2, 2, 2, 2, 1, 2, 2]
+    assert torch.allclose(pieces.total, whole.total, rtol=1e-12, atol=0)
+    _assert_exact(pieces.pool(), batches)

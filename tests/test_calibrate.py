@@ -124,6 +124,22 @@ def test_nothing_but_statistics_changes() -> None:
     assert not any(name.startswith("unused.") for name in changed)  # ...and only those seen
 
 
+def test_written_statistics_bump_their_version_counters() -> None:
+    """The buffers are written through numpy views; autograd still learns of the writes, as it
+    does of torch's own in-place operations, on every buffer written and no other."""
+    model = mixed()
+    versions = {name: buf._version for name, buf in model.named_buffers()}
+    recalibrate(model, uneven_batches())
+    bumped = {name for name, buf in model.named_buffers() if buf._version > versions[name]}
+    seen = {name.rsplit(".", 1)[0] for name in bumped}
+    assert bumped == {
+        f"{layer}.{buffer}"
+        for layer in seen
+        for buffer in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    assert seen and not any(name.startswith("unused.") for name in seen)
+
+
 def test_downstream_bns_see_batch_normalised_inputs() -> None:
     """On one batch, eval mode after recalibration computes what train-mode BNs compute.
 
