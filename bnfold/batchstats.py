@@ -5,9 +5,10 @@ Each call takes one of three routes (``LayerStatistics.call``); all three are ex
 rounding and normalise the call's input with its own batch statistics, as a train-mode
 BatchNorm does:
 
-- **kernel** (a stock BatchNorm on CPU; input below ``SUMS_MIN`` elements, in its
-  float32/float64 statistics' dtype, and float64 or contiguous channels-first with more than
-  one value per channel per sample):
+- **kernel** (a stock BatchNorm on CPU; input in its float32/float64 statistics' dtype,
+  float64 or contiguous channels-first with more than one value per channel per sample, and
+  below ``SUMS_MIN`` elements or with fewer than ``SUMS_ROW_MIN`` values per channel per
+  sample):
   torch's train-mode kernel normalises the batch and, given momentum 1, writes the batch mean
   and unbiased variance into a row of a ``RowTable``. For these inputs the CPU kernel sums in
   float64 and rounds once (the tests hold it to that). The rows of every layer are pooled
@@ -26,16 +27,16 @@ BatchNorm does:
 - **sums** (everything else: large inputs, layers off the CPU, BatchNorm subclasses with their
   own forward): per-channel sums of ``d = x − K`` and ``d²`` (``_ShiftedSums``; a shift
   ``K`` near the layer's mean keeps them free of cancellation; ``d`` is made a few samples at
-  a time, ``SHIFT_CHUNK_BYTES``). The batch mean and biased
-  variance go into the layer's running buffers and the layer runs its own eval-mode forward,
-  so a subclass keeps its extra behaviour in eval form.
+  a time, ``SHIFT_CHUNK_BYTES``). The batch mean and biased variance go into the layer's
+  running buffers and the layer runs its own eval-mode forward, so a subclass keeps its extra
+  behaviour in eval form.
 
 On CPU the kernel route costs what ``torch.optim.swa_utils.update_bn`` costs per call (the same
 kernel), and less for small inputs the kernel sums along the batch (2-D, channels-last): those
 calls run on one thread (``serial``), where starting a parallel region costs more than the
 work. Below ``SUMS_MIN`` elements the sums route's fixed cost (about ten small operations)
-exceeds the kernel's slower loops; above it the sums route is cheaper
-(``benchmarks/recalibrate_bench.py``).
+exceeds the kernel's slower loops; above it the sums route is cheaper where each sample's rows
+are long enough (``SUMS_ROW_MIN``; ``benchmarks/recalibrate_bench.py``).
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ class _ShiftedSums:
 #: The shifted copy of a large input is made this many bytes at a time (whole samples): a
 #: copy of the whole input would be a fresh allocation of its size, which the OS maps page by
 #: page (a 50 MB input: 16 ms against 4 ms in pieces), and it would add to the peak memory.
-SHIFT_CHUNK_BYTES = 8 << 20
+SHIFT_CHUNK_BYTES = 2 << 20
 
 
 def _shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -398,8 +399,12 @@ class LayerStatistics:
     """
 
     #: Inputs of at least this many elements take the sums route: its vectorised passes beat
-    #: the kernel's scalar statistics loops there (measured on 2 CPU cores).
+    #: the kernel's scalar statistics loops there (measured on 2 CPU cores)...
     SUMS_MIN = 1 << 17
+    #: ...when each sample has at least this many values per channel: on shorter rows (the
+    #: last stages of a CNN, 2×2 to 7×7) the kernel is faster (a 64×512×2×2 input: 147 µs
+    #: against 384 µs), so those keep the kernel where it may run.
+    SUMS_ROW_MIN = 64
     #: Inputs that cannot take the kernel route take the exact route up to this many elements
     #: (their float64 copy is made per call), and the sums route above it.
     EXACT_MAX = 1 << 16
@@ -457,19 +462,22 @@ class LayerStatistics:
         ``x``. Returns the layer's output and a tensor that is non-finite when ``x`` held NaN or
         inf."""
         self.calls += 1
-        size = x.numel()
-        if self.table is None or size >= self.SUMS_MIN or not x.is_cpu:
+        if self.table is None or not x.is_cpu:
             return self._summed(x, n, forward, args, kwargs)
+        size = x.numel()
         # the kernel sums along the batch (2-D, channels-last, one value per sample): in the
         # input's dtype, and faster on one thread when small (see ``SERIAL_MAX``)
         along_batch = n == x.shape[0] or not x.is_contiguous()
-        one_thread = along_batch and size <= SERIAL_MAX
         dtype = x.dtype
-        if (
+        kernel = (
             self.kernel_ok is not False
             and dtype == self.dtype
             and (self.any_layout or not along_batch)
-        ):
+        )
+        if size >= self.SUMS_MIN and not (kernel and n < x.shape[0] * self.SUMS_ROW_MIN):
+            return self._summed(x, n, forward, args, kwargs)
+        one_thread = along_batch and size <= SERIAL_MAX
+        if kernel:
             self.check_dim(x)
             return self._kernel(x, n, one_thread)
         if size > self.EXACT_MAX or dtype not in self.input_dtypes:
