@@ -463,3 +463,23 @@ def test_large_inputs_are_shifted_a_few_samples_at_a_time(
     assert calls == [2, 2, 2, 2, 1, 2, 2]
     assert torch.allclose(pieces.total, whole.total, rtol=1e-12, atol=0)
     _assert_exact(pieces.pool(), batches)
+
+
+@pytest.mark.parametrize(
+    ("shape", "summed"),
+    [((32, 2, 2), False), ((8, 8, 8), True), ((2, 16, 16), True)],
+    ids=["4 per sample: kernel", "64 per sample: sums", "256 per sample: sums"],
+)
+def test_large_inputs_take_the_kernel_when_their_rows_are_short(
+    shape: tuple[int, ...], summed: bool
+) -> None:
+    """Above SUMS_MIN elements the sums route is faster only on long rows per sample."""
+    channels = shape[0]
+    count = LayerStatistics.SUMS_MIN // (channels * shape[1] * shape[2])
+    batches = _batches(shape, sizes=(count, count + 3), offset=1.0)
+    assert all(x.numel() >= LayerStatistics.SUMS_MIN for x in batches)
+    layer = _layer(nn.BatchNorm2d(channels))
+    _feed(layer, batches)
+    assert (layer.sums is not None) is summed
+    assert layer.table is not None and (layer.table.pooled_counts[0] == 0) is summed
+    _assert_exact(layer.pooled(), batches)
