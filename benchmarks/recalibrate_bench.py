@@ -1,8 +1,8 @@
 """``bnfold.recalibrate`` against ``torch.optim.swa_utils.update_bn``, side by side in one process.
 
 For each model, in a fresh interpreter (``--in-process``: all in this one): the same model and
-the same uneven batches (sizes cycle through ``--sizes``, data far from zero mean) go through
-both tools. Reported:
+the same uneven batches (sizes cycle through ``--sizes``, data off zero mean) go through both
+tools. Reported:
 
 - **throughput** (samples/s; best of ``--repeat`` interleaved runs after ``WARM_UP`` untimed
   rounds, more for short runs: see ``MIN_SECONDS``) and the ratio bnfold / update_bn (> 1:
@@ -213,7 +213,7 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int, str]:
 
 def make_batches(sizes: list[int], count: int, shape: tuple[int, ...], device: torch.device,
                  seed: int) -> list[torch.Tensor]:  # fmt: skip
-    """``count`` batches, sizes cycling through ``sizes``, data far from zero mean."""
+    """``count`` batches, sizes cycling through ``sizes``, data off zero mean (mean 1, std 2)."""
     gen = torch.Generator().manual_seed(seed)
     return [
         (torch.randn((sizes[i % len(sizes)], *shape), generator=gen) * 2 + 1).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -218,9 +219,7 @@ def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
     if not layers:
         return []
     widths = [r.bn.num_features for r in layers]
-    starts = [0]
-    for width in widths[:-1]:
-        starts.append(starts[-1] + width)
+    starts = [0, *itertools.accumulate(widths[:-1])]
     # rows: old mean, new mean, old var, new var, mean shift, std ratio
     table = np.empty((6, sum(widths)))
     keys = ("old_mean", "new_mean", "old_var", "new_var")
