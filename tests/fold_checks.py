@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -13,7 +14,13 @@ from bnfold import zoo
 from bnfold.modes import as_args
 
 FP64_REL_TOL = 1e-10  # folded vs original, float64: max abs diff / max abs output
-PRECISION_RATIO_MAX = 2.0  # fp32 folded error / fp32 original error, both vs the fp64 reference
+# fp32 folded error / fp32 original error, both vs the fp64 reference, under PyTorch's native CPU
+# kernels and under the default ones (oneDNN). The fold itself rounds each weight once (bitwise
+# checked in test_foldmath); the rest is the kernels': a folded layer carries the BN's shift in a
+# larger bias, and oneDNN's fp32 convolution on some CPUs (seen: AMD EPYC, AVX2) rounds a fused
+# bias coarsely (conv(x, W', b') in one kernel has twice the error of conv(x, W') + b'), which takes
+# plain 3-D convs to 2.0-2.2x there; the native kernels reach 2.1x on 27-term depthwise 3-D sums.
+PRECISION_RATIO_MAX = 2.5
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
@@ -72,8 +79,14 @@ def _assert_coverage(model: nn.Module, result: bnfold.FoldResult, inputs: Any) -
         assert after == len(result.skipped)
 
 
-def precision_ratio(model: nn.Module, inputs: Any) -> float:
-    """RMS error vs the float64 reference: folded fp32 over original fp32."""
+def precision_ratio(model: nn.Module, inputs: Any, *, native_kernels: bool = True) -> float:
+    """RMS error vs the float64 reference: folded fp32 over original fp32, both run with
+    PyTorch's native CPU kernels (``native_kernels``) or the default ones (oneDNN)."""
+    if native_kernels:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the flags' note on TF32 for Intel GPUs
+            with torch.backends.mkldnn.flags(enabled=False):
+                return precision_ratio(model, inputs, native_kernels=False)
     model = copy.deepcopy(model).float().eval()
     inputs32 = tuple(t.float() for t in as_args(inputs))
     inputs64 = tuple(t.double() for t in inputs32)
@@ -85,12 +98,14 @@ def precision_ratio(model: nn.Module, inputs: Any) -> float:
 
 
 def _rms(diff: torch.Tensor) -> float:
-    return float(diff.pow(2).mean().sqrt())
+    return float(diff.detach().pow(2).mean().sqrt())
 
 
 def assert_precision(model: nn.Module, inputs: Any) -> None:
-    ratio = precision_ratio(model, inputs)
-    assert ratio <= PRECISION_RATIO_MAX, f"fp32 error ratio {ratio:.2f}"
+    for native in (True, False):
+        ratio = precision_ratio(model, inputs, native_kernels=native)
+        kernels = "native" if native else "default"
+        assert ratio <= PRECISION_RATIO_MAX, f"fp32 error ratio {ratio:.2f} ({kernels} kernels)"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -170,7 +170,7 @@ def test_folds_exactly_in_float64(name: str) -> None:
 def test_float32_error_is_not_worse(name: str) -> None:
     """Measured on 64 seeded samples: with a handful of outputs the RMS error is too noisy to
     compare (the ratio is ~1.6 for depthwise convs, whose 9-term sums make one extra weight
-    rounding visible)."""
+    rounding visible, and up to 2.2 where a kernel rounds the folded bias coarsely)."""
     torch.manual_seed(0)
     model, x = ALL[name]()
     x = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(1))
