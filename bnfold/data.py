@@ -9,9 +9,12 @@ positional tensors, for tracing and for saving a ``.pt2``). What DATA may be:
   positional inputs, samples along dim 0 of each; a dict ``{name: tensor}`` is keyword inputs,
   samples along dim 0 of each; a **list** is a list of ready-made batches (each a tensor, tuple
   or dict), used as they are.
-- ``.npy``: one array, samples along dim 0. ``.npz``: arrays saved positionally
-  (``np.savez(f, a, b)``: ``arr_0``, ``arr_1``, ...) are positional inputs, named arrays
-  (``np.savez(f, x=a)``) keyword inputs. Object arrays are refused (no pickle).
+- ``.npy``: one array, samples along dim 0. ``.npz``: an archive of one array is that array;
+  ``FILE.npz:NAME`` picks the array ``NAME`` (only that member is read); arrays saved
+  positionally (``np.savez(f, a, b)``: ``arr_0``, ``arr_1``, ...) are positional inputs, in
+  that order. Several arrays with other names (``np.savez(f, images=a, labels=b)``) are refused
+  with their names: pick one with ``FILE.npz:NAME`` (a dict of tensors in a ``.pt`` gives
+  keyword inputs). Object arrays are refused (no pickle).
 - a folder: every image in it and its subfolders (``.jpg .jpeg .png .bmp .gif .webp .tif
   .tiff``), read with Pillow, converted to RGB, resized so the shorter side is ``resize``
   (default ``image_size / 0.875``, i.e. 256 for 224), center-cropped to ``image_size`` and
@@ -53,6 +56,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Default resize: the shorter side becomes ``image_size / CROP_FRACTION`` before the crop.
 CROP_FRACTION = 0.875
@@ -87,6 +91,8 @@ def load_data(
         source: DataSource = _ImageFolder(path, options, batch_size=batch_size, seed=seed)
     elif path.exists():
         source = _load_file(path, batch_size=batch_size, seed=seed)
+    elif (picked := _npz_member(text)) is not None:
+        source = _load_file(picked[0], batch_size=batch_size, seed=seed, member=picked[1])
     elif _looks_like_callable(text):
         source = _IterableSource(_call(text), text)
     else:
@@ -341,8 +347,13 @@ def _read_image(path: Path, options: _ImageOptions) -> torch.Tensor:
 # -------------------------------------------------------------------------------- data files
 
 
-def _load_file(path: Path, *, batch_size: int, seed: int) -> DataSource:
+def _load_file(path: Path, *, batch_size: int, seed: int, member: str | None = None) -> DataSource:
     suffix = path.suffix.lower()
+    if member is not None and suffix != ".npz":
+        raise LoadError(
+            f"{path}:{member}: ':NAME' picks one array from an .npz archive, and {path} is not "
+            "an .npz file"
+        )
     if suffix in (".pt", ".pth"):
         return _from_object(_torch_load(path), str(path), batch_size=batch_size, seed=seed)
     if suffix == ".npy":
@@ -351,15 +362,64 @@ def _load_file(path: Path, *, batch_size: int, seed: int) -> DataSource:
             (_from_numpy(array, path),), str(path), batch_size=batch_size, seed=seed
         )
     if suffix == ".npz":
-        with _numpy_load(path) as archive:
-            arrays = {name: _from_numpy(archive[name], path) for name in archive.files}
-        if not arrays:
-            raise LoadError(f"{path}: the .npz archive holds no array")
-        inputs = _positional_npz(arrays)
-        return _TensorSource(inputs, str(path), batch_size=batch_size, seed=seed)
+        inputs = _npz_inputs(path, member)
+        description = str(path) if member is None else f"{path}:{member}"
+        return _TensorSource(inputs, description, batch_size=batch_size, seed=seed)
     raise LoadError(
         f"{path}: cannot tell what data this is from '{suffix or 'no extension'}'; use a .pt "
         "(tensors), .npy/.npz (arrays), a folder of images, or package.module:callable"
+    )
+
+
+def _npz_member(text: str) -> tuple[Path, str] | None:
+    """``(FILE, NAME)`` when ``text`` is ``FILE:NAME`` and FILE is an existing data file."""
+    head, colon, name = text.rpartition(":")
+    path = Path(head)
+    if not colon or path.suffix.lower() not in DATA_FILE_SUFFIXES or not path.is_file():
+        return None
+    return path, name
+
+
+def _npz_inputs(path: Path, member: str | None) -> tuple[torch.Tensor, ...]:
+    """The positional inputs an .npz holds: the array ``member``, the only array, or
+    ``arr_0, arr_1, ...`` (saved positionally) in order. Reads only the arrays it returns."""
+    with _numpy_load(path) as archive:
+        names = list(archive.files)
+        if not names:
+            raise LoadError(f"{path}: the .npz archive holds no array")
+        chosen = _npz_choice(path, names, member)
+        return tuple(_from_numpy(_npz_array(archive, name, path), path) for name in chosen)
+
+
+def _npz_array(archive: Any, name: str, path: Path) -> Any:
+    """One member of an open .npz (numpy reads members only when asked)."""
+    try:
+        return archive[name]
+    except ValueError as exc:
+        raise UnsafeFileError(
+            f"{path}: array {name!r} holds object arrays, which need pickle to load; bnfold "
+            f"refuses that. Save numeric arrays instead ({exc})"
+        ) from exc
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot read array {name!r} with numpy.load: {exc}") from exc
+
+
+def _npz_choice(path: Path, names: list[str], member: str | None) -> list[str]:
+    listed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    if member is not None:
+        if member not in names:
+            raise LoadError(f"{path}: holds no array named {member!r}; its arrays: {listed}")
+        return [member]
+    if len(names) == 1:
+        return names
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if sorted(names) == sorted(positional):
+        return positional
+    raise UsageError(
+        f"{path}: holds {len(names)} arrays ({listed}); pick the input with {path}:NAME (e.g. "
+        f"{path}:{names[0]}). For several positional inputs save them positionally "
+        "(np.savez(f, a, b): arr_0, arr_1, ... in that order); for keyword inputs save a dict "
+        "of tensors in a .pt"
     )
 
 
@@ -395,14 +455,6 @@ def _from_numpy(array: Any, path: Path) -> torch.Tensor:
     if array.dtype.kind not in "biuf":
         raise LoadError(f"{path}: arrays of dtype {array.dtype} are not model inputs")
     return torch.from_numpy(array.copy())
-
-
-def _positional_npz(arrays: dict[str, torch.Tensor]) -> tuple | dict:
-    names = list(arrays)
-    positional = [f"arr_{i}" for i in range(len(names))]
-    if sorted(names) == sorted(positional):
-        return tuple(arrays[name] for name in positional)
-    return arrays
 
 
 def _from_object(obj: Any, description: str, *, batch_size: int, seed: int) -> DataSource:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -95,10 +96,70 @@ def test_numpy_files_and_dtype_cast(tmp_path: Path) -> None:
     first = load_data(tmp_path / "pos.npz", dtype=torch.float32).first_batch()
     assert isinstance(first, tuple) and first[0].dtype == torch.float32
     assert first[1].dtype == torch.int64  # integer inputs are never cast
-    assert set(load_data(tmp_path / "named.npz").first_batch()) == {"x"}
+    assert torch.equal(load_data(tmp_path / "named.npz").first_batch(), torch.ones(4, 2).double())
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UnsafeFileError, match="object arrays"):
         load_data(tmp_path / "obj.npy")
+
+
+def _labelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An .npz as datasets are often saved: images and labels, by name."""
+    images = np.random.default_rng(0).normal(size=(6, 3, 2, 2)).astype(np.float32)
+    labels = np.arange(6)
+    np.savez(path, images=images, labels=labels)
+    return images, labels
+
+
+def test_npz_name_picks_one_array(tmp_path: Path) -> None:
+    images, labels = _labelled_npz(tmp_path / "set.npz")
+    data = load_data(f"{tmp_path / 'set.npz'}:images", batch_size=6)
+    assert torch.equal(_only(data), torch.from_numpy(images)[_order(6)])
+    assert data.description.endswith("set.npz:images")
+    picked = load_data(f"{tmp_path / 'set.npz'}:labels", batch_size=6)
+    assert torch.equal(_only(picked), torch.from_numpy(labels)[_order(6)])
+
+
+def test_npz_name_reads_only_that_array(tmp_path: Path) -> None:
+    """Another member that numpy cannot load without pickle is never read."""
+    np.savez(tmp_path / "mixed.npz", x=np.ones((4, 2)), meta=np.array([{"a": 1}], dtype=object))
+    assert _only(load_data(f"{tmp_path / 'mixed.npz'}:x", batch_size=4)).shape == (4, 2)
+    with pytest.raises(UnsafeFileError, match="object arrays"):
+        load_data(f"{tmp_path / 'mixed.npz'}:meta")
+
+
+def test_npz_of_several_named_arrays_says_how_to_pick_one(tmp_path: Path) -> None:
+    _labelled_npz(tmp_path / "set.npz")
+    with pytest.raises(UsageError) as caught:
+        load_data(tmp_path / "set.npz")
+    message = str(caught.value)
+    assert "2 arrays (images, labels)" in message
+    assert f"{tmp_path / 'set.npz'}:NAME" in message and "set.npz:images" in message
+
+
+@pytest.mark.parametrize(
+    ("suffix", "error", "message"),
+    [
+        ("set.npz:image", LoadError, "no array named 'image'; its arrays: images, labels"),
+        ("set.npz:", LoadError, "no array named ''"),
+        ("x.pt:images", LoadError, "not an .npz file"),
+        ("missing.npz:images", LoadError, "no such file"),
+    ],
+    ids=["unknown-name", "empty-name", "not-npz", "missing-file"],
+)
+def test_npz_name_errors(tmp_path: Path, suffix: str, error: type, message: str) -> None:
+    _labelled_npz(tmp_path / "set.npz")
+    torch.save(_samples(4), tmp_path / "x.pt")
+    with pytest.raises(error, match=re.escape(message)):
+        load_data(f"{tmp_path}/{suffix}")
+
+
+def _only(data: object) -> torch.Tensor:
+    (batch,) = list(data)
+    return batch
+
+
+def _order(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------ images

@@ -25,7 +25,10 @@ DATA is one of:
   samples.pt          a tensor (samples on dim 0), a tuple of tensors (positional
                       inputs), a dict of tensors (keyword inputs) or a list of
                       ready-made batches; read with torch.load(weights_only=True)
-  samples.npy / .npz  numpy arrays (.npz: arr_0, arr_1... positional, named keyword)
+  samples.npy         a numpy array (samples on dim 0)
+  samples.npz         its one array, or arrays saved positionally (arr_0, arr_1...:
+                      positional inputs); samples.npz:NAME picks the array NAME (an
+                      .npz of several named arrays needs it)
   images/             a folder of images (and subfolders): RGB, shorter side resized to
                       --resize (default image size / 0.875), center crop --image-size
                       (default 224), normalised with --mean/--std (default ImageNet's)
