@@ -27,9 +27,18 @@ Samples (arrays, tensors, images) are shuffled with a seeded permutation (``seed
 seed gives the same batches) and cut into batches of ``batch_size``; a final batch of a single
 sample is merged into the one before, because a BatchNorm needs two values per channel. Ready-
 made batches and callables are not re-batched or shuffled. ``dtype`` casts floating-point
-tensors (never integer ones) to the model's dtype. ``shard=(rank, world_size)`` keeps batches
-``rank, rank + world_size, ...``: under ``torchrun`` every rank takes its share of the same
-batches, and together they see each batch exactly once.
+tensors (never integer ones) to the model's dtype.
+
+Sharding (``shard=(rank, world_size)``, what ``torchrun`` needs): a file or folder is **split by
+batch**: rank ``r`` of ``W`` feeds batches ``r, r + W, r + 2W, ...`` of the batches one process
+would make with the same ``batch_size`` and ``seed``, so the ranks together feed every batch
+(every sample) exactly once, in the same batches. By batch, not by sample: a BatchNorm
+normalises with its batch's statistics, so the layers after it see what they would see in one
+process. Ranks may get unequal numbers of batches, or none. A callable's iterable is **this
+rank's part**, fed as it is and never split: the callable reads the rank itself, or returns a
+DataLoader with a ``DistributedSampler`` (whose ``num_replicas`` and ``rank`` must match
+``shard``; the samples it repeats or drops to give every rank the same count are stated in
+``notes``).
 """
 
 from __future__ import annotations
@@ -78,9 +87,14 @@ def load_data(
 ) -> DataSource:
     """Open DATA (see the module docstring for the forms) as a re-iterable ``DataSource``.
 
-    Raises ``LoadError`` (missing, unreadable or empty data, mismatched sample counts),
+    ``shard=(rank, world_size)`` splits a file or folder by batch and takes a callable's
+    iterable as this rank's part (see the module docstring).
+
+    Raises ``LoadError`` (missing, unreadable or empty data, mismatched sample counts, an
+    ``.npz`` without the array ``NAME``, a ``DistributedSampler`` built for other ranks),
     ``UnsafeFileError`` (a ``.pt`` that needs unpickling arbitrary objects) and ``UsageError``
-    (bad ``batch_size``, image options or ``shard``). Nothing is fed to a model here.
+    (bad ``batch_size``, image options or ``shard``; an ``.npz`` of several named arrays without
+    ``:NAME``). Nothing is fed to a model here.
     """
     _check_positive("batch_size", batch_size)
     rank, world = _check_shard(shard)
@@ -100,7 +114,8 @@ def load_data(
             f"{text}: no such file or folder (and not a 'package.module:callable' spec)"
         )
     source.dtype = dtype
-    source.rank, source.world = rank, world
+    if world > 1:
+        source.shard(rank, world)
     return source
 
 
@@ -108,11 +123,20 @@ def load_data(
 
 
 class DataSource:
-    """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors)."""
+    """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors).
+
+    ``split`` says how the source is shared among the ranks of ``torch.distributed``: ``"none"``
+    (one process), ``"by_batch"`` (bnfold feeds this rank batches ``rank, rank + world, ...`` of
+    the whole source) or ``"as_given"`` (the source is this rank's part, fed whole). ``notes``
+    state what a reader of the statistics should know about the data (samples a
+    ``DistributedSampler`` repeats or drops); ``bnfold.recalibrate`` copies them into its report.
+    """
 
     description = "data"
     dtype: torch.dtype | None = None
     rank, world = 0, 1
+    split = "none"
+    notes: tuple[str, ...] = ()
 
     def _batches(self) -> Iterator[Batch]:
         raise NotImplementedError
@@ -124,6 +148,10 @@ class DataSource:
     def _sizes(self) -> list[int] | None:
         """Samples in each batch before sharding, when known."""
         return None
+
+    def shard(self, rank: int, world: int) -> None:
+        """Feed only batches ``rank, rank + world, ...`` (a file source, split by bnfold)."""
+        self.rank, self.world, self.split = rank, world, "by_batch"
 
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches()):
@@ -147,6 +175,12 @@ class DataSource:
         if sizes is None:
             return None
         return sum(sizes[self.rank :: self.world][:batches])
+
+    def total_samples(self) -> int | None:
+        """Samples in the whole source, every rank's part together, when bnfold knows them
+        (a file or folder); None for a callable's iterable."""
+        sizes = self._sizes()
+        return None if sizes is None else sum(sizes)
 
     def first_batch(self) -> Batch:
         """The first batch of the data (of the whole data, whatever the shard)."""
@@ -239,6 +273,12 @@ class _IterableSource(DataSource):
         except TypeError:
             return None
 
+    def shard(self, rank: int, world: int) -> None:
+        """Take the iterable as this rank's part (never split it); check the rank and world
+        size of its ``DistributedSampler``, if any, and note the samples it repeats or drops."""
+        self.split = "as_given"
+        self.notes = _sampler_notes(self.iterable, self.description, rank, world)
+
     def _batches(self) -> Iterator[Batch]:
         if not self.one_shot:
             yield from self.iterable
@@ -263,6 +303,48 @@ class _IterableSource(DataSource):
 
 
 _NOTHING = object()
+
+
+def _sampler_notes(iterable: Iterable, description: str, rank: int, world: int) -> tuple[str, ...]:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if not isinstance(iterable, DataLoader):
+        return ()
+    samplers = (iterable.sampler, getattr(iterable.batch_sampler, "sampler", None))
+    sampler = next((s for s in samplers if isinstance(s, DistributedSampler)), None)
+    if sampler is None:
+        return (
+            f"{description} is a DataLoader without a DistributedSampler: bnfold feeds it whole "
+            f"as this rank's part. If every rank loads the whole dataset, each sample is counted "
+            f"{world} times (bnfold refuses it only when two ranks' first batches are identical)",
+        )
+    if (sampler.num_replicas, sampler.rank) != (world, rank):
+        raise LoadError(
+            f"{description}: its DistributedSampler splits the data for rank {sampler.rank} of "
+            f"{sampler.num_replicas}, but this process is rank {rank} of {world}; build it with "
+            "DistributedSampler(dataset) inside the process group (or num_replicas=world size, "
+            "rank=rank)"
+        )
+    return _padding_notes(sampler, description, world)
+
+
+def _padding_notes(sampler: Any, description: str, world: int) -> tuple[str, ...]:
+    """What a DistributedSampler does to give every rank the same number of samples."""
+    size = len(sampler.dataset)
+    if sampler.total_size > size:
+        return (
+            f"{description}: its DistributedSampler repeats {sampler.total_size - size} of the "
+            f"{size} samples so that each of the {world} ranks gets {sampler.num_samples}; "
+            "those samples are counted twice. A dataset size divisible by the world size avoids "
+            "it",
+        )
+    if sampler.total_size < size:
+        return (
+            f"{description}: its DistributedSampler (drop_last=True) leaves out "
+            f"{size - sampler.total_size} of the {size} samples so that each of the {world} "
+            f"ranks gets {sampler.num_samples}; they are not fed",
+        )
+    return ()
 
 
 # ------------------------------------------------------------------------------------- images

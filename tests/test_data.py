@@ -259,6 +259,90 @@ def test_shards_split_the_batches(tmp_path: Path) -> None:
     assert torch.equal(shards[1][0], whole[1])
 
 
+def test_file_split_by_batch_is_the_one_process_batches(tmp_path: Path) -> None:
+    """Every batch exactly once, the same batches one process makes; uneven ranks, and a
+    rank with none when there are fewer batches than ranks."""
+    path = tmp_path / "x.pt"
+    torch.save(_samples(11), path)
+    whole = list(load_data(path, batch_size=3))  # 3, 3, 3, 2
+    for world in (2, 3, 5):
+        parts = [load_data(path, batch_size=3, shard=(rank, world)) for rank in range(world)]
+        assert all(part.split == "by_batch" for part in parts)
+        fed = [list(part) for part in parts]
+        assert [len(batches) for batches in fed] == [len(whole[r::world]) for r in range(world)]
+        for rank, batches in enumerate(fed):
+            assert all(torch.equal(a, b) for a, b in zip(batches, whole[rank::world], strict=True))
+        assert sum(part.num_samples() for part in parts) == 11
+        assert {part.total_samples() for part in parts} == {11}
+    assert list(load_data(path, batch_size=3, shard=(4, 5))) == []
+
+
+def test_callable_is_this_ranks_part_never_split(user_module: str) -> None:
+    """A callable that already shards by rank is fed whole: bnfold never takes every
+    world-th of its batches."""
+    data = load_data(f"{user_module}:batches", shard=(1, 2))
+    assert data.split == "as_given" and data.notes == ()
+    assert [len(b) for b in data] == [2, 4] and len(data) == 2 and data.total_samples() is None
+
+
+def _loader_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
+    (tmp_path / "loaders.py").write_text(
+        "import torch\nfrom torch.utils.data import DataLoader, DistributedSampler, "
+        f"TensorDataset\nDATA = TensorDataset(torch.arange(20.0).view(10, 2))\n{body}"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
+    return "loaders"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "note"),
+    [
+        ("DistributedSampler(DATA, num_replicas=3, rank=1)", "repeats 2 of the 10 samples"),
+        (
+            "DistributedSampler(DATA, num_replicas=3, rank=1, drop_last=True)",
+            "leaves out 1 of the 10 samples",
+        ),
+        ("DistributedSampler(DATA, num_replicas=2, rank=1)", None),
+        ("None", "without a DistributedSampler"),
+    ],
+    ids=["pads", "drops", "even", "no-sampler"],
+)
+def test_data_loader_sampler_notes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampler: str, note: str | None
+) -> None:
+    world = 2 if "num_replicas=2" in sampler else 3
+    module = _loader_module(
+        tmp_path,
+        monkeypatch,
+        f"def loader():\n    return DataLoader(DATA, batch_size=3, sampler={sampler})\n",
+    )
+    data = load_data(f"{module}:loader", shard=(1, world))
+    assert data.split == "as_given"
+    fed = sum(len(batch[0]) for batch in data)  # all of this rank's loader, never a part
+    assert fed == len(data.iterable.sampler)
+    if note is None:
+        assert data.notes == ()
+    else:
+        assert len(data.notes) == 1 and note in data.notes[0]
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
+
+
+def test_distributed_sampler_for_other_ranks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _loader_module(
+        tmp_path,
+        monkeypatch,
+        "def loader():\n    sampler = DistributedSampler(DATA, num_replicas=4, rank=0)\n"
+        "    return DataLoader(DATA, batch_size=2, sampler=sampler)\n",
+    )
+    with pytest.raises(LoadError, match="rank 0 of 4, but this process is rank 1 of 2"):
+        load_data(f"{module}:loader", shard=(1, 2))
+    assert load_data(f"{module}:loader").split == "none"  # one process: nothing to check
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     torch.save(_samples(4), path)
