@@ -125,9 +125,10 @@ def load_data(
 class DataSource:
     """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors).
 
-    ``split`` says how the source is shared among the ranks of ``torch.distributed``: ``"none"``
-    (one process), ``"by_batch"`` (bnfold feeds this rank batches ``rank, rank + world, ...`` of
-    the whole source) or ``"as_given"`` (the source is this rank's part, fed whole). ``notes``
+    ``split`` says how the source is shared among the ranks of ``torch.distributed``: a file or
+    folder is ``"by_batch"`` (bnfold feeds this rank batches ``rank, rank + world, ...`` of the
+    whole source) or ``"none"`` (not split: one process); a callable's iterable is always
+    ``"as_given"`` (this rank's part, fed whole). ``notes``
     state what a reader of the statistics should know about the data (samples a
     ``DistributedSampler`` repeats or drops); ``bnfold.recalibrate`` copies them into its report.
     """
@@ -260,6 +261,8 @@ class _ListSource(DataSource):
 class _IterableSource(DataSource):
     """Whatever a ``package.module:callable`` returned: used as it is."""
 
+    split = "as_given"
+
     def __init__(self, iterable: Iterable, description: str) -> None:
         self.iterable = iterable
         self.description = description
@@ -276,7 +279,6 @@ class _IterableSource(DataSource):
     def shard(self, rank: int, world: int) -> None:
         """Take the iterable as this rank's part (never split it); check the rank and world
         size of its ``DistributedSampler``, if any, and note the samples it repeats or drops."""
-        self.split = "as_given"
         self.notes = _sampler_notes(self.iterable, self.description, rank, world)
 
     def _batches(self) -> Iterator[Batch]:

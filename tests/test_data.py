@@ -283,6 +283,7 @@ def test_callable_is_this_ranks_part_never_split(user_module: str) -> None:
     data = load_data(f"{user_module}:batches", shard=(1, 2))
     assert data.split == "as_given" and data.notes == ()
     assert [len(b) for b in data] == [2, 4] and len(data) == 2 and data.total_samples() is None
+    assert load_data(f"{user_module}:batches").split == "as_given"  # with or without shard
 
 
 def _loader_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:

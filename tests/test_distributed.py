@@ -214,6 +214,7 @@ WORKER = textwrap.dedent(
         load_data("mixed.pt", batch_size=4, shard=(rank, world + 1)))
     api("api-load-data-shard", torch.float64,
         load_data("mixed.pt", batch_size=4, shard=(rank, world), dtype=torch.float64))
+    api("api-callable-source", torch.float64, load_data("dist_user:shard"))
     api("api-constant-split", torch.float32,
         load_data("constant.pt", batch_size=4, shard=(rank, world)))
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -509,6 +510,18 @@ def test_api_load_data_shard_equals_one_process(run: dict, workspace: Path) -> N
     recalibrate(expected, load_data(workspace / "mixed.pt", batch_size=4, dtype=torch.float64))
     for rank in run["ranks"]:
         got = rank["api-load-data-shard"]
+        assert got["error"] is None, got["error"]
+        _assert_statistics(got["buffers"], dict(expected.named_buffers()))
+
+
+def test_api_callable_data_source_is_each_ranks_part(run: dict, dist_user: Any) -> None:
+    """``load_data("pkg.module:callable")`` needs no ``shard=``: its iterable is this rank's
+    part, fed whole."""
+    world = run["world"]
+    expected = mixed(dtype=torch.float64)
+    recalibrate(expected, [batch for r in range(world) for batch in dist_user.part(r, world)])
+    for rank in run["ranks"]:
+        got = rank["api-callable-source"]
         assert got["error"] is None, got["error"]
         _assert_statistics(got["buffers"], dict(expected.named_buffers()))
 
