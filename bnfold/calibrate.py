@@ -31,14 +31,24 @@ How a forward pass is run (the semantics of ``torch.optim.swa_utils.update_bn``,
 - NaN/inf: checked every ``_Session.CHECK_EVERY`` batches and at the end; the error names the
   batch and the first BatchNorm, in call order, whose input held them.
 
-Distributed: when ``torch.distributed`` is initialised, each rank feeds its own batches; the
-per-channel count, mean and squared deviations are all-reduced in float64 (two reductions: the
-global mean first, then the squared deviations about it), so every rank ends with identical
-statistics, equal to one process fed every rank's batches.
+Distributed: when ``torch.distributed`` is initialised, ``data`` is **this rank's part** and is
+fed as it is (never split again: split a file with ``load_data(..., shard=(rank, world_size))``,
+or use a ``DistributedSampler``). Ranks may feed different numbers of batches, or none: there is
+no collective per batch. Afterwards the per-channel count, mean and squared deviations are
+all-reduced in float64 (two reductions: the global mean first, then the squared deviations
+about it), so every rank ends with identical statistics, equal to one process fed every rank's
+batches; the report gives each rank's batches and samples (gathered). What is checked: a rank
+that fails makes every rank raise (statistics restored everywhere); two ranks whose first
+batches are identical (the same data on several ranks, which would count each sample once per
+rank) are refused, unless bnfold split the data itself; a ``DataSource`` split for another rank
+or world size is refused. Data that
+overlaps between ranks in any other way cannot be seen here: the per-rank counts let the caller
+check that they add up to the data set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -55,9 +65,11 @@ from bnfold.calreport import (
     ChannelSummary,
     LayerCalibration,
     LayerStatus,
+    RankShare,
     Recalibrated,
     build_report,
 )
+from bnfold.data import DataSource
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.modes import eval_mode
 from bnfold.sites import is_stock_norm
@@ -67,6 +79,7 @@ __all__ = [
     "ChannelSummary",
     "LayerCalibration",
     "LayerStatus",
+    "RankShare",
     "recalibrate",
 ]
 
@@ -101,6 +114,7 @@ def recalibrate(
             SyncBatchNorm and subclasses) are recalibrated.
         data: an iterable of batches (a DataLoader, a list). A batch is a tensor (one
             positional input), a tuple/list (positional inputs) or a dict (keyword inputs).
+            Under ``torch.distributed``, this rank's part of the data, fed as it is.
         batches: use at most this many batches (per rank under ``torch.distributed``).
         forward: ``forward(model, batch)`` feeds one batch; use it for batches that are not
             plain inputs, e.g. ``lambda m, b: m(b[0])`` for ``(inputs, labels)`` batches.
@@ -112,15 +126,16 @@ def recalibrate(
         A ``CalibrationReport``: per BatchNorm, old vs new statistics, the shift in units of the
         old std, near-zero-variance channels, samples seen; BatchNorms that saw no data
         (``NO_DATA``, left unchanged) and BatchNorms without running statistics
-        (``NO_RUNNING_STATS``, skipped).
+        (``NO_RUNNING_STATS``, skipped); the batches and samples each rank fed.
 
     Raises:
         UsageError: bad arguments, a model without BatchNorm, a TorchScript model, an
-            uninitialised lazy BatchNorm.
+            uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size.
         ModelInputError: the model rejected a batch (the message names the batch index and the
             BatchNorm it was in, if any).
         CalibrationError: no batches, NaN/inf reaching a BatchNorm (named), a BatchNorm that saw
-            a single value per channel, or another rank failed.
+            a single value per channel, another rank failed, or two ranks fed the same first
+            batch.
     """
     _check_arguments(model, batches)
     started = time.perf_counter()
@@ -128,21 +143,23 @@ def recalibrate(
     named = list(model.named_modules())
     targets, skipped = _find_batchnorms(named)
     if not targets:
-        return build_report(named, [], list(skipped), 0, 0, 1, started, notes)
+        return build_report(named, [], list(skipped), (), 1, started, notes)
     device = torch.device(device) if device is not None else _model_device(named)
     feed = forward if forward is not None else _default_forward
     world = _world_size()
+    if isinstance(data, DataSource):
+        notes += data.notes
     with eval_mode(model, (module for _, module in named)):  # every flag restored afterwards
         session = _Session(targets)
         try:
-            totals = _run_everywhere(model, data, session, feed, device, batches, progress, world)
-            if totals[0] == 0:
+            shares = _run_everywhere(model, data, session, feed, device, batches, progress, world)
+            if not any(share.batches for share in shares):
                 raise CalibrationError(
                     "no batches: the data yielded nothing, so there is nothing to recalibrate "
                     "from (model left unchanged)"
                 )
             pooled = session.pooled(world > 1, device)
-            report = _report(named, session, pooled, skipped, totals, world, started, notes)
+            report = _report(named, session, pooled, skipped, shares, world, started, notes)
             _write_statistics(session.layers, pooled)  # last: nothing after it can fail
         except BaseException:
             session.restore_statistics()
@@ -157,7 +174,7 @@ def _report(
     session: _Session,
     pooled: dict[str, _Final],
     skipped: dict[str, nn.Module],
-    totals: list[int],
+    shares: tuple[RankShare, ...],
     world: int,
     started: float,
     notes: tuple[str, ...],
@@ -169,9 +186,7 @@ def _report(
         for name, p in pooled.items()
     ]  # fmt: skip
     notes += _bound_notes(pooled)
-    return build_report(
-        named, recalibrated, list(skipped), totals[0], totals[1], world, started, notes
-    )
+    return build_report(named, recalibrated, list(skipped), shares, world, started, notes)
 
 
 #: A pooled variance whose error bound exceeds this gets a note in the report.
@@ -266,6 +281,20 @@ def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def _check_split(data: Iterable[Batch], world: int) -> None:
+    """A ``DataSource`` that bnfold splits by batch must be split for this rank and world."""
+    if world == 1 or not isinstance(data, DataSource) or data.split == "as_given":
+        return
+    rank = torch.distributed.get_rank()
+    if (data.rank, data.world) != (rank, world):
+        split = f"split for rank {data.rank} of {data.world}" if data.world > 1 else "not split"
+        raise UsageError(
+            f"{data.description}: the data is {split}, but this process is rank {rank} of "
+            f"{world}; open it with load_data(..., shard=(rank, world_size)) so that each rank "
+            "feeds its own batches and together they feed each batch once"
+        )
 
 
 def _groups(targets: dict[str, nn.Module]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
@@ -480,6 +509,16 @@ def batch_items(batch: Batch) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Fed:
+    """What this rank fed: batches, batch items, and a fingerprint of its first batch (0 when
+    not taken)."""
+
+    batches: int = 0
+    samples: int = 0
+    first: int = 0
+
+
 def _run(
     model: nn.Module,
     data: Iterable[Batch],
@@ -488,10 +527,13 @@ def _run(
     device: torch.device,
     limit: int | None,
     progress: ProgressFn | None,
-) -> list[int]:
-    """Feed the batches (the model in eval mode); return [batches, batch items] fed on this
-    rank."""
+    *,
+    fingerprint: bool = False,
+) -> _Fed:
+    """Feed the batches (the model in eval mode); return what was fed on this rank (with the
+    first batch's fingerprint when ``fingerprint``)."""
     totals = [0, 0]
+    first = 0
     try:
         iterator = iter(data)
     except TypeError as exc:
@@ -502,6 +544,8 @@ def _run(
             batch = _next_batch(iterator, index)
             if batch is _END:
                 break
+            if fingerprint and index == 0:
+                first = _fingerprint(batch)
             batch = _to_device(batch, device)
             session.start_batch(index)
             _feed_one(model, batch, feed, session, index)
@@ -512,10 +556,41 @@ def _run(
                 progress(index, items)
             index += 1
     session.check_finite()
-    return totals
+    return _Fed(totals[0], totals[1], first)
 
 
 _END = object()
+
+#: Bytes of each tensor that go into a batch's fingerprint (the rest is not read).
+FINGERPRINT_BYTES = 1 << 16
+
+
+def _fingerprint(batch: Batch) -> int:
+    """A positive 62-bit hash of a batch's tensors (dtype, shape and their first
+    ``FINGERPRINT_BYTES`` bytes); 0 when the batch holds no tensor it can read."""
+    tensors = _tensors(batch)
+    if not tensors:
+        return 0
+    digest = hashlib.blake2b(digest_size=8)
+    try:
+        for tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            head = flat[: max(1, FINGERPRINT_BYTES // flat.element_size())]
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    except (RuntimeError, TypeError):  # a tensor kind without plain bytes (sparse, quantized)
+        return 0
+    return (int.from_bytes(digest.digest(), "little") >> 2) + 1
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        return [tensor for value in batch for tensor in _tensors(value)]
+    return []
 
 
 def _next_batch(iterator: Any, index: int) -> Batch:
@@ -563,34 +638,58 @@ def _run_everywhere(
     limit: int | None,
     progress: ProgressFn | None,
     world: int,
-) -> list[int]:
-    """Run this rank's batches; under torch.distributed, sum [batches, items] over ranks.
+) -> tuple[RankShare, ...]:
+    """Run this rank's batches; under torch.distributed, gather what every rank fed.
 
-    A rank that fails still joins the reduction (with a failure flag) before raising, so the
-    other ranks raise too instead of waiting forever in the next collective.
+    A rank that fails still joins the gather (with a failure flag) before raising, so the
+    other ranks raise too instead of waiting forever in the next collective. Two ranks whose
+    first batches are identical are refused on every rank (unless ``data`` is a ``DataSource``
+    that bnfold split by batch: its parts are disjoint by construction).
     """
     if world == 1:
-        return _run(model, data, session, feed, device, limit, progress)
+        fed = _run(model, data, session, feed, device, limit, progress)
+        return (RankShare(0, fed.batches, fed.samples),)
     failure: Exception | None = None
+    split_here = isinstance(data, DataSource) and data.split == "by_batch"
     try:
-        totals = _run(model, data, session, feed, device, limit, progress)
+        _check_split(data, world)
+        fed = _run(model, data, session, feed, device, limit, progress, fingerprint=not split_here)
     except Exception as exc:
-        failure, totals = exc, [0, 0]
-    tensor = torch.tensor(
-        [*totals, float(failure is not None)],
-        dtype=torch.float64,
-        device=_collective_device(device),
-    )
-    torch.distributed.all_reduce(tensor)
-    batches, items, failed = (int(v) for v in tensor.tolist())
+        failure, fed = exc, _Fed()
+    rows = _all_gather_ints([fed.batches, fed.samples, int(failure is not None), fed.first], device)
     if failure is not None:
         raise failure
+    failed = sum(row[2] for row in rows)
     if failed:
         raise CalibrationError(
             f"{failed} other rank(s) failed during recalibration (see their error); statistics "
             "restored on this rank too"
         )
-    return [batches, items]
+    _check_distinct([row[3] for row in rows])
+    return tuple(RankShare(rank, row[0], row[1]) for rank, row in enumerate(rows))
+
+
+def _all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (same length on every rank), in rank order."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=_collective_device(device))
+    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, tensor)
+    return [row.tolist() for row in gathered]
+
+
+def _check_distinct(fingerprints: list[int]) -> None:
+    """Refuse the same data on several ranks: two ranks with identical first batches."""
+    seen: dict[int, int] = {}
+    for rank, fingerprint in enumerate(fingerprints):
+        if fingerprint and fingerprint in seen:
+            raise CalibrationError(
+                f"ranks {seen[fingerprint]} and {rank} fed identical first batches: the data "
+                "looks the same on several ranks, and every sample would be counted once per "
+                "rank. Under torch.distributed each rank must feed only its own part: a "
+                "DataLoader with a DistributedSampler, a callable that reads the rank, or "
+                "load_data(..., shard=(rank, world_size)). Statistics restored, model unchanged"
+            )
+        seen.setdefault(fingerprint, rank)
 
 
 def _collective_device(device: torch.device) -> torch.device:

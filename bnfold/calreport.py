@@ -72,12 +72,22 @@ class LayerCalibration(Record):
 
 
 @dataclass(frozen=True)
+class RankShare(Record):
+    """What one rank fed: its batches and samples (batch items)."""
+
+    rank: int
+    batches: int
+    samples: int
+
+
+@dataclass(frozen=True)
 class CalibrationReport(Record):
     """What ``recalibrate`` did: one entry per BatchNorm (in ``named_modules`` order).
 
     ``batches`` and ``samples`` (batch items, from dim 0 of each batch's first tensor) are totals
-    over every rank; ``world_size`` is 1 outside ``torch.distributed``. Statistics are pooled in
-    ``accumulation_dtype``.
+    over every rank; ``per_rank`` gives each rank's own (gathered from every rank, in rank order;
+    one entry outside ``torch.distributed``), and they sum to the totals. ``world_size`` is 1
+    outside ``torch.distributed``. Statistics are pooled in ``accumulation_dtype``.
     """
 
     layers: tuple[LayerCalibration, ...]
@@ -87,6 +97,7 @@ class CalibrationReport(Record):
     seconds: float
     accumulation_dtype: str = "float64"
     notes: tuple[str, ...] = ()
+    per_rank: tuple[RankShare, ...] = ()
 
     @property
     def recalibrated(self) -> tuple[LayerCalibration, ...]:
@@ -145,7 +156,15 @@ class CalibrationReport(Record):
             for row in rows
         ]
         notes = [f"note: {note}" for note in self.notes]
-        return "\n".join([*lines, *notes, self.summary()])
+        return "\n".join([*lines, *notes, *self._rank_lines(), self.summary()])
+
+    def _rank_lines(self) -> list[str]:
+        """Under ``torch.distributed``: what each rank fed, in rank order."""
+        if self.world_size < 2 or not self.per_rank:
+            return []
+        samples = ", ".join(str(share.samples) for share in self.per_rank)
+        batches = ", ".join(str(share.batches) for share in self.per_rank)
+        return [f"per rank (rank 0 first): samples {samples}; batches {batches}"]
 
 
 # ------------------------------------------------------------------------------------ building
@@ -169,13 +188,13 @@ def build_report(
     named: Sequence[tuple[str, nn.Module]],
     recalibrated: Sequence[Recalibrated],
     skipped: Sequence[str],
-    batches: int,
-    samples: int,
+    per_rank: Sequence[RankShare],
     world: int,
     started: float,
     notes: tuple[str, ...] = (),
 ) -> CalibrationReport:
-    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order."""
+    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order; the totals are
+    the sums over ``per_rank``."""
     done = dict(zip((r.name for r in recalibrated), _summaries(recalibrated), strict=True))
     layers = []
     for name, module in named:
@@ -190,11 +209,12 @@ def build_report(
             layers.append(_unpooled(label, module, LayerStatus.NO_DATA))
     return CalibrationReport(
         layers=tuple(layers),
-        batches=batches,
-        samples=samples,
+        batches=sum(share.batches for share in per_rank),
+        samples=sum(share.samples for share in per_rank),
         world_size=world,
         seconds=time.perf_counter() - started,
         notes=notes,
+        per_rank=tuple(per_rank),
     )
 
 

@@ -9,9 +9,12 @@ positional tensors, for tracing and for saving a ``.pt2``). What DATA may be:
   positional inputs, samples along dim 0 of each; a dict ``{name: tensor}`` is keyword inputs,
   samples along dim 0 of each; a **list** is a list of ready-made batches (each a tensor, tuple
   or dict), used as they are.
-- ``.npy``: one array, samples along dim 0. ``.npz``: arrays saved positionally
-  (``np.savez(f, a, b)``: ``arr_0``, ``arr_1``, ...) are positional inputs, named arrays
-  (``np.savez(f, x=a)``) keyword inputs. Object arrays are refused (no pickle).
+- ``.npy``: one array, samples along dim 0. ``.npz``: an archive of one array is that array;
+  ``FILE.npz:NAME`` picks the array ``NAME`` (only that member is read); arrays saved
+  positionally (``np.savez(f, a, b)``: ``arr_0``, ``arr_1``, ...) are positional inputs, in
+  that order. Several arrays with other names (``np.savez(f, images=a, labels=b)``) are refused
+  with their names: pick one with ``FILE.npz:NAME`` (a dict of tensors in a ``.pt`` gives
+  keyword inputs). Object arrays are refused (no pickle).
 - a folder: every image in it and its subfolders (``.jpg .jpeg .png .bmp .gif .webp .tif
   .tiff``), read with Pillow, converted to RGB, resized so the shorter side is ``resize``
   (default ``image_size / 0.875``, i.e. 256 for 224), center-cropped to ``image_size`` and
@@ -24,9 +27,18 @@ Samples (arrays, tensors, images) are shuffled with a seeded permutation (``seed
 seed gives the same batches) and cut into batches of ``batch_size``; a final batch of a single
 sample is merged into the one before, because a BatchNorm needs two values per channel. Ready-
 made batches and callables are not re-batched or shuffled. ``dtype`` casts floating-point
-tensors (never integer ones) to the model's dtype. ``shard=(rank, world_size)`` keeps batches
-``rank, rank + world_size, ...``: under ``torchrun`` every rank takes its share of the same
-batches, and together they see each batch exactly once.
+tensors (never integer ones) to the model's dtype.
+
+Sharding (``shard=(rank, world_size)``, what ``torchrun`` needs): a file or folder is **split by
+batch**: rank ``r`` of ``W`` feeds batches ``r, r + W, r + 2W, ...`` of the batches one process
+would make with the same ``batch_size`` and ``seed``, so the ranks together feed every batch
+(every sample) exactly once, in the same batches. By batch, not by sample: a BatchNorm
+normalises with its batch's statistics, so the layers after it see what they would see in one
+process. Ranks may get unequal numbers of batches, or none. A callable's iterable is **this
+rank's part**, fed as it is and never split: the callable reads the rank itself, or returns a
+DataLoader with a ``DistributedSampler`` (whose ``num_replicas`` and ``rank`` must match
+``shard``; the samples it repeats or drops to give every rank the same count are stated in
+``notes``).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Default resize: the shorter side becomes ``image_size / CROP_FRACTION`` before the crop.
 CROP_FRACTION = 0.875
@@ -74,9 +87,14 @@ def load_data(
 ) -> DataSource:
     """Open DATA (see the module docstring for the forms) as a re-iterable ``DataSource``.
 
-    Raises ``LoadError`` (missing, unreadable or empty data, mismatched sample counts),
+    ``shard=(rank, world_size)`` splits a file or folder by batch and takes a callable's
+    iterable as this rank's part (see the module docstring).
+
+    Raises ``LoadError`` (missing, unreadable or empty data, mismatched sample counts, an
+    ``.npz`` without the array ``NAME``, a ``DistributedSampler`` built for other ranks),
     ``UnsafeFileError`` (a ``.pt`` that needs unpickling arbitrary objects) and ``UsageError``
-    (bad ``batch_size``, image options or ``shard``). Nothing is fed to a model here.
+    (bad ``batch_size``, image options or ``shard``; an ``.npz`` of several named arrays without
+    ``:NAME``). Nothing is fed to a model here.
     """
     _check_positive("batch_size", batch_size)
     rank, world = _check_shard(shard)
@@ -87,6 +105,8 @@ def load_data(
         source: DataSource = _ImageFolder(path, options, batch_size=batch_size, seed=seed)
     elif path.exists():
         source = _load_file(path, batch_size=batch_size, seed=seed)
+    elif (picked := _npz_member(text)) is not None:
+        source = _load_file(picked[0], batch_size=batch_size, seed=seed, member=picked[1])
     elif _looks_like_callable(text):
         source = _IterableSource(_call(text), text)
     else:
@@ -94,7 +114,8 @@ def load_data(
             f"{text}: no such file or folder (and not a 'package.module:callable' spec)"
         )
     source.dtype = dtype
-    source.rank, source.world = rank, world
+    if world > 1:
+        source.shard(rank, world)
     return source
 
 
@@ -102,11 +123,21 @@ def load_data(
 
 
 class DataSource:
-    """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors)."""
+    """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors).
+
+    ``split`` says how the source is shared among the ranks of ``torch.distributed``: a file or
+    folder is ``"by_batch"`` (bnfold feeds this rank batches ``rank, rank + world, ...`` of the
+    whole source) or ``"none"`` (not split: one process); a callable's iterable is always
+    ``"as_given"`` (this rank's part, fed whole). ``notes``
+    state what a reader of the statistics should know about the data (samples a
+    ``DistributedSampler`` repeats or drops); ``bnfold.recalibrate`` copies them into its report.
+    """
 
     description = "data"
     dtype: torch.dtype | None = None
     rank, world = 0, 1
+    split = "none"
+    notes: tuple[str, ...] = ()
 
     def _batches(self) -> Iterator[Batch]:
         raise NotImplementedError
@@ -118,6 +149,10 @@ class DataSource:
     def _sizes(self) -> list[int] | None:
         """Samples in each batch before sharding, when known."""
         return None
+
+    def shard(self, rank: int, world: int) -> None:
+        """Feed only batches ``rank, rank + world, ...`` (a file source, split by bnfold)."""
+        self.rank, self.world, self.split = rank, world, "by_batch"
 
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches()):
@@ -141,6 +176,12 @@ class DataSource:
         if sizes is None:
             return None
         return sum(sizes[self.rank :: self.world][:batches])
+
+    def total_samples(self) -> int | None:
+        """Samples in the whole source, every rank's part together, when bnfold knows them
+        (a file or folder); None for a callable's iterable."""
+        sizes = self._sizes()
+        return None if sizes is None else sum(sizes)
 
     def first_batch(self) -> Batch:
         """The first batch of the data (of the whole data, whatever the shard)."""
@@ -220,6 +261,8 @@ class _ListSource(DataSource):
 class _IterableSource(DataSource):
     """Whatever a ``package.module:callable`` returned: used as it is."""
 
+    split = "as_given"
+
     def __init__(self, iterable: Iterable, description: str) -> None:
         self.iterable = iterable
         self.description = description
@@ -232,6 +275,11 @@ class _IterableSource(DataSource):
             return len(self.iterable)  # type: ignore[arg-type]
         except TypeError:
             return None
+
+    def shard(self, rank: int, world: int) -> None:
+        """Take the iterable as this rank's part (never split it); check the rank and world
+        size of its ``DistributedSampler``, if any, and note the samples it repeats or drops."""
+        self.notes = _sampler_notes(self.iterable, self.description, rank, world)
 
     def _batches(self) -> Iterator[Batch]:
         if not self.one_shot:
@@ -257,6 +305,48 @@ class _IterableSource(DataSource):
 
 
 _NOTHING = object()
+
+
+def _sampler_notes(iterable: Iterable, description: str, rank: int, world: int) -> tuple[str, ...]:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if not isinstance(iterable, DataLoader):
+        return ()
+    samplers = (iterable.sampler, getattr(iterable.batch_sampler, "sampler", None))
+    sampler = next((s for s in samplers if isinstance(s, DistributedSampler)), None)
+    if sampler is None:
+        return (
+            f"{description} is a DataLoader without a DistributedSampler: bnfold feeds it whole "
+            f"as this rank's part. If every rank loads the whole dataset, each sample is counted "
+            f"{world} times (bnfold refuses it only when two ranks' first batches are identical)",
+        )
+    if (sampler.num_replicas, sampler.rank) != (world, rank):
+        raise LoadError(
+            f"{description}: its DistributedSampler splits the data for rank {sampler.rank} of "
+            f"{sampler.num_replicas}, but this process is rank {rank} of {world}; build it with "
+            "DistributedSampler(dataset) inside the process group (or num_replicas=world size, "
+            "rank=rank)"
+        )
+    return _padding_notes(sampler, description, world)
+
+
+def _padding_notes(sampler: Any, description: str, world: int) -> tuple[str, ...]:
+    """What a DistributedSampler does to give every rank the same number of samples."""
+    size = len(sampler.dataset)
+    if sampler.total_size > size:
+        return (
+            f"{description}: its DistributedSampler repeats {sampler.total_size - size} of the "
+            f"{size} samples so that each of the {world} ranks gets {sampler.num_samples}; "
+            "those samples are counted twice. A dataset size divisible by the world size avoids "
+            "it",
+        )
+    if sampler.total_size < size:
+        return (
+            f"{description}: its DistributedSampler (drop_last=True) leaves out "
+            f"{size - sampler.total_size} of the {size} samples so that each of the {world} "
+            f"ranks gets {sampler.num_samples}; they are not fed",
+        )
+    return ()
 
 
 # ------------------------------------------------------------------------------------- images
@@ -341,8 +431,13 @@ def _read_image(path: Path, options: _ImageOptions) -> torch.Tensor:
 # -------------------------------------------------------------------------------- data files
 
 
-def _load_file(path: Path, *, batch_size: int, seed: int) -> DataSource:
+def _load_file(path: Path, *, batch_size: int, seed: int, member: str | None = None) -> DataSource:
     suffix = path.suffix.lower()
+    if member is not None and suffix != ".npz":
+        raise LoadError(
+            f"{path}:{member}: ':NAME' picks one array from an .npz archive, and {path} is not "
+            "an .npz file"
+        )
     if suffix in (".pt", ".pth"):
         return _from_object(_torch_load(path), str(path), batch_size=batch_size, seed=seed)
     if suffix == ".npy":
@@ -351,15 +446,64 @@ def _load_file(path: Path, *, batch_size: int, seed: int) -> DataSource:
             (_from_numpy(array, path),), str(path), batch_size=batch_size, seed=seed
         )
     if suffix == ".npz":
-        with _numpy_load(path) as archive:
-            arrays = {name: _from_numpy(archive[name], path) for name in archive.files}
-        if not arrays:
-            raise LoadError(f"{path}: the .npz archive holds no array")
-        inputs = _positional_npz(arrays)
-        return _TensorSource(inputs, str(path), batch_size=batch_size, seed=seed)
+        inputs = _npz_inputs(path, member)
+        description = str(path) if member is None else f"{path}:{member}"
+        return _TensorSource(inputs, description, batch_size=batch_size, seed=seed)
     raise LoadError(
         f"{path}: cannot tell what data this is from '{suffix or 'no extension'}'; use a .pt "
         "(tensors), .npy/.npz (arrays), a folder of images, or package.module:callable"
+    )
+
+
+def _npz_member(text: str) -> tuple[Path, str] | None:
+    """``(FILE, NAME)`` when ``text`` is ``FILE:NAME`` and FILE is an existing data file."""
+    head, colon, name = text.rpartition(":")
+    path = Path(head)
+    if not colon or path.suffix.lower() not in DATA_FILE_SUFFIXES or not path.is_file():
+        return None
+    return path, name
+
+
+def _npz_inputs(path: Path, member: str | None) -> tuple[torch.Tensor, ...]:
+    """The positional inputs an .npz holds: the array ``member``, the only array, or
+    ``arr_0, arr_1, ...`` (saved positionally) in order. Reads only the arrays it returns."""
+    with _numpy_load(path) as archive:
+        names = list(archive.files)
+        if not names:
+            raise LoadError(f"{path}: the .npz archive holds no array")
+        chosen = _npz_choice(path, names, member)
+        return tuple(_from_numpy(_npz_array(archive, name, path), path) for name in chosen)
+
+
+def _npz_array(archive: Any, name: str, path: Path) -> Any:
+    """One member of an open .npz (numpy reads members only when asked)."""
+    try:
+        return archive[name]
+    except ValueError as exc:
+        raise UnsafeFileError(
+            f"{path}: array {name!r} holds object arrays, which need pickle to load; bnfold "
+            f"refuses that. Save numeric arrays instead ({exc})"
+        ) from exc
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot read array {name!r} with numpy.load: {exc}") from exc
+
+
+def _npz_choice(path: Path, names: list[str], member: str | None) -> list[str]:
+    listed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    if member is not None:
+        if member not in names:
+            raise LoadError(f"{path}: holds no array named {member!r}; its arrays: {listed}")
+        return [member]
+    if len(names) == 1:
+        return names
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if sorted(names) == sorted(positional):
+        return positional
+    raise UsageError(
+        f"{path}: holds {len(names)} arrays ({listed}); pick the input with {path}:NAME (e.g. "
+        f"{path}:{names[0]}). For several positional inputs save them positionally "
+        "(np.savez(f, a, b): arr_0, arr_1, ... in that order); for keyword inputs save a dict "
+        "of tensors in a .pt"
     )
 
 
@@ -395,14 +539,6 @@ def _from_numpy(array: Any, path: Path) -> torch.Tensor:
     if array.dtype.kind not in "biuf":
         raise LoadError(f"{path}: arrays of dtype {array.dtype} are not model inputs")
     return torch.from_numpy(array.copy())
-
-
-def _positional_npz(arrays: dict[str, torch.Tensor]) -> tuple | dict:
-    names = list(arrays)
-    positional = [f"arr_{i}" for i in range(len(names))]
-    if sorted(names) == sorted(positional):
-        return tuple(arrays[name] for name in positional)
-    return arrays
 
 
 def _from_object(obj: Any, description: str, *, batch_size: int, seed: int) -> DataSource:

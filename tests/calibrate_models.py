@@ -53,6 +53,33 @@ class Mixed(nn.Module):
         return self.unused(x) if extra else x
 
 
+class TwoInputs(nn.Module):
+    """Images, and optionally a second positional (or keyword) input ``y`` of 5 features; BNs
+    in a chain, so each one's statistics depend on how the samples were batched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc_y = nn.Linear(5, 4)
+        self.bn_y = nn.BatchNorm1d(4)
+        self.bn_out = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.relu(self.bn2(self.conv2(h))).mean((2, 3))
+        if y is not None:
+            h = h + self.bn_y(self.fc_y(y))
+        return self.bn_out(h)
+
+
+def two_inputs(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_stats(TwoInputs().to(dtype).eval(), seed)
+
+
 def mixed(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     model = Mixed().to(dtype).eval()

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnfold
-from bnfold.calibrate import CalibrationReport, LayerStatus, recalibrate
+from bnfold.calibrate import CalibrationReport, LayerStatus, RankShare, recalibrate
 from bnfold.zoo import randomize_bn, small_cnn
 
 
@@ -340,3 +340,16 @@ def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtr
     assert n == every.shape[1]
     assert float(((mean - expected_mean).abs() / std).max()) < 1e-6
     assert float(((m2 / n - var).abs() / var).max()) < 1e-6
+
+
+def test_report_states_each_ranks_share() -> None:
+    """The text table and the JSON give what each rank fed (tests/test_distributed.py runs it
+    under torchrun)."""
+    report = recalibrate(nn.Sequential(nn.BatchNorm1d(2)), [torch.randn(3, 2), torch.randn(4, 2)])
+    assert report.per_rank == (RankShare(0, 2, 7),) and "per rank" not in report.format_text()
+    shares = (RankShare(0, 3, 10), RankShare(1, 2, 9), RankShare(2, 0, 0))
+    report = CalibrationReport(
+        layers=(), batches=5, samples=19, world_size=3, seconds=0.1, per_rank=shares
+    )
+    assert "per rank (rank 0 first): samples 10, 9, 0; batches 3, 2, 0" in report.format_text()
+    assert report.to_dict()["per_rank"][2] == {"rank": 2, "batches": 0, "samples": 0}

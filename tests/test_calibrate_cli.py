@@ -206,3 +206,46 @@ def test_help_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "torchrun --standalone --nproc-per-node" in result.stdout
+
+
+@pytest.fixture
+def labelled_npz(work: Path) -> Path:
+    """An .npz saved as datasets often are: images and labels, by name."""
+    images = torch.load(work / "data.pt").numpy()
+    np.savez(work / "set.npz", images=images, labels=np.arange(len(images)))
+    return work / "set.npz"
+
+
+def test_npz_name_picks_the_input(labelled_npz: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(capsys, "recalibrate", "recal_user:build", "--data", "set.npz:images",
+                       "--batch-size", 16, "-o", "out.pt2", "-q")
+    assert code == 0, err
+    got = dict(bnfold.load_model(labelled_npz.parent / "out.pt2").model.named_buffers())
+    assert_buffers(got, expected_buffers("data.pt", batch_size=16))  # the same samples
+
+
+def test_fold_data_npz_name(labelled_npz: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "fold", "recal_user:build", "--data", "set.npz:images",
+                         "--batch-size", 16, "--dry-run", "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["recalibration"]["samples"] == 50
+
+
+@pytest.mark.parametrize("command", ["recalibrate", "fold"])
+@pytest.mark.parametrize(
+    ("data", "code", "messages"),
+    [
+        ("set.npz", 2, ["holds 2 arrays (images, labels)", "pick the input with set.npz:NAME"]),
+        ("set.npz:image", 3, ["no array named 'image'", "its arrays: images, labels"]),
+    ],
+    ids=["several-arrays", "unknown-name"],
+)
+def test_npz_errors_name_the_arrays(labelled_npz: Path, capsys: pytest.CaptureFixture,
+                                    command: str, data: str, code: int,
+                                    messages: list[str]) -> None:
+    quiet = "--dry-run" if command == "fold" else "-q"
+    got, out, err = run(capsys, command, "recal_user:build", "--data", data, quiet)
+    assert got == code, out + err
+    assert err.startswith("error: ") and all(message in err for message in messages), err
+    assert not list(labelled_npz.parent.glob("*.recalibrated.*"))

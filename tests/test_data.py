@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -95,10 +96,70 @@ def test_numpy_files_and_dtype_cast(tmp_path: Path) -> None:
     first = load_data(tmp_path / "pos.npz", dtype=torch.float32).first_batch()
     assert isinstance(first, tuple) and first[0].dtype == torch.float32
     assert first[1].dtype == torch.int64  # integer inputs are never cast
-    assert set(load_data(tmp_path / "named.npz").first_batch()) == {"x"}
+    assert torch.equal(load_data(tmp_path / "named.npz").first_batch(), torch.ones(4, 2).double())
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UnsafeFileError, match="object arrays"):
         load_data(tmp_path / "obj.npy")
+
+
+def _labelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An .npz as datasets are often saved: images and labels, by name."""
+    images = np.random.default_rng(0).normal(size=(6, 3, 2, 2)).astype(np.float32)
+    labels = np.arange(6)
+    np.savez(path, images=images, labels=labels)
+    return images, labels
+
+
+def test_npz_name_picks_one_array(tmp_path: Path) -> None:
+    images, labels = _labelled_npz(tmp_path / "set.npz")
+    data = load_data(f"{tmp_path / 'set.npz'}:images", batch_size=6)
+    assert torch.equal(_only(data), torch.from_numpy(images)[_order(6)])
+    assert data.description.endswith("set.npz:images")
+    picked = load_data(f"{tmp_path / 'set.npz'}:labels", batch_size=6)
+    assert torch.equal(_only(picked), torch.from_numpy(labels)[_order(6)])
+
+
+def test_npz_name_reads_only_that_array(tmp_path: Path) -> None:
+    """Another member that numpy cannot load without pickle is never read."""
+    np.savez(tmp_path / "mixed.npz", x=np.ones((4, 2)), meta=np.array([{"a": 1}], dtype=object))
+    assert _only(load_data(f"{tmp_path / 'mixed.npz'}:x", batch_size=4)).shape == (4, 2)
+    with pytest.raises(UnsafeFileError, match="object arrays"):
+        load_data(f"{tmp_path / 'mixed.npz'}:meta")
+
+
+def test_npz_of_several_named_arrays_says_how_to_pick_one(tmp_path: Path) -> None:
+    _labelled_npz(tmp_path / "set.npz")
+    with pytest.raises(UsageError) as caught:
+        load_data(tmp_path / "set.npz")
+    message = str(caught.value)
+    assert "2 arrays (images, labels)" in message
+    assert f"{tmp_path / 'set.npz'}:NAME" in message and "set.npz:images" in message
+
+
+@pytest.mark.parametrize(
+    ("suffix", "error", "message"),
+    [
+        ("set.npz:image", LoadError, "no array named 'image'; its arrays: images, labels"),
+        ("set.npz:", LoadError, "no array named ''"),
+        ("x.pt:images", LoadError, "not an .npz file"),
+        ("missing.npz:images", LoadError, "no such file"),
+    ],
+    ids=["unknown-name", "empty-name", "not-npz", "missing-file"],
+)
+def test_npz_name_errors(tmp_path: Path, suffix: str, error: type, message: str) -> None:
+    _labelled_npz(tmp_path / "set.npz")
+    torch.save(_samples(4), tmp_path / "x.pt")
+    with pytest.raises(error, match=re.escape(message)):
+        load_data(f"{tmp_path}/{suffix}")
+
+
+def _only(data: object) -> torch.Tensor:
+    (batch,) = list(data)
+    return batch
+
+
+def _order(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------ images
@@ -196,6 +257,91 @@ def test_shards_split_the_batches(tmp_path: Path) -> None:
     ]
     assert _rows([b for s in shards for b in s]) == _rows(whole)
     assert torch.equal(shards[1][0], whole[1])
+
+
+def test_file_split_by_batch_is_the_one_process_batches(tmp_path: Path) -> None:
+    """Every batch exactly once, the same batches one process makes; uneven ranks, and a
+    rank with none when there are fewer batches than ranks."""
+    path = tmp_path / "x.pt"
+    torch.save(_samples(11), path)
+    whole = list(load_data(path, batch_size=3))  # 3, 3, 3, 2
+    for world in (2, 3, 5):
+        parts = [load_data(path, batch_size=3, shard=(rank, world)) for rank in range(world)]
+        assert all(part.split == "by_batch" for part in parts)
+        fed = [list(part) for part in parts]
+        assert [len(batches) for batches in fed] == [len(whole[r::world]) for r in range(world)]
+        for rank, batches in enumerate(fed):
+            assert all(torch.equal(a, b) for a, b in zip(batches, whole[rank::world], strict=True))
+        assert sum(part.num_samples() for part in parts) == 11
+        assert {part.total_samples() for part in parts} == {11}
+    assert list(load_data(path, batch_size=3, shard=(4, 5))) == []
+
+
+def test_callable_is_this_ranks_part_never_split(user_module: str) -> None:
+    """A callable that already shards by rank is fed whole: bnfold never takes every
+    world-th of its batches."""
+    data = load_data(f"{user_module}:batches", shard=(1, 2))
+    assert data.split == "as_given" and data.notes == ()
+    assert [len(b) for b in data] == [2, 4] and len(data) == 2 and data.total_samples() is None
+    assert load_data(f"{user_module}:batches").split == "as_given"  # with or without shard
+
+
+def _loader_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
+    (tmp_path / "loaders.py").write_text(
+        "import torch\nfrom torch.utils.data import DataLoader, DistributedSampler, "
+        f"TensorDataset\nDATA = TensorDataset(torch.arange(20.0).view(10, 2))\n{body}"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
+    return "loaders"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "note"),
+    [
+        ("DistributedSampler(DATA, num_replicas=3, rank=1)", "repeats 2 of the 10 samples"),
+        (
+            "DistributedSampler(DATA, num_replicas=3, rank=1, drop_last=True)",
+            "leaves out 1 of the 10 samples",
+        ),
+        ("DistributedSampler(DATA, num_replicas=2, rank=1)", None),
+        ("None", "without a DistributedSampler"),
+    ],
+    ids=["pads", "drops", "even", "no-sampler"],
+)
+def test_data_loader_sampler_notes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampler: str, note: str | None
+) -> None:
+    world = 2 if "num_replicas=2" in sampler else 3
+    module = _loader_module(
+        tmp_path,
+        monkeypatch,
+        f"def loader():\n    return DataLoader(DATA, batch_size=3, sampler={sampler})\n",
+    )
+    data = load_data(f"{module}:loader", shard=(1, world))
+    assert data.split == "as_given"
+    fed = sum(len(batch[0]) for batch in data)  # all of this rank's loader, never a part
+    assert fed == len(data.iterable.sampler)
+    if note is None:
+        assert data.notes == ()
+    else:
+        assert len(data.notes) == 1 and note in data.notes[0]
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
+
+
+def test_distributed_sampler_for_other_ranks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _loader_module(
+        tmp_path,
+        monkeypatch,
+        "def loader():\n    sampler = DistributedSampler(DATA, num_replicas=4, rank=0)\n"
+        "    return DataLoader(DATA, batch_size=2, sampler=sampler)\n",
+    )
+    with pytest.raises(LoadError, match="rank 0 of 4, but this process is rank 1 of 2"):
+        load_data(f"{module}:loader", shard=(1, 2))
+    assert load_data(f"{module}:loader").split == "none"  # one process: nothing to check
+    monkeypatch.delitem(sys.modules, "loaders", raising=False)
 
 
 def test_usage_errors(tmp_path: Path) -> None:

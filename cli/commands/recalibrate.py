@@ -1,9 +1,9 @@
 """``bnfold recalibrate``: exact BatchNorm running statistics from sample data, saved as a model.
 
 Also the data plumbing other commands share: ``data_options`` (``--data`` and its batching and
-image options), ``open_data`` (DATA → ``bnfold.DataSource`` in the model's dtype, sharded under
-``torchrun``) and ``recalibrate_with_progress`` (``bnfold.recalibrate`` with a progress bar on a
-terminal). ``bnfold fold --data`` calls these three.
+image options), ``open_data`` (DATA → ``bnfold.DataSource`` in the model's dtype, this rank's
+part under ``torchrun``) and ``recalibrate_with_progress`` (``bnfold.recalibrate`` with a
+progress bar on a terminal). ``bnfold fold --data`` calls these three.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ DATA is one of:
   samples.pt          a tensor (samples on dim 0), a tuple of tensors (positional
                       inputs), a dict of tensors (keyword inputs) or a list of
                       ready-made batches; read with torch.load(weights_only=True)
-  samples.npy / .npz  numpy arrays (.npz: arr_0, arr_1... positional, named keyword)
+  samples.npy         a numpy array (samples on dim 0)
+  samples.npz         its one array, or arrays saved positionally (arr_0, arr_1...:
+                      positional inputs); samples.npz:NAME picks the array NAME (an
+                      .npz of several named arrays needs it)
   images/             a folder of images (and subfolders): RGB, shorter side resized to
                       --resize (default image size / 0.875), center crop --image-size
                       (default 224), normalised with --mean/--std (default ImageNet's)
@@ -47,8 +50,16 @@ Output (-o; default MODEL's name + .recalibrated, beside MODEL):
 A state dict keeps MODEL's keys: load it into the same architecture, strictly.
 
 \b
-Several processes (each feeds its share of the batches; statistics are all-reduced
-so every rank holds the same; only rank 0 writes files and prints):
+Several processes (torchrun): a DATA file or folder is split by batch: rank r of
+W feeds batches r, r+W, r+2W... of the batches one process makes (same
+--batch-size and --seed; --batches N caps each rank), so the ranks feed every
+batch once and get one process's statistics. A pkg.module:fn DATA is this
+rank's part, fed whole, never split: read the rank in it, or return a
+DataLoader with a DistributedSampler (samples it repeats or drops are noted).
+Two ranks with identical first batches of data bnfold did not split are
+refused. Statistics are all-reduced in float64, so every rank holds the same;
+the report gives each rank's batches and samples. Only rank 0 writes files and
+prints; a rank that fails stops every rank.
   torchrun --standalone --nproc-per-node 4 --no-python bnfold recalibrate \\
       model.pt2 --data images/ -o model.recalibrated.pt2
 
@@ -136,8 +147,8 @@ def data_options(required: bool) -> Callable[[Callable], Callable]:
 
 
 def open_data(request: DataRequest, model: Any) -> Any:
-    """``bnfold.load_data`` for ``request``: floating tensors cast to the model's dtype, and
-    this process's shard of the batches under ``torch.distributed``."""
+    """``bnfold.load_data`` for ``request``: floating tensors cast to the model's dtype; under
+    ``torch.distributed``, this process's part (a file split by batch, a callable as given)."""
     import torch
 
     from bnfold.data import load_data
@@ -351,6 +362,8 @@ def _document(loaded: Any, data: Any, request: DataRequest, report: Any, saved: 
             "batch_size": request.batch_size,
             "seed": request.seed,
             "batches_limit": request.batches,
+            "split": data.split,
+            "samples": data.total_samples(),
         },
         "recalibration": report.to_dict(),
         "outputs": [saved.to_dict()],
