@@ -36,7 +36,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from bnfold.errors import SaveError, UsageError
@@ -60,17 +60,11 @@ class NamedPath:
 
 @dataclass(frozen=True)
 class PathPlan:
-    """The checked paths of one command; ``notes`` say which named-only outputs exist."""
+    """The checked paths of one command."""
 
     inputs: tuple[NamedPath, ...]
     outputs: tuple[NamedPath, ...]
     overwrite: bool
-    notes: tuple[str, ...] = ()
-
-    def with_output(self, output: NamedPath) -> PathPlan:
-        """This plan plus one more output (known only later, e.g. a name that depends on the
-        model's format), checked against everything in it."""
-        return plan_paths(self.inputs, (*self.outputs, output), overwrite=self.overwrite)
 
 
 def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
@@ -93,8 +87,8 @@ def plan_paths(
 ) -> PathPlan:
     """Check every output against every input and every other output; see the module
     docstring for the rules. Raises ``UsageError`` (one line naming both paths and what to do).
-    An output that is only named (``written=False``) is checked for aliasing but may exist:
-    a note says so instead."""
+    An output that is only named (``written=False``, e.g. a dry run's model) is checked for
+    everything but existence."""
     inputs, outputs = tuple(inputs), tuple(outputs)
     for index, output in enumerate(outputs):  # first what --force cannot fix
         _check_place(output)
@@ -105,19 +99,11 @@ def plan_paths(
                 raise UsageError(
                     f"{output} and {earlier} are the same file; give each output its own path"
                 )
-    notes: list[str] = []
     for output in outputs:
         problem = _existing(output.path, overwrite=overwrite)
         if problem and output.written:
             raise UsageError(f"{output}: {problem}")
-        if problem:
-            notes.append(f"{output.path}: {problem}")
-    return PathPlan(inputs, outputs, overwrite, tuple(notes))
-
-
-def named_only(output: NamedPath) -> NamedPath:
-    """``output`` as a path a dry run names but does not write."""
-    return replace(output, written=False)
+    return PathPlan(inputs, outputs, overwrite)
 
 
 # ------------------------------------------------------------------ the checks

@@ -238,7 +238,7 @@ def plan_paths(inputs: dict[str, Any], outputs: dict[str, Any], *, force: bool,
     """Check every path a command reads (``inputs``: option -> MODEL/DATA spec or file) and
     writes (``outputs``: option -> path; None when not given; '-' after --json is stdout)
     before any work: ``bnfold.paths.plan_paths``. Outputs whose option is in ``named_only`` are
-    not written (a dry run's model): they may exist, the plan's notes say so."""
+    not written (a dry run's model): they may exist."""
     from bnfold.paths import NamedPath, spec_path
     from bnfold.paths import plan_paths as check
 
