@@ -21,6 +21,7 @@ from bnfold._records import Record, not_serialised
 from bnfold.calibrate import CalibrationReport, recalibrate
 from bnfold.export import ExportResult, export_onnx
 from bnfold.fold import fold
+from bnfold.io import check_output_path
 from bnfold.kernels import count_bn_kernels
 from bnfold.records import FoldResult
 from bnfold.verify import VerificationReport, verify
@@ -116,12 +117,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return float((predicted == y).float().mean())
 
 
-def run_demo(out_dir: str | Path, *, seed: int = 0, step: StepFn | None = None) -> DemoResult:
-    """Run every step, writing ``demo.onnx`` into ``out_dir`` (created if missing)."""
+def run_demo(
+    out_dir: str | Path, *, seed: int = 0, step: StepFn | None = None, overwrite: bool = False
+) -> DemoResult:
+    """Run every step, writing ``demo.onnx`` into ``out_dir`` (created if missing). An existing
+    ``demo.onnx`` is replaced only with ``overwrite`` (``UsageError`` before any step)."""
     say = step or (lambda message: None)
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_output_path(out / "demo.onnx", overwrite=overwrite)
     torch.manual_seed(seed)
     x_old, y_old = synthetic_task(1024, seed=seed + 1)
     x_new, y_new = synthetic_task(256, seed=seed + 3, contrast=0.2)
@@ -146,7 +151,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, step: StepFn | None = None) 
     folded_accuracy = accuracy(folded.model, x_test, y_test)
 
     say("exporting to ONNX and verifying on every available runtime")
-    exported = export_onnx(folded, example, out / "demo.onnx")
+    exported = export_onnx(folded, example, out / "demo.onnx", overwrite=overwrite)
     report = verify(model, {"folded": folded, "onnx": exported}, [x_test[:8], x_test[8:40]])
     return DemoResult(
         accuracy_trained=trained, accuracy_train_mode=train_mode, accuracy_stale=stale,

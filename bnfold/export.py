@@ -15,8 +15,11 @@ This is the only module that calls ``torch.onnx.export``. The contract of ``expo
 - the file records bnfold's and torch's versions and the fold counts in ``metadata_props``;
 - weights go to an external data file ``<name>.data`` when they exceed
   ``external_data_threshold`` bytes (protobuf cannot hold a file over 2 GiB);
-- the file (and its data file) is written to a temporary directory next to ``path`` and moved
-  into place with ``os.replace`` only after every check passed: on any failure nothing is left.
+- the file (and its data file) is written under its own name in a private temporary directory
+  next to ``path`` (``bnfold.paths.staging``) and moved into place only after every check
+  passed: on any failure nothing is left. Without ``overwrite`` an existing ``path`` is refused
+  and the move is exclusive (a file that appeared meanwhile is kept, ``UsageError``); with it
+  the files are replaced with ``os.replace``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import inspect
 import io
 import logging
 import os
-import shutil
 import stat
 import tempfile
 import warnings
@@ -43,6 +45,7 @@ from torch import nn
 from bnfold._records import Record
 from bnfold.errors import BnfoldError, ExportError, ModelInputError, SaveError, UsageError
 from bnfold.modes import as_args, inference
+from bnfold.paths import publish, staging
 from bnfold.records import FoldResult
 
 #: Above this many bytes of weights, they are written to an external data file. Protobuf caps a
@@ -139,6 +142,7 @@ def export_onnx(
     metadata: FoldResult | Mapping[str, Any] | None = None,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     exporter: str = "auto",
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``; see the module docstring.
 
@@ -147,8 +151,10 @@ def export_onnx(
     counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
     its own keys. ``exporter`` is
     "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
+    ``overwrite`` allows replacing an existing file at ``path`` (and its ``.data`` file).
     Raises ExportError (nothing written) when the export or a check fails, SaveError when the
-    file cannot be written, UsageError for bad arguments.
+    file cannot be written, UsageError for bad arguments or an existing ``path`` without
+    ``overwrite`` (also one that appeared during the export).
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -158,7 +164,7 @@ def export_onnx(
     module = model.model if isinstance(model, FoldResult) else model
     if not isinstance(module, nn.Module):
         raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
-    target = _check_target(Path(path))
+    target = _check_target(Path(path), overwrite)
     args = _on_device(_example_args(example_inputs, dynamic_batch), module)
     with inference(module):
         output_count = _count_outputs(module, args)
@@ -172,14 +178,14 @@ def export_onnx(
     _set_metadata(proto, props)
     bn_nodes = batchnorm_nodes(proto, fold_result)
     external = _weight_bytes(proto) > external_data_threshold
-    with _staging(target) as staged:
+    with staging(target) as staged:
         data_name = _write(proto, staged, target.name, external)
         _check_graph(staged)
         proof = _prove_batch(staged, args, dynamic_batch)
         size = staged.stat().st_size + (
             (staged.parent / data_name).stat().st_size if data_name else 0
         )
-        _publish(staged, target, data_name)
+        _publish(staged, target, data_name, overwrite)
     return ExportResult(
         path=str(target),
         opset=_opset(proto),
@@ -546,33 +552,27 @@ def _set_metadata(proto: Any, props: dict[str, str]) -> None:
 # ------------------------------------------------------------------------ writing and checks
 
 
-def _check_target(target: Path) -> Path:
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where ``export_onnx(..., path)`` puts the weights when they go to an external file."""
+    target = Path(path)
+    return target.with_name(f"{target.name}.data")
+
+
+def _check_target(target: Path, overwrite: bool) -> Path:
     if target.is_dir():
         raise SaveError(f"{target} is a directory; give a file name such as model.onnx")
     if not target.parent.is_dir():
         raise SaveError(f"cannot write {target}: directory {target.parent} does not exist")
+    if os.path.lexists(target) and not overwrite:
+        raise UsageError(f"{target} already exists; pass --force (overwrite=True) to replace it")
     return target
-
-
-@contextlib.contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A private temporary directory next to ``target``; yields the staged file path inside it.
-    Removed with everything in it on exit, whatever happens."""
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as exc:
-        raise SaveError(f"cannot write into {target.parent}: {exc}") from exc
-    try:
-        yield tmpdir / target.name
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _write(proto: Any, staged: Path, name: str, external: bool) -> str | None:
     """Serialise into the staging directory; returns the external data file name, if any."""
     import onnx
 
-    data_name = f"{name}.data" if external else None
+    data_name = external_data_path(name).name if external else None
     try:
         if external:
             onnx.save_model(
@@ -667,18 +667,30 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
     return tuple(sizes)
 
 
-def _publish(staged: Path, target: Path, data_name: str | None) -> None:
-    """Move the staged data file, then the .onnx file, into place (each with os.replace)."""
+def _publish(staged: Path, target: Path, data_name: str | None, overwrite: bool) -> None:
+    """Move the staged data file, then the .onnx file, into place (``bnfold.paths.publish``).
+    Without ``overwrite``, a data file moved here is removed again if the .onnx file cannot
+    follow (nothing was at its name before)."""
+    moved: list[Path] = []
     try:
         for path in [staged, *([staged.parent / data_name] if data_name else [])]:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if data_name:  # onnx writes the data file owner-only; give it the .onnx file's mode
             os.chmod(staged.parent / data_name, stat.S_IMODE(staged.stat().st_mode))
-            os.replace(staged.parent / data_name, target.parent / data_name)
-        os.replace(staged, target)
-    except OSError as exc:
-        raise SaveError(f"could not move the exported file into place at {target}: {exc}") from exc
+            publish(staged.parent / data_name, target.parent / data_name, overwrite=overwrite)
+            moved.append(target.parent / data_name)
+        publish(staged, target, overwrite=overwrite)
+    except BaseException as exc:
+        if not overwrite:
+            for path in moved:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        if isinstance(exc, OSError):
+            raise SaveError(
+                f"could not move the exported file into place at {target}: {exc}"
+            ) from exc
+        raise
 
 
 def _human_size(size: int) -> str:

@@ -15,9 +15,10 @@ What ``load_model`` accepts, and what each costs in trust:
   and a scripted module has no Python graph to rewrite.
 
 ``save_model`` writes ``.pt2`` (``torch.export``; loads back with plain torch) or a pickled
-module (only when the input was one). Every write goes to a temporary file in the target's
-directory and is renamed over the target at the end, so a failed or interrupted save leaves no
-partial file and never damages an existing one.
+module (only when the input was one). Every write goes to a file of the target's name in a
+private temporary directory beside it and is moved into place at the end (exclusively unless
+overwriting is allowed), so a failed or interrupted save leaves no partial file, never damages
+an existing one, and never replaces a file that appeared meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import pickletools
 import re
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -472,7 +472,40 @@ def output_format(path: str | os.PathLike[str]) -> ModelFormat:
     )
 
 
-def default_output_path(loaded: LoadedModel, *, cwd: Path | None = None) -> Path:
+@dataclass(frozen=True)
+class ModelSource(Record):
+    """What MODEL will load as, known from the arguments before loading: enough to name the
+    default outputs (``default_output_path`` takes it like a ``LoadedModel``)."""
+
+    format: ModelFormat  # STATE_DICT stands for both state-dict formats (.pt/.safetensors)
+    source: str
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.format is ModelFormat.FACTORY else Path(self.source)
+
+
+def expected_source(
+    spec: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False
+) -> ModelSource | None:
+    """What ``load_model(spec, arch=arch, trust_pickle=trust_pickle)`` returns when it succeeds,
+    from the arguments alone (nothing is read): a factory; a state dict (``arch`` given); a
+    torch.export program (a ``.pt2`` file, no ``arch``, no ``trust_pickle``: the only kind that
+    then loads). None when only the file's content can tell (``trust_pickle`` without ``arch``:
+    a program or a pickled module; another extension: the load's own error comes first) or
+    ``spec`` names nothing loadable."""
+    text = os.fspath(spec)
+    path = Path(text)
+    if not path.exists():
+        return ModelSource(ModelFormat.FACTORY, text) if FACTORY_SPEC.match(text) else None
+    if arch is not None:
+        return ModelSource(ModelFormat.STATE_DICT, text)
+    if trust_pickle or path.suffix.lower() != ".pt2":
+        return None
+    return ModelSource(ModelFormat.EXPORTED_PROGRAM, text)
+
+
+def default_output_path(loaded: LoadedModel | ModelSource, *, cwd: Path | None = None) -> Path:
     """``<name>.folded.<ext>`` beside the input file (in ``cwd`` for a factory).
 
     The extension is the input's own for a pickled module, ``.pt2`` otherwise.
@@ -493,25 +526,14 @@ def check_output_path(
     overwrite: bool = False,
 ) -> Path:
     """Raise ``UsageError`` unless ``path`` can be written: its directory exists, it is none of
-    ``inputs``, and it does not exist yet (unless ``overwrite``)."""
+    ``inputs`` (nor inside an input folder), and it does not exist yet (unless ``overwrite``).
+    See ``bnfold.paths`` for what counts as the same file."""
+    from bnfold.paths import NamedPath, plan_paths
+
     out = Path(path)
-    for source in inputs:
-        if source is not None and _same_file(out, Path(source)):
-            raise UsageError(f"{out} is the input file; bnfold never overwrites its input")
-    if not out.parent.is_dir():
-        raise UsageError(f"cannot write {out}: the directory {out.parent} does not exist")
-    if out.is_dir():
-        raise UsageError(f"cannot write {out}: it is a directory")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    sources = [NamedPath("input", Path(source)) for source in inputs if source is not None]
+    plan_paths(sources, [NamedPath("output", out)], overwrite=overwrite)
     return out
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
 
 
 def save_model(
@@ -552,7 +574,7 @@ def save_model(
 
     else:
         raise UsageError(f"cannot save a model as {fmt.label}; use .pt2")
-    atomic_write(out, write)
+    atomic_write(out, write, overwrite=overwrite)
     return SavedModel(path=str(out), format=fmt, bytes=out.stat().st_size, notes=tuple(notes))
 
 
@@ -589,49 +611,48 @@ def _export(
     return program, notes
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[str], None], *, overwrite: bool = False
+) -> None:
+    """Call ``write(tmp)``, then move ``tmp`` onto ``path``.
 
-    On any failure (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was. Library errors are raised as ``SaveError``; an interrupt is re-raised.
+    ``tmp`` has ``path``'s own name, inside a private temporary directory beside ``path``
+    (``bnfold.paths.staging``): formats that record their file name record the final one.
+    Without ``overwrite`` an existing ``path`` is refused before ``write`` runs, and the move is
+    exclusive: a file that appeared at ``path`` meanwhile is kept (``UsageError`` for both);
+    with it, ``path`` is replaced (a link is replaced, not followed).
+    On any failure, including KeyboardInterrupt, the temporary directory is removed and
+    ``path`` is left as it was. Library errors are raised as ``SaveError``; an interrupt is
+    re-raised.
     """
+    from bnfold.paths import publish, staging
+
     out = Path(path)
+    if not overwrite and os.path.lexists(out):
+        raise UsageError(f"{out} already exists; pass --force (overwrite=True) to replace it")
     try:
-        handle, tmp = tempfile.mkstemp(
-            dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}"
-        )
-    except OSError as exc:
-        raise SaveError(f"cannot write {out}: {exc.strerror or exc}") from None
-    os.close(handle)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
-        os.replace(tmp, out)
+        with staging(out) as tmp:
+            write(str(tmp))
+            _fsync(tmp)
+            publish(tmp, out, overwrite=overwrite)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
         raise SaveError(f"writing {out} failed: {_one_line(exc)}; nothing was written") from exc
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(
+    path: str | os.PathLike[str], text: str, *, overwrite: bool = False
+) -> None:
     """Write a text file (a report) atomically; see ``atomic_write``."""
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
-    atomic_write(path, write)
+    atomic_write(path, write, overwrite=overwrite)
 
 
-def _fsync(path: str) -> None:
+def _fsync(path: str | os.PathLike[str]) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 

@@ -21,12 +21,15 @@ from bnfold.errors import UsageError
 __all__ = ["plot_shifts"]
 
 
-def plot_shifts(report: CalibrationReport, path: str | os.PathLike[str]) -> Path:
+def plot_shifts(
+    report: CalibrationReport, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Draw ``report``'s per-layer shifts into an image at ``path`` (format from its suffix,
     e.g. ``.png``/``.svg``/``.pdf``), written atomically. Returns the path.
 
     Raises ``UsageError`` when matplotlib is not installed or the suffix is not an image
-    format matplotlib writes, ``SaveError`` when the file cannot be written.
+    format matplotlib writes or ``path`` exists and ``overwrite`` is False (see
+    ``bnfold.io.atomic_write``), ``SaveError`` when the file cannot be written.
     """
     plt = _pyplot()
     out = Path(path)
@@ -38,11 +41,14 @@ def plot_shifts(report: CalibrationReport, path: str | os.PathLike[str]) -> Path
             f"{out}: cannot draw a '{suffix or 'no extension'}' file; use one of "
             f"{', '.join('.' + f for f in sorted(formats))}"
         )
+    from bnfold.io import atomic_write, check_output_path
+
+    check_output_path(out, overwrite=overwrite)
     figure = _draw(plt, report)
-    from bnfold.io import atomic_write
 
     try:
-        atomic_write(out, lambda tmp: figure.savefig(tmp, format=suffix, dpi=120))
+        atomic_write(out, lambda tmp: figure.savefig(tmp, format=suffix, dpi=120),
+                     overwrite=overwrite)
     finally:
         plt.close(figure)
     return out

@@ -1,13 +1,20 @@
 """Entry point of the ``bnfold`` command: the command group and the one place exit codes are chosen.
 
-Exit codes: 0 success, 1 verification failed, 2 usage error, 3 bnfold could not do the job.
-Nothing here imports torch: ``bnfold --help`` must stay fast.
+Exit codes: 0 success, 1 verification failed, 2 usage error, 3 bnfold could not do the job,
+128 + N stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP). While a command runs,
+SIGTERM and SIGHUP raise an exception where the program is, like SIGINT, so the same cleanup
+runs (no temporary file is left; the file being written is not put in place); the previous
+handlers are restored afterwards. Nothing here imports torch: ``bnfold --help`` must stay fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 
 import click
 
@@ -15,14 +22,30 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
+EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N, as a shell reports it
 
 EPILOG = """\b
 Exit codes:
-  0  success
-  1  verification failed (outputs differ beyond tolerance)
-  2  usage error (bad option, missing input shape)
-  3  bnfold could not do the job (unloadable model, failed export, ...)
+  0    success
+  1    verification failed (outputs differ beyond tolerance)
+  2    usage error (bad option, missing input shape, an output that
+       exists without --force or would replace an input)
+  3    bnfold could not do the job (unloadable model, failed export, ...)
+  130  interrupted (Ctrl-C, SIGINT); 143 SIGTERM; 129 SIGHUP. No
+       temporary or partial file is left; the file being written is
+       not put in place (an existing file of its name is unchanged)
 """
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program was: a KeyboardInterrupt, so every cleanup
+    an interrupt runs (temporary files removed, model flags restored) runs for it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
@@ -69,14 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stop_signals_raise():
             if not debug:  # torch's own deprecation chatter is not the user's business
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
             result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("Aborted; no partial output was left.", err=True)
-        code = EXIT_FAILED
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        signum = _signal_of(exc)
+        click.echo(f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was "
+                   "left.", err=True)
+        code = EXIT_SIGNAL_BASE + signum
     except click.ClickException as exc:
         exc.show()
         code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
@@ -90,6 +115,46 @@ def main(argv: list[str] | None = None) -> int:
     else:
         code = result if isinstance(result, int) else EXIT_OK
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While the command runs: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise
+    ``Stopped``; a second stop signal is ignored so it cannot cut the cleanup short. Only
+    signals left at their default are taken (one ignored under nohup stays ignored, a handler
+    of an embedding program stays), only in the main thread; the previous handlers are
+    restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+    previous = {}
+    for name in _STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        default = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
+        if number is not None and signal.getsignal(number) is default:
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _signal_of(exc: BaseException) -> int:
+    """The signal that stopped the run (click wraps a KeyboardInterrupt in Abort)."""
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, Stopped):
+            return cause.signum
+    return signal.SIGINT
 
 
 def _is_bnfold_error(exc: BaseException) -> bool:

@@ -1,9 +1,10 @@
 """Options every model-reading command shares, and the plumbing behind them.
 
 Parsing (``--input-shape``, ``--dtype``, the MODEL argument, ``--arch``, ``--trust-pickle``,
-``--json``, ``--markdown``) needs only click. ``prepare`` (load the model, build and check the
-example inputs) and ``emit`` (print the report, write the JSON/Markdown files) import bnfold and
-torch inside their bodies, so ``bnfold --help`` stays fast.
+``--json``, ``--markdown``) needs only click. ``plan_paths`` (check every input and output path
+before any work), ``prepare`` (load the model, build and check the example inputs) and ``emit``
+(print the report, write the JSON/Markdown files) import bnfold and torch inside their bodies,
+so ``bnfold --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import click
 
 if TYPE_CHECKING:
     from bnfold.io import LoadedModel
+    from bnfold.paths import PathPlan
     from bnfold.report import Report
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
@@ -129,17 +131,25 @@ def model_options(command: Callable) -> Callable:
 # ------------------------------------------------------------------ loading
 
 
-def prepare(request: ModelRequest,
-            inputs_from_data: Callable[[Any], tuple[Any, ...]] | None = None) -> Prepared:
-    """Load MODEL and build its example inputs (``count_bn_kernels`` checks them): from
-    ``--input-shape``, else the program's own example inputs, else ``inputs_from_data(model)``
-    (the first batch of ``--data``) when given."""
-    from bnfold.errors import UsageError
-    from bnfold.inputs import make_example_inputs, model_dtype, parse_dtype
+def load(request: ModelRequest) -> LoadedModel:
+    """Load MODEL as requested (a spinner on a terminal)."""
     from bnfold.io import load_model
 
     with status(f"Loading {request.spec}"):
-        loaded = load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
+        return load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
+
+
+def prepare(request: ModelRequest,
+            inputs_from_data: Callable[[Any], tuple[Any, ...]] | None = None,
+            loaded: LoadedModel | None = None) -> Prepared:
+    """Load MODEL (unless ``loaded`` is given) and build its example inputs
+    (``count_bn_kernels`` checks them): from ``--input-shape``, else the program's own example
+    inputs, else ``inputs_from_data(model)`` (the first batch of ``--data``) when given."""
+    from bnfold.errors import UsageError
+    from bnfold.inputs import make_example_inputs, model_dtype, parse_dtype
+
+    if loaded is None:
+        loaded = load(request)
     if request.shapes:
         default = parse_dtype(request.dtype) if request.dtype else model_dtype(loaded.model)
         specs = [(spec.shape, spec.dtype) for spec in request.shapes]
@@ -202,8 +212,10 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------ output
 
 
-def emit(report: Report, *, json_path: str | None, markdown_path: str | None) -> None:
-    """Print the human report (unless the JSON goes to stdout) and write the report files."""
+def emit(report: Report, *, json_path: str | None, markdown_path: str | None,
+         force: bool = False) -> None:
+    """Print the human report (unless the JSON goes to stdout) and write the report files
+    (an existing file only with ``force``; ``plan_paths`` checked them before any work)."""
     from bnfold.io import write_text_atomic
     from bnfold.report import render_json, render_markdown, render_text
 
@@ -214,21 +226,28 @@ def emit(report: Report, *, json_path: str | None, markdown_path: str | None) ->
         width = shutil.get_terminal_size((100, 24)).columns if tty else 100
         click.echo(render_text(report, width=width, color=tty), nl=False)
     if json_path and json_path != "-":
-        write_text_atomic(json_path, render_json(report))
+        write_text_atomic(json_path, render_json(report), overwrite=force)
         _note(f"JSON report: {json_path}")
     if markdown_path:
-        write_text_atomic(markdown_path, render_markdown(report))
+        write_text_atomic(markdown_path, render_markdown(report), overwrite=force)
         _note(f"Markdown report: {markdown_path}")
 
 
-def check_report_paths(*paths: str | None) -> None:
-    """Fail before any work when a report file cannot be written (its directory is missing)."""
-    from bnfold.errors import UsageError
+def plan_paths(inputs: dict[str, Any], outputs: dict[str, Any], *, force: bool,
+               named_only: Collection[str] = ()) -> PathPlan:
+    """Check every path a command reads (``inputs``: option -> MODEL/DATA spec or file) and
+    writes (``outputs``: option -> path; None when not given; '-' after --json is stdout)
+    before any work: ``bnfold.paths.plan_paths``. Outputs whose option is in ``named_only`` are
+    not written (a dry run's model): they may exist."""
+    from bnfold.paths import NamedPath, spec_path
+    from bnfold.paths import plan_paths as check
 
-    for path in paths:
-        if path and path != "-" and not Path(path).parent.is_dir():
-            raise UsageError(f"cannot write {path}: the directory {Path(path).parent} does not "
-                             "exist")
+    sources = [NamedPath(role, path) for role, spec in inputs.items()
+               if (path := spec_path(spec)) is not None]
+    targets = [NamedPath(role, Path(path), written=role not in named_only)
+               for role, path in outputs.items()
+               if path is not None and not (role == "--json" and str(path) == "-")]
+    return check(sources, targets, overwrite=force)
 
 
 def _note(message: str) -> None:

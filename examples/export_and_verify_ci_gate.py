@@ -58,7 +58,7 @@ def gate(args: argparse.Namespace, out_dir: Path) -> bnfold.VerificationReport:
         simulate_bug(result.model)
         print("simulated a fold bug: conv channel 0 scaled by 1.05")
 
-    exported = bnfold.export_onnx(result, x, out_dir / "model.onnx")
+    exported = bnfold.export_onnx(result, x, out_dir / "model.onnx", overwrite=True)
     print(f"export: {exported.summary()}")
 
     # providers=None: CPU, plus CUDA wherever it is usable ("not run: <why>" elsewhere).

@@ -133,7 +133,7 @@ def test_specialised_batch_is_caught_and_nothing_is_written(tmp_path) -> None:
     target = tmp_path / "bad.onnx"
     target.write_bytes(b"previous file")
     with pytest.raises(ExportError, match=r"specialised the batch.*fixed to 2"):
-        export_onnx(HardCodedBatch(), image(), target)
+        export_onnx(HardCodedBatch(), image(), target, overwrite=True)
     assert target.read_bytes() == b"previous file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
@@ -238,7 +238,8 @@ def test_failure_after_writing_leaves_nothing(tmp_path, reuse_export, monkeypatc
     monkeypatch.setattr(export_mod, "_check_graph", broken_check)
     (tmp_path / "x.onnx").write_text("old")
     with pytest.raises(ExportError, match="checker said no"):
-        export_onnx(reuse_export, image(), tmp_path / "x.onnx", external_data_threshold=1)
+        export_onnx(reuse_export, image(), tmp_path / "x.onnx", external_data_threshold=1,
+                    overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
     assert (tmp_path / "x.onnx").read_text() == "old"
 

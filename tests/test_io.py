@@ -411,10 +411,13 @@ def test_interrupted_save_leaves_no_partial_file_and_keeps_the_old_one(
     assert_no_temp_files(tmp_path)
 
 
-def test_write_text_atomic_replaces_whole_file(tmp_path):
+def test_write_text_atomic_replaces_whole_file_only_when_asked(tmp_path):
     path = tmp_path / "report.json"
     write_text_atomic(path, "first")
-    write_text_atomic(path, "second")
+    with pytest.raises(UsageError, match="already exists"):
+        write_text_atomic(path, "second")
+    assert path.read_text() == "first"
+    write_text_atomic(path, "second", overwrite=True)
     assert path.read_text() == "second"
     assert_no_temp_files(tmp_path)
 

@@ -36,22 +36,30 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data and init.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write every step's record as JSON to this file.")
-def demo(out_dir: str | None, seed: int, json_path: str | None) -> int:
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing demo.onnx in --out and an existing --json file.")
+def demo(out_dir: str | None, seed: int, json_path: str | None, force: bool) -> int:
     """Train, go stale, recalibrate, fold, export and verify a small CNN, with the numbers at
     each step. Needs no model file and no data."""
     import tempfile
+    from pathlib import Path
 
     from bnfold.demo import run_demo
+    from bnfold.paths import NamedPath, plan_paths
 
+    outputs = [NamedPath("--json", Path(json_path))] if json_path else []
+    if out_dir is not None:  # the default is a new directory: nothing can be in the way
+        outputs.insert(0, NamedPath("--out", Path(out_dir) / "demo.onnx", makes_parent=True))
+    plan_paths([], outputs, overwrite=force)
     target = out_dir or tempfile.mkdtemp(prefix="bnfold-demo-")
     steps = iter(range(1, 6))
-    result = run_demo(target, seed=seed,
+    result = run_demo(target, seed=seed, overwrite=force,
                       step=lambda message: click.echo(f"[{next(steps)}/5] {message}", err=True))
     click.echo(_summary(result))
     if json_path:
         from bnfold.io import write_text_atomic
 
-        write_text_atomic(json_path, result.to_json(indent=2))
+        write_text_atomic(json_path, result.to_json(indent=2), overwrite=force)
         click.echo(f"JSON report: {json_path}", err=True)
     return 0 if result.verification.passed else 1
 

@@ -9,10 +9,10 @@ from bnfold_cli.commands.verify import providers_option, verify_options
 from bnfold_cli.main import EPILOG as EXIT_CODES
 from bnfold_cli.options import (
     MODEL_HELP,
-    check_report_paths,
     count_bn_kernels,
     emit,
     model_options,
+    plan_paths,
     prepare,
     status,
     versions,
@@ -45,7 +45,8 @@ Examples:
               help="ONNX opset (default: the exporter's recommended one).")
 @click.option("--static-batch", is_flag=True,
               help="Fix the batch size to the example's instead of a dynamic dim 0.")
-@click.option("--force", is_flag=True, help="Overwrite an existing OUT.onnx.")
+@click.option("--force", is_flag=True,
+              help="Overwrite existing output files (OUT.onnx, reports; never an input).")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Verify the folded model and the ONNX file against the original model.")
 @verify_options
@@ -59,14 +60,14 @@ def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_ba
     from bnfold_cli.commands.verify import parse_providers, run_verification
 
     import bnfold
+    from bnfold.export import external_data_path
     from bnfold.inputs import describe_inputs
-    from bnfold.io import check_output_path
     from bnfold.report import Report
 
-    check_report_paths(json_path, markdown_path)
+    plan_paths({"MODEL": request.spec, "--data": data},
+               {"--onnx": onnx_path, "--onnx (external data)": external_data_path(onnx_path),
+                "--json": json_path, "--markdown": markdown_path}, force=force)
     chosen = parse_providers(providers)
-    spec = Path(request.spec)
-    check_output_path(onnx_path, inputs=[spec if spec.exists() else None], overwrite=force)
     run = prepare(request)
     with status("Folding" if not no_fold else "Reading the model's dataflow"):
         before = count_bn_kernels(run.model, run.inputs)
@@ -75,7 +76,8 @@ def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_ba
         after = bnfold.count_bn_kernels(result.model, run.inputs) if result else before
     with status(f"Exporting {onnx_path}"):
         exported = bnfold.export_onnx(result if result is not None else run.model, run.inputs,
-                                      onnx_path, opset=opset, dynamic_batch=not static_batch)
+                                      onnx_path, opset=opset, dynamic_batch=not static_batch,
+                                      overwrite=force)
     sections = [("export", exported)]
     if do_verify:
         candidates = {"folded": result, "onnx": exported} if result else {"onnx": exported}
@@ -91,6 +93,6 @@ def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_ba
         result=result, bn_kernels_before=before, bn_kernels_after=after,
         sections=tuple(sections),
     )
-    emit(report, json_path=json_path, markdown_path=markdown_path)
+    emit(report, json_path=json_path, markdown_path=markdown_path, force=force)
     if do_verify:
         bnfold.require_passed(verification)

@@ -12,6 +12,7 @@ line in ``fold`` (``--data``, ``--onnx`` and ``--verify`` are built this way).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from bnfold_cli.options import (
     MODEL_HELP,
     ModelRequest,
     Prepared,
-    check_report_paths,
     count_bn_kernels,
     emit,
+    load,
     model_options,
+    plan_paths,
     prepare,
     status,
     versions,
@@ -44,8 +46,12 @@ Output (-o, default MODEL's name + .folded + extension, beside MODEL):
   .pt2      a torch.export program: load with torch.export.load(path).module()
   .pt/.pth  a pickled module, only when MODEL is one (--trust-pickle); add --pt2
             for a .pt2 beside it
-The input is never overwritten; an existing output only with --force. Files are
-written to a temporary name and renamed, so a failed run leaves nothing behind.
+No output may be an input (also through a link, a hard link or ..), lie in the
+--data folder or be another output; an existing one needs --force (a link is then
+replaced, never written through). Every path is checked before any work. Files are
+written in a temporary folder beside the output and moved into place at the end,
+exclusively unless --force, so a failed or stopped run leaves nothing behind and a
+file that appeared meanwhile is never replaced.
 
 \b
 Examples:
@@ -87,7 +93,8 @@ class FoldRun:
               help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).")
 @click.option("--pt2", "also_pt2", is_flag=True,
               help="With a pickled-module output, also write a .pt2 beside it.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files (never MODEL).")
+@click.option("--force", is_flag=True,
+              help="Replace existing output files, reports included (never an input).")
 @click.option("--dry-run", is_flag=True,
               help="Fold in memory and report what would be written; write no file but the "
                    "reports.")
@@ -107,15 +114,15 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
     Prints the table of BatchNorms (folded or kept, and why), the BN kernels one forward runs
     before and after, and where the output was written.
     """
-    check_report_paths(json_path, markdown_path)
-    replace = force or dry_run  # a dry run writes nothing, so an existing output is only noted
-    _check_output_early(output, request, force=replace)
-    _check_output_early(onnx_path, request, force=replace, any_format=True)
+    paths = _FoldPaths(request, data_request, output, also_pt2, onnx_path, json_path,
+                       markdown_path, force=force, dry_run=dry_run)
+    paths.plan(output or paths.default_before_loading())
+    loaded = load(request)
+    targets = paths.targets(loaded)
     data = _DataOnce(data_request)
-    prepared = prepare(request, inputs_from_data=data.example_inputs if data_request else None)
+    prepared = prepare(request, inputs_from_data=data.example_inputs if data_request else None,
+                       loaded=loaded)
     run = FoldRun(prepared=prepared, model=prepared.model)
-    targets = _resolve_outputs(run, output, also_pt2=also_pt2, force=replace)
-    _check_distinct([path for path, _ in targets] + ([onnx_path] if onnx_path else []))
     if data_request is not None:
         _recalibrate_step(run, data, quiet=json_path == "-")
     _fold_step(run)
@@ -124,9 +131,9 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
         run.notes.extend(f"would write {path}" + _exists_note(path, force) for path in planned)
     else:
         _save_step(run, targets, force=force)
-    exported = _export_step(run, onnx_path) if onnx_path and not dry_run else None
+    exported = _export_step(run, onnx_path, force) if onnx_path and not dry_run else None
     verification = _verify_step(run, exported) if verify_outputs else None
-    emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path)
+    emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path, force=force)
     if verification is not None:
         from bnfold import require_passed
 
@@ -136,55 +143,74 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
 # ------------------------------------------------------------------ outputs
 
 
-def _check_output_early(output: Path | None, request: ModelRequest, *, force: bool,
-                        any_format: bool = False) -> None:
-    """Refuse a bad explicit output path before spending time on loading and folding."""
-    if output is None:
-        return
-    from bnfold.io import check_output_path, output_format
+@dataclass
+class _FoldPaths:
+    """Every path ``fold`` reads and writes, checked as one plan before any work.
 
-    if not any_format:
-        output_format(output)
-    spec = Path(request.spec)
-    check_output_path(output, inputs=[spec if spec.exists() else None], overwrite=force)
+    The default model output's name depends on MODEL's format; it is planned before loading
+    whenever the arguments tell the format (``expected_source``), and (re)checked right after
+    loading otherwise, before any data is read or anything is folded.
+    """
+
+    request: ModelRequest
+    data_request: DataRequest | None
+    output: Path | None
+    also_pt2: bool
+    onnx_path: Path | None
+    json_path: str | None
+    markdown_path: str | None
+    force: bool
+    dry_run: bool
+    planned: Path | None = None
+
+    def default_before_loading(self) -> Path | None:
+        from bnfold.io import default_output_path, expected_source
+
+        guess = expected_source(self.request.spec, arch=self.request.arch,
+                                trust_pickle=self.request.trust_pickle)
+        return default_output_path(guess) if guess is not None else None
+
+    def plan(self, main: Path | None) -> None:
+        """Check every input and output (``main``: the model output, when known)."""
+        from bnfold.export import external_data_path
+        from bnfold.io import ModelFormat, output_format
+
+        model: dict[str, Path | None] = {"-o" if self.output else "output": main}
+        if main is not None:
+            fmt = output_format(main)
+            if self.also_pt2 and fmt is not ModelFormat.EXPORTED_PROGRAM:
+                model["--pt2"] = main.with_suffix(".pt2")
+        onnx = {"--onnx": self.onnx_path,
+                "--onnx (external data)": self.onnx_path and external_data_path(self.onnx_path)}
+        plan_paths(
+            {"MODEL": self.request.spec, "--data": self.data_request and self.data_request.spec},
+            {**model, **onnx, "--json": self.json_path, "--markdown": self.markdown_path},
+            force=self.force, named_only=[*model, *onnx] if self.dry_run else (),
+        )
+        self.planned = main
+
+    def targets(self, loaded: Any) -> list[tuple[Path, Any]]:
+        """The model files to write, .pt2 first (its export is what can fail), checked."""
+        from bnfold.errors import UsageError
+        from bnfold.io import ModelFormat, default_output_path, output_format
+
+        main = self.output or default_output_path(loaded)
+        if main != self.planned:
+            self.plan(main)
+        fmt = output_format(main)
+        if fmt is ModelFormat.PICKLED_MODULE and loaded.format is not ModelFormat.PICKLED_MODULE:
+            raise UsageError(
+                f"{main}: a .pt/.pth output is a pickled module, written only when MODEL is "
+                "one (loaded with --trust-pickle); write a .pt2 instead"
+            )
+        targets = [(main, fmt)]
+        if self.also_pt2 and fmt is not ModelFormat.EXPORTED_PROGRAM:
+            targets.insert(0, (main.with_suffix(".pt2"), ModelFormat.EXPORTED_PROGRAM))
+        return targets
 
 
 def _exists_note(path: Path, force: bool) -> str:
-    return " (exists: a real run needs --force)" if path.exists() and not force else ""
-
-
-def _check_distinct(paths: list[Path]) -> None:
-    from bnfold.errors import UsageError
-
-    resolved = [path.resolve() for path in paths]
-    if len(set(resolved)) != len(resolved):
-        raise UsageError(f"two outputs would be the same file: {', '.join(map(str, paths))}")
-
-
-def _resolve_outputs(run: FoldRun, output: Path | None, *, also_pt2: bool,
-                     force: bool) -> list[tuple[Path, Any]]:
-    """The files to write, .pt2 first (its export is what can fail), each checked."""
-    from bnfold.errors import UsageError
-    from bnfold.io import (
-        ModelFormat,
-        check_output_path,
-        default_output_path,
-        output_format,
-    )
-
-    main = output or default_output_path(run.loaded)
-    fmt = output_format(main)
-    if fmt is ModelFormat.PICKLED_MODULE and run.loaded.format is not ModelFormat.PICKLED_MODULE:
-        raise UsageError(
-            f"{main}: a .pt/.pth output is a pickled module, written only when MODEL is one "
-            "(loaded with --trust-pickle); write a .pt2 instead"
-        )
-    targets = [(main, fmt)]
-    if also_pt2 and fmt is not ModelFormat.EXPORTED_PROGRAM:
-        targets.insert(0, (main.with_suffix(".pt2"), ModelFormat.EXPORTED_PROGRAM))
-    for path, _ in targets:
-        check_output_path(path, inputs=[run.loaded.path], overwrite=force)
-    return targets
+    return " (exists: a real run needs --force)" if os.path.lexists(path) and not force else ""
 
 
 # ------------------------------------------------------------------ steps
@@ -238,11 +264,11 @@ def _save_step(run: FoldRun, targets: list[tuple[Path, Any]], *, force: bool) ->
         run.outputs.append(saved)
 
 
-def _export_step(run: FoldRun, path: Path) -> Any:
+def _export_step(run: FoldRun, path: Path, force: bool) -> Any:
     from bnfold import export_onnx
 
     with status(f"Exporting {path}"):
-        exported = export_onnx(run.result, run.inputs, path)
+        exported = export_onnx(run.result, run.inputs, path, overwrite=force)
     run.sections.append(("export", exported))
     return exported
 

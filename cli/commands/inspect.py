@@ -6,10 +6,10 @@ import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
 from bnfold_cli.options import (
     MODEL_HELP,
-    check_report_paths,
     count_bn_kernels,
     emit,
     model_options,
+    plan_paths,
     prepare,
     status,
     versions,
@@ -27,8 +27,9 @@ Examples:
 
 
 @click.command("inspect", epilog=EPILOG)
+@click.option("--force", is_flag=True, help="Overwrite existing report files (never MODEL).")
 @model_options
-def inspect(request, json_path: str | None, markdown_path: str | None) -> None:
+def inspect(request, force: bool, json_path: str | None, markdown_path: str | None) -> None:
     """Show every BatchNorm: foldable or kept, into which layer, and why.
 
     Nothing is written except the optional --json/--markdown reports.
@@ -37,7 +38,8 @@ def inspect(request, json_path: str | None, markdown_path: str | None) -> None:
     from bnfold.inputs import describe_inputs
     from bnfold.report import Report
 
-    check_report_paths(json_path, markdown_path)
+    plan_paths({"MODEL": request.spec}, {"--json": json_path, "--markdown": markdown_path},
+               force=force)
     run = prepare(request)
     with status("Reading the model's dataflow"):
         before = count_bn_kernels(run.model, run.inputs)
@@ -51,4 +53,4 @@ def inspect(request, json_path: str | None, markdown_path: str | None) -> None:
         plan=plan,
         bn_kernels_before=before,
     )
-    emit(report, json_path=json_path, markdown_path=markdown_path)
+    emit(report, json_path=json_path, markdown_path=markdown_path, force=force)

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, check_report_paths, status, versions
+from bnfold_cli.options import MODEL_HELP, plan_paths, status, versions
 
 DATA_HELP = """\b
 DATA is one of:
@@ -190,7 +190,8 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
 @click.argument("model_spec", metavar="MODEL")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors).")
-@click.option("--force", is_flag=True, help="Overwrite existing output files (never MODEL).")
+@click.option("--force", is_flag=True,
+              help="Replace existing output files, reports included (never an input).")
 @click.option("--arch", metavar="PKG.MODULE:FACTORY", default=None,
               help="Factory building the architecture for a state-dict MODEL.")
 @click.option("--trust-pickle", is_flag=True,
@@ -214,13 +215,16 @@ def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None,
     sees, pooled in float64 over all batches (and all processes under torchrun), with every
     other layer in eval mode (Dropout off). Nothing else in the model changes.
     """
-    check_report_paths(json_path, plot_path)
-    _check_output_early(output, model_spec, force=force)
+    planned = _plan(model_spec, data_request, output or _default_before_loading(
+        model_spec, arch, trust_pickle), json_path, plot_path, force=force)
     with _distributed() as rank:
         from bnfold.io import load_model
 
         with status(f"Loading {model_spec}"):
             loaded = load_model(model_spec, arch=arch, trust_pickle=trust_pickle)
+        target = output or default_output_path(loaded)
+        if target != planned:  # the default name needed the model's format
+            _plan(model_spec, data_request, target, json_path, plot_path, force=force)
         model = loaded.model
         if device is not None:
             model = model.to(_device(device))
@@ -228,10 +232,10 @@ def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None,
         report = recalibrate_with_progress(model, data, data_request, quiet=quiet)
         if rank != 0:
             return
-        target = output or default_output_path(loaded)
         saved = _save(model, target, loaded, data, force=force)
         document = _document(loaded, data, data_request, report, saved)
-        _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet)
+        _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet,
+              force=force)
 
 
 # --------------------------------------------------------------------------------- processes
@@ -280,19 +284,29 @@ def _device(name: str) -> Any:
 # ------------------------------------------------------------------------------------ outputs
 
 
-def _check_output_early(output: Path | None, model_spec: str, *, force: bool) -> None:
-    if output is None:
-        return
-    from bnfold.io import check_output_path
+def _plan(model_spec: str, data_request: DataRequest, output: Path | None,
+          json_path: str | None, plot_path: str | None, *, force: bool) -> Path | None:
+    """Check every input and output path before any work (``output``: the model output, when
+    known); returns ``output``."""
+    if output is not None:
+        _output_kind(output, pickled_input=True)
+    plan_paths({"MODEL": model_spec, "--data": data_request.spec},
+               {"-o": output, "--json": json_path, "--plot": plot_path}, force=force)
+    return output
 
-    _output_kind(output, pickled_input=True)
-    spec = Path(model_spec)
-    check_output_path(output, inputs=[spec if spec.exists() else None], overwrite=force)
+
+def _default_before_loading(model_spec: str, arch: str | None, trust_pickle: bool) -> Any:
+    """The default output when the arguments tell MODEL's format, else None."""
+    from bnfold.io import expected_source
+
+    guess = expected_source(model_spec, arch=arch, trust_pickle=trust_pickle)
+    return default_output_path(guess) if guess is not None else None
 
 
 def default_output_path(loaded: Any) -> Path:
     """``<name>.recalibrated.<ext>`` beside MODEL (in the current directory for a factory):
-    ``.pt2`` for a program or a factory, MODEL's own extension for a state dict or a pickle."""
+    ``.pt2`` for a program or a factory, MODEL's own extension for a state dict or a pickle.
+    ``loaded`` is a ``LoadedModel`` or a ``ModelSource``."""
     from bnfold.io import ModelFormat
 
     if loaded.path is None:
@@ -322,10 +336,9 @@ def _output_kind(path: Path, *, pickled_input: bool) -> Any:
 
 
 def _save(model: Any, path: Path, loaded: Any, data: Any, *, force: bool) -> Any:
-    from bnfold.io import ModelFormat, SavedModel, atomic_write, check_output_path, save_model
+    from bnfold.io import ModelFormat, SavedModel, atomic_write, save_model
 
     fmt = _output_kind(path, pickled_input=loaded.format is ModelFormat.PICKLED_MODULE)
-    check_output_path(path, inputs=[loaded.path], overwrite=force)
     with status(f"Writing {path}"):
         if fmt in (ModelFormat.EXPORTED_PROGRAM, ModelFormat.PICKLED_MODULE):
             inputs = loaded.example_inputs or data.example_inputs()
@@ -334,7 +347,7 @@ def _save(model: Any, path: Path, loaded: Any, data: Any, *, force: bool) -> Any
                               overwrite=force, dynamic_dims=dims)
         state = {key: value.detach().cpu().contiguous().clone()
                  for key, value in model.state_dict().items()}
-        atomic_write(path, lambda tmp: _write_state(state, tmp, fmt))
+        atomic_write(path, lambda tmp: _write_state(state, tmp, fmt), overwrite=force)
     return SavedModel(path=str(path), format=fmt, bytes=path.stat().st_size,
                       notes=("state dict: load it into MODEL's architecture, strictly",))
 
@@ -371,7 +384,7 @@ def _document(loaded: Any, data: Any, request: DataRequest, report: Any, saved: 
 
 
 def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
-          plot_path: str | None, quiet: bool) -> None:
+          plot_path: str | None, quiet: bool, force: bool) -> None:
     import json
 
     from bnfold.io import write_text_atomic
@@ -383,12 +396,12 @@ def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
         click.echo(report.format_text())
         click.echo(f"wrote {saved.path}")
     if json_path and json_path != "-":
-        write_text_atomic(json_path, text)
+        write_text_atomic(json_path, text, overwrite=force)
         if not quiet:
             click.echo(f"JSON report: {json_path}", err=True)
     if plot_path:
         from bnfold.plot import plot_shifts
 
-        plot_shifts(report, plot_path)
+        plot_shifts(report, plot_path, overwrite=force)
         if not quiet:
             click.echo(f"plot: {plot_path}", err=True)

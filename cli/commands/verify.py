@@ -143,22 +143,27 @@ def run_verification(reference: Any, candidates: Any, inputs: Any, *, data: str 
 @providers_option
 @click.option("--json", "json_path", metavar="FILE", default=None,
               help="Also write the report as JSON to FILE ('-' for stdout instead of the text).")
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing --json file (never an input).")
 @click.option("--debug", is_flag=True, expose_value=False,
               help="Show the Python traceback for expected errors.")
 def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, dtype: str | None,
            arch: str | None, trust_pickle: bool, data: str | None, batches: int,
            batch_size: int, seed: int, random_batches: str, providers: str | None,
-           json_path: str | None) -> None:
+           json_path: str | None, force: bool) -> None:
     """Verify that OUT.onnx computes what the original model computes, on each runtime."""
     import json
 
-    from bnfold_cli.options import check_report_paths
+    from bnfold_cli.options import plan_paths
 
     import bnfold
     from bnfold.errors import UsageError
+    from bnfold.export import external_data_path
     from bnfold.io import load_model, write_text_atomic
 
-    check_report_paths(json_path)
+    plan_paths({"OUT.onnx": onnx_path, "OUT.onnx (external data)": external_data_path(onnx_path),
+                "--reference": reference, "--folded": folded, "--data": data},
+               {"--json": json_path}, force=force)
     chosen = parse_providers(providers)
     parse_sizes(random_batches)
     if not onnx_path.is_file():
@@ -186,6 +191,6 @@ def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, d
     else:
         click.echo(report.format_text())
         if json_path:
-            write_text_atomic(json_path, text)
+            write_text_atomic(json_path, text, overwrite=force)
             click.echo(f"JSON report: {json_path}", err=True)
     bnfold.require_passed(report)

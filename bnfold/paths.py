@@ -1,0 +1,263 @@
+"""Every path a command reads or writes, checked before any work; and how outputs are published.
+
+``plan_paths`` takes a command's inputs (the model file, the data file or folder, the reference,
+the ONNX file being verified) and its outputs (the model, its ``.pt2`` sibling, the ONNX file and
+its external data, every report and plot), each with the option that named it, and refuses
+(``UsageError``) before any work:
+
+- an output that is the same file as an input, even with ``overwrite``: same path after
+  resolving symbolic links and ``..`` (also for files that do not exist yet, such as
+  ``dir/../out`` or a path through a symlinked directory), or same device and inode (a hard
+  link);
+- an output inside an input folder (it would be read as data on the next run);
+- two outputs that are the same file;
+- an output whose directory is missing, or that is a directory or not a regular file
+  (a device such as ``/dev/null``, a pipe);
+- an existing output, unless ``overwrite``. A symbolic link counts as existing even when it
+  points nowhere; the message says where it points. bnfold never writes through a link: with
+  ``overwrite`` the link itself is replaced by the new file and its target is left alone.
+
+Writes happen in ``staging(target)``, a private directory beside the target (same filesystem),
+under the target's own name, so formats that record their file name (``torch.save`` and
+``torch.export.save`` name the archive's top folder after it) record the final name. The
+finished file is moved into place with ``publish``: without ``overwrite`` by an exclusive
+operation (a hard link, which fails if the name exists), so a file that appeared meanwhile is
+never replaced (``UsageError``, like any existing output); with ``overwrite`` by
+``os.replace``. Either way the target is never seen
+half-written, and the staging directory is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnfold.errors import SaveError, UsageError
+
+#: Errors of ``os.link`` that mean "this filesystem has no hard links here", not "name taken".
+_NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+@dataclass(frozen=True)
+class NamedPath:
+    """A path and the option or argument that named it (``MODEL``, ``--data``, ``--json``...)."""
+
+    role: str
+    path: Path
+    written: bool = True  # for outputs: False when it is only named (a dry run writes no model)
+    makes_parent: bool = False  # for outputs: the command creates its directory if missing
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.role})"
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """The checked paths of one command."""
+
+    inputs: tuple[NamedPath, ...]
+    outputs: tuple[NamedPath, ...]
+    overwrite: bool
+
+
+def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
+    """The file or folder a MODEL or DATA argument names, or None when it names code
+    (``package.module:callable``) or nothing. ``file.npz:NAME`` names ``file.npz``."""
+    if spec is None:
+        return None
+    text = os.fspath(spec)
+    path = Path(text)
+    if os.path.lexists(path):
+        return path
+    head, colon, _ = text.rpartition(":")
+    if colon and head and os.path.isfile(head):
+        return Path(head)
+    return None
+
+
+def plan_paths(
+    inputs: Iterable[NamedPath], outputs: Iterable[NamedPath], *, overwrite: bool
+) -> PathPlan:
+    """Check every output against every input and every other output; see the module
+    docstring for the rules. Raises ``UsageError`` (one line naming both paths and what to do).
+    An output that is only named (``written=False``, e.g. a dry run's model) is checked for
+    everything but existence."""
+    inputs, outputs = tuple(inputs), tuple(outputs)
+    for index, output in enumerate(outputs):  # first what --force cannot fix
+        _check_place(output)
+        for source in inputs:
+            _check_not_input(output, source)
+        for earlier in outputs[:index]:
+            if _same(output.path, earlier.path):
+                raise UsageError(
+                    f"{output} and {earlier} are the same file; give each output its own path"
+                )
+    for output in outputs:
+        problem = _existing(output.path, overwrite=overwrite)
+        if problem and output.written:
+            raise UsageError(f"{output}: {problem}")
+    return PathPlan(inputs, outputs, overwrite)
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def _check_place(output: NamedPath) -> None:
+    path = output.path
+    parent = path.parent
+    if not parent.is_dir() and not (output.makes_parent and not os.path.lexists(parent)):
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise UsageError(f"cannot write {output}: the directory {parent} {what}")
+    if path.is_dir():
+        raise UsageError(f"cannot write {output}: it is a directory; give a file name")
+    mode = _stat_mode(path)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(
+            f"cannot write {output}: it is {_kind(mode)}, not a regular file; bnfold writes "
+            "only regular files (use '-' for stdout where the option allows it)"
+        )
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {output}: the directory {parent} is not writable")
+
+
+def _check_not_input(output: NamedPath, source: NamedPath) -> None:
+    if _same(output.path, source.path):
+        raise UsageError(
+            f"{output} is the same file as the input {source}; bnfold never overwrites its "
+            "input, even with --force: choose another output path"
+        )
+    folder = source.path
+    if folder.is_dir() and _inside(output.path, folder):
+        raise UsageError(
+            f"{output} is inside the input folder {source}: it would be read as input on the "
+            "next run; write it elsewhere"
+        )
+
+
+def _existing(path: Path, *, overwrite: bool) -> str | None:
+    """Why an output may not be written without ``overwrite`` (None when it may)."""
+    if not os.path.lexists(path) or overwrite:
+        return None
+    if path.is_symlink():
+        target = os.readlink(path)
+        if not path.exists():
+            return (
+                f"is a symbolic link to {target}, which does not exist; bnfold never writes "
+                "through a link: pass --force to replace the link itself with the file, or "
+                "remove the link"
+            )
+        return (
+            f"already exists (a symbolic link to {target}); pass --force to replace the link "
+            "itself (its target is left alone)"
+        )
+    return "already exists; pass --force to overwrite it"
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file: equal after resolving links and ``..``, or the same device and inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    first, second = _identity(a), _identity(b)
+    return first is not None and first == second
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _stat_mode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+# ------------------------------------------------------------------ writing
+
+
+@contextlib.contextmanager
+def staging(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A private temporary directory beside ``target``; yields ``target``'s name inside it.
+
+    The directory (``.<name>.<random>.tmp``) and everything in it are removed on exit, whatever
+    happens. Raises ``SaveError`` when it cannot be created.
+    """
+    out = Path(target)
+    try:
+        folder = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise SaveError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        yield Path(folder) / out.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(
+    staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool
+) -> None:
+    """Move the finished file ``staged`` onto ``target`` (in the same directory).
+
+    With ``overwrite``: ``os.replace`` (a link at ``target`` is replaced, not followed). Without:
+    an exclusive hard link, so a file that appeared at ``target`` after the checks is never
+    replaced: ``UsageError`` says so (as for an output that existed before, the remedy is
+    ``overwrite``) and ``target`` is left as it is. On a filesystem without
+    hard links the name is reserved with an exclusive create, then replaced (the target is an
+    empty file for that moment). ``staged`` is gone afterwards when this returns.
+    """
+    source, out = os.fspath(staged), os.fspath(target)
+    if overwrite:
+        os.replace(source, out)
+        return
+    try:
+        os.link(source, out)
+    except FileExistsError:
+        raise _appeared(out) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        _reserve(out)
+        os.replace(source, out)
+        return
+    os.unlink(source)
+
+
+def _reserve(target: str) -> None:
+    try:
+        handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise _appeared(target) from None
+    os.close(handle)
+
+
+def _appeared(target: str) -> UsageError:
+    return UsageError(
+        f"{target} appeared while bnfold ran; nothing was replaced. Rerun with --force "
+        "(overwrite=True) to replace it"
+    )
