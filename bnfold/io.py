@@ -135,7 +135,8 @@ def load_model(
 def build_from_factory(spec: str) -> nn.Module:
     """Import ``package.module`` and call ``callable`` (an ``nn.Module`` instance is used as is).
 
-    The current directory is searched first, as ``python -m`` would.
+    The current directory is searched first, as ``python -m`` would. Any exception from the
+    user's code, ``sys.exit`` included, is raised as ``LoadError`` naming ``spec``.
     """
     from torch import nn
 
@@ -147,6 +148,11 @@ def build_from_factory(spec: str) -> nn.Module:
             raise LoadError(
                 f"cannot import module '{module_name}' for {spec}: {exc}. The module must be "
                 "importable: run from its directory, install it, or add it to PYTHONPATH"
+            ) from exc
+        except SystemExit as exc:
+            raise LoadError(
+                f"importing '{module_name}' for {spec} called sys.exit({exc.code!r}); a model "
+                "module must not exit the process"
             ) from exc
         except Exception as exc:
             raise LoadError(
@@ -163,6 +169,11 @@ def build_from_factory(spec: str) -> nn.Module:
         raise LoadError(f"{spec}: '{attr_path}' is a {type(target).__name__}, not callable")
     try:
         model = target()
+    except SystemExit as exc:
+        raise LoadError(
+            f"{spec} called sys.exit({exc.code!r}) while building the model; a factory must "
+            "return an nn.Module"
+        ) from exc
     except Exception as exc:
         raise LoadError(f"calling {spec}() raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):

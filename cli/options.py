@@ -111,7 +111,7 @@ def model_options(command: Callable) -> Callable:
         click.option("--markdown", "markdown_path", metavar="FILE", default=None,
                      help="Also write the report as Markdown to FILE."),
         click.option("--debug", is_flag=True, expose_value=False,
-                     help="Show the Python traceback for expected errors."),
+                     help="Print the Python traceback before the error line."),
     ]
 
     def wrapper(model: str, shapes: tuple, dtype: str | None, arch: str | None,
@@ -143,7 +143,8 @@ def prepare(request: ModelRequest,
     if request.shapes:
         default = parse_dtype(request.dtype) if request.dtype else model_dtype(loaded.model)
         specs = [(spec.shape, spec.dtype) for spec in request.shapes]
-        inputs = make_example_inputs(specs, default_dtype=default)
+        with stage("building the --input-shape example inputs"):
+            inputs = make_example_inputs(specs, default_dtype=default)
         source = "--input-shape"
     elif loaded.example_inputs is not None:
         inputs = loaded.example_inputs
@@ -151,7 +152,8 @@ def prepare(request: ModelRequest,
             inputs = tuple(t.to(parse_dtype(request.dtype)) for t in inputs)
         source = "the program's example inputs"
     elif inputs_from_data is not None:
-        inputs = inputs_from_data(loaded.model)
+        with stage("reading the first batch of --data"):
+            inputs = inputs_from_data(loaded.model)
         source = "the first batch of --data"
     else:
         raise UsageError(
@@ -178,14 +180,34 @@ def count_bn_kernels(model: Any, inputs: tuple[Any, ...]) -> int:
 
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner on stderr while work runs, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield
-        return
-    from rich.console import Console
+    """One stage of a command (see ``stage``), with a spinner on stderr showing ``message``
+    while it runs, only when stderr is a terminal."""
+    with stage(message[:1].lower() + message[1:]):
+        if not sys.stderr.isatty():
+            yield
+            return
+        from rich.console import Console
 
-    with Console(stderr=True).status(message):
+        with Console(stderr=True).status(message):
+            yield
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Name a stage of a command for its error message: an exception that is not a
+    ``BnfoldError`` (a bug, torch out of memory, an exception or ``sys.exit`` in the user's
+    code) leaves as ``UnexpectedError("<name> failed: <type>: <message>")``, the original as
+    its cause. ``KeyboardInterrupt`` passes through untouched."""
+    try:
         yield
+    except (Exception, SystemExit) as exc:
+        from bnfold_cli.main import describe_unexpected
+
+        from bnfold.errors import BnfoldError, UnexpectedError
+
+        if isinstance(exc, BnfoldError):
+            raise
+        raise UnexpectedError(describe_unexpected(exc, during=name)) from exc
 
 
 def versions() -> dict[str, str]:

@@ -192,7 +192,7 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
               help="Also draw the per-layer shift of mean and variance (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
 @click.option("--debug", is_flag=True, expose_value=False,
-              help="Show the Python traceback for expected errors.")
+              help="Print the Python traceback before the error line.")
 @data_options(required=True)
 def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None, force: bool,
                 arch: str | None, trust_pickle: bool, device: str | None,

@@ -1,0 +1,137 @@
+"""Honest exits and outputs: exit 1 only for a failed verification, one ``error:`` line for
+anything else, JSON alone on stdout, saved programs with a dynamic batch, messages that name
+the real problem, and what was written when a later stage fails."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import zipfile
+
+import pytest
+import torch
+from bnfold_cli.main import main
+from exit_models import MODULE, install
+
+import bnfold
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """The misbehaving user module, importable from the current directory (tmp_path)."""
+    install(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(MODULE, None)
+    yield importlib.import_module(MODULE)
+    sys.modules.pop(MODULE, None)
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """Run ``bnfold ARGS`` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as caught:
+        main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return caught.value.code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ exit codes
+
+
+@pytest.mark.parametrize("factory, code", [("exits_zero", 0), ("exits_two", 2)])
+def test_a_factory_calling_sys_exit_is_an_error_not_its_exit_code(capsys, models, factory, code):
+    status, out, err = run(capsys, "fold", f"{MODULE}:{factory}", "--input-shape", "2x3x8x8")
+    assert status == 3 and out == ""
+    line = one_error_line(err)
+    assert f"{MODULE}:{factory} called sys.exit({code}) while building the model" in line
+
+
+@pytest.mark.parametrize(
+    "attribute, exception, stage",
+    [
+        ("fold", KeyError("boom"), "folding failed: KeyError: 'boom'"),
+        ("fold", MemoryError(), "folding failed: MemoryError (out of memory"),
+        ("export_onnx", zipfile.BadZipFile("bad header"), "exporting"),
+    ],
+)
+def test_an_unexpected_exception_is_one_line_naming_the_stage_and_exit_3(
+    capsys, models, monkeypatch, tmp_path, attribute, exception, stage
+):
+    def fail(*args, **kwargs):
+        raise exception
+
+    monkeypatch.setattr(bnfold, attribute, fail)
+    argv = [
+        "fold",
+        f"{MODULE}:build",
+        "--input-shape",
+        "2x3x8x8",
+        "-o",
+        tmp_path / "out.pt2",
+        "--onnx",
+        tmp_path / "out.onnx",
+    ]
+    status, _, err = run(capsys, *argv)
+    assert status == 3
+    line = one_error_line(err)
+    assert stage in line and "--debug" in line and "Traceback" not in err
+    status, _, err = run(capsys, *argv, "--force", "--debug")
+    assert status == 3 and "Traceback" in err and type(exception).__name__ in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_an_example_input_larger_than_memory_is_refused_before_allocating(
+    capsys, models, monkeypatch
+):
+    monkeypatch.setattr("bnfold.inputs._physical_memory", lambda: 8 * 10**9)
+    status, _, err = run(capsys, "fold", f"{MODULE}:build", "--input-shape", "100000x3x224x224")
+    assert status == 3
+    line = one_error_line(err)
+    assert "needs 60.2 GB, more than this machine's 8.0 GB" in line
+
+
+def test_an_input_that_cannot_be_allocated_is_one_line(capsys, models, monkeypatch):
+    real_randn = torch.randn
+
+    def randn(*args, **kwargs):  # what torch's allocator raises when the kernel says no
+        shape = args[0] if args else kwargs["size"]
+        if torch.Size(shape).numel() > 10**9:
+            raise RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to "
+                "allocate 60211200000 bytes"
+            )
+        return real_randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    monkeypatch.setattr("bnfold.inputs._physical_memory", lambda: None)  # unknown: try it
+    status, _, err = run(capsys, "fold", f"{MODULE}:build", "--input-shape", "100000x3x224x224")
+    assert status == 3
+    assert "cannot allocate the example input 100000x3x224x224 float32" in one_error_line(err)
+
+
+def test_a_failed_verification_is_still_exit_1(capsys, models, monkeypatch, tmp_path):
+    def wrong(module, *args, **kwargs):  # a fold that forgets the folded bias
+        result = real_fold(module, *args, **kwargs)
+        with torch.no_grad():
+            result.model[0].bias.zero_()
+        return result
+
+    real_fold = bnfold.fold
+    monkeypatch.setattr(bnfold, "fold", wrong)
+    status, _, err = run(
+        capsys,
+        "fold",
+        f"{MODULE}:build",
+        "--input-shape",
+        "2x3x8x8",
+        "-o",
+        tmp_path / "out.pt2",
+        "--verify",
+    )
+    assert status == 1 and "verification failed" in one_error_line(err)
