@@ -554,7 +554,11 @@ def save_model(
         program, notes = _export(model, inputs, dynamic_dims)
 
         def write(tmp: str) -> None:
-            torch.export.save(program, tmp)
+            with warnings.catch_warnings():
+                # Raised for weights that are not contiguous (channels_last): they are saved
+                # with their strides and load back exactly; the warning is about GPU weights.
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                torch.export.save(program, tmp)
 
     elif fmt is ModelFormat.PICKLED_MODULE:
 

@@ -9,6 +9,8 @@ torch inside their bodies, so ``bnfold --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import re
 import shutil
 import sys
@@ -107,7 +109,8 @@ def model_options(command: Callable) -> Callable:
                           "only for files whose source you trust."),
         click.option("--json", "json_path", metavar="FILE", default=None,
                      help="Also write the report as JSON to FILE ('-' for stdout, which "
-                          "replaces the table)."),
+                          "replaces the table; anything else printed meanwhile goes to "
+                          "stderr)."),
         click.option("--markdown", "markdown_path", metavar="FILE", default=None,
                      help="Also write the report as Markdown to FILE."),
         click.option("--debug", is_flag=True, expose_value=False,
@@ -117,7 +120,7 @@ def model_options(command: Callable) -> Callable:
     def wrapper(model: str, shapes: tuple, dtype: str | None, arch: str | None,
                 trust_pickle: bool, **kwargs: Any) -> Any:
         request = ModelRequest(model, arch, trust_pickle, tuple(shapes), dtype)
-        return command(request=request, **kwargs)
+        return json_stdout(command)(request=request, **kwargs)
 
     wrapper.__name__ = command.__name__
     wrapper.__doc__ = command.__doc__
@@ -221,6 +224,84 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+# ------------------------------------------------------------------ stdout for --json -
+
+# (saved fd 1, saved sys.stdout) of each active ``stdout_to_stderr``, innermost last.
+_REAL_STDOUT: list[tuple[int, Any]] = []
+
+
+def json_stdout(command: Callable) -> Callable:
+    """Decorate a command taking ``json_path``: with ``--json -`` the command runs under
+    ``stdout_to_stderr``, so stdout carries the JSON (written with ``echo_stdout``) alone."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with stdout_to_stderr(active=kwargs.get("json_path") == "-"):
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """While the block runs, file descriptor 1 and ``sys.stdout`` point at stderr, so whatever
+    the user's factory, the model's forward, torch or a C extension prints goes to stderr.
+    Both are restored when the block ends, however it ends; ``echo_stdout`` writes to the real
+    stdout meanwhile. A no-op when not ``active`` or when fd 1 is closed."""
+    if not active:
+        yield
+        return
+    _flush_all()
+    try:
+        saved = os.dup(1)
+    except OSError:  # stdout closed: nothing to protect
+        yield
+        return
+    stream = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _REAL_STDOUT.append((saved, stream))
+    try:
+        yield
+    finally:
+        _REAL_STDOUT.pop()
+        _flush_all()
+        os.dup2(saved, 1)
+        os.close(saved)
+        sys.stdout = stream
+
+
+def echo_stdout(text: str) -> None:
+    """Write ``text`` to the real stdout, also while ``stdout_to_stderr`` is active."""
+    if not _REAL_STDOUT:
+        click.echo(text, nl=False)
+        return
+    saved, stream = _REAL_STDOUT[-1]
+    _flush_all()
+    current = os.dup(1)
+    os.dup2(saved, 1)
+    redirected, sys.stdout = sys.stdout, stream
+    try:
+        click.echo(text, nl=False)
+        stream.flush()
+    finally:
+        sys.stdout = redirected
+        os.dup2(current, 1)
+        os.close(current)
+
+
+def _flush_all() -> None:
+    """Flush Python's streams and C stdio, so buffered bytes go where fd 1 points now."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -230,7 +311,7 @@ def emit(report: Report, *, json_path: str | None, markdown_path: str | None) ->
     from bnfold.report import render_json, render_markdown, render_text
 
     if json_path == "-":
-        click.echo(render_json(report), nl=False)
+        echo_stdout(render_json(report))
     else:
         tty = sys.stdout.isatty()
         width = shutil.get_terminal_size((100, 24)).columns if tty else 100

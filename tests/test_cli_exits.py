@@ -4,7 +4,10 @@ the real problem, and what was written when a later stage fails."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import json
+import os
 import sys
 import zipfile
 
@@ -135,3 +138,37 @@ def test_a_failed_verification_is_still_exit_1(capsys, models, monkeypatch, tmp_
         "--verify",
     )
     assert status == 1 and "verification failed" in one_error_line(err)
+
+
+# ------------------------------------------------------------------ --json -
+
+
+def test_json_on_stdout_is_the_json_alone_whatever_the_model_prints(capfd, models, tmp_path):
+    capfd.readouterr()
+    stdout = sys.stdout
+    for factory, who in (("prints", "factory"), ("prints_in_forward", "forward")):
+        with pytest.raises(SystemExit) as caught:
+            main(
+                [
+                    "fold",
+                    f"{MODULE}:{factory}",
+                    "--input-shape",
+                    "2x3x8x8",
+                    "--verify",
+                    "-o",
+                    str(tmp_path / f"{factory}.pt2"),
+                    "--json",
+                    "-",
+                ]
+            )
+        ctypes.CDLL(None).fflush(None)  # anything C stdio still held would land now
+        out, err = capfd.readouterr()
+        assert caught.value.code == 0, err
+        report = json.loads(out)  # nothing but the JSON
+        assert report["command"] == "fold" and report["verification"]["passed"]
+        assert f"{who}: print" in err and f"{who}: os.write to fd 1" in err
+        if who == "factory":
+            assert "factory: C printf" in err
+    assert sys.stdout is stdout  # both restored afterwards
+    os.write(1, b"after the command\n")
+    assert capfd.readouterr().out == "after the command\n"

@@ -18,7 +18,14 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, check_report_paths, status, versions
+from bnfold_cli.options import (
+    MODEL_HELP,
+    check_report_paths,
+    echo_stdout,
+    json_stdout,
+    status,
+    versions,
+)
 
 DATA_HELP = """\b
 DATA is one of:
@@ -187,13 +194,15 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
 @click.option("--device", default=None,
               help="Run on this device (e.g. cuda; under torchrun cuda means cuda:LOCAL_RANK).")
 @click.option("--json", "json_path", metavar="FILE", default=None,
-              help="Also write the report as JSON to FILE ('-' for stdout).")
+              help="Also write the report as JSON to FILE ('-' for stdout; anything else "
+                   "printed meanwhile goes to stderr).")
 @click.option("--plot", "plot_path", metavar="FILE.png", default=None,
               help="Also draw the per-layer shift of mean and variance (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
 @click.option("--debug", is_flag=True, expose_value=False,
               help="Print the Python traceback before the error line.")
 @data_options(required=True)
+@json_stdout
 def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None, force: bool,
                 arch: str | None, trust_pickle: bool, device: str | None,
                 json_path: str | None, plot_path: str | None, quiet: bool) -> None:
@@ -365,7 +374,7 @@ def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
 
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     if json_path == "-":
-        click.echo(text, nl=False)
+        echo_stdout(text)
     elif not quiet:
         click.echo(report.format_text())
         click.echo(f"wrote {saved.path}")
