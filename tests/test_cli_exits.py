@@ -8,6 +8,7 @@ import ctypes
 import importlib
 import json
 import os
+import subprocess
 import sys
 import zipfile
 
@@ -172,3 +173,90 @@ def test_json_on_stdout_is_the_json_alone_whatever_the_model_prints(capfd, model
     assert sys.stdout is stdout  # both restored afterwards
     os.write(1, b"after the command\n")
     assert capfd.readouterr().out == "after the command\n"
+
+
+def test_json_on_stdout_in_a_fresh_process_and_no_torch_noise(models, tmp_path):
+    """The real process: fd 1, torch's log lines and warnings (a channels_last model, a batch-1
+    example, an ONNX export)."""
+    command = [
+        sys.executable,
+        "-m",
+        "bnfold_cli.main",
+        "fold",
+        f"{MODULE}:channels_last",
+        "--input-shape",
+        "1x3x8x8",
+        "-o",
+        "out.pt2",
+        "--onnx",
+        "out.onnx",
+        "--verify",
+        "--json",
+        "-",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verification"]["passed"]
+    assert done.stderr == "", done.stderr  # no warning, no torch log line
+
+
+# ------------------------------------------------------------------ dynamic batch
+
+
+def test_a_batch_1_input_shape_saves_a_program_that_runs_any_batch(capsys, models, tmp_path):
+    out = tmp_path / "out.pt2"
+    status, text, err = run(
+        capsys, "fold", f"{MODULE}:build", "--input-shape", "1x3x8x8", "-o", out
+    )
+    assert status == 0, err
+    assert "dynamic dims kept: input 0 dim 0" in text
+    program = torch.export.load(str(out))
+    folded = program.module()
+    original = models.build()
+    for batch in (1, 3, 4):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(folded(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_fixes_the_batch_is_saved_static_and_the_report_says_why(
+    capsys, models, tmp_path
+):
+    out = tmp_path / "out.pt2"
+    status, _, err = run(
+        capsys,
+        "fold",
+        f"{MODULE}:batch_one_only",
+        "--input-shape",
+        "1x3x8x8",
+        "-o",
+        out,
+        "--json",
+        tmp_path / "report.json",
+    )
+    assert status == 0, err
+    notes = json.loads((tmp_path / "report.json").read_text())["outputs"][0]["notes"]
+    assert any(
+        "static shapes (it runs only at 1x3x8x8)" in note and "x.flatten(1)" in note
+        for note in notes
+    ), notes
+    torch.export.load(str(out)).module()(torch.randn(1, 3, 8, 8))
+
+
+def test_save_model_keeps_the_batch_of_dict_inputs_dynamic(tmp_path, models):
+    class DictInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = models.build()
+
+        def forward(self, inputs):
+            return self.body(inputs["image"])
+
+    model = DictInput().eval()
+    saved = bnfold.save_model(
+        model, tmp_path / "dict.pt2", example_inputs=({"image": torch.randn(1, 3, 8, 8)},)
+    )
+    assert saved.notes[0].startswith("dynamic dims kept: input 0 dim 0")
+    loaded = torch.export.load(str(tmp_path / "dict.pt2")).module()
+    for batch in (1, 3, 4):
+        assert loaded({"image": torch.randn(batch, 3, 8, 8)}).shape[0] == batch
