@@ -147,6 +147,8 @@ def export_onnx(
     counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
     its own keys. ``exporter`` is
     "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
+    float16 models are exported in float16; bfloat16 models are refused (ExportError: the
+    exported graph would fail onnx.checker).
     Raises ExportError (nothing written) when the export or a check fails, SaveError when the
     file cannot be written, UsageError for bad arguments.
     """
@@ -158,6 +160,7 @@ def export_onnx(
     module = model.model if isinstance(model, FoldResult) else model
     if not isinstance(module, nn.Module):
         raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
+    _refuse_bfloat16(module)
     target = _check_target(Path(path))
     args = _on_device(_example_args(example_inputs, dynamic_batch), module)
     with inference(module):
@@ -226,6 +229,19 @@ def _example_args(example_inputs: Any, dynamic_batch: bool) -> tuple[torch.Tenso
         if sizes == {1}:  # a batch-1 example lets the exporter specialise the batch to 1
             args = tuple(torch.cat([arg, arg]) for arg in args)
     return tuple(args)
+
+
+def _refuse_bfloat16(module: nn.Module) -> None:
+    """The exporter writes a bfloat16 model's graph with mixed bfloat16/float32 types that fail
+    onnx.checker (torch 2.13, opsets 18-22; below 22 ONNX's Conv has no bfloat16 at all): say so
+    before exporting."""
+    if any(t.dtype == torch.bfloat16 for t in (*module.parameters(), *module.buffers())):
+        raise ExportError(
+            "bfloat16 models are not exported to ONNX: torch's exporter writes their graph with "
+            "mixed bfloat16/float32 types that onnx.checker rejects (and ONNX's Conv has no "
+            "bfloat16 below opset 22). Export a float16 or float32 copy (model.half() or "
+            "model.float()) instead. No ONNX file was written."
+        )
 
 
 def _on_device(args: tuple[torch.Tensor, ...], module: nn.Module) -> tuple[torch.Tensor, ...]:
