@@ -449,8 +449,8 @@ def _refuse_training_batchnorm(proto: Any) -> None:
         raise ExportError(
             f"the exported graph has {len(found)} BatchNormalization node(s) in training mode "
             f"({', '.join(found[:5])}); eval outputs would use batch statistics and ORT's CUDA "
-            "provider rejects them. Nothing was written. Put the model in eval mode and call "
-            "F.batch_norm with training=False."
+            "provider rejects them. No ONNX file was written. Put the model in eval mode and "
+            "call F.batch_norm with training=False."
         )
 
 
@@ -633,7 +633,7 @@ def _prove_batch(
     try:
         runner = ort_runner(staged)
     except BnfoldError as exc:
-        raise ExportError(f"{exc}. Nothing was written.") from exc
+        raise ExportError(f"{exc}. No ONNX file was written.") from exc
     if not dynamic_batch:
         ran = _run_batches(runner, args, (example,), check_batch=False)
         return DynamicBatchCheck(
@@ -650,7 +650,7 @@ def _prove_batch(
             + "; ".join(fixed_in + fixed_out)
             + ". The model's forward probably hard-codes the batch size (e.g. x.view(2, -1)); "
             "use x.flatten(1) or x.view(x.shape[0], -1), or export with dynamic_batch=False. "
-            "Nothing was written."
+            "No ONNX file was written."
         )
     sizes = tuple(sorted({*PROOF_BATCH_SIZES, example}))
     ran = _run_batches(runner, args, sizes, check_batch=True)
@@ -667,7 +667,7 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(
                 f"ONNX Runtime could not run the exported file at batch size {size}: "
-                f"{_root_cause(exc)}. Nothing was written."
+                f"{_root_cause(exc)}. No ONNX file was written."
             ) from exc
         wrong = [
             f"{name!r} has shape {tuple(out.shape)}"
@@ -678,7 +678,7 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
             raise ExportError(
                 f"at batch size {size} ONNX Runtime returned outputs of another batch size "
                 f"({'; '.join(wrong)}): the exported graph specialised the batch dimension. "
-                "Fix the forward or export with dynamic_batch=False. Nothing was written."
+                "Fix the forward or export with dynamic_batch=False. No ONNX file was written."
             )
     return tuple(sizes)
 

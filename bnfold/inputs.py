@@ -127,6 +127,9 @@ def check_inputs(model: nn.Module, example_inputs: Any) -> None:
     Training flags are restored afterwards and no hook is left behind.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    empty = tensors_without_data(model)
+    if empty:
+        raise ModelInputError(no_data_message("the model", empty))
     tracker = _LayerTracker(model)
     flags = [(module, module.training) for module in model.modules()]
     try:
@@ -139,6 +142,21 @@ def check_inputs(model: nn.Module, example_inputs: Any) -> None:
         tracker.remove()
         for module, training in flags:
             module.training = training
+
+
+def tensors_without_data(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers that have no data (on the ``meta`` device)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in named if tensor.is_meta]
+
+
+def no_data_message(what: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{what} has no data: its parameters/buffers ({shown}) are on the meta device, which "
+        "holds shapes only. Build it on a real device, or materialise it with "
+        "model.to_empty(device='cpu') and load its weights, before folding"
+    )
 
 
 class _LayerTracker:

@@ -164,6 +164,7 @@ def build_from_factory(spec: str) -> nn.Module:
             raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
         target = getattr(target, part)
     if isinstance(target, nn.Module):
+        _require_data(target, f"the module {spec}")
         return target
     if not callable(target):
         raise LoadError(f"{spec}: '{attr_path}' is a {type(target).__name__}, not callable")
@@ -178,7 +179,16 @@ def build_from_factory(spec: str) -> nn.Module:
         raise LoadError(f"calling {spec}() raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    _require_data(model, f"the model {spec} built")
     return model
+
+
+def _require_data(model: nn.Module, what: str) -> None:
+    from bnfold.inputs import no_data_message, tensors_without_data
+
+    empty = tensors_without_data(model)
+    if empty:
+        raise LoadError(no_data_message(what, empty))
 
 
 def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
@@ -759,7 +769,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             os.unlink(tmp)
         if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
-        raise SaveError(f"writing {out} failed: {_one_line(exc)}; nothing was written") from exc
+        raise SaveError(
+            f"writing {out} failed: {_one_line(exc)}; nothing was written to {out}"
+        ) from exc
 
 
 def _default_mode() -> int:

@@ -224,6 +224,22 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@contextlib.contextmanager
+def written_before_failure(outputs: list[Any]) -> Iterator[None]:
+    """When the block fails after files were written (``outputs``: ``SavedModel`` records,
+    appended as they are written), the error says which: a ``BnfoldError`` leaves as the same
+    class with the complete files named, the original as its cause."""
+    try:
+        yield
+    except Exception as exc:
+        from bnfold.errors import BnfoldError
+
+        if not outputs or not isinstance(exc, BnfoldError):
+            raise
+        paths = ", ".join(str(getattr(output, "path", output)) for output in outputs)
+        raise type(exc)(f"{exc} (already written, complete: {paths})") from exc
+
+
 # ------------------------------------------------------------------ stdout for --json -
 
 # (saved fd 1, saved sys.stdout) of each active ``stdout_to_stderr``, innermost last.

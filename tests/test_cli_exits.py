@@ -260,3 +260,53 @@ def test_save_model_keeps_the_batch_of_dict_inputs_dynamic(tmp_path, models):
     loaded = torch.export.load(str(tmp_path / "dict.pt2")).module()
     for batch in (1, 3, 4):
         assert loaded({"image": torch.randn(batch, 3, 8, 8)}).shape[0] == batch
+
+
+# ------------------------------------------------------------------ messages
+
+
+def test_a_meta_device_model_is_said_to_have_no_data(capsys, models):
+    status, _, err = run(capsys, "fold", f"{MODULE}:on_meta", "--input-shape", "2x3x8x8")
+    assert status == 3
+    line = one_error_line(err)
+    assert "has no data" in line and "meta device" in line
+    assert "input shape" not in line
+
+
+def test_nan_statistics_are_named_and_not_blamed_on_a_trace_trap(models):
+    plan = bnfold.find_pairs(models.nan_stats(), torch.randn(2, 3, 8, 8))
+    assert plan.method == "fx"  # the trace reproduces the model, NaN included
+    assert not any("isinstance" in note or "could not read" in note for note in plan.notes)
+    (skip,) = plan.skipped
+    assert skip.bn == "1" and skip.reason is bnfold.SkipReason.NON_FINITE
+    assert "running_var is not finite in 1 of 8 channels" in skip.detail
+    assert "recalibrate" in skip.detail
+
+
+def test_a_failure_after_the_model_was_written_says_what_was_written(capsys, models, tmp_path):
+    out, onnx = tmp_path / "out.pt2", tmp_path / "out.onnx"
+    status, _, err = run(
+        capsys,
+        "fold",
+        f"{MODULE}:batch_two_only",
+        "--input-shape",
+        "2x3x8x8",
+        "-o",
+        out,
+        "--onnx",
+        onnx,
+    )
+    assert status == 3
+    line = one_error_line(err)
+    assert "specialised the batch dimension" in line  # the ONNX export failed...
+    assert "No ONNX file was written" in line and "Nothing was written" not in line
+    assert f"already written, complete: {out}" in line  # ...after the .pt2 was written
+    assert out.is_file() and not onnx.exists()
+
+
+def test_bn_relu_conv_is_kept_as_no_producer_naming_the_relu():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1))
+    (skip,) = bnfold.find_pairs(model.eval(), torch.randn(2, 3, 8, 8)).skipped
+    assert skip.reason is bnfold.SkipReason.NO_PRODUCER
+    assert skip.reason.label == "no adjacent Conv/Linear"
+    assert "feeds 1 (ReLU)" in skip.detail and "sits between it and 2" in skip.detail

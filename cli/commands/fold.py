@@ -34,8 +34,10 @@ from bnfold_cli.options import (
     emit,
     model_options,
     prepare,
+    stage,
     status,
     versions,
+    written_before_failure,
 )
 
 EPILOG = MODEL_HELP + "\n" + DATA_HELP + """
@@ -122,11 +124,13 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
     if dry_run:
         planned = [path for path, _ in targets] + ([onnx_path] if onnx_path else [])
         run.notes.extend(f"would write {path}" + _exists_note(path, force) for path in planned)
-    else:
-        _save_step(run, targets, force=force)
-    exported = _export_step(run, onnx_path) if onnx_path and not dry_run else None
-    verification = _verify_step(run, exported) if verify_outputs else None
-    emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path)
+    with written_before_failure(run.outputs):
+        if not dry_run:
+            _save_step(run, targets, force=force)
+        exported = _export_step(run, onnx_path) if onnx_path and not dry_run else None
+        verification = _verify_step(run, exported) if verify_outputs else None
+        with stage("writing the report"):
+            emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path)
     if verification is not None:
         from bnfold import require_passed
 
