@@ -330,14 +330,22 @@ def emit(report: Report, *, json_path: str | None, markdown_path: str | None) ->
         echo_stdout(render_json(report))
     else:
         tty = sys.stdout.isatty()
-        width = shutil.get_terminal_size((100, 24)).columns if tty else 100
-        click.echo(render_text(report, width=width, color=tty), nl=False)
+        click.echo(render_text(report, width=text_width(tty), color=tty), nl=False)
     if json_path and json_path != "-":
         write_text_atomic(json_path, render_json(report))
         _note(f"JSON report: {json_path}")
     if markdown_path:
         write_text_atomic(markdown_path, render_markdown(report))
         _note(f"Markdown report: {markdown_path}")
+
+
+def text_width(tty: bool) -> int | None:
+    """The width the text report fits: the terminal's (``COLUMNS`` first); when stdout is not
+    a terminal, ``COLUMNS`` if set, else None (no limit: full names, nothing wrapped)."""
+    columns = os.environ.get("COLUMNS", "")
+    if not tty:
+        return int(columns) if columns.isdigit() and int(columns) > 0 else None
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 def check_report_paths(*paths: str | None) -> None:

@@ -310,3 +310,27 @@ def test_bn_relu_conv_is_kept_as_no_producer_naming_the_relu():
     assert skip.reason is bnfold.SkipReason.NO_PRODUCER
     assert skip.reason.label == "no adjacent Conv/Linear"
     assert "feeds 1 (ReLU)" in skip.detail and "sits between it and 2" in skip.detail
+
+
+# ------------------------------------------------------------------ text widths
+
+DEEP_BN = "encoder_stage_three.residual_block_seven.batch_normalisation_with_a_long_name"
+DEEP_CONV = "encoder_stage_three.residual_block_seven.convolution_with_a_long_name"
+
+
+def test_piped_output_prints_whole_names_and_honours_columns(capsys, models, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    status, out, err = run(capsys, "inspect", f"{MODULE}:deep", "--input-shape", "2x3x8x8")
+    assert status == 0, err
+    row = next(line for line in out.splitlines() if line.startswith(DEEP_BN))
+    assert DEEP_CONV in row and "…" not in out  # not a terminal, no COLUMNS: nothing wrapped
+    monkeypatch.setenv("COLUMNS", "80")
+    status, out, err = run(capsys, "inspect", f"{MODULE}:deep", "--input-shape", "2x3x8x8")
+    assert status == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    row = next(line for line in out.splitlines() if "conv→bn" in line)
+    bn, _, layer = [cell.strip() for cell in row.split("   ") if cell.strip()][:3]
+    assert bn.startswith("…") and DEEP_BN.endswith(bn[1:])
+    assert layer.startswith("…") and DEEP_CONV.endswith(layer[1:])
+    kept = next(line for line in out.splitlines() if line.startswith("decoder_bn"))
+    assert "no adjacent" in kept
