@@ -304,6 +304,44 @@ def test_a_failure_after_the_model_was_written_says_what_was_written(capsys, mod
     assert out.is_file() and not onnx.exists()
 
 
+def test_recalibrate_and_export_name_what_they_wrote_when_a_later_stage_fails(
+    capsys, models, monkeypatch, tmp_path
+):
+    def fail(*args, **kwargs):
+        raise RuntimeError("the plot failed on purpose")
+
+    monkeypatch.setattr("bnfold.plot.plot_shifts", fail)
+    torch.save(torch.randn(8, 3, 8, 8), tmp_path / "samples.pt")
+    out = tmp_path / "recal.pt2"
+    status, _, err = run(
+        capsys,
+        "recalibrate",
+        f"{MODULE}:build",
+        "--data",
+        tmp_path / "samples.pt",
+        "-o",
+        out,
+        "--plot",
+        tmp_path / "plot.png",
+    )
+    line = one_error_line(err)
+    assert status == 3 and "writing the report failed: RuntimeError" in line
+    assert f"already written, complete: {out}" in line and out.is_file()
+
+    def no_verification(*args, **kwargs):
+        raise bnfold.ModelInputError("the reference model failed on input #1")
+
+    verify_module = importlib.import_module("bnfold_cli.commands.verify")
+    monkeypatch.setattr(verify_module, "run_verification", no_verification)
+    onnx = tmp_path / "model.onnx"
+    status, _, err = run(
+        capsys, "export", f"{MODULE}:build", "--input-shape", "2x3x8x8", "--onnx", onnx, "--verify"
+    )
+    line = one_error_line(err)
+    assert status == 3 and "the reference model failed" in line
+    assert f"already written, complete: {onnx}" in line and onnx.is_file()
+
+
 def test_bn_relu_conv_is_kept_as_no_producer_naming_the_relu():
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1))
     (skip,) = bnfold.find_pairs(model.eval(), torch.randn(2, 3, 8, 8)).skipped

@@ -214,8 +214,10 @@ class _DataOnce:
 def _recalibrate_step(run: FoldRun, data: _DataOnce, *, quiet: bool) -> None:
     """Recalibrate the loaded model in place: it is also the reference ``--verify`` compares
     with, so verification checks the fold of the recalibrated model."""
-    source = data.open(run.model)
-    report = recalibrate_with_progress(run.model, source, data.request, quiet=quiet)
+    with stage("reading --data"):
+        source = data.open(run.model)
+    with stage("recalibrating"):
+        report = recalibrate_with_progress(run.model, source, data.request, quiet=quiet)
     run.sections.append(("recalibration", report))
 
 

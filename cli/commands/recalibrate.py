@@ -23,8 +23,10 @@ from bnfold_cli.options import (
     check_report_paths,
     echo_stdout,
     json_stdout,
+    stage,
     status,
     versions,
+    written_before_failure,
 )
 
 DATA_HELP = """\b
@@ -222,14 +224,17 @@ def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None,
         model = loaded.model
         if device is not None:
             model = model.to(_device(device))
-        data = open_data(data_request, model)
-        report = recalibrate_with_progress(model, data, data_request, quiet=quiet)
+        with stage("reading --data"):
+            data = open_data(data_request, model)
+        with stage("recalibrating"):
+            report = recalibrate_with_progress(model, data, data_request, quiet=quiet)
         if rank != 0:
             return
         target = output or default_output_path(loaded)
         saved = _save(model, target, loaded, data, force=force)
-        document = _document(loaded, data, data_request, report, saved)
-        _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet)
+        with written_before_failure([saved]), stage("writing the report"):
+            document = _document(loaded, data, data_request, report, saved)
+            _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet)
 
 
 # --------------------------------------------------------------------------------- processes

@@ -184,7 +184,9 @@ def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, d
         model, inputs = loaded.model, None
     candidates: dict[str, Any] = {"onnx": onnx_path}
     if folded:
-        candidates = {"folded": load_model(folded, trust_pickle=trust_pickle).model, **candidates}
+        with status(f"Loading {folded}"):
+            folded_model = load_model(folded, trust_pickle=trust_pickle).model
+        candidates = {"folded": folded_model, **candidates}
     with status("Verifying"):
         report = run_verification(model, candidates, inputs, data=data, batches=batches,
                                   batch_size=batch_size, seed=seed, providers=chosen,
