@@ -24,7 +24,8 @@ Exit codes:
   2  usage error (bad option, missing input shape)
   3  anything else: unloadable model, failed export, out of memory, an
      unexpected error, sys.exit called by your factory or forward, ...
-Every failure prints one 'error:' line; --debug prints the traceback first.
+Every failure but a bad option prints one 'error:' line; --debug prints the
+traceback first.
 """
 
 
