@@ -49,3 +49,9 @@ class RuntimeUnavailableError(BnfoldError):
 
 class VerificationFailed(BnfoldError):
     """At least one candidate's outputs differ from the reference beyond tolerance (exit 1)."""
+
+
+class UnexpectedError(BnfoldError):
+    """An exception bnfold did not anticipate (from torch, the user's code, or a resource limit
+    such as memory) while a named stage ran; the message names the stage and the original
+    exception, which is the ``__cause__`` (CLI exit code 3)."""

@@ -152,6 +152,8 @@ def export_onnx(
     its own keys. ``exporter`` is
     "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
     ``overwrite`` allows replacing an existing file at ``path`` (and its ``.data`` file).
+    float16 models are exported in float16; bfloat16 models are refused (ExportError: the
+    exported graph would fail onnx.checker).
     Raises ExportError (nothing written) when the export or a check fails, SaveError when the
     file cannot be written, UsageError for bad arguments or an existing ``path`` without
     ``overwrite`` (also one that appeared during the export).
@@ -164,6 +166,7 @@ def export_onnx(
     module = model.model if isinstance(model, FoldResult) else model
     if not isinstance(module, nn.Module):
         raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
+    _refuse_bfloat16(module)
     target = _check_target(Path(path), overwrite)
     args = _on_device(_example_args(example_inputs, dynamic_batch), module)
     with inference(module):
@@ -232,6 +235,19 @@ def _example_args(example_inputs: Any, dynamic_batch: bool) -> tuple[torch.Tenso
         if sizes == {1}:  # a batch-1 example lets the exporter specialise the batch to 1
             args = tuple(torch.cat([arg, arg]) for arg in args)
     return tuple(args)
+
+
+def _refuse_bfloat16(module: nn.Module) -> None:
+    """The exporter writes a bfloat16 model's graph with mixed bfloat16/float32 types that fail
+    onnx.checker (torch 2.13, opsets 18-22; below 22 ONNX's Conv has no bfloat16 at all): say so
+    before exporting."""
+    if any(t.dtype == torch.bfloat16 for t in (*module.parameters(), *module.buffers())):
+        raise ExportError(
+            "bfloat16 models are not exported to ONNX: torch's exporter writes their graph with "
+            "mixed bfloat16/float32 types that onnx.checker rejects (and ONNX's Conv has no "
+            "bfloat16 below opset 22). Export a float16 or float32 copy (model.half() or "
+            "model.float()) instead. No ONNX file was written."
+        )
 
 
 def _on_device(args: tuple[torch.Tensor, ...], module: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -439,8 +455,8 @@ def _refuse_training_batchnorm(proto: Any) -> None:
         raise ExportError(
             f"the exported graph has {len(found)} BatchNormalization node(s) in training mode "
             f"({', '.join(found[:5])}); eval outputs would use batch statistics and ORT's CUDA "
-            "provider rejects them. Nothing was written. Put the model in eval mode and call "
-            "F.batch_norm with training=False."
+            "provider rejects them. No ONNX file was written. Put the model in eval mode and "
+            "call F.batch_norm with training=False."
         )
 
 
@@ -617,7 +633,7 @@ def _prove_batch(
     try:
         runner = ort_runner(staged)
     except BnfoldError as exc:
-        raise ExportError(f"{exc}. Nothing was written.") from exc
+        raise ExportError(f"{exc}. No ONNX file was written.") from exc
     if not dynamic_batch:
         ran = _run_batches(runner, args, (example,), check_batch=False)
         return DynamicBatchCheck(
@@ -634,7 +650,7 @@ def _prove_batch(
             + "; ".join(fixed_in + fixed_out)
             + ". The model's forward probably hard-codes the batch size (e.g. x.view(2, -1)); "
             "use x.flatten(1) or x.view(x.shape[0], -1), or export with dynamic_batch=False. "
-            "Nothing was written."
+            "No ONNX file was written."
         )
     sizes = tuple(sorted({*PROOF_BATCH_SIZES, example}))
     ran = _run_batches(runner, args, sizes, check_batch=True)
@@ -651,7 +667,7 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(
                 f"ONNX Runtime could not run the exported file at batch size {size}: "
-                f"{_root_cause(exc)}. Nothing was written."
+                f"{_root_cause(exc)}. No ONNX file was written."
             ) from exc
         wrong = [
             f"{name!r} has shape {tuple(out.shape)}"
@@ -662,7 +678,7 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
             raise ExportError(
                 f"at batch size {size} ONNX Runtime returned outputs of another batch size "
                 f"({'; '.join(wrong)}): the exported graph specialised the batch dimension. "
-                "Fix the forward or export with dynamic_batch=False. Nothing was written."
+                "Fix the forward or export with dynamic_batch=False. No ONNX file was written."
             )
     return tuple(sizes)
 

@@ -127,11 +127,26 @@ def _difference(expected: Any, got: Any) -> str | None:
             return f"output {index} differs in type or shape"
         if torch.equal(a, b) or a.numel() == 0:
             continue
-        ref = a.detach().abs().max().double().clamp_min(1e-30)
-        rel = float((a.detach().double() - b.detach().double()).abs().max() / ref)
+        a, b = a.detach(), b.detach()
+        finite = torch.isfinite(a)
+        if not finite.all():  # NaN/inf from the model itself (e.g. NaN running statistics)
+            if not torch.equal(finite, torch.isfinite(b)) or not _same_non_finite(a, b, finite):
+                return f"output {index} holds NaN/inf that the trace does not reproduce"
+            a, b = a[finite], b[finite]
+            if a.numel() == 0:
+                continue
+        ref = a.abs().max().double().clamp_min(1e-30)
+        rel = float((a.double() - b.double()).abs().max() / ref)
         if not rel <= FAITHFUL_RTOL.get(a.dtype, 1e-5):
             return f"output {index} differs by {rel:.3g} relative"
     return None
+
+
+def _same_non_finite(a: torch.Tensor, b: torch.Tensor, finite: torch.Tensor) -> bool:
+    """NaN where ``a`` has NaN, the same infinities where it has them."""
+    bad_a, bad_b = a[~finite], b[~finite]
+    nan = torch.isnan(bad_a)
+    return torch.equal(nan, torch.isnan(bad_b)) and torch.equal(bad_a[~nan], bad_b[~nan])
 
 
 # ------------------------------------------------------------------------------ recorded

@@ -193,7 +193,7 @@ class _Context:
         negative = bool((norm.params.running_var.detach() < 0).any())
         finite = torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()
         if negative or not finite:
-            return Refusal(SkipReason.NON_FINITE, f"{norm.name} has NaN/inf or negative variance")
+            return Refusal(SkipReason.NON_FINITE, _non_finite_detail(norm))
         return None
 
     def _try(self, norm: NormSite, position: Position, affine: Affine) -> PlannedPair | Skip | None:
@@ -277,9 +277,59 @@ class _Context:
         return None
 
     def _neighbours(self, norm: NormSite) -> str:
-        source = norm.input.name if norm.input is not None else "nothing"
-        users = ", ".join(u.name for u in norm.out.users) or "nothing"
-        return f"{norm.name} reads {source} and feeds {users}"
+        """What the norm reads and feeds, naming each op (e.g. ``1 (ReLU)``), and the layer
+        behind a single consumer when there is one (BN → ReLU → Conv)."""
+        source = self._describe(norm.input) if norm.input is not None else "nothing"
+        users = list(norm.out.users)
+        feeds = ", ".join(self._describe(u) for u in users) or "nothing"
+        text = f"{norm.name} reads {source} and feeds {feeds}"
+        layers = [self.layers[v] for v in users[0].users if v in self.layers] if users else []
+        if len(users) == 1 and layers:
+            text += (
+                f"; {self._describe(users[0])} sits between it and {layers[0].name}, so "
+                "there is no adjacent layer to fold into"
+            )
+        return text
+
+    def _describe(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            return f"the input '{node.name}'"
+        if node.op == "call_module":
+            module = self.gm.get_submodule(str(node.target))
+            return f"{node.target} ({type(module).__name__})"
+        if node.op == "call_function":  # the op's name: relu, aten.relu.default...
+            op = node.meta.get("aten") or getattr(node.target, "__name__", None) or node.target
+            op = str(op).removeprefix("aten.").removesuffix(".default")
+            if node.name.rstrip("_0123456789") != op.rstrip("_"):
+                return f"{node.name} ({op})"
+        return node.name
+
+
+def _non_finite_detail(norm: NormSite) -> str:
+    """Which statistics or parameters are not finite (or negative), and what to do."""
+    params = norm.params
+    named = {
+        "running_mean": params.running_mean,
+        "running_var": params.running_var,
+        "weight": params.weight,
+        "bias": params.bias,
+    }
+    problems = []
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            problems.append(f"{name} is not finite in {bad} of {tensor.numel()} channels")
+    negative = int((params.running_var.detach() < 0).sum())
+    if negative:
+        problems.append(f"running_var is negative in {negative} channels")
+    if not problems:
+        problems.append("its scale gamma/sqrt(var + eps) is not finite")
+    return (
+        f"{norm.name}: {'; '.join(problems)}; recalibrate the statistics (bnfold "
+        "recalibrate) or fix them before folding"
+    )
 
 
 def _skip(norm: NormSite, refusal: Refusal, producer: str | None = None,

@@ -7,6 +7,7 @@ stack trace from deep inside torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,18 +50,61 @@ def make_example_inputs(
     seed: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """One tensor per ``(shape, dtype name or None)``: standard normal values for floating
-    dtypes (seeded, so reports are reproducible), zeros for integer and bool dtypes."""
+    dtypes (seeded, so reports are reproducible), zeros for integer and bool dtypes.
+
+    ``ModelInputError`` when an input is larger than the machine's physical memory or cannot be
+    allocated (nothing is allocated in the first case)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for shape, dtype_name in shapes:
         dtype = parse_dtype(dtype_name) if dtype_name else default_dtype
         if any(int(size) <= 0 for size in shape):
             raise UsageError(f"input shape {format_shape(shape)} has a dimension that is not > 0")
-        if dtype.is_floating_point:
-            tensors.append(torch.randn(tuple(shape), generator=generator).to(dtype))
-        else:
-            tensors.append(torch.zeros(tuple(shape), dtype=dtype))
+        _check_fits_in_memory(shape, dtype)
+        try:
+            if dtype.is_floating_point:
+                tensors.append(torch.randn(tuple(shape), generator=generator).to(dtype))
+            else:
+                tensors.append(torch.zeros(tuple(shape), dtype=dtype))
+        except (MemoryError, RuntimeError) as exc:
+            raise ModelInputError(
+                f"cannot allocate the example input {format_shape(shape)} "
+                f"{str(dtype).removeprefix('torch.')} ({_gigabytes(_input_bytes(shape, dtype))}): "
+                f"{type(exc).__name__}; use a smaller input shape (a batch of 2 is enough)"
+            ) from exc
     return tuple(tensors)
+
+
+def _input_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    # randn draws float32 values first, then converts
+    return count * max(dtype.itemsize, 4 if dtype.is_floating_point else 1)
+
+
+def _check_fits_in_memory(shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuse an example input larger than the machine's physical memory before allocating it
+    (an allocation the kernel overcommits would end in the out-of-memory killer, not an error)."""
+    need = _input_bytes(shape, dtype)
+    total = _physical_memory()
+    if total and need > total:
+        raise ModelInputError(
+            f"the example input {format_shape(shape)} {str(dtype).removeprefix('torch.')} needs "
+            f"{_gigabytes(need)}, more than this machine's {_gigabytes(total)} of memory; use a "
+            "smaller input shape (a batch of 2 is enough)"
+        )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
 
 
 def describe_inputs(example_inputs: Any) -> list[dict[str, Any]]:
@@ -83,6 +127,9 @@ def check_inputs(model: nn.Module, example_inputs: Any) -> None:
     Training flags are restored afterwards and no hook is left behind.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    empty = tensors_without_data(model)
+    if empty:
+        raise ModelInputError(no_data_message("the model", empty))
     tracker = _LayerTracker(model)
     flags = [(module, module.training) for module in model.modules()]
     try:
@@ -95,6 +142,21 @@ def check_inputs(model: nn.Module, example_inputs: Any) -> None:
         tracker.remove()
         for module, training in flags:
             module.training = training
+
+
+def tensors_without_data(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers that have no data (on the ``meta`` device)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in named if tensor.is_meta]
+
+
+def no_data_message(what: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{what} has no data: its parameters/buffers ({shown}) are on the meta device, which "
+        "holds shapes only. Build it on a real device, or materialise it with "
+        "model.to_empty(device='cpu') and load its weights, before folding"
+    )
 
 
 class _LayerTracker:

@@ -135,7 +135,8 @@ def load_model(
 def build_from_factory(spec: str) -> nn.Module:
     """Import ``package.module`` and call ``callable`` (an ``nn.Module`` instance is used as is).
 
-    The current directory is searched first, as ``python -m`` would.
+    The current directory is searched first, as ``python -m`` would. Any exception from the
+    user's code, ``sys.exit`` included, is raised as ``LoadError`` naming ``spec``.
     """
     from torch import nn
 
@@ -148,6 +149,11 @@ def build_from_factory(spec: str) -> nn.Module:
                 f"cannot import module '{module_name}' for {spec}: {exc}. The module must be "
                 "importable: run from its directory, install it, or add it to PYTHONPATH"
             ) from exc
+        except SystemExit as exc:
+            raise LoadError(
+                f"importing '{module_name}' for {spec} called sys.exit({exc.code!r}); a model "
+                "module must not exit the process"
+            ) from exc
         except Exception as exc:
             raise LoadError(
                 f"importing '{module_name}' for {spec} raised {_one_line(exc)}"
@@ -158,16 +164,31 @@ def build_from_factory(spec: str) -> nn.Module:
             raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
         target = getattr(target, part)
     if isinstance(target, nn.Module):
+        _require_data(target, f"the module {spec}")
         return target
     if not callable(target):
         raise LoadError(f"{spec}: '{attr_path}' is a {type(target).__name__}, not callable")
     try:
         model = target()
+    except SystemExit as exc:
+        raise LoadError(
+            f"{spec} called sys.exit({exc.code!r}) while building the model; a factory must "
+            "return an nn.Module"
+        ) from exc
     except Exception as exc:
         raise LoadError(f"calling {spec}() raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    _require_data(model, f"the model {spec} built")
     return model
+
+
+def _require_data(model: nn.Module, what: str) -> None:
+    from bnfold.inputs import no_data_message, tensors_without_data
+
+    empty = tensors_without_data(model)
+    if empty:
+        raise LoadError(no_data_message(what, empty))
 
 
 def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
@@ -548,12 +569,14 @@ def save_model(
     """Write ``model`` to ``path`` atomically, in a form that loads back without bnfold.
 
     ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export``
-    with ``example_inputs``; the dims in ``dynamic_dims`` (default: dim 0 of every input, the
-    batch) are kept dynamic when the model allows it. Load back with
-    ``torch.export.load(path).module()``. Pickled module: ``torch.save(model)``; loading it
-    needs ``weights_only=False`` and the model classes' source. Raises ``UsageError`` for a path
-    that may not be written and ``SaveError`` when exporting or writing fails (nothing is left
-    behind, an existing file is untouched).
+    with ``example_inputs``; dim 0 (the batch) of every input tensor, and the dims in
+    ``dynamic_dims`` (per input tensor, flattened), stay dynamic when the model allows it (a
+    batch-1 example is exported at batch 2 so the batch is not specialised to 1); the saved
+    program's input shapes are checked, and ``SavedModel.notes`` say which dims are dynamic or
+    why the shapes are static. Load back with ``torch.export.load(path).module()``. Pickled
+    module: ``torch.save(model)``; loading it needs ``weights_only=False`` and the model
+    classes' source. Raises ``UsageError`` for a path that may not be written and ``SaveError``
+    when exporting or writing fails (nothing is left behind, an existing file is untouched).
     """
     import torch
 
@@ -565,7 +588,11 @@ def save_model(
         program, notes = _export(model, inputs, dynamic_dims)
 
         def write(tmp: str) -> None:
-            torch.export.save(program, tmp)
+            with warnings.catch_warnings():
+                # Raised for weights that are not contiguous (channels_last): they are saved
+                # with their strides and load back exactly; the warning is about GPU weights.
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                torch.export.save(program, tmp)
 
     elif fmt is ModelFormat.PICKLED_MODULE:
 
@@ -581,34 +608,163 @@ def save_model(
 def _export(
     model: nn.Module, inputs: tuple, dynamic_dims: Sequence[Sequence[int]] | None
 ) -> tuple[Any, list[str]]:
-    import torch
-    from torch.export import Dim
+    """``torch.export`` ``model`` with the requested dims dynamic where the model allows it.
 
-    if dynamic_dims is None:
-        dynamic_dims = [(0,) if getattr(x, "ndim", 0) >= 1 else () for x in inputs]
-    shapes = tuple({dim: Dim.AUTO for dim in dims} or None for dims in dynamic_dims)
-    if len(shapes) != len(inputs):
-        shapes = None
+    ``dynamic_dims`` lists, per tensor in ``inputs`` (flattened), the dims to keep dynamic;
+    default: dim 0 (the batch) of each. A batch-1 example is exported at batch 2 (rows
+    repeated): at size 1 the exporter would specialise the batch. The program's own input
+    shapes are then checked; when a requested dim could not stay dynamic the program is
+    exported with the given example's fixed shapes and a note says why.
+    """
+    import torch
+
+    leaves, spec = _tensor_leaves(inputs)
+    wanted = _wanted_dims(leaves, dynamic_dims)
+    example = _batch_of_two(inputs, leaves, spec, wanted)
     try:
-        program = torch.export.export(model, inputs, dynamic_shapes=shapes)
-    except Exception as first:
-        try:
+        with _quiet_export() as notes:
+            program = torch.export.export(model, example, dynamic_shapes=_shapes(inputs, wanted))
+        problem = _lost_dims(program, leaves, wanted)
+    except Exception as exc:
+        problem = (
+            f"exporting with a free batch failed ({_one_line(exc)}): the forward probably fixes "
+            "the batch size (e.g. x.view(1, -1)); x.flatten(1) keeps it free"
+        )
+    if problem is None:
+        return program, [_kept_note(wanted, leaves, example is not inputs), *notes]
+    try:
+        with _quiet_export() as notes:
             program = torch.export.export(model, inputs)
-        except Exception:
-            raise SaveError(
-                f"torch.export could not export the folded model: {_one_line(first, lines=3)}. "
-                "A .pt2 needs a model torch.export can trace; for a pickled input, write a .pt "
-                "output instead"
-            ) from first
+    except Exception as exc:
+        raise SaveError(
+            f"torch.export could not export the folded model: {_one_line(exc, lines=3)}. "
+            "A .pt2 needs a model torch.export can trace; for a pickled input, write a .pt "
+            "output instead"
+        ) from exc
+    shapes = ", ".join(_shape_text(leaf) for leaf in leaves if leaf is not None)
+    static = f"the saved program has static shapes (it runs only at {shapes}): {problem}"
+    return program, [static, *notes]
+
+
+def _tensor_leaves(inputs: tuple) -> tuple[list[Any], Any]:
+    """The flattened inputs, with None in place of anything that is not a tensor."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(inputs)
+    return [leaf if isinstance(leaf, torch.Tensor) else None for leaf in leaves], spec
+
+
+def _wanted_dims(
+    leaves: list[Any], dynamic_dims: Sequence[Sequence[int]] | None
+) -> list[tuple[int, ...]]:
+    """Per leaf, the dims to keep dynamic: dim 0 of every tensor that has one, plus the dims
+    ``dynamic_dims`` gives (per tensor leaf) when it has one entry per tensor."""
+    count = sum(leaf is not None for leaf in leaves)
+    given = iter(dynamic_dims if dynamic_dims is not None and len(dynamic_dims) == count else ())
+    wanted = []
+    for leaf in leaves:
+        if leaf is None:
+            wanted.append(())
+            continue
+        extra = tuple(d for d in next(given, ()) if 0 < d < leaf.dim())
+        wanted.append(((0,) if leaf.dim() >= 1 else ()) + tuple(sorted(set(extra))))
+    return wanted
+
+
+def _batch_of_two(inputs: tuple, leaves: list[Any], spec: Any, wanted: list) -> tuple:
+    """``inputs`` with every dynamic dim 0 of size 1 repeated to 2, else ``inputs`` itself."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    batch = [leaf for leaf, dims in zip(leaves, wanted, strict=True) if 0 in dims]
+    if not batch or any(leaf.shape[0] != 1 for leaf in batch):
+        return inputs
+    flat, _ = pytree.tree_flatten(inputs)
+    doubled = [
+        torch.cat([value, value]) if 0 in dims else value
+        for value, dims in zip(flat, wanted, strict=True)
+    ]
+    return pytree.tree_unflatten(doubled, spec)
+
+
+def _shapes(inputs: tuple, wanted: list[tuple[int, ...]]) -> Any:
+    """``dynamic_shapes`` for ``torch.export``: the inputs' structure, ``{dim: Dim.AUTO}`` per
+    tensor with dynamic dims."""
+    from torch.export import Dim
+    from torch.utils import _pytree as pytree
+
+    _, spec = pytree.tree_flatten(inputs)
+    specs = [{dim: Dim.AUTO for dim in dims} or None for dims in wanted]
+    return pytree.tree_unflatten(specs, spec)
+
+
+def _lost_dims(program: Any, leaves: list[Any], wanted: list[tuple[int, ...]]) -> str | None:
+    """Why the program's inputs are not dynamic where ``wanted``, or None when they are."""
     from bnfold._program import dynamic_dims as kept_dims
 
-    kept = kept_dims(program)
-    notes = [
-        "dynamic dims kept: " + ", ".join(
-            f"input {i} dim {d}" for i, dims in enumerate(kept) for d in dims
-        ) if any(kept) else "the saved program has static shapes (only the example shapes run)"
+    kept = list(kept_dims(program))
+    requested = [dims for leaf, dims in zip(leaves, wanted, strict=True) if leaf is not None]
+    if len(kept) != len(requested):
+        return None if any(kept) or not any(requested) else "no input dim stayed dynamic"
+    lost = [
+        f"input {index} dim {dim}"
+        for index, (dims, have) in enumerate(zip(requested, kept, strict=True))
+        for dim in dims
+        if dim not in have
     ]
-    return program, notes
+    if not lost:
+        return None
+    return (
+        f"the forward fixes {', '.join(lost)} (e.g. a reshape to a constant size, or a branch "
+        "on the batch size); x.flatten(1) or x.view(x.shape[0], -1) keeps the batch free"
+    )
+
+
+def _kept_note(wanted: list[tuple[int, ...]], leaves: list[Any], doubled: bool) -> str:
+    tensors = [dims for leaf, dims in zip(leaves, wanted, strict=True) if leaf is not None]
+    kept = [f"input {i} dim {d}" for i, dims in enumerate(tensors) for d in dims]
+    if not kept:
+        return "the saved program has static shapes (no input has a batch dimension)"
+    note = "dynamic dims kept: " + ", ".join(kept)
+    return note + (" (exported at batch 2: a batch-1 example fixes the batch)" if doubled else "")
+
+
+def _shape_text(tensor: Any) -> str:
+    return "x".join(str(size) for size in tensor.shape) or "scalar"
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[list[str]]:
+    """Keep torch.export's log lines (e.g. "dimension ... specialized": the program's shapes
+    are checked instead) and warnings off the console while it runs; yields a list that
+    receives the warnings that say something (not deprecations) as notes."""
+    import logging
+
+    names = (
+        "torch._export",
+        "torch.export",
+        "torch.fx.experimental.symbolic_shapes",
+        "torch._subclasses.fake_tensor",
+        "torch._dynamo",
+    )
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for logger in loggers:  # failures are raised, and reported from the exception
+            logger.setLevel(logging.CRITICAL)
+        try:
+            yield notes
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+    for item in caught:
+        text = str(item.message).strip().splitlines()[0] if str(item.message).strip() else ""
+        quiet = issubclass(item.category, (DeprecationWarning, FutureWarning))
+        if text and not quiet and f"torch.export: {text}" not in notes:
+            notes.append(f"torch.export: {text}")
 
 
 def atomic_write(
@@ -638,7 +794,9 @@ def atomic_write(
     except BaseException as exc:
         if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
-        raise SaveError(f"writing {out} failed: {_one_line(exc)}; nothing was written") from exc
+        raise SaveError(
+            f"writing {out} failed: {_one_line(exc)}; nothing was written to {out}"
+        ) from exc
 
 
 def write_text_atomic(

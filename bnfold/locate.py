@@ -163,16 +163,28 @@ def locate_divergence(
 
     tolerance = tolerance or CPU_FP32
     args = tuple(_as_cpu_fp32(a) for a in as_args(example_inputs))
-    ref_calls = _trace_calls(reference, args)
-    cand_calls = _trace_calls(candidate, args)
+    ref_calls = _trace_calls(reference, _in_dtype_of(reference, args))
+    cand_calls = _trace_calls(candidate, _in_dtype_of(candidate, args))
     for ref_name, cand_name, folded in _comparison_points(ref_calls, cand_calls, pairs):
         ref_value, cand_value = ref_calls[ref_name].value, cand_calls[cand_name].value
         if ref_value is None or cand_value is None or ref_value.shape != cand_value.shape:
             continue
-        stats = compare_arrays(ref_value.numpy(), cand_value.numpy(), tolerance)
+        stats = compare_arrays(_numpy(ref_value), _numpy(cand_value), tolerance)
         if stats.ratio > 1.0:
             return LayerDivergence(cand_name, ref_name, folded, stats.max_abs, stats.ratio, 0)
     return None
+
+
+def _in_dtype_of(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Floating inputs cast to the model's own floating dtype (a half model runs in half)."""
+    from bnfold.runtime import float_dtype
+
+    dtype = float_dtype(model)
+    return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+
+
+def _numpy(tensor: torch.Tensor) -> Any:
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
 def _as_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:

@@ -88,22 +88,22 @@ def render_json(report: Report) -> str:
 # ------------------------------------------------------------------ text
 
 
-def render_text(report: Report, *, width: int = 100, color: bool = False) -> str:
+def render_text(report: Report, *, width: int | None = 100, color: bool = False) -> str:
     """The human report: a header, the table of BatchNorms, reasons, notes, summary, outputs.
 
-    Without ``color`` the text is plain (no escape codes, no trailing spaces).
+    ``width`` is the line length to fit (None: no limit, nothing is wrapped). Identifiers in
+    the table are never cut mid-word or folded across lines: when the table is too wide, the
+    Reason column wraps between words and then the module paths (BatchNorm, Layer) are
+    shortened from the left, keeping their tail, with the cut marked by "…" (never below
+    ``MIN_PATH_WIDTH`` characters). Without ``color`` the text is plain (no escape codes, no
+    trailing spaces).
     """
-    from rich.console import Console
-
     buffer = io.StringIO()
-    console = Console(
-        file=buffer, width=width, force_terminal=color, no_color=not color,
-        color_system="standard" if color else None, highlight=False, emoji=False,
-        markup=False, legacy_windows=False,
-    )
+    console = _console(buffer, width or UNLIMITED_WIDTH, color)
     console.print(_header(report))
     if report.plan.bn_total:
-        console.print(_table(report))
+        table = _table(report, width)  # wider than ``width`` only when it cannot fit
+        _console(buffer, max(width or UNLIMITED_WIDTH, table.min_width), color).print(table)
     else:
         console.print("No BatchNorm found in the model's dataflow.")
     reasons = _reason_rows(report.plan.skipped if report.result is None else report.result.skipped)
@@ -125,6 +125,22 @@ def render_text(report: Report, *, width: int = 100, color: bool = False) -> str
     if not color:
         text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     return text
+
+
+def _console(buffer: io.StringIO, width: int, color: bool):
+    from rich.console import Console
+
+    return Console(
+        file=buffer,
+        width=width,
+        force_terminal=color,
+        no_color=not color,
+        color_system="standard" if color else None,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        legacy_windows=False,
+    )
 
 
 def _section_text(name: str, record: Any) -> str:
@@ -156,22 +172,96 @@ def _header(report: Report) -> str:
     return f"{model.get('source')} ({fmt}{arch}); inputs {inputs} ({report.inputs_from})"
 
 
-def _table(report: Report):
+def _table(report: Report, width: int | None):
     from rich import box
     from rich.table import Table
 
     folding = report.result is not None
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in ("BatchNorm", "Type", "Layer", "Pattern", "Status"):
-        table.add_column(column, overflow="fold")
-    if folding:
-        table.add_column("Scale", justify="right")
     has_reasons = bool(report.result.skipped if folding else report.plan.skipped)
-    if has_reasons:
-        table.add_column("Reason", overflow="fold")
-    for row, style in _rows(report):
-        table.add_row(*(row if has_reasons else row[:-1]), style=style)
+    head = ["BatchNorm", "Type", "Layer", "Pattern", "Status"]
+    head += ["Scale"] if folding else []
+    head += ["Reason"] if has_reasons else []
+    rows = [(row if has_reasons else row[:-1], style) for row, style in _rows(report)]
+    widths = _column_widths(head, [row for row, _ in rows], width)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        min_width=sum(widths) + _GAP * (len(widths) - 1),
+    )
+    for index, column in enumerate(head):
+        wraps = column == "Reason"  # between words only: the column is as wide as its words
+        table.add_column(
+            column,
+            justify="right" if column == "Scale" else "left",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            width=widths[index] if wraps else None,
+        )
+    for row, style in rows:
+        cells = [
+            _shorten_left(cell, widths[i]) if i in _PATH_COLUMNS else cell
+            for i, cell in enumerate(row)
+        ]
+        table.add_row(*cells, style=style)
     return table
+
+
+#: ``width=None`` renders at this width: in effect no limit, so nothing wraps.
+UNLIMITED_WIDTH = 10_000
+#: Module paths are shortened to no fewer characters than this on a narrow terminal, and to
+#: no fewer than ``COMFORTABLE_PATH_WIDTH`` before the Reason column wraps.
+MIN_PATH_WIDTH = 12
+COMFORTABLE_PATH_WIDTH = 32
+_PATH_COLUMNS = (0, 2)  # BatchNorm and Layer
+_GAP = 3  # columns of the SIMPLE_HEAD table are separated by three spaces
+
+
+def _column_widths(head: list[str], rows: list[list[str]], width: int | None) -> list[int]:
+    """Each column's width: its widest cell; then, while the table is wider than ``width``, the
+    path columns (widest first) down to ``COMFORTABLE_PATH_WIDTH``, the Reason column down to
+    its longest word, and the path columns down to ``MIN_PATH_WIDTH``. A table that still does
+    not fit is printed wider than ``width`` rather than cutting more."""
+    widths = [
+        max(len(cell) for cell in [name, *(row[i] for row in rows)]) for i, name in enumerate(head)
+    ]
+    if width is None:
+        return widths
+    excess = sum(widths) + _GAP * (len(widths) - 1) - width
+    excess = _narrow_paths(widths, head, excess, COMFORTABLE_PATH_WIDTH)
+    if excess > 0 and head[-1] == "Reason":
+        words = [len(word) for row in rows for word in row[-1].split()] + [len(head[-1])]
+        cut = min(excess, widths[-1] - max(words))
+        widths[-1] -= cut
+        excess -= cut
+    _narrow_paths(widths, head, excess, MIN_PATH_WIDTH)
+    return widths
+
+
+def _narrow_paths(widths: list[int], head: list[str], excess: int, floor: int) -> int:
+    """Take up to ``excess`` characters off the path columns, widest first, none below
+    ``floor``; return what is left of ``excess``."""
+    floors = {i: max(len(head[i]), floor) for i in _PATH_COLUMNS}
+    while excess > 0:
+        index = max(_PATH_COLUMNS, key=lambda i: widths[i] - floors[i])
+        if widths[index] <= floors[index]:
+            break
+        widths[index] -= 1
+        excess -= 1
+    return excess
+
+
+def _shorten_left(path: str, width: int) -> str:
+    """``path`` if it fits in ``width``, else "…" and its tail: whole trailing segments (cut at
+    a "."), or the last characters when even the last segment is too long."""
+    if len(path) <= width:
+        return path
+    start = len(path) - (width - 1)
+    tail = path[start:]
+    dot = tail.find(".")
+    if path[start - 1] != "." and 0 <= dot < len(tail) - 1:  # starts mid-segment
+        tail = tail[dot + 1 :]
+    return "…" + tail
 
 
 def _rows(report: Report):
@@ -310,4 +400,11 @@ def _size_text(size: int) -> str:
     return f"{size} B"
 
 
-__all__ = ["LARGE_SCALE", "Report", "render_json", "render_markdown", "render_text"]
+__all__ = [
+    "LARGE_SCALE",
+    "MIN_PATH_WIDTH",
+    "Report",
+    "render_json",
+    "render_markdown",
+    "render_text",
+]

@@ -134,7 +134,45 @@ def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").numpy()
+    """A numpy copy; bfloat16 (which numpy lacks) becomes float32, exactly."""
+    tensor = tensor.detach().to("cpu")
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none):
+    the dtype its floating inputs are fed in."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _as_dtype(tensor: Any, dtype: torch.dtype | None) -> Any:
+    """A floating tensor cast to ``dtype`` (None: unchanged); anything else unchanged."""
+    if dtype is None or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+@contextmanager
+def full_precision_reductions() -> Iterator[None]:
+    """Switch off cuBLAS's reduced-precision reductions for float16/bfloat16 matmuls (on by
+    default: partial sums in the half type) and restore the flags after."""
+    matmul = torch.backends.cuda.matmul
+    before = (
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+    try:
+        matmul.allow_fp16_reduced_precision_reduction = False
+        matmul.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        (
+            matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction,
+        ) = before
 
 
 def _input_tensors(args: Any) -> tuple[torch.Tensor, ...]:
@@ -154,7 +192,10 @@ def _input_tensors(args: Any) -> tuple[torch.Tensor, ...]:
 class TorchRunner:
     """Runs a module in eval mode, no grad, TF32 off, on CPU or a CUDA copy of the module.
 
-    The caller's module is never moved or mutated: the CUDA runner runs a deep copy.
+    Floating inputs are cast to the module's own dtype (``float_dtype``), so a float16 or
+    bfloat16 model runs on inputs in its dtype; on CUDA, half-precision matmuls sum in float32
+    (``full_precision_reductions``). The caller's module is never moved or mutated: the CUDA
+    runner runs a deep copy.
     """
 
     def __init__(self, model: nn.Module, device: str = CPU, name: str | None = None) -> None:
@@ -167,16 +208,22 @@ class TorchRunner:
             model = copy.deepcopy(model).to("cuda")
         self.model = model
         self.device = device
-        settings = {"dtype": "float32", "mode": "eval, no_grad"}
+        self.dtype = float_dtype(model)
+        settings = {"dtype": str(self.dtype).removeprefix("torch."), "mode": "eval, no_grad"}
         if device == CUDA:
             settings["torch.backends.cuda.matmul.allow_tf32"] = "False"
             settings["torch.backends.cudnn.allow_tf32"] = "False"
+            if self.dtype in (torch.float16, torch.bfloat16):
+                settings["reduced_precision_reduction"] = "False"
             settings["cuda_device"] = torch.cuda.get_device_name(0)
         self.info = RunnerInfo(name or f"torch-{device}", "torch", device, (), settings)
 
     def __call__(self, args: Any) -> list[np.ndarray]:
-        tensors = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in as_args(args)]
-        with inference(self.model), tf32_disabled():
+        tensors = [
+            _as_dtype(t, self.dtype).to(self.device) if isinstance(t, torch.Tensor) else t
+            for t in as_args(args)
+        ]
+        with inference(self.model), tf32_disabled(), full_precision_reductions():
             outputs = self.model(*tensors)
             if self.device == CUDA:
                 torch.cuda.synchronize()
@@ -192,12 +239,16 @@ def torch_runner(model: nn.Module, device: str = CPU, *, name: str | None = None
 
 
 class OrtRunner:
-    """Runs an ONNX file with an ONNX Runtime session on the CPU or CUDA execution provider."""
+    """Runs an ONNX file with an ONNX Runtime session on the CPU or CUDA execution provider.
+
+    Floating inputs are cast to each ONNX input's own element type (float32, float64, float16).
+    """
 
     def __init__(self, session: Any, info: RunnerInfo) -> None:
         self.session = session
         self.info = info
         self.input_names = tuple(item.name for item in session.get_inputs())
+        self.input_dtypes = tuple(_ORT_FLOATS.get(item.type) for item in session.get_inputs())
         self.output_names = tuple(item.name for item in session.get_outputs())
 
     def __call__(self, args: Any) -> list[np.ndarray]:
@@ -207,8 +258,19 @@ class OrtRunner:
                 f"the ONNX model takes {len(self.input_names)} inputs "
                 f"({', '.join(self.input_names)}), got {len(tensors)}"
             )
-        feed = {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
+        feed = {
+            name: _to_numpy(_as_dtype(t, dtype))
+            for name, dtype, t in zip(self.input_names, self.input_dtypes, tensors, strict=True)
+        }
         return list(self.session.run(None, feed))
+
+
+#: ONNX input element types a floating input is cast to (the file's own dtype).
+_ORT_FLOATS = {
+    "tensor(float)": torch.float32,
+    "tensor(double)": torch.float64,
+    "tensor(float16)": torch.float16,
+}
 
 
 def ort_runner(

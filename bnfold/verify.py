@@ -15,6 +15,14 @@ The pass criterion, per output element i, with S = max |reference| over that out
 the output. The report gives, per candidate and output, the worst ratio of error to allowed
 error (<= 1 passes), the (atol, rtol) that would just have passed, and the worst element.
 
+Half precision: when the original model is float16 or bfloat16, there are two references, the
+original as it is (on CPU) and a float32 copy of it, and every candidate must pass against both.
+Each candidate runs on inputs in its own dtype (the inputs are rounded to the model's dtype
+once, so every model sees the same values). The tolerance is then ``atol = rtol = k * eps``
+with eps the dtype's machine epsilon (float16 2^-10 ~ 9.8e-4, bfloat16 2^-7 ~ 7.8e-3: the
+relative rounding of one operation is at most eps / 2) and k = 4 on CPU, 8 on CUDA (see
+``half_tolerance``).
+
 This module only compares. Runners come from ``bnfold.runtime``; nothing here prints.
 """
 
@@ -87,6 +95,37 @@ CUDA_FP32 = Tolerance(
         "it would exceed atol 1e-4 of the peak."
     ),
 )
+
+#: Machine epsilon (spacing of the floats at 1.0) of the half-precision dtypes.
+HALF_EPS: dict[torch.dtype, float] = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+#: Half-precision tolerance in units of eps (atol of the peak and rtol alike), by device.
+HALF_EPS_FACTOR: dict[str, float] = {"cpu": 4.0, "cuda": 8.0}
+
+
+def half_tolerance(dtype: torch.dtype, device: str = "cpu") -> Tolerance:
+    """``atol = rtol = k * eps(dtype)``, k = ``HALF_EPS_FACTOR[device]``, for a float16 or
+    bfloat16 original model (candidates compared with it and with its float32 copy)."""
+    eps = HALF_EPS[dtype]
+    factor = HALF_EPS_FACTOR[device]
+    name = str(dtype).removeprefix("torch.")
+    return Tolerance(
+        atol=factor * eps,
+        rtol=factor * eps,
+        why=(
+            f"{name} on {device.upper()}: {factor:g}·eps with eps = {eps:.2g}, the {name} machine "
+            "epsilon. Each half-precision op rounds its result to within eps/2 relative (CPU "
+            "kernels and cuBLAS with reduced-precision reductions off sum in float32), so a "
+            "folded model differs from the original by a few roundings of each output. "
+            "Measured on the bnfold.zoo models (6 models, 2 seeds, batches 1-3, CPU; folded "
+            "PyTorch and ONNX Runtime in float16): folded vs original and original vs its "
+            "float32 copy use at most 0.4 of this tolerance (1.6·eps of the peak); CUDA (not "
+            "measured here) gets twice as much. A mistake smaller than about 4·eps of the "
+            "output's peak (0.4% in float16, 3% in bfloat16) cannot be told from rounding at "
+            "this precision."
+        ),
+    )
+
 
 #: Tolerance per candidate kind (the runner name without any label prefix).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
@@ -336,8 +375,9 @@ def _aggregate(
 # ------------------------------------------------------------------------------------ inputs
 
 
-def _sample_batches(inputs: Any) -> list[tuple[torch.Tensor, ...]]:
-    """A list means several batches; a tensor or a tuple of tensors is one batch."""
+def _sample_batches(inputs: Any, precision: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """A list means several batches; a tensor or a tuple of tensors is one batch. Floating
+    inputs are rounded to ``precision`` and kept as float32 (see ``_as_cpu_fp32``)."""
     batches = list(inputs) if isinstance(inputs, list) else [inputs]
     if not batches:
         raise UsageError("verify needs at least one input batch to learn the input shapes")
@@ -350,34 +390,42 @@ def _sample_batches(inputs: Any) -> list[tuple[torch.Tensor, ...]]:
                     f"input batch {number}, argument {index}: expected a tensor with a batch "
                     f"dimension, got {type(arg).__name__}"
                 )
-        result.append(tuple(_as_cpu_fp32(arg) for arg in args))
+        result.append(tuple(_as_cpu_fp32(arg, precision) for arg in args))
     return result
 
 
-def _as_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
+def _as_cpu_fp32(tensor: torch.Tensor, precision: torch.dtype = torch.float32) -> torch.Tensor:
+    """A float32 CPU copy of a floating tensor whose values are all representable in
+    ``precision`` (rounded to it first when it is a half type), so that a half-precision model
+    and its float32 copy are fed the very same values."""
     tensor = tensor.detach().to("cpu")
-    return tensor.float() if tensor.is_floating_point() else tensor
+    if not tensor.is_floating_point():
+        return tensor
+    if precision in HALF_EPS:
+        tensor = tensor.to(precision)
+    return tensor.float()
 
 
 def _random_batch(
-    like: tuple[torch.Tensor, ...], batch: int, seed: int
+    like: tuple[torch.Tensor, ...], batch: int, seed: int, precision: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """Seeded standard-normal float inputs shaped like ``like`` with ``batch`` rows; non-float
-    inputs (e.g. token ids) repeat the sample's rows instead."""
+    """Seeded standard-normal float inputs shaped like ``like`` with ``batch`` rows (rounded
+    to ``precision``); non-float inputs (e.g. token ids) repeat the sample's rows instead."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for arg in like:
         if arg.is_floating_point():
-            out.append(torch.randn((batch, *arg.shape[1:]), generator=gen, dtype=torch.float32))
+            values = torch.randn((batch, *arg.shape[1:]), generator=gen, dtype=torch.float32)
+            out.append(_as_cpu_fp32(values, precision))
         else:
             out.append(arg[torch.arange(batch) % arg.shape[0]])
     return tuple(out)
 
 
 def _input_plan(
-    inputs: Any, random_batch_sizes: Sequence[int], seed: int
+    inputs: Any, random_batch_sizes: Sequence[int], seed: int, precision: torch.dtype
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[InputInfo]]:
-    samples = _sample_batches(inputs)
+    samples = _sample_batches(inputs, precision)
     batches, infos = [], []
     for batch in samples:
         batches.append(batch)
@@ -385,7 +433,7 @@ def _input_plan(
     for number, size in enumerate(random_batch_sizes):
         if size < 1:
             raise UsageError(f"random batch sizes must be >= 1, got {size}")
-        batch = _random_batch(samples[0], size, seed + number)
+        batch = _random_batch(samples[0], size, seed + number, precision)
         batches.append(batch)
         infos.append(InputInfo("random", size, _shapes(batch), seed + number))
     return batches, infos
@@ -488,6 +536,10 @@ def verify(
     candidates are given, unusable PyTorch CUDA) raise RuntimeUnavailableError with the reason.
     ``tolerances`` overrides entries of DEFAULT_TOLERANCES by candidate kind. With ``locate``,
     a failing PyTorch candidate is traced layer by layer to name the first diverging layer.
+    Every candidate runs on inputs in its own dtype. A float16 or bfloat16 ``reference`` is
+    also run as a float32 copy, each candidate must pass against both, and the tolerance is
+    ``half_tolerance`` (``atol = rtol = 4 * eps`` on CPU, eps = 2^-10 for float16, 2^-7 for
+    bfloat16) unless ``tolerances`` overrides it.
 
     Never raises for a numerical failure: check ``report.passed`` (or ``require_passed``).
     Neither the reference nor any candidate is mutated (eval flags are restored).
@@ -497,18 +549,20 @@ def verify(
     unknown = [p for p in providers if p not in DEFAULT_PROVIDERS]
     if unknown or not providers:
         raise UsageError(f"unknown providers {unknown or providers}; choose from cpu, cuda")
-    tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     specs = _specs(candidates, providers)
     if not specs:
         raise UsageError("no candidate to verify for the requested providers")
-    reference, notes = _cpu_fp32_reference(reference)
-    batches, infos = _input_plan(inputs, random_batch_sizes, seed)
+    precision = _precision(reference)
+    tols = _tolerances(precision, tolerances)
+    references, notes = _references(reference, precision)
+    batches, infos = _input_plan(inputs, random_batch_sizes, seed, precision)
     if len({info.batch_size for info in infos}) < 2:
         notes.append("only one batch size was run; a batch-dependent export would go unnoticed")
     from bnfold.runtime import ort_version, tf32_disabled
 
     with tf32_disabled() as tf32:
-        expected = _reference_outputs(reference, batches, infos)
+        for ref in references:
+            ref.outputs = _reference_outputs(ref.module, batches, infos)
         has_onnx = any(spec.kind.startswith("ort-") for spec in specs)
         reports = []
         for spec in specs:
@@ -517,11 +571,9 @@ def verify(
                 and spec.kind.endswith("cuda")
                 and (spec.kind == "ort-cuda" or not has_onnx)
             )
-            reports.append(
-                _check_candidate(spec, reference, batches, expected, tols, must_run, locate)
-            )
+            reports.append(_check_candidate(spec, references, batches, tols, must_run, locate))
     settings = {
-        "reference": "original model, eval mode, float32, CPU",
+        "reference": _reference_setting(precision),
         "torch": torch.__version__,
         "onnxruntime": ort_version() if has_onnx else "not used",
         **tf32,
@@ -529,7 +581,7 @@ def verify(
         "torch.num_threads": str(torch.get_num_threads()),
     }
     return VerificationReport(
-        reference=type(reference).__name__,
+        reference=type(references[0].module).__name__,
         candidates=_with_hints(reports),
         inputs=tuple(infos),
         settings=settings,
@@ -562,11 +614,66 @@ def _reference_outputs(
     return outputs
 
 
+@dataclass
+class _Reference:
+    """One model every candidate is compared with, and its outputs on each input batch."""
+
+    label: str | None  # None for the original as it is; "float32" for the copy of a half model
+    module: nn.Module
+    outputs: list[list[np.ndarray]] = field(default_factory=list)
+
+
+def _precision(model: nn.Module) -> torch.dtype:
+    """The original model's floating dtype (float32 when it has no floating tensor)."""
+    from bnfold.runtime import float_dtype
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the reference must be an nn.Module, got {type(model).__name__}")
+    return float_dtype(model)
+
+
+def _tolerances(
+    precision: torch.dtype, overrides: Mapping[str, Tolerance] | None
+) -> dict[str, Tolerance]:
+    """Per candidate kind: ``DEFAULT_TOLERANCES``, or ``half_tolerance`` for a half-precision
+    original, then the caller's ``overrides``."""
+    if precision in HALF_EPS:
+        base = {
+            kind: half_tolerance(precision, "cuda" if kind.endswith("cuda") else "cpu")
+            for kind in DEFAULT_TOLERANCES
+        }
+    else:
+        base = dict(DEFAULT_TOLERANCES)
+    return {**base, **(overrides or {})}
+
+
+def _references(model: nn.Module, precision: torch.dtype) -> tuple[list[_Reference], list[str]]:
+    """The references: a float32 CPU model, or for a float16/bfloat16 original the original on
+    CPU and a float32 copy of it. The caller's model is never converted in place."""
+    if precision not in HALF_EPS:
+        module, notes = _cpu_fp32_reference(model)
+        return [_Reference(None, module)], notes
+    on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+    original = model if on_cpu else copy.deepcopy(model).to("cpu")
+    copied = copy.deepcopy(original).float()
+    name = str(precision).removeprefix("torch.")
+    note = (
+        f"half precision: every candidate runs on inputs in its own dtype (rounded to {name} "
+        f"once) and is compared with the {name} original and with a float32 copy of it"
+    )
+    return [_Reference(None, original), _Reference("float32", copied)], [note]
+
+
+def _reference_setting(precision: torch.dtype) -> str:
+    if precision not in HALF_EPS:
+        return "original model, eval mode, float32, CPU"
+    name = str(precision).removeprefix("torch.")
+    return f"original model, eval mode, {name}, CPU; and its float32 copy"
+
+
 def _cpu_fp32_reference(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The reference as a float32 CPU module: the model itself when it already is one, else a
     converted copy (the caller's model is never converted in place)."""
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"the reference must be an nn.Module, got {type(model).__name__}")
     tensors = [*model.parameters(), *model.buffers()]
     floats = [t for t in tensors if t.is_floating_point()]
     if all(t.device.type == "cpu" for t in tensors) and all(
@@ -579,9 +686,8 @@ def _cpu_fp32_reference(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 def _check_candidate(
     spec: _Spec,
-    reference: nn.Module,
+    references: list[_Reference],
     batches: list[tuple[torch.Tensor, ...]],
-    expected: list[list[np.ndarray]],
     tols: Mapping[str, Tolerance],
     must_run: bool,
     locate: bool,
@@ -605,7 +711,7 @@ def _check_candidate(
         "settings": info.settings,
     }
     names = getattr(runner, "output_names", None)
-    per_output: list[list[tuple[int, np.ndarray, _Stats]]] = []
+    per_output: dict[tuple[int, int], list[tuple[int, np.ndarray, _Stats]]] = {}
     for number, batch in enumerate(batches):
         try:
             got = runner(batch)
@@ -615,16 +721,18 @@ def _check_candidate(
                 f"{batch[0].shape[0]}): {_first_line(exc)}"
             )
             return CandidateReport(**base, status=Status.FAILED, reason=reason)
-        if len(got) != len(expected[number]):
-            reason = f"returned {len(got)} outputs, the reference {len(expected[number])}"
+        expected = references[0].outputs[number]
+        if len(got) != len(expected):
+            reason = f"returned {len(got)} outputs, the reference {len(expected)}"
             return CandidateReport(**base, status=Status.FAILED, reason=reason)
-        for index, (ref, cand) in enumerate(zip(expected[number], got, strict=True)):
-            if number == 0:
-                per_output.append([])
-            per_output[index].append((number, ref, compare_arrays(ref, cand, tol)))
+        for which, ref in enumerate(references):
+            for index, (want, cand) in enumerate(zip(ref.outputs[number], got, strict=True)):
+                stats = compare_arrays(want, cand, tol)
+                per_output.setdefault((which, index), []).append((number, want, stats))
+    count = len(references[0].outputs[0])
     outputs = tuple(
-        _aggregate(_output_name(names, index, len(per_output)), index, items, tol)
-        for index, items in enumerate(per_output)
+        _aggregate(_output_name(names, index, count, references[which].label), index, items, tol)
+        for (which, index), items in per_output.items()
     )
     if all(out.passed for out in outputs):
         return CandidateReport(**base, status=Status.PASSED, outputs=outputs)
@@ -639,17 +747,22 @@ def _check_candidate(
     if locate and spec.kind == "torch-cpu":
         worst = max(failing, key=lambda out: out.ratio).worst_input
         pairs = _fold_pairs(spec.fold_result)
-        divergence = locate_divergence(reference, spec.target, batches[worst], tol, pairs)
+        original = references[0].module
+        divergence = locate_divergence(original, spec.target, batches[worst], tol, pairs)
         divergence = divergence and _with_input(divergence, worst)
     return CandidateReport(
         **base, status=Status.FAILED, outputs=outputs, reason=reason, divergence=divergence
     )
 
 
-def _output_name(names: Sequence[str] | None, index: int, count: int) -> str:
+def _output_name(
+    names: Sequence[str] | None, index: int, count: int, reference: str | None = None
+) -> str:
     if names and index < len(names):
-        return names[index]
-    return "output" if count == 1 else f"output_{index}"
+        name = names[index]
+    else:
+        name = "output" if count == 1 else f"output_{index}"
+    return name if reference is None else f"{name} vs {reference}"
 
 
 def _with_hints(reports: list[CandidateReport]) -> tuple[CandidateReport, ...]:

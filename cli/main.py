@@ -13,6 +13,7 @@ import contextlib
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 
@@ -27,13 +28,16 @@ EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N, as a shell reports it
 EPILOG = """\b
 Exit codes:
   0    success
-  1    verification failed (outputs differ beyond tolerance)
+  1    verification failed (outputs differ beyond tolerance), and nothing else
   2    usage error (bad option, missing input shape, an output that
        exists without --force or would replace an input)
-  3    bnfold could not do the job (unloadable model, failed export, ...)
+  3    anything else: unloadable model, failed export, out of memory, an
+       unexpected error, sys.exit called by your factory or forward, ...
   130  interrupted (Ctrl-C, SIGINT); 143 SIGTERM; 129 SIGHUP. No
        temporary or partial file is left; the file being written is
        not put in place (an existing file of its name is unchanged)
+Every failure but a bad option or a stop prints one 'error:' line; --debug
+prints the traceback first.
 """
 
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
@@ -50,7 +54,7 @@ class Stopped(KeyboardInterrupt):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(package_name="bnfold")
-@click.option("--debug", is_flag=True, help="Show the Python traceback for expected errors.")
+@click.option("--debug", is_flag=True, help="Print the Python traceback before the error line.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Fold BatchNorms into Conv/Linear weights, recalibrate their statistics, export to ONNX
@@ -88,7 +92,13 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns (and exits with) the exit code."""
+    """Run the CLI; returns (and exits with) the exit code.
+
+    Exit code 1 comes only from ``VerificationFailed``. Any other exception, expected or not,
+    ends in one ``error:`` line on stderr and exit 3 (2 for usage errors); ``--debug`` prints
+    the traceback first. ``sys.exit`` called by code bnfold runs (a model factory, a data
+    callable, a forward) is an error too, never the command's own exit code.
+    """
     _register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
@@ -104,14 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_SIGNAL_BASE + signum
     except click.ClickException as exc:
         exc.show()
-        code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+        code = EXIT_USAGE if exc.exit_code == EXIT_USAGE else EXIT_FAILED
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except Exception as exc:
-        if not _is_bnfold_error(exc) or debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        code = exit_code_for(exc)
+    except (Exception, SystemExit) as exc:  # click never raises SystemExit here: user code did
+        code = _report_error(exc, debug)
     else:
         code = result if isinstance(result, int) else EXIT_OK
     sys.exit(code)
@@ -155,6 +162,35 @@ def _signal_of(exc: BaseException) -> int:
         if isinstance(cause, Stopped):
             return cause.signum
     return signal.SIGINT
+
+
+def _report_error(exc: BaseException, debug: bool) -> int:
+    """Print the traceback (with ``--debug``) and one ``error:`` line; return the exit code."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    if _is_bnfold_error(exc):
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        return exit_code_for(exc)
+    click.echo(f"error: {describe_unexpected(exc)}", err=True)
+    return EXIT_FAILED
+
+
+def describe_unexpected(exc: BaseException, during: str | None = None) -> str:
+    """One line for an exception bnfold did not anticipate: what failed, and how to learn more."""
+    if isinstance(exc, SystemExit):
+        what = f"the code bnfold ran called sys.exit({exc.code!r})"
+    else:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        if isinstance(exc, MemoryError) or "allocate memory" in first:
+            what += " (out of memory: try a smaller --input-shape or --batch-size)"
+    where = f"{during} failed: " if during else "unexpected failure: "
+    hint = "" if isinstance(exc, SystemExit) else "; rerun with --debug for the traceback"
+    return f"{where}{what}{hint}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 def _is_bnfold_error(exc: BaseException) -> bool:

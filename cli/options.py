@@ -10,6 +10,8 @@ so ``bnfold --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import re
 import shutil
 import sys
@@ -109,17 +111,18 @@ def model_options(command: Callable) -> Callable:
                           "only for files whose source you trust."),
         click.option("--json", "json_path", metavar="FILE", default=None,
                      help="Also write the report as JSON to FILE ('-' for stdout, which "
-                          "replaces the table)."),
+                          "replaces the table; anything else printed meanwhile goes to "
+                          "stderr)."),
         click.option("--markdown", "markdown_path", metavar="FILE", default=None,
                      help="Also write the report as Markdown to FILE."),
         click.option("--debug", is_flag=True, expose_value=False,
-                     help="Show the Python traceback for expected errors."),
+                     help="Print the Python traceback before the error line."),
     ]
 
     def wrapper(model: str, shapes: tuple, dtype: str | None, arch: str | None,
                 trust_pickle: bool, **kwargs: Any) -> Any:
         request = ModelRequest(model, arch, trust_pickle, tuple(shapes), dtype)
-        return command(request=request, **kwargs)
+        return json_stdout(command)(request=request, **kwargs)
 
     wrapper.__name__ = command.__name__
     wrapper.__doc__ = command.__doc__
@@ -153,7 +156,8 @@ def prepare(request: ModelRequest,
     if request.shapes:
         default = parse_dtype(request.dtype) if request.dtype else model_dtype(loaded.model)
         specs = [(spec.shape, spec.dtype) for spec in request.shapes]
-        inputs = make_example_inputs(specs, default_dtype=default)
+        with stage("building the --input-shape example inputs"):
+            inputs = make_example_inputs(specs, default_dtype=default)
         source = "--input-shape"
     elif loaded.example_inputs is not None:
         inputs = loaded.example_inputs
@@ -161,7 +165,8 @@ def prepare(request: ModelRequest,
             inputs = tuple(t.to(parse_dtype(request.dtype)) for t in inputs)
         source = "the program's example inputs"
     elif inputs_from_data is not None:
-        inputs = inputs_from_data(loaded.model)
+        with stage("reading the first batch of --data"):
+            inputs = inputs_from_data(loaded.model)
         source = "the first batch of --data"
     else:
         raise UsageError(
@@ -188,14 +193,34 @@ def count_bn_kernels(model: Any, inputs: tuple[Any, ...]) -> int:
 
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner on stderr while work runs, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield
-        return
-    from rich.console import Console
+    """One stage of a command (see ``stage``), with a spinner on stderr showing ``message``
+    while it runs, only when stderr is a terminal."""
+    with stage(message[:1].lower() + message[1:]):
+        if not sys.stderr.isatty():
+            yield
+            return
+        from rich.console import Console
 
-    with Console(stderr=True).status(message):
+        with Console(stderr=True).status(message):
+            yield
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Name a stage of a command for its error message: an exception that is not a
+    ``BnfoldError`` (a bug, torch out of memory, an exception or ``sys.exit`` in the user's
+    code) leaves as ``UnexpectedError("<name> failed: <type>: <message>")``, the original as
+    its cause. ``KeyboardInterrupt`` passes through untouched."""
+    try:
         yield
+    except (Exception, SystemExit) as exc:
+        from bnfold_cli.main import describe_unexpected
+
+        from bnfold.errors import BnfoldError, UnexpectedError
+
+        if isinstance(exc, BnfoldError):
+            raise
+        raise UnexpectedError(describe_unexpected(exc, during=name)) from exc
 
 
 def versions() -> dict[str, str]:
@@ -209,6 +234,100 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@contextlib.contextmanager
+def written_before_failure(outputs: list[Any]) -> Iterator[None]:
+    """When the block fails after files were written (``outputs``: ``SavedModel`` records,
+    appended as they are written), the error says which: a ``BnfoldError`` leaves as the same
+    class with the complete files named, the original as its cause."""
+    try:
+        yield
+    except Exception as exc:
+        from bnfold.errors import BnfoldError
+
+        if not outputs or not isinstance(exc, BnfoldError):
+            raise
+        paths = ", ".join(str(getattr(output, "path", output)) for output in outputs)
+        raise type(exc)(f"{exc} (already written, complete: {paths})") from exc
+
+
+# ------------------------------------------------------------------ stdout for --json -
+
+# (saved fd 1, saved sys.stdout) of each active ``stdout_to_stderr``, innermost last.
+_REAL_STDOUT: list[tuple[int, Any]] = []
+
+
+def json_stdout(command: Callable) -> Callable:
+    """Decorate a command taking ``json_path``: with ``--json -`` the command runs under
+    ``stdout_to_stderr``, so stdout carries the JSON (written with ``echo_stdout``) alone."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with stdout_to_stderr(active=kwargs.get("json_path") == "-"):
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """While the block runs, file descriptor 1 and ``sys.stdout`` point at stderr, so whatever
+    the user's factory, the model's forward, torch or a C extension prints goes to stderr.
+    Both are restored when the block ends, however it ends; ``echo_stdout`` writes to the real
+    stdout meanwhile. A no-op when not ``active`` or when fd 1 is closed."""
+    if not active:
+        yield
+        return
+    _flush_all()
+    try:
+        saved = os.dup(1)
+    except OSError:  # stdout closed: nothing to protect
+        yield
+        return
+    stream = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _REAL_STDOUT.append((saved, stream))
+    try:
+        yield
+    finally:
+        _REAL_STDOUT.pop()
+        _flush_all()
+        os.dup2(saved, 1)
+        os.close(saved)
+        sys.stdout = stream
+
+
+def echo_stdout(text: str) -> None:
+    """Write ``text`` to the real stdout, also while ``stdout_to_stderr`` is active."""
+    if not _REAL_STDOUT:
+        click.echo(text, nl=False)
+        return
+    saved, stream = _REAL_STDOUT[-1]
+    _flush_all()
+    current = os.dup(1)
+    os.dup2(saved, 1)
+    redirected, sys.stdout = sys.stdout, stream
+    try:
+        click.echo(text, nl=False)
+        stream.flush()
+    finally:
+        sys.stdout = redirected
+        os.dup2(current, 1)
+        os.close(current)
+
+
+def _flush_all() -> None:
+    """Flush Python's streams and C stdio, so buffered bytes go where fd 1 points now."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -220,17 +339,25 @@ def emit(report: Report, *, json_path: str | None, markdown_path: str | None,
     from bnfold.report import render_json, render_markdown, render_text
 
     if json_path == "-":
-        click.echo(render_json(report), nl=False)
+        echo_stdout(render_json(report))
     else:
         tty = sys.stdout.isatty()
-        width = shutil.get_terminal_size((100, 24)).columns if tty else 100
-        click.echo(render_text(report, width=width, color=tty), nl=False)
+        click.echo(render_text(report, width=text_width(tty), color=tty), nl=False)
     if json_path and json_path != "-":
         write_text_atomic(json_path, render_json(report), overwrite=force)
         _note(f"JSON report: {json_path}")
     if markdown_path:
         write_text_atomic(markdown_path, render_markdown(report), overwrite=force)
         _note(f"Markdown report: {markdown_path}")
+
+
+def text_width(tty: bool) -> int | None:
+    """The width the text report fits: the terminal's (``COLUMNS`` first); when stdout is not
+    a terminal, ``COLUMNS`` if set, else None (no limit: full names, nothing wrapped)."""
+    columns = os.environ.get("COLUMNS", "")
+    if not tty:
+        return int(columns) if columns.isdigit() and int(columns) > 0 else None
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 def plan_paths(inputs: dict[str, Any], outputs: dict[str, Any], *, force: bool,

@@ -14,8 +14,6 @@ import torch
 from bnfold_cli.main import main
 from model_files import USER_MODULE, MarkerOnLoad, install_user_module
 
-from bnfold.errors import LoadError
-
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
@@ -186,10 +184,13 @@ def test_load_errors_exit_3_without_traceback_and_debug_shows_it(tmp_path, capsy
     assert "Traceback" not in err
     code, _, err = run(capsys, "inspect", "no_such_pkg_xyz:build", "--input-shape", "1x3")
     assert code == 3 and "cannot import module 'no_such_pkg_xyz'" in err
-    with pytest.raises(LoadError):
-        main(["inspect", str(tmp_path / "nope.pt2"), "--debug"])
-    with pytest.raises(LoadError):
-        main(["--debug", "inspect", str(tmp_path / "nope.pt2")])
+    for argv in (
+        ("inspect", tmp_path / "nope.pt2", "--debug"),
+        ("--debug", "inspect", tmp_path / "nope.pt2"),
+    ):
+        code, _, err = run(capsys, *argv)  # the traceback, then the same line and exit code
+        assert code == 3 and "Traceback" in err and "LoadError" in err
+        assert err.rstrip().splitlines()[-1].startswith("error:") and "no such file" in err
 
 
 def test_rejected_input_shape_names_the_layer(capsys, user):

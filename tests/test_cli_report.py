@@ -134,3 +134,90 @@ def test_names_with_brackets_are_printed_literally():
                     inputs_from="--input-shape", plan=plan)
     text = render_text(report)
     assert "blocks[0]" in text and "[bold]not markup[/bold]" in text
+
+
+# ------------------------------------------------------------------ widths
+
+LONG_BN = "encoder.stages.3.residual_blocks.7.batch_normalisation_with_a_long_name"
+LONG_CONV = "encoder.stages.3.residual_blocks.7.conv_before_the_norm"
+KEPT_BN = "decoder.upsampling_path.4.norm_after_the_skip_connection"
+
+
+def _long_report() -> Report:
+    pair = _pair(LONG_BN, LONG_CONV)
+    skip = Skip(
+        bn=KEPT_BN,
+        bn_type="BatchNorm2d",
+        reason=SkipReason.PRODUCER_FANOUT,
+        detail="fan-out",
+        producer="decoder.upsampling_path.4.conv",
+        pattern="conv→bn",
+    )
+    plan = Plan(pairs=(pair,), skipped=(skip,), method="fx", model_was_training=False)
+    result = FoldResult(
+        model=None,
+        plan=plan,
+        folded=(FoldedPair(pair, 1.5, 0.5),),
+        skipped=(skip,),
+        graph_rewritten=False,
+        inplace=False,
+    )
+    return Report(
+        command="fold",
+        versions=VERSIONS,
+        model=MODEL,
+        inputs=INPUTS,
+        inputs_from="--input-shape",
+        plan=plan,
+        result=result,
+    )
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("───")) + 1
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("Why BatchNorms"):
+            break
+        rows.append([cell for cell in line.split("   ") if cell.strip()])
+    return rows
+
+
+def _is_tail(cell: str, full: str) -> bool:
+    """``cell`` is ``full``, or "…" and whole trailing segments of ``full``, or "…" and the end
+    of its last segment when that alone is longer than the cell."""
+    if cell == full:
+        return True
+    tail, last = cell[1:], full.rsplit(".", 1)[-1]
+    whole = full.endswith("." + tail)
+    return cell.startswith("…") and (whole or (len(last) > len(tail) and last.endswith(tail)))
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_a_narrow_table_shortens_paths_from_the_left_and_never_folds_them(width):
+    text = render_text(_long_report(), width=width)
+    assert all(len(line) <= width for line in text.splitlines()), text
+    rows = _table_rows(text)
+    folded, kept = rows[0], rows[1]
+    assert _is_tail(folded[0].strip(), LONG_BN) and _is_tail(folded[2].strip(), LONG_CONV)
+    assert _is_tail(kept[0].strip(), KEPT_BN)
+    assert folded[0].startswith("…") and kept[0].startswith("…")
+    for row in rows[2:]:  # only the Reason column may wrap, between its words
+        assert len(row) == 1 and row[0].strip() in ("residual", "fan-out"), text
+
+
+def test_a_table_too_wide_for_the_width_is_printed_wider_rather_than_cut_more():
+    text = render_text(_long_report(), width=50)
+    rows = _table_rows(text)
+    assert all(_is_tail(rows[0][i].strip(), name) for i, name in ((0, LONG_BN), (2, LONG_CONV)))
+    assert all(len(rows[0][i].strip()) >= 12 for i in (0, 2))  # MIN_PATH_WIDTH
+
+
+def test_without_a_width_names_are_printed_whole_and_nothing_wraps():
+    text = render_text(_long_report(), width=None)
+    assert "…" not in text
+    assert any(line.startswith(LONG_BN) and LONG_CONV in line for line in text.splitlines())
+    assert any(
+        line.startswith(KEPT_BN) and "residual fan-out" in line for line in text.splitlines()
+    )

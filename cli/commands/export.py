@@ -14,8 +14,10 @@ from bnfold_cli.options import (
     model_options,
     plan_paths,
     prepare,
+    stage,
     status,
     versions,
+    written_before_failure,
 )
 
 EPILOG = MODEL_HELP + """
@@ -78,21 +80,23 @@ def export(request, onnx_path: Path, no_fold: bool, opset: int | None, static_ba
         exported = bnfold.export_onnx(result if result is not None else run.model, run.inputs,
                                       onnx_path, opset=opset, dynamic_batch=not static_batch,
                                       overwrite=force)
-    sections = [("export", exported)]
-    if do_verify:
-        candidates = {"folded": result, "onnx": exported} if result else {"onnx": exported}
-        with status("Verifying"):
-            verification = run_verification(run.model, candidates, run.inputs, data=data,
-                                            batches=batches, batch_size=batch_size,
-                                            seed=seed, providers=chosen,
-                                            random_batches=random_batches)
-        sections.append(("verification", verification))
-    report = Report(
-        command="export", versions=versions(), model=run.loaded.to_dict(),
-        inputs=describe_inputs(run.inputs), inputs_from=run.inputs_from, plan=plan,
-        result=result, bn_kernels_before=before, bn_kernels_after=after,
-        sections=tuple(sections),
-    )
-    emit(report, json_path=json_path, markdown_path=markdown_path, force=force)
+    with written_before_failure([exported]):  # the ONNX file is complete
+        sections = [("export", exported)]
+        if do_verify:
+            candidates = {"folded": result, "onnx": exported} if result else {"onnx": exported}
+            with status("Verifying"):
+                verification = run_verification(run.model, candidates, run.inputs, data=data,
+                                                batches=batches, batch_size=batch_size,
+                                                seed=seed, providers=chosen,
+                                                random_batches=random_batches)
+            sections.append(("verification", verification))
+        report = Report(
+            command="export", versions=versions(), model=run.loaded.to_dict(),
+            inputs=describe_inputs(run.inputs), inputs_from=run.inputs_from, plan=plan,
+            result=result, bn_kernels_before=before, bn_kernels_after=after,
+            sections=tuple(sections),
+        )
+        with stage("writing the report"):
+            emit(report, json_path=json_path, markdown_path=markdown_path, force=force)
     if do_verify:
         bnfold.require_passed(verification)

@@ -36,8 +36,10 @@ from bnfold_cli.options import (
     model_options,
     plan_paths,
     prepare,
+    stage,
     status,
     versions,
+    written_before_failure,
 )
 
 EPILOG = MODEL_HELP + "\n" + DATA_HELP + """
@@ -129,11 +131,14 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
     if dry_run:
         planned = [path for path, _ in targets] + ([onnx_path] if onnx_path else [])
         run.notes.extend(f"would write {path}" + _exists_note(path, force) for path in planned)
-    else:
-        _save_step(run, targets, force=force)
-    exported = _export_step(run, onnx_path, force) if onnx_path and not dry_run else None
-    verification = _verify_step(run, exported) if verify_outputs else None
-    emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path, force=force)
+    with written_before_failure(run.outputs):
+        if not dry_run:
+            _save_step(run, targets, force=force)
+        exported = _export_step(run, onnx_path, force) if onnx_path and not dry_run else None
+        verification = _verify_step(run, exported) if verify_outputs else None
+        with stage("writing the report"):
+            emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path,
+                 force=force)
     if verification is not None:
         from bnfold import require_passed
 
@@ -236,8 +241,10 @@ class _DataOnce:
 def _recalibrate_step(run: FoldRun, data: _DataOnce, *, quiet: bool) -> None:
     """Recalibrate the loaded model in place: it is also the reference ``--verify`` compares
     with, so verification checks the fold of the recalibrated model."""
-    source = data.open(run.model)
-    report = recalibrate_with_progress(run.model, source, data.request, quiet=quiet)
+    with stage("reading --data"):
+        source = data.open(run.model)
+    with stage("recalibrating"):
+        report = recalibrate_with_progress(run.model, source, data.request, quiet=quiet)
     run.sections.append(("recalibration", report))
 
 

@@ -18,7 +18,16 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, plan_paths, status, versions
+from bnfold_cli.options import (
+    MODEL_HELP,
+    echo_stdout,
+    json_stdout,
+    plan_paths,
+    stage,
+    status,
+    versions,
+    written_before_failure,
+)
 
 DATA_HELP = """\b
 DATA is one of:
@@ -199,13 +208,15 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
 @click.option("--device", default=None,
               help="Run on this device (e.g. cuda; under torchrun cuda means cuda:LOCAL_RANK).")
 @click.option("--json", "json_path", metavar="FILE", default=None,
-              help="Also write the report as JSON to FILE ('-' for stdout).")
+              help="Also write the report as JSON to FILE ('-' for stdout; anything else "
+                   "printed meanwhile goes to stderr).")
 @click.option("--plot", "plot_path", metavar="FILE.png", default=None,
               help="Also draw the per-layer shift of mean and variance (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
 @click.option("--debug", is_flag=True, expose_value=False,
-              help="Show the Python traceback for expected errors.")
+              help="Print the Python traceback before the error line.")
 @data_options(required=True)
+@json_stdout
 def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None, force: bool,
                 arch: str | None, trust_pickle: bool, device: str | None,
                 json_path: str | None, plot_path: str | None, quiet: bool) -> None:
@@ -228,14 +239,17 @@ def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None,
         model = loaded.model
         if device is not None:
             model = model.to(_device(device))
-        data = open_data(data_request, model)
-        report = recalibrate_with_progress(model, data, data_request, quiet=quiet)
+        with stage("reading --data"):
+            data = open_data(data_request, model)
+        with stage("recalibrating"):
+            report = recalibrate_with_progress(model, data, data_request, quiet=quiet)
         if rank != 0:
             return
         saved = _save(model, target, loaded, data, force=force)
-        document = _document(loaded, data, data_request, report, saved)
-        _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet,
-              force=force)
+        with written_before_failure([saved]), stage("writing the report"):
+            document = _document(loaded, data, data_request, report, saved)
+            _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet,
+                  force=force)
 
 
 # --------------------------------------------------------------------------------- processes
@@ -391,7 +405,7 @@ def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
 
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     if json_path == "-":
-        click.echo(text, nl=False)
+        echo_stdout(text)
     elif not quiet:
         click.echo(report.format_text())
         click.echo(f"wrote {saved.path}")

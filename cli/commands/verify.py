@@ -12,7 +12,16 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import DTYPE_NAMES, InputShape, ModelRequest, prepare, status, versions
+from bnfold_cli.options import (
+    DTYPE_NAMES,
+    InputShape,
+    ModelRequest,
+    echo_stdout,
+    json_stdout,
+    prepare,
+    status,
+    versions,
+)
 
 PROVIDERS = ("cpu", "cuda")
 
@@ -142,11 +151,13 @@ def run_verification(reference: Any, candidates: Any, inputs: Any, *, data: str 
 @verify_options
 @providers_option
 @click.option("--json", "json_path", metavar="FILE", default=None,
-              help="Also write the report as JSON to FILE ('-' for stdout instead of the text).")
+              help="Also write the report as JSON to FILE ('-' for stdout instead of the text; "
+                   "anything else printed meanwhile goes to stderr).")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing --json file (never an input).")
 @click.option("--debug", is_flag=True, expose_value=False,
-              help="Show the Python traceback for expected errors.")
+              help="Print the Python traceback before the error line.")
+@json_stdout
 def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, dtype: str | None,
            arch: str | None, trust_pickle: bool, data: str | None, batches: int,
            batch_size: int, seed: int, random_batches: str, providers: str | None,
@@ -178,7 +189,9 @@ def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, d
         model, inputs = loaded.model, None
     candidates: dict[str, Any] = {"onnx": onnx_path}
     if folded:
-        candidates = {"folded": load_model(folded, trust_pickle=trust_pickle).model, **candidates}
+        with status(f"Loading {folded}"):
+            folded_model = load_model(folded, trust_pickle=trust_pickle).model
+        candidates = {"folded": folded_model, **candidates}
     with status("Verifying"):
         report = run_verification(model, candidates, inputs, data=data, batches=batches,
                                   batch_size=batch_size, seed=seed, providers=chosen,
@@ -187,7 +200,7 @@ def verify(onnx_path: Path, reference: str, folded: str | None, shapes: tuple, d
                 "reference": loaded.to_dict(), "verification": report.to_dict()}
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     if json_path == "-":
-        click.echo(text, nl=False)
+        echo_stdout(text)
     else:
         click.echo(report.format_text())
         if json_path:
