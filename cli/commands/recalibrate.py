@@ -24,7 +24,7 @@ DATA_HELP = """\b
 DATA is one of:
   samples.pt          a tensor (samples on dim 0), a tuple of tensors (positional
                       inputs), a dict of tensors (keyword inputs) or a list of
-                      ready-made batches; read with torch.load(weights_only=True)
+                      ready-made batches; read with a weights-only unpickler
   samples.npy / .npz  numpy arrays (.npz: arr_0, arr_1... positional, named keyword)
   images/             a folder of images (and subfolders): RGB, shorter side resized to
                       --resize (default image size / 0.875), center crop --image-size
