@@ -116,7 +116,9 @@ def read_program(path: Path) -> torch.export.ExportedProgram:
         state_dict = _tensors(archive, weights, path, layout.weights)
         constant_values = _tensors(archive, constants, path, layout.constants)
         example_inputs = _sample_inputs(archive, layout.sample_inputs, path)
-    return _deserialize(path, document, state_dict, constant_values, example_inputs)
+    program = _deserialize(path, document, state_dict, constant_values, example_inputs)
+    _check_tensors_fit_graph(path, program)
+    return program
 
 
 # ------------------------------------------------------------------ layout
@@ -426,6 +428,30 @@ def _deserialize(
         raise
     except Exception as exc:  # a well-formed archive of a program torch cannot rebuild
         raise LoadError(f"{path}: torch could not rebuild the program: {_one_line(exc)}") from None
+
+
+def _check_tensors_fit_graph(path: Path, program: torch.export.ExportedProgram) -> None:
+    """Every weight, buffer and constant has the shape and dtype the graph declares for it."""
+    signature = program.graph_signature
+    owners = {
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_buffers,
+        **signature.inputs_to_lifted_tensor_constants,
+    }
+    for node in program.graph.nodes:
+        fqn = owners.get(node.name) if node.op == "placeholder" else None
+        declared = node.meta.get("val") if fqn else None
+        value = program.state_dict.get(fqn, program.constants.get(fqn)) if fqn else None
+        if not isinstance(declared, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue
+        shape = tuple(declared.shape)
+        if not all(isinstance(n, int) for n in shape):
+            continue
+        if shape != tuple(value.shape) or declared.dtype != value.dtype:
+            raise LoadError(
+                f"{path}: '{fqn}' is {list(value.shape)} {value.dtype} in the archive but "
+                f"{list(shape)} {declared.dtype} in the program; refusing an inconsistent file"
+            )
 
 
 def _one_line(exc: BaseException) -> str:

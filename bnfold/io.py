@@ -265,7 +265,14 @@ def _load_program(path: Path) -> LoadedModel:
 
     program = _pt2.read_program(path)
     _program.check_graph_targets(path, program)
-    model, notes = _program.module_from_program(program)
+    try:
+        model, notes = _program.module_from_program(program)
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: the program could not be rebuilt as a module ({_one_line(exc)})"
+        ) from exc
     args, kwargs = program.example_inputs or ((), {})
     example = tuple(args) if args and not kwargs else None
     if kwargs:

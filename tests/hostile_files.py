@@ -379,6 +379,9 @@ def _archive_attacks() -> dict[str, Attack]:
         "tensor reaching past its payload": lambda e, m: _meta(e, storage_offset=10**6),
         "negative stride": lambda e, m: _meta(e, strides=lambda n: [-1] * n),
         "sizes and strides of different lengths": lambda e, m: _meta(e, sizes=lambda n: [1]),
+        "a weight's shape differs from the program's": lambda e, m: _meta(
+            e, sizes=lambda n: [2, 3, 3, 3][:n]
+        ),
         "unknown dtype": lambda e, m: _meta(e, dtype=999),
         "empty payload with declared elements": lambda e, m: edit(e, "weights/weight_0", raw=b""),
         "archive version 9": lambda e, m: edit(e, "/archive_version", raw=b"9"),
