@@ -1,10 +1,10 @@
-"""torch.export programs (``.pt2``): a safety check of the archive, and a foldable module from it.
+"""torch.export programs (``.pt2``): the strings torch would evaluate, and a foldable module.
 
-``torch.export.load`` is not free of code execution for a crafted file (torch 2.13): weights or
-constants flagged ``use_pickle`` are read with ``torch.load(weights_only=False)``, "opaque"
-constants with ``pickle.loads``, and a pickled member that fails the weights-only load (e.g. the
-sample inputs) is silently retried with ``weights_only=False``. ``check_archive`` refuses all of
-those before ``torch.export.load`` sees the file, so loading a ``.pt2`` never runs code from it.
+``bnfold._pt2`` reads the archive (``torch.export.load`` is never called on a user's file).
+Before torch sees the program, ``check_program_document`` refuses every string torch would
+evaluate as Python (shape expressions go through ``sympy.sympify``, guards through ``exec``)
+unless it is a plain expression; once it is built, ``check_graph_targets`` refuses a graph that
+calls anything but torch operators and pure arithmetic.
 
 ``ExportedProgram.module()`` is a flat aten graph: every layer is a ``call_function`` on
 ``aten.conv2d``/``aten.linear``/``aten.batch_norm``, and it refuses ``eval()``/``train()``.
@@ -16,13 +16,9 @@ name, in a plain ``torch.fx.GraphModule``. The fold engine then sees ordinary la
 from __future__ import annotations
 
 import ast
-import io
-import json
 import math
 import operator
 import re
-import warnings
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +30,7 @@ from torch import fx, nn
 
 from bnfold.errors import LoadError, UnsafeFileError
 
-# ------------------------------------------------------------------ archive safety check
+# ------------------------------------------------------------------ program safety checks
 
 # Python callables (besides torch operators) a program's graph may call: pure arithmetic.
 _SAFE_CALLABLES = frozenset(
@@ -67,31 +63,6 @@ _ARITHMETIC = (
 )
 
 
-def check_archive(path: Path, names: list[str]) -> None:
-    """Refuse a ``.pt2`` that ``torch.export.load`` (or ``.module()``) would run code from.
-
-    Raises ``UnsafeFileError`` for pickled members, pickled weights or constants, and strings
-    that torch evaluates as Python (shape expressions, guard code) outside a strict whitelist;
-    ``LoadError`` for a compiled AOTInductor package.
-    """
-    if any("/data/aotinductor/" in name for name in names):
-        raise LoadError(
-            f"{path} is an AOTInductor compiled package, not a torch.export program: it holds "
-            "compiled code and no foldable graph. Pass the program instead "
-            "(torch.export.save(torch.export.export(model.eval(), example_inputs), 'model.pt2'))."
-        )
-    with zipfile.ZipFile(path) as archive:
-        for name in names:
-            raw = archive.read(name)
-            if name.endswith("_config.json") and "/data/" in name:
-                _check_payload_config(path, name, raw)
-            elif "/models/" in name and name.endswith(".json"):
-                _check_program_json(path, name, raw)
-            elif raw[:1] == b"\x80" or raw[:2] == b"PK":
-                if not _is_raw_payload(name):
-                    _check_pickled_member(path, name, raw)
-
-
 def check_graph_targets(path: Path, program: torch.export.ExportedProgram) -> None:
     """Refuse a program whose graph calls anything but torch operators and pure arithmetic."""
     for module in program.graph_module.modules():
@@ -121,50 +92,19 @@ def _safe_target(target: Any) -> bool:
         return False
 
 
-def _is_raw_payload(name: str) -> bool:
-    leaf = name.rsplit("/", 1)[-1]
-    return ("/data/weights/" in name and leaf.startswith("weight_")) or (
-        "/data/constants/" in name and leaf.startswith("tensor_")
-    )
-
-
-def _check_payload_config(path: Path, name: str, raw: bytes) -> None:
+def check_program_document(path: Path, name: str, program: Any) -> None:
+    """Refuse a program document (``models/*.json``, parsed) holding a string torch would
+    evaluate as code: every shape expression and guard must be a plain one (``UnsafeFileError``).
+    """
+    if not isinstance(program, dict):
+        raise LoadError(f"{path}: damaged torch.export archive ({name} is not an object)")
     try:
-        config = json.loads(raw).get("config", {})
-    except (ValueError, AttributeError) as exc:
-        raise LoadError(f"{path}: damaged torch.export archive ({name}: {exc})") from None
-    for fqn, meta in config.items():
-        pickled = bool(meta.get("use_pickle"))
-        custom = not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))
-        if pickled or custom:
-            raise UnsafeFileError(
-                f"{path}: the entry '{fqn}' is stored as a pickled Python object; "
-                "torch.export.load would unpickle it, which runs code from the file. "
-                "Refusing it. If you trust the file, load it yourself and re-save the program "
-                "with plain tensor weights and constants."
-            )
+        _check_strings(path, program)
+    except RecursionError:
+        raise LoadError(f"{path}: damaged torch.export archive ({name} nests too deep)") from None
 
 
-def _check_pickled_member(path: Path, name: str, raw: bytes) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception:
-        raise UnsafeFileError(
-            f"{path}: the member {name} holds more than plain tensors (a weights-only load "
-            "refuses it); "
-            "torch.export.load would retry it with weights_only=False, which runs code from "
-            "the file. Refusing it. Re-export the program from trusted code."
-        ) from None
-
-
-def _check_program_json(path: Path, name: str, raw: bytes) -> None:
-    """Every string torch turns into code must be a plain shape expression or guard."""
-    try:
-        program = json.loads(raw)
-    except ValueError as exc:
-        raise LoadError(f"{path}: damaged torch.export archive ({name}: {exc})") from None
+def _check_strings(path: Path, program: dict) -> None:
     for key, value in _walk(program):
         if key == "expr_str" and not _safe_expression(value, _sympy_node_ok):
             _refuse_string(path, "a shape expression", value)
@@ -172,8 +112,10 @@ def _check_program_json(path: Path, name: str, raw: bytes) -> None:
             for guard in value if isinstance(value, list) else [value]:
                 if not _safe_expression(guard, _guard_node_ok):
                     _refuse_string(path, "a guard", guard)
-        elif key == "as_graph" and not str(value.get("name", "")).isidentifier():
-            _refuse_string(path, "a subgraph name", value.get("name"))
+        elif key == "as_graph" and not (
+            isinstance(value, dict) and str(value.get("name", "")).isidentifier()
+        ):
+            _refuse_string(path, "a subgraph name", value)
 
 
 def _refuse_string(path: Path, what: str, value: Any) -> None:
@@ -199,7 +141,7 @@ def _safe_expression(text: Any, node_ok: Callable[[ast.AST], bool]) -> bool:
         return False
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     strings = {
         id(node) for node in ast.walk(tree)

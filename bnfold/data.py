@@ -4,7 +4,7 @@
 batches that ``bnfold.recalibrate`` can consume, plus ``example_inputs()`` (the first batch as
 positional tensors, for tracing and for saving a ``.pt2``). What DATA may be:
 
-- ``.pt`` / ``.pth``: read with ``torch.load(weights_only=True)`` (no code from the file runs).
+- ``.pt`` / ``.pth``: read with bnfold's weights-only unpickler (no code from the file runs).
   A tensor holds samples along dim 0 (one positional input); a tuple of tensors is several
   positional inputs, samples along dim 0 of each; a dict ``{name: tensor}`` is keyword inputs,
   samples along dim 0 of each; a **list** is a list of ready-made batches (each a tensor, tuple
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pickle
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -53,7 +52,7 @@ from typing import Any
 
 import torch
 
-from bnfold.errors import LoadError, UnsafeFileError, UsageError
+from bnfold.errors import LoadError, UnsafeFileError, UnsafePickleError, UsageError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -508,17 +507,18 @@ def _npz_choice(path: Path, names: list[str], member: str | None) -> list[str]:
 
 
 def _torch_load(path: Path) -> Any:
+    from bnfold._unpickle import load_torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+        return load_torch_file(path)
+    except UnsafePickleError as exc:
         raise UnsafeFileError(
-            f"{path}: holds Python objects other than tensors, tuples, lists and dicts, and "
-            "bnfold reads data with torch.load(weights_only=True), which runs no code from the "
-            "file. Save plain tensors (torch.save(tensor or dict of tensors)) or use "
-            f"package.module:callable. ({str(exc).splitlines()[0]})"
-        ) from exc
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot read it with torch.load: {exc}") from exc
+            f"{path}: holds Python objects other than tensors, tuples, lists and dicts (it "
+            f"references {', '.join(exc.references[:5]) or 'other objects'}), and bnfold reads "
+            "data with its own unpickler, which like torch.load(weights_only=True) allows only "
+            "tensors and plain containers and runs no code from the file. Save plain tensors "
+            "(torch.save(tensor or dict of tensors)) or use package.module:callable."
+        ) from None
 
 
 def _numpy_load(path: Path) -> Any:

@@ -31,6 +31,18 @@ class UnsafeFileError(LoadError):
     """Loading the file would execute code from it, and that was not explicitly allowed."""
 
 
+class UnsafePickleError(UnsafeFileError):
+    """A pickle in the file calls Python objects a weights-only load refuses.
+
+    ``references`` names them (``module.name``), read from the pickle's opcodes, never by
+    running it.
+    """
+
+    def __init__(self, message: str, references: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.references = references
+
+
 class SaveError(BnfoldError):
     """An output could not be written; nothing was left half-written."""
 

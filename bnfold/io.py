@@ -2,15 +2,16 @@
 
 What ``load_model`` accepts, and what each costs in trust:
 
-- ``.pt2`` (``torch.export`` program): no code from the file runs. bnfold checks the archive
-  first (``bnfold._program``) because ``torch.export.load`` itself would unpickle some members
-  with ``weights_only=False`` and evaluate shape expressions and guards as Python.
+- ``.pt2`` (``torch.export`` program): no code from the file runs. bnfold reads the archive
+  itself (``bnfold._pt2``, with bounded memory) because ``torch.export.load`` would unpickle
+  some members with ``weights_only=False`` and evaluate shape expressions and guards as Python.
 - ``package.module:callable`` (a factory): runs the user's own code, which they named.
-- state dict (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``) plus
-  ``arch`` (a factory): loaded with strict key checking; no code from the file runs.
+- state dict (``.pt``/``.pth`` read by bnfold's weights-only unpickler, ``bnfold._unpickle``,
+  or ``.safetensors``) plus ``arch`` (a factory): loaded with strict key checking; no code from
+  the file runs.
 - full pickled module (``torch.save(model)``): loading it runs code from the file, so it is
-  refused unless ``trust_pickle=True``. The file is never unpickled to find that out: a
-  weights-only load fails on it, and its globals are listed by reading the pickle opcodes.
+  refused unless ``trust_pickle=True``. The file is never unpickled to find that out: the
+  weights-only unpickler refuses it, and its globals are listed by reading the pickle opcodes.
 - TorchScript archives are refused with the alternatives: bnfold folds ``nn.Module`` graphs,
   and a scripted module has no Python graph to rewrite.
 
@@ -25,22 +26,27 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import importlib
-import io
 import os
-import pickletools
 import re
 import struct
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold._records import Record, not_serialised
-from bnfold.errors import BnfoldError, LoadError, SaveError, UnsafeFileError, UsageError
+from bnfold.errors import (
+    BnfoldError,
+    LoadError,
+    SaveError,
+    UnsafeFileError,
+    UnsafePickleError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -121,8 +127,14 @@ def load_model(
     """
     text = os.fspath(spec)
     path = Path(text)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        raise LoadError(f"{text}: cannot read it ({exc.strerror or exc})") from None
+    if exists:
         return _load_file(path, arch=arch, trust_pickle=trust_pickle)
+    if os.path.islink(text):
+        raise LoadError(_broken_link(text))
     if FACTORY_SPEC.match(text):
         if arch is not None:
             raise UsageError(f"arch ({arch}) is for state-dict files; {text} is a factory")
@@ -130,6 +142,19 @@ def load_model(
     raise LoadError(
         f"{text}: no such file (and not a factory spec 'package.module:callable')"
     )
+
+
+def _broken_link(text: str) -> str:
+    """Why the symbolic link ``text`` leads to no file: a loop, or a missing target."""
+    try:
+        os.stat(text)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                f"{text}: symbolic link loop (following it leads back to itself); point the "
+                "link at the model file"
+            )
+    return f"{text}: a symbolic link to {os.readlink(text)}, which does not exist"
 
 
 def build_from_factory(spec: str) -> nn.Module:
@@ -196,10 +221,10 @@ def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedMod
         raise LoadError(f"{path} is a directory, not a model file")
     if path.stat().st_size == 0:
         raise LoadError(f"{path} is empty (0 bytes): not a model file")
-    kind, names = _sniff(path)
+    kind = _sniff(path)
     if kind == "pt2":
         _no_arch(arch, path, "a torch.export program")
-        return _load_program(path, names)
+        return _load_program(path)
     if kind == "torchscript":
         raise LoadError(
             f"{path} is a TorchScript archive (torch.jit.save). bnfold cannot fold TorchScript: "
@@ -213,32 +238,38 @@ def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedMod
     raise LoadError(f"{path} is not a model file: {kind}")
 
 
-def _sniff(path: Path) -> tuple[str, list[str]]:
-    """Classify a file by content: pt2, torchscript, torch, safetensors, or why not."""
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if zipfile.is_zipfile(path):
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise LoadError(f"{path}: damaged zip archive ({exc})") from None
-        if any(name.endswith("/archive_format") or "/models/" in name for name in names):
-            return "pt2", names
-        if any("/code/__torch__/" in name or name.endswith("/constants.pkl") for name in names):
-            return "torchscript", names
-        if any(name.endswith("/data.pkl") for name in names):
-            return "torch", names
-        return "a zip archive holding no PyTorch model", names
+def _sniff(path: Path) -> str:
+    """Classify a file by content: pt2, torchscript, torch, safetensors, or why not.
+
+    A zip archive's directory is read with ``bnfold._archive`` (bounded, checked): a damaged
+    or hostile one is a ``LoadError`` here, before anything else reads it.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise LoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if head[:2] == b"PK":
-        return "a truncated or damaged zip archive (the file may be cut short)", []
-    if head[:1] == b"\x80":
-        return "torch", []
+        from bnfold._archive import open_zip
+
+        with open_zip(path) as archive:
+            names = list(archive.members)
+        if any(name.endswith("/archive_format") or "/models/" in name for name in names):
+            return "pt2"
+        if any("/code/__torch__/" in name or name.endswith("/constants.pkl") for name in names):
+            return "torchscript"
+        if any(name.endswith("/data.pkl") for name in names):
+            return "torch"
+        return "a zip archive holding no PyTorch model"
+    if head[:1] == b"\x80" or head.startswith(_LEGACY_TEXT_MAGIC):
+        return "torch"
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        return "safetensors", []
-    return (
-        "expected a torch.export program (.pt2), a torch.save file (.pt/.pth) or .safetensors",
-        [],
-    )
+        return "safetensors"
+    return "expected a torch.export program (.pt2), a torch.save file (.pt/.pth) or .safetensors"
+
+
+# A legacy torch.save file written with pickle protocol 0 or 1 starts with its magic number.
+_LEGACY_TEXT_MAGIC = b"L119547037146038801333356L"[:16]
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -250,18 +281,19 @@ def _no_arch(arch: str | None, path: Path, what: str) -> None:
         raise UsageError(f"--arch is for state-dict files; {path} is {what}")
 
 
-def _load_program(path: Path, names: list[str]) -> LoadedModel:
-    import torch
+def _load_program(path: Path) -> LoadedModel:
+    from bnfold import _program, _pt2
 
-    from bnfold import _program
-
-    _program.check_archive(path, names)
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise LoadError(f"{path}: torch.export.load failed: {_one_line(exc)}") from exc
+    program = _pt2.read_program(path)
     _program.check_graph_targets(path, program)
-    model, notes = _program.module_from_program(program)
+    try:
+        model, notes = _program.module_from_program(program)
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: the program could not be rebuilt as a module ({_one_line(exc)})"
+        ) from exc
     args, kwargs = program.example_inputs or ((), {})
     example = tuple(args) if args and not kwargs else None
     if kwargs:
@@ -280,10 +312,7 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> Loa
     import torch
     from torch import nn
 
-    if trust_pickle:
-        obj = _torch_load(path, weights_only=False)
-    else:
-        obj = _torch_load(path, weights_only=True)
+    obj = _torch_load(path) if trust_pickle else _weights_only_load(path)
     if isinstance(obj, nn.Module):
         _no_arch(arch, path, "a full pickled model")
         return LoadedModel(
@@ -297,21 +326,24 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> Loa
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
 
 
-def _torch_load(path: Path, *, weights_only: bool) -> Any:
-    import pickle
+def _weights_only_load(path: Path) -> Any:
+    """The file read by bnfold's restricted unpickler (never ``torch.load``)."""
+    from bnfold._unpickle import load_torch_file
 
+    try:
+        return load_torch_file(path)
+    except UnsafePickleError as exc:
+        raise _unsafe(path, list(exc.references)) from None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=False)``: only for a file the user said they trust."""
     import torch
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        if weights_only:
-            found = _disallowed(_pickle_globals(path))
-            if found:
-                raise _unsafe(path, found) from None
-        raise LoadError(f"{path}: not a readable PyTorch file ({_one_line(exc)})") from None
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
         raise LoadError(
             f"{path}: the pickled model needs code that is not importable here "
@@ -323,22 +355,6 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
             f"{path}: could not be read as a PyTorch file ({_one_line(exc)}); it may be "
             "truncated or damaged"
         ) from None
-
-
-def _disallowed(found: list[str]) -> list[str]:
-    """The globals a weights-only load refuses (torch's allowlist, plus user-added ones)."""
-    import torch
-
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = set(_get_allowed_globals())
-    except ImportError:  # older or newer torch: fall back to the obvious tensor rebuilders
-        allowed = {name for name in found if name.startswith(("torch._utils.", "collections."))}
-    for item in torch.serialization.get_safe_globals():
-        obj = item[0] if isinstance(item, tuple) else item
-        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
-    return [name for name in found if name not in allowed]
 
 
 def _unsafe(path: Path, found: list[str]) -> UnsafeFileError:
@@ -354,53 +370,6 @@ def _unsafe(path: Path, found: list[str]) -> UnsafeFileError:
         "example_inputs), 'model.pt2')) or as a state dict (torch.save(model.state_dict(), "
         "'weights.pt')) loaded with --arch package.module:callable."
     )
-
-
-def _pickle_globals(path: Path) -> list[str]:
-    """The globals a pickle (plain or inside a torch.save zip) references, read from its opcodes
-    without unpickling anything. Empty if none are found or the stream cannot be read."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-                data = archive.read(name)
-        else:
-            data = path.read_bytes()
-    except (StopIteration, OSError, zipfile.BadZipFile):
-        return []
-    found: list[str] = []
-    stream = io.BytesIO(data)
-    # A legacy torch.save file is several pickles in a row (then raw storage bytes).
-    while stream.tell() < len(data) and _scan_one_pickle(stream, found):
-        pass
-    return list(dict.fromkeys(found))
-
-
-def _scan_one_pickle(stream: io.BytesIO, found: list[str]) -> bool:
-    """Append the globals of the next pickle in ``stream``; False when none could be read."""
-    strings: list[str] = []
-    memo: dict[int, str] = {}
-    try:
-        for opcode, arg, _ in pickletools.genops(stream):
-            if opcode.name in ("GLOBAL", "INST"):
-                found.append(_global_name(*str(arg).split(" ", 1)))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(_global_name(strings[-2], strings[-1]))
-            elif isinstance(arg, str) and ("UNICODE" in opcode.name or "STRING" in opcode.name):
-                strings.append(arg)
-            elif opcode.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[int(arg)] = strings[-1]
-            elif opcode.name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                strings.append(memo[int(arg)])
-    except (ValueError, EOFError, struct.error, UnicodeDecodeError):
-        return False  # truncated, or raw bytes after the last pickle
-    return True
-
-
-def _global_name(module: str, name: str) -> str:
-    return f"{'builtins' if module == '__builtin__' else module}.{name}"
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:

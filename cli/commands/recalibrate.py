@@ -33,7 +33,7 @@ DATA_HELP = """\b
 DATA is one of:
   samples.pt          a tensor (samples on dim 0), a tuple of tensors (positional
                       inputs), a dict of tensors (keyword inputs) or a list of
-                      ready-made batches; read with torch.load(weights_only=True)
+                      ready-made batches; read with a weights-only unpickler
   samples.npy         a numpy array (samples on dim 0)
   samples.npz         its one array, or arrays saved positionally (arr_0, arr_1...:
                       positional inputs); samples.npz:NAME picks the array NAME (an
