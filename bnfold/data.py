@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from bnfold.errors import LoadError, UnsafeFileError, UnsafePickleError, UsageError
+from bnfold.io import FACTORY_SPEC, describe_broken_link
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -108,6 +109,8 @@ def load_data(
         source = _load_file(picked[0], batch_size=batch_size, seed=seed, member=picked[1])
     elif _looks_like_callable(text):
         source = _IterableSource(_call(text), text)
+    elif os.path.islink(text):
+        raise LoadError(describe_broken_link(text))
     else:
         raise LoadError(
             f"{text}: no such file or folder (and not a 'package.module:callable' spec)"
@@ -567,8 +570,6 @@ def _from_object(obj: Any, description: str, *, batch_size: int, seed: int) -> D
 
 
 def _looks_like_callable(text: str) -> bool:
-    from bnfold.io import FACTORY_SPEC
-
     return bool(FACTORY_SPEC.match(text))
 
 

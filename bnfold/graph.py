@@ -343,10 +343,26 @@ def _extra_between(norm: NormSite, layer: LayerSite, position: Position) -> Refu
     before it, never into the layer after it (the extra ops sit in between)."""
     if position == Position.BEFORE and norm.kind == BnKind.SUBCLASS and not isinstance(
             norm.extra, nn.Identity):
-        return Refusal(SkipReason.UNSUPPORTED_FORWARD,
-                       f"{norm.name} ({norm.type_name}) does more after its batch norm, and that "
-                       f"runs between the norm and {layer.name}")
+        return Refusal(SkipReason.NO_PRODUCER,
+                       f"{norm.name} ({norm.type_name}) runs {_extra_ops(norm.extra)} after its "
+                       f"batch norm, between the norm and {layer.name}; no layer is adjacent to "
+                       "the batch norm")
     return None
+
+
+def _extra_ops(extra: nn.Module) -> str:
+    """The ops a stripped subclass forward runs, by name (``relu``, ``drop (Dropout)``)."""
+    graph = getattr(extra, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return type(extra).__name__
+    modules = dict(extra.named_modules())
+    names = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            names.append(f"{node.target} ({type(modules[node.target]).__name__})")
+        elif node.op in ("call_function", "call_method"):
+            names.append(getattr(node.target, "__name__", str(node.target)))
+    return ", ".join(dict.fromkeys(names)) or "more ops"
 
 
 def _rank(node: fx.Node | None) -> int:

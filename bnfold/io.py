@@ -134,7 +134,7 @@ def load_model(
     if exists:
         return _load_file(path, arch=arch, trust_pickle=trust_pickle)
     if os.path.islink(text):
-        raise LoadError(_broken_link(text))
+        raise LoadError(describe_broken_link(text))
     if FACTORY_SPEC.match(text):
         if arch is not None:
             raise UsageError(f"arch ({arch}) is for state-dict files; {text} is a factory")
@@ -144,7 +144,7 @@ def load_model(
     )
 
 
-def _broken_link(text: str) -> str:
+def describe_broken_link(text: str) -> str:
     """Why the symbolic link ``text`` leads to no file: a loop, or a missing target."""
     try:
         os.stat(text)
@@ -152,7 +152,7 @@ def _broken_link(text: str) -> str:
         if exc.errno == errno.ELOOP:
             return (
                 f"{text}: symbolic link loop (following it leads back to itself); point the "
-                "link at the model file"
+                "link at the file"
             )
     return f"{text}: a symbolic link to {os.readlink(text)}, which does not exist"
 

@@ -376,3 +376,14 @@ def test_num_samples(tmp_path: Path) -> None:
     assert load_data(path, batch_size=6, shard=(1, 2)).num_samples() == 8
     torch.save([_samples(3), _samples(4)], tmp_path / "list.pt")
     assert load_data(tmp_path / "list.pt").num_samples() == 7
+
+
+def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    with pytest.raises(LoadError, match="symbolic link loop"):
+        load_data(loop)
+    dangling = tmp_path / "samples.pt"
+    dangling.symlink_to(tmp_path / "moved-away.pt")
+    with pytest.raises(LoadError, match="a symbolic link to .*moved-away.pt, which does not exist"):
+        load_data(dangling)

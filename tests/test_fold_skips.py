@@ -136,6 +136,17 @@ class ScaledInput(nn.BatchNorm2d):
         return super().forward(x * 2)
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: batch norm, then an activation, in one module."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
 class Scale(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * 1.5
@@ -217,7 +228,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
     "bn_after_add": (lambda: randomize(AfterAdd()), X4, SkipReason.NO_PRODUCER),
     "bn_first_layer": (lambda: _seq(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)), X3,
                        SkipReason.NO_PRODUCER),
+    "bn_act_subclass_first_layer": (lambda: _seq(BatchNormAct(3), nn.Conv2d(3, 4, 3)), X3,
+                                    SkipReason.NO_PRODUCER),
 }
+
+# The op that stands between the batch norm and the layer, named in the skip's detail.
+BLOCKING_OP = {"bn_first_layer": "ReLU", "bn_act_subclass_first_layer": "act (ReLU)"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -236,6 +252,7 @@ def test_skip_reason_and_outputs_still_match(name: str) -> None:
     skip = next(s for s in result.skipped if s.reason == reason)
     assert skip.detail and skip.bn
     assert reason.label and reason.advice()
+    assert BLOCKING_OP.get(name, "") in skip.detail
 
 
 def test_inplace_cannot_rewrite_functional_norm() -> None:
