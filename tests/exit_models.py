@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from bnfold_cli.main import main
+
 MODULE = "bnfold_exit_models"
 SOURCE = '''
 import ctypes
@@ -132,3 +135,11 @@ def install(directory: Path) -> str:
     """Write the module into ``directory``; returns its name."""
     (directory / f"{MODULE}.py").write_text(SOURCE)
     return MODULE
+
+
+def run(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
+    """Run ``bnfold ARGS`` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as caught:
+        main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return caught.value.code, out, err

@@ -15,28 +15,9 @@ import zipfile
 import pytest
 import torch
 from bnfold_cli.main import main
-from exit_models import MODULE, install
+from exit_models import MODULE, run
 
 import bnfold
-
-
-@pytest.fixture
-def models(tmp_path, monkeypatch):
-    """The misbehaving user module, importable from the current directory (tmp_path)."""
-    install(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop(MODULE, None)
-    yield importlib.import_module(MODULE)
-    sys.modules.pop(MODULE, None)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """Run ``bnfold ARGS`` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as caught:
-        main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return caught.value.code, out, err
 
 
 def one_error_line(err: str) -> str:

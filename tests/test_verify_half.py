@@ -5,14 +5,11 @@ half-precision tolerance; a perturbed fold still fails."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import sys
 
 import pytest
 import torch
-from bnfold_cli.main import main
-from exit_models import MODULE, install
+from exit_models import MODULE, run
 
 import bnfold
 from bnfold import zoo
@@ -81,25 +78,8 @@ def test_a_float64_model_is_verified_on_float64_inputs():
     assert report.candidates[0].settings["dtype"] == "float64"
 
 
-@pytest.fixture
-def models(tmp_path, monkeypatch):
-    install(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop(MODULE, None)
-    yield importlib.import_module(MODULE)
-    sys.modules.pop(MODULE, None)
-
-
-def _run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as caught:
-        main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return caught.value.code, out, err
-
-
 def test_cli_fold_verify_of_a_half_model_with_onnx(capsys, models, tmp_path):
-    code, out, err = _run(
+    code, out, err = run(
         capsys,
         "fold",
         f"{MODULE}:half",
@@ -117,7 +97,7 @@ def test_cli_fold_verify_of_a_half_model_with_onnx(capsys, models, tmp_path):
     ran = {c["name"]: c["status"] for c in verification["candidates"]}
     assert ran["folded (torch):torch-cpu"] == "passed"  # in float16, vs float16 and float32
     assert ran["onnx:ort-cpu"] == ran["onnx:ort-cpu-noopt"] == "passed"  # ORT in float16
-    code, out, err = _run(
+    code, out, err = run(
         capsys,
         "fold",
         f"{MODULE}:bfloat16",
