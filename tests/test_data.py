@@ -385,5 +385,5 @@ def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path: Path) -> Non
         load_data(loop)
     dangling = tmp_path / "samples.pt"
     dangling.symlink_to(tmp_path / "moved-away.pt")
-    with pytest.raises(LoadError, match=r"a symbolic link to .*moved-away\.pt, which does not exist"):
+    with pytest.raises(LoadError, match=r"symbolic link to .*moved-away\.pt, which does not exist"):
         load_data(dangling)
