@@ -2,9 +2,10 @@
 
 Each command runs as a fresh process, as a user would run it, ``--repeat`` times (median
 reported). Baselines run in the same session so the ratios mean something on a shared machine:
-``python -c pass`` for ``--help`` (interpreter start-up), and ``python -c "import torch"`` for
-``fold`` (the floor any torch tool pays). The in-process stage breakdown shows where fold's time
-goes.
+``python -c pass`` for ``--help`` (interpreter start-up); for ``fold``, ``python -c "import
+torch"`` (the floor any torch tool pays) and a plain script that does the least a fold command
+must: import torch, load the program, run one forward, export it again and save it
+(``PLAIN_SCRIPT``). The in-process stage breakdown shows where fold's time goes.
 
     python benchmarks/cli_bench.py                       # ResNet-50, 2x3x64x64 example input
     python benchmarks/cli_bench.py --shape 1x3x224x224 --repeat 5
@@ -27,6 +28,20 @@ import torch
 
 from bnfold import zoo
 
+# The least ``bnfold fold model.pt2 -o out.pt2`` must do, written as a user would without bnfold.
+PLAIN_SCRIPT = """
+import sys
+import torch
+
+program = torch.export.load(sys.argv[1])
+model = program.module()
+args, kwargs = program.example_inputs
+with torch.no_grad():
+    model(*args, **kwargs)
+dims = tuple({0: torch.export.Dim.AUTO} for _ in args)
+torch.export.save(torch.export.export(model, args, dynamic_shapes=dims), sys.argv[2])
+"""
+
 
 def wall(cmd: list[str], repeat: int) -> float:
     """Median wall seconds of ``cmd`` run ``repeat`` times (must exit 0)."""
@@ -36,6 +51,18 @@ def wall(cmd: list[str], repeat: int) -> float:
         subprocess.run(cmd, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved(commands: list[list[str]], repeat: int) -> list[float]:
+    """Median wall seconds of each command, the commands run in turn ``repeat`` times (so slow
+    and fast moments of a shared machine fall on every side alike)."""
+    times: list[list[float]] = [[] for _ in commands]
+    for _ in range(repeat):
+        for command, column in zip(commands, times, strict=True):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            column.append(time.perf_counter() - start)
+    return [statistics.median(column) for column in times]
 
 
 def stages(pt2: Path, out: Path) -> dict[str, float]:
@@ -80,12 +107,16 @@ def main() -> None:
         dims = ({0: torch.export.Dim.AUTO},)
         torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dims), pt2)
         out = Path(tmp) / "out.pt2"
+        fold_cmd = [*bnfold_cmd, "fold", str(pt2), "-o", str(out), "--force"]
+        plain_cmd = [sys.executable, "-c", PLAIN_SCRIPT, str(pt2), str(Path(tmp) / "plain.pt2")]
+        fold_seconds, plain_seconds = interleaved([fold_cmd, plain_cmd], repeat)
         rows = [
             ("bnfold --help", wall([*bnfold_cmd, "--help"], repeat),
              "python -c pass", wall([sys.executable, "-c", "pass"], repeat)),
-            (f"bnfold fold {name}.pt2", wall([*bnfold_cmd, "fold", str(pt2), "-o", str(out),
-                                              "--force"], repeat),
+            (f"bnfold fold {name}.pt2", fold_seconds,
              "python -c 'import torch'", wall([sys.executable, "-c", "import torch"], repeat)),
+            (f"bnfold fold {name}.pt2", fold_seconds,
+             "plain script: load, one forward, export, save", plain_seconds),
         ]
         breakdown = stages(pt2, out)
     shape = "x".join(map(str, x.shape))
@@ -96,7 +127,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for command, seconds, base, base_seconds in rows:
         print(f"| `{command}` | {seconds:.2f} | `{base}` | {base_seconds:.2f} | "
-              f"{seconds / base_seconds:.1f}x |")
+              f"{seconds / base_seconds:.2f}x |")
     print("\n| fold stage (in process) | seconds |\n|---|---|")
     for stage, seconds in breakdown.items():
         print(f"| {stage} | {seconds:.2f} |")
