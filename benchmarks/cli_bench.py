@@ -68,7 +68,7 @@ def interleaved(commands: list[list[str]], repeat: int) -> list[float]:
 def stages(pt2: Path, out: Path) -> dict[str, float]:
     """In-process seconds of each step ``bnfold fold`` takes."""
     import bnfold
-    from bnfold.io import load_model, save_model
+    from bnfold.io.models import load_model, save_model
 
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -81,8 +81,13 @@ def stages(pt2: Path, out: Path) -> dict[str, float]:
     result = bnfold.fold(loaded.model, loaded.example_inputs)
     times["fold"] = time.perf_counter() - start
     start = time.perf_counter()
-    save_model(result.model, out, example_inputs=loaded.example_inputs, overwrite=True,
-               dynamic_dims=loaded.dynamic_dims)
+    save_model(
+        result.model,
+        out,
+        example_inputs=loaded.example_inputs,
+        overwrite=True,
+        dynamic_dims=loaded.dynamic_dims,
+    )
     times["export + save .pt2"] = time.perf_counter() - start
     return times
 
@@ -111,23 +116,39 @@ def main() -> None:
         plain_cmd = [sys.executable, "-c", PLAIN_SCRIPT, str(pt2), str(Path(tmp) / "plain.pt2")]
         fold_seconds, plain_seconds = interleaved([fold_cmd, plain_cmd], repeat)
         rows = [
-            ("bnfold --help", wall([*bnfold_cmd, "--help"], repeat),
-             "python -c pass", wall([sys.executable, "-c", "pass"], repeat)),
-            (f"bnfold fold {name}.pt2", fold_seconds,
-             "python -c 'import torch'", wall([sys.executable, "-c", "import torch"], repeat)),
-            (f"bnfold fold {name}.pt2", fold_seconds,
-             "plain script: load, one forward, export, save", plain_seconds),
+            (
+                "bnfold --help",
+                wall([*bnfold_cmd, "--help"], repeat),
+                "python -c pass",
+                wall([sys.executable, "-c", "pass"], repeat),
+            ),
+            (
+                f"bnfold fold {name}.pt2",
+                fold_seconds,
+                "python -c 'import torch'",
+                wall([sys.executable, "-c", "import torch"], repeat),
+            ),
+            (
+                f"bnfold fold {name}.pt2",
+                fold_seconds,
+                "plain script: load, one forward, export, save",
+                plain_seconds,
+            ),
         ]
         breakdown = stages(pt2, out)
     shape = "x".join(map(str, x.shape))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nModel: {name}, example input {shape} float32, {torch.get_num_threads()} threads, "
-          f"median of {repeat}, load average {load:.1f}\n")
+    print(
+        f"\nModel: {name}, example input {shape} float32, {torch.get_num_threads()} threads, "
+        f"median of {repeat}, load average {load:.1f}\n"
+    )
     print("| command | wall (s) | baseline | baseline (s) | ratio |")
     print("|---|---|---|---|---|")
     for command, seconds, base, base_seconds in rows:
-        print(f"| `{command}` | {seconds:.2f} | `{base}` | {base_seconds:.2f} | "
-              f"{seconds / base_seconds:.2f}x |")
+        print(
+            f"| `{command}` | {seconds:.2f} | `{base}` | {base_seconds:.2f} | "
+            f"{seconds / base_seconds:.2f}x |"
+        )
     print("\n| fold stage (in process) | seconds |\n|---|---|")
     for stage, seconds in breakdown.items():
         print(f"| {stage} | {seconds:.2f} |")

@@ -59,8 +59,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-
-
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
@@ -110,8 +108,9 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
         row["fuse_precision_ratio"] = _precision_ratio(model, theirs, x)
     else:
         row["fuse_failed"] = theirs
-    latency = median_times({"original": lambda: _run(model, x),
-                             "folded": lambda: _run(ours, x)}, repeat * 3)
+    latency = median_times(
+        {"original": lambda: _run(model, x), "folded": lambda: _run(ours, x)}, repeat * 3
+    )
     row["latency_original_ms"] = latency["original"] * 1e3
     row["latency_folded_ms"] = latency["folded"] * 1e3
     row["latency_ratio"] = latency["folded"] / latency["original"]
@@ -130,8 +129,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         if "fuse_failed" in r:
-            fuse_left, fuse_time, fuse_ok, fuse_prec = "-", f"fuse failed: {r['fuse_failed']}", \
-                "-", "-"
+            fuse_left, fuse_time, fuse_ok, fuse_prec = (
+                "-",
+                f"fuse failed: {r['fuse_failed']}",
+                "-",
+                "-",
+            )
         else:
             fuse_left = str(r["bn_left_fuse"])
             fuse_time = f"{r['fuse_ms']:.1f} ({r['time_ratio']:.2f}×)"

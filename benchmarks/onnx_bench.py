@@ -63,8 +63,6 @@ def describe(path: Path) -> dict[str, Any]:
     }
 
 
-
-
 def max_error(runner: Any, model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         expected = model(x)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
-from torch.utils import _pytree as pytree
+from torch.utils import _pytree as pytree  # noqa: PLC2701 (torch has no public name for it)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -32,11 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
 from timing import median_times
 
 import bnfold
-from bnfold.modes import as_args
+from bnfold.io.inputs import as_args
 
 WRONG = 1e-6  # fp64 relative error above this means the folded model computes something else
-QUICK = ("resnet18-2d", "densenet121-2d", "basicunet-3d", "highresnet-3d", "frozen_backbone",
-         "data_dependent", "isinstance_trap")
+QUICK = (
+    "resnet18-2d",
+    "densenet121-2d",
+    "basicunet-3d",
+    "highresnet-3d",
+    "frozen_backbone",
+    "data_dependent",
+    "isinstance_trap",
+)
 
 
 def _cases() -> dict[str, Callable[[], tuple[nn.Module, tuple]]]:
@@ -60,12 +67,10 @@ def _extra_inputs(name: str, args: tuple) -> list[tuple]:
     return [tuple(a * 3 for a in args), tuple(-a for a in args)]
 
 
-
-
 def _double(value: Any) -> Any:
     return pytree.tree_map(
-        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        value)
+        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value
+    )
 
 
 def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
@@ -87,8 +92,7 @@ def _fuse(model: nn.Module) -> nn.Module | str:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:60]}"
 
 
-def bench(name: str, build: Callable[[], tuple[nn.Module, tuple]], repeat: int
-          ) -> dict[str, Any]:
+def bench(name: str, build: Callable[[], tuple[nn.Module, tuple]], repeat: int) -> dict[str, Any]:
     """Counts and times on the float32 model; exactness of each tool on a float64 copy."""
     torch.manual_seed(0)
     model, args = build()
@@ -97,15 +101,18 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, tuple]], repeat: int
     ours = bnfold.fold(model, args, extra_inputs=extra)
     model64, args64 = copy.deepcopy(model).double(), _double(args)
     row: dict[str, Any] = {
-        "model": name, "method": ours.plan.method,
+        "model": name,
+        "method": ours.plan.method,
         "bn_before": bnfold.count_bn_kernels(model, args),
         "bn_left_bnfold": bnfold.count_bn_kernels(ours.model, args),
         "skips": len(ours.skipped),
         "bnfold_error": _fp64_error(
-            model64, bnfold.fold(model64, args64, extra_inputs=_double(extra)).model, args64),
+            model64, bnfold.fold(model64, args64, extra_inputs=_double(extra)).model, args64
+        ),
     }
     fns: dict[str, Callable[[], Any]] = {
-        "bnfold": lambda: bnfold.fold(model, args, extra_inputs=extra)}
+        "bnfold": lambda: bnfold.fold(model, args, extra_inputs=extra)
+    }
     theirs = _fuse(model)
     if isinstance(theirs, nn.Module):
         try:
@@ -128,16 +135,21 @@ def _verdict(error: float) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | read by | BNs | left: bnfold / fuse | fold ms: bnfold / fuse | "
-             "result: bnfold / fuse |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | read by | BNs | left: bnfold / fuse | fold ms: bnfold / fuse | "
+        "result: bnfold / fuse |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "fuse_failed" in r:
             left, ms, ok = "—", "—", f"fuse failed ({r['fuse_failed']})"
         else:
             left, ms, ok = str(r["bn_left_fuse"]), f"{r['fuse_ms']:.0f}", _verdict(r["fuse_error"])
-        lines.append(f"| {r['model']} | {r['method']} | {r['bn_before']} | "
-                     f"{r['bn_left_bnfold']} / {left} | {r['bnfold_ms']:.0f} / {ms} | "
-                     f"{_verdict(r['bnfold_error'])} / {ok} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['bn_before']} | "
+            f"{r['bn_left_bnfold']} / {left} | {r['bnfold_ms']:.0f} / {ms} | "
+            f"{_verdict(r['bnfold_error'])} / {ok} |"
+        )
     total = len(rows)
     fuse_ran = [r for r in rows if "fuse_failed" not in r]
     lines.append("")
@@ -147,7 +159,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"batch norms (each one a reported skip). fuse ran on {len(fuse_ran)}, exact on "
         f"{sum(r['fuse_error'] < WRONG for r in fuse_ran)}, left "
         f"{sum(r['bn_left_fuse'] for r in fuse_ran)} of "
-        f"{sum(r['bn_before'] for r in fuse_ran)} on the models it ran on.")
+        f"{sum(r['bn_before'] for r in fuse_ran)} on the models it ran on."
+    )
     return "\n".join(lines)
 
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeat: int, *, warmup: int = 0
-                 ) -> dict[str, float]:
+def median_times(
+    fns: dict[str, Callable[[], Any]], repeat: int, *, warmup: int = 0
+) -> dict[str, float]:
     """Interleave the candidates so machine noise hits all alike; median seconds each.
     ``warmup`` untimed calls of each first (allocations, kernel selection)."""
     for fn in fns.values():

@@ -1,8 +1,13 @@
 """bnfold: fold every BatchNorm that can be folded, explain the rest, recalibrate exactly,
 and prove the deployed ONNX model computes the same function."""
 
-from bnfold.calibrate import CalibrationReport, LayerCalibration, LayerStatus, recalibrate
-from bnfold.data import DataSource, load_data
+from bnfold.calibrate.data import DataSource, load_data
+from bnfold.calibrate.recalibrate import (
+    CalibrationReport,
+    LayerCalibration,
+    LayerStatus,
+    recalibrate,
+)
 from bnfold.errors import (
     BnfoldError,
     CalibrationError,
@@ -17,12 +22,12 @@ from bnfold.errors import (
     VerificationFailed,
 )
 from bnfold.export import ExportResult, export_onnx
-from bnfold.fold import fold
-from bnfold.graph import find_pairs
-from bnfold.io import LoadedModel, ModelFormat, SavedModel, load_model, save_model
-from bnfold.kernels import count_bn_kernels
+from bnfold.find.analyse import find_pairs
+from bnfold.find.kernels import count_bn_kernels
+from bnfold.folding.surgery import fold
+from bnfold.io.models import LoadedModel, ModelFormat, SavedModel, load_model, save_model
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
-from bnfold.verify import VerificationReport, require_passed, verify
+from bnfold.verification.verifier import VerificationReport, require_passed, verify
 
 __version__ = "0.1.0"
 

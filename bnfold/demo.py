@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold._records import Record, not_serialised
-from bnfold.calibrate import CalibrationReport, recalibrate
+from bnfold.calibrate.recalibrate import CalibrationReport, recalibrate
 from bnfold.export import ExportResult, export_onnx
-from bnfold.fold import fold
-from bnfold.io import check_output_path
-from bnfold.kernels import count_bn_kernels
-from bnfold.records import FoldResult
-from bnfold.verify import VerificationReport, verify
+from bnfold.find.kernels import count_bn_kernels
+from bnfold.folding.surgery import fold
+from bnfold.io.models import check_output_path
+from bnfold.records import FoldResult, Record, not_serialised
+from bnfold.verification.verifier import VerificationReport, verify
 
 StepFn = Callable[[str], None]
 CLASSES = 4
@@ -37,8 +36,9 @@ class DemoNet(nn.Module):
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
@@ -88,8 +88,16 @@ def synthetic_task(n: int, seed: int, contrast: float = 1.0) -> tuple[torch.Tens
     return contrast * images, labels
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int, steps: int,
-          lr: float, seed: int) -> None:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch: int,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> None:
     """Plain SGD in train mode on random mini-batches; leaves the model in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -103,8 +111,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int, ste
     model.eval()
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-             bn_batch_stats: bool = False) -> float:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn_batch_stats: bool = False
+) -> float:
     """Accuracy in eval mode; with ``bn_batch_stats`` the BatchNorms use the batch's own
     statistics (everything else stays in eval). The model is left in eval mode."""
     for module in model.modules():
@@ -154,11 +163,18 @@ def run_demo(
     exported = export_onnx(folded, example, out / "demo.onnx", overwrite=overwrite)
     report = verify(model, {"folded": folded, "onnx": exported}, [x_test[:8], x_test[8:40]])
     return DemoResult(
-        accuracy_trained=trained, accuracy_train_mode=train_mode, accuracy_stale=stale,
-        accuracy_recalibrated=recalibrated, accuracy_folded=folded_accuracy,
-        calibration=calibration, fold=folded,
+        accuracy_trained=trained,
+        accuracy_train_mode=train_mode,
+        accuracy_stale=stale,
+        accuracy_recalibrated=recalibrated,
+        accuracy_folded=folded_accuracy,
+        calibration=calibration,
+        fold=folded,
         bn_kernels_before=count_bn_kernels(model, example),
-        bn_kernels_after=count_bn_kernels(folded.model, example), export=exported,
-        verification=report, out_dir=str(out), seconds=time.perf_counter() - start,
+        bn_kernels_after=count_bn_kernels(folded.model, example),
+        export=exported,
+        verification=report,
+        out_dir=str(out),
+        seconds=time.perf_counter() - start,
         model=folded.model,
     )

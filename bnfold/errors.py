@@ -67,3 +67,13 @@ class UnexpectedError(BnfoldError):
     """An exception bnfold did not anticipate (from torch, the user's code, or a resource limit
     such as memory) while a named stage ran; the message names the stage and the original
     exception, which is the ``__cause__`` (CLI exit code 3)."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = True, lines: int = 1) -> str:
+    """An exception in one line: ``TypeError: its first message line`` (``lines`` lines joined),
+    or the message alone when not ``with_type``; the type's name when the message is empty."""
+    parts = [part.strip() for part in str(exc).strip().splitlines()[:lines] if part.strip()]
+    text = " ".join(parts)
+    if not with_type:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -16,7 +16,7 @@ This is the only module that calls ``torch.onnx.export``. The contract of ``expo
 - weights go to an external data file ``<name>.data`` when they exceed
   ``external_data_threshold`` bytes (protobuf cannot hold a file over 2 GiB);
 - the file (and its data file) is written under its own name in a private temporary directory
-  next to ``path`` (``bnfold.paths.staging``) and moved into place only after every check
+  next to ``path`` (``bnfold.io.paths.staging``) and moved into place only after every check
   passed: on any failure nothing is left. Without ``overwrite`` an existing ``path`` is refused
   and the move is exclusive (a file that appeared meanwhile is kept, ``UsageError``); with it
   the files are replaced with ``os.replace``.
@@ -42,11 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold._records import Record
 from bnfold.errors import BnfoldError, ExportError, ModelInputError, SaveError, UsageError
-from bnfold.modes import as_args, inference
-from bnfold.paths import publish, staging
-from bnfold.records import FoldResult
+from bnfold.io.inputs import as_args
+from bnfold.io.paths import publish, staging
+from bnfold.modes import inference
+from bnfold.records import FoldResult, Record, format_bytes
+from bnfold.runtime import flatten_outputs, ort_runner
+from bnfold.version import __version__
 
 #: Above this many bytes of weights, they are written to an external data file. Protobuf caps a
 #: serialised ONNX file at 2 GiB; 256 MiB of headroom is left for the graph itself.
@@ -110,7 +112,7 @@ class ExportResult(Record):
         return (
             f"wrote {self.path} (opset {self.opset}, {self.exporter} exporter, "
             f"{self.node_count} nodes, {len(self.batchnorm_nodes)} BatchNormalization left, "
-            f"{batch}, {_human_size(self.file_size)})"
+            f"{batch}, {format_bytes(self.file_size)})"
         )
 
     def format_text(self) -> str:
@@ -267,7 +269,6 @@ def _with_batch(args: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tenso
 
 
 def _count_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
-    from bnfold.runtime import flatten_outputs
 
     try:
         outputs = module(*args)
@@ -540,7 +541,6 @@ def _metadata(
     exporter: str,
     dynamic_batch: bool,
 ) -> dict[str, str]:
-    from bnfold import __version__
 
     props = {
         "bnfold.version": __version__,
@@ -624,8 +624,6 @@ def _prove_batch(
 ) -> DynamicBatchCheck:
     import onnx
 
-    from bnfold.runtime import ort_runner
-
     proto = onnx.load(str(staged), load_external_data=False)
     sym_in, fixed_in = _symbolic_dim0(proto.graph.input)
     sym_out, fixed_out = _symbolic_dim0(proto.graph.output)
@@ -684,7 +682,7 @@ def _run_batches(runner: Any, args, sizes, check_batch: bool) -> tuple[int, ...]
 
 
 def _publish(staged: Path, target: Path, data_name: str | None, overwrite: bool) -> None:
-    """Move the staged data file, then the .onnx file, into place (``bnfold.paths.publish``).
+    """Move the staged data file, then the .onnx file, into place (``bnfold.io.paths.publish``).
     Without ``overwrite``, a data file moved here is removed again if the .onnx file cannot
     follow (nothing was at its name before)."""
     moved: list[Path] = []
@@ -707,11 +705,3 @@ def _publish(staged: Path, target: Path, data_name: str | None, overwrite: bool)
                 f"could not move the exported file into place at {target}: {exc}"
             ) from exc
         raise
-
-
-def _human_size(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
-
-
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise example inputs: a tensor becomes a 1-tuple, a list a tuple."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def set_eval(model: nn.Module) -> nn.Module:

@@ -6,13 +6,67 @@ left out). Renderers (``bnfold.report``) and the CLI only read these.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from bnfold._records import Record, not_serialised
+# ------------------------------------------------------------------ JSON helpers
 
+
+def to_jsonable(value: Any) -> Any:
+    """Convert records, enums, tuples and floats into plain JSON values (NaN/inf become strings)."""
+    if isinstance(value, Record):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _fields(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {
+        field.name: to_jsonable(getattr(value, field.name))
+        for field in dataclasses.fields(value)
+        if field.metadata.get("json", True)
+    }
+
+
+class Record:
+    """Mixin for frozen dataclasses: ``to_dict()`` and ``to_json()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def not_serialised() -> Any:
+    """Field metadata marking a field (e.g. the model itself) as left out of JSON."""
+    return {"json": False}
+
+
+def format_bytes(size: float) -> str:
+    """``512 B``, ``1.5 kB``, ``20.3 MB``, ``2.1 GB`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+# ------------------------------------------------------------------ find and fold records
 if TYPE_CHECKING:
     from torch import nn
 

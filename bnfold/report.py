@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bnfold.records import FoldResult, Plan, Skip
+from bnfold.io.models import ModelFormat
+from bnfold.records import FoldResult, Plan, Skip, format_bytes
 
 # A folded scale max |gamma / sqrt(var + eps)| above this amplifies the conv weights' rounding
 # error by as much; the report flags it (the fold is still exact in float64).
@@ -269,8 +270,15 @@ def _rows(report: Report):
     if report.result is not None:
         for item in report.result.folded:
             pair = item.pair
-            cells = [pair.bn, pair.bn_type, pair.producer, pair.pattern, "folded",
-                     _scale_text(item.max_abs_scale), ""]
+            cells = [
+                pair.bn,
+                pair.bn_type,
+                pair.producer,
+                pair.pattern,
+                "folded",
+                _scale_text(item.max_abs_scale),
+                "",
+            ]
             yield cells, "green" if item.max_abs_scale <= LARGE_SCALE else "magenta"
         skipped = report.result.skipped
     else:
@@ -316,7 +324,7 @@ def _kernel_line(report: Report) -> str | None:
 def _output_rows(report: Report) -> list[tuple[str, str]]:
     rows = []
     for output in report.outputs:
-        detail = f"{_format_label(output.format)}, {_size_text(output.bytes)}"
+        detail = f"{_format_label(output.format)}, {format_bytes(output.bytes)}"
         notes = "".join(f"; {note}" for note in output.notes)
         rows.append(("Wrote", f"{output.path} ({detail}){notes}"))
     if report.dry_run:
@@ -331,8 +339,10 @@ def render_markdown(report: Report) -> str:
     """A Markdown section: header, a table with each kept BatchNorm's detail, the summary."""
     folding = report.result is not None
     lines = [f"### bnfold {report.command}: `{report.model.get('source')}`", ""]
-    lines.append(f"Inputs: {', '.join(_input_text(i) for i in report.inputs) or 'none'} "
-                 f"({report.inputs_from}).")
+    lines.append(
+        f"Inputs: {', '.join(_input_text(i) for i in report.inputs) or 'none'} "
+        f"({report.inputs_from})."
+    )
     lines.append("")
     head = ["BatchNorm", "Type", "Layer", "Pattern", "Status"]
     head += ["Scale"] if folding else []
@@ -354,8 +364,11 @@ def render_markdown(report: Report) -> str:
         lines += ["", *(f"- note: {note}" for note in notes)]
     for output in report.outputs:
         notes = "".join(f"; {note}" for note in output.notes)
-        lines += ["", f"Wrote `{output.path}` ({_format_label(output.format)}, "
-                      f"{_size_text(output.bytes)}{notes})."]
+        lines += [
+            "",
+            f"Wrote `{output.path}` ({_format_label(output.format)}, "
+            f"{format_bytes(output.bytes)}{notes}).",
+        ]
     if report.dry_run:
         lines += ["", "Dry run: no model file written."]
     return "\n".join(lines) + "\n"
@@ -374,7 +387,6 @@ def _md_cells(cells: list[str]) -> list[str]:
 
 
 def _format_label(value: Any) -> str:
-    from bnfold.io import ModelFormat
 
     try:
         return ModelFormat(value).label
@@ -390,14 +402,6 @@ def _input_text(item: dict[str, Any]) -> str:
 
 def _scale_text(value: float) -> str:
     return f"{value:.3g}"
-
-
-def _size_text(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"
 
 
 __all__ = [

@@ -30,9 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold._records import Record
-from bnfold.errors import LoadError, ModelInputError, RuntimeUnavailableError, UsageError
-from bnfold.modes import as_args, inference
+from bnfold.errors import (
+    LoadError,
+    ModelInputError,
+    RuntimeUnavailableError,
+    UsageError,
+    first_line,
+)
+from bnfold.io.inputs import as_args
+from bnfold.modes import inference
+from bnfold.records import Record
 
 CPU = "cpu"
 CUDA = "cuda"
@@ -337,9 +344,9 @@ def _session(ort: Any, path: Path, options: Any, providers: Sequence[Any], cuda:
     except Exception as exc:  # ORT raises its own exception types for bad files
         if cuda:
             raise RuntimeUnavailableError(
-                f"ONNX Runtime could not create a CUDA session for {path}: {_first_line(exc)}"
+                f"ONNX Runtime could not create a CUDA session for {path}: {first_line(exc)}"
             ) from exc
-        raise LoadError(f"ONNX Runtime could not load {path}: {_first_line(exc)}") from exc
+        raise LoadError(f"ONNX Runtime could not load {path}: {first_line(exc)}") from exc
 
 
 def ort_version() -> str:
@@ -347,8 +354,3 @@ def ort_version() -> str:
     import onnxruntime as ort
 
     return ort.__version__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -73,7 +73,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _register_commands() -> None:
+def register_commands() -> None:
     from bnfold_cli.commands import COMMANDS
 
     for command in COMMANDS:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     the traceback first. ``sys.exit`` called by code bnfold runs (a model factory, a data
     callable, a forward) is an error too, never the command's own exit code.
     """
-    _register_commands()
+    register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         with warnings.catch_warnings(), _stop_signals_raise():
@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         signum = _signal_of(exc)
-        click.echo(f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was "
-                   "left.", err=True)
+        click.echo(
+            f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was left.",
+            err=True,
+        )
         code = EXIT_SIGNAL_BASE + signum
     except click.ClickException as exc:
         exc.show()

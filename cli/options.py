@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from bnfold.io import LoadedModel
-    from bnfold.paths import PathPlan
+    from bnfold.io.models import LoadedModel
+    from bnfold.io.paths import PathPlan
     from bnfold.report import Report
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
@@ -54,8 +54,9 @@ class InputShape(click.ParamType):
         if any(size == 0 for size in dims):
             self.fail(f"'{value}' has a zero dimension", param, ctx)
         if dtype and dtype not in DTYPE_NAMES:
-            self.fail(f"unknown dtype '{dtype}' in '{value}'; use {', '.join(DTYPE_NAMES)}",
-                      param, ctx)
+            self.fail(
+                f"unknown dtype '{dtype}' in '{value}'; use {', '.join(DTYPE_NAMES)}", param, ctx
+            )
         return ShapeSpec(dims, dtype or None)
 
 
@@ -97,30 +98,65 @@ def model_options(command: Callable) -> Callable:
     ``json_path`` and ``markdown_path``."""
     decorators = [
         click.argument("model", metavar="MODEL"),
-        click.option("--input-shape", "shapes", type=InputShape(), multiple=True,
-                     help="Example input shape, e.g. 1x3x224x224 (optionally :DTYPE, e.g. "
-                          "2x16:int64). Repeat for each positional input. Default: the .pt2 "
-                          "program's own example inputs."),
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES, case_sensitive=False),
-                     default=None, help="Dtype of the example inputs (default: the model's "
-                                        "parameter dtype)."),
-        click.option("--arch", metavar="PKG.MODULE:FACTORY", default=None,
-                     help="Factory building the architecture for a state-dict MODEL."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "
-                          "only for files whose source you trust."),
-        click.option("--json", "json_path", metavar="FILE", default=None,
-                     help="Also write the report as JSON to FILE ('-' for stdout, which "
-                          "replaces the table; anything else printed meanwhile goes to "
-                          "stderr)."),
-        click.option("--markdown", "markdown_path", metavar="FILE", default=None,
-                     help="Also write the report as Markdown to FILE."),
-        click.option("--debug", is_flag=True, expose_value=False,
-                     help="Print the Python traceback before the error line."),
+        click.option(
+            "--input-shape",
+            "shapes",
+            type=InputShape(),
+            multiple=True,
+            help="Example input shape, e.g. 1x3x224x224 (optionally :DTYPE, e.g. "
+            "2x16:int64). Repeat for each positional input. Default: the .pt2 "
+            "program's own example inputs.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPE_NAMES, case_sensitive=False),
+            default=None,
+            help="Dtype of the example inputs (default: the model's parameter dtype).",
+        ),
+        click.option(
+            "--arch",
+            metavar="PKG.MODULE:FACTORY",
+            default=None,
+            help="Factory building the architecture for a state-dict MODEL.",
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "
+            "only for files whose source you trust.",
+        ),
+        click.option(
+            "--json",
+            "json_path",
+            metavar="FILE",
+            default=None,
+            help="Also write the report as JSON to FILE ('-' for stdout, which "
+            "replaces the table; anything else printed meanwhile goes to "
+            "stderr).",
+        ),
+        click.option(
+            "--markdown",
+            "markdown_path",
+            metavar="FILE",
+            default=None,
+            help="Also write the report as Markdown to FILE.",
+        ),
+        click.option(
+            "--debug",
+            is_flag=True,
+            expose_value=False,
+            help="Print the Python traceback before the error line.",
+        ),
     ]
 
-    def wrapper(model: str, shapes: tuple, dtype: str | None, arch: str | None,
-                trust_pickle: bool, **kwargs: Any) -> Any:
+    def wrapper(
+        model: str,
+        shapes: tuple,
+        dtype: str | None,
+        arch: str | None,
+        trust_pickle: bool,
+        **kwargs: Any,
+    ) -> Any:
         request = ModelRequest(model, arch, trust_pickle, tuple(shapes), dtype)
         return json_stdout(command)(request=request, **kwargs)
 
@@ -136,20 +172,22 @@ def model_options(command: Callable) -> Callable:
 
 def load(request: ModelRequest) -> LoadedModel:
     """Load MODEL as requested (a spinner on a terminal)."""
-    from bnfold.io import load_model
+    from bnfold.io.models import load_model
 
     with status(f"Loading {request.spec}"):
         return load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
 
 
-def prepare(request: ModelRequest,
-            inputs_from_data: Callable[[Any], tuple[Any, ...]] | None = None,
-            loaded: LoadedModel | None = None) -> Prepared:
+def prepare(
+    request: ModelRequest,
+    inputs_from_data: Callable[[Any], tuple[Any, ...]] | None = None,
+    loaded: LoadedModel | None = None,
+) -> Prepared:
     """Load MODEL (unless ``loaded`` is given) and build its example inputs
     (``count_bn_kernels`` checks them): from ``--input-shape``, else the program's own example
     inputs, else ``inputs_from_data(model)`` (the first batch of ``--data``) when given."""
     from bnfold.errors import UsageError
-    from bnfold.inputs import make_example_inputs, model_dtype, parse_dtype
+    from bnfold.io.inputs import make_example_inputs, model_dtype, parse_dtype
 
     if loaded is None:
         loaded = load(request)
@@ -180,7 +218,7 @@ def count_bn_kernels(model: Any, inputs: tuple[Any, ...]) -> int:
     """``bnfold.count_bn_kernels``, the first forward a command runs: when the model rejects
     the inputs, rerun it with layer hooks so the error names the layer (``ModelInputError``)."""
     import bnfold
-    from bnfold.inputs import check_inputs
+    from bnfold.io.inputs import check_inputs
 
     try:
         return bnfold.count_bn_kernels(model, inputs)
@@ -230,8 +268,11 @@ def versions() -> dict[str, str]:
 
     import bnfold
 
-    return {"bnfold": bnfold.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "bnfold": bnfold.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @contextlib.contextmanager
@@ -331,11 +372,12 @@ def _flush_all() -> None:
 # ------------------------------------------------------------------ output
 
 
-def emit(report: Report, *, json_path: str | None, markdown_path: str | None,
-         force: bool = False) -> None:
+def emit(
+    report: Report, *, json_path: str | None, markdown_path: str | None, force: bool = False
+) -> None:
     """Print the human report (unless the JSON goes to stdout) and write the report files
     (an existing file only with ``force``; ``plan_paths`` checked them before any work)."""
-    from bnfold.io import write_text_atomic
+    from bnfold.io.models import write_text_atomic
     from bnfold.report import render_json, render_markdown, render_text
 
     if json_path == "-":
@@ -360,20 +402,30 @@ def text_width(tty: bool) -> int | None:
     return shutil.get_terminal_size((100, 24)).columns
 
 
-def plan_paths(inputs: dict[str, Any], outputs: dict[str, Any], *, force: bool,
-               named_only: Collection[str] = ()) -> PathPlan:
+def plan_paths(
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    *,
+    force: bool,
+    named_only: Collection[str] = (),
+) -> PathPlan:
     """Check every path a command reads (``inputs``: option -> MODEL/DATA spec or file) and
     writes (``outputs``: option -> path; None when not given; '-' after --json is stdout)
-    before any work: ``bnfold.paths.plan_paths``. Outputs whose option is in ``named_only`` are
+    before any work: ``bnfold.io.paths.plan_paths``. Outputs whose option is in ``named_only`` are
     not written (a dry run's model): they may exist."""
-    from bnfold.paths import NamedPath, spec_path
-    from bnfold.paths import plan_paths as check
+    from bnfold.io.paths import NamedPath, spec_path
+    from bnfold.io.paths import plan_paths as check
 
-    sources = [NamedPath(role, path) for role, spec in inputs.items()
-               if (path := spec_path(spec)) is not None]
-    targets = [NamedPath(role, Path(path), written=role not in named_only)
-               for role, path in outputs.items()
-               if path is not None and not (role == "--json" and str(path) == "-")]
+    sources = [
+        NamedPath(role, path)
+        for role, spec in inputs.items()
+        if (path := spec_path(spec)) is not None
+    ]
+    targets = [
+        NamedPath(role, Path(path), written=role not in named_only)
+        for role, path in outputs.items()
+        if path is not None and not (role == "--json" and str(path) == "-")
+    ]
     return check(sources, targets, overwrite=force)
 
 

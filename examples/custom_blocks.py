@@ -39,8 +39,15 @@ class WSConv2d(nn.Conv2d):
         w = self.weight
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.std(dim=(1, 2, 3), keepdim=True)
-        return F.conv2d(x, (w - mean) / (std + 1e-5), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        return F.conv2d(
+            x,
+            (w - mean) / (std + 1e-5),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class Net(nn.Module):

@@ -72,15 +72,24 @@ def gate(args: argparse.Namespace, out_dir: Path) -> bnfold.VerificationReport:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a .pt2 file, pkg.module:factory, or a "
-                                                      "state dict with --arch (default: built-in)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a .pt2 file, pkg.module:factory, or a state dict with --arch (default: built-in)",
+    )
     parser.add_argument("--arch", default=None, help="factory for a state-dict --model")
     parser.add_argument("--input-shape", default="2x3x32x32", help="example input, batch >= 2")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: temp)")
-    parser.add_argument("--require-cuda", action="store_true",
-                        help="fail (exit 3) unless ONNX Runtime CUDA is usable")
-    parser.add_argument("--simulate-bug", action="store_true",
-                        help="perturb one folded weight to show the gate failing (exit 1)")
+    parser.add_argument(
+        "--require-cuda",
+        action="store_true",
+        help="fail (exit 3) unless ONNX Runtime CUDA is usable",
+    )
+    parser.add_argument(
+        "--simulate-bug",
+        action="store_true",
+        help="perturb one folded weight to show the gate failing (exit 1)",
+    )
     args = parser.parse_args(argv)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bnfold-ci-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)

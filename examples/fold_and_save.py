@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Save as a torch.export program (.pt2): it carries its own structure, so it loads
     #    without bnfold and without your model's source code. The batch dim stays dynamic.
-    saved = bnfold.save_model(result.model, out_dir / "model.folded.pt2", example_inputs=x,
-                              overwrite=True)
+    saved = bnfold.save_model(
+        result.model, out_dir / "model.folded.pt2", example_inputs=x, overwrite=True
+    )
     print(f"saved {saved.path} ({saved.bytes / 1024:.0f} kB)")
 
     # 4. Load it back with plain torch and compare with the original, on a new batch size.

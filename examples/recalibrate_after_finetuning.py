@@ -46,16 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     model = zoo.small_cnn(num_classes=CLASSES, width=8)
     train(model, old_x, old_y, batch=32, steps=150, lr=0.05, seed=0)
     old_test_x, old_test_y = camera_images(512, seed=2, contrast=1.0)
-    print(f"trained on the old camera (batch 32): old-camera test accuracy "
-          f"{accuracy(model, old_test_x, old_test_y):.1%}")
+    print(
+        f"trained on the old camera (batch 32): old-camera test accuracy "
+        f"{accuracy(model, old_test_x, old_test_y):.1%}"
+    )
 
     # Fine-tune on the new camera with batch size 2: the weights adapt (with the test batch's
     # own statistics the model scores well), but the running statistics are stale and noisy.
     train(model, new_x, new_y, batch=2, steps=10, lr=0.002, seed=0)
     stale = accuracy(model, test_x, test_y)
-    print(f"fine-tuned on the new camera (batch 2): new-camera test accuracy {stale:.1%} "
-          f"in eval mode, {accuracy(model, test_x, test_y, bn_batch_stats=True):.1%} with batch "
-          "statistics: the running statistics are stale")
+    print(
+        f"fine-tuned on the new camera (batch 2): new-camera test accuracy {stale:.1%} "
+        f"in eval mode, {accuracy(model, test_x, test_y, bn_batch_stats=True):.1%} with batch "
+        "statistics: the running statistics are stale"
+    )
 
     # Recalibrate on the new camera's images, in batches of any size (the statistics are
     # pooled exactly over every image, so the batch size does not matter). Only the
@@ -71,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     result = bnfold.fold(model, example)
     folded = accuracy(result.model, test_x, test_y)
     print(f"fold: {result.summary()}; folded model accuracy {folded:.1%}")
-    saved = bnfold.save_model(result.model, out_dir / "recalibrated.folded.pt2",
-                              example_inputs=example, overwrite=True)
+    saved = bnfold.save_model(
+        result.model, out_dir / "recalibrated.folded.pt2", example_inputs=example, overwrite=True
+    )
     print(f"saved {saved.path}")
 
     if recovered < stale + 0.10 or abs(folded - recovered) > 0.005:
-        print("FAILED: recalibration did not recover the accuracy, or the fold changed it",
-              file=sys.stderr)
+        print(
+            "FAILED: recalibration did not recover the accuracy, or the fold changed it",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -21,4 +21,3 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleTy
     sys.modules.pop(MODULE, None)
     yield importlib.import_module(MODULE)
     sys.modules.pop(MODULE, None)
-

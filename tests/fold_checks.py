@@ -11,7 +11,7 @@ from torch import nn
 
 import bnfold
 from bnfold import zoo
-from bnfold.modes import as_args
+from bnfold.io.inputs import as_args
 
 FP64_REL_TOL = 1e-10  # folded vs original, float64: max abs diff / max abs output
 # fp32 folded error / fp32 original error, both vs the fp64 reference, under PyTorch's native CPU
@@ -50,8 +50,9 @@ def rel_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((reference - other).abs().max() / scale)
 
 
-def fold_fp64(model: nn.Module, inputs: Any, *, folded: int | None = None,
-              skipped: int | None = None) -> bnfold.FoldResult:
+def fold_fp64(
+    model: nn.Module, inputs: Any, *, folded: int | None = None, skipped: int | None = None
+) -> bnfold.FoldResult:
     """Fold a float64 copy; assert exactness, structure, coverage and an untouched caller."""
     model = copy.deepcopy(model).double().eval()
     inputs = tuple(t.double() for t in as_args(inputs))

@@ -37,8 +37,7 @@ def main() -> int:
     start = time.perf_counter()
     for seed in range(args.start, args.start + args.models):
         try:
-            result = check_wild(wild_net(random.Random(seed), args.max_steps),
-                                random.Random(seed))
+            result = check_wild(wild_net(random.Random(seed), args.max_steps), random.Random(seed))
         except Exception:
             failures.append(seed)
             print(f"FAILED seed {seed}:\n{traceback.format_exc()}", flush=True)
@@ -47,12 +46,17 @@ def main() -> int:
         outcomes["folded"] += len(result.folded)
         outcomes.update(f"skipped: {s.reason.value}" for s in result.skipped)
         if (seed - args.start + 1) % 500 == 0:
-            print(f"... {seed - args.start + 1} models, {len(failures)} failures, "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"... {seed - args.start + 1} models, {len(failures)} failures, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
-    print(f"\n| models | failures | time | methods |\n|---|---|---|---|\n"
-          f"| {args.models} | {len(failures)} | {elapsed:.0f} s | "
-          f"{', '.join(f'{k} {v}' for k, v in methods.most_common())} |\n")
+    print(
+        f"\n| models | failures | time | methods |\n|---|---|---|---|\n"
+        f"| {args.models} | {len(failures)} | {elapsed:.0f} s | "
+        f"{', '.join(f'{k} {v}' for k, v in methods.most_common())} |\n"
+    )
     print("| outcome | norms |\n|---|---|")
     for key, value in outcomes.most_common():
         print(f"| {key} | {value} |")

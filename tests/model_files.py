@@ -120,7 +120,10 @@ def run_without_bnfold(code: str, *, paths: tuple[Path, ...] = (), cwd: Path) ->
     """)
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", prelude + textwrap.dedent(code)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -27,9 +27,18 @@ class RandomNet(nn.Module):
         super().__init__()
         self.layers = nn.ModuleDict(layers)
         self.steps = steps
-        self.tail = nn.Sequential(nn.Flatten(), nn.Linear(CHANNELS * SIZE * SIZE, 8),
-                                  nn.BatchNorm1d(8), nn.ReLU(), nn.BatchNorm1d(8),
-                                  nn.Linear(8, 5)) if tail else nn.Identity()
+        self.tail = (
+            nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(CHANNELS * SIZE * SIZE, 8),
+                nn.BatchNorm1d(8),
+                nn.ReLU(),
+                nn.BatchNorm1d(8),
+                nn.Linear(8, 5),
+            )
+            if tail
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -47,13 +56,21 @@ class RandomNet(nn.Module):
 def _conv(draw: st.DrawFn) -> nn.Module:
     groups = draw(st.sampled_from([1, 2, 4]))
     if draw(st.booleans()):
-        return nn.ConvTranspose2d(CHANNELS, CHANNELS, 3, padding=1, groups=groups,
-                                  bias=draw(st.booleans()))
+        return nn.ConvTranspose2d(
+            CHANNELS, CHANNELS, 3, padding=1, groups=groups, bias=draw(st.booleans())
+        )
     kernel = draw(st.sampled_from([1, 3]))
     padding = draw(st.sampled_from([0, kernel // 2])) if kernel == 3 else 0
     mode = draw(st.sampled_from(["zeros", "reflect"])) if padding else "zeros"
-    conv = nn.Conv2d(CHANNELS, CHANNELS, kernel, padding=padding, groups=groups,
-                     padding_mode=mode, bias=draw(st.booleans()))
+    conv = nn.Conv2d(
+        CHANNELS,
+        CHANNELS,
+        kernel,
+        padding=padding,
+        groups=groups,
+        padding_mode=mode,
+        bias=draw(st.booleans()),
+    )
     if padding < kernel // 2:  # pad the shrunk map back to 6x6
         return nn.Sequential(conv, nn.ZeroPad2d(1))
     return conv
@@ -86,8 +103,9 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
                 first, second = second, first  # BN before the conv
             steps.append(Step("residual", (add("res", first), add("res", second))))
         elif kind == "fanout":
-            steps.append(Step("fanout", (add("fan", _conv(draw)),
-                                         add("fan", nn.BatchNorm2d(CHANNELS)))))
+            steps.append(
+                Step("fanout", (add("fan", _conv(draw)), add("fan", nn.BatchNorm2d(CHANNELS))))
+            )
         elif convs:
             steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
     net = RandomNet(layers, steps, tail=draw(st.booleans()))

@@ -17,8 +17,9 @@ from wild_models import (
 )
 
 import bnfold
-from bnfold.affine import is_affine_candidate, is_frozen_norm, prove_affine
-from bnfold.patterns import Refusal
+from bnfold.find.affine import prove_affine
+from bnfold.find.patterns import Refusal
+from bnfold.find.sites import is_affine_candidate, is_frozen_norm
 from bnfold.records import BnKind, SkipReason
 
 
@@ -132,8 +133,9 @@ def test_not_affine_frozen_norm_is_a_skip_and_a_refused_scale_is_a_note() -> Non
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.gelu(super().forward(x))
 
-    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), NotAffineFrozen(4), nn.Conv2d(4, 4, 1),
-                                    Gelu(4)))
+    model = randomise(
+        nn.Sequential(nn.Conv2d(3, 4, 3), NotAffineFrozen(4), nn.Conv2d(4, 4, 1), Gelu(4))
+    )
     result = fold_checked(model, (torch.randn(2, 3, 6, 6),))
     assert reasons(result) == {"1": "not_affine"}
     assert len(result.skipped) == 1  # the Gelu scale is no norm: a note, not a skip
@@ -150,8 +152,11 @@ def test_frozen_norm_refusals_follow_the_batch_norm_rules() -> None:
             self.conv_c = nn.Conv2d(3, 4, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.frozen(self.conv_a(x)) + self.frozen(self.conv_b(x)) + self.hooked(
-                self.conv_c(x))
+            return (
+                self.frozen(self.conv_a(x))
+                + self.frozen(self.conv_b(x))
+                + self.hooked(self.conv_c(x))
+            )
 
     model = randomise(Twice())
     model.hooked.register_forward_hook(lambda m, i, o: None)
@@ -171,8 +176,9 @@ def test_kernel_counter_counts_norms_not_kernels() -> None:
     assert bnfold.count_bn_kernels(_backbone(D2FrozenBatchNorm2d), x) == 1  # F.batch_norm inside
     assert bnfold.count_bn_kernels(_backbone(FrozenBatchNorm2d), x) == 1  # elementwise inside
     assert bnfold.count_bn_kernels(_backbone(ChannelScale), x) == 0  # not a norm
-    with_instance_norm = nn.Sequential(nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4),
-                                       nn.BatchNorm2d(4)).eval()
+    with_instance_norm = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4), nn.BatchNorm2d(4)
+    ).eval()
     assert bnfold.count_bn_kernels(with_instance_norm, x) == 1
 
 

@@ -9,8 +9,8 @@ import torch
 from calibrate_models import reference_statistics, statistics_error
 from torch import nn
 
-from bnfold.batchstats import SERIAL_MAX, LayerStatistics, Pooled, RowTable, serial
-from bnfold.calibrate import recalibrate
+from bnfold.calibrate.batchstats import SERIAL_MAX, LayerStatistics, Pooled, RowTable, serial
+from bnfold.calibrate.recalibrate import recalibrate
 
 F64 = torch.float64
 
@@ -275,7 +275,9 @@ def test_exact_rows_share_one_float64_table_across_layers() -> None:
     exact = RowTable([6, 3, 4], F64, torch.device("cpu"), rows=2)
     layers = [LayerStatistics(str(i), bn, table, i, exact=exact) for i, bn in enumerate(bns)]
     shapes: list[tuple[tuple[int, ...], dict]] = [
-        ((6,), {}), ((3,), {}), ((4, 3, 3), {"memory_format": torch.channels_last})
+        ((6,), {}),
+        ((3,), {}),
+        ((4, 3, 3), {"memory_format": torch.channels_last}),
     ]
     fed: list[list[torch.Tensor]] = [[], [], []]
     with torch.no_grad():
@@ -356,8 +358,11 @@ def test_pooled_merge_is_chan() -> None:
 
 @pytest.mark.parametrize(
     ("shape", "kw"),
-    [((3, 4, 4), {}), ((3, 4, 4), {"memory_format": torch.channels_last}),
-     ((3, 120, 120), {"memory_format": torch.channels_last})],
+    [
+        ((3, 4, 4), {}),
+        ((3, 4, 4), {"memory_format": torch.channels_last}),
+        ((3, 120, 120), {"memory_format": torch.channels_last}),
+    ],
     ids=["kernel", "exact", "summed"],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -444,7 +449,7 @@ def test_large_inputs_are_shifted_a_few_samples_at_a_time(
     layout: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pieces of two samples (the input is 9): the same sums as one shifted copy, and exact."""
-    from bnfold import batchstats
+    from bnfold.calibrate import batchstats
 
     batches = _batches((3, 8, 8), sizes=(9, 4), offset=40.0, **layout)
     whole = batchstats._ShiftedSums(batches[0])

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnfold
-from bnfold.calibrate import CalibrationReport, LayerStatus, RankShare, recalibrate
+from bnfold.calibrate.recalibrate import CalibrationReport, LayerStatus, RankShare, recalibrate
 from bnfold.zoo import randomize_bn, small_cnn
 
 
@@ -318,11 +318,12 @@ def test_wrapped_model_is_recalibrated_inside() -> None:
 
 @pytest.mark.parametrize(("offset", "subtract"), [(0.0, False), (0.3, False), (50.0, True)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_centred_inputs_are_summed_unshifted_and_stay_exact(offset: float, subtract: bool,
-                                                            layout: str) -> None:
+def test_centred_inputs_are_summed_unshifted_and_stay_exact(
+    offset: float, subtract: bool, layout: str
+) -> None:
     """A centred first input takes K = 0 (no shifted copy); an offset one keeps the shift.
     Either way the pooled statistics match float64 ones to well below 1e-6."""
-    from bnfold.batchstats import _ShiftedSums
+    from bnfold.calibrate.batchstats import _ShiftedSums  # noqa: PLC2701
 
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randn(n, 6, 9, 7, generator=gen) + offset for n in (5, 2, 11)]

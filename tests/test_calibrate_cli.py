@@ -15,9 +15,9 @@ from bnfold_cli.commands.recalibrate import DataRequest, recalibrate_with_progre
 from bnfold_cli.main import main
 
 import bnfold
-from bnfold.data import load_data
+from bnfold.calibrate.data import load_data
 
-USER = '''
+USER = """
 import torch
 from torch import nn
 
@@ -44,7 +44,7 @@ def build():
 def batches():
     gen = torch.Generator().manual_seed(5)
     return [torch.randn(n, 3, 8, 8, generator=gen) * 3 + 2 for n in (4, 7, 5)]
-'''
+"""
 
 
 @pytest.fixture
@@ -53,8 +53,10 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("recal_user", None)
-    torch.save(torch.randn(50, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 + 1,
-               tmp_path / "data.pt")
+    torch.save(
+        torch.randn(50, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 + 1,
+        tmp_path / "data.pt",
+    )
     yield tmp_path
     sys.modules.pop("recal_user", None)
 
@@ -88,8 +90,19 @@ def test_pt2_in_pt2_out_with_json_and_plot(work: Path, capsys: pytest.CaptureFix
     batch = {0: torch.export.Dim.AUTO}
     program = torch.export.export(recal_user.build(), (x,), dynamic_shapes=(batch,))
     torch.export.save(program, work / "model.pt2")
-    code, out, err = run(capsys, "recalibrate", "model.pt2", "--data", "data.pt",
-                         "--batch-size", 16, "--json", "r.json", "--plot", "shift.png")
+    code, out, err = run(
+        capsys,
+        "recalibrate",
+        "model.pt2",
+        "--data",
+        "data.pt",
+        "--batch-size",
+        16,
+        "--json",
+        "r.json",
+        "--plot",
+        "shift.png",
+    )
     assert code == 0, err
     assert "recalibrated 2 of 2 BatchNorms from 4 batches (50 samples)" in out
     assert "wrote " in out and (work / "model.recalibrated.pt2").exists()
@@ -107,8 +120,18 @@ def test_state_dict_in_state_dict_out(work: Path, capsys: pytest.CaptureFixture)
 
     torch.save(recal_user.build().state_dict(), work / "weights.pt")
     np.save(work / "data.npy", torch.load(work / "data.pt").double().numpy())
-    code, _, err = run(capsys, "recalibrate", "weights.pt", "--arch", "recal_user:build",
-                       "--data", "data.npy", "--seed", 3, "-q")
+    code, _, err = run(
+        capsys,
+        "recalibrate",
+        "weights.pt",
+        "--arch",
+        "recal_user:build",
+        "--data",
+        "data.npy",
+        "--seed",
+        3,
+        "-q",
+    )
     assert code == 0, err
     state = torch.load(work / "weights.recalibrated.pt", weights_only=True)
     model = recal_user.build()
@@ -120,8 +143,17 @@ def test_state_dict_in_state_dict_out(work: Path, capsys: pytest.CaptureFixture)
 def test_factory_callable_data_safetensors_out(work: Path, capsys: pytest.CaptureFixture) -> None:
     from safetensors.torch import load_file
 
-    code, out, _ = run(capsys, "recalibrate", "recal_user:build", "--data",
-                       "recal_user:batches", "-o", "out.safetensors", "--json", "-")
+    code, out, _ = run(
+        capsys,
+        "recalibrate",
+        "recal_user:build",
+        "--data",
+        "recal_user:batches",
+        "-o",
+        "out.safetensors",
+        "--json",
+        "-",
+    )
     assert code == 0
     report = json.loads(out)  # JSON alone on stdout
     assert report["recalibration"]["samples"] == 16
@@ -130,8 +162,10 @@ def test_factory_callable_data_safetensors_out(work: Path, capsys: pytest.Captur
 
     model = recal_user.build()
     bnfold.recalibrate(model, recal_user.batches())
-    assert_buffers({k: v for k, v in state.items() if "running" in k or "tracked" in k},
-                   {k: v for k, v in model.named_buffers()})
+    assert_buffers(
+        {k: v for k, v in state.items() if "running" in k or "tracked" in k},
+        {k: v for k, v in model.named_buffers()},
+    )
 
 
 def test_quiet_prints_nothing(work: Path, capsys: pytest.CaptureFixture) -> None:
@@ -152,8 +186,9 @@ def test_quiet_prints_nothing(work: Path, capsys: pytest.CaptureFixture) -> None
     ],
     ids=["no-data", "bad-suffix", "missing-data", "rejected-batch", "batch-size", "mean"],
 )
-def test_errors(work: Path, capsys: pytest.CaptureFixture, args: list, code: int,
-                message: str) -> None:
+def test_errors(
+    work: Path, capsys: pytest.CaptureFixture, args: list, code: int, message: str
+) -> None:
     torch.save(torch.randn(6, 5, 8, 8), work / "bad.pt")  # 5 channels: the conv refuses
     got, out, err = run(capsys, "recalibrate", *args)
     assert got == code and message in out + err
@@ -162,19 +197,31 @@ def test_errors(work: Path, capsys: pytest.CaptureFixture, args: list, code: int
 
 def test_existing_output_needs_force(work: Path, capsys: pytest.CaptureFixture) -> None:
     (work / "out.pt2").write_text("keep me")
-    code, _, err = run(capsys, "recalibrate", "recal_user:build", "--data", "data.pt",
-                       "-o", "out.pt2")
+    code, _, err = run(
+        capsys, "recalibrate", "recal_user:build", "--data", "data.pt", "-o", "out.pt2"
+    )
     assert code == 2 and "--force" in err and (work / "out.pt2").read_text() == "keep me"
-    code, _, _ = run(capsys, "recalibrate", "recal_user:build", "--data", "data.pt",
-                     "-o", "out.pt2", "--force", "-q")
+    code, _, _ = run(
+        capsys,
+        "recalibrate",
+        "recal_user:build",
+        "--data",
+        "data.pt",
+        "-o",
+        "out.pt2",
+        "--force",
+        "-q",
+    )
     assert code == 0 and (work / "out.pt2").read_bytes()[:2] == b"PK"
 
 
-def test_plot_without_matplotlib(work: Path, capsys: pytest.CaptureFixture,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_without_matplotlib(
+    work: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    code, _, err = run(capsys, "recalibrate", "recal_user:build", "--data", "data.pt",
-                       "--plot", "p.png", "-q")
+    code, _, err = run(
+        capsys, "recalibrate", "recal_user:build", "--data", "data.pt", "--plot", "p.png", "-q"
+    )
     assert code == 2 and "pip install 'bnfold[plot]'" in err
 
 
@@ -188,8 +235,9 @@ def test_progress_bar_only_on_a_terminal(work: Path, monkeypatch: pytest.MonkeyP
     request = DataRequest("data.pt", None, 16, 0, 224, None, (0.5,), (0.5,))
     for quiet, stream in [(False, Terminal()), (True, Terminal()), (False, io.StringIO())]:
         monkeypatch.setattr(sys, "stderr", stream)
-        recalibrate_with_progress(recal_user.build(), load_data("data.pt", batch_size=16),
-                                  request, quiet=quiet)
+        recalibrate_with_progress(
+            recal_user.build(), load_data("data.pt", batch_size=16), request, quiet=quiet
+        )
         shown = stream.getvalue()
         if isinstance(stream, Terminal) and not quiet:
             assert "Recalibrating" in shown and "sample/s" in shown and "/50" in shown
@@ -217,16 +265,36 @@ def labelled_npz(work: Path) -> Path:
 
 
 def test_npz_name_picks_the_input(labelled_npz: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run(capsys, "recalibrate", "recal_user:build", "--data", "set.npz:images",
-                       "--batch-size", 16, "-o", "out.pt2", "-q")
+    code, _, err = run(
+        capsys,
+        "recalibrate",
+        "recal_user:build",
+        "--data",
+        "set.npz:images",
+        "--batch-size",
+        16,
+        "-o",
+        "out.pt2",
+        "-q",
+    )
     assert code == 0, err
     got = dict(bnfold.load_model(labelled_npz.parent / "out.pt2").model.named_buffers())
     assert_buffers(got, expected_buffers("data.pt", batch_size=16))  # the same samples
 
 
 def test_fold_data_npz_name(labelled_npz: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(capsys, "fold", "recal_user:build", "--data", "set.npz:images",
-                         "--batch-size", 16, "--dry-run", "--json", "-")
+    code, out, err = run(
+        capsys,
+        "fold",
+        "recal_user:build",
+        "--data",
+        "set.npz:images",
+        "--batch-size",
+        16,
+        "--dry-run",
+        "--json",
+        "-",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["recalibration"]["samples"] == 50
@@ -241,9 +309,14 @@ def test_fold_data_npz_name(labelled_npz: Path, capsys: pytest.CaptureFixture) -
     ],
     ids=["several-arrays", "unknown-name"],
 )
-def test_npz_errors_name_the_arrays(labelled_npz: Path, capsys: pytest.CaptureFixture,
-                                    command: str, data: str, code: int,
-                                    messages: list[str]) -> None:
+def test_npz_errors_name_the_arrays(
+    labelled_npz: Path,
+    capsys: pytest.CaptureFixture,
+    command: str,
+    data: str,
+    code: int,
+    messages: list[str],
+) -> None:
     quiet = "--dry-run" if command == "fold" else "-q"
     got, out, err = run(capsys, command, "recal_user:build", "--data", data, quiet)
     assert got == code, out + err

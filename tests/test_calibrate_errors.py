@@ -7,7 +7,7 @@ import torch
 from calibrate_models import all_state, assert_same, mixed, uneven_batches
 from torch import nn
 
-from bnfold.calibrate import LayerStatus, recalibrate
+from bnfold.calibrate.recalibrate import LayerStatus, recalibrate
 from bnfold.errors import CalibrationError, ModelInputError, UsageError
 
 

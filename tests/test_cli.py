@@ -63,8 +63,9 @@ print("LOADED", loaded, time.perf_counter() - start)
 
 
 def test_help_does_not_import_torch_and_is_fast():
-    probe = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True,
-                           timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=120
+    )
     assert probe.returncode == 0, probe.stderr
     assert "LOADED []" in probe.stdout, probe.stdout
     assert "Exit codes:" in probe.stdout and "--input-shape" in probe.stdout
@@ -81,8 +82,15 @@ def test_help_does_not_import_torch_and_is_fast():
 
 
 def test_fold_pt2_writes_beside_input_and_reports(tmp_path, capsys, pt2):
-    code, out, err = run(capsys, "fold", pt2, "--json", tmp_path / "report.json",
-                         "--markdown", tmp_path / "report.md")
+    code, out, err = run(
+        capsys,
+        "fold",
+        pt2,
+        "--json",
+        tmp_path / "report.json",
+        "--markdown",
+        tmp_path / "report.md",
+    )
     assert code == 0, err
     output = tmp_path / "model.folded.pt2"
     assert output.is_file()
@@ -146,8 +154,9 @@ def test_fold_pickled_module_with_trust_writes_pickle_and_pt2(tmp_path, capsys, 
     torch.save(user.build(), tmp_path / "net.pth")
     code, _, err = run(capsys, "fold", tmp_path / "net.pth")
     assert code == 3 and "--trust-pickle" in err and "runs code" in err
-    code, out, err = run(capsys, "fold", tmp_path / "net.pth", "--trust-pickle", "--pt2",
-                         "--input-shape", "2x3x8x8")
+    code, out, err = run(
+        capsys, "fold", tmp_path / "net.pth", "--trust-pickle", "--pt2", "--input-shape", "2x3x8x8"
+    )
     assert code == 0, err
     assert (tmp_path / "net.folded.pth").is_file() and (tmp_path / "net.folded.pt2").is_file()
     assert out.index("net.folded.pt2") < out.index("net.folded.pth")
@@ -158,8 +167,9 @@ def test_fold_state_dict_with_arch_and_inspect_factory(tmp_path, capsys, user):
     args = ("--input-shape", "2x3x8x8")
     code, _, err = run(capsys, "fold", tmp_path / "weights.pt", *args)
     assert code == 2 and "--arch" in err
-    code, out, err = run(capsys, "fold", tmp_path / "weights.pt", "--arch", f"{USER_MODULE}:Net",
-                         *args)
+    code, out, err = run(
+        capsys, "fold", tmp_path / "weights.pt", "--arch", f"{USER_MODULE}:Net", *args
+    )
     assert code == 0, err
     assert (tmp_path / "weights.folded.pt2").is_file()
     code, out, err = run(capsys, "inspect", f"{USER_MODULE}:build", *args, "--json", "-")
@@ -201,17 +211,25 @@ def test_rejected_input_shape_names_the_layer(capsys, user):
 def test_hostile_pickle_is_refused_and_not_executed(tmp_path, capsys):
     marker = tmp_path / "MARKER"
     torch.save({"w": torch.ones(1), "x": MarkerOnLoad(marker)}, tmp_path / "evil.pt")
-    code, _, err = run(capsys, "fold", tmp_path / "evil.pt", "--arch", "torch.nn:Identity",
-                       "--input-shape", "1x3")
+    code, _, err = run(
+        capsys, "fold", tmp_path / "evil.pt", "--arch", "torch.nn:Identity", "--input-shape", "1x3"
+    )
     assert code == 3 and "runs code from the file" in err
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
 
 
-def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys, pt2,
-                                                                 monkeypatch):
-    code, out, err = run(capsys, "fold", pt2, "--onnx", tmp_path / "m.onnx", "--verify",
-                         "--json", tmp_path / "r.json")
+def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys, pt2, monkeypatch):
+    code, out, err = run(
+        capsys,
+        "fold",
+        pt2,
+        "--onnx",
+        tmp_path / "m.onnx",
+        "--verify",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["export"]["path"] == str(tmp_path / "m.onnx") and report["verification"]["passed"]
@@ -231,6 +249,7 @@ def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys
     code, out, err = run(capsys, "fold", pt2, "--verify", "--dry-run", "--force")
     assert code == 1, err
     assert "verification FAILED" in out and err.startswith("error:")
-    code, out, err = run(capsys, "fold", pt2, "-o", tmp_path / "same.onnx", "--onnx",
-                         tmp_path / "same.onnx")
+    code, out, err = run(
+        capsys, "fold", pt2, "-o", tmp_path / "same.onnx", "--onnx", tmp_path / "same.onnx"
+    )
     assert code == 2

@@ -74,7 +74,7 @@ def test_an_unexpected_exception_is_one_line_naming_the_stage_and_exit_3(
 def test_an_example_input_larger_than_memory_is_refused_before_allocating(
     capsys, models, monkeypatch
 ):
-    monkeypatch.setattr("bnfold.inputs._physical_memory", lambda: 8 * 10**9)
+    monkeypatch.setattr("bnfold.io.inputs._physical_memory", lambda: 8 * 10**9)
     status, _, err = run(capsys, "fold", f"{MODULE}:build", "--input-shape", "100000x3x224x224")
     assert status == 3
     line = one_error_line(err)
@@ -94,7 +94,7 @@ def test_an_input_that_cannot_be_allocated_is_one_line(capsys, models, monkeypat
         return real_randn(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randn", randn)
-    monkeypatch.setattr("bnfold.inputs._physical_memory", lambda: None)  # unknown: try it
+    monkeypatch.setattr("bnfold.io.inputs._physical_memory", lambda: None)  # unknown: try it
     status, _, err = run(capsys, "fold", f"{MODULE}:build", "--input-shape", "100000x3x224x224")
     assert status == 3
     assert "cannot allocate the example input 100000x3x224x224 float32" in one_error_line(err)
@@ -291,7 +291,7 @@ def test_recalibrate_and_export_name_what_they_wrote_when_a_later_stage_fails(
     def fail(*args, **kwargs):
         raise RuntimeError("the plot failed on purpose")
 
-    monkeypatch.setattr("bnfold.plot.plot_shifts", fail)
+    monkeypatch.setattr("bnfold.calibrate.plot.plot_shifts", fail)
     torch.save(torch.randn(8, 3, 8, 8), tmp_path / "samples.pt")
     out = tmp_path / "recal.pt2"
     status, _, err = run(

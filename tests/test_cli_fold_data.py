@@ -25,16 +25,30 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     model = zoo.randomize_bn(zoo.small_cnn())
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    torch.save(torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 3 + 1,
-               tmp_path / "samples.pt")
+    torch.save(
+        torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 3 + 1,
+        tmp_path / "samples.pt",
+    )
     return tmp_path
 
 
 def test_fold_with_data_folds_the_recalibrated_model(files: Path, capsys) -> None:
-    code, _, err = _run(capsys, "fold", files / "weights.pt", "--arch",
-                        "bnfold.zoo:small_cnn", "--data", files / "samples.pt",
-                        "--batch-size", 40, "-o", files / "out.pt2", "--verify",
-                        "--json", files / "report.json")
+    code, _, err = _run(
+        capsys,
+        "fold",
+        files / "weights.pt",
+        "--arch",
+        "bnfold.zoo:small_cnn",
+        "--data",
+        files / "samples.pt",
+        "--batch-size",
+        40,
+        "-o",
+        files / "out.pt2",
+        "--verify",
+        "--json",
+        files / "report.json",
+    )
     assert code == 0, err
     report = json.loads((files / "report.json").read_text())
     recal = report["recalibration"]
@@ -62,11 +76,21 @@ def test_fold_with_data_folds_the_recalibrated_model(files: Path, capsys) -> Non
 
 
 def test_first_batch_gives_the_example_input(files: Path, capsys) -> None:
-    code, _, err = _run(capsys, "fold", files / "weights.pt", "--arch",
-                        "bnfold.zoo:small_cnn", "--dry-run")
+    code, _, err = _run(
+        capsys, "fold", files / "weights.pt", "--arch", "bnfold.zoo:small_cnn", "--dry-run"
+    )
     assert code == 2 and "--input-shape" in err and "--data" in err
-    code, out, err = _run(capsys, "fold", files / "weights.pt", "--arch",
-                          "bnfold.zoo:small_cnn", "--data", files / "samples.pt", "--dry-run",
-                          "--json", "-")
+    code, out, err = _run(
+        capsys,
+        "fold",
+        files / "weights.pt",
+        "--arch",
+        "bnfold.zoo:small_cnn",
+        "--data",
+        files / "samples.pt",
+        "--dry-run",
+        "--json",
+        "-",
+    )
     assert code == 0, err
     assert json.loads(out)["plan"]["summary"] == "5 of 5 BatchNorms foldable"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bnfold.io import ModelFormat, SavedModel
+from bnfold.io.models import ModelFormat, SavedModel
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
 from bnfold.report import Report, render_json, render_markdown, render_text
 
@@ -29,8 +29,15 @@ INPUTS = [{"shape": [2, 3, 64, 64], "dtype": "float32"}]
 
 
 def _pair(bn: str, producer: str, pattern: str = "conv→bn") -> Pair:
-    return Pair(bn=bn, bn_type="BatchNorm2d", bn_kind=BnKind.MODULE, producer=producer,
-                producer_type="Conv2d", pattern=pattern, channels=64)
+    return Pair(
+        bn=bn,
+        bn_type="BatchNorm2d",
+        bn_kind=BnKind.MODULE,
+        producer=producer,
+        producer_type="Conv2d",
+        pattern=pattern,
+        channels=64,
+    )
 
 
 PAIRS = (
@@ -39,11 +46,22 @@ PAIRS = (
     _pair("stem.bn0", "stem.conv", pattern="bn→conv"),
 )
 SKIPS = (
-    Skip(bn="layer1.0.bn2", bn_type="BatchNorm2d", reason=SkipReason.PRODUCER_FANOUT,
-         detail="layer1.0.conv2's output also feeds add_1", producer="layer1.0.conv2",
-         pattern="conv→bn"),
-    Skip(bn="head.norm", bn_type="BatchNorm2d", reason=SkipReason.ZERO_PADDING,
-         detail="head.conv pads with zeros (padding=1)", producer="head.conv", pattern="bn→conv"),
+    Skip(
+        bn="layer1.0.bn2",
+        bn_type="BatchNorm2d",
+        reason=SkipReason.PRODUCER_FANOUT,
+        detail="layer1.0.conv2's output also feeds add_1",
+        producer="layer1.0.conv2",
+        pattern="conv→bn",
+    ),
+    Skip(
+        bn="head.norm",
+        bn_type="BatchNorm2d",
+        reason=SkipReason.ZERO_PADDING,
+        detail="head.conv pads with zeros (padding=1)",
+        producer="head.conv",
+        pattern="bn→conv",
+    ),
 )
 PLAN = Plan(pairs=PAIRS, skipped=SKIPS, method="fx", model_was_training=False)
 RESULT = FoldResult(
@@ -61,16 +79,36 @@ RESULT = FoldResult(
 
 
 def _inspect_report() -> Report:
-    return Report(command="inspect", versions=VERSIONS, model=MODEL, inputs=INPUTS,
-                  inputs_from="the program's example inputs", plan=PLAN, bn_kernels_before=5)
+    return Report(
+        command="inspect",
+        versions=VERSIONS,
+        model=MODEL,
+        inputs=INPUTS,
+        inputs_from="the program's example inputs",
+        plan=PLAN,
+        bn_kernels_before=5,
+    )
 
 
 def _fold_report() -> Report:
-    output = SavedModel(path="models/resnet.folded.pt2", format=ModelFormat.EXPORTED_PROGRAM,
-                        bytes=102_571_480, notes=("dynamic dims kept: input 0 dim 0",))
-    return Report(command="fold", versions=VERSIONS, model=MODEL, inputs=INPUTS,
-                  inputs_from="the program's example inputs", plan=PLAN, result=RESULT,
-                  bn_kernels_before=5, bn_kernels_after=2, outputs=(output,))
+    output = SavedModel(
+        path="models/resnet.folded.pt2",
+        format=ModelFormat.EXPORTED_PROGRAM,
+        bytes=102_571_480,
+        notes=("dynamic dims kept: input 0 dim 0",),
+    )
+    return Report(
+        command="fold",
+        versions=VERSIONS,
+        model=MODEL,
+        inputs=INPUTS,
+        inputs_from="the program's example inputs",
+        plan=PLAN,
+        result=RESULT,
+        bn_kernels_before=5,
+        bn_kernels_after=2,
+        outputs=(output,),
+    )
 
 
 CASES = {
@@ -100,8 +138,10 @@ def test_json_report_has_the_promised_content():
     assert data["fold"]["skipped"][0]["reason"] == "producer_fanout"
     assert "plan" not in data["fold"]
     assert data["outputs"][0]["format"] == "pt2"
-    assert data["summary"] == "folded 3 of 5 BatchNorms; 2 left: 1 residual fan-out, " \
-                              "1 zero-padded BN→Conv"
+    assert (
+        data["summary"] == "folded 3 of 5 BatchNorms; 2 left: 1 residual fan-out, "
+        "1 zero-padded BN→Conv"
+    )
 
 
 def test_text_is_plain_without_a_terminal_and_coloured_with_one():
@@ -118,20 +158,42 @@ def test_extra_sections_reach_json_and_text():
         def to_dict(self) -> dict:
             return {"samples": 64}
 
-    report = Report(command="fold", versions=VERSIONS, model=MODEL, inputs=INPUTS,
-                    inputs_from="--input-shape", plan=PLAN, result=RESULT,
-                    sections=(("calibration", Stage()),))
+    report = Report(
+        command="fold",
+        versions=VERSIONS,
+        model=MODEL,
+        inputs=INPUTS,
+        inputs_from="--input-shape",
+        plan=PLAN,
+        result=RESULT,
+        sections=(("calibration", Stage()),),
+    )
     assert json.loads(render_json(report))["calibration"] == {"samples": 64}
     assert "calibration: recalibrated 5 BatchNorms on 64 samples" in render_text(report)
 
 
 def test_names_with_brackets_are_printed_literally():
-    skip = Skip(bn="blocks[0]", bn_type="BatchNorm2d", reason=SkipReason.NO_PRODUCER,
-                detail="padding [1, 1]")
-    plan = Plan(pairs=(), skipped=(skip,), method="fx", model_was_training=False,
-                notes=("[bold]not markup[/bold]",))
-    report = Report(command="inspect", versions=VERSIONS, model=MODEL, inputs=INPUTS,
-                    inputs_from="--input-shape", plan=plan)
+    skip = Skip(
+        bn="blocks[0]",
+        bn_type="BatchNorm2d",
+        reason=SkipReason.NO_PRODUCER,
+        detail="padding [1, 1]",
+    )
+    plan = Plan(
+        pairs=(),
+        skipped=(skip,),
+        method="fx",
+        model_was_training=False,
+        notes=("[bold]not markup[/bold]",),
+    )
+    report = Report(
+        command="inspect",
+        versions=VERSIONS,
+        model=MODEL,
+        inputs=INPUTS,
+        inputs_from="--input-shape",
+        plan=plan,
+    )
     text = render_text(report)
     assert "blocks[0]" in text and "[bold]not markup[/bold]" in text
 

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from bnfold.clone import clone_model
+from bnfold.folding.clone import clone_model
 
 
 class _Tagged(nn.Parameter):
@@ -28,8 +28,10 @@ def _model() -> nn.Module:
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False)]
+    return [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
 
 
 def test_same_tensors_as_deepcopy_and_none_shared_with_the_model() -> None:
@@ -49,12 +51,17 @@ def test_same_tensors_as_deepcopy_and_none_shared_with_the_model() -> None:
 
 
 def test_plain_tensors_take_the_fast_path() -> None:
-    from bnfold.clone import _plain_copies
+    from bnfold.folding.clone import plain_copies
 
     model = _model()
-    fast = _plain_copies(model)
+    fast = plain_copies(model)
     assert id(model[1].weight) in fast and id(model[1].running_var) in fast
     assert id(model[2].weight) in fast  # tied: copied once, deepcopy's memo shares it
-    for left in (model[0].weight, model[2].window, model[2].head, model[1].tag,
-                 model[1].running_mean):
+    for left in (
+        model[0].weight,
+        model[2].window,
+        model[2].head,
+        model[1].tag,
+        model[1].running_mean,
+    ):
         assert id(left) not in fast

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bnfold import recalibrate
-from bnfold.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+from bnfold.calibrate.data import IMAGENET_MEAN, IMAGENET_STD, load_data
 from bnfold.errors import LoadError, UnsafeFileError, UsageError
 
 

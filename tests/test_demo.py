@@ -13,8 +13,11 @@ def test_demo_shows_the_whole_story(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     report = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bnfold_cli.main", "demo", "--out", str(out), "--json",
-         str(report)], capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "bnfold_cli.main", "demo", "--out", str(out), "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[5/5] exporting to ONNX" in proc.stderr
     assert "eval accuracy dropped" in proc.stdout

@@ -32,8 +32,9 @@ class Run:
     cwd: Path  # the working directory, which must stay empty
 
     def check(self, code: int = 0) -> None:
-        assert self.code == code, f"exit {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n" \
-                                  f"{self.stderr}"
+        assert self.code == code, (
+            f"exit {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        )
         assert list(self.cwd.iterdir()) == [], "an example wrote into the working directory"
 
 
@@ -55,8 +56,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         out, cwd = root / name / "out", root / name / "cwd"
         cwd.mkdir(parents=True)
         command = [sys.executable, str(EXAMPLES / script), "--out", str(out), *extra]
-        process = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         started[name] = (process, out, cwd)
     results = {}
     for name, (process, out, cwd) in started.items():
@@ -128,9 +130,13 @@ def test_custom_blocks(runs: dict[str, Run]) -> None:
     text = run.stdout
     assert "stem_bn: BatchNormAct2d" in text
     assert "FOLD into stem (conv→bn, subclass)" in text
-    for bn, reason in [("res_bn", "producer_fanout"), ("shared_bn_a", "producer_shared"),
-                       ("shared_bn_b", "producer_shared"), ("pre_bn", "no_producer"),
-                       ("ws_bn", "unsupported_forward")]:
+    for bn, reason in [
+        ("res_bn", "producer_fanout"),
+        ("shared_bn_a", "producer_shared"),
+        ("shared_bn_b", "producer_shared"),
+        ("pre_bn", "no_producer"),
+        ("ws_bn", "unsupported_forward"),
+    ]:
         assert re.search(rf"^{bn}: .*\n  KEEP: {reason} ", text, re.MULTILINE), bn
     assert text.count("why/what to do: ") == 5
     assert "batch-norm kernels per forward: 6 -> 5" in text

@@ -238,8 +238,9 @@ def test_failure_after_writing_leaves_nothing(tmp_path, reuse_export, monkeypatc
     monkeypatch.setattr(export_mod, "_check_graph", broken_check)
     (tmp_path / "x.onnx").write_text("old")
     with pytest.raises(ExportError, match="checker said no"):
-        export_onnx(reuse_export, image(), tmp_path / "x.onnx", external_data_threshold=1,
-                    overwrite=True)
+        export_onnx(
+            reuse_export, image(), tmp_path / "x.onnx", external_data_threshold=1, overwrite=True
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
     assert (tmp_path / "x.onnx").read_text() == "old"
 

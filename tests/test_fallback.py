@@ -10,8 +10,8 @@ from wild_checks import fold_checked, folded, reasons
 from wild_models import BatchNormAct2d, D2FrozenBatchNorm2d, randomise
 
 import bnfold
-import bnfold.fallback
-from bnfold.record import record
+import bnfold.find.recorded
+from bnfold.find.recording import record
 
 
 class Untraceable(nn.Module):
@@ -186,8 +186,7 @@ def test_bn_modules_that_do_not_run_are_not_in_the_plan_and_hooks_are_cleaned_up
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     result = _fold(Net(), 1, 3, 4, 4)
     assert folded(result) == {"bn": "conv"}
-    assert any("never ran on the recorded inputs" in n and "unused" in n
-               for n in result.plan.notes)
+    assert any("never ran on the recorded inputs" in n and "unused" in n for n in result.plan.notes)
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
 
@@ -217,7 +216,7 @@ def test_model_no_method_can_read_gets_a_bnfold_error(monkeypatch: pytest.Monkey
     def broken(model: nn.Module, inputs: object) -> None:
         raise RuntimeError("dispatch mode refused")
 
-    monkeypatch.setattr(bnfold.fallback, "record", broken)
+    monkeypatch.setattr(bnfold.find.recorded, "record", broken)
     with pytest.raises(bnfold.TraceError) as info:
         bnfold.find_pairs(Net(), torch.randn(1, 3))
     message = str(info.value)

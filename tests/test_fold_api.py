@@ -14,8 +14,15 @@ from bnfold import zoo
 
 
 def _small() -> nn.Module:
-    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                   nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    return randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+        )
+    )
 
 
 def test_caller_model_in_train_mode_is_bit_identical() -> None:
@@ -66,11 +73,16 @@ def test_records_are_json_serialisable() -> None:
 def test_plan_summary_counts_reasons() -> None:
     plan = bnfold.Plan(
         pairs=(),
-        skipped=tuple(bnfold.Skip("bn", "BatchNorm2d", reason, "d") for reason in
-                      [bnfold.SkipReason.PRODUCER_FANOUT] * 2 + [bnfold.SkipReason.ZERO_PADDING]),
-        method="fx", model_was_training=False)
-    assert plan.summary() == ("0 of 3 BatchNorms foldable; 3 skipped: 2 residual fan-out, "
-                              "1 zero-padded BN→Conv")
+        skipped=tuple(
+            bnfold.Skip("bn", "BatchNorm2d", reason, "d")
+            for reason in [bnfold.SkipReason.PRODUCER_FANOUT] * 2 + [bnfold.SkipReason.ZERO_PADDING]
+        ),
+        method="fx",
+        model_was_training=False,
+    )
+    assert plan.summary() == (
+        "0 of 3 BatchNorms foldable; 3 skipped: 2 residual fan-out, 1 zero-padded BN→Conv"
+    )
 
 
 def test_untraceable_model_is_recorded_not_an_error() -> None:

@@ -23,8 +23,11 @@ def _seq(*layers: nn.Module) -> nn.Module:
 
 def conv_cases() -> dict[str, Fixture]:
     cases: dict[str, Fixture] = {}
-    for dim, (conv, bn) in {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
-                            3: (nn.Conv3d, nn.BatchNorm3d)}.items():
+    for dim, (conv, bn) in {
+        1: (nn.Conv1d, nn.BatchNorm1d),
+        2: (nn.Conv2d, nn.BatchNorm2d),
+        3: (nn.Conv3d, nn.BatchNorm3d),
+    }.items():
         size = (2, 8) + (9,) * dim
         for name, kwargs in {
             "plain": {},
@@ -48,8 +51,11 @@ def conv_cases() -> dict[str, Fixture]:
 
 def conv_transpose_cases() -> dict[str, Fixture]:
     cases: dict[str, Fixture] = {}
-    layers = {1: (nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.ConvTranspose2d, nn.BatchNorm2d),
-              3: (nn.ConvTranspose3d, nn.BatchNorm3d)}
+    layers = {
+        1: (nn.ConvTranspose1d, nn.BatchNorm1d),
+        2: (nn.ConvTranspose2d, nn.BatchNorm2d),
+        3: (nn.ConvTranspose3d, nn.BatchNorm3d),
+    }
     for dim, (convt, bn) in layers.items():
         size = (2, 8) + (5,) * dim
         for name, (c_out, kwargs) in {
@@ -115,43 +121,64 @@ class CallsSuper(nn.BatchNorm2d):
 
 def norm_cases() -> dict[str, Fixture]:
     return {
-        "bn1d_on_conv1d": lambda: (_seq(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)),
-                                   torch.randn(2, 3, 10)),
+        "bn1d_on_conv1d": lambda: (
+            _seq(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)),
+            torch.randn(2, 3, 10),
+        ),
         "bn3d": lambda: (_seq(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4)), torch.randn(2, 2, 6, 6, 6)),
-        "sync_bn": lambda: (_seq(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)),
-                            torch.randn(2, 3, 8, 8)),
-        "affine_false": lambda: (_seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)),
-                                 torch.randn(2, 3, 8, 8)),
-        "large_eps": lambda: (_seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.5)),
-                              torch.randn(2, 3, 8, 8)),
-        "plain_subclass": lambda: (_seq(nn.Conv2d(3, 4, 3), PlainSubclass(4)),
-                                   torch.randn(2, 3, 8, 8)),
-        "subclass_calls_super": lambda: (_seq(nn.Conv2d(3, 4, 3), CallsSuper(4)),
-                                         torch.randn(2, 3, 8, 8)),
-        "subclass_with_activation_and_guard": lambda: (_seq(nn.Conv2d(3, 4, 3), BNAct(4)),
-                                                       torch.randn(2, 3, 8, 8)),
+        "sync_bn": lambda: (_seq(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)), torch.randn(2, 3, 8, 8)),
+        "affine_false": lambda: (
+            _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        "large_eps": lambda: (
+            _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.5)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        "plain_subclass": lambda: (
+            _seq(nn.Conv2d(3, 4, 3), PlainSubclass(4)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        "subclass_calls_super": lambda: (
+            _seq(nn.Conv2d(3, 4, 3), CallsSuper(4)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        "subclass_with_activation_and_guard": lambda: (
+            _seq(nn.Conv2d(3, 4, 3), BNAct(4)),
+            torch.randn(2, 3, 8, 8),
+        ),
         "functional_buffers": lambda: (FunctionalBN().eval(), torch.randn(2, 3, 8, 8)),
         "functional_constant": lambda: (FunctionalBN(True).eval(), torch.randn(2, 3, 8, 8)),
-        "linear_bn1d": lambda: (_seq(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU()),
-                                torch.randn(4, 6)),
-        "linear_no_bias_bn1d": lambda: (_seq(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)),
-                                        torch.randn(4, 6)),
+        "linear_bn1d": lambda: (
+            _seq(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU()),
+            torch.randn(4, 6),
+        ),
+        "linear_no_bias_bn1d": lambda: (
+            _seq(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)),
+            torch.randn(4, 6),
+        ),
     }
 
 
 def before_cases() -> dict[str, Fixture]:
     return {
-        "bn_then_conv_pad0": lambda: (_seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)),
-                                      torch.randn(2, 3, 8, 8)),
-        "bn_then_grouped_conv": lambda: (_seq(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2)),
-                                         torch.randn(2, 4, 8, 8)),
+        "bn_then_conv_pad0": lambda: (
+            _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        "bn_then_grouped_conv": lambda: (
+            _seq(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2)),
+            torch.randn(2, 4, 8, 8),
+        ),
         "bn_then_conv_reflect": lambda: (
             _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate")),
-            torch.randn(2, 3, 8, 8)),
+            torch.randn(2, 3, 8, 8),
+        ),
         "bn_then_linear": lambda: (_seq(nn.BatchNorm1d(6), nn.Linear(6, 3)), torch.randn(4, 6)),
         "bn_between_two_layers": lambda: (
-            _seq(nn.Linear(6, 5), nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 3),
-                 nn.BatchNorm1d(3)), torch.randn(4, 6)),
+            _seq(nn.Linear(6, 5), nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 3), nn.BatchNorm1d(3)),
+            torch.randn(4, 6),
+        ),
     }
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnfold import foldmath
-from bnfold.foldmath import (
+from bnfold.folding import math as foldmath
+from bnfold.folding.math import (
     Affine,
     BnParams,
     Layout,
@@ -33,8 +33,7 @@ def _bn(channels: int, affine: bool = True, eps: float = 1e-5) -> BnParams:
 
 
 def _apply_bn(y: torch.Tensor, bn: BnParams) -> torch.Tensor:
-    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                        bn.eps)
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def test_affine_matches_batch_norm() -> None:
@@ -66,8 +65,9 @@ def test_conv_then_bn(groups: int, bias: bool) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(8, 8, 1), (8, 4, 1), (8, 8, 2),
-                                                       (6, 12, 3), (8, 8, 8), (4, 6, 2)])
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "groups"), [(8, 8, 1), (8, 4, 1), (8, 8, 2), (6, 12, 3), (8, 8, 8), (4, 6, 2)]
+)
 def test_conv_transpose_then_bn(c_in: int, c_out: int, groups: int) -> None:
     """ConvTranspose weights are [C_in, C_out/g, k]: the classic place for a silent bug."""
     w = torch.randn(c_in, c_out // groups, 3, 3, dtype=torch.float64)
@@ -85,8 +85,12 @@ def test_linear_then_bn() -> None:
     bn = _bn(5)
     x = torch.randn(3, 7, dtype=torch.float64)
     folded = fold_into_output(w, None, bn_affine(bn), Layout())
-    torch.testing.assert_close(F.linear(x, folded.weight, folded.bias),
-                               _apply_bn(F.linear(x, w), bn), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        F.linear(x, folded.weight, folded.bias),
+        _apply_bn(F.linear(x, w), bn),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 3, 6])
@@ -106,8 +110,12 @@ def test_bn_then_linear() -> None:
     bn = _bn(6)
     x = torch.randn(3, 6, dtype=torch.float64)
     folded = fold_into_input(w, None, bn_affine(bn), Layout())
-    torch.testing.assert_close(F.linear(x, folded.weight, folded.bias),
-                               F.linear(_apply_bn(x, bn), w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        F.linear(x, folded.weight, folded.bias),
+        F.linear(_apply_bn(x, bn), w),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_bn_then_conv_with_zero_padding_is_wrong_at_borders() -> None:
@@ -135,16 +143,20 @@ def test_result_is_float64_for_every_dtype(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("block", [1, 7, 1 << 17])
-@pytest.mark.parametrize(("shape", "layout"), [
-    ((8, 3, 3, 3), Layout()),                       # conv
-    ((8, 2, 3), Layout(groups=4)),                  # grouped conv1d
-    ((6, 5), Layout()),                             # linear
-    ((6, 4, 3, 3), Layout(groups=1, transposed=True)),
-    ((6, 2, 3, 3, 3), Layout(groups=3, transposed=True)),
-])
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((8, 3, 3, 3), Layout()),  # conv
+        ((8, 2, 3), Layout(groups=4)),  # grouped conv1d
+        ((6, 5), Layout()),  # linear
+        ((6, 4, 3, 3), Layout(groups=1, transposed=True)),
+        ((6, 2, 3, 3, 3), Layout(groups=3, transposed=True)),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_blockwise_output_scaling_gives_the_same_bits(monkeypatch, block: int, shape: tuple,
-                                                       layout: Layout, dtype: torch.dtype) -> None:
+def test_blockwise_output_scaling_gives_the_same_bits(
+    monkeypatch, block: int, shape: tuple, layout: Layout, dtype: torch.dtype
+) -> None:
     """The in-place, blockwise path must round exactly like the float64 reference path."""
     monkeypatch.setattr(foldmath, "BLOCK", block)
     weight = torch.randn(shape).to(dtype)

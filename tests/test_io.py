@@ -1,5 +1,6 @@
-"""bnfold.io: loading every model format safely, saving folded models that load without bnfold,
-atomic writes, and a clear error (nothing written, nothing lost) for every bad input."""
+"""bnfold.io.models: loading every model format safely, saving folded models that load
+without bnfold, atomic writes, and a clear error (nothing written, nothing lost) for every bad
+input."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from torch import nn
 
 import bnfold
 from bnfold.errors import LoadError, ModelInputError, SaveError, UnsafeFileError, UsageError
-from bnfold.inputs import check_inputs, make_example_inputs
-from bnfold.io import (
+from bnfold.io.inputs import check_inputs, make_example_inputs
+from bnfold.io.models import (
     ModelFormat,
     check_output_path,
     default_output_path,
@@ -90,8 +91,12 @@ def test_factory_state_dict_safetensors_and_checkpoint_dicts_load(tmp_path, user
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ckpt.pth")
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
     arch = f"{USER_MODULE}:Net"
-    for name, fmt in [("w.pt", ModelFormat.STATE_DICT), ("w.safetensors", ModelFormat.SAFETENSORS),
-                      ("ckpt.pth", ModelFormat.STATE_DICT), ("ddp.pt", ModelFormat.STATE_DICT)]:
+    for name, fmt in [
+        ("w.pt", ModelFormat.STATE_DICT),
+        ("w.safetensors", ModelFormat.SAFETENSORS),
+        ("ckpt.pth", ModelFormat.STATE_DICT),
+        ("ddp.pt", ModelFormat.STATE_DICT),
+    ]:
         loaded = load_model(tmp_path / name, arch=arch)
         assert loaded.format is fmt and loaded.arch == arch
         for key, value in reference.state_dict().items():
@@ -131,13 +136,15 @@ def test_every_output_format_loads_back_without_bnfold(tmp_path, user):
     ]
     for loaded, name in jobs:
         result = bnfold.fold(loaded.model, X)
-        saved = save_model(result.model, tmp_path / name, example_inputs=X,
-                           dynamic_dims=loaded.dynamic_dims)
+        saved = save_model(
+            result.model, tmp_path / name, example_inputs=X, dynamic_dims=loaded.dynamic_dims
+        )
         assert saved.path == str(tmp_path / name) and saved.bytes > 0
     x5 = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         torch.save({"x": x5, "y": model(x5)}, tmp_path / "io.pt")
-    out = run_without_bnfold("""
+    out = run_without_bnfold(
+        """
         import torch
         data = torch.load("io.pt")
         models = {
@@ -155,7 +162,10 @@ def test_every_output_format_loads_back_without_bnfold(tmp_path, user):
         assert not bns, bns
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                        for m in models["p.folded.pt"].modules())
-    """, paths=(user.DIR,), cwd=tmp_path)
+    """,
+        paths=(user.DIR,),
+        cwd=tmp_path,
+    )
     assert out.count(" ok") == 3
     assert_no_temp_files(tmp_path)
 
@@ -326,12 +336,15 @@ def test_state_dict_needs_arch_and_arch_needs_a_state_dict(tmp_path, user):
         load_model(tmp_path / "meta.pt", arch=f"{USER_MODULE}:Net")
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("no_such_pkg_xyz.models:build", "cannot import module 'no_such_pkg_xyz.models'"),
-    (f"{USER_MODULE}:nothing_here", "has no attribute 'nothing_here'"),
-    (f"{USER_MODULE}:broken", "the factory failed on purpose"),
-    (f"{USER_MODULE}:not_a_module", "returned a int, not a torch.nn.Module"),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("no_such_pkg_xyz.models:build", "cannot import module 'no_such_pkg_xyz.models'"),
+        (f"{USER_MODULE}:nothing_here", "has no attribute 'nothing_here'"),
+        (f"{USER_MODULE}:broken", "the factory failed on purpose"),
+        (f"{USER_MODULE}:not_a_module", "returned a int, not a torch.nn.Module"),
+    ],
+)
 def test_factory_errors_name_the_spec(user, spec, expected):
     with pytest.raises(LoadError) as caught:
         load_model(spec)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.leafcalls import LeafCalls
+from bnfold.find.leafcalls import LeafCalls
 from bnfold.modes import eval_mode
 
 

@@ -17,7 +17,7 @@ from monai_models import FAST, FAST_ONNX, MODELS, build
 from wild_checks import fold_checked
 
 import bnfold
-from bnfold.verify import DEFAULT_TOLERANCES, Tolerance
+from bnfold.verification.compare import DEFAULT_TOLERANCES, Tolerance
 
 # name -> (how the dataflow is read, BNs folded, skips by reason). DenseNet's norm1/transition
 # norms are pre-activation (BN -> ReLU -> conv); HighResNet's are BN after a residual add.
@@ -79,8 +79,11 @@ def _own_fp32_tolerance(model, x) -> Tolerance:
         reference = copy.deepcopy(model).double()(x.double())
         noise = float((model(x).double() - reference).abs().max() / reference.abs().max())
     default = DEFAULT_TOLERANCES["torch-cpu"]
-    return Tolerance(atol=max(default.atol, 10 * noise), rtol=default.rtol,
-                     why=f"this network's own float32 error vs float64 is {noise:.1e} of its peak")
+    return Tolerance(
+        atol=max(default.atol, 10 * noise),
+        rtol=default.rtol,
+        why=f"this network's own float32 error vs float64 is {noise:.1e} of its peak",
+    )
 
 
 @pytest.mark.parametrize("name", _params(FAST_ONNX, False) + _params(ONNX_SLOW, True))
@@ -89,7 +92,11 @@ def test_monai_network_exports_and_verifies_on_ort_cpu(name: str, tmp_path) -> N
     result = bnfold.fold(model, x)
     exported = bnfold.export_onnx(result, x, tmp_path / f"{name}.onnx")
     tolerance = _own_fp32_tolerance(model, x)
-    report = bnfold.verify(model, {"folded": result, "onnx": exported}, x, providers=["cpu"],
-                           tolerances=dict.fromkeys(("torch-cpu", "ort-cpu", "ort-cpu-noopt"),
-                                                    tolerance))
+    report = bnfold.verify(
+        model,
+        {"folded": result, "onnx": exported},
+        x,
+        providers=["cpu"],
+        tolerances=dict.fromkeys(("torch-cpu", "ort-cpu", "ort-cpu-noopt"), tolerance),
+    )
     assert report.passed, report.format_text()

@@ -60,6 +60,8 @@ NOT_RUN = {
     ("pip", "install"): "set-up: CI installs the package itself (.ci/run)",
     ("python", "-m", "pip"): "set-up: CI installs the package itself (.ci/run)",
     ("ruff", "check"): "CI runs it (.ci/run)",
+    ("ruff", "format"): "CI runs it (.ci/run)",
+    ("lint-imports",): "CI runs it (.ci/run)",
     ("pytest",): "CI runs it (.ci/run); this file is part of that run",
     (".ci/run",): "the CI entry point",
 }
@@ -70,8 +72,19 @@ PARSE_ONLY = {
 # Click options whose value is a file or folder the command writes.
 OUTPUT_PARAMS = {"output", "onnx_path", "json_path", "markdown_path", "out_dir", "out"}
 # Values with these endings are treated as files the command reads (they must be prepared).
-PATH_SUFFIXES = {".pt2", ".pt", ".pth", ".safetensors", ".onnx", ".npy", ".npz", ".png", ".jpg",
-                 ".json", ".md"}
+PATH_SUFFIXES = {
+    ".pt2",
+    ".pt",
+    ".pth",
+    ".safetensors",
+    ".onnx",
+    ".npy",
+    ".npz",
+    ".png",
+    ".jpg",
+    ".json",
+    ".md",
+}
 CUDA_UNUSABLE = re.compile(
     r"CUDA\b.*\b(not usable|not available|unavailable)|no CUDA|not compiled with CUDA",
     re.IGNORECASE,
@@ -161,8 +174,10 @@ def classify(argv: list[str]) -> tuple[str, str]:
         return "bnfold", ""
     if argv[0] == "torchrun":
         return "torchrun", "parsed only: not spawned in the default test suite"
-    if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1].startswith(
-        ("examples/", "benchmarks/")
+    if (
+        argv[0] in ("python", "python3")
+        and len(argv) > 1
+        and argv[1].startswith(("examples/", "benchmarks/"))
     ):
         return "script", "tests/test_examples.py runs examples; benchmarks have smoke tests"
     return "unknown", "this harness does not know how to run it; teach tests/test_readme.py"
@@ -180,8 +195,16 @@ def readme_steps(text: str) -> list[Step]:
                     kind, why = "placeholder", "the line holds a '...' placeholder"
                 else:
                     kind, why = classify(argv)
-                steps.append(Step(line, command, tuple(argv), kind, why,
-                                  int(expected.group(1)) if expected else None))
+                steps.append(
+                    Step(
+                        line,
+                        command,
+                        tuple(argv),
+                        kind,
+                        why,
+                        int(expected.group(1)) if expected else None,
+                    )
+                )
     return steps
 
 
@@ -242,8 +265,9 @@ def _prepare(base: Path) -> None:
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     torch.save(state, base / "weights.pt")
     save_file(state, str(base / "weights.safetensors"))
-    torch.save(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-               base / "samples.pt")
+    torch.save(
+        torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1)), base / "samples.pt"
+    )
     (base / "images").mkdir()
     rng = np.random.default_rng(0)
     for index in range(6):
@@ -285,9 +309,9 @@ def _parse(argv: tuple[str, ...]) -> tuple[Any, dict[str, Any]] | None:
     """bnfold's own parser on ``argv`` (without 'bnfold'): (command, params), or None when no
     subcommand is given (``bnfold --help``). Fails the test when the README's options are wrong."""
     import click
-    from bnfold_cli.main import _register_commands, cli
+    from bnfold_cli.main import cli, register_commands
 
-    _register_commands()
+    register_commands()
     args = list(argv)
     while args and args[0] == "--debug":
         args.pop(0)
@@ -300,8 +324,9 @@ def _parse(argv: tuple[str, ...]) -> tuple[Any, dict[str, Any]] | None:
     except click.exceptions.Exit:  # --help
         return command, {}
     except click.ClickException as exc:
-        pytest.fail(f"README command 'bnfold {' '.join(argv)}' does not parse: "
-                    f"{exc.format_message()}")
+        pytest.fail(
+            f"README command 'bnfold {' '.join(argv)}' does not parse: {exc.format_message()}"
+        )
     return command, ctx.params
 
 
@@ -327,8 +352,8 @@ def _paths(command: Any, params: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _default_outputs(command: Any, params: dict[str, Any]) -> list[str]:
-    """What ``bnfold fold MODEL`` writes without ``-o``: ``<name>.folded.<ext>`` (bnfold.io)."""
-    from bnfold.io import LoadedModel, ModelFormat, default_output_path
+    """What ``bnfold fold MODEL`` writes without ``-o``: ``<name>.folded.<ext>``."""
+    from bnfold.io.models import LoadedModel, ModelFormat, default_output_path
 
     if command.name != "fold" or params.get("output"):
         return []
@@ -382,8 +407,9 @@ def _fresh_outputs(parsed: tuple[Any, dict] | None, cwd: Path) -> Iterator[None]
                 shutil.move(target, path)
 
 
-def _run_bnfold(argv: tuple[str, ...], cwd: Path, monkeypatch: pytest.MonkeyPatch
-                ) -> tuple[int, str, str]:
+def _run_bnfold(
+    argv: tuple[str, ...], cwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
     from bnfold_cli.main import main
 
     monkeypatch.chdir(cwd)
@@ -400,12 +426,12 @@ def _run_bnfold(argv: tuple[str, ...], cwd: Path, monkeypatch: pytest.MonkeyPatc
 def _check_exit(step: Step, code: int, out: str, err: str) -> None:
     where = f"README line {step.line}: {step.text}\n--- stdout\n{out}\n--- stderr\n{err}"
     if step.expected_exit is not None:
-        assert code == step.expected_exit, f"expected exit {step.expected_exit}, got {code}\n" \
-                                           + where
+        assert code == step.expected_exit, (
+            f"expected exit {step.expected_exit}, got {code}\n" + where
+        )
         return
     if code == 3 and "cuda" in step.text.lower():
-        assert CUDA_UNUSABLE.search(err), "exit 3 without a 'CUDA is not usable' message\n" \
-                                          + where
+        assert CUDA_UNUSABLE.search(err), "exit 3 without a 'CUDA is not usable' message\n" + where
         return
     assert code == 0, f"exit {code}\n{where}"
 
@@ -421,8 +447,10 @@ def _torchrun_bnfold_args(step: Step) -> tuple[str, ...]:
         return tuple(args.training_script_args)
     if args.module and args.training_script == "bnfold_cli.main":
         return tuple(args.training_script_args)
-    pytest.fail(f"README line {step.line}: torchrun must run bnfold as '--no-python bnfold ...'"
-                f" or '-m bnfold_cli.main ...' for this harness to check it: {step.text}")
+    pytest.fail(
+        f"README line {step.line}: torchrun must run bnfold as '--no-python bnfold ...'"
+        f" or '-m bnfold_cli.main ...' for this harness to check it: {step.text}"
+    )
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -437,10 +465,16 @@ def test_readme_has_commands_and_python() -> None:
 def test_every_bnfold_command_is_shown_in_the_readme() -> None:
     from bnfold_cli.commands import COMMANDS
 
-    shown = {next((a for a in s.argv[1:] if not a.startswith("-")), None)
-             for s in STEPS if s.argv[0] == "bnfold"}
-    shown |= {next((a for a in s.argv if a in {c.name for c in COMMANDS}), None)
-              for s in STEPS if s.kind == "torchrun"}
+    shown = {
+        next((a for a in s.argv[1:] if not a.startswith("-")), None)
+        for s in STEPS
+        if s.argv[0] == "bnfold"
+    }
+    shown |= {
+        next((a for a in s.argv if a in {c.name for c in COMMANDS}), None)
+        for s in STEPS
+        if s.kind == "torchrun"
+    }
     missing = sorted(c.name for c in COMMANDS if c.name not in shown)
     assert not missing, f"README.md shows no example of: {', '.join(missing)}"
 
@@ -473,10 +507,18 @@ def test_readme_python_block(block: Block, base: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(base, work)
     (work / "readme_block.py").write_text(source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH",
-                                                                                  "")])}
-    proc = subprocess.run([sys.executable, "readme_block.py"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "readme_block.py"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (
         f"README python block at line {block.line} failed (exit {proc.returncode})\n"
         f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"

@@ -27,15 +27,26 @@ def test_quick_run_of_one_benchmark_writes_the_document(tmp_path: Path) -> None:
     output = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [sys.executable, str(RUN_ALL), "--quick", "--only", "fold_bench", "--output", str(output)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     text = output.read_text()
     assert "Smoke run (`--quick`)" in text
     assert "Ratios are measured side by side" in text
     assert "`python benchmarks/run_all.py --quick --only fold_bench --output " in text
-    for key in ("| CPU |", "| cores |", "| RAM |", "| OS |", "| python |", "| torch |",
-                "| onnx |", "| onnxruntime |", "| bnfold |"):
+    for key in (
+        "| CPU |",
+        "| cores |",
+        "| RAM |",
+        "| OS |",
+        "| python |",
+        "| torch |",
+        "| onnx |",
+        "| onnxruntime |",
+        "| bnfold |",
+    ):
         assert key in text, key
     assert "| [fold_bench](#fold_bench) | ok |" in text
     assert "## fold_bench" in text
@@ -65,15 +76,26 @@ def test_a_failing_benchmark_is_reported() -> None:
 
 def test_readme_tables_are_refreshed_from_a_full_run() -> None:
     run_all = _module()
-    fold = run_all.Result("fold_bench", "F.", ["python", "benchmarks/fold_bench.py"], 1.0, 0,
-                          "intro\n\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\nafter\n", "")
+    fold = run_all.Result(
+        "fold_bench",
+        "F.",
+        ["python", "benchmarks/fold_bench.py"],
+        1.0,
+        0,
+        "intro\n\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\nafter\n",
+        "",
+    )
     failed = run_all.Result("cli_bench", "C.", ["python", "c.py"], 1.0, 1, "| x |\n", "boom")
-    readme = ("text\n<!-- bench:fold_bench -->\nold table\n<!-- /bench:fold_bench -->\n"
-              "<!-- bench:cli_bench -->\nkept\n<!-- /bench:cli_bench -->\n")
+    readme = (
+        "text\n<!-- bench:fold_bench -->\nold table\n<!-- /bench:fold_bench -->\n"
+        "<!-- bench:cli_bench -->\nkept\n<!-- /bench:cli_bench -->\n"
+    )
     refreshed = run_all.refresh_readme(readme, [fold, failed], "abc123")
-    assert ("<!-- bench:fold_bench -->\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\n"
-            "(`python benchmarks/fold_bench.py`, commit abc123)\n<!-- /bench:fold_bench -->"
-            in refreshed)
+    assert (
+        "<!-- bench:fold_bench -->\n| model | ratio |\n|---|---|\n| mlp | 0.99 |\n\n"
+        "(`python benchmarks/fold_bench.py`, commit abc123)\n<!-- /bench:fold_bench -->"
+        in refreshed
+    )
     assert "old table" not in refreshed
     assert "<!-- bench:cli_bench -->\nkept\n" in refreshed  # a failed run leaves its table
 

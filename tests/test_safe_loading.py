@@ -45,9 +45,9 @@ from hypothesis import strategies as st
 from model_files import MarkerOnLoad
 from torch import nn
 
-from bnfold.data import load_data
+from bnfold.calibrate.data import load_data
 from bnfold.errors import LoadError, UnsafeFileError
-from bnfold.io import load_model
+from bnfold.io.models import load_model
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -86,8 +86,8 @@ def clean(tmp_path_factory) -> Path:
 def no_unsafe_loaders(monkeypatch):
     """Record (without changing what they do) the calls of every torch or pickle loader that
     can run code from bytes; ``deserialize_torch_artifact`` counts only when given bytes."""
-    import torch._export.serde.serialize as serde
-    import torch.export.pt2_archive._package as package
+    import torch._export.serde.serialize as serde  # noqa: PLC2701 (torch has no public name for it)
+    import torch.export.pt2_archive._package as package  # noqa: PLC2701 (torch has no public name for it)
 
     calls: list[str] = []
 
@@ -215,7 +215,7 @@ class _Tied(nn.Module):
 def test_pt2_weights_keep_dtype_values_and_sharing(tmp_path, dtype):
     """bnfold's reader builds the same state dict as torch.export.load (on a trusted file):
     names, dtypes, values, parameters, and tied weights still sharing one storage."""
-    from bnfold._pt2 import read_program
+    from bnfold.io.pt2 import read_program
 
     torch.manual_seed(0)
     model = _Tied(dtype).eval()
@@ -340,7 +340,7 @@ _WHY = {
 
 @pytest.mark.parametrize("case", list(_REFUSED_PICKLES))
 def test_restricted_unpickler_refuses_what_a_weights_only_load_must(tmp_path, case):
-    from bnfold._unpickle import load_torch_file
+    from bnfold.io.unpickle import load_torch_file
 
     path = tmp_path / "x.pt"
     path.write_bytes(_REFUSED_PICKLES[case])
@@ -353,7 +353,7 @@ def test_restricted_unpickler_refuses_what_a_weights_only_load_must(tmp_path, ca
 
 
 def test_restricted_unpickler_keeps_state_dict_metadata_and_sharing(tmp_path):
-    from bnfold._unpickle import load_torch_file
+    from bnfold.io.unpickle import load_torch_file
 
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     model[1].weight = model[0].weight
@@ -389,7 +389,8 @@ def test_empty_files_and_symlink_loops_say_what_is_wrong(tmp_path):
 
 
 def test_archive_limits_are_enforced(clean, tmp_path, monkeypatch):
-    from bnfold import _archive, _pt2
+    from bnfold.io import archive as _archive
+    from bnfold.io import pt2 as _pt2
 
     entries = read_members(clean)
     many = [*entries, *(Entry(f"{root(entries)}extra/{i}", b"") for i in range(10_000))]

@@ -1,4 +1,4 @@
-"""Tests for bnfold.verify: metrics, verdicts, CUDA honesty, the first diverging layer."""
+"""Tests for bnfold.verification: metrics, verdicts, CUDA honesty, the first diverging layer."""
 
 from __future__ import annotations
 
@@ -15,14 +15,11 @@ import bnfold
 from bnfold.errors import RuntimeUnavailableError, UsageError, VerificationFailed
 from bnfold.export import export_onnx
 from bnfold.runtime import ort_cuda_unavailable_reason, torch_cuda_unavailable_reason
-from bnfold.verify import (
-    CPU_FP32,
-    CUDA_FP32,
+from bnfold.verification.compare import CPU_FP32, CUDA_FP32, Tolerance, compare_arrays
+from bnfold.verification.verifier import (
     CandidateReport,
     Status,
-    Tolerance,
     VerificationReport,
-    compare_arrays,
     locate_divergence,
     require_passed,
     verify,

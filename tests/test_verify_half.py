@@ -13,7 +13,8 @@ from exit_models import MODULE, run
 
 import bnfold
 from bnfold import zoo
-from bnfold.verify import HALF_EPS, Status, half_tolerance
+from bnfold.verification.compare import HALF_EPS, half_tolerance
+from bnfold.verification.verifier import Status
 
 HALF = [torch.float16, torch.bfloat16]
 

@@ -53,8 +53,13 @@ def test_conv_reused_in_two_places_is_not_folded() -> None:
 
 def test_detection_backbone_with_frozen_batchnorm() -> None:
     result = fold_checked(*_fixture("frozen_backbone"), method="fx")
-    assert folded(result) == {"bn_stem": "stem", "bn_c2": "c2", "bn_c3": "c3",
-                              "scale": "lateral", "lateral_scale": "lateral"}
+    assert folded(result) == {
+        "bn_stem": "stem",
+        "bn_c2": "c2",
+        "bn_c3": "c3",
+        "scale": "lateral",
+        "lateral_scale": "lateral",
+    }
     kinds = {f.pair.bn: f.pair.bn_kind for f in result.folded}
     assert kinds["bn_c2"] == BnKind.FROZEN and kinds["scale"] == BnKind.AFFINE
     assert reasons(result) == {"bn_c3b": "not_affine"}  # it clamps
@@ -71,13 +76,13 @@ def test_model_whose_forward_takes_a_dict() -> None:
 def test_models_fx_cannot_trace_are_recorded(name: str) -> None:
     model, args = _fixture(name)
     with pytest.raises(bnfold.TraceError):
-        bnfold.trace.trace_model(model, args)
+        bnfold.find.trace.trace_model(model, args)
     fold_checked(model, args, method="recorded")
 
 
 def test_fx_trace_that_takes_the_wrong_branch_is_not_trusted() -> None:
     model, args = _fixture("isinstance_trap")
-    bnfold.trace.trace_model(model, args)  # fx traces it without complaint...
+    bnfold.find.trace.trace_model(model, args)  # fx traces it without complaint...
     result = fold_checked(model, args, method="recorded")  # ...but into the wrong branch
     assert folded(result) == {"bn": "conv"}
     assert any("does not reproduce" in note for note in result.plan.notes)
@@ -90,16 +95,20 @@ def test_a_forward_that_reads_values_needs_several_inputs_to_fold() -> None:
     assert set(reasons(one).values()) == {"input_dependent"}
     assert "extra_inputs" in bnfold.SkipReason.INPUT_DEPENDENT.advice()
     several = fold_checked(model, (x,), extra_inputs=[(x * 3,), (-x,)], method="recorded")
-    assert folded(several) == {"backbone.1": "backbone.0", "backbone.4": "backbone.3",
-                               "head_bn": "head_conv"}
+    assert folded(several) == {
+        "backbone.1": "backbone.0",
+        "backbone.4": "backbone.3",
+        "head_bn": "head_conv",
+    }
     assert any("identically on all 3 recorded inputs" in n for n in several.plan.notes)
 
 
 def test_bn_subclass_branching_on_values_is_not_specialised() -> None:
     class ValueGated(BatchNormAct2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps)
+            x = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
             return self.act(x) if x.mean() > 0 else x
 
     model = randomise(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ValueGated(8)))
@@ -148,8 +157,10 @@ def test_a_scale_after_a_branch_that_skips_the_layer_is_left() -> None:
     x = torch.rand(2, 4, 3, 3)
     result = fold_checked(model, (x,), extra_inputs=[(-x,)], method="recorded")
     assert not result.folded and not result.skipped  # a scale module is no norm: a note
-    assert any("scale (ChannelScale) left as it is" in n and "do not run as a pair" in n
-               for n in result.plan.notes)
+    assert any(
+        "scale (ChannelScale) left as it is" in n and "do not run as a pair" in n
+        for n in result.plan.notes
+    )
 
 
 def test_fx_trace_that_skips_a_norm_is_caught_even_when_outputs_agree() -> None:
@@ -164,5 +175,4 @@ def test_fx_trace_that_skips_a_norm_is_caught_even_when_outputs_agree() -> None:
 
     result = fold_checked(randomise(Trap()), (torch.randn(2, 3, 4, 4),), method="recorded")
     assert reasons(result) == {"bn": "no_producer"}
-    assert any("bn runs 1 time(s) in the model and 0 in the trace" in n
-               for n in result.plan.notes)
+    assert any("bn runs 1 time(s) in the model and 0 in the trace" in n for n in result.plan.notes)

@@ -17,8 +17,15 @@ from bnfold.runtime import torch_cuda_unavailable_reason
 
 
 def _net() -> nn.Module:
-    return randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                   nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4)))
+    return randomise(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            FrozenBatchNorm2d(4),
+        )
+    )
 
 
 def _x(dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
@@ -55,15 +62,24 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path) -> None:
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         inner = _net()
-        _assert_folds_inner(nn.parallel.DistributedDataParallel(inner), inner,
-                            "DistributedDataParallel")
+        _assert_folds_inner(
+            nn.parallel.DistributedDataParallel(inner), inner, "DistributedDataParallel"
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_hooks_on_a_norm_or_a_layer_are_kept_working_and_the_pair_skipped() -> None:
-    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
-                                    nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model = randomise(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4),
+        )
+    )
     seen = []
     model[1].register_forward_hook(lambda m, i, o: seen.append("bn forward"))
     model[2].register_forward_pre_hook(lambda m, i: seen.append("conv pre"))
@@ -132,5 +148,4 @@ def test_gpu_model_folds_on_its_device(dtype: torch.dtype) -> None:
         assert any("on cuda:0" in n for n in result.plan.notes)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
         with torch.no_grad():
-            assert torch.allclose(result.model(x), model.eval()(x), rtol=tolerance,
-                                  atol=tolerance)
+            assert torch.allclose(result.model(x), model.eval()(x), rtol=tolerance, atol=tolerance)

@@ -10,17 +10,17 @@ from typing import Any
 import torch
 from fold_checks import FP64_REL_TOL, assert_same_snapshot, snapshot
 from torch import nn
-from torch.utils import _pytree as pytree
+from torch.utils import _pytree as pytree  # noqa: PLC2701 (torch has no public name for it)
 
 import bnfold
-from bnfold.modes import as_args
+from bnfold.io.inputs import as_args
 from bnfold.records import BnKind
 
 
 def to_double(value: Any) -> Any:
     return pytree.tree_map(
-        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        value)
+        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value
+    )
 
 
 def outputs(model: nn.Module, args: Any) -> list[torch.Tensor]:
@@ -45,8 +45,9 @@ def counted_kinds(records: Sequence[Any]) -> int:
     return sum(kind != BnKind.AFFINE for kind in kinds)
 
 
-def fold_checked(model: nn.Module, args: Any, *, extra_inputs: Sequence[Any] = (),
-                 method: str | None = None) -> bnfold.FoldResult:
+def fold_checked(
+    model: nn.Module, args: Any, *, extra_inputs: Sequence[Any] = (), method: str | None = None
+) -> bnfold.FoldResult:
     """Fold a float64 copy and check: exact (< 1e-10 relative), caller untouched, batch-norm
     count before/after matches the records, every norm has a verdict with a reason."""
     model = copy.deepcopy(model).double().eval()

@@ -50,8 +50,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > 0:
-            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             self.training, self.momentum, self.eps)
+            x = F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.training,
+                self.momentum,
+                self.eps,
+            )
         return self.act(x)
 
 
@@ -84,9 +92,17 @@ class D2FrozenBatchNorm2d(FrozenBatchNorm2d):
             scale = self.weight * (self.running_var + self.eps).rsqrt()
             bias = self.bias - self.running_mean * scale
             return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(
-                x.dtype)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, eps=self.eps)
+                x.dtype
+            )
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            eps=self.eps,
+        )
 
 
 class NotAffineFrozen(FrozenBatchNorm2d):
@@ -296,8 +312,9 @@ class HeadReadsValues(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = nn.Sequential(_conv(3, C), nn.BatchNorm2d(C), nn.ReLU(),
-                                      _conv(), nn.BatchNorm2d(C), nn.ReLU())
+        self.backbone = nn.Sequential(
+            _conv(3, C), nn.BatchNorm2d(C), nn.ReLU(), _conv(), nn.BatchNorm2d(C), nn.ReLU()
+        )
         self.head_conv = _conv()
         self.head_bn = nn.BatchNorm2d(C)
 

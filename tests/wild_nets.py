@@ -30,8 +30,21 @@ from wild_models import (
 import bnfold
 
 C, SIZE = 4, 6
-KINDS = ("conv", "norm", "relu", "residual", "fanout", "shared", "branch", "gate", "trap",
-         "escape", "kwarg", "read", "inplace")
+KINDS = (
+    "conv",
+    "norm",
+    "relu",
+    "residual",
+    "fanout",
+    "shared",
+    "branch",
+    "gate",
+    "trap",
+    "escape",
+    "kwarg",
+    "read",
+    "inplace",
+)
 
 
 def random_conv(rng: random.Random) -> nn.Module:
@@ -135,8 +148,7 @@ def wild_net(rng: random.Random, max_steps: int = 7) -> WildNet:
         elif kind in ("residual", "escape", "inplace"):
             steps.append(Step(kind, pair()))
         elif kind == "fanout":
-            steps.append(Step(kind, (add("conv", random_conv(rng)),
-                                     add("norm", random_norm(rng)))))
+            steps.append(Step(kind, (add("conv", random_conv(rng)), add("norm", random_norm(rng)))))
         elif kind == "branch":
             first, second = pair()
             steps.append(Step(kind, (first, second)))

@@ -42,7 +42,11 @@ from bnfold_cli.options import (
     written_before_failure,
 )
 
-EPILOG = MODEL_HELP + "\n" + DATA_HELP + """
+EPILOG = (
+    MODEL_HELP
+    + "\n"
+    + DATA_HELP
+    + """
 \b
 Output (-o, default MODEL's name + .folded + extension, beside MODEL):
   .pt2      a torch.export program: load with torch.export.load(path).module()
@@ -65,7 +69,9 @@ Examples:
   bnfold fold model.pt2 --onnx model.onnx --verify   # exit 1 if outputs differ
   bnfold fold model.pt2 --data samples.pt     # recalibrate statistics, then fold
 
-""" + EXIT_CODES
+"""
+    + EXIT_CODES
+)
 
 
 @dataclass
@@ -91,39 +97,81 @@ class FoldRun:
 
 
 @click.command("fold", epilog=EPILOG)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).")
-@click.option("--pt2", "also_pt2", is_flag=True,
-              help="With a pickled-module output, also write a .pt2 beside it.")
-@click.option("--force", is_flag=True,
-              help="Replace existing output files, reports included (never an input).")
-@click.option("--dry-run", is_flag=True,
-              help="Fold in memory and report what would be written; write no file but the "
-                   "reports.")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Also export the folded model to ONNX at this path (checked: "
-                                 "dynamic batch, no training-mode BatchNormalization).")
-@click.option("--verify", "verify_outputs", is_flag=True,
-              help="Compare the folded model (and the --onnx file under ONNX Runtime) with the "
-                   "original; exit 1 if any output differs beyond tolerance.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).",
+)
+@click.option(
+    "--pt2",
+    "also_pt2",
+    is_flag=True,
+    help="With a pickled-module output, also write a .pt2 beside it.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace existing output files, reports included (never an input).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Fold in memory and report what would be written; write no file but the reports.",
+)
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also export the folded model to ONNX at this path (checked: "
+    "dynamic batch, no training-mode BatchNormalization).",
+)
+@click.option(
+    "--verify",
+    "verify_outputs",
+    is_flag=True,
+    help="Compare the folded model (and the --onnx file under ONNX Runtime) with the "
+    "original; exit 1 if any output differs beyond tolerance.",
+)
 @data_options(required=False)
 @model_options
-def fold(request: ModelRequest, data_request: DataRequest | None, output: Path | None,
-         also_pt2: bool, force: bool, dry_run: bool, onnx_path: Path | None,
-         verify_outputs: bool, json_path: str | None, markdown_path: str | None) -> None:
+def fold(
+    request: ModelRequest,
+    data_request: DataRequest | None,
+    output: Path | None,
+    also_pt2: bool,
+    force: bool,
+    dry_run: bool,
+    onnx_path: Path | None,
+    verify_outputs: bool,
+    json_path: str | None,
+    markdown_path: str | None,
+) -> None:
     """Fold every foldable BatchNorm into its Conv/ConvTranspose/Linear and save the model.
 
     Prints the table of BatchNorms (folded or kept, and why), the BN kernels one forward runs
     before and after, and where the output was written.
     """
-    paths = _FoldPaths(request, data_request, output, also_pt2, onnx_path, json_path,
-                       markdown_path, force=force, dry_run=dry_run)
+    paths = _FoldPaths(
+        request,
+        data_request,
+        output,
+        also_pt2,
+        onnx_path,
+        json_path,
+        markdown_path,
+        force=force,
+        dry_run=dry_run,
+    )
     paths.plan(output or paths.default_before_loading())
     loaded = load(request)
     targets = paths.targets(loaded)
     data = _DataOnce(data_request)
-    prepared = prepare(request, inputs_from_data=data.example_inputs if data_request else None,
-                       loaded=loaded)
+    prepared = prepare(
+        request, inputs_from_data=data.example_inputs if data_request else None, loaded=loaded
+    )
     run = FoldRun(prepared=prepared, model=prepared.model)
     if data_request is not None:
         _recalibrate_step(run, data, quiet=json_path == "-")
@@ -137,8 +185,9 @@ def fold(request: ModelRequest, data_request: DataRequest | None, output: Path |
         exported = _export_step(run, onnx_path, force) if onnx_path and not dry_run else None
         verification = _verify_step(run, exported) if verify_outputs else None
         with stage("writing the report"):
-            emit(_report(run, dry_run), json_path=json_path, markdown_path=markdown_path,
-                 force=force)
+            emit(
+                _report(run, dry_run), json_path=json_path, markdown_path=markdown_path, force=force
+            )
     if verification is not None:
         from bnfold import require_passed
 
@@ -169,35 +218,39 @@ class _FoldPaths:
     planned: Path | None = None
 
     def default_before_loading(self) -> Path | None:
-        from bnfold.io import default_output_path, expected_source
+        from bnfold.io.models import default_output_path, expected_source
 
-        guess = expected_source(self.request.spec, arch=self.request.arch,
-                                trust_pickle=self.request.trust_pickle)
+        guess = expected_source(
+            self.request.spec, arch=self.request.arch, trust_pickle=self.request.trust_pickle
+        )
         return default_output_path(guess) if guess is not None else None
 
     def plan(self, main: Path | None) -> None:
         """Check every input and output (``main``: the model output, when known)."""
         from bnfold.export import external_data_path
-        from bnfold.io import ModelFormat, output_format
+        from bnfold.io.models import ModelFormat, output_format
 
         model: dict[str, Path | None] = {"-o" if self.output else "output": main}
         if main is not None:
             fmt = output_format(main)
             if self.also_pt2 and fmt is not ModelFormat.EXPORTED_PROGRAM:
                 model["--pt2"] = main.with_suffix(".pt2")
-        onnx = {"--onnx": self.onnx_path,
-                "--onnx (external data)": self.onnx_path and external_data_path(self.onnx_path)}
+        onnx = {
+            "--onnx": self.onnx_path,
+            "--onnx (external data)": self.onnx_path and external_data_path(self.onnx_path),
+        }
         plan_paths(
             {"MODEL": self.request.spec, "--data": self.data_request and self.data_request.spec},
             {**model, **onnx, "--json": self.json_path, "--markdown": self.markdown_path},
-            force=self.force, named_only=[*model, *onnx] if self.dry_run else (),
+            force=self.force,
+            named_only=[*model, *onnx] if self.dry_run else (),
         )
         self.planned = main
 
     def targets(self, loaded: Any) -> list[tuple[Path, Any]]:
         """The model files to write, .pt2 first (its export is what can fail), checked."""
         from bnfold.errors import UsageError
-        from bnfold.io import ModelFormat, default_output_path, output_format
+        from bnfold.io.models import ModelFormat, default_output_path, output_format
 
         main = self.output or default_output_path(loaded)
         if main != self.planned:
@@ -259,15 +312,21 @@ def _fold_step(run: FoldRun) -> None:
 
 
 def _save_step(run: FoldRun, targets: list[tuple[Path, Any]], *, force: bool) -> None:
-    from bnfold.io import save_model
+    from bnfold.io.models import save_model
 
     dims = run.loaded.dynamic_dims
     if dims is not None and len(dims) != len(run.inputs):
         dims = None
     for path, fmt in targets:
         with status(f"Writing {path}"):
-            saved = save_model(run.model, path, example_inputs=run.inputs, format=fmt,
-                               overwrite=force, dynamic_dims=dims)
+            saved = save_model(
+                run.model,
+                path,
+                example_inputs=run.inputs,
+                format=fmt,
+                overwrite=force,
+                dynamic_dims=dims,
+            )
         run.outputs.append(saved)
 
 
@@ -294,7 +353,7 @@ def _verify_step(run: FoldRun, exported: Any) -> Any:
 
 
 def _report(run: FoldRun, dry_run: bool) -> Any:
-    from bnfold.inputs import describe_inputs
+    from bnfold.io.inputs import describe_inputs
     from bnfold.report import Report
 
     return Report(

@@ -15,7 +15,9 @@ from bnfold_cli.options import (
     versions,
 )
 
-EPILOG = MODEL_HELP + """
+EPILOG = (
+    MODEL_HELP
+    + """
 \b
 Examples:
   bnfold inspect model.pt2
@@ -23,7 +25,9 @@ Examples:
   bnfold inspect weights.safetensors --arch mypkg.models:resnet50 --input-shape 1x3x224x224
   bnfold inspect model.pt2 --json plan.json
 
-""" + EXIT_CODES
+"""
+    + EXIT_CODES
+)
 
 
 @click.command("inspect", epilog=EPILOG)
@@ -35,11 +39,12 @@ def inspect(request, force: bool, json_path: str | None, markdown_path: str | No
     Nothing is written except the optional --json/--markdown reports.
     """
     import bnfold
-    from bnfold.inputs import describe_inputs
+    from bnfold.io.inputs import describe_inputs
     from bnfold.report import Report
 
-    plan_paths({"MODEL": request.spec}, {"--json": json_path, "--markdown": markdown_path},
-               force=force)
+    plan_paths(
+        {"MODEL": request.spec}, {"--json": json_path, "--markdown": markdown_path}, force=force
+    )
     run = prepare(request)
     with status("Reading the model's dataflow"):
         before = count_bn_kernels(run.model, run.inputs)

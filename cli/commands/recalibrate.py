@@ -114,33 +114,85 @@ def data_options(required: bool) -> Callable[[Callable], Callable]:
     """Add ``--data`` and its options; the command receives ``data_request: DataRequest | None``
     (None when ``--data`` was not given)."""
     decorators = [
-        click.option("--data", "data_spec", metavar="DATA", required=required,
-                     help="Sample data to recalibrate BatchNorm statistics on (see DATA below)."),
-        click.option("--batches", type=click.IntRange(min=1), default=None,
-                     help="Use at most N batches (per process under torchrun). Default: all."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Samples per batch (tensor, array and image DATA)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the sample shuffle."),
-        click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
-                     help="Center-crop side for an image folder."),
-        click.option("--resize", type=click.IntRange(min=1), default=None,
-                     help="Shorter side before the crop (default: image size / 0.875)."),
-        click.option("--mean", callback=_floats, default=None, metavar="R,G,B",
-                     help="Normalisation mean for images (default 0.485,0.456,0.406)."),
-        click.option("--std", callback=_floats, default=None, metavar="R,G,B",
-                     help="Normalisation std for images (default 0.229,0.224,0.225)."),
+        click.option(
+            "--data",
+            "data_spec",
+            metavar="DATA",
+            required=required,
+            help="Sample data to recalibrate BatchNorm statistics on (see DATA below).",
+        ),
+        click.option(
+            "--batches",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Use at most N batches (per process under torchrun). Default: all.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Samples per batch (tensor, array and image DATA).",
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed of the sample shuffle."
+        ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=224,
+            show_default=True,
+            help="Center-crop side for an image folder.",
+        ),
+        click.option(
+            "--resize",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Shorter side before the crop (default: image size / 0.875).",
+        ),
+        click.option(
+            "--mean",
+            callback=_floats,
+            default=None,
+            metavar="R,G,B",
+            help="Normalisation mean for images (default 0.485,0.456,0.406).",
+        ),
+        click.option(
+            "--std",
+            callback=_floats,
+            default=None,
+            metavar="R,G,B",
+            help="Normalisation std for images (default 0.229,0.224,0.225).",
+        ),
     ]
 
     def decorate(command: Callable) -> Callable:
-        def wrapper(data_spec: str | None, batches: int | None, batch_size: int, seed: int,
-                    image_size: int, resize: int | None, mean: tuple | None, std: tuple | None,
-                    **kwargs: Any) -> Any:
-            from bnfold.data import IMAGENET_MEAN, IMAGENET_STD
+        def wrapper(
+            data_spec: str | None,
+            batches: int | None,
+            batch_size: int,
+            seed: int,
+            image_size: int,
+            resize: int | None,
+            mean: tuple | None,
+            std: tuple | None,
+            **kwargs: Any,
+        ) -> Any:
+            from bnfold.calibrate.data import IMAGENET_MEAN, IMAGENET_STD
 
-            request = None if data_spec is None else DataRequest(
-                data_spec, batches, batch_size, seed, image_size, resize,
-                mean or IMAGENET_MEAN, std or IMAGENET_STD,
+            request = (
+                None
+                if data_spec is None
+                else DataRequest(
+                    data_spec,
+                    batches,
+                    batch_size,
+                    seed,
+                    image_size,
+                    resize,
+                    mean or IMAGENET_MEAN,
+                    std or IMAGENET_STD,
+                )
             )
             return command(data_request=request, **kwargs)
 
@@ -160,21 +212,28 @@ def open_data(request: DataRequest, model: Any) -> Any:
     ``torch.distributed``, this process's part (a file split by batch, a callable as given)."""
     import torch
 
-    from bnfold.data import load_data
-    from bnfold.inputs import model_dtype
+    from bnfold.calibrate.data import load_data
+    from bnfold.io.inputs import model_dtype
 
     shard = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shard = (torch.distributed.get_rank(), torch.distributed.get_world_size())
     return load_data(
-        request.spec, batch_size=request.batch_size, seed=request.seed,
-        dtype=model_dtype(model), image_size=request.image_size, resize=request.resize,
-        mean=request.mean, std=request.std, shard=shard,
+        request.spec,
+        batch_size=request.batch_size,
+        seed=request.seed,
+        dtype=model_dtype(model),
+        image_size=request.image_size,
+        resize=request.resize,
+        mean=request.mean,
+        std=request.std,
+        shard=shard,
     )
 
 
-def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
-                              quiet: bool = False) -> Any:
+def recalibrate_with_progress(
+    model: Any, data: Any, request: DataRequest, *, quiet: bool = False
+) -> Any:
     """``bnfold.recalibrate(model, data)`` (in place), with a progress bar (samples/s, ETA) on
     stderr when it is a terminal, unless ``quiet``, and only on rank 0."""
     import bnfold
@@ -185,8 +244,14 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
     from tqdm import tqdm
 
     total = data.num_samples(request.batches)
-    with tqdm(total=total, unit="sample", desc="Recalibrating",
-              file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="sample",
+        desc="Recalibrating",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    ) as bar:
         return bnfold.recalibrate(
             model, data, batches=request.batches, progress=lambda index, items: bar.update(items)
         )
@@ -197,39 +262,86 @@ def recalibrate_with_progress(model: Any, data: Any, request: DataRequest, *,
 
 @click.command("recalibrate", epilog=EPILOG)
 @click.argument("model_spec", metavar="MODEL")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors).")
-@click.option("--force", is_flag=True,
-              help="Replace existing output files, reports included (never an input).")
-@click.option("--arch", metavar="PKG.MODULE:FACTORY", default=None,
-              help="Factory building the architecture for a state-dict MODEL.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE.")
-@click.option("--device", default=None,
-              help="Run on this device (e.g. cuda; under torchrun cuda means cuda:LOCAL_RANK).")
-@click.option("--json", "json_path", metavar="FILE", default=None,
-              help="Also write the report as JSON to FILE ('-' for stdout; anything else "
-                   "printed meanwhile goes to stderr).")
-@click.option("--plot", "plot_path", metavar="FILE.png", default=None,
-              help="Also draw the per-layer shift of mean and variance (needs matplotlib).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace existing output files, reports included (never an input).",
+)
+@click.option(
+    "--arch",
+    metavar="PKG.MODULE:FACTORY",
+    default=None,
+    help="Factory building the architecture for a state-dict MODEL.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE.",
+)
+@click.option(
+    "--device",
+    default=None,
+    help="Run on this device (e.g. cuda; under torchrun cuda means cuda:LOCAL_RANK).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    metavar="FILE",
+    default=None,
+    help="Also write the report as JSON to FILE ('-' for stdout; anything else "
+    "printed meanwhile goes to stderr).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    metavar="FILE.png",
+    default=None,
+    help="Also draw the per-layer shift of mean and variance (needs matplotlib).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
-@click.option("--debug", is_flag=True, expose_value=False,
-              help="Print the Python traceback before the error line.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    help="Print the Python traceback before the error line.",
+)
 @data_options(required=True)
 @json_stdout
-def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None, force: bool,
-                arch: str | None, trust_pickle: bool, device: str | None,
-                json_path: str | None, plot_path: str | None, quiet: bool) -> None:
+def recalibrate(
+    model_spec: str,
+    data_request: DataRequest,
+    output: Path | None,
+    force: bool,
+    arch: str | None,
+    trust_pickle: bool,
+    device: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+    quiet: bool,
+) -> None:
     """Recompute every BatchNorm's running statistics on DATA and save the model.
 
     The statistics are exact: the mean and unbiased variance of every value each BatchNorm
     sees, pooled in float64 over all batches (and all processes under torchrun), with every
     other layer in eval mode (Dropout off). Nothing else in the model changes.
     """
-    planned = _plan(model_spec, data_request, output or _default_before_loading(
-        model_spec, arch, trust_pickle), json_path, plot_path, force=force)
+    planned = _plan(
+        model_spec,
+        data_request,
+        output or _default_before_loading(model_spec, arch, trust_pickle),
+        json_path,
+        plot_path,
+        force=force,
+    )
     with _distributed() as rank:
-        from bnfold.io import load_model
+        from bnfold.io.models import load_model
 
         with status(f"Loading {model_spec}"):
             loaded = load_model(model_spec, arch=arch, trust_pickle=trust_pickle)
@@ -248,8 +360,15 @@ def recalibrate(model_spec: str, data_request: DataRequest, output: Path | None,
         saved = _save(model, target, loaded, data, force=force)
         with written_before_failure([saved]), stage("writing the report"):
             document = _document(loaded, data, data_request, report, saved)
-            _emit(report, document, saved, json_path=json_path, plot_path=plot_path, quiet=quiet,
-                  force=force)
+            _emit(
+                report,
+                document,
+                saved,
+                json_path=json_path,
+                plot_path=plot_path,
+                quiet=quiet,
+                force=force,
+            )
 
 
 # --------------------------------------------------------------------------------- processes
@@ -298,20 +417,30 @@ def _device(name: str) -> Any:
 # ------------------------------------------------------------------------------------ outputs
 
 
-def _plan(model_spec: str, data_request: DataRequest, output: Path | None,
-          json_path: str | None, plot_path: str | None, *, force: bool) -> Path | None:
+def _plan(
+    model_spec: str,
+    data_request: DataRequest,
+    output: Path | None,
+    json_path: str | None,
+    plot_path: str | None,
+    *,
+    force: bool,
+) -> Path | None:
     """Check every input and output path before any work (``output``: the model output, when
     known); returns ``output``."""
     if output is not None:
         _output_kind(output, pickled_input=True)
-    plan_paths({"MODEL": model_spec, "--data": data_request.spec},
-               {"-o": output, "--json": json_path, "--plot": plot_path}, force=force)
+    plan_paths(
+        {"MODEL": model_spec, "--data": data_request.spec},
+        {"-o": output, "--json": json_path, "--plot": plot_path},
+        force=force,
+    )
     return output
 
 
 def _default_before_loading(model_spec: str, arch: str | None, trust_pickle: bool) -> Any:
     """The default output when the arguments tell MODEL's format, else None."""
-    from bnfold.io import expected_source
+    from bnfold.io.models import expected_source
 
     guess = expected_source(model_spec, arch=arch, trust_pickle=trust_pickle)
     return default_output_path(guess) if guess is not None else None
@@ -321,7 +450,7 @@ def default_output_path(loaded: Any) -> Path:
     """``<name>.recalibrated.<ext>`` beside MODEL (in the current directory for a factory):
     ``.pt2`` for a program or a factory, MODEL's own extension for a state dict or a pickle.
     ``loaded`` is a ``LoadedModel`` or a ``ModelSource``."""
-    from bnfold.io import ModelFormat
+    from bnfold.io.models import ModelFormat
 
     if loaded.path is None:
         name = loaded.source.rpartition(":")[2].rpartition(".")[2]
@@ -334,7 +463,7 @@ def default_output_path(loaded: Any) -> Path:
 
 def _output_kind(path: Path, *, pickled_input: bool) -> Any:
     from bnfold.errors import UsageError
-    from bnfold.io import ModelFormat
+    from bnfold.io.models import ModelFormat
 
     suffix = path.suffix.lower()
     if suffix == ".pt2":
@@ -350,24 +479,36 @@ def _output_kind(path: Path, *, pickled_input: bool) -> Any:
 
 
 def _save(model: Any, path: Path, loaded: Any, data: Any, *, force: bool) -> Any:
-    from bnfold.io import ModelFormat, SavedModel, atomic_write, save_model
+    from bnfold.io.models import ModelFormat, SavedModel, atomic_write, save_model
 
     fmt = _output_kind(path, pickled_input=loaded.format is ModelFormat.PICKLED_MODULE)
     with status(f"Writing {path}"):
         if fmt in (ModelFormat.EXPORTED_PROGRAM, ModelFormat.PICKLED_MODULE):
             inputs = loaded.example_inputs or data.example_inputs()
             dims = loaded.dynamic_dims if loaded.example_inputs else None
-            return save_model(model.eval(), path, example_inputs=inputs, format=fmt,
-                              overwrite=force, dynamic_dims=dims)
-        state = {key: value.detach().cpu().contiguous().clone()
-                 for key, value in model.state_dict().items()}
+            return save_model(
+                model.eval(),
+                path,
+                example_inputs=inputs,
+                format=fmt,
+                overwrite=force,
+                dynamic_dims=dims,
+            )
+        state = {
+            key: value.detach().cpu().contiguous().clone()
+            for key, value in model.state_dict().items()
+        }
         atomic_write(path, lambda tmp: _write_state(state, tmp, fmt), overwrite=force)
-    return SavedModel(path=str(path), format=fmt, bytes=path.stat().st_size,
-                      notes=("state dict: load it into MODEL's architecture, strictly",))
+    return SavedModel(
+        path=str(path),
+        format=fmt,
+        bytes=path.stat().st_size,
+        notes=("state dict: load it into MODEL's architecture, strictly",),
+    )
 
 
 def _write_state(state: dict, tmp: str, fmt: Any) -> None:
-    from bnfold.io import ModelFormat
+    from bnfold.io.models import ModelFormat
 
     if fmt is ModelFormat.SAFETENSORS:
         from safetensors.torch import save_file
@@ -397,11 +538,19 @@ def _document(loaded: Any, data: Any, request: DataRequest, report: Any, saved: 
     }
 
 
-def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
-          plot_path: str | None, quiet: bool, force: bool) -> None:
+def _emit(
+    report: Any,
+    document: dict,
+    saved: Any,
+    *,
+    json_path: str | None,
+    plot_path: str | None,
+    quiet: bool,
+    force: bool,
+) -> None:
     import json
 
-    from bnfold.io import write_text_atomic
+    from bnfold.io.models import write_text_atomic
 
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     if json_path == "-":
@@ -414,7 +563,7 @@ def _emit(report: Any, document: dict, saved: Any, *, json_path: str | None,
         if not quiet:
             click.echo(f"JSON report: {json_path}", err=True)
     if plot_path:
-        from bnfold.plot import plot_shifts
+        from bnfold.calibrate.plot import plot_shifts
 
         plot_shifts(report, plot_path, overwrite=force)
         if not quiet:

@@ -1,0 +1,1 @@
+"""Recalibration of BatchNorm running statistics on sample data."""

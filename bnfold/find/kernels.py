@@ -1,0 +1,91 @@
+"""Counting the batch-norm kernels a forward pass actually runs.
+
+Module types can hide batch norms (functional calls, subclasses, wrappers), so coverage is
+measured on the ATen ops dispatched during one eval-mode forward. Two corrections keep the count
+equal to the batch norms a plan reports: instance norm, which ATen implements with a batch-norm
+kernel, is not counted; and a FrozenBatchNorm2d-style module (``is_frozen_norm``),
+which runs elementwise ops or ``F.batch_norm`` inside, counts as one batch norm per call whatever
+it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bnfold.find.sites import is_frozen_norm
+from bnfold.find.unwrap import unwrap
+from bnfold.io.inputs import as_args
+from bnfold.modes import inference
+
+# Composite ops (batch_norm, _batch_norm_impl_index) decompose into one of these kernels, so
+# counting only these counts each batch norm once.
+BATCH_NORM_KERNELS = (
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional",
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+    "mkldnn_batch_norm",
+)
+
+
+class _BatchNormCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.muted = 0  # > 0 inside an instance norm or a frozen norm
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in BATCH_NORM_KERNELS and not self.muted:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        if is_frozen_norm(module):
+            self.count += 0 if self.muted else 1
+            self.muted += 1
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if is_frozen_norm(module):
+            self.muted -= 1
+
+
+class _InstanceNormMute(TorchFunctionMode):
+    def __init__(self, counter: _BatchNormCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in (F.instance_norm, torch.instance_norm):
+            return func(*args, **(kwargs or {}))
+        self.counter.muted += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.muted -= 1
+
+
+def count_bn_kernels(model: nn.Module, example_inputs: Any) -> int:
+    """Number of batch norms one eval-mode forward of ``model`` runs (flags restored): ATen
+    batch-norm kernels, except instance norm's, plus one per FrozenBatchNorm-style module call
+    (see the module doc). Wrappers (torch.compile, DataParallel, DDP) are looked through."""
+    model, _ = unwrap(model)
+    counter = _BatchNormCounter()
+    hooks = (
+        torch.nn.modules.module.register_module_forward_pre_hook(counter.pre_hook),
+        torch.nn.modules.module.register_module_forward_hook(counter.post_hook),
+    )
+    try:
+        with inference(model), _InstanceNormMute(counter), counter:
+            model(*as_args(example_inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.count

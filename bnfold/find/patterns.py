@@ -1,0 +1,113 @@
+"""The table of foldable pairs: one row per (layer kind, position of the norm).
+
+Adding a pattern is one row here plus tests. A row's ``check`` sees a ``LayerView`` (what the
+graph pass learnt about the layer) and the norm's affine map, and returns a ``Refusal`` when that
+instance cannot be folded exactly. Checks that hold for every pattern (fan-out, sharing, hooks,
+dtype, channel count) live in ``bnfold.graph``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bnfold.folding.math import Affine
+from bnfold.records import SkipReason
+
+
+class Position(str, enum.Enum):
+    AFTER = "after"  # layer -> norm: fold into the layer's output channels
+    BEFORE = "before"  # norm -> layer: fold into the layer's input channels
+
+
+class LayerKind(str, enum.Enum):
+    CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"
+    LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What the pattern checks need to know about one Conv/ConvTranspose/Linear call."""
+
+    kind: LayerKind
+    in_channels: int
+    out_channels: int
+    groups: int
+    padding: tuple[int, ...]  # per spatial dim; () for Linear
+    padding_mode: str  # "zeros", "reflect", "replicate", "circular"; "zeros" for Linear
+    activation_rank: int  # rank of the tensor between the layer and the norm (-1: unknown)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: SkipReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    kind: LayerKind
+    position: Position
+    check: Callable[[LayerView, Affine], Refusal | None]
+
+
+def _always_exact(layer: LayerView, affine: Affine) -> Refusal | None:
+    return None
+
+
+def _needs_2d(layer: LayerView, affine: Affine) -> Refusal | None:
+    if layer.activation_rank == 2:
+        return None
+    return Refusal(
+        SkipReason.LINEAR_AXIS,
+        f"activation between Linear and BatchNorm1d has rank {layer.activation_rank}: BN "
+        "normalises dim 1 while Linear acts on the last dim",
+    )
+
+
+def _padding_stays_exact(layer: LayerView, affine: Affine) -> Refusal | None:
+    """BN -> Conv is exact without padding, with a padding mode that copies input values
+    (reflect/replicate/circular commute with a per-channel affine map), or when the BN maps
+    zero to zero on every channel (shift == 0)."""
+    if not any(layer.padding) or layer.padding_mode != "zeros":
+        return None
+    if bool(torch.all(affine.shift == 0)):
+        return None
+    return Refusal(
+        SkipReason.ZERO_PADDING,
+        f"conv zero-pads by {layer.padding}: padded zeros of the BN output are not the zeros "
+        "of the BN input",
+    )
+
+
+def _transposed_input_side(layer: LayerView, affine: Affine) -> Refusal | None:
+    if bool(torch.all(affine.shift == 0)):
+        return None
+    return Refusal(
+        SkipReason.UNSUPPORTED_PATTERN,
+        "a BN shift before a ConvTranspose gives an output that is not constant at the borders "
+        "and between strides; no exact fold exists",
+    )
+
+
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern("conv→bn", LayerKind.CONV, Position.AFTER, _always_exact),
+    Pattern("conv_transpose→bn", LayerKind.CONV_TRANSPOSE, Position.AFTER, _always_exact),
+    Pattern("linear→bn", LayerKind.LINEAR, Position.AFTER, _needs_2d),
+    Pattern("bn→conv", LayerKind.CONV, Position.BEFORE, _padding_stays_exact),
+    Pattern("bn→linear", LayerKind.LINEAR, Position.BEFORE, _needs_2d),
+    Pattern("bn→conv_transpose", LayerKind.CONV_TRANSPOSE, Position.BEFORE, _transposed_input_side),
+)
+
+
+def pattern_for(kind: LayerKind, position: Position) -> Pattern:
+    """The table row for a layer kind and norm position."""
+    for pattern in PATTERNS:
+        if pattern.kind == kind and pattern.position == position:
+            return pattern
+    raise KeyError((kind, position))

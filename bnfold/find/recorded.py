@@ -1,0 +1,230 @@
+"""Pairing from recorded forwards, for models torch.fx cannot trace: each example input is
+recorded (``bnfold.find.recording``), paired on its own, and the decisions are merged."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.errors import ModelInputError, TraceError, first_line
+from bnfold.find.affine import affine_skips_to_notes
+from bnfold.find.pairing import Analysis, PlannedPair, decide, plan_notes
+from bnfold.find.recording import Recording, record
+from bnfold.find.sites import is_frozen_norm
+from bnfold.find.trace import Traced
+from bnfold.records import BnKind, Plan, Skip, SkipReason
+
+
+@dataclass
+class _Run:
+    recording: Recording
+    outcomes: dict[str, PlannedPair | Skip]  # norm key -> decision, in execution order
+    dependent: set[str]  # keys of pairs whose routing may depend on the input's values
+    called: Counter  # module path -> calls in this run
+    notes: list[str]
+
+
+def analyse_recorded(
+    model: nn.Module,
+    example_inputs: Any,
+    extra_inputs: Sequence[Any],
+    allow_graph_rewrite: bool,
+    fx_error: TraceError,
+    notes: Sequence[str] = (),
+) -> Analysis:
+    """Pair norms from recorded forwards (see the module doc). Raises ``ModelInputError``
+    when the model itself rejects an input, ``TraceError`` when recording is impossible."""
+
+    inputs = [example_inputs, *extra_inputs]
+    try:
+        runs = [_run(record(model, inputs_), allow_graph_rewrite) for inputs_ in inputs]
+    except ModelInputError:
+        raise
+    except Exception as exc:  # a model neither fx nor recording can read
+        raise TraceError(
+            f"cannot analyse {type(model).__name__}: {fx_error} Recording a real forward failed "
+            f"too: {type(exc).__name__}: {exc}. Pass a torch.export program (.pt2) of the model, "
+            "or report this model to bnfold."
+        ) from exc
+    pairs, skips, merge_notes = _merge(runs)
+    skips, affine_notes = affine_skips_to_notes(skips)
+    first = runs[0].recording
+    plan = Plan(
+        pairs=tuple(p.record for p in pairs),
+        skipped=tuple(skips),
+        method="recorded",
+        model_was_training=model.training,
+        notes=(
+            *notes,
+            *_recorded_notes(model, runs, fx_error),
+            *plan_notes(model, pairs),
+            *merge_notes,
+            *affine_notes,
+            *dict.fromkeys(n for run in runs for n in run.notes),
+        ),
+    )
+    traced = Traced(module=first.module, method="recorded")
+    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+
+
+def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
+
+    pairs, skips, notes = decide(
+        recording.module, recording.kept, allow_graph_rewrite, extra_uses=recording.outside_uses
+    )
+    by_node = {p.norm.node: p for p in pairs}
+    skip_nodes = _skip_nodes(recording.module, skips)
+    outcomes: dict[str, PlannedPair | Skip] = {}
+    occurrences: Counter = Counter()
+    dependent: set[str] = set()
+    for node in recording.module.graph.nodes:
+        outcome = by_node.get(node) or skip_nodes.get(node)
+        if outcome is None:
+            continue
+        name = outcome.record.bn if not isinstance(outcome, Skip) else outcome.bn
+        key = f"{name}#{occurrences[name]}"
+        occurrences[name] += 1
+        outcomes[key] = outcome
+        if not isinstance(outcome, Skip) and recording.first_read is not None:
+            dependent.add(key)  # after a read of values any module may be called anywhere
+    for loose in recording.loose_norms:
+        name = f"{loose.where or 'forward'}:{loose.op}"
+        key = f"{name}#{occurrences[name]}"
+        occurrences[name] += 1
+        outcomes[key] = Skip(
+            bn=name,
+            bn_type=loose.op,
+            reason=SkipReason.NOT_TRACEABLE,
+            detail=f"{loose.op} runs in {loose.where or 'the model forward'} "
+            "outside a registered BatchNorm module",
+            bn_kind=BnKind.FUNCTIONAL,
+        )
+    called = Counter(n.target for n in recording.module.graph.nodes if n.op == "call_module")
+    return _Run(recording, outcomes, dependent, called, list(notes))
+
+
+def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
+    """Skips are emitted in node order, one per norm call: match them back to their nodes."""
+    remaining: dict[str, list[Skip]] = {}
+    for skip in skips:
+        remaining.setdefault(skip.bn, []).append(skip)
+    matched = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and remaining.get(str(node.target)):
+            matched[node] = remaining[str(node.target)].pop(0)
+    return matched
+
+
+def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
+    keys = list(dict.fromkeys(key for run in runs for key in run.outcomes))
+    pairs: list[PlannedPair] = []
+    skips: list[Skip] = []
+    notes: list[str] = []
+    layer_runs: dict[str, int] = {}
+    for key in keys:
+        outcome, note = _merged_outcome(key, runs)
+        if not isinstance(outcome, Skip):
+            run_index = next(i for i, run in enumerate(runs) if key in run.outcomes)
+            layer = outcome.record.producer
+            if layer_runs.setdefault(layer, run_index) != run_index:
+                outcome = _dependent_skip(
+                    outcome, "its layer's other norm pairs on another recorded input"
+                )
+        (pairs if not isinstance(outcome, Skip) else skips).append(outcome)
+        if note and not isinstance(outcome, Skip):
+            notes.append(note)
+    return pairs, skips, notes
+
+
+def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str | None]:
+    present = [(i, run.outcomes[key]) for i, run in enumerate(runs) if key in run.outcomes]
+    first = present[0][1]
+    if isinstance(first, Skip):
+        return first, None
+    signature = _signature(first)
+    for index, outcome in present[1:]:
+        if isinstance(outcome, Skip) or _signature(outcome) != signature:
+            what = (
+                f"skipped ({outcome.reason.label})"
+                if isinstance(outcome, Skip)
+                else f"paired with {outcome.record.producer}"
+            )
+            return _dependent_skip(
+                first, f"paired with {first.record.producer} on input 0 but {what} on input {index}"
+            ), None
+    for index, run in enumerate(runs):
+        if key in run.outcomes:
+            continue
+        if run.called[first.record.producer] or run.called[first.record.bn]:
+            return _dependent_skip(
+                first,
+                f"{first.record.producer} and {first.record.bn} do "
+                f"not run as a pair on input {index}",
+            ), None
+    if not any(key in runs[i].dependent for i, _ in present):
+        return first, None
+    read = next(run.recording.read_detail for run in runs if run.recording.first_read is not None)
+    if len(runs) == 1:
+        return _dependent_skip(
+            first,
+            f"the forward reads tensor values ({read}), so another "
+            "input may route it differently; one example input cannot show "
+            "otherwise",
+        ), None
+    return first, (
+        f"{first.record.bn}: the forward reads tensor values ({read}); paired with "
+        f"{first.record.producer} identically on all {len(runs)} recorded inputs, "
+        "and folded on that evidence"
+    )
+
+
+def _signature(pair: PlannedPair) -> tuple:
+    return (pair.record.producer, pair.record.pattern, pair.position)
+
+
+def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:
+    return Skip(
+        bn=pair.record.bn,
+        bn_type=pair.record.bn_type,
+        reason=SkipReason.INPUT_DEPENDENT,
+        detail=detail,
+        producer=pair.record.producer,
+        pattern=pair.record.pattern,
+        bn_kind=pair.norm.kind,
+    )
+
+
+def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) -> list[str]:
+    shapes = "; ".join(", ".join(str(list(s)) for s in run.recording.input_shapes) for run in runs)
+    reason = first_line(fx_error, with_type=False).split(". ")[0]
+    notes = [
+        f"torch.fx could not read the model ({reason}); the dataflow was "
+        f"recorded from {len(runs)} eval forward(s) and norms fold at module level in the "
+        "model itself",
+        f"recorded at input shapes {shapes}: control flow on input shapes is assumed to route "
+        "layers the same way at other shapes",
+    ]
+    reads = [run.recording.read_detail for run in runs if run.recording.first_read is not None]
+    if reads:
+        notes.append(
+            f"the forward reads tensor values ({reads[0]}): a pair folds only when "
+            "every recorded input pairs it identically"
+        )
+    called = {path for run in runs for path in run.called}
+    idle = [
+        name
+        for name, m in model.named_modules()
+        if name and name not in called and (isinstance(m, _BatchNorm) or is_frozen_norm(m))
+    ]
+    if idle:
+        notes.append(
+            f"{len(idle)} batch norm module(s) never ran on the recorded inputs and are "
+            f"left as they are: {', '.join(idle[:5])}{' ...' if len(idle) > 5 else ''}"
+        )
+    return notes

@@ -1,0 +1,71 @@
+"""Models as users hand them: wrappers around the real module, and the state it is in.
+
+Wrappers are taken off before analysis: ``torch.compile`` results (``OptimizedModule``, the
+module is ``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``),
+nested in any order. ``fold`` returns the folded *inner* module: an inference model needs no
+data-parallel wrapper, re-wrapping a ``DistributedDataParallel`` would run a collective on every
+rank, and a compiled module must be compiled again after its weights and modules change. With
+``inplace=True`` the wrapper still holds the (now folded) inner module; a compiled wrapper then
+recompiles on its next call.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def _compiled_type() -> type | None:
+    """``OptimizedModule`` if torch.compile was ever used in this process (importing dynamo
+    only to find out would cost seconds)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The module inside any wrappers, and one note per wrapper taken off."""
+    notes = []
+    compiled = _compiled_type()
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            notes.append(
+                "took the module out of its torch.compile wrapper (OptimizedModule): "
+                "the folded model is the eager module; compile it again"
+            )
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(
+                f"took the module out of {type(model).__name__}: the folded model is "
+                "the inner module; wrap it again if you need to"
+            )
+            model = model.module
+        else:
+            return model, tuple(notes)
+
+
+def state_notes(model: nn.Module) -> tuple[str, ...]:
+    """What the folded model keeps from the model's state: the device and dtype of its weights
+    (said only when they are not the default float32 on CPU)."""
+    kinds = {(t.dtype, t.device) for t in _floating(model)}
+    dtypes = sorted({str(dtype).removeprefix("torch.") for dtype, _ in kinds})
+    devices = sorted({str(device) for _, device in kinds})
+    if not dtypes or (dtypes == ["float32"] and devices == ["cpu"]):
+        return ()
+    rounding = (
+        f"rounded once to {', '.join(d for d in dtypes if d != 'float64')}"
+        if any(d != "float64" for d in dtypes)
+        else "kept in float64"
+    )
+    return (
+        f"weights are {', '.join(dtypes)} on {', '.join(devices)}: folds are computed in "
+        f"float64 and {rounding}; the folded model keeps each layer's dtype and device",
+    )
+
+
+def _floating(model: nn.Module) -> Iterator[torch.Tensor]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            yield tensor

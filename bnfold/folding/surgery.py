@@ -1,0 +1,204 @@
+"""Module and graph surgery: apply a plan's folds to (a copy of) the model.
+
+The math is in ``bnfold.foldmath``; this module moves tensors in and out of the model. Every
+fold is computed in float64 and each layer's weight is rounded once to its own dtype, even when
+two norms fold into the same layer (one before it, one after it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bnfold.find.analyse import analyse
+from bnfold.find.pairing import PlannedPair
+from bnfold.find.patterns import Position
+from bnfold.find.sites import LayerSite, NormSite
+from bnfold.find.trace import runnable
+from bnfold.find.unwrap import unwrap
+from bnfold.folding.clone import clone_model
+from bnfold.folding.math import (
+    Affine,
+    FoldedWeights,
+    Workspace,
+    fold_into_input,
+    fold_into_output,
+    output_bias,
+    scale_output_channels_,
+)
+from bnfold.modes import set_eval
+from bnfold.records import BnKind, FoldedPair, FoldResult
+
+LARGE_SCALE = 1e3  # |gamma / sqrt(var + eps)| above this amplifies weight rounding error
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    inplace: bool = False,
+    extra_inputs: Sequence[Any] = (),
+) -> FoldResult:
+    """Fold every foldable batch norm of ``model`` into its neighbouring layer.
+
+    Returns a ``FoldResult`` whose ``model`` computes the eval-mode function of ``model`` with
+    the folded norms removed (plain BN modules become ``nn.Identity``, layers gain a bias;
+    functional norms are removed from a rewritten ``torch.fx.GraphModule``). With
+    ``inplace=False`` (default) the caller's model is not changed at all; with ``inplace=True``
+    the model itself is folded and returned (functional norms, which need a graph rewrite, are
+    then skipped unless the model is a GraphModule).
+
+    Wrappers (``torch.compile``, ``DataParallel``, ``DistributedDataParallel``) are taken off:
+    ``result.model`` is the folded inner module (see ``bnfold.unwrap``). A model torch.fx cannot
+    trace is analysed from recorded forwards on ``example_inputs`` and ``extra_inputs`` and
+    folded at module level (see ``find_pairs``).
+    """
+    model, wrapper_notes = unwrap(model)
+    work = model if inplace else clone_model(model)
+    allow_rewrite = not inplace or isinstance(model, fx.GraphModule)
+    analysis = analyse(
+        work, example_inputs, allow_graph_rewrite=allow_rewrite, extra_inputs=extra_inputs
+    )
+    plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
+    gm = analysis.traced.module
+    rewrite = any(_needs_rewrite(p) for p in analysis.pairs) or isinstance(work, fx.GraphModule)
+    target = gm if rewrite else work
+    workspace = Workspace()
+    folded = tuple(
+        _fold_layer_group(target, group, workspace) for group in _by_layer(analysis.pairs)
+    )
+    records = _records(analysis.pairs, folded)
+    for pair in analysis.pairs:
+        _remove_norm(target, pair.norm)
+    if rewrite:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        target = runnable(gm)
+    set_eval(target)
+    return FoldResult(
+        model=target,
+        plan=plan,
+        folded=records,
+        skipped=plan.skipped,
+        graph_rewritten=rewrite,
+        inplace=inplace,
+    )
+
+
+def _needs_rewrite(pair: PlannedPair) -> bool:
+    return pair.norm.kind == BnKind.FUNCTIONAL or pair.layer.module is None
+
+
+def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[PlannedPair]]:
+    groups: dict[int, list[PlannedPair]] = {}
+    for pair in pairs:
+        groups.setdefault(id(pair.layer.node), []).append(pair)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class _LayerFold:
+    pairs: tuple[PlannedPair, ...]
+
+
+def _fold_layer_group(
+    root: nn.Module, group: list[PlannedPair], workspace: Workspace
+) -> _LayerFold:
+    """Fold the (one or two) norms of one layer in float64, then write the result once."""
+    layer = group[0].layer
+    device = layer.weight.device
+    affines = [Affine(p.affine.scale.to(device), p.affine.shift.to(device)) for p in group]
+    if len(group) == 1 and group[0].position == Position.AFTER and layer.weight.is_contiguous():
+        with torch.no_grad():  # the common case, without a weight-sized float64 copy
+            scale_output_channels_(layer.weight, affines[0].scale, layer.layout, workspace)
+        _write_bias(root, layer, output_bias(layer.bias, affines[0]))
+        return _LayerFold(tuple(group))
+    weights = FoldedWeights(layer.weight.detach(), layer.bias)
+    for pair, affine in sorted(
+        zip(group, affines, strict=True), key=lambda item: item[0].position != Position.BEFORE
+    ):
+        fold_fn = fold_into_output if pair.position == Position.AFTER else fold_into_input
+        weights = fold_fn(weights.weight, weights.bias, affine, layer.layout)
+    with torch.no_grad():  # copy_ rounds float64 to the weight's dtype once
+        layer.weight.copy_(weights.weight)
+    _write_bias(root, layer, weights.bias)
+    return _LayerFold(tuple(group))
+
+
+def _write_bias(root: nn.Module, layer: LayerSite, bias64: torch.Tensor) -> None:
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(bias64)
+        return
+    bias = nn.Parameter(bias64.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    if layer.module is not None:
+        layer.module.bias = bias
+        return
+    _add_functional_bias(root, layer, bias)
+
+
+def _add_functional_bias(gm: fx.GraphModule, layer: LayerSite, bias: nn.Parameter) -> None:
+    owner_path, _, weight_name = layer.weight_attr.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name = f"{weight_name}_folded_bias"
+    owner.register_parameter(name, bias)
+    qualified = f"{owner_path}.{name}" if owner_path else name
+    node = layer.node
+    with gm.graph.inserting_before(node):
+        bias_node = gm.graph.get_attr(qualified)
+    if "bias" in node.kwargs:
+        node.update_kwarg("bias", bias_node)
+    elif len(node.args) > 2:
+        node.update_arg(2, bias_node)
+    else:
+        node.args = (*node.args[:2], bias_node, *node.args[3:])
+
+
+def _remove_norm(root: nn.Module, norm: NormSite) -> None:
+    if norm.kind == BnKind.FUNCTIONAL:
+        _erase_functional(root, norm)
+        return
+    replacement = norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity()
+    _set_submodule(root, norm.name, replacement)
+
+
+def _erase_functional(gm: fx.GraphModule, norm: NormSite) -> None:
+    norm.out.replace_all_uses_with(norm.input)
+    for user in list(norm.node.users):
+        if not user.users:
+            gm.graph.erase_node(user)
+    if not norm.node.users:
+        gm.graph.erase_node(norm.node)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _records(
+    pairs: tuple[PlannedPair, ...], folds: tuple[_LayerFold, ...]
+) -> tuple[FoldedPair, ...]:
+    del folds  # every planned pair was folded; the grouping only fixes the write order
+    return tuple(_record(pair) for pair in pairs)
+
+
+def _record(pair: PlannedPair) -> FoldedPair:
+    scale = pair.affine.scale.abs()
+    max_scale = float(scale.max()) if scale.numel() else 0.0
+    notes = list(pair.norm.notes)
+    if max_scale > LARGE_SCALE:
+        notes.append(
+            f"large scale {max_scale:.3g} (tiny running_var): weight rounding error is "
+            "amplified by this factor"
+        )
+    min_var = float(pair.norm.params.running_var.detach().min())
+    return FoldedPair(
+        pair=pair.record, max_abs_scale=max_scale, min_running_var=min_var, notes=tuple(notes)
+    )

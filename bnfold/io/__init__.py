@@ -1,0 +1,1 @@
+"""Files: reading models safely, saving them, planning output paths, example inputs."""

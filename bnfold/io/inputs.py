@@ -1,0 +1,221 @@
+"""Example inputs: built from shapes, and checked against the model before any analysis.
+
+``check_inputs`` runs one eval-mode forward with hooks on every submodule, so when the model
+rejects the inputs the error names the layer that raised (or the last one that ran), not just a
+stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import ModelInputError, UsageError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` → ``torch.float32``; ``UsageError`` for a name not in ``DTYPES``."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def make_example_inputs(
+    shapes: Sequence[tuple[Sequence[int], str | None]],
+    *,
+    default_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """One tensor per ``(shape, dtype name or None)``: standard normal values for floating
+    dtypes (seeded, so reports are reproducible), zeros for integer and bool dtypes.
+
+    ``ModelInputError`` when an input is larger than the machine's physical memory or cannot be
+    allocated (nothing is allocated in the first case)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape, dtype_name in shapes:
+        dtype = parse_dtype(dtype_name) if dtype_name else default_dtype
+        if any(int(size) <= 0 for size in shape):
+            raise UsageError(f"input shape {format_shape(shape)} has a dimension that is not > 0")
+        _check_fits_in_memory(shape, dtype)
+        try:
+            if dtype.is_floating_point:
+                tensors.append(torch.randn(tuple(shape), generator=generator).to(dtype))
+            else:
+                tensors.append(torch.zeros(tuple(shape), dtype=dtype))
+        except (MemoryError, RuntimeError) as exc:
+            raise ModelInputError(
+                f"cannot allocate the example input {format_shape(shape)} "
+                f"{str(dtype).removeprefix('torch.')} ({_gigabytes(_input_bytes(shape, dtype))}): "
+                f"{type(exc).__name__}; use a smaller input shape (a batch of 2 is enough)"
+            ) from exc
+    return tuple(tensors)
+
+
+def _input_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    # randn draws float32 values first, then converts
+    return count * max(dtype.itemsize, 4 if dtype.is_floating_point else 1)
+
+
+def _check_fits_in_memory(shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuse an example input larger than the machine's physical memory before allocating it
+    (an allocation the kernel overcommits would end in the out-of-memory killer, not an error)."""
+    need = _input_bytes(shape, dtype)
+    total = _physical_memory()
+    if total and need > total:
+        raise ModelInputError(
+            f"the example input {format_shape(shape)} {str(dtype).removeprefix('torch.')} needs "
+            f"{_gigabytes(need)}, more than this machine's {_gigabytes(total)} of memory; use a "
+            "smaller input shape (a batch of 2 is enough)"
+        )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def describe_inputs(example_inputs: Any) -> list[dict[str, Any]]:
+    """``[{"shape": [...], "dtype": "float32"}, ...]`` for a tensor or tuple of tensors."""
+    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return [
+        {"shape": list(item.shape), "dtype": str(item.dtype).removeprefix("torch.")}
+        if isinstance(item, torch.Tensor)
+        else {"shape": None, "dtype": type(item).__name__}
+        for item in items
+    ]
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(size)) for size in shape)
+
+
+def check_inputs(model: nn.Module, example_inputs: Any) -> None:
+    """Run one eval-mode, no-grad forward; raise ``ModelInputError`` naming the failing layer.
+
+    Training flags are restored afterwards and no hook is left behind.
+    """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    empty = tensors_without_data(model)
+    if empty:
+        raise ModelInputError(no_data_message("the model", empty))
+    tracker = _LayerTracker(model)
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:
+        raise ModelInputError(tracker.message(exc, args)) from exc
+    finally:
+        tracker.remove()
+        for module, training in flags:
+            module.training = training
+
+
+def tensors_without_data(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers that have no data (on the ``meta`` device)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in named if tensor.is_meta]
+
+
+def no_data_message(what: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{what} has no data: its parameters/buffers ({shown}) are on the meta device, which "
+        "holds shapes only. Build it on a real device, or materialise it with "
+        "model.to_empty(device='cpu') and load its weights, before folding"
+    )
+
+
+class _LayerTracker:
+    """Hooks on every submodule: a stack of the modules running, and the last one finished."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.last_done: str | None = None
+        self.handles = []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._enter(name, module)))
+            self.handles.append(module.register_forward_hook(self._leave(name)))
+
+    def _enter(self, name: str, module: nn.Module):
+        def hook(_module: nn.Module, _args: Any) -> None:
+            self.stack.append((name, module))
+
+        return hook
+
+    def _leave(self, name: str):
+        def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+            if self.stack and self.stack[-1][0] == name:
+                self.stack.pop()
+            self.last_done = name
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def message(self, exc: BaseException, args: tuple) -> str:
+        given = ", ".join(
+            f"{format_shape(a.shape)} {str(a.dtype).removeprefix('torch.')}"
+            if isinstance(a, torch.Tensor)
+            else type(a).__name__
+            for a in args
+        )
+        if self.stack:
+            name, module = self.stack[-1]
+            where = f"layer '{name}' ({type(module).__name__})"
+        elif self.last_done:
+            where = f"the model's forward (after layer '{self.last_done}' ran)"
+        else:
+            where = "the model's forward (before any layer ran)"
+        reason = " ".join(str(exc).strip().splitlines()[:2])
+        return (
+            f"{where} rejected the example inputs ({given}): {type(exc).__name__}: {reason}. "
+            "Check the input shape and dtype (--input-shape, --dtype)"
+        )
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise example inputs: a tensor becomes a 1-tuple, a list a tuple."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)

@@ -1,0 +1,1 @@
+"""Verification: every candidate against the original model, and where they diverge."""
