@@ -1,0 +1,271 @@
+"""The globals a weights-only pickle may use, each a checked constructor; and those it names.
+
+``ALLOWED_GLOBALS`` is the whole allow-list (``module.name`` -> what the pickle gets for it):
+the tensor and parameter rebuilders, storage types, dtypes, ``torch.device``, ``torch.Size``,
+``collections.OrderedDict`` and the builtins pickle itself uses for bytes, sets and complex
+numbers. Each callable checks its arguments and raises ``DamagedPickle`` for anything a
+``torch.save`` of tensors never writes; no other callable can reach the unpickler's stack.
+``refused_globals`` lists the other globals a pickle names, read from its opcodes (to say what
+a refused file holds without running it).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import math
+import pickletools
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MAX_DIMS = 64
+
+
+class DamagedPickle(Exception):
+    """The stream is not a sound pickle of tensors (as opposed to one that asks for code)."""
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """A storage class a pickle names (``torch.FloatStorage``...): only its dtype is kept."""
+
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"storage type {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage read from the file itself, with the dtype the pickle declared for it."""
+
+    untyped: torch.UntypedStorage
+    dtype: torch.dtype
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise DamagedPickle(what)
+
+
+# ------------------------------------------------------------------ tensors and parameters
+
+
+def _rebuild_tensor_v2(storage: Any, *args: Any) -> torch.Tensor:
+    """``(storage, offset, size, stride, requires_grad, hooks[, metadata])``"""
+    dtype = storage.dtype if isinstance(storage, Storage) else None
+    return _tensor(storage, dtype, *args)
+
+
+def _rebuild_tensor_v3(
+    storage: Any, offset: Any, size: Any, stride: Any, grad: Any, hooks: Any, dtype: Any, *meta: Any
+) -> torch.Tensor:
+    """``(storage, offset, size, stride, requires_grad, hooks, dtype[, metadata])``"""
+    return _tensor(storage, dtype, offset, size, stride, grad, hooks, *meta)
+
+
+def _tensor(
+    storage: Any,
+    dtype: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    metadata: Any = None,
+) -> torch.Tensor:
+    _require(
+        isinstance(storage, Storage) and isinstance(dtype, torch.dtype),
+        "a tensor without a storage of the file",
+    )
+    _require(
+        isinstance(requires_grad, bool) and _no_hooks(hooks) and _metadata_ok(metadata),
+        "a tensor with hooks or unknown metadata",
+    )
+    size, stride = _dims(size), _dims(stride)
+    _require(
+        is_int(offset) and offset >= 0 and len(size) == len(stride),
+        "a tensor with a bad offset or shape",
+    )
+    capacity = storage.untyped.nbytes() // dtype.itemsize
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    _require(
+        not math.prod(size) or last < capacity,
+        f"a tensor of size {list(size)} reaches past its storage",
+    )
+    tensor = torch.empty((0,), dtype=dtype)
+    tensor.set_(storage.untyped, offset, size, stride)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    if metadata:  # the conj/neg bits; torch has no public setter for them
+        torch._utils.set_tensor_metadata(tensor, metadata)
+    return tensor
+
+
+def _dims(value: Any) -> tuple[int, ...]:
+    _require(
+        isinstance(value, tuple)
+        and len(value) <= MAX_DIMS
+        and all(is_int(n) and n >= 0 for n in value),
+        "a tensor with a bad shape",
+    )
+    return value
+
+
+def _no_hooks(hooks: Any) -> bool:
+    return hooks is None or (isinstance(hooks, dict) and not hooks)
+
+
+def _metadata_ok(metadata: Any) -> bool:
+    if metadata is None:
+        return True
+    return isinstance(metadata, dict) and all(
+        key in ("conj", "neg") and isinstance(flag, bool) for key, flag in metadata.items()
+    )
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Parameter:
+    _require(
+        isinstance(data, torch.Tensor) and isinstance(requires_grad, bool),
+        "a parameter without a tensor",
+    )
+    _require(_no_hooks(hooks), "a parameter with hooks")
+    return torch.nn.Parameter(data, requires_grad)
+
+
+# ------------------------------------------------------------------ plain values
+
+
+def _ordered_dict(*args: Any) -> OrderedDict:
+    _require(
+        len(args) <= 1 and (not args or isinstance(args[0], (list, tuple, dict))),
+        "a bad OrderedDict",
+    )
+    return OrderedDict(*args)
+
+
+def _device(*args: Any) -> torch.device:
+    _require(
+        1 <= len(args) <= 2 and isinstance(args[0], str) and (len(args) == 1 or is_int(args[1])),
+        "a bad device",
+    )
+    return torch.device(*args)
+
+
+def _size(*args: Any) -> torch.Size:
+    _require(len(args) <= 1 and (not args or all(is_int(n) for n in args[0])), "a bad torch.Size")
+    return torch.Size(*args)
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    _require(isinstance(text, str) and encoding in ("latin1", "latin-1", "utf-8"), "bad bytes")
+    return text.encode(encoding)
+
+
+def _set(items: Any = ()) -> set:
+    _require(isinstance(items, (list, tuple)), "a set of something other than a list")
+    return set(items)
+
+
+def _frozenset(items: Any = ()) -> frozenset:
+    return frozenset(_set(items))
+
+
+def _bytearray(data: Any = b"") -> bytearray:
+    _require(isinstance(data, bytes), "a bad bytearray")
+    return bytearray(data)
+
+
+def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    _require(
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (real, imag)),
+        "a bad complex number",
+    )
+    return complex(real, imag)
+
+
+# ------------------------------------------------------------------ the allow-list
+
+
+def _allowed_globals() -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "collections.OrderedDict": _ordered_dict,
+        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+        "torch._utils._rebuild_parameter": _rebuild_parameter,
+        "torch.device": _device,
+        "torch.Size": _size,
+        "_codecs.encode": _encode,
+        "builtins.set": _set,
+        "builtins.frozenset": _frozenset,
+        "builtins.bytearray": _bytearray,
+        "builtins.complex": _complex,
+        "torch.storage.UntypedStorage": StorageType(torch.uint8),
+        "torch.UntypedStorage": StorageType(torch.uint8),
+    }
+    # The legacy typed storages (torch.FloatStorage...): torch lists them only privately.
+    for dtype, storage_name in torch.storage._dtype_to_storage_type_map().items():
+        table[f"torch.{storage_name}"] = StorageType(dtype)
+    for name, value in vars(torch).items():
+        if isinstance(value, torch.dtype):
+            table[f"torch.{name}"] = value
+    return table
+
+
+#: ``module.name`` -> the object a pickle gets for it.
+ALLOWED_GLOBALS: dict[str, Any] = _allowed_globals()
+#: The only callables ``REDUCE`` may call (compare by identity: the stack may hold anything).
+CONSTRUCTORS = tuple(value for value in ALLOWED_GLOBALS.values() if callable(value))
+
+
+# ------------------------------------------------------------------ what a pickle names
+
+
+def refused_globals(data: bytes | bytearray) -> list[str]:
+    """The globals a pickle stream references that ``RestrictedUnpickler`` refuses, read from
+    its opcodes without running anything (several pickles in a row are all scanned)."""
+    stream = io.BytesIO(data)
+    found: list[str] = []
+    while stream.tell() < len(data) and _scan_one_pickle(stream, found):
+        pass
+    return [name for name in dict.fromkeys(found) if name not in ALLOWED_GLOBALS]
+
+
+def _scan_one_pickle(stream: io.BytesIO, found: list[str]) -> bool:
+    """Append the globals of the next pickle in ``stream``; False when none could be read."""
+    strings: list[str] = []
+    memo: dict[int, str] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in ("GLOBAL", "INST"):
+                found.append(global_name(*str(arg).split(" ", 1)))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(global_name(strings[-2], strings[-1]))
+            elif isinstance(arg, str) and ("UNICODE" in opcode.name or "STRING" in opcode.name):
+                strings.append(arg)
+            elif opcode.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[int(arg)] = strings[-1]
+            elif opcode.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                strings.append(memo[int(arg)])
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+        return False  # truncated, or raw bytes after the last pickle
+    return True
+
+
+def global_name(module: str, name: str) -> str:
+    """``module.name`` as Python 3 names it (pickles of protocol < 3 use Python 2 names)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
