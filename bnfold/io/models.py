@@ -47,12 +47,12 @@ from bnfold.errors import (
     UsageError,
     first_line,
 )
-from bnfold.io import program as _program
 from bnfold.io import pt2 as _pt2
 from bnfold.io.archive import open_zip
 from bnfold.io.inputs import no_data_message, tensors_without_data
 from bnfold.io.paths import NamedPath, plan_paths, publish, staging
-from bnfold.io.program import dynamic_dims as kept_dims
+from bnfold.io.program_checks import check_graph_targets
+from bnfold.io.program_module import dynamic_dims, module_from_program
 from bnfold.io.unpickle import load_torch_file
 from bnfold.records import Record, not_serialised
 
@@ -287,9 +287,9 @@ def _no_arch(arch: str | None, path: Path, what: str) -> None:
 def _load_program(path: Path) -> LoadedModel:
 
     program = _pt2.read_program(path)
-    _program.check_graph_targets(path, program)
+    check_graph_targets(path, program)
     try:
-        model, notes = _program.module_from_program(program)
+        model, notes = module_from_program(program)
     except BnfoldError:
         raise
     except Exception as exc:
@@ -305,7 +305,7 @@ def _load_program(path: Path) -> LoadedModel:
         format=ModelFormat.EXPORTED_PROGRAM,
         source=str(path),
         example_inputs=example,
-        dynamic_dims=_program.dynamic_dims(program),
+        dynamic_dims=dynamic_dims(program),
         notes=tuple(notes),
     )
 
@@ -678,7 +678,7 @@ def _shapes(inputs: tuple, wanted: list[tuple[int, ...]]) -> Any:
 def _lost_dims(program: Any, leaves: list[Any], wanted: list[tuple[int, ...]]) -> str | None:
     """Why the program's inputs are not dynamic where ``wanted``, or None when they are."""
 
-    kept = list(kept_dims(program))
+    kept = list(dynamic_dims(program))
     requested = [dims for leaf, dims in zip(leaves, wanted, strict=True) if leaf is not None]
     if len(kept) != len(requested):
         return None if any(kept) or not any(requested) else "no input dim stayed dynamic"

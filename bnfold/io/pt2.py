@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from bnfold.errors import BnfoldError, LoadError, UnsafeFileError, first_line
-from bnfold.io import program as _program
+from bnfold.io import program_checks
 from bnfold.io.archive import MIB, ZipArchive, open_zip
 from bnfold.io.unpickle import load_torch_bytes
 
@@ -108,7 +108,7 @@ def read_program(path: Path) -> torch.export.ExportedProgram:
         _check_small_files(archive, layout, path)
         document = _read_json(archive, layout.program, path)
 
-        _program.check_program_document(path, layout.program, document)
+        program_checks.check_program_document(path, layout.program, document)
         weights, constants = (
             _read_config(archive, layout, name, path) for name in (layout.weights, layout.constants)
         )
