@@ -82,6 +82,19 @@ def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
     return None
 
 
+def describe_broken_link(text: str) -> str:
+    """Why the symbolic link ``text`` leads to no file: a loop, or a missing target."""
+    try:
+        os.stat(text)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                f"{text}: symbolic link loop (following it leads back to itself); point the "
+                "link at the file"
+            )
+    return f"{text}: a symbolic link to {os.readlink(text)}, which does not exist"
+
+
 def plan_paths(
     inputs: Iterable[NamedPath], outputs: Iterable[NamedPath], *, overwrite: bool
 ) -> PathPlan:
@@ -222,7 +235,8 @@ def staging(target: str | os.PathLike[str]) -> Iterator[Path]:
 def publish(
     staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool
 ) -> None:
-    """Move the finished file ``staged`` onto ``target`` (in the same directory).
+    """Flush the finished file ``staged`` to disk and move it onto ``target`` (in the same
+    directory).
 
     With ``overwrite``: ``os.replace`` (a link at ``target`` is replaced, not followed). Without:
     an exclusive hard link, so a file that appeared at ``target`` after the checks is never
@@ -232,6 +246,8 @@ def publish(
     empty file for that moment). ``staged`` is gone afterwards when this returns.
     """
     source, out = os.fspath(staged), os.fspath(target)
+    with open(source, "rb") as handle:
+        os.fsync(handle.fileno())
     if overwrite:
         os.replace(source, out)
         return

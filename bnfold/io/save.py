@@ -1,0 +1,175 @@
+"""``save_model`` and the paths it writes: output formats, default names, atomic writes.
+
+``save_model`` writes ``.pt2`` (``torch.export``; loads back with plain torch) or a pickled
+module (only when the input was one). Every write goes to a file of the target's name in a
+private temporary directory beside it and is moved into place at the end (exclusively unless
+overwriting is allowed), so a failed or interrupted save leaves no partial file, never damages
+an existing one, and never replaces a file that appeared meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnfold.errors import BnfoldError, SaveError, UsageError, first_line
+from bnfold.io.factory import FACTORY_SPEC
+from bnfold.io.formats import LoadedModel, ModelFormat, ModelSource, SavedModel
+from bnfold.io.paths import NamedPath, plan_paths, publish, staging
+from bnfold.io.program_export import export_program
+
+# ------------------------------------------------------------------ where outputs go
+
+
+def output_format(path: str | os.PathLike[str]) -> ModelFormat:
+    """The format a path's extension asks for: ``.pt2`` or ``.pt``/``.pth`` (pickled module)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".pt2":
+        return ModelFormat.EXPORTED_PROGRAM
+    if suffix in (".pt", ".pth"):
+        return ModelFormat.PICKLED_MODULE
+    raise UsageError(
+        f"{path}: cannot tell the output format from '{suffix or 'no extension'}'; use .pt2 "
+        "(torch.export program) or .pt/.pth (pickled module, only for pickled inputs)"
+    )
+
+
+def expected_source(
+    spec: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False
+) -> ModelSource | None:
+    """What ``load_model(spec, arch=arch, trust_pickle=trust_pickle)`` returns when it succeeds,
+    from the arguments alone (nothing is read): a factory; a state dict (``arch`` given); a
+    torch.export program (a ``.pt2`` file, no ``arch``, no ``trust_pickle``: the only kind that
+    then loads). None when only the file's content can tell (``trust_pickle`` without ``arch``:
+    a program or a pickled module; another extension: the load's own error comes first) or
+    ``spec`` names nothing loadable."""
+    text = os.fspath(spec)
+    path = Path(text)
+    if not path.exists():
+        return ModelSource(ModelFormat.FACTORY, text) if FACTORY_SPEC.match(text) else None
+    if arch is not None:
+        return ModelSource(ModelFormat.STATE_DICT, text)
+    if trust_pickle or path.suffix.lower() != ".pt2":
+        return None
+    return ModelSource(ModelFormat.EXPORTED_PROGRAM, text)
+
+
+def default_output_path(loaded: LoadedModel | ModelSource, *, cwd: Path | None = None) -> Path:
+    """``<name>.folded.<ext>`` beside the input file (in ``cwd`` for a factory).
+
+    The extension is the input's own for a pickled module, ``.pt2`` otherwise.
+    """
+    if loaded.path is None:
+        name = loaded.source.rpartition(":")[2].rpartition(".")[2]
+        return (cwd or Path.cwd()) / f"{name}.folded.pt2"
+    source = loaded.path
+    ext = source.suffix if loaded.format is ModelFormat.PICKLED_MODULE else ".pt2"
+    stem = source.name[: -len(source.suffix)] if source.suffix else source.name
+    return source.with_name(f"{stem}.folded{ext}")
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Raise ``UsageError`` unless ``path`` can be written: its directory exists, it is none of
+    ``inputs`` (nor inside an input folder), and it does not exist yet (unless ``overwrite``).
+    See ``bnfold.io.paths`` for what counts as the same file."""
+    out = Path(path)
+    sources = [NamedPath("input", Path(source)) for source in inputs if source is not None]
+    plan_paths(sources, [NamedPath("output", out)], overwrite=overwrite)
+    return out
+
+
+# ------------------------------------------------------------------ writing
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    format: ModelFormat | None = None,
+    overwrite: bool = False,
+    dynamic_dims: Sequence[Sequence[int]] | None = None,
+) -> SavedModel:
+    """Write ``model`` to ``path`` atomically, in a form that loads back without bnfold.
+
+    ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export``
+    with ``example_inputs``; dim 0 (the batch) of every input tensor, and the dims in
+    ``dynamic_dims`` (per input tensor, flattened), stay dynamic when the model allows it (a
+    batch-1 example is exported at batch 2 so the batch is not specialised to 1); the saved
+    program's input shapes are checked, and ``SavedModel.notes`` say which dims are dynamic or
+    why the shapes are static. Load back with ``torch.export.load(path).module()``. Pickled
+    module: ``torch.save(model)``; loading it needs ``weights_only=False`` and the model
+    classes' source. Raises ``UsageError`` for a path that may not be written and ``SaveError``
+    when exporting or writing fails (nothing is left behind, an existing file is untouched).
+    """
+    out = check_output_path(path, overwrite=overwrite)
+    fmt = format or output_format(out)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    notes: list[str] = []
+    if fmt is ModelFormat.EXPORTED_PROGRAM:
+        program, notes = export_program(model, inputs, dynamic_dims)
+
+        def write(tmp: str) -> None:
+            with warnings.catch_warnings():
+                # Raised for weights that are not contiguous (channels_last): they are saved
+                # with their strides and load back exactly; the warning is about GPU weights.
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                torch.export.save(program, tmp)
+
+    elif fmt is ModelFormat.PICKLED_MODULE:
+
+        def write(tmp: str) -> None:
+            torch.save(model, tmp)
+
+    else:
+        raise UsageError(f"cannot save a model as {fmt.label}; use .pt2")
+    atomic_write(out, write, overwrite=overwrite)
+    return SavedModel(path=str(out), format=fmt, bytes=out.stat().st_size, notes=tuple(notes))
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[str], None], *, overwrite: bool = False
+) -> None:
+    """Call ``write(tmp)``, then move ``tmp`` onto ``path``.
+
+    ``tmp`` has ``path``'s own name, inside a private temporary directory beside ``path``
+    (``bnfold.io.paths.staging``): formats that record their file name record the final one.
+    Without ``overwrite`` an existing ``path`` is refused before ``write`` runs, and the move is
+    exclusive: a file that appeared at ``path`` meanwhile is kept (``UsageError`` for both);
+    with it, ``path`` is replaced (a link is replaced, not followed).
+    On any failure, including KeyboardInterrupt, the temporary directory is removed and
+    ``path`` is left as it was. Library errors are raised as ``SaveError``; an interrupt is
+    re-raised.
+    """
+    out = Path(path)
+    if not overwrite and os.path.lexists(out):
+        raise UsageError(f"{out} already exists; pass --force (overwrite=True) to replace it")
+    try:
+        with staging(out) as tmp:
+            write(str(tmp))
+            publish(tmp, out, overwrite=overwrite)
+    except BaseException as exc:
+        if isinstance(exc, (BnfoldError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
+        raise SaveError(
+            f"writing {out} failed: {first_line(exc)}; nothing was written to {out}"
+        ) from exc
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> None:
+    """Write a text file (a report) atomically; see ``atomic_write``."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(path, write, overwrite=overwrite)
