@@ -97,7 +97,7 @@ class ZipArchive:
         return data
 
     def _damaged(self, what: str) -> LoadError:
-        return LoadError(f"{self.label}: damaged zip archive: {what}")
+        return _damaged(self.label, what)
 
 
 @contextmanager
@@ -109,6 +109,10 @@ def open_zip(path: Path) -> Iterator[ZipArchive]:
         raise LoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     with handle:
         yield ZipArchive(handle, os.fstat(handle.fileno()).st_size, str(path))
+
+
+def _damaged(label: str, what: str) -> LoadError:
+    return LoadError(f"{label}: damaged zip archive: {what}")
 
 
 # ------------------------------------------------------------------ reading members
@@ -144,15 +148,11 @@ def _read_deflated(handle: BinaryIO, member: Member, label: str) -> tuple[bytear
         try:
             piece = inflater.decompress(pending, member.size - len(out) + 1)
         except zlib.error as exc:
-            raise LoadError(
-                f"{label}: damaged zip archive: {member.name} does not inflate ({exc})"
-            ) from None
+            raise _damaged(label, f"{member.name} does not inflate ({exc})") from None
         pending = inflater.unconsumed_tail
         if len(out) + len(piece) > member.size:
-            raise LoadError(
-                f"{label}: damaged zip archive: {member.name} inflates past the "
-                f"{member.size} bytes its header declares; refusing the file"
-            )
+            what = f"{member.name} inflates past the {member.size} bytes its header declares"
+            raise _damaged(label, what + "; refusing the file")
         crc = zlib.crc32(piece, crc)
         out += piece
     return out, crc
@@ -173,7 +173,7 @@ def _read_directory(handle: BinaryIO, file_size: int, label: str) -> dict[str, M
     handle.seek(directory.offset)
     raw = handle.read(directory.size)
     if len(raw) != directory.size:
-        raise LoadError(f"{label}: damaged zip archive: the central directory is cut short")
+        raise _damaged(label, "the central directory is cut short")
     members: dict[str, Member] = {}
     spans: list[tuple[int, int, str]] = []
     position = 0
@@ -188,9 +188,7 @@ def _read_directory(handle: BinaryIO, file_size: int, label: str) -> dict[str, M
         members[name] = member
         spans.append((central.offset, member.data_offset + member.compressed_size, name))
     if position != directory.size:
-        raise LoadError(
-            f"{label}: damaged zip archive: the central directory does not match its count"
-        )
+        raise _damaged(label, "the central directory does not match its count")
     _check_spans(spans, directory.offset, label)
     _check_inflation(members, label)
     return members
@@ -229,10 +227,8 @@ def _find_directory(handle: BinaryIO, file_size: int, label: str) -> _Directory:
             f"{MAX_DIRECTORY_BYTES} bnfold reads; refusing it"
         )
     if offset + size != end:
-        raise LoadError(
-            f"{label}: damaged zip archive: the central directory's size and offset do not "
-            "match where it ends (the file may be truncated or have bytes inserted)"
-        )
+        what = "the central directory's size and offset do not match where it ends"
+        raise _damaged(label, what + " (the file may be truncated or have bytes inserted)")
     return _Directory(offset=offset, size=size, entries=entries)
 
 
@@ -247,12 +243,12 @@ def _zip64_directory(
 ) -> tuple[int, int, int, int]:
     _, _, record_at, _ = _ZIP64_LOCATOR.unpack(locator)
     if record_at + _ZIP64_EOCD.size > locator_at:
-        raise LoadError(f"{label}: damaged zip archive: bad zip64 end-of-directory locator")
+        raise _damaged(label, "bad zip64 end-of-directory locator")
     handle.seek(record_at)
     record = handle.read(_ZIP64_EOCD.size)
     fields = _ZIP64_EOCD.unpack(record)
     if fields[0] != b"PK\x06\x06" or fields[4] or fields[5] or fields[6] != fields[7]:
-        raise LoadError(f"{label}: damaged zip archive: bad zip64 end-of-directory record")
+        raise _damaged(label, "bad zip64 end-of-directory record")
     return fields[7], fields[8], fields[9], record_at
 
 
@@ -270,27 +266,22 @@ class _Central:
 
 def _central_entry(raw: bytes, position: int, label: str) -> tuple[_Central, int]:
     if position + _CENTRAL.size > len(raw) or raw[position : position + 4] != b"PK\x01\x02":
-        raise LoadError(f"{label}: damaged zip archive: bad central directory entry")
+        raise _damaged(label, "bad central directory entry")
     fields = _CENTRAL.unpack_from(raw, position)
     flags, method, crc, compressed, size = fields[3], fields[4], fields[7], fields[8], fields[9]
-    name_len, extra_len, comment_len, disk, offset = (
-        fields[10],
-        fields[11],
-        fields[12],
-        fields[13],
-        fields[16],
-    )
+    name_len, extra_len, comment_len, disk = fields[10:14]
+    offset = fields[16]
     start = position + _CENTRAL.size
     end = start + name_len + extra_len + comment_len
     if end > len(raw) or disk not in (0, 0xFFFF):
-        raise LoadError(f"{label}: damaged zip archive: bad central directory entry")
+        raise _damaged(label, "bad central directory entry")
     name_bytes = raw[start : start + name_len]
     extra = raw[start + name_len : start + name_len + extra_len]
     size, compressed, offset = _zip64_sizes(extra, size, compressed, offset, label)
     try:
         name = name_bytes.decode("utf-8" if flags & 0x800 else "cp437")
     except UnicodeDecodeError:
-        raise LoadError(f"{label}: damaged zip archive: a member name is not text") from None
+        raise _damaged(label, "a member name is not text") from None
     return _Central(name_bytes, name, flags, method, crc, compressed, size, offset), end
 
 
@@ -314,7 +305,7 @@ def _zip64_sizes(
                 break
             return size, compressed, offset
         position += 4 + length
-    raise LoadError(f"{label}: damaged zip archive: a zip64 member lacks its sizes")
+    raise _damaged(label, "a zip64 member lacks its sizes")
 
 
 def _check_local(
@@ -329,32 +320,25 @@ def _check_local(
             "stored or deflated members only (torch.export.save and torch.save store them)"
         )
     if central.method == _STORED and central.size != central.compressed_size:
-        raise LoadError(
-            f"{label}: damaged zip archive: stored member {name} declares {central.size} "
-            f"bytes but occupies {central.compressed_size}"
-        )
+        what = f"stored member {name} declares {central.size} bytes"
+        raise _damaged(label, f"{what} but occupies {central.compressed_size}")
     if central.offset + _LOCAL.size > directory_offset:
-        raise LoadError(f"{label}: damaged zip archive: member {name} starts past its data area")
+        raise _damaged(label, f"member {name} starts past its data area")
     handle.seek(central.offset)
     header = handle.read(_LOCAL.size)
     fields = _LOCAL.unpack(header)
     local_name = handle.read(fields[9])
     if fields[0] != b"PK\x03\x04" or local_name != central.name_bytes:
-        raise LoadError(
-            f"{label}: damaged zip archive: the local header of {name} does not match the "
-            "central directory"
-        )
+        raise _damaged(label, f"the local header of {name} does not match the central directory")
     if fields[3] != central.method or not _local_sizes_agree(fields, central):
-        raise LoadError(
-            f"{label}: damaged zip archive: the headers of {name} disagree about its sizes "
-            "or compression (a lying header); refusing the file"
-        )
+        what = f"the headers of {name} disagree about its sizes or compression"
+        raise _damaged(label, what + " (a lying header); refusing the file")
     data_offset = central.offset + _LOCAL.size + fields[9] + fields[10]
     if data_offset + central.compressed_size > directory_offset:
-        raise LoadError(
-            f"{label}: damaged zip archive: member {name} claims {central.compressed_size} "
-            "bytes, past the end of the archive's data (the file is truncated or its header "
-            "lies); refusing it"
+        raise _damaged(
+            label,
+            f"member {name} claims {central.compressed_size} bytes, past the end of the "
+            "archive's data (the file is truncated or its header lies); refusing it",
         )
     return name, Member(
         name=name,
@@ -385,7 +369,7 @@ def _check_spans(spans: list[tuple[int, int, str]], directory_offset: int, label
             )
         previous_end, previous = end, name
     if previous_end > directory_offset:
-        raise LoadError(f"{label}: damaged zip archive: member data runs into the directory")
+        raise _damaged(label, "member data runs into the directory")
 
 
 def _check_inflation(members: dict[str, Member], label: str) -> None:

@@ -1,13 +1,12 @@
 """``.pt2`` archives (``torch.export.save``) read by bnfold itself: no code from the file runs.
 
-``torch.export.load`` unpickles members with ``weights_only=False`` when a weights-only load
-fails (a pickle of any protocol does, e.g. the text protocols 0 and 1), unpickles payloads
-flagged ``use_pickle`` and "opaque" constants, and reads members whole, whatever their headers
-claim. bnfold never calls it (nor ``load_pt2`` or ``torch.load``) on a user's file:
-``read_program`` reads the archive with ``bnfold._archive`` (bounded memory), checks its layout
-and every string torch would evaluate (``bnfold._program``), rebuilds the weights and constants
-from their raw bytes, reads the sample inputs with bnfold's restricted unpickler, and hands the
-built objects to torch's ``ExportedProgramDeserializer``, which has nothing left to unpickle.
+``torch.export.load`` can run code from a crafted file (README, "Model files and their
+security"), so bnfold never calls it (nor ``load_pt2`` or ``torch.load``) on a user's file.
+``read_program`` reads the archive with ``bnfold.io.archive`` (bounded memory), checks its
+layout and every string torch would evaluate (``bnfold.io.program_checks``), rebuilds the
+weights and constants from their raw bytes, reads the sample inputs with bnfold's restricted
+unpickler, and hands the built objects to torch's ``ExportedProgramDeserializer``, which has
+nothing left to unpickle.
 
 The layout (torch 2.13), under one top-level folder:
 
@@ -30,8 +29,6 @@ the sample inputs, unused payload bytes).
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,13 @@ import torch
 from bnfold.errors import BnfoldError, LoadError, UnsafeFileError, first_line
 from bnfold.io import program_checks
 from bnfold.io.archive import MIB, ZipArchive, open_zip
+from bnfold.io.pt2_tensors import (
+    OBJECT_MEMBER,
+    PAYLOAD_MEMBER,
+    Entry,
+    config_entries,
+    payload_tensors,
+)
 from bnfold.io.unpickle import load_torch_bytes
 
 MAX_JSON_BYTES = 64 * MIB
@@ -54,8 +58,11 @@ _SMALL = (
     ".data/version",
     ".data/serialization_id",
 )
-_PAYLOAD = re.compile(r"^data/(weights/weight|constants/tensor)_[0-9]+$")
-_OBJECT = re.compile(r"^data/constants/(custom_obj|opaque_obj)_[0-9]+$")
+_PROGRAM = f"models/{MODEL}.json"
+_SAMPLE_INPUTS = f"data/sample_inputs/{MODEL}.pt"
+_CONFIGS = {kind: f"data/{kind}/{MODEL}_{kind}_config.json" for kind in ("weights", "constants")}
+_LEGACY = {kind: f"data/{kind}/{MODEL}.pt" for kind in ("weights", "constants")}
+_KNOWN = {*_SMALL, _PROGRAM, _SAMPLE_INPUTS, *_CONFIGS.values(), *_LEGACY.values()}
 
 
 @dataclass(frozen=True)
@@ -71,32 +78,6 @@ class _Layout:
     payloads: frozenset[str]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One config entry: a tensor ``fqn`` viewing raw payload ``member`` as its metadata says."""
-
-    fqn: str
-    member: str
-    is_param: bool
-    dtype: torch.dtype
-    sizes: tuple[int, ...]
-    strides: tuple[int, ...]
-    offset: int
-    requires_grad: bool
-    device: torch.device
-
-    @property
-    def extent(self) -> int:
-        """Elements of the payload this view reaches (0 for an empty tensor)."""
-        if not math.prod(self.sizes):
-            return 0
-        return (
-            self.offset
-            + 1
-            + sum((n - 1) * s for n, s in zip(self.sizes, self.strides, strict=True))
-        )
-
-
 def read_program(path: Path) -> torch.export.ExportedProgram:
     """The ``ExportedProgram`` in ``path``, read without running anything from the file.
 
@@ -110,7 +91,7 @@ def read_program(path: Path) -> torch.export.ExportedProgram:
 
         program_checks.check_program_document(path, layout.program, document)
         weights, constants = (
-            _read_config(archive, layout, name, path) for name in (layout.weights, layout.constants)
+            _entries(archive, layout, name, path) for name in (layout.weights, layout.constants)
         )
         _check_budget(archive, layout, [*weights, *constants], path)
         state_dict = _tensors(archive, weights, path, layout.weights)
@@ -133,11 +114,7 @@ def _layout(archive: ZipArchive, path: Path) -> _Layout:
     relative = {name[len(root) :]: name for name in names}
     for name in relative:
         _check_member(path, name, archive.members[root + name].size)
-    required = {
-        "program": f"models/{MODEL}.json",
-        "sample_inputs": f"data/sample_inputs/{MODEL}.pt",
-    }
-    missing = [name for name in required.values() if name not in relative]
+    missing = [name for name in (_PROGRAM, _SAMPLE_INPUTS) if name not in relative]
     if missing or "archive_format" not in relative:
         raise LoadError(
             f"{path}: not a complete torch.export archive (missing "
@@ -146,30 +123,25 @@ def _layout(archive: ZipArchive, path: Path) -> _Layout:
     return _Layout(
         root=root,
         small={name: member for name, member in relative.items() if name in _SMALL},
-        program=relative[required["program"]],
-        sample_inputs=relative[required["sample_inputs"]],
+        program=relative[_PROGRAM],
+        sample_inputs=relative[_SAMPLE_INPUTS],
         weights=_config_member(relative, "weights", path),
         constants=_config_member(relative, "constants", path),
-        payloads=frozenset(member for name, member in relative.items() if _PAYLOAD.match(name)),
+        payloads=frozenset(
+            member for name, member in relative.items() if PAYLOAD_MEMBER.match(name)
+        ),
     )
 
 
 def _check_member(path: Path, name: str, size: int) -> None:
-    known = (
-        name in _SMALL
-        or _PAYLOAD.match(name)
-        or name.startswith("extra/")
-        or name in (f"models/{MODEL}.json", f"data/sample_inputs/{MODEL}.pt")
-        or name in (f"data/{kind}/{MODEL}_{kind}_config.json" for kind in ("weights", "constants"))
-        or name in (f"data/weights/{MODEL}.pt", f"data/constants/{MODEL}.pt")
-    )
+    known = name in _KNOWN or PAYLOAD_MEMBER.match(name) or name.startswith("extra/")
     if name.startswith("data/aotinductor/"):
         raise LoadError(
             f"{path} is an AOTInductor compiled package, not a torch.export program: it holds "
             "compiled code and no foldable graph. Pass the program instead "
             "(torch.export.save(torch.export.export(model.eval(), example_inputs), 'model.pt2'))."
         )
-    if _OBJECT.match(name):
+    if OBJECT_MEMBER.match(name):
         raise UnsafeFileError(
             f"{path}: the member {name} is a pickled custom object; torch.export.load would "
             "unpickle it, which runs code from the file. Refusing it. bnfold folds programs "
@@ -190,8 +162,7 @@ def _check_member(path: Path, name: str, size: int) -> None:
 
 
 def _config_member(relative: dict[str, str], kind: str, path: Path) -> str:
-    config = f"data/{kind}/{MODEL}_{kind}_config.json"
-    legacy = f"data/{kind}/{MODEL}.pt"
+    config, legacy = _CONFIGS[kind], _LEGACY[kind]
     if (config in relative) == (legacy in relative):
         raise LoadError(
             f"{path}: not a torch.export archive (it needs exactly one of {config} and {legacy})"
@@ -225,98 +196,23 @@ def _read_json(archive: ZipArchive, member: str, path: Path) -> Any:
 # ------------------------------------------------------------------ weights and constants
 
 
-def _read_config(archive: ZipArchive, layout: _Layout, member: str, path: Path) -> list[_Entry]:
+def _entries(archive: ZipArchive, layout: _Layout, member: str, path: Path) -> list[Entry]:
     """The entries of a payload config ([] for a legacy state dict, read later)."""
     if member.endswith(".pt"):
         return []
-    document = _read_json(archive, member, path)
-    config = document.get("config") if isinstance(document, dict) else None
-    if not isinstance(config, dict):
-        raise LoadError(f"{path}: damaged torch.export archive ({member} has no config)")
-    folder = member.rsplit("/", 1)[0] + "/"
-    prefix = "weight_" if folder.endswith("/weights/") else "tensor_"
-    entries = [_entry(path, member, folder, prefix, fqn, meta) for fqn, meta in config.items()]
-    for entry in entries:
-        if entry.member not in layout.payloads:
-            raise LoadError(f"{path}: {member} names {entry.member}, which the archive lacks")
-    return entries
+    return config_entries(_read_json(archive, member, path), member, layout.payloads, path)
 
 
-def _entry(path: Path, member: str, folder: str, prefix: str, fqn: str, meta: Any) -> _Entry:
-    def bad(what: str) -> LoadError:
-        return LoadError(f"{path}: damaged torch.export archive ({member}, '{fqn}': {what})")
-
-    if not isinstance(meta, dict):
-        raise bad("not an object")
-    name = meta.get("path_name")
-    if not isinstance(name, str) or not isinstance(meta.get("use_pickle"), bool):
-        raise bad("no payload name or use_pickle flag")
-    if meta["use_pickle"] or _OBJECT.match(f"data/constants/{name}"):
-        raise UnsafeFileError(
-            f"{path}: the entry '{fqn}' is stored as a pickled Python object; "
-            "torch.export.load would unpickle it, which runs code from the file. "
-            "Refusing it. If you trust the file, load it yourself and re-save the program "
-            "with plain tensor weights and constants."
-        )
-    if not re.fullmatch(re.escape(prefix) + "[0-9]+", name):
-        raise bad(f"payload name {name[:40]!r}")
-    tensor_meta = meta.get("tensor_meta")
-    if not isinstance(tensor_meta, dict) or not isinstance(meta.get("is_param"), bool):
-        raise bad("no tensor metadata")
-    return _Entry(
-        fqn=fqn,
-        member=folder + name,
-        is_param=meta["is_param"],
-        **_tensor_meta(tensor_meta, bad),
-    )
+def _tensors(
+    archive: ZipArchive, entries: list[Entry], path: Path, member: str
+) -> dict[str, torch.Tensor]:
+    """Weights or constants by fully-qualified name, as ``torch.export.load`` builds them."""
+    if member.endswith(".pt"):
+        return _legacy_state_dict(archive, member, path)
+    return payload_tensors(archive, entries, path, member)
 
 
-def _tensor_meta(meta: dict, bad: Any) -> dict[str, Any]:
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
-
-    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) if _is_int(meta.get("dtype")) else None
-    if dtype is None or meta.get("layout") != 7:  # schema.Layout.Strided
-        raise bad("an unknown dtype or a layout other than strided")
-    sizes, strides = _ints(meta.get("sizes"), bad), _ints(meta.get("strides"), bad)
-    (offset,) = _ints([meta.get("storage_offset")], bad)
-    if len(sizes) != len(strides) or len(sizes) > 64:
-        raise bad("sizes and strides do not match")
-    device = meta.get("device")
-    if not isinstance(device, dict) or not isinstance(device.get("type"), str):
-        raise bad("no device")
-    if not isinstance(meta.get("requires_grad"), bool):
-        raise bad("requires_grad is not a boolean")
-    try:
-        where = torch.device(device["type"], device.get("index"))
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise bad(f"device {device!r} ({exc})") from None
-    return dict(
-        dtype=dtype,
-        sizes=sizes,
-        strides=strides,
-        offset=offset,
-        requires_grad=meta["requires_grad"],
-        device=where,
-    )
-
-
-def _ints(values: Any, bad: Any) -> tuple[int, ...]:
-    if not isinstance(values, list):
-        raise bad("sizes are not a list")
-    out = []
-    for value in values:
-        number = value.get("as_int") if isinstance(value, dict) and len(value) == 1 else None
-        if not _is_int(number) or number < 0:
-            raise bad(f"{str(value)[:40]} is not a plain non-negative integer")
-        out.append(number)
-    return tuple(out)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_budget(archive: ZipArchive, layout: _Layout, entries: list[_Entry], path: Path) -> None:
+def _check_budget(archive: ZipArchive, layout: _Layout, entries: list[Entry], path: Path) -> None:
     """Refuse, before reading them, payloads smaller than their tensors and more bytes in all
     than the tensors declare plus ``ALLOWANCE``."""
     declared: dict[str, int] = {}
@@ -351,39 +247,6 @@ def _check_budget(archive: ZipArchive, layout: _Layout, entries: list[_Entry], p
             f"{path}: its members hold {total} bytes, more than the {sum(declared.values())} "
             f"bytes of tensors the program declares plus {ALLOWANCE} bytes; refusing the file"
         )
-
-
-def _tensors(
-    archive: ZipArchive, entries: list[_Entry], path: Path, member: str
-) -> dict[str, torch.Tensor]:
-    """Weights or constants by fully-qualified name, as ``torch.export.load`` builds them."""
-    if member.endswith(".pt"):
-        return _legacy_state_dict(archive, member, path)
-    flats: dict[str, torch.Tensor] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        for entry in entries:
-            if entry.member not in flats:
-                flats[entry.member] = _flat(archive.read(entry.member), entry)
-            view = torch.as_strided(flats[entry.member], entry.sizes, entry.strides, entry.offset)
-            if entry.is_param:
-                view = torch.nn.Parameter(view, requires_grad=entry.requires_grad)
-            tensors[entry.fqn] = view
-    except BnfoldError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise LoadError(f"{path}: cannot rebuild the tensors of {member}: {exc}") from None
-    return tensors
-
-
-def _flat(raw: bytearray, entry: _Entry) -> torch.Tensor:
-    if raw:
-        flat = torch.frombuffer(raw, dtype=entry.dtype)
-    else:
-        flat = torch.empty(0, dtype=entry.dtype)
-    if entry.requires_grad:
-        flat.requires_grad_(True)
-    return flat if entry.device.type == "cpu" else flat.to(entry.device)
 
 
 def _legacy_state_dict(archive: ZipArchive, member: str, path: Path) -> dict[str, torch.Tensor]:
