@@ -2,7 +2,7 @@
 
 This is the only module that imports onnxruntime. A runner is built once and then called on
 each input batch; it returns the model's outputs flattened to a list of numpy arrays, so the
-comparison code (``bnfold.verify``) never sees torch or onnxruntime objects.
+comparison code (``bnfold.verification``) never sees torch or onnxruntime objects.
 
 Honesty rules for CUDA:
 
@@ -21,7 +21,7 @@ import copy
 import ctypes
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from bnfold.errors import (
     first_line,
 )
 from bnfold.io.inputs import as_args
+from bnfold.io.inputs import model_dtype as float_dtype
 from bnfold.modes import inference
 from bnfold.records import Record
 
@@ -74,18 +75,35 @@ def tf32_disabled() -> Iterator[dict[str, str]]:
 
     Yields the settings in force, for the report. Harmless on a CPU-only build.
     """
-    matmul = torch.backends.cuda.matmul
-    cudnn = torch.backends.cudnn
-    before = (matmul.allow_tf32, cudnn.allow_tf32)
-    try:
-        matmul.allow_tf32 = False
-        cudnn.allow_tf32 = False
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    with _flags_off(matmul, "allow_tf32"), _flags_off(cudnn, "allow_tf32"):
         yield {
             "torch.backends.cuda.matmul.allow_tf32": str(matmul.allow_tf32),
             "torch.backends.cudnn.allow_tf32": str(cudnn.allow_tf32),
         }
+
+
+def full_precision_reductions() -> AbstractContextManager[None]:
+    """Switch off cuBLAS's reduced-precision reductions for float16/bfloat16 matmuls (on by
+    default: partial sums in the half type) and restore the flags after."""
+    return _flags_off(
+        torch.backends.cuda.matmul,
+        "allow_fp16_reduced_precision_reduction",
+        "allow_bf16_reduced_precision_reduction",
+    )
+
+
+@contextmanager
+def _flags_off(owner: Any, *names: str) -> Iterator[None]:
+    """Set the flags ``names`` of ``owner`` to False, and back to what they were after."""
+    before = [getattr(owner, name) for name in names]
+    try:
+        for name in names:
+            setattr(owner, name, False)
+        yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = before
+        for name, value in zip(names, before, strict=True):
+            setattr(owner, name, value)
 
 
 # ------------------------------------------------------------------------------- availability
@@ -146,15 +164,6 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-def float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter or buffer (float32 if none):
-    the dtype its floating inputs are fed in."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
 def _as_dtype(tensor: Any, dtype: torch.dtype | None) -> Any:
     """A floating tensor cast to ``dtype`` (None: unchanged); anything else unchanged."""
     if dtype is None or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -162,35 +171,9 @@ def _as_dtype(tensor: Any, dtype: torch.dtype | None) -> Any:
     return tensor.to(dtype)
 
 
-@contextmanager
-def full_precision_reductions() -> Iterator[None]:
-    """Switch off cuBLAS's reduced-precision reductions for float16/bfloat16 matmuls (on by
-    default: partial sums in the half type) and restore the flags after."""
-    matmul = torch.backends.cuda.matmul
-    before = (
-        matmul.allow_fp16_reduced_precision_reduction,
-        matmul.allow_bf16_reduced_precision_reduction,
-    )
-    try:
-        matmul.allow_fp16_reduced_precision_reduction = False
-        matmul.allow_bf16_reduced_precision_reduction = False
-        yield
-    finally:
-        (
-            matmul.allow_fp16_reduced_precision_reduction,
-            matmul.allow_bf16_reduced_precision_reduction,
-        ) = before
-
-
-def _input_tensors(args: Any) -> tuple[torch.Tensor, ...]:
-    args = as_args(args)
-    for index, arg in enumerate(args):
-        if not isinstance(arg, torch.Tensor):
-            raise UsageError(
-                f"model input {index} is a {type(arg).__name__}; only tensor inputs can be run "
-                "on ONNX Runtime"
-            )
-    return args
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
 
 # -------------------------------------------------------------------------------- torch runner
@@ -206,8 +189,7 @@ class TorchRunner:
     """
 
     def __init__(self, model: nn.Module, device: str = CPU, name: str | None = None) -> None:
-        if device not in DEVICES:
-            raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        _check_device(device)
         if device == CUDA:
             reason = torch_cuda_unavailable_reason()
             if reason is not None:
@@ -259,7 +241,13 @@ class OrtRunner:
         self.output_names = tuple(item.name for item in session.get_outputs())
 
     def __call__(self, args: Any) -> list[np.ndarray]:
-        tensors = _input_tensors(args)
+        tensors = as_args(args)
+        for index, arg in enumerate(tensors):
+            if not isinstance(arg, torch.Tensor):
+                raise UsageError(
+                    f"model input {index} is a {type(arg).__name__}; only tensor inputs can be "
+                    "run on ONNX Runtime"
+                )
         if len(tensors) != len(self.input_names):
             raise ModelInputError(
                 f"the ONNX model takes {len(self.input_names)} inputs "
@@ -298,8 +286,7 @@ def ort_runner(
     """
     import onnxruntime as ort
 
-    if device not in DEVICES:
-        raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    _check_device(device)
     if optimization not in OPTIMIZATIONS:
         raise UsageError(f"unknown optimization {optimization!r}; choose one of {OPTIMIZATIONS}")
     options = ort.SessionOptions()

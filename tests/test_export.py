@@ -27,9 +27,9 @@ from onnx_models import (
 from torch import nn
 
 import bnfold
-from bnfold import export as export_mod
 from bnfold.errors import ExportError, SaveError, UsageError
 from bnfold.export import ExportResult, export_onnx, training_batchnorms
+from bnfold.export import onnx_export as export_mod
 from bnfold.runtime import ort_runner
 
 
@@ -171,7 +171,7 @@ def test_training_mode_batchnorm_is_detected() -> None:
 
 def test_training_mode_batchnorm_is_refused(tmp_path, monkeypatch) -> None:
     crafted = _crafted_batchnorm(training=1)
-    monkeypatch.setattr(export_mod, "_run_exporter", lambda *a: (crafted, "dynamo", []))
+    monkeypatch.setattr(export_mod, "run_exporter", lambda *a: (crafted, "dynamo", []))
     with pytest.raises(ExportError, match="training mode"):
         export_onnx(nn.Identity(), torch.randn(2, 2, 4, 4), tmp_path / "t.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -211,7 +211,7 @@ def reuse_export(convnet_export, monkeypatch):
         copy.CopyFrom(proto)
         return copy, "dynamo", []
 
-    monkeypatch.setattr(export_mod, "_run_exporter", fake)
+    monkeypatch.setattr(export_mod, "run_exporter", fake)
     return folded
 
 
@@ -235,7 +235,7 @@ def test_failure_after_writing_leaves_nothing(tmp_path, reuse_export, monkeypatc
         assert staged.is_file() and (staged.parent / "x.onnx.data").is_file()
         raise ExportError("checker said no")
 
-    monkeypatch.setattr(export_mod, "_check_graph", broken_check)
+    monkeypatch.setattr(export_mod, "check_graph", broken_check)
     (tmp_path / "x.onnx").write_text("old")
     with pytest.raises(ExportError, match="checker said no"):
         export_onnx(

@@ -19,8 +19,8 @@ from onnx_models import ConvNet, image, mlp_bn_first, ready
 from PIL import Image
 
 import bnfold
-from bnfold import export as export_mod
 from bnfold.errors import UsageError
+from bnfold.export import onnx_export as export_mod
 from bnfold.io.models import ModelFormat, atomic_write, save_model
 
 # ------------------------------------------------------------------ fixtures and helpers
@@ -452,13 +452,13 @@ def test_without_hard_links_the_name_is_still_taken_exclusively(tmp_path, monkey
 
 def test_an_onnx_file_that_appears_during_export_is_kept(tmp_path, monkeypatch):
     target = tmp_path / "m.onnx"
-    real_prove = export_mod._prove_batch
+    real_prove = export_mod.prove_batch
 
     def appear(*args, **kwargs):
         target.write_bytes(b"another export")
         return real_prove(*args, **kwargs)
 
-    monkeypatch.setattr(export_mod, "_prove_batch", appear)
+    monkeypatch.setattr(export_mod, "prove_batch", appear)
     model = ready(mlp_bn_first())
     inputs = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
     with pytest.raises(UsageError, match="appeared while bnfold ran"):

@@ -1,0 +1,217 @@
+"""``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written.
+
+The contract:
+
+- the model runs in eval mode (each module's training flag is restored afterwards);
+- the dynamo exporter is tried first; if it fails, the TorchScript exporter is used and the
+  result carries a warning saying so (``exporter="auto"``);
+- a BatchNormalization in training mode is refused (``ExportError``), since ORT's CUDA provider
+  rejects it and eval outputs would use batch statistics; BatchNormalization nodes that remain
+  are listed with the reason;
+- the graph passes ``onnx.checker`` with ``full_check=True`` (checker plus strict shape inference);
+- with ``dynamic_batch=True`` (default) the model is exported with an example batch of at least 2
+  (a batch-1 example is repeated), dim 0 of every input and output must be symbolic, and ONNX
+  Runtime must run the file at batch sizes 1, 3 and the example's with outputs of that batch;
+- the file records bnfold's and torch's versions and the fold counts in ``metadata_props``;
+- weights go to an external data file ``<name>.data`` when they exceed
+  ``external_data_threshold`` bytes (protobuf cannot hold a file over 2 GiB);
+- the file (and its data file) is written under its own name in a private temporary directory
+  next to ``path`` (``bnfold.io.paths.staging``) and moved into place only after every check
+  passed: on any failure nothing is left. Without ``overwrite`` an existing ``path`` is refused
+  and the move is exclusive (a file that appeared meanwhile is kept, ``UsageError``); with it
+  the files are replaced with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import ExportError, ModelInputError, UsageError
+from bnfold.export.batch import DynamicBatchCheck, batch_size, example_args, prove_batch
+from bnfold.export.exporter import EXPORTERS, ExportCall, run_exporter
+from bnfold.export.files import (
+    DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    check_target,
+    publish_export,
+    set_metadata,
+    write,
+)
+from bnfold.export.graph import (
+    BatchNormNode,
+    batchnorm_nodes,
+    check_graph,
+    refuse_training_batchnorm,
+)
+from bnfold.export.graph import (
+    opset as opset_of,
+)
+from bnfold.io.paths import staging
+from bnfold.modes import inference
+from bnfold.records import FoldResult, Record, format_bytes
+from bnfold.runtime import flatten_outputs
+
+
+@dataclass(frozen=True)
+class ExportResult(Record):
+    """What ``export_onnx`` wrote and what it checked."""
+
+    path: str
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    exporter: str  # "dynamo" or "torchscript"
+    warnings: tuple[str, ...]
+    example_batch: int  # the batch size the model was exported with
+    dynamic_batch: DynamicBatchCheck
+    batchnorm_nodes: tuple[BatchNormNode, ...]
+    node_count: int
+    op_counts: dict[str, int]
+    file_size: int  # bytes: the .onnx file plus its external data file
+    external_data: str | None  # path of the external data file, when weights were moved out
+    metadata: dict[str, str]
+
+    def summary(self) -> str:
+        """One line, e.g. ``wrote m.onnx (opset 20, dynamo, 52 nodes, 0 BatchNorm, 4.4 MB)``."""
+        batch = "dynamic batch" if self.dynamic_batch.proven else "fixed batch"
+        return (
+            f"wrote {self.path} (opset {self.opset}, {self.exporter} exporter, "
+            f"{self.node_count} nodes, {len(self.batchnorm_nodes)} BatchNormalization left, "
+            f"{batch}, {format_bytes(self.file_size)})"
+        )
+
+    def format_text(self) -> str:
+        """A few lines for a terminal: the summary, BN nodes left, checks and warnings."""
+        lines = [self.summary()]
+        lines.append(
+            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}"
+        )
+        lines.append(f"  batch: {self.dynamic_batch.detail}")
+        if self.external_data:
+            lines.append(f"  weights in external data file {self.external_data}")
+        for bn in self.batchnorm_nodes:
+            where = f" ({bn.module})" if bn.module else ""
+            lines.append(f"  BatchNormalization {bn.node}{where}: {bn.reason}")
+        lines.extend(f"  warning: {warning}" for warning in self.warnings)
+        return "\n".join(lines)
+
+
+def export_onnx(
+    model: nn.Module | FoldResult,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    metadata: FoldResult | Mapping[str, Any] | None = None,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    exporter: str = "auto",
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``; see the module docstring.
+
+    ``example_inputs`` is a tensor or a tuple of positional tensors, batch on dim 0.
+    The file's ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped
+    counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
+    its own keys. ``exporter`` is
+    "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
+    ``overwrite`` allows replacing an existing file at ``path`` (and its ``.data`` file).
+    float16 models are exported in float16; bfloat16 models are refused (ExportError: the
+    exported graph would fail onnx.checker).
+    Raises ExportError (nothing written) when the export or a check fails, SaveError when the
+    file cannot be written, UsageError for bad arguments or an existing ``path`` without
+    ``overwrite`` (also one that appeared during the export).
+    """
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    fold_result = model if isinstance(model, FoldResult) else None
+    if isinstance(metadata, FoldResult):
+        fold_result, metadata = metadata, None
+    module = model.model if isinstance(model, FoldResult) else model
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
+    _refuse_bfloat16(module)
+    target = check_target(Path(path), overwrite)
+    args = example_args(example_inputs, dynamic_batch)
+    param = next(module.parameters(), None)  # the inputs go to the module's device
+    args = args if param is None else tuple(arg.to(param.device) for arg in args)
+    with inference(module):
+        count = _count_outputs(module, args)
+        names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+        call = ExportCall(
+            module, args, _input_names(module, len(args)), names, opset, dynamic_batch
+        )
+        proto, used, notes = run_exporter(call, exporter)
+    refuse_training_batchnorm(proto)
+    props = set_metadata(proto, fold_result, metadata, used, dynamic_batch)
+    with staging(target) as staged:
+        data_name = write(proto, staged, target.name, external_data_threshold)
+        check_graph(staged)
+        proof = prove_batch(staged, args, dynamic_batch)
+        data_size = (staged.parent / data_name).stat().st_size if data_name else 0
+        size = staged.stat().st_size + data_size
+        publish_export(staged, target, data_name, overwrite)
+    return ExportResult(
+        path=str(target),
+        opset=opset_of(proto),
+        input_names=tuple(i.name for i in proto.graph.input),
+        output_names=tuple(o.name for o in proto.graph.output),
+        exporter=used,
+        warnings=tuple(notes),
+        example_batch=batch_size(args),
+        dynamic_batch=proof,
+        batchnorm_nodes=batchnorm_nodes(proto, fold_result),
+        node_count=len(proto.graph.node),
+        op_counts=dict(Counter(node.op_type for node in proto.graph.node).most_common()),
+        file_size=size,
+        external_data=str(target.parent / data_name) if data_name else None,
+        metadata=props,
+    )
+
+
+def _refuse_bfloat16(module: nn.Module) -> None:
+    """The exporter writes a bfloat16 model's graph with mixed bfloat16/float32 types that fail
+    onnx.checker (torch 2.13, opsets 18-22; below 22 ONNX's Conv has no bfloat16 at all): say so
+    before exporting."""
+    if any(t.dtype == torch.bfloat16 for t in (*module.parameters(), *module.buffers())):
+        raise ExportError(
+            "bfloat16 models are not exported to ONNX: torch's exporter writes their graph with "
+            "mixed bfloat16/float32 types that onnx.checker rejects (and ONNX's Conv has no "
+            "bfloat16 below opset 22). Export a float16 or float32 copy (model.half() or "
+            "model.float()) instead. No ONNX file was written."
+        )
+
+
+def _count_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    try:
+        outputs = module(*args)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(arg.shape)) for arg in args)
+        raise ModelInputError(
+            f"the model failed on the example inputs {shapes}: {type(exc).__name__}: {exc}"
+        ) from exc
+    count = len(flatten_outputs(outputs))
+    if count == 0:
+        raise ExportError("the model returns no tensor; there is nothing to export")
+    return count
+
+
+def _input_names(module: nn.Module, count: int) -> list[str]:
+    """Names of the forward's positional parameters (e.g. ``x``), else ``input_<i>``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds][:count]
+    if len(names) < count or len(set(names)) < count:
+        return [f"input_{i}" for i in range(count)]
+    return names
