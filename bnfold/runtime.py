@@ -1,18 +1,12 @@
 """Runners: one callable per (engine, device) that turns input tensors into output arrays.
 
-This is the only module that imports onnxruntime. A runner is built once and then called on
-each input batch; it returns the model's outputs flattened to a list of numpy arrays, so the
-comparison code (``bnfold.verification``) never sees torch or onnxruntime objects.
-
-Honesty rules for CUDA:
-
-- An ORT session counts as running on CUDA only if ``session.get_providers()[0]`` is
-  ``CUDAExecutionProvider``. ORT silently falls back to CPU when the CUDA libraries cannot be
-  loaded; ``get_available_providers()`` lists what the *package* was built with, not what works.
-- ORT's CUDA provider uses TF32 by default (about 1e-3 relative drift); sessions built here pass
-  ``use_tf32=0``. Torch's TF32 flags are switched off while a runner runs (``tf32_disabled``).
-- When a CUDA runner cannot be built, ``RuntimeUnavailableError`` says why: the package lacks the
-  provider, there is no CUDA device, or the CUDA libraries are missing (ORT fell back to CPU).
+The only module that imports onnxruntime. A runner is built once and called on each input
+batch; it returns the model's outputs flattened to a list of numpy arrays, so the comparison
+code (``bnfold.verification``) never sees torch or onnxruntime objects. CUDA is reported
+honestly: an ORT session counts as CUDA only if ``session.get_providers()[0]`` is the CUDA
+provider (ORT silently falls back to CPU when its CUDA libraries cannot be loaded), TF32 is off
+(ORT's ``use_tf32=0``, torch's flags while a runner runs), and a CUDA runner that cannot be
+built raises ``RuntimeUnavailableError`` saying why.
 """
 
 from __future__ import annotations

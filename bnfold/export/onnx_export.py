@@ -1,25 +1,14 @@
 """``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written.
 
-The contract:
-
-- the model runs in eval mode (each module's training flag is restored afterwards);
-- the dynamo exporter is tried first; if it fails, the TorchScript exporter is used and the
-  result carries a warning saying so (``exporter="auto"``);
-- a BatchNormalization in training mode is refused (``ExportError``), since ORT's CUDA provider
-  rejects it and eval outputs would use batch statistics; BatchNormalization nodes that remain
-  are listed with the reason;
-- the graph passes ``onnx.checker`` with ``full_check=True`` (checker plus strict shape inference);
-- with ``dynamic_batch=True`` (default) the model is exported with an example batch of at least 2
-  (a batch-1 example is repeated), dim 0 of every input and output must be symbolic, and ONNX
-  Runtime must run the file at batch sizes 1, 3 and the example's with outputs of that batch;
-- the file records bnfold's and torch's versions and the fold counts in ``metadata_props``;
-- weights go to an external data file ``<name>.data`` when they exceed
-  ``external_data_threshold`` bytes (protobuf cannot hold a file over 2 GiB);
-- the file (and its data file) is written under its own name in a private temporary directory
-  next to ``path`` (``bnfold.io.paths.staging``) and moved into place only after every check
-  passed: on any failure nothing is left. Without ``overwrite`` an existing ``path`` is refused
-  and the move is exclusive (a file that appeared meanwhile is kept, ``UsageError``); with it
-  the files are replaced with ``os.replace``.
+The model runs in eval mode (training flags restored after). The dynamo exporter is tried first,
+then TorchScript with a warning (``exporter="auto"``). A BatchNormalization in training mode is
+refused (ORT's CUDA provider rejects it); those left are listed with their reason. The graph
+must pass ``onnx.checker`` with strict shape inference, and a dynamic batch is proven
+(``bnfold.export.batch``). The file (and its external data file) is written under its own name
+in a private directory beside ``path`` (``bnfold.io.paths.staging``) and moved into place only
+after every check passed: on any failure nothing is left. Without ``overwrite`` an existing
+``path`` is refused and the move is exclusive (a file that appeared meanwhile is kept,
+``UsageError``).
 """
 
 from __future__ import annotations

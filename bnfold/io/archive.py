@@ -1,20 +1,13 @@
 """Zip archives (``.pt2`` programs, ``torch.save`` files) read with bounded memory.
 
-``ZipArchive`` parses the central directory itself and checks every member before a byte of
-it is decompressed, so a file cannot make bnfold allocate more than it honestly holds:
-
-- at most ``MAX_MEMBERS`` members and a central directory of at most ``MAX_DIRECTORY_BYTES``;
-  one disk; no encryption; methods *stored* and *deflate* only; member names are unique;
-- every member's local header agrees with the central directory (name, method, sizes), its
-  data lies inside the file, and no two members' data overlap (the trick of zip bombs that
-  reuse one compressed block under many names);
-- a stored member's sizes are equal; deflated members together may inflate to at most
-  ``MAX_RATIO`` times their compressed size plus ``RATIO_ALLOWANCE`` bytes;
-- ``read`` streams a member with a byte cap (its declared size, and a caller's ``limit``),
-  never trusting what the data turns out to hold: more or fewer bytes than declared, or a CRC
-  that does not match, is a damaged archive.
-
-Every problem is a ``LoadError`` whose one-line message names the file and what is wrong.
+``ZipArchive`` parses the central directory itself and checks every member before a byte of it
+is decompressed: at most ``MAX_MEMBERS`` members and ``MAX_DIRECTORY_BYTES`` of directory, one
+disk, no encryption, stored or deflate only, unique names, local headers that agree with the
+directory, member data inside the file and never overlapping (the zip-bomb trick of one block
+under many names), stored sizes equal, and at most ``MAX_RATIO``-fold inflation (plus
+``RATIO_ALLOWANCE``) in all. ``read`` streams a member with a byte cap (its declared size, and a
+caller's ``limit``) and refuses more or fewer bytes than declared, or a bad CRC. Every problem
+is a ``LoadError`` whose one-line message names the file and what is wrong.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ stack trace from deep inside torch.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import ModelInputError, UsageError
+from bnfold.records import format_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -25,6 +27,9 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
     "bool": torch.bool,
 }
+
+
+_SMALLER = "use a smaller input shape (a batch of 2 is enough)"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -60,7 +65,15 @@ def make_example_inputs(
         dtype = parse_dtype(dtype_name) if dtype_name else default_dtype
         if any(int(size) <= 0 for size in shape):
             raise UsageError(f"input shape {format_shape(shape)} has a dimension that is not > 0")
-        _check_fits_in_memory(shape, dtype)
+        what = f"the example input {format_shape(shape)} {str(dtype).removeprefix('torch.')}"
+        # randn draws float32 values first, then converts
+        need = math.prod(int(n) for n in shape) * max(dtype.itemsize, 4 * dtype.is_floating_point)
+        total = _physical_memory()
+        if total and need > total:  # an overcommitted allocation would end in the OOM killer
+            raise ModelInputError(
+                f"{what} needs {format_bytes(need)}, more than this machine's "
+                f"{format_bytes(total)} of memory; {_SMALLER}"
+            )
         try:
             if dtype.is_floating_point:
                 tensors.append(torch.randn(tuple(shape), generator=generator).to(dtype))
@@ -68,32 +81,9 @@ def make_example_inputs(
                 tensors.append(torch.zeros(tuple(shape), dtype=dtype))
         except (MemoryError, RuntimeError) as exc:
             raise ModelInputError(
-                f"cannot allocate the example input {format_shape(shape)} "
-                f"{str(dtype).removeprefix('torch.')} ({_gigabytes(_input_bytes(shape, dtype))}): "
-                f"{type(exc).__name__}; use a smaller input shape (a batch of 2 is enough)"
+                f"cannot allocate {what} ({format_bytes(need)}): {type(exc).__name__}; {_SMALLER}"
             ) from exc
     return tuple(tensors)
-
-
-def _input_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    # randn draws float32 values first, then converts
-    return count * max(dtype.itemsize, 4 if dtype.is_floating_point else 1)
-
-
-def _check_fits_in_memory(shape: Sequence[int], dtype: torch.dtype) -> None:
-    """Refuse an example input larger than the machine's physical memory before allocating it
-    (an allocation the kernel overcommits would end in the out-of-memory killer, not an error)."""
-    need = _input_bytes(shape, dtype)
-    total = _physical_memory()
-    if total and need > total:
-        raise ModelInputError(
-            f"the example input {format_shape(shape)} {str(dtype).removeprefix('torch.')} needs "
-            f"{_gigabytes(need)}, more than this machine's {_gigabytes(total)} of memory; use a "
-            "smaller input shape (a batch of 2 is enough)"
-        )
 
 
 def _physical_memory() -> int | None:
@@ -101,10 +91,6 @@ def _physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX
         return None
-
-
-def _gigabytes(size: int) -> str:
-    return f"{size / 1e9:.1f} GB"
 
 
 def describe_inputs(example_inputs: Any) -> list[dict[str, Any]]:

@@ -27,13 +27,12 @@ from bnfold.errors import (
     first_line,
 )
 from bnfold.io.archive import open_zip
-from bnfold.io.factory import FACTORY_SPEC, build_from_factory
+from bnfold.io.factory import FACTORY_SPEC, build_from_factory, model_from_weights, read_safetensors
 from bnfold.io.formats import LoadedModel, ModelFormat
 from bnfold.io.paths import describe_broken_link
 from bnfold.io.program_checks import check_graph_targets
 from bnfold.io.program_module import dynamic_dims, module_from_program
 from bnfold.io.pt2 import read_program
-from bnfold.io.state_dict import model_from_weights, read_safetensors
 from bnfold.io.unpickle import load_torch_file
 
 # A legacy torch.save file written with pickle protocol 0 or 1 starts with its magic number.

@@ -1,30 +1,13 @@
 """Every path a command reads or writes, checked before any work; and how outputs are published.
 
-``plan_paths`` takes a command's inputs (the model file, the data file or folder, the reference,
-the ONNX file being verified) and its outputs (the model, its ``.pt2`` sibling, the ONNX file and
-its external data, every report and plot), each with the option that named it, and refuses
-(``UsageError``) before any work:
-
-- an output that is the same file as an input, even with ``overwrite``: same path after
-  resolving symbolic links and ``..`` (also for files that do not exist yet, such as
-  ``dir/../out`` or a path through a symlinked directory), or same device and inode (a hard
-  link);
-- an output inside an input folder (it would be read as data on the next run);
-- two outputs that are the same file;
-- an output whose directory is missing, or that is a directory or not a regular file
-  (a device such as ``/dev/null``, a pipe);
-- an existing output, unless ``overwrite``. A symbolic link counts as existing even when it
-  points nowhere; the message says where it points. bnfold never writes through a link: with
-  ``overwrite`` the link itself is replaced by the new file and its target is left alone.
-
-Writes happen in ``staging(target)``, a private directory beside the target (same filesystem),
-under the target's own name, so formats that record their file name (``torch.save`` and
-``torch.export.save`` name the archive's top folder after it) record the final name. The
-finished file is moved into place with ``publish``: without ``overwrite`` by an exclusive
-operation (a hard link, which fails if the name exists), so a file that appeared meanwhile is
-never replaced (``UsageError``, like any existing output); with ``overwrite`` by
-``os.replace``. Either way the target is never seen
-half-written, and the staging directory is removed whatever happens.
+``plan_paths`` refuses (``UsageError``), before any work: an output that is the same file as an
+input (the same path once links and ``..`` are resolved, or the same device and inode) or lies
+inside an input folder, even with ``overwrite``; two outputs that are the same file; an output
+that is a directory or not a regular file, or whose directory is missing; an existing output
+(a link counts, even a dangling one) unless ``overwrite``. ``staging`` and ``publish`` write a
+file under its final name in a private directory beside the target, then move it into place:
+exclusively unless ``overwrite``, never through a link. The README states these rules for
+users ("What every command guarantees about files").
 """
 
 from __future__ import annotations
@@ -130,7 +113,7 @@ def _check_place(output: NamedPath) -> None:
         raise UsageError(f"cannot write {output}: the directory {parent} {what}")
     if path.is_dir():
         raise UsageError(f"cannot write {output}: it is a directory; give a file name")
-    mode = _stat_mode(path)
+    mode = getattr(_stat(path), "st_mode", None)
     if mode is not None and not stat.S_ISREG(mode):
         raise UsageError(
             f"cannot write {output}: it is {_kind(mode)}, not a regular file; bnfold writes "
@@ -177,16 +160,8 @@ def _same(a: Path, b: Path) -> bool:
     """The same file: equal after resolving links and ``..``, or the same device and inode."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
-    first, second = _identity(a), _identity(b)
-    return first is not None and first == second
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
+    first, second = _stat(a), _stat(b)
+    return None not in (first, second) and os.path.samestat(first, second)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -194,9 +169,9 @@ def _inside(path: Path, folder: Path) -> bool:
     return real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _stat_mode(path: Path) -> int | None:
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        return os.stat(path).st_mode
+        return os.stat(path)
     except (OSError, ValueError):
         return None
 

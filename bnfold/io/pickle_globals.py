@@ -51,11 +51,6 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(ok: bool, what: str) -> None:
-    if not ok:
-        raise DamagedPickle(what)
-
-
 # ------------------------------------------------------------------ tensors and parameters
 
 
@@ -82,25 +77,17 @@ def _tensor(
     hooks: Any,
     metadata: Any = None,
 ) -> torch.Tensor:
-    _require(
-        isinstance(storage, Storage) and isinstance(dtype, torch.dtype),
-        "a tensor without a storage of the file",
-    )
-    _require(
-        isinstance(requires_grad, bool) and _no_hooks(hooks) and _metadata_ok(metadata),
-        "a tensor with hooks or unknown metadata",
-    )
+    if not isinstance(storage, Storage) or not isinstance(dtype, torch.dtype):
+        raise DamagedPickle("a tensor without a storage of the file")
+    if not isinstance(requires_grad, bool) or not _no_hooks(hooks) or not _metadata_ok(metadata):
+        raise DamagedPickle("a tensor with hooks or unknown metadata")
     size, stride = _dims(size), _dims(stride)
-    _require(
-        is_int(offset) and offset >= 0 and len(size) == len(stride),
-        "a tensor with a bad offset or shape",
-    )
+    if not is_int(offset) or offset < 0 or len(size) != len(stride):
+        raise DamagedPickle("a tensor with a bad offset or shape")
     capacity = storage.untyped.nbytes() // dtype.itemsize
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-    _require(
-        not math.prod(size) or last < capacity,
-        f"a tensor of size {list(size)} reaches past its storage",
-    )
+    if math.prod(size) and last >= capacity:
+        raise DamagedPickle(f"a tensor of size {list(size)} reaches past its storage")
     tensor = torch.empty((0,), dtype=dtype)
     tensor.set_(storage.untyped, offset, size, stride)
     if requires_grad:
@@ -111,12 +98,10 @@ def _tensor(
 
 
 def _dims(value: Any) -> tuple[int, ...]:
-    _require(
-        isinstance(value, tuple)
-        and len(value) <= MAX_DIMS
-        and all(is_int(n) and n >= 0 for n in value),
-        "a tensor with a bad shape",
-    )
+    if not isinstance(value, tuple) or len(value) > MAX_DIMS:
+        raise DamagedPickle("a tensor with a bad shape")
+    if not all(is_int(n) and n >= 0 for n in value):
+        raise DamagedPickle("a tensor with a bad shape")
     return value
 
 
@@ -133,11 +118,10 @@ def _metadata_ok(metadata: Any) -> bool:
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Parameter:
-    _require(
-        isinstance(data, torch.Tensor) and isinstance(requires_grad, bool),
-        "a parameter without a tensor",
-    )
-    _require(_no_hooks(hooks), "a parameter with hooks")
+    if not isinstance(data, torch.Tensor) or not isinstance(requires_grad, bool):
+        raise DamagedPickle("a parameter without a tensor")
+    if not _no_hooks(hooks):
+        raise DamagedPickle("a parameter with hooks")
     return torch.nn.Parameter(data, requires_grad)
 
 
@@ -145,33 +129,33 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Pa
 
 
 def _ordered_dict(*args: Any) -> OrderedDict:
-    _require(
-        len(args) <= 1 and (not args or isinstance(args[0], (list, tuple, dict))),
-        "a bad OrderedDict",
-    )
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
+        raise DamagedPickle("a bad OrderedDict")
     return OrderedDict(*args)
 
 
 def _device(*args: Any) -> torch.device:
-    _require(
-        1 <= len(args) <= 2 and isinstance(args[0], str) and (len(args) == 1 or is_int(args[1])),
-        "a bad device",
-    )
+    index_ok = len(args) == 1 or (len(args) == 2 and is_int(args[1]))
+    if not args or not isinstance(args[0], str) or not index_ok:
+        raise DamagedPickle("a bad device")
     return torch.device(*args)
 
 
 def _size(*args: Any) -> torch.Size:
-    _require(len(args) <= 1 and (not args or all(is_int(n) for n in args[0])), "a bad torch.Size")
+    if len(args) > 1 or (args and not all(is_int(n) for n in args[0])):
+        raise DamagedPickle("a bad torch.Size")
     return torch.Size(*args)
 
 
 def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    _require(isinstance(text, str) and encoding in ("latin1", "latin-1", "utf-8"), "bad bytes")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8"):
+        raise DamagedPickle("bad bytes")
     return text.encode(encoding)
 
 
 def _set(items: Any = ()) -> set:
-    _require(isinstance(items, (list, tuple)), "a set of something other than a list")
+    if not isinstance(items, (list, tuple)):
+        raise DamagedPickle("a set of something other than a list")
     return set(items)
 
 
@@ -180,15 +164,14 @@ def _frozenset(items: Any = ()) -> frozenset:
 
 
 def _bytearray(data: Any = b"") -> bytearray:
-    _require(isinstance(data, bytes), "a bad bytearray")
+    if not isinstance(data, bytes):
+        raise DamagedPickle("a bad bytearray")
     return bytearray(data)
 
 
 def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
-    _require(
-        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (real, imag)),
-        "a bad complex number",
-    )
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (real, imag)):
+        raise DamagedPickle("a bad complex number")
     return complex(real, imag)
 
 

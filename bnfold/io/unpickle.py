@@ -1,23 +1,18 @@
 """``torch.save`` files read by bnfold's own restricted unpickler, with weights-only semantics.
 
-torch's other loaders retry a pickle that ``torch.load(weights_only=True)`` refuses with
-``weights_only=False`` (``torch.export.load`` does, for every pickled member of a ``.pt2``), so
-bnfold never calls them on bytes from a user's file: every pickle it reads (state dicts, the
-sample inputs inside a ``.pt2``, ``--data`` files) goes through ``RestrictedUnpickler``, built
-on the pure-Python ``pickle._Unpickler`` with its opcode table replaced, for every protocol (0-5):
+torch's loaders retry a pickle that a weights-only load refuses with ``weights_only=False``
+(``torch.export.load`` does, for every pickled member of a ``.pt2``), so every pickle bnfold
+reads (state dicts, the sample inputs inside a ``.pt2``, ``--data`` files, zip and legacy
+``torch.save`` formats, protocols 0-5) goes through ``RestrictedUnpickler``: the pure-Python
+``pickle._Unpickler`` with its opcode table replaced.
 
-- globals: only ``bnfold.io.pickle_globals.ALLOWED_GLOBALS``, each a checked constructor;
-  nothing is imported and no other callable can reach the stack.
+- globals: only ``bnfold.io.pickle_globals.ALLOWED_GLOBALS``, each a checked constructor.
 - ``REDUCE`` calls only those; ``BUILD`` only sets ``_metadata`` on an OrderedDict (a state
   dict's); ``SETITEM(S)``/``APPEND(S)``/``ADDITEMS`` only fill dicts, lists and sets; ``INST``,
   ``OBJ``, ``NEWOBJ(_EX)``, ``EXT1/2/4`` and out-of-band buffers are refused.
-- storages come from the file itself (``persistent_load``): each must be exactly as long as its
-  declared element count; each tensor's size, stride and offset must fit its storage.
-- the result may hold at most ``MAX_VALUES`` values counted with repetition, so a shared or
-  cyclic structure cannot make a later walk over it explode.
-
-Legacy (non-zip) ``torch.save`` files are read by the same unpickler; their storages are
-allocated only when the file holds enough bytes for them.
+- storages come from the file itself (``persistent_load``), each exactly as long as declared
+  (legacy files: never more bytes in all than the file holds); each tensor must fit its storage.
+- the result may hold at most ``MAX_VALUES`` values counted with repetition.
 """
 
 from __future__ import annotations
