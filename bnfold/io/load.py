@@ -151,7 +151,10 @@ def _load_program(path: Path) -> LoadedModel:
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
-    obj = _torch_load(path) if trust_pickle else _weights_only_load(path)
+    try:  # bnfold's restricted unpickler unless the file is trusted, never torch.load
+        obj = _torch_load(path) if trust_pickle else load_torch_file(path)
+    except UnsafePickleError as exc:
+        raise _unsafe(path, list(exc.references)) from None
     if isinstance(obj, nn.Module):
         _no_arch(arch, path, "a full pickled model")
         return LoadedModel(
@@ -165,14 +168,6 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> Loa
     if isinstance(obj, torch.jit.ScriptModule):  # only reachable when trusted
         raise LoadError(f"{path} holds a TorchScript module, which bnfold cannot fold")
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
-
-
-def _weights_only_load(path: Path) -> Any:
-    """The file read by bnfold's restricted unpickler (never ``torch.load``)."""
-    try:
-        return load_torch_file(path)
-    except UnsafePickleError as exc:
-        raise _unsafe(path, list(exc.references)) from None
 
 
 def _torch_load(path: Path) -> Any:

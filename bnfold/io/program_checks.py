@@ -52,17 +52,9 @@ _SYMPY_NAMES = frozenset("oo zoo nan pi E true false True False".split())
 _SYMBOL_NAME = re.compile(r"^[a-z]{1,4}[0-9]+$")
 _GUARD_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 _MATH_FUNCTIONS = frozenset({"floor", "ceil", "trunc", "sqrt"})
-_ARITHMETIC = (
-    ast.Expression,
-    ast.BinOp,
-    ast.UnaryOp,
-    ast.Compare,
-    ast.BoolOp,
-    ast.Load,
-    ast.operator,
-    ast.unaryop,
-    ast.cmpop,
-    ast.boolop,
+_ARITHMETIC = tuple(
+    getattr(ast, name)
+    for name in "Expression BinOp UnaryOp Compare BoolOp Load operator unaryop cmpop boolop".split()
 )
 
 

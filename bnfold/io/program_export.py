@@ -20,6 +20,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree  # torch has no public pytree module
 
 from bnfold.errors import SaveError, first_line
+from bnfold.io.inputs import format_shape
 from bnfold.io.program_module import dynamic_dims as program_dims
 
 #: torch loggers that narrate an export on stderr.
@@ -69,7 +70,7 @@ def export_program(
             "A .pt2 needs a model torch.export can trace; for a pickled input, write a .pt "
             "output instead"
         ) from exc
-    sizes = ", ".join(_shape_text(leaf) for leaf in leaves if leaf is not None)
+    sizes = ", ".join(format_shape(leaf.shape) or "scalar" for leaf in leaves if leaf is not None)
     static = f"the saved program has static shapes (it runs only at {sizes}): {problem}"
     return program, [static, *notes]
 
@@ -131,10 +132,6 @@ def _kept_note(wanted: list[tuple[int, ...]], leaves: list[Any], doubled: bool) 
         return "the saved program has static shapes (no input has a batch dimension)"
     note = "dynamic dims kept: " + ", ".join(kept)
     return note + (" (exported at batch 2: a batch-1 example fixes the batch)" if doubled else "")
-
-
-def _shape_text(tensor: Any) -> str:
-    return "x".join(str(size) for size in tensor.shape) or "scalar"
 
 
 @contextlib.contextmanager

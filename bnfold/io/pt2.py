@@ -51,13 +51,7 @@ MAX_JSON_BYTES = 64 * MIB
 MAX_SMALL_BYTES = 4096
 ALLOWANCE = 256 * MIB
 MODEL = "model"
-_SMALL = (
-    "archive_format",
-    "archive_version",
-    "byteorder",
-    ".data/version",
-    ".data/serialization_id",
-)
+_SMALL = "archive_format archive_version byteorder .data/version .data/serialization_id".split()
 _PROGRAM = f"models/{MODEL}.json"
 _SAMPLE_INPUTS = f"data/sample_inputs/{MODEL}.pt"
 _CONFIGS = {kind: f"data/{kind}/{MODEL}_{kind}_config.json" for kind in ("weights", "constants")}
