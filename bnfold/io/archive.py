@@ -84,13 +84,10 @@ class ZipArchive:
         else:
             data, crc = _read_deflated(self._handle, member, self.label)
         if len(data) != member.size:
-            raise self._damaged(f"{name} ends after {len(data)} of {member.size} bytes")
+            raise _damaged(self.label, f"{name} ends after {len(data)} of {member.size} bytes")
         if crc != member.crc:
-            raise self._damaged(f"{name} fails its CRC check (its bytes were changed)")
+            raise _damaged(self.label, f"{name} fails its CRC check (its bytes were changed)")
         return data
-
-    def _damaged(self, what: str) -> LoadError:
-        return _damaged(self.label, what)
 
 
 @contextmanager

@@ -63,7 +63,6 @@ _KNOWN = {*_SMALL, _PROGRAM, _SAMPLE_INPUTS, *_CONFIGS.values(), *_LEGACY.values
 class _Layout:
     """The members of a checked ``.pt2``, by role (full member names)."""
 
-    root: str
     small: dict[str, str]  # relative name -> member
     program: str
     sample_inputs: str
@@ -115,7 +114,6 @@ def _layout(archive: ZipArchive, path: Path) -> _Layout:
             f"{', '.join(missing or ['archive_format'])})"
         )
     return _Layout(
-        root=root,
         small={name: member for name, member in relative.items() if name in _SMALL},
         program=relative[_PROGRAM],
         sample_inputs=relative[_SAMPLE_INPUTS],
@@ -169,9 +167,8 @@ def _check_small_files(archive: ZipArchive, layout: _Layout, path: Path) -> None
     for name, value in expected.items():
         if name not in layout.small:
             continue
-        found = bytes(archive.read(layout.small[name], limit=MAX_SMALL_BYTES)).decode(
-            "utf-8", "replace"
-        )
+        raw = archive.read(layout.small[name], limit=MAX_SMALL_BYTES)
+        found = bytes(raw).decode("utf-8", "replace")
         if found.strip() != value:
             raise LoadError(
                 f"{path}: {name} is {found.strip()[:20]!r}, not {value!r}; bnfold reads "
