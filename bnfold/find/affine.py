@@ -19,7 +19,6 @@ on the example and compared with ``s*x + t`` (``CHECK_RTOL``), a guard against i
 
 from __future__ import annotations
 
-import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnfold.errors import first_line
+from bnfold.find.functional import NORM_ARGS
 from bnfold.find.guards import describe, trace_guarded, value_dependent_nodes
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, affine_kind
-from bnfold.folding.math import Affine, BnParams
+from bnfold.find.sites import NormSite, affine_kind, first_input
+from bnfold.folding.math import Affine, BnParams, bn_affine
 from bnfold.modes import inference
-from bnfold.records import BnKind, SkipReason
+from bnfold.records import SkipReason
 
 #: Relative tolerance (max abs diff / max abs output) of the final numerical check of a proof,
 #: by the module's dtype. The proof itself is exact; this only catches interpreter bugs.
@@ -60,20 +60,7 @@ _SUB = {operator.sub, operator.isub, torch.sub, "sub"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "true_divide"}
 _NEG = {operator.neg, torch.neg, "neg"}
-_BN_ARGS = {
-    F.batch_norm: tuple(inspect.signature(F.batch_norm).parameters),
-    torch.batch_norm: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
-}
+_BATCH_NORMS = (F.batch_norm, torch.batch_norm)
 
 
 @dataclass(frozen=True)
@@ -89,11 +76,10 @@ def affine_site(
 ) -> NormSite:
     """The norm site of a candidate module call: params hold the proven map (as an exact
     ``BnParams`` with mean 0, variance 1, eps 0), or ``problem`` says why it is not one."""
-    arg = node.args[0] if node.args else None
     site = NormSite(
         node=node,
         out=node,
-        input=arg if isinstance(arg, fx.Node) else None,
+        input=first_input(node),
         name=name,
         type_name=type(module).__name__,
         kind=affine_kind(module),
@@ -200,9 +186,7 @@ def _abstract_args(node: fx.Node, env: dict[fx.Node, Any]) -> tuple[tuple, dict]
     def get(arg: Any) -> Any:
         return env[arg] if isinstance(arg, fx.Node) else _Const(arg)
 
-    args = tuple(get(a) if isinstance(a, fx.Node) else _Const(a) for a in node.args)
-    kwargs = {k: get(v) if isinstance(v, fx.Node) else _Const(v) for k, v in node.kwargs.items()}
-    return args, kwargs
+    return tuple(map(get, node.args)), {k: get(v) for k, v in node.kwargs.items()}
 
 
 def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
@@ -258,8 +242,8 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if _floating((None, *rest), {}):
             return args[0]
         return _Unknown(f"'{key}' converts the input to a non-floating dtype")
-    if key in _BN_ARGS:
-        return _batch_norm(node, key, args, kwargs)
+    if key in _BATCH_NORMS:
+        return _batch_norm(node, dict(zip(NORM_ARGS[key], args, strict=False)) | kwargs)
     return _arithmetic(node, key, args, kwargs)
 
 
@@ -321,10 +305,8 @@ def _tensor(value: Any) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
-def _batch_norm(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:
-    names = _BN_ARGS[key]
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
+def _batch_norm(node: fx.Node, bound: dict[str, Any]) -> Any:
+    """An eval-mode batch norm with constant statistics applied to ``bound["input"]``."""
     if any(isinstance(v, _Lin) for k, v in bound.items() if k != "input"):
         return _Unknown("a batch norm's statistics depend on the input")
     values = {k: v.value for k, v in bound.items() if k != "input"}
@@ -333,15 +315,12 @@ def _batch_norm(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:
     mean, var = values.get("running_mean"), values.get("running_var")
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         return _Unknown("a batch norm in its forward has no running statistics")
-    scale = torch.rsqrt(_tensor(var) + float(values.get("eps", 1e-5)))
-    if values.get("weight") is not None:
-        scale = scale * _tensor(values["weight"])
-    shift = -_tensor(mean) * scale
-    if values.get("bias") is not None:
-        shift = shift + _tensor(values["bias"])
-    rank = _concrete_rank(node)
-    shape = (-1,) + (1,) * max(rank - 2, 0)
-    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    params = BnParams(
+        mean, var, values.get("weight"), values.get("bias"), float(values.get("eps", 1e-5))
+    )
+    affine = bn_affine(params)
+    shape = (-1,) + (1,) * max(_concrete_rank(node) - 2, 0)
+    scale, shift = affine.scale.reshape(shape), affine.shift.reshape(shape)
     lin = bound["input"]
     return _Lin(lin.scale * scale, lin.shift * scale + shift)
 
@@ -396,15 +375,3 @@ def _check_numerically(module: nn.Module, x: Tensor, affine: Affine) -> str | No
 
 def _refuse(detail: str) -> Refusal:
     return Refusal(SkipReason.NOT_AFFINE, detail)
-
-
-def affine_skips_to_notes(skips: list) -> tuple[list, list[str]]:
-    """A refused ``BnKind.AFFINE`` module is not a batch norm: its refusal becomes a plan note
-    (dropped when it sits next to no layer at all); every other skip stays a skip."""
-    kept, notes = [], []
-    for skip in skips:
-        if skip.bn_kind != BnKind.AFFINE:
-            kept.append(skip)
-        elif skip.reason != SkipReason.NO_PRODUCER:
-            notes.append(f"{skip.bn} ({skip.bn_type}) left as it is: {skip.detail}")
-    return kept, notes

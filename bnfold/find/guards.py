@@ -1,7 +1,9 @@
 """Tracing one module's forward on a real input, keeping the branch decisions it made.
 
-``trace_guarded`` runs ``bnfold.find.trace.ConcreteTracer`` and keeps every node whose value Python
-turned into a decision (``if``, ``while``, iteration). A decision on the input's *metadata*
+``trace_guarded`` traces with ``ConcreteTracer``, which runs every traced op on real example
+values, so Python control flow (``if x.numel() > 0``, ``input.dim() != 4``) is decided by the
+example; it keeps every node whose value Python turned into a decision (``if``, ``while``,
+iteration). A decision on the input's *metadata*
 (``x.numel() > 0``, ``x.dim() == 4``, ``x.requires_grad``) holds for every input of that shape
 and kind; a decision on its *values* (``x.mean() > 0``) holds only for the example, so a
 forward that makes one cannot be specialised on it.
@@ -9,15 +11,16 @@ forward that makes one cannot be specialised on it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from bnfold.find.trace import ConcreteTracer
-from bnfold.find.trace import graph_module as _graph_module
-from bnfold.find.trace import trace_without_side_effects as _trace_without_side_effects
+from bnfold.find.functional import fetch_attr
+from bnfold.find.trace import LeafTracer, trace_to_module
 from bnfold.modes import inference
 
 METADATA_ATTRS = frozenset(
@@ -61,26 +64,58 @@ class Guarded:
         return [guard for guard in self.guards if guard in dependent]
 
 
+class ConcreteTracer(LeafTracer):
+    """A leaf tracer that evaluates each node on real values while tracing; each node whose
+    value decided control flow is appended to ``guards``."""
+
+    def __init__(self, example_args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self._example_args = list(example_args)
+        self._placeholders = 0
+        self.guards: list[fx.Node] = []
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind != "output":
+            # fx patches Module.__call__/__getattr__ while tracing; this is its own switch
+            # back to the originals, so real modules run
+            with _maybe_revert_all_patches():
+                node.meta["concrete"] = self._evaluate(node)
+        return node
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        def value(arg: Any) -> Any:
+            return arg.meta["concrete"] if isinstance(arg, fx.Node) else arg
+
+        args = fx.node.map_aggregate(node.args, value)
+        kwargs = fx.node.map_aggregate(node.kwargs, value)
+        if node.op == "placeholder":
+            index = self._placeholders
+            self._placeholders += 1
+            return self._example_args[index] if index < len(self._example_args) else None
+        if node.op == "get_attr":
+            return fetch_attr(self.root, node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.root.get_submodule(node.target)(*args, **kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        self.guards.append(obj.node)
+        return bool(obj.node.meta["concrete"])
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        self.guards.append(obj.node)
+        return iter(obj[i] for i in range(len(obj.node.meta["concrete"])))
+
+
 def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded:
     """Trace ``module`` on ``example_args`` (eval mode, no autograd, flags restored)."""
-
-    class GuardTracer(ConcreteTracer):
-        def __init__(self) -> None:
-            super().__init__(example_args)
-            self.guard_nodes: list[fx.Node] = []
-
-        def to_bool(self, obj: fx.Proxy) -> bool:
-            self.guard_nodes.append(obj.node)
-            return super().to_bool(obj)
-
-        def iter(self, obj: fx.Proxy) -> Any:
-            self.guard_nodes.append(obj.node)
-            return super().iter(obj)
-
-    tracer = GuardTracer()
+    tracer = ConcreteTracer(example_args)
     with inference(module):
-        graph = _trace_without_side_effects(tracer, module)
-    return Guarded(_graph_module(tracer, graph), tuple(tracer.guard_nodes))
+        traced = trace_to_module(tracer, module)
+    return Guarded(traced, tuple(tracer.guards))
 
 
 def is_metadata(node: fx.Node) -> bool:

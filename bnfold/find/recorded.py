@@ -13,8 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import ModelInputError, TraceError, first_line
-from bnfold.find.affine import affine_skips_to_notes
-from bnfold.find.pairing import Analysis, PlannedPair, decide, plan_notes
+from bnfold.find.pairing import Analysis, PlannedPair, affine_skips_to_notes, decide, plan_notes
 from bnfold.find.recording import Recording, record
 from bnfold.find.sites import is_frozen_norm
 from bnfold.find.trace import Traced

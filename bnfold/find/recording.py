@@ -3,7 +3,7 @@
 While the model runs once on real inputs (eval mode, no autograd):
 
 - global module hooks see every module call. Conv/ConvTranspose/Linear/BatchNorm modules (and
-  subclasses) and per-channel affine candidates (``bnfold.affine``) are *leaves*: one node per
+  subclasses) and per-channel affine candidates (``bnfold.find.affine``) are *leaves*: one node per
   call, their internals unseen, exactly as ``bnfold.find.trace.LeafTracer`` keeps them;
 - a ``TorchDispatchMode`` sees every ATen op run outside leaves: one node per op, with edges
   from the nodes that produced its tensor arguments (tensors are matched by identity, so
@@ -28,14 +28,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnfold.errors import ModelInputError, first_line
 from bnfold.find.kernels import BATCH_NORM_KERNELS
-from bnfold.find.sites import is_affine_candidate
+from bnfold.find.sites import needs_example_input, own_tensors
 from bnfold.find.trace import is_leaf
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
@@ -43,7 +42,6 @@ from bnfold.modes import inference
 _VALUE_READ_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
 _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
 _INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
-_STOCK_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def recorded_op(*args: Any) -> Any:
@@ -154,7 +152,7 @@ class _State:
         )
         self.stack.append(_Frame(module, node, True))
         self.leaf_depth += 1  # from here on ops are the leaf's own, the copy below included
-        if _needs_input(module):  # a copy: the original must be free to die (liveness)
+        if needs_example_input(module):  # a copy: the original must be free to die (liveness)
             self.kept[node.name] = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -204,13 +202,6 @@ class _State:
             self.value_read(f"aten.{name}")
 
 
-def _needs_input(module: nn.Module) -> bool:
-    """Leaf calls whose input the graph pass needs: BN subclasses and affine candidates."""
-    if isinstance(module, _BatchNorm):
-        return type(module).forward not in _STOCK_BN_FORWARDS
-    return is_affine_candidate(module)
-
-
 class _OpRecorder(TorchDispatchMode):
     def __init__(self, state: _State) -> None:
         super().__init__()
@@ -252,12 +243,7 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     """
     args = as_args(example_inputs)
     paths = {id(m): name for name, m in model.named_modules() if name}
-    leaf_tensors = {
-        id(t)
-        for m in model.modules()
-        if is_leaf(m)
-        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
-    }
+    leaf_tensors = {id(t) for m in model.modules() if is_leaf(m) for t in own_tensors(m)}
     state = _State(paths=paths, leaf_tensors=leaf_tensors)
     leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
     for i, tensor in enumerate(leaves):

@@ -1,7 +1,7 @@
 """BatchNorm subclasses whose forward does more than batch norm (an activation, a dropout, a
 guard): find the one batch norm inside, and build the forward without it.
 
-The subclass forward is traced with real example values (``trace_concrete``), so shape checks
+The subclass forward is traced with real example values (``trace_guarded``), so shape checks
 and guards such as ``if x.numel() > 0`` are decided by the example and recorded in the notes.
 """
 
@@ -12,9 +12,11 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from bnfold.errors import first_line
+from bnfold.find.functional import erase_norm, functional_norm, is_norm_call
 from bnfold.find.guards import describe, trace_guarded
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, functional_norm, is_norm_call
+from bnfold.find.sites import NormSite
 from bnfold.folding.math import BnParams
 from bnfold.records import SkipReason
 
@@ -27,7 +29,7 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
         traced = trace_guarded(module, tuple(example_args))
     except Exception as exc:
         site.problem = _unsupported(
-            f"tracing {type(module).__name__}.forward failed: {type(exc).__name__}: {exc}"
+            f"tracing {type(module).__name__}.forward failed: {first_line(exc)}"
         )
         return
     value_guards = traced.value_guards()
@@ -49,8 +51,7 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
         site.problem = problem
         return
     notes = tuple(f"forward specialised on {describe(guard)}" for guard in traced.guards)
-    inner.out.replace_all_uses_with(placeholders[0])
-    _erase(gm.graph, inner)
+    erase_norm(gm.graph, inner, placeholders[0])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     site.params = inner.params
@@ -68,14 +69,6 @@ def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]
 
 def _same_tensors(module: nn.Module, params: BnParams) -> bool:
     return params.running_mean is module.running_mean and params.running_var is module.running_var
-
-
-def _erase(graph: fx.Graph, inner: NormSite) -> None:
-    for user in list(inner.node.users):
-        if not user.users:
-            graph.erase_node(user)
-    if not inner.node.users:
-        graph.erase_node(inner.node)
 
 
 def _simplest(gm: fx.GraphModule, placeholder: fx.Node) -> nn.Module:
