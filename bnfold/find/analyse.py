@@ -48,12 +48,12 @@ def analyse(
         return analyse_recorded(
             model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes
         )
-    pairs, skips, notes = decide(traced.module, kept, allow_graph_rewrite)
+    decisions = decide(traced.module, kept, allow_graph_rewrite)
     plan = Plan(
-        pairs=tuple(p.record for p in pairs),
-        skipped=tuple(skips),
+        pairs=tuple(p.record for p in decisions.pairs),
+        skipped=decisions.skips,
         method=traced.method,
         model_was_training=model.training,
-        notes=(*wrapper_notes, *plan_notes(model, pairs), *notes),
+        notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *decisions.notes),
     )
-    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+    return Analysis(plan=plan, traced=traced, pairs=decisions.pairs)

@@ -10,6 +10,7 @@ never changes a weight.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,28 +59,44 @@ class Analysis:
     pairs: tuple[PlannedPair, ...]
 
 
+Outcome = PlannedPair | Skip
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Every norm call of one graph decided, in graph order, and the plan notes of refused
+    affine candidates (which are not batch norms, so not skips)."""
+
+    outcomes: tuple[Outcome, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def pairs(self) -> tuple[PlannedPair, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, PlannedPair))
+
+    @property
+    def skips(self) -> tuple[Skip, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, Skip))
+
+
 def decide(
     gm: fx.GraphModule,
     kept: dict[str, Any],
     allow_graph_rewrite: bool,
     *,
     extra_uses: Counter | None = None,
-) -> tuple[list[PlannedPair], list[Skip], list[str]]:
+) -> Decisions:
     """Pair or skip every norm call of a traced (or recorded) graph; ``kept`` holds the inputs
     of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
-    module tensors outside their module that the graph has no get_attr node for. Returns the
-    pairs, the skips and the plan notes of refused affine candidates."""
+    module tensors outside their module that the graph has no get_attr node for."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     layers = _layer_sites(gm, modules)
     context = _Context(gm, layers, graph_sharing(gm, extra_uses), allow_graph_rewrite)
-    pairs: list[PlannedPair] = []
-    skips: list[Skip] = []
-    for norm in _norm_sites(gm, kept, modules):
-        outcome = context.decide(norm)
-        (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
-    _check_unique_layers(pairs)
-    skips, notes = affine_skips_to_notes(skips)
-    return pairs, skips, notes
+    outcomes = [context.decide(norm) for norm in _norm_sites(gm, kept, modules)]
+    outcomes, notes = affine_refusals_to_notes(outcomes)
+    decisions = Decisions(tuple(outcomes), tuple(notes))
+    _check_unique_layers(decisions.pairs)
+    return decisions
 
 
 def _layer_sites(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, LayerSite]:
@@ -111,15 +128,15 @@ def _norm_sites(
     return sites
 
 
-def affine_skips_to_notes(skips: list[Skip]) -> tuple[list[Skip], list[str]]:
-    """A refused ``BnKind.AFFINE`` module is not a batch norm: its refusal becomes a plan note
-    (dropped when it sits next to no layer at all); every other skip stays a skip."""
+def affine_refusals_to_notes(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
+    """A refused ``BnKind.AFFINE`` module is not a batch norm: its skip becomes a plan note
+    (dropped when it sits next to no layer at all); every other outcome stays."""
     kept, notes = [], []
-    for skip in skips:
-        if skip.bn_kind != BnKind.AFFINE:
-            kept.append(skip)
-        elif skip.reason != SkipReason.NO_PRODUCER:
-            notes.append(f"{skip.bn} ({skip.bn_type}) left as it is: {skip.detail}")
+    for outcome in outcomes:
+        if not isinstance(outcome, Skip) or outcome.bn_kind != BnKind.AFFINE:
+            kept.append(outcome)
+        elif outcome.reason != SkipReason.NO_PRODUCER:
+            notes.append(f"{outcome.bn} ({outcome.bn_type}) left as it is: {outcome.detail}")
     return kept, notes
 
 
@@ -333,7 +350,8 @@ def _check_unique_layers(pairs: list[PlannedPair]) -> None:
         raise AssertionError(f"internal error: a layer was paired twice on one side: {duplicated}")
 
 
-def plan_notes(model: nn.Module, pairs: list[PlannedPair]) -> tuple[str, ...]:
+def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...]:
+    """Notes on the model as a whole (train mode, dtype and device) and on each pair."""
     notes = []
     if model.training:
         notes.append("model was in train mode: the fold computes the eval-mode function")
