@@ -89,7 +89,7 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
         outcomes[f"{name}#{occurrences[name]}"] = outcome
         occurrences[name] += 1
     dependent = set()
-    if recording.first_read is not None:  # after a read of values any module may be called
+    if recording.read_detail is not None:  # after a read of values any module may be called
         dependent = {key for key, o in outcomes.items() if isinstance(o, PlannedPair)}
     called = Counter(n.target for n in recording.module.graph.nodes if n.op == "call_module")
     return _Run(recording, outcomes, dependent, called, list(decisions.notes))
@@ -154,7 +154,7 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
             ), None
     if not any(key in runs[i].dependent for i, _ in present):
         return first, None
-    read = next(run.recording.read_detail for run in runs if run.recording.first_read is not None)
+    read = next(run.recording.read_detail for run in runs if run.recording.read_detail)
     if len(runs) == 1:
         return _dependent_skip(
             first,
@@ -195,7 +195,7 @@ def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) ->
         f"recorded at input shapes {shapes}: control flow on input shapes is assumed to route "
         "layers the same way at other shapes",
     ]
-    reads = [run.recording.read_detail for run in runs if run.recording.first_read is not None]
+    reads = [run.recording.read_detail for run in runs if run.recording.read_detail]
     if reads:
         notes.append(
             f"the forward reads tensor values ({reads[0]}): a pair folds only when "

@@ -53,7 +53,6 @@ def recorded_op(*args: Any) -> Any:
 class LooseNorm:
     """A batch-norm kernel run outside any BatchNorm module (a functional call)."""
 
-    name: str
     op: str
     where: str  # module path of the innermost enclosing module, "" for the model's own forward
 
@@ -64,9 +63,7 @@ class Recording:
 
     module: fx.GraphModule
     kept: dict[str, tuple[Any, ...]]  # node name -> inputs of subclass/affine leaf calls
-    order: dict[fx.Node, int]  # execution order of every node
-    first_read: int | None  # order of the first read of tensor values into Python, if any
-    read_detail: str | None  # what that read was and where
+    read_detail: str | None  # the first read of tensor values into Python and where, if any
     outside_uses: Counter  # id(tensor) -> ops outside leaf modules that read a leaf's tensor
     loose_norms: list[LooseNorm]
     input_shapes: tuple[tuple[int, ...], ...]
@@ -89,8 +86,6 @@ class _State:
     leaf_depth: int = 0
     instance_norm_depth: int = 0
     kept: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    order: dict[fx.Node, int] = field(default_factory=dict)
-    first_read: int | None = None
     read_detail: str | None = None
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
@@ -111,9 +106,7 @@ class _State:
         node.meta.setdefault("bnfold_shape", tuple(tensor.shape))
 
     def add_node(self, op: str, target: Any, args: tuple, name: str | None = None) -> fx.Node:
-        node = self.graph.create_node(op, target, args, {}, name=name)
-        self.order[node] = len(self.order)
-        return node
+        return self.graph.create_node(op, target, args, {}, name=name)
 
     def alive_nodes(self) -> set[fx.Node]:
         return {node for ref, node in self.producers.values() if ref() is not None}
@@ -126,17 +119,13 @@ class _State:
         return ""
 
     def value_read(self, what: str) -> None:
-        if self.first_read is None:
-            self.first_read = len(self.order)
-            where = self.where()
-            self.read_detail = f"{what} in {where or 'the model forward'}"
+        if self.read_detail is None:
+            self.read_detail = f"{what} in {self.where() or 'the model forward'}"
 
     # -------------------------------------------------------------- module hooks
 
     def is_leaf(self, module: nn.Module) -> bool:
-        if id(module) not in self.paths:
-            return False
-        return is_leaf(module)
+        return id(module) in self.paths and is_leaf(module)
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.leaf_depth > 0:
@@ -195,7 +184,7 @@ class _State:
         )
         node.meta["aten"] = str(func)
         if name in BATCH_NORM_KERNELS and self.instance_norm_depth == 0:
-            self.loose_norms.append(LooseNorm(node.name, f"aten.{name}", self.where()))
+            self.loose_norms.append(LooseNorm(f"aten.{name}", self.where()))
         for tensor in (t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)):
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
@@ -271,8 +260,6 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     return Recording(
         module=module,
         kept=state.kept,
-        order=state.order,
-        first_read=state.first_read,
         read_detail=state.read_detail,
         outside_uses=state.outside_uses,
         loose_norms=state.loose_norms,
