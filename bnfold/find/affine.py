@@ -28,14 +28,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnfold.errors import first_line
 from bnfold.find.functional import NORM_ARGS
-from bnfold.find.guards import describe, trace_guarded, value_dependent_nodes
+from bnfold.find.guards import trace_guarded, value_dependent_nodes
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, affine_kind, first_input
+from bnfold.find.sites import NormSite, first_input, is_frozen_norm
 from bnfold.folding.math import Affine, BnParams, bn_affine
 from bnfold.modes import inference
-from bnfold.records import SkipReason
+from bnfold.records import BnKind, SkipReason
 
 #: Relative tolerance (max abs diff / max abs output) of the final numerical check of a proof,
 #: by the module's dtype. The proof itself is exact; this only catches interpreter bugs.
@@ -82,7 +81,7 @@ def affine_site(
         input=first_input(node),
         name=name,
         type_name=type(module).__name__,
-        kind=affine_kind(module),
+        kind=BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE,
         module=module,
     )
     outcome = prove_affine(module, example_args)
@@ -106,15 +105,9 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
             f"its input has shape {tuple(x.shape)} and dtype {x.dtype}; a per-channel "
             "map needs a floating (N, C, ...) input"
         )
-    try:
-        traced = trace_guarded(module, (x,))
-    except Exception as exc:
-        return _refuse(f"tracing its forward failed: {first_line(exc)}")
-    value_guards = traced.value_guards()
-    if value_guards:
-        return _refuse(
-            f"its forward branches on the values of its input ({describe(value_guards[0])})"
-        )
+    traced = trace_guarded(module, (x,))
+    if isinstance(traced, str):
+        return _refuse(traced)
     result = _interpret(traced.module, value_dependent_nodes(traced.module))
     if not isinstance(result, _Lin):
         detail = result.reason if isinstance(result, _Unknown) else "its output is a constant"
@@ -125,11 +118,7 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
     mismatch = _check_numerically(module, x, affine)
     if mismatch is not None:
         return _refuse(mismatch)
-    notes = tuple(f"forward specialised on {describe(g)}" for g in traced.guards)
-    return Proof(affine, notes)
-
-
-# ------------------------------------------------------------------------------ interpretation
+    return Proof(affine, traced.notes)
 
 
 @dataclass(frozen=True)

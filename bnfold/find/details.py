@@ -43,17 +43,10 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 def non_finite_detail(norm: NormSite) -> str:
     """Which statistics or parameters are not finite (or negative), and what to do."""
     params = norm.params
-    named = {
-        "running_mean": params.running_mean,
-        "running_var": params.running_var,
-        "weight": params.weight,
-        "bias": params.bias,
-    }
     problems = []
-    for name, tensor in named.items():
-        if tensor is None:
-            continue
-        bad = int((~torch.isfinite(tensor.detach())).sum())
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        tensor = getattr(params, name)
+        bad = 0 if tensor is None else int((~torch.isfinite(tensor.detach())).sum())
         if bad:
             problems.append(f"{name} is not finite in {bad} of {tensor.numel()} channels")
     negative = int((params.running_var.detach() < 0).sum())

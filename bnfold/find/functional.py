@@ -235,11 +235,7 @@ def _per_dim(value: Any, n: int) -> tuple[int, ...]:
     return tuple(int(value) for _ in range(n))
 
 
-class _NotConstant:
-    pass
-
-
-_NOT_CONSTANT = _NotConstant()
+_NOT_CONSTANT = object()  # a value computed in the forward
 
 
 def _constant(gm: fx.GraphModule, arg: Any) -> Any:

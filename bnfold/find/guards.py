@@ -1,12 +1,11 @@
 """Tracing one module's forward on a real input, keeping the branch decisions it made.
 
-``trace_guarded`` traces with ``ConcreteTracer``, which runs every traced op on real example
-values, so Python control flow (``if x.numel() > 0``, ``input.dim() != 4``) is decided by the
-example; it keeps every node whose value Python turned into a decision (``if``, ``while``,
-iteration). A decision on the input's *metadata*
-(``x.numel() > 0``, ``x.dim() == 4``, ``x.requires_grad``) holds for every input of that shape
-and kind; a decision on its *values* (``x.mean() > 0``) holds only for the example, so a
-forward that makes one cannot be specialised on it.
+``ConcreteTracer`` runs every traced op on real example values, so Python control flow is decided
+by the example, and keeps every node whose value Python turned into a decision (``if``,
+``while``, iteration). A decision on the input's *metadata* (``x.numel() > 0``, ``x.dim() == 4``,
+``x.requires_grad``) holds for every input of that shape and kind; a decision on its *values*
+(``x.mean() > 0``) holds only for the example, so a forward that makes one cannot be specialised
+on it.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
+from bnfold.errors import first_line
 from bnfold.find.functional import fetch_attr
 from bnfold.find.trace import LeafTracer, trace_to_module
 from bnfold.modes import inference
@@ -58,10 +58,10 @@ class Guarded:
     module: fx.GraphModule
     guards: tuple[fx.Node, ...]
 
-    def value_guards(self) -> list[fx.Node]:
-        """Decisions that depend on the input's values (not only its shape or dtype)."""
-        dependent = value_dependent_nodes(self.module)
-        return [guard for guard in self.guards if guard in dependent]
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the trace assumed, as plan notes (read them before the graph is changed)."""
+        return tuple(f"forward specialised on {describe(guard)}" for guard in self.guards)
 
 
 class ConcreteTracer(LeafTracer):
@@ -110,11 +110,23 @@ class ConcreteTracer(LeafTracer):
         return iter(obj[i] for i in range(len(obj.node.meta["concrete"])))
 
 
-def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded:
-    """Trace ``module`` on ``example_args`` (eval mode, no autograd, flags restored)."""
+def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded | str:
+    """Trace ``module`` on ``example_args`` (eval mode, no autograd, flags restored), or say why
+    its forward cannot be specialised on them: the trace fails, or it branches on the input's
+    values."""
     tracer = ConcreteTracer(example_args)
-    with inference(module):
-        traced = trace_to_module(tracer, module)
+    try:
+        with inference(module):
+            traced = trace_to_module(tracer, module)
+    except Exception as exc:
+        return f"tracing its forward failed: {first_line(exc)}"
+    dependent = value_dependent_nodes(traced)
+    on_values = [guard for guard in tracer.guards if guard in dependent]
+    if on_values:
+        return (
+            f"its forward branches on the values of its input ({describe(on_values[0])}); "
+            "a fold would fix one branch"
+        )
     return Guarded(traced, tuple(tracer.guards))
 
 

@@ -30,7 +30,6 @@ from bnfold.records import BnKind, Plan, Skip, SkipReason
 class _Run:
     recording: Recording
     outcomes: dict[str, Outcome]  # norm key ("name#occurrence") -> decision, in execution order
-    dependent: set[str]  # keys of pairs whose routing may depend on the input's values
     called: Counter  # module path -> calls in this run
     notes: list[str]
 
@@ -88,11 +87,8 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
         name = outcome.bn if isinstance(outcome, Skip) else outcome.record.bn
         outcomes[f"{name}#{occurrences[name]}"] = outcome
         occurrences[name] += 1
-    dependent = set()
-    if recording.read_detail is not None:  # after a read of values any module may be called
-        dependent = {key for key, o in outcomes.items() if isinstance(o, PlannedPair)}
     called = Counter(n.target for n in recording.module.graph.nodes if n.op == "call_module")
-    return _Run(recording, outcomes, dependent, called, list(decisions.notes))
+    return _Run(recording, outcomes, called, list(decisions.notes))
 
 
 def _loose_skip(norm: LooseNorm) -> Skip:
@@ -152,8 +148,8 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
                 f"{first.record.producer} and {first.record.bn} do "
                 f"not run as a pair on input {index}",
             ), None
-    if not any(key in runs[i].dependent for i, _ in present):
-        return first, None
+    if not any(runs[i].recording.read_detail for i, _ in present):
+        return first, None  # after a read of tensor values any module may be called anywhere
     read = next(run.recording.read_detail for run in runs if run.recording.read_detail)
     if len(runs) == 1:
         return _dependent_skip(

@@ -187,10 +187,6 @@ def is_frozen_norm(module: nn.Module) -> bool:
     return "running_mean" in buffers and "running_var" in buffers and is_affine_candidate(module)
 
 
-def affine_kind(module: nn.Module) -> BnKind:
-    return BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE
-
-
 def needs_example_input(module: nn.Module) -> bool:
     """Modules whose calls the graph pass needs the real input of: BatchNorm subclasses (to
     strip their forward) and affine candidates (to prove them)."""

@@ -12,12 +12,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from bnfold.errors import first_line
 from bnfold.find.functional import erase_norm, functional_norm, is_norm_call
-from bnfold.find.guards import describe, trace_guarded
+from bnfold.find.guards import trace_guarded
 from bnfold.find.patterns import Refusal
 from bnfold.find.sites import NormSite
-from bnfold.folding.math import BnParams
 from bnfold.records import SkipReason
 
 
@@ -25,19 +23,9 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     """Fill ``site.params``, ``site.extra`` (the forward without its batch norm: an
     ``nn.Identity`` or a GraphModule) and ``site.notes``; or set ``site.problem``."""
     module = site.module
-    try:
-        traced = trace_guarded(module, tuple(example_args))
-    except Exception as exc:
-        site.problem = _unsupported(
-            f"tracing {type(module).__name__}.forward failed: {first_line(exc)}"
-        )
-        return
-    value_guards = traced.value_guards()
-    if value_guards:
-        site.problem = _unsupported(
-            "its forward branches on the values of its input "
-            f"({describe(value_guards[0])}); a fold would fix one branch"
-        )
+    traced = trace_guarded(module, tuple(example_args))
+    if isinstance(traced, str):
+        site.problem = _unsupported(traced)
         return
     gm = traced.module
     calls = [n for n in gm.graph.nodes if is_norm_call(n)]
@@ -50,7 +38,7 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     if problem is not None:
         site.problem = problem
         return
-    notes = tuple(f"forward specialised on {describe(guard)}" for guard in traced.guards)
+    notes = traced.notes
     erase_norm(gm.graph, inner, placeholders[0])
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -62,13 +50,13 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
 def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:
     if not placeholders or inner.input is not placeholders[0]:
         return _unsupported("its batch norm does not read the forward's input directly")
-    if not _same_tensors(module, inner.params):
+    params = inner.params
+    if (
+        params.running_mean is not module.running_mean
+        or params.running_var is not module.running_var
+    ):
         return _unsupported("its batch norm does not use the module's own statistics")
     return None
-
-
-def _same_tensors(module: nn.Module, params: BnParams) -> bool:
-    return params.running_mean is module.running_mean and params.running_var is module.running_var
 
 
 def _simplest(gm: fx.GraphModule, placeholder: fx.Node) -> nn.Module:

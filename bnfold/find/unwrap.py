@@ -12,9 +12,7 @@ recompiles on its next call.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 
@@ -49,7 +47,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def state_notes(model: nn.Module) -> tuple[str, ...]:
     """What the folded model keeps from the model's state: the device and dtype of its weights
     (said only when they are not the default float32 on CPU)."""
-    kinds = {(t.dtype, t.device) for t in _floating(model)}
+    tensors = (*model.parameters(), *model.buffers())
+    kinds = {(t.dtype, t.device) for t in tensors if t.is_floating_point()}
     dtypes = sorted({str(dtype).removeprefix("torch.") for dtype, _ in kinds})
     devices = sorted({str(device) for _, device in kinds})
     if not dtypes or (dtypes == ["float32"] and devices == ["cpu"]):
@@ -63,9 +62,3 @@ def state_notes(model: nn.Module) -> tuple[str, ...]:
         f"weights are {', '.join(dtypes)} on {', '.join(devices)}: folds are computed in "
         f"float64 and {rounding}; the folded model keeps each layer's dtype and device",
     )
-
-
-def _floating(model: nn.Module) -> Iterator[torch.Tensor]:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            yield tensor
