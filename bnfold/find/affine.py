@@ -141,23 +141,16 @@ class _Unknown:
 
 def _interpret(gm: fx.GraphModule, dependent: set[fx.Node]) -> Any:
     env: dict[fx.Node, Any] = {}
-    one = torch.ones((), dtype=torch.float64)
+    x = _Lin(torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            first = not env
-            env[node] = (
-                _Lin(one, torch.zeros((), dtype=torch.float64))
-                if first
-                else _Const(node.meta.get("concrete"))
-            )
+        if node.op == "placeholder":  # the input, then any further (default) arguments
+            env[node] = _Const(node.meta.get("concrete")) if env else x
         elif node.op == "get_attr":
             env[node] = _Const(_fp64(node.meta["concrete"]))
         elif node.op == "output":
-            return (
-                env[node.args[0]]
-                if isinstance(node.args[0], fx.Node)
-                else _Unknown("its output is not a single tensor")
-            )
+            if isinstance(node.args[0], fx.Node):
+                return env[node.args[0]]
+            return _Unknown("its output is not a single tensor")
         elif node not in dependent:
             env[node] = _constant_node(node, env)
         else:
@@ -196,7 +189,7 @@ def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             if (
                 node.op == "call_method"
                 and node.target in _NO_OP_METHODS
-                and _floating(args, kwargs)
+                and _floating([*args[1:], *kwargs.values()])
             ):
                 return _Const(args[0])  # keep float64: the fold is more precise, not different
             if node.op == "call_function":
@@ -208,9 +201,9 @@ def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     return _Unknown(f"'{node.name}' ({node.op}) is not understood")
 
 
-def _floating(args: Any, kwargs: dict) -> bool:
-    """True when a dtype conversion's target is floating point (or there is none)."""
-    values = [*args[1:], *kwargs.values()]
+def _floating(values: list[Any]) -> bool:
+    """True when a dtype conversion's target (among ``values``, the arguments after the
+    tensor) is floating point, or there is none."""
     dtypes = [v for v in values if isinstance(v, torch.dtype)]
     dtypes += [v.dtype for v in values if isinstance(v, Tensor)]
     return all(d.is_floating_point for d in dtypes)
@@ -228,7 +221,7 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return _Unknown(f"in-place '{key}' on the input")
     if node.op == "call_method" and key in _NO_OP_METHODS:
         rest = [a.value for a in (*args[1:], *kwargs.values()) if isinstance(a, _Const)]
-        if _floating((None, *rest), {}):
+        if _floating(rest):
             return args[0]
         return _Unknown(f"'{key}' converts the input to a non-floating dtype")
     if key in _BATCH_NORMS:

@@ -40,55 +40,33 @@ NORM_ARGS: dict[Any, tuple[str, ...]] = {
     F.batch_norm: tuple(inspect.signature(F.batch_norm).parameters),
     torch.batch_norm: _BATCH_NORM_ARGS,
     aten.batch_norm.default: _BATCH_NORM_ARGS,
-    aten._native_batch_norm_legit_no_training.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "momentum",
-        "eps",
-    ),
+    # batch_norm's arguments without ``training`` and ``cudnn_enabled``
+    aten._native_batch_norm_legit_no_training.default: (*_BATCH_NORM_ARGS[:5], "momentum", "eps"),
 }
 _TUPLE_NORMS = {aten._native_batch_norm_legit_no_training.default}  # (out, mean, invstd)
 
-_LINEAR = (LayerKind.LINEAR, ("input", "weight", "bias"))
-_CONV = (LayerKind.CONV, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
-_CONVT = (
-    LayerKind.CONV_TRANSPOSE,
-    ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
-)
-_CONVOLUTION = (  # kind None: the ``transposed`` argument says which
-    None,
-    (
-        "input",
-        "weight",
-        "bias",
-        "stride",
-        "padding",
-        "dilation",
-        "transposed",
-        "output_padding",
-        "groups",
-    ),
-)
-#: Functional layers: target -> (kind, names of the positional parameters).
+_LINEAR = ("input", "weight", "bias")
+_CONV = (*_LINEAR, "stride", "padding", "dilation", "groups")
+_CONVT = (*_LINEAR, "stride", "padding", "output_padding", "groups", "dilation")
+_CONVOLUTION = (*_CONV[:-1], "transposed", "output_padding", "groups")
+#: Functional layers: target -> (kind, or None when ``transposed`` says; names of the positional
+#: parameters).
 _LAYER_ARGS: dict[Any, tuple[LayerKind | None, tuple[str, ...]]] = {
-    F.linear: _LINEAR,
-    aten.linear.default: _LINEAR,
-    aten.convolution.default: _CONVOLUTION,
-    F.conv1d: _CONV,
-    F.conv2d: _CONV,
-    F.conv3d: _CONV,
-    aten.conv1d.default: _CONV,
-    aten.conv2d.default: _CONV,
-    aten.conv3d.default: _CONV,
-    F.conv_transpose1d: _CONVT,
-    F.conv_transpose2d: _CONVT,
-    F.conv_transpose3d: _CONVT,
-    aten.conv_transpose1d.default: _CONVT,
-    aten.conv_transpose2d.input: _CONVT,
-    aten.conv_transpose3d.input: _CONVT,
+    F.linear: (LayerKind.LINEAR, _LINEAR),
+    aten.linear.default: (LayerKind.LINEAR, _LINEAR),
+    aten.convolution.default: (None, _CONVOLUTION),
+    F.conv1d: (LayerKind.CONV, _CONV),
+    F.conv2d: (LayerKind.CONV, _CONV),
+    F.conv3d: (LayerKind.CONV, _CONV),
+    aten.conv1d.default: (LayerKind.CONV, _CONV),
+    aten.conv2d.default: (LayerKind.CONV, _CONV),
+    aten.conv3d.default: (LayerKind.CONV, _CONV),
+    F.conv_transpose1d: (LayerKind.CONV_TRANSPOSE, _CONVT),
+    F.conv_transpose2d: (LayerKind.CONV_TRANSPOSE, _CONVT),
+    F.conv_transpose3d: (LayerKind.CONV_TRANSPOSE, _CONVT),
+    aten.conv_transpose1d.default: (LayerKind.CONV_TRANSPOSE, _CONVT),
+    aten.conv_transpose2d.input: (LayerKind.CONV_TRANSPOSE, _CONVT),
+    aten.conv_transpose3d.input: (LayerKind.CONV_TRANSPOSE, _CONVT),
 }
 
 
