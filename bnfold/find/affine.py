@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from bnfold.find.functional import NORM_ARGS
 from bnfold.find.guards import trace_guarded, value_dependent_nodes
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, first_input, is_frozen_norm
+from bnfold.find.sites import NormSite, is_frozen_norm, module_site
 from bnfold.folding.math import Affine, BnParams, bn_affine
 from bnfold.modes import inference
 from bnfold.records import BnKind, SkipReason
@@ -75,15 +75,8 @@ def affine_site(
 ) -> NormSite:
     """The norm site of a candidate module call: params hold the proven map (as an exact
     ``BnParams`` with mean 0, variance 1, eps 0), or ``problem`` says why it is not one."""
-    site = NormSite(
-        node=node,
-        out=node,
-        input=first_input(node),
-        name=name,
-        type_name=type(module).__name__,
-        kind=BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE,
-        module=module,
-    )
+    kind = BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE
+    site = module_site(node, name, module, kind)
     outcome = prove_affine(module, example_args)
     if isinstance(outcome, Refusal):
         site.problem = outcome

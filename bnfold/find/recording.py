@@ -44,6 +44,10 @@ _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
 _INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
+def _tensors(tree: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
 def recorded_op(*args: Any) -> Any:
     """Stands for an ATen op (``node.meta["aten"]``) in a recorded graph; never called."""
     raise RuntimeError("a recorded dataflow graph describes one execution and cannot be run")
@@ -135,7 +139,7 @@ class _State:
         if not self.is_leaf(module):
             self.stack.append(_Frame(module, None, False))
             return
-        tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, Tensor)]
+        tensors = _tensors(args)
         node = self.add_node(
             "call_module", self.paths[id(module)], tuple(self.node_for(t) for t in tensors)
         )
@@ -154,7 +158,7 @@ class _State:
         else:
             return
         if frame.node is not None:
-            for tensor in (t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)):
+            for tensor in _tensors(output):
                 self.produced(tensor, frame.node)
 
     # -------------------------------------------------------------- ops
@@ -163,15 +167,13 @@ class _State:
         """Inside a leaf: a tensor produced outside it is an input of the leaf call, however
         it was passed (positionally, by keyword, through an attribute)."""
         leaf = next(frame.node for frame in reversed(self.stack) if frame.node is not None)
-        for tensor in pytree.tree_leaves((args, kwargs)):
-            if not isinstance(tensor, Tensor):
-                continue
+        for tensor in _tensors((args, kwargs)):
             entry = self.producers.get(id(tensor))
             if entry is not None and entry[0]() is tensor and entry[1] not in leaf.args:
                 leaf.args = (*leaf.args, entry[1])
 
     def op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        inputs = _tensors((args, kwargs))
         for tensor in inputs:
             if id(tensor) in self.leaf_tensors:
                 self.outside_uses[id(tensor)] += 1
@@ -185,7 +187,7 @@ class _State:
         node.meta["aten"] = str(func)
         if name in BATCH_NORM_KERNELS and self.instance_norm_depth == 0:
             self.loose_norms.append(LooseNorm(f"aten.{name}", self.where()))
-        for tensor in (t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)):
+        for tensor in _tensors(out):
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
             self.value_read(f"aten.{name}")
@@ -234,7 +236,7 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     paths = {id(m): name for name, m in model.named_modules() if name}
     leaf_tensors = {id(t) for m in model.modules() if is_leaf(m) for t in own_tensors(m)}
     state = _State(paths=paths, leaf_tensors=leaf_tensors)
-    leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
+    leaves = _tensors(args)
     for i, tensor in enumerate(leaves):
         state.produced(tensor, state.add_node("placeholder", f"input_{i}", ()))
     pre = torch.nn.modules.module.register_module_forward_pre_hook(state.pre_hook)
@@ -252,7 +254,7 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     finally:
         pre.remove()
         post.remove()
-    returned = [state.node_for(t) for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+    returned = [state.node_for(t) for t in _tensors(output)]
     escaped = [n for n in state.alive_nodes() if n.op == "call_module" and n not in returned]
     del output
     state.graph.output(tuple(dict.fromkeys(returned + escaped)))

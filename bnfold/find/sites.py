@@ -80,10 +80,11 @@ def has_stock_forward(module: nn.Module) -> bool:
     return type(module).forward in _STOCK_LAYER_FORWARDS
 
 
-def first_input(node: fx.Node) -> fx.Node | None:
-    """The node a call reads as its first argument, if that is a node."""
+def module_site(node: fx.Node, name: str, module: nn.Module, kind: BnKind) -> NormSite:
+    """The site of a norm-like module call; params and problem are filled in after."""
     arg = node.args[0] if node.args else None
-    return arg if isinstance(arg, fx.Node) else None
+    input_ = arg if isinstance(arg, fx.Node) else None
+    return NormSite(node, node, input_, name, type(module).__name__, kind, module=module)
 
 
 def own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -93,16 +94,8 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def module_norm(node: fx.Node, name: str, module: _BatchNorm) -> NormSite:
     """A call of a BatchNorm module (stock, SyncBatchNorm or subclass)."""
-    stock = is_stock_norm(module)
-    site = NormSite(
-        node=node,
-        out=node,
-        input=first_input(node),
-        name=name,
-        type_name=type(module).__name__,
-        kind=BnKind.MODULE if stock else BnKind.SUBCLASS,
-        module=module,
-    )
+    kind = BnKind.MODULE if is_stock_norm(module) else BnKind.SUBCLASS
+    site = module_site(node, name, module, kind)
     if module.running_mean is None or module.running_var is None:
         site.problem = Refusal(SkipReason.NO_RUNNING_STATS, f"{name} has track_running_stats=False")
         return site

@@ -67,7 +67,8 @@ def fold(
     )
     plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
     gm = analysis.traced.module
-    rewrite = any(_needs_rewrite(p) for p in analysis.pairs) or isinstance(work, fx.GraphModule)
+    functional = [p for p in analysis.pairs if p.norm.module is None or p.layer.module is None]
+    rewrite = bool(functional) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
     workspace = Workspace()
     for group in _by_layer(analysis.pairs):
@@ -87,10 +88,6 @@ def fold(
         graph_rewritten=rewrite,
         inplace=inplace,
     )
-
-
-def _needs_rewrite(pair: PlannedPair) -> bool:
-    return pair.norm.kind == BnKind.FUNCTIONAL or pair.layer.module is None
 
 
 def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[PlannedPair]]:
@@ -134,20 +131,19 @@ def _write_bias(root: nn.Module, layer: LayerSite, bias64: torch.Tensor) -> None
 
 
 def _add_functional_bias(gm: fx.GraphModule, layer: LayerSite, bias: nn.Parameter) -> None:
-    owner_path, _, weight_name = layer.weight_attr.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = f"{weight_name}_folded_bias"
-    owner.register_parameter(name, bias)
-    qualified = f"{owner_path}.{name}" if owner_path else name
+    """Register the bias beside the weight and pass it to the call (third argument)."""
+    qualified = f"{layer.weight_attr}_folded_bias"
+    owner_path, _, name = qualified.rpartition(".")
+    gm.get_submodule(owner_path).register_parameter(name, bias)
     node = layer.node
     with gm.graph.inserting_before(node):
         bias_node = gm.graph.get_attr(qualified)
-    if "bias" in node.kwargs:
-        node.update_kwarg("bias", bias_node)
-    elif len(node.args) > 2:
+    if len(node.args) > 2:
         node.update_arg(2, bias_node)
+    elif len(node.args) == 2 and "bias" not in node.kwargs:
+        node.args = (*node.args, bias_node)
     else:
-        node.args = (*node.args[:2], bias_node, *node.args[3:])
+        node.update_kwarg("bias", bias_node)
 
 
 def _remove_norm(root: nn.Module, norm: NormSite) -> None:
