@@ -294,15 +294,12 @@ def _batch_norm(node: fx.Node, bound: dict[str, Any]) -> Any:
         mean, var, values.get("weight"), values.get("bias"), float(values.get("eps", 1e-5))
     )
     affine = bn_affine(params)
-    shape = (-1,) + (1,) * max(_concrete_rank(node) - 2, 0)
+    concrete = node.meta.get("concrete")
+    rank = concrete.dim() if isinstance(concrete, Tensor) else 2
+    shape = (-1,) + (1,) * max(rank - 2, 0)
     scale, shift = affine.scale.reshape(shape), affine.shift.reshape(shape)
     lin = bound["input"]
     return _Lin(lin.scale * scale, lin.shift * scale + shift)
-
-
-def _concrete_rank(node: fx.Node) -> int:
-    value = node.meta.get("concrete")
-    return value.dim() if isinstance(value, Tensor) else 2
 
 
 def _per_channel(lin: _Lin, x: Tensor) -> Affine | Refusal:
@@ -319,12 +316,8 @@ def _per_channel(lin: _Lin, x: Tensor) -> Affine | Refusal:
                     f"its {name} has shape {tuple(value.shape)}: it varies along dim "
                     f"{dim} of the {rank}-D input, not only along the channel dim 1"
                 )
-        vectors.append(
-            aligned.expand((1, channels) + (1,) * (rank - 2))
-            .reshape(channels)
-            .to(torch.float64)
-            .clone()
-        )
+        full = aligned.expand((1, channels) + (1,) * (rank - 2))
+        vectors.append(full.reshape(channels).to(torch.float64).clone())
     return Affine(scale=vectors[0], shift=vectors[1])
 
 

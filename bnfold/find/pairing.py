@@ -192,7 +192,7 @@ class _Context:
     def _try(self, norm: NormSite, position: Position, affine: Affine) -> PlannedPair | Skip | None:
         layer, refusal = self._neighbour(norm, position)
         if layer is None:
-            return _skip(norm, refusal) if refusal is not None else None
+            return None
         rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
         view = replace(layer.view, activation_rank=rank)
         pattern = pattern_for(layer.kind, position)
@@ -218,28 +218,23 @@ class _Context:
     def _neighbour(
         self, norm: NormSite, position: Position
     ) -> tuple[LayerSite | None, Refusal | None]:
-        if position == Position.AFTER:
-            layer = self.layers.get(norm.input) if norm.input is not None else None
+        """The layer next to the norm on one side, and a fan-out refusal when the value
+        between them feeds anything else."""
+        if position == Position.AFTER:  # layer -> norm: the layer's output feeds only the norm
+            layer = self.layers.get(norm.input)
             if layer is None:
                 return None, None
-            users = [u for u in layer.node.users if u is not norm.node]
-            if users:
-                names = ", ".join(u.name for u in users)
-                return layer, Refusal(
-                    SkipReason.PRODUCER_FANOUT, f"{layer.name} output also feeds {names}"
-                )
-            return layer, None
-        followers = [u for u in norm.out.users if u in self.layers and _reads_first(u, norm.out)]
-        if not followers:
-            return None, None
-        layer = followers[0]
-        others = [u for u in norm.out.users if u is not layer]
-        if others:
-            names = ", ".join(u.name for u in others)
-            return self.layers[layer], Refusal(
-                SkipReason.BN_FANOUT, f"{norm.name} output also feeds {names}"
-            )
-        return self.layers[layer], None
+            between, reader = layer.node, norm.node
+            reason, owner = SkipReason.PRODUCER_FANOUT, layer.name
+        else:  # norm -> layer: the norm's output feeds only the layer
+            readers = [u for u in norm.out.users if u in self.layers and _reads_first(u, norm.out)]
+            if not readers:
+                return None, None
+            layer = self.layers[readers[0]]
+            between, reader = norm.out, readers[0]
+            reason, owner = SkipReason.BN_FANOUT, norm.name
+        others = ", ".join(u.name for u in between.users if u is not reader)
+        return layer, Refusal(reason, f"{owner} output also feeds {others}") if others else None
 
     def _layer_refusal(
         self, norm: NormSite, layer: LayerSite, position: Position

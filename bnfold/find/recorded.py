@@ -103,23 +103,20 @@ def _loose_skip(norm: LooseNorm) -> Skip:
 
 
 def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
-    keys = list(dict.fromkeys(key for run in runs for key in run.outcomes))
+    """One outcome per norm call over all runs, and the notes of pairs folded on evidence."""
     pairs: list[PlannedPair] = []
     skips: list[Skip] = []
     notes: list[str] = []
-    layer_runs: dict[str, int] = {}
-    for key in keys:
+    layer_runs: dict[str, int] = {}  # layer -> the first run that pairs it
+    for key in dict.fromkeys(key for run in runs for key in run.outcomes):
         outcome, note = _merged_outcome(key, runs)
-        if not isinstance(outcome, Skip):
-            run_index = next(i for i, run in enumerate(runs) if key in run.outcomes)
-            layer = outcome.record.producer
-            if layer_runs.setdefault(layer, run_index) != run_index:
-                outcome = _dependent_skip(
-                    outcome, "its layer's other norm pairs on another recorded input"
-                )
-        (pairs if not isinstance(outcome, Skip) else skips).append(outcome)
-        if note and not isinstance(outcome, Skip):
-            notes.append(note)
+        if isinstance(outcome, PlannedPair):
+            first = next(i for i, run in enumerate(runs) if key in run.outcomes)
+            if layer_runs.setdefault(outcome.record.producer, first) != first:
+                detail = "its layer's other norm pairs on another recorded input"
+                outcome, note = _dependent_skip(outcome, detail), None
+        (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
+        notes.extend([note] if note else [])
     return pairs, skips, notes
 
 

@@ -128,15 +128,12 @@ class _State:
 
     # -------------------------------------------------------------- module hooks
 
-    def is_leaf(self, module: nn.Module) -> bool:
-        return id(module) in self.paths and is_leaf(module)
-
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.leaf_depth > 0:
             self.stack.append(_Frame(module, None, True))
             self.leaf_depth += 1
             return
-        if not self.is_leaf(module):
+        if id(module) not in self.paths or not is_leaf(module):
             self.stack.append(_Frame(module, None, False))
             return
         tensors = _tensors(args)
