@@ -19,7 +19,7 @@ from torch import nn
 
 from bnfold.find.patterns import LayerKind, LayerView, Refusal
 from bnfold.find.sites import LayerSite, NormSite, padding_amount
-from bnfold.folding.math import BnParams, Layout
+from bnfold.folding.math import BnParams
 from bnfold.records import BnKind, SkipReason
 
 aten = torch.ops.aten
@@ -170,20 +170,9 @@ def functional_layer(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:
         return None
     if kind is None:
         kind = LayerKind.CONV_TRANSPOSE if args.get("transposed") else LayerKind.CONV
-    groups = int(args.get("groups", 1))
-    return LayerSite(
-        node,
-        str(weight_node.target),
-        op_name(node.target),
-        kind,
-        weight,
-        bias,
-        Layout(groups, kind == LayerKind.CONV_TRANSPOSE),
-        _layer_view(kind, weight, groups, args),
-        None,
-        weight_attr=str(weight_node.target),
-        tensors=tuple(t for t in (weight, bias) if t is not None),
-    )
+    view = _layer_view(kind, weight, int(args.get("groups", 1)), args)
+    attr = str(weight_node.target)
+    return LayerSite(node, attr, op_name(node.target), weight, bias, view, weight_attr=attr)
 
 
 def _layer_view(

@@ -60,14 +60,24 @@ class LayerSite:
     node: fx.Node
     name: str  # module path, or the weight's attribute path for functional layers
     type_name: str
-    kind: LayerKind
     weight: torch.Tensor
     bias: torch.Tensor | None
-    layout: Layout
     view: LayerView
-    module: nn.Module | None  # None for functional layers
+    module: nn.Module | None = None  # None for functional layers
     weight_attr: str | None = None  # functional layers: get_attr target of the weight
-    tensors: tuple[torch.Tensor, ...] = ()  # every tensor the fold would rewrite
+
+    @property
+    def kind(self) -> LayerKind:
+        return self.view.kind
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.view.groups, self.kind == LayerKind.CONV_TRANSPOSE)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the fold would rewrite."""
+        return tuple(t for t in (self.weight, self.bias) if t is not None)
 
 
 def is_stock_norm(module: nn.Module) -> bool:
@@ -115,35 +125,18 @@ def module_layer(node: fx.Node, name: str, module: nn.Module) -> LayerSite:
         view = LayerView(
             LayerKind.LINEAR, module.in_features, module.out_features, 1, (), "zeros", -1
         )
-        layout = Layout()
-        kind = LayerKind.LINEAR
     else:
         transposed = isinstance(module, _ConvTransposeNd)
-        kind = LayerKind.CONV_TRANSPOSE if transposed else LayerKind.CONV
-        padding = padding_amount(module.padding, module.kernel_size, module.dilation)
         view = LayerView(
-            kind,
+            LayerKind.CONV_TRANSPOSE if transposed else LayerKind.CONV,
             module.in_channels,
             module.out_channels,
             module.groups,
-            padding,
+            padding_amount(module.padding, module.kernel_size, module.dilation),
             module.padding_mode,
             -1,
         )
-        layout = Layout(module.groups, transposed)
-    tensors = tuple(t for t in (module.weight, module.bias) if t is not None)
-    return LayerSite(
-        node,
-        name,
-        type(module).__name__,
-        kind,
-        module.weight,
-        module.bias,
-        layout,
-        view,
-        module,
-        tensors=tensors,
-    )
+    return LayerSite(node, name, type(module).__name__, module.weight, module.bias, view, module)
 
 
 def padding_amount(
