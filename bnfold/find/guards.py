@@ -70,8 +70,7 @@ class ConcreteTracer(LeafTracer):
 
     def __init__(self, example_args: tuple[Any, ...]) -> None:
         super().__init__()
-        self._example_args = list(example_args)
-        self._placeholders = 0
+        self._inputs = iter(example_args)
         self.guards: list[fx.Node] = []
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -90,9 +89,7 @@ class ConcreteTracer(LeafTracer):
         args = fx.node.map_aggregate(node.args, value)
         kwargs = fx.node.map_aggregate(node.kwargs, value)
         if node.op == "placeholder":
-            index = self._placeholders
-            self._placeholders += 1
-            return self._example_args[index] if index < len(self._example_args) else None
+            return next(self._inputs, None)
         if node.op == "get_attr":
             return fetch_attr(self.root, node.target)
         if node.op == "call_function":

@@ -32,10 +32,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfold.errors import ModelInputError, first_line
 from bnfold.find.kernels import BATCH_NORM_KERNELS
 from bnfold.find.sites import needs_example_input, own_tensors
-from bnfold.find.trace import is_leaf
+from bnfold.find.trace import input_rejected, is_leaf
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
 
@@ -243,11 +242,7 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
             output = model(*args)
     except Exception as exc:
         where = state.where()
-        raise ModelInputError(
-            f"{f'layer {where!r}' if where else 'the model'} rejected the example input: "
-            f"{first_line(exc)}. Check the example inputs (batch, "
-            "channels, spatial size, dtype)."
-        ) from exc
+        raise input_rejected(f"layer {where!r}" if where else "", exc) from exc
     finally:
         pre.remove()
         post.remove()

@@ -43,7 +43,8 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     site.params = inner.params
-    site.extra = _simplest(gm, placeholders[0])
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    site.extra = nn.Identity() if output.args[0] is placeholders[0] else gm
     site.notes = notes
 
 
@@ -57,13 +58,6 @@ def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]
     ):
         return _unsupported("its batch norm does not use the module's own statistics")
     return None
-
-
-def _simplest(gm: fx.GraphModule, placeholder: fx.Node) -> nn.Module:
-    outputs = [n for n in gm.graph.nodes if n.op == "output"]
-    if outputs and outputs[0].args[0] is placeholder:
-        return nn.Identity()
-    return gm
 
 
 def _unsupported(detail: str) -> Refusal:

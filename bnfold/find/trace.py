@@ -113,7 +113,7 @@ def propagate(
         try:
             result = run.run(as_args(example_inputs))
         except Exception as exc:
-            raise ModelInputError(_rejection_message(run.current, exc)) from exc
+            raise input_rejected(_where(run.current), exc) from exc
     if outputs is not None:
         outputs.append(result)
     return run.kept
@@ -195,11 +195,16 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return last
 
 
-def _rejection_message(node: fx.Node | None, exc: BaseException) -> str:
-    where = "the model"
-    if node is not None:
-        where = f"layer '{node.target}'" if node.op == "call_module" else f"op '{node.name}'"
-    return (
-        f"{where} rejected the example input: {first_line(exc)}. "
-        "Check --input-shape (batch, channels, spatial size) and dtype."
+def _where(node: fx.Node | None) -> str:
+    if node is None:
+        return ""
+    return f"layer '{node.target}'" if node.op == "call_module" else f"op '{node.name}'"
+
+
+def input_rejected(where: str, exc: BaseException) -> ModelInputError:
+    """The error for an example input the model rejects; ``where`` names the layer or op
+    (empty: the model)."""
+    return ModelInputError(
+        f"{where or 'the model'} rejected the example input: {first_line(exc)}. Check the "
+        "example inputs (batch, channels, spatial size, dtype)."
     )
