@@ -111,9 +111,6 @@ class _State:
     def add_node(self, op: str, target: Any, args: tuple, name: str | None = None) -> fx.Node:
         return self.graph.create_node(op, target, args, {}, name=name)
 
-    def alive_nodes(self) -> set[fx.Node]:
-        return {node for ref, node in self.producers.values() if ref() is not None}
-
     def where(self) -> str:
         for frame in reversed(self.stack):
             path = self.paths.get(id(frame.module))
@@ -128,20 +125,16 @@ class _State:
     # -------------------------------------------------------------- module hooks
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self.leaf_depth > 0:
-            self.stack.append(_Frame(module, None, True))
+        node = None  # a node for an outermost leaf call only
+        if self.leaf_depth == 0 and id(module) in self.paths and is_leaf(module):
+            inputs = tuple(self.node_for(t) for t in _tensors(args))
+            node = self.add_node("call_module", self.paths[id(module)], inputs)
+        inside_leaf = self.leaf_depth > 0 or node is not None
+        self.stack.append(_Frame(module, node, inside_leaf))
+        if inside_leaf:  # from here on ops are the leaf's own, the copy below included
             self.leaf_depth += 1
-            return
-        if id(module) not in self.paths or not is_leaf(module):
-            self.stack.append(_Frame(module, None, False))
-            return
-        tensors = _tensors(args)
-        node = self.add_node(
-            "call_module", self.paths[id(module)], tuple(self.node_for(t) for t in tensors)
-        )
-        self.stack.append(_Frame(module, node, True))
-        self.leaf_depth += 1  # from here on ops are the leaf's own, the copy below included
-        if needs_example_input(module):  # a copy: the original must be free to die (liveness)
+        if node is not None and needs_example_input(module):
+            # a copy: an input kept alive here would count as escaping the forward
             self.kept[node.name] = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -247,7 +240,8 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
         pre.remove()
         post.remove()
     returned = [state.node_for(t) for t in _tensors(output)]
-    escaped = [n for n in state.alive_nodes() if n.op == "call_module" and n not in returned]
+    alive = [node for ref, node in state.producers.values() if ref() is not None]
+    escaped = [n for n in alive if n.op == "call_module" and n not in returned]
     del output
     state.graph.output(tuple(dict.fromkeys(returned + escaped)))
     module = fx.GraphModule(model, state.graph, class_name=type(model).__name__)

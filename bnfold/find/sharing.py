@@ -32,9 +32,7 @@ class Sharing:
 def graph_sharing(gm: fx.GraphModule, extra_reads: Counter | None = None) -> Sharing:
     """The use counts of ``gm``; ``extra_reads`` counts (by tensor id) reads of module tensors
     outside their module that the graph has no get_attr node for (a recorded forward's)."""
-    slots: Counter = Counter()
-    for _, tensor in gm.named_parameters(remove_duplicate=False):
-        slots[id(tensor)] += 1
+    slots = Counter(id(tensor) for _, tensor in gm.named_parameters(remove_duplicate=False))
     reads: Counter = Counter(extra_reads or {})
     attr_users: Counter = Counter()
     for node in gm.graph.nodes:

@@ -105,7 +105,7 @@ def propagate(
     Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
     values of the nodes named in ``keep`` (and appends the graph's output to ``outputs`` when
     given). Leaf calls whose arguments equal those of a call kept in ``reuse`` take its result
-    (see ``bnfold.leafcalls``). The model's flags are restored afterwards. A failure raises
+    (see ``bnfold.find.leafcalls``). The model's flags are restored afterwards. A failure raises
     ``ModelInputError`` naming the node and module that rejected the input.
     """
     run = _GraphRun(traced.module, keep, reuse)
