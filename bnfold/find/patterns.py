@@ -105,9 +105,9 @@ PATTERNS: tuple[Pattern, ...] = (
 )
 
 
+_BY_SLOT = {(pattern.kind, pattern.position): pattern for pattern in PATTERNS}
+
+
 def pattern_for(kind: LayerKind, position: Position) -> Pattern:
     """The table row for a layer kind and norm position."""
-    for pattern in PATTERNS:
-        if pattern.kind == kind and pattern.position == position:
-            return pattern
-    raise KeyError((kind, position))
+    return _BY_SLOT[(kind, position)]

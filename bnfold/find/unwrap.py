@@ -16,17 +16,11 @@ import sys
 from torch import nn
 
 
-def _compiled_type() -> type | None:
-    """``OptimizedModule`` if torch.compile was ever used in this process (importing dynamo
-    only to find out would cost seconds)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return getattr(eval_frame, "OptimizedModule", None)
-
-
 def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """The module inside any wrappers, and one note per wrapper taken off."""
     notes = []
-    compiled = _compiled_type()
+    # OptimizedModule if torch.compile was used in this process (importing dynamo costs seconds)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     while True:
         if compiled is not None and isinstance(model, compiled):
             notes.append(
