@@ -51,7 +51,7 @@ _CONVT = (*_LINEAR, "stride", "padding", "output_padding", "groups", "dilation")
 _CONVOLUTION = (*_CONV[:-1], "transposed", "output_padding", "groups")
 #: Functional layers: target -> (kind, or None when ``transposed`` says; names of the positional
 #: parameters).
-_LAYER_ARGS: dict[Any, tuple[LayerKind | None, tuple[str, ...]]] = {
+LAYER_ARGS: dict[Any, tuple[LayerKind | None, tuple[str, ...]]] = {
     F.linear: (LayerKind.LINEAR, _LINEAR),
     aten.linear.default: (LayerKind.LINEAR, _LINEAR),
     aten.convolution.default: (None, _CONVOLUTION),
@@ -100,7 +100,7 @@ def is_norm_call(node: fx.Node) -> bool:
 
 
 def is_layer_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _LAYER_ARGS
+    return node.op == "call_function" and node.target in LAYER_ARGS
 
 
 def functional_norm(gm: fx.GraphModule, node: fx.Node) -> NormSite:
@@ -159,7 +159,7 @@ def erase_norm(graph: fx.Graph, norm: NormSite, source: fx.Node) -> None:
 def functional_layer(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:
     """A functional Conv/ConvTranspose/Linear call whose weight (and bias) are stored
     tensors, else None."""
-    kind, names = _LAYER_ARGS[node.target]
+    kind, names = LAYER_ARGS[node.target]
     args = bound_args(node, names)
     weight_node = args.get("weight")
     if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"):
