@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.affine import affine_site
-from bnfold.find.details import extra_ops, no_producer_detail, non_finite_detail
 from bnfold.find.functional import functional_layer, functional_norm, is_layer_call, is_norm_call
 from bnfold.find.patterns import Position, Refusal, pattern_for
 from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
@@ -34,7 +33,8 @@ from bnfold.find.sites import (
     module_norm,
     own_tensors,
 )
-from bnfold.find.strip import strip_norm
+from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
+from bnfold.find.subclasses import strip_norm
 from bnfold.find.trace import Traced
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
