@@ -52,8 +52,8 @@ def analyse_recorded(
     except Exception as exc:  # a model neither fx nor recording can read
         raise TraceError(
             f"cannot analyse {type(model).__name__}: {fx_error} Recording a real forward failed "
-            f"too: {type(exc).__name__}: {exc}. Pass a torch.export program (.pt2) of the model, "
-            "or report this model to bnfold."
+            f"too: {first_line(exc)}. Pass a torch.export program (.pt2) of the model, or report "
+            "this model to bnfold."
         ) from exc
     pairs, skips, merge_notes = _merge(runs)
     skips, affine_notes = affine_refusals_to_notes(skips)
