@@ -3,14 +3,8 @@
 Every builder is ``name(**kwargs) -> nn.Module``: it builds the model in code (no torchvision, no
 downloaded weights), returns it in eval mode, and is deterministic given ``torch.manual_seed``.
 Defaults are small enough that one CPU forward at ``example_input(name)`` is fast.
-
-The ResNets follow torchvision's module names (``conv1``, ``bn1``, ``layer1.0.conv1``,
-``layer1.0.downsample.0``/``.1``, ``fc``) so their fold reports read familiar. ``unet3d`` exercises
-ConvTranspose3d → BatchNorm3d, including a grouped transpose and one with ``C_in == C_out``;
-``mlp`` and ``small_cnn`` each contain a BatchNorm *before* a foldable layer.
-
-``randomize_bn`` gives every BatchNorm realistic, non-trivial statistics, so a fold that gets the
-math wrong shows up in the outputs (fresh BNs are the identity in eval and hide such bugs).
+``randomize_bn`` gives every BatchNorm non-trivial statistics: fresh BNs are the identity in eval
+and would hide a fold that gets the math wrong.
 """
 
 from __future__ import annotations
@@ -21,22 +15,6 @@ import torch
 from torch import nn
 
 from bnfold.errors import UsageError
-
-__all__ = [
-    "BUILDERS",
-    "DEFAULT_INPUT_SHAPES",
-    "example_input",
-    "mlp",
-    "mobilenet_v2",
-    "randomize_bn",
-    "resnet18",
-    "resnet50",
-    "small_cnn",
-    "unet3d",
-]
-
-
-# --------------------------------------------------------------------------------------- ResNet
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -97,7 +75,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision-shaped ResNet: stem, four stages, global average pool, ``fc``."""
+    """torchvision-shaped ResNet: stem, four stages, global average pool, ``fc``, with
+    torchvision's module names (``conv1``, ``bn1``, ``layer1.0.conv1``,
+    ``layer1.0.downsample.0``/``.1``, ``fc``) so fold reports read familiar."""
 
     def __init__(
         self,
@@ -152,22 +132,24 @@ def resnet50(num_classes: int = 1000, width: int = 64) -> nn.Module:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width).eval()
 
 
-# ---------------------------------------------------------------------------------- MobileNetV2
-
-
 def _make_divisible(v: float, divisor: int = 8) -> int:
     """Round ``v`` to a multiple of ``divisor`` without going more than 10 % below it."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def _conv_bn_relu6(
-    in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+def _conv_bn_act(
+    in_ch: int,
+    out_ch: int,
+    kernel: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: type[nn.Module] = nn.ReLU6,
 ) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_ch),
-        nn.ReLU6(inplace=True),
+        act(inplace=True),
     )
 
 
@@ -180,9 +162,9 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(_conv_bn_relu6(in_ch, hidden, kernel=1))
+            layers.append(_conv_bn_act(in_ch, hidden, kernel=1))
         layers += [
-            _conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+            _conv_bn_act(hidden, hidden, stride=stride, groups=hidden),
             nn.Conv2d(hidden, out_ch, 1, bias=False),
             nn.BatchNorm2d(out_ch),
         ]
@@ -210,13 +192,13 @@ class MobileNetV2(nn.Module):
         super().__init__()
         in_ch = _make_divisible(32 * width_mult)
         last_ch = _make_divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [_conv_bn_relu6(3, in_ch, stride=2)]
+        features: list[nn.Module] = [_conv_bn_act(3, in_ch, stride=2)]
         for t, c, n, s in self.SETTINGS:
             out_ch = _make_divisible(c * width_mult)
             for i in range(n):
                 features.append(InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t))
                 in_ch = out_ch
-        features.append(_conv_bn_relu6(in_ch, last_ch, kernel=1))
+        features.append(_conv_bn_act(in_ch, last_ch, kernel=1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last_ch, num_classes))
 
@@ -228,9 +210,6 @@ class MobileNetV2(nn.Module):
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> nn.Module:
     """MobileNetV2 with depthwise convs and ReLU6; ``width_mult`` scales every channel count."""
     return MobileNetV2(num_classes, width_mult).eval()
-
-
-# --------------------------------------------------------------------------------------- UNet3D
 
 
 def _double_conv3d(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -302,9 +281,6 @@ def unet3d(in_channels: int = 1, out_channels: int = 2, base: int = 8, depth: in
     return UNet3D(in_channels, out_channels, base, depth).eval()
 
 
-# ------------------------------------------------------------------------------------------ MLP
-
-
 class MLP(nn.Module):
     """Linear → BatchNorm1d → ReLU stacks, dropout, then BatchNorm1d → Linear classifier."""
 
@@ -333,31 +309,20 @@ def mlp(
     return MLP(in_features, tuple(hidden), num_classes).eval()
 
 
-# ------------------------------------------------------------------------------------ small CNN
-
-
-def _conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
 class SmallCNN(nn.Module):
     """Four conv blocks for 32x32 images; ``block3`` is BN → 1x1 conv (padding 0) → BN → ReLU."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
-        self.block1 = _conv_bn_relu(in_channels, width)
-        self.block2 = _conv_bn_relu(width, width * 2, stride=2)
+        self.block1 = _conv_bn_act(in_channels, width, act=nn.ReLU)
+        self.block2 = _conv_bn_act(width, width * 2, stride=2, act=nn.ReLU)
         self.block3 = nn.Sequential(
             nn.BatchNorm2d(width * 2),
             nn.Conv2d(width * 2, width * 2, 1, padding=0, bias=True),
             nn.BatchNorm2d(width * 2),
             nn.ReLU(inplace=True),
         )
-        self.block4 = _conv_bn_relu(width * 2, width * 4, stride=2)
+        self.block4 = _conv_bn_act(width * 2, width * 4, stride=2, act=nn.ReLU)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.2)
         self.fc = nn.Linear(width * 4, num_classes)
@@ -371,8 +336,6 @@ def small_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> n
     """Small CNN for ``(N, in_channels, 32, 32)`` input, quick to train on synthetic data."""
     return SmallCNN(num_classes, in_channels, width).eval()
 
-
-# ------------------------------------------------------------------------------ registry, data
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
@@ -395,10 +358,8 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 
 
 def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """Seeded standard-normal float32 input of ``DEFAULT_INPUT_SHAPES[name]`` with ``batch`` rows.
-
-    Uses a local generator: the global RNG is left untouched.
-    """
+    """Seeded standard-normal float32 input of ``DEFAULT_INPUT_SHAPES[name]`` with ``batch`` rows,
+    drawn from a local generator (the global RNG is left untouched)."""
     if name not in DEFAULT_INPUT_SHAPES:
         names = ", ".join(sorted(DEFAULT_INPUT_SHAPES))
         raise UsageError(f"unknown zoo model {name!r}; choose one of: {names}")
@@ -406,10 +367,6 @@ def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
         raise UsageError(f"batch must be >= 1, got {batch}")
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *DEFAULT_INPUT_SHAPES[name][1:]), generator=gen)
-
-
-def _fill_(tensor: torch.Tensor, values: torch.Tensor) -> None:
-    tensor.copy_(values.to(dtype=tensor.dtype, device=tensor.device))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -425,19 +382,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                continue
-            if isinstance(module, nn.modules.lazy.LazyModuleMixin) and (
-                module.has_uninitialized_params()
+            lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+                lazy and module.has_uninitialized_params()  # no shape until its first forward
             ):
-                continue  # a lazy BN has no shape until its first forward
+                continue
             n = module.num_features
             if module.running_mean is not None:
-                _fill_(module.running_mean, torch.randn(n, generator=gen) * 0.5)
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
             if module.running_var is not None:
-                _fill_(module.running_var, torch.rand(n, generator=gen) * 1.5 + 0.5)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
             if module.weight is not None:
-                _fill_(module.weight, torch.rand(n, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
             if module.bias is not None:
-                _fill_(module.bias, torch.randn(n, generator=gen) * 0.2)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
     return model

@@ -229,6 +229,6 @@ def test_recording_reads_every_leaf_call_in_order() -> None:
     rec = record(model.eval(), torch.randn(1, 3, 2, 2))
     calls = [n.target for n in rec.module.graph.nodes if n.op == "call_module"]
     assert calls == ["0", "1", "3"]
-    assert rec.first_read is None and not rec.loose_norms
+    assert rec.read_detail is None and not rec.loose_norms
     bn = next(n for n in rec.module.graph.nodes if n.target == "1")
     assert bn.args[0].target == "0" and bn.meta["bnfold_shape"] == (1, 4, 2, 2)

@@ -119,6 +119,22 @@ class CallsSuper(nn.BatchNorm2d):
         return super().forward(x)
 
 
+class FunctionalConvs(nn.Module):
+    """Functional convs without bias: the weight by keyword, then positional (the fold passes
+    the new bias the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.bn1 = nn.BatchNorm2d(4)
+        self.w2 = nn.Parameter(torch.randn(5, 4, 1, 1))
+        self.bn2 = nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(F.conv2d(x, weight=self.w1)))
+        return self.bn2(F.conv2d(y, self.w2))
+
+
 def norm_cases() -> dict[str, Fixture]:
     return {
         "bn1d_on_conv1d": lambda: (
@@ -149,6 +165,7 @@ def norm_cases() -> dict[str, Fixture]:
         ),
         "functional_buffers": lambda: (FunctionalBN().eval(), torch.randn(2, 3, 8, 8)),
         "functional_constant": lambda: (FunctionalBN(True).eval(), torch.randn(2, 3, 8, 8)),
+        "functional_convs": lambda: (randomize(FunctionalConvs().eval()), torch.randn(2, 3, 8, 8)),
         "linear_bn1d": lambda: (
             _seq(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU()),
             torch.randn(4, 6),

@@ -19,7 +19,6 @@ on the example and compared with ``s*x + t`` (``CHECK_RTOL``), a guard against i
 
 from __future__ import annotations
 
-import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +28,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnfold.errors import first_line
-from bnfold.find.guards import describe, trace_guarded, value_dependent_nodes
+from bnfold.find.functional import NORM_ARGS
+from bnfold.find.guards import trace_guarded, value_dependent_nodes
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, affine_kind
-from bnfold.folding.math import Affine, BnParams
+from bnfold.find.sites import NormSite, is_frozen_norm, module_site
+from bnfold.folding.math import Affine, BnParams, bn_affine
 from bnfold.modes import inference
 from bnfold.records import BnKind, SkipReason
 
@@ -60,20 +59,7 @@ _SUB = {operator.sub, operator.isub, torch.sub, "sub"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "true_divide"}
 _NEG = {operator.neg, torch.neg, "neg"}
-_BN_ARGS = {
-    F.batch_norm: tuple(inspect.signature(F.batch_norm).parameters),
-    torch.batch_norm: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
-}
+_BATCH_NORMS = (F.batch_norm, torch.batch_norm)
 
 
 @dataclass(frozen=True)
@@ -89,16 +75,8 @@ def affine_site(
 ) -> NormSite:
     """The norm site of a candidate module call: params hold the proven map (as an exact
     ``BnParams`` with mean 0, variance 1, eps 0), or ``problem`` says why it is not one."""
-    arg = node.args[0] if node.args else None
-    site = NormSite(
-        node=node,
-        out=node,
-        input=arg if isinstance(arg, fx.Node) else None,
-        name=name,
-        type_name=type(module).__name__,
-        kind=affine_kind(module),
-        module=module,
-    )
+    kind = BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE
+    site = module_site(node, name, module, kind)
     outcome = prove_affine(module, example_args)
     if isinstance(outcome, Refusal):
         site.problem = outcome
@@ -120,15 +98,9 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
             f"its input has shape {tuple(x.shape)} and dtype {x.dtype}; a per-channel "
             "map needs a floating (N, C, ...) input"
         )
-    try:
-        traced = trace_guarded(module, (x,))
-    except Exception as exc:
-        return _refuse(f"tracing its forward failed: {first_line(exc)}")
-    value_guards = traced.value_guards()
-    if value_guards:
-        return _refuse(
-            f"its forward branches on the values of its input ({describe(value_guards[0])})"
-        )
+    traced = trace_guarded(module, (x,))
+    if isinstance(traced, str):
+        return _refuse(traced)
     result = _interpret(traced.module, value_dependent_nodes(traced.module))
     if not isinstance(result, _Lin):
         detail = result.reason if isinstance(result, _Unknown) else "its output is a constant"
@@ -139,11 +111,7 @@ def prove_affine(module: nn.Module, example_args: tuple[Any, ...]) -> Proof | Re
     mismatch = _check_numerically(module, x, affine)
     if mismatch is not None:
         return _refuse(mismatch)
-    notes = tuple(f"forward specialised on {describe(g)}" for g in traced.guards)
-    return Proof(affine, notes)
-
-
-# ------------------------------------------------------------------------------ interpretation
+    return Proof(affine, traced.notes)
 
 
 @dataclass(frozen=True)
@@ -166,23 +134,16 @@ class _Unknown:
 
 def _interpret(gm: fx.GraphModule, dependent: set[fx.Node]) -> Any:
     env: dict[fx.Node, Any] = {}
-    one = torch.ones((), dtype=torch.float64)
+    x = _Lin(torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            first = not env
-            env[node] = (
-                _Lin(one, torch.zeros((), dtype=torch.float64))
-                if first
-                else _Const(node.meta.get("concrete"))
-            )
+        if node.op == "placeholder":  # the input, then any further (default) arguments
+            env[node] = _Const(node.meta.get("concrete")) if env else x
         elif node.op == "get_attr":
             env[node] = _Const(_fp64(node.meta["concrete"]))
         elif node.op == "output":
-            return (
-                env[node.args[0]]
-                if isinstance(node.args[0], fx.Node)
-                else _Unknown("its output is not a single tensor")
-            )
+            if isinstance(node.args[0], fx.Node):
+                return env[node.args[0]]
+            return _Unknown("its output is not a single tensor")
         elif node not in dependent:
             env[node] = _constant_node(node, env)
         else:
@@ -200,9 +161,7 @@ def _abstract_args(node: fx.Node, env: dict[fx.Node, Any]) -> tuple[tuple, dict]
     def get(arg: Any) -> Any:
         return env[arg] if isinstance(arg, fx.Node) else _Const(arg)
 
-    args = tuple(get(a) if isinstance(a, fx.Node) else _Const(a) for a in node.args)
-    kwargs = {k: get(v) if isinstance(v, fx.Node) else _Const(v) for k, v in node.kwargs.items()}
-    return args, kwargs
+    return tuple(map(get, node.args)), {k: get(v) for k, v in node.kwargs.items()}
 
 
 def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
@@ -223,7 +182,7 @@ def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             if (
                 node.op == "call_method"
                 and node.target in _NO_OP_METHODS
-                and _floating(args, kwargs)
+                and _floating([*args[1:], *kwargs.values()])
             ):
                 return _Const(args[0])  # keep float64: the fold is more precise, not different
             if node.op == "call_function":
@@ -235,9 +194,9 @@ def _constant_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     return _Unknown(f"'{node.name}' ({node.op}) is not understood")
 
 
-def _floating(args: Any, kwargs: dict) -> bool:
-    """True when a dtype conversion's target is floating point (or there is none)."""
-    values = [*args[1:], *kwargs.values()]
+def _floating(values: list[Any]) -> bool:
+    """True when a dtype conversion's target (among ``values``, the arguments after the
+    tensor) is floating point, or there is none."""
     dtypes = [v for v in values if isinstance(v, torch.dtype)]
     dtypes += [v.dtype for v in values if isinstance(v, Tensor)]
     return all(d.is_floating_point for d in dtypes)
@@ -255,11 +214,11 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return _Unknown(f"in-place '{key}' on the input")
     if node.op == "call_method" and key in _NO_OP_METHODS:
         rest = [a.value for a in (*args[1:], *kwargs.values()) if isinstance(a, _Const)]
-        if _floating((None, *rest), {}):
+        if _floating(rest):
             return args[0]
         return _Unknown(f"'{key}' converts the input to a non-floating dtype")
-    if key in _BN_ARGS:
-        return _batch_norm(node, key, args, kwargs)
+    if key in _BATCH_NORMS:
+        return _batch_norm(node, dict(zip(NORM_ARGS[key], args, strict=False)) | kwargs)
     return _arithmetic(node, key, args, kwargs)
 
 
@@ -321,10 +280,8 @@ def _tensor(value: Any) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
-def _batch_norm(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:
-    names = _BN_ARGS[key]
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
+def _batch_norm(node: fx.Node, bound: dict[str, Any]) -> Any:
+    """An eval-mode batch norm with constant statistics applied to ``bound["input"]``."""
     if any(isinstance(v, _Lin) for k, v in bound.items() if k != "input"):
         return _Unknown("a batch norm's statistics depend on the input")
     values = {k: v.value for k, v in bound.items() if k != "input"}
@@ -333,22 +290,16 @@ def _batch_norm(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:
     mean, var = values.get("running_mean"), values.get("running_var")
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         return _Unknown("a batch norm in its forward has no running statistics")
-    scale = torch.rsqrt(_tensor(var) + float(values.get("eps", 1e-5)))
-    if values.get("weight") is not None:
-        scale = scale * _tensor(values["weight"])
-    shift = -_tensor(mean) * scale
-    if values.get("bias") is not None:
-        shift = shift + _tensor(values["bias"])
-    rank = _concrete_rank(node)
+    params = BnParams(
+        mean, var, values.get("weight"), values.get("bias"), float(values.get("eps", 1e-5))
+    )
+    affine = bn_affine(params)
+    concrete = node.meta.get("concrete")
+    rank = concrete.dim() if isinstance(concrete, Tensor) else 2
     shape = (-1,) + (1,) * max(rank - 2, 0)
-    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    scale, shift = affine.scale.reshape(shape), affine.shift.reshape(shape)
     lin = bound["input"]
     return _Lin(lin.scale * scale, lin.shift * scale + shift)
-
-
-def _concrete_rank(node: fx.Node) -> int:
-    value = node.meta.get("concrete")
-    return value.dim() if isinstance(value, Tensor) else 2
 
 
 def _per_channel(lin: _Lin, x: Tensor) -> Affine | Refusal:
@@ -365,12 +316,8 @@ def _per_channel(lin: _Lin, x: Tensor) -> Affine | Refusal:
                     f"its {name} has shape {tuple(value.shape)}: it varies along dim "
                     f"{dim} of the {rank}-D input, not only along the channel dim 1"
                 )
-        vectors.append(
-            aligned.expand((1, channels) + (1,) * (rank - 2))
-            .reshape(channels)
-            .to(torch.float64)
-            .clone()
-        )
+        full = aligned.expand((1, channels) + (1,) * (rank - 2))
+        vectors.append(full.reshape(channels).to(torch.float64).clone())
     return Affine(scale=vectors[0], shift=vectors[1])
 
 
@@ -396,15 +343,3 @@ def _check_numerically(module: nn.Module, x: Tensor, affine: Affine) -> str | No
 
 def _refuse(detail: str) -> Refusal:
     return Refusal(SkipReason.NOT_AFFINE, detail)
-
-
-def affine_skips_to_notes(skips: list) -> tuple[list, list[str]]:
-    """A refused ``BnKind.AFFINE`` module is not a batch norm: its refusal becomes a plan note
-    (dropped when it sits next to no layer at all); every other skip stays a skip."""
-    kept, notes = [], []
-    for skip in skips:
-        if skip.bn_kind != BnKind.AFFINE:
-            kept.append(skip)
-        elif skip.reason != SkipReason.NO_PRODUCER:
-            notes.append(f"{skip.bn} ({skip.bn_type}) left as it is: {skip.detail}")
-    return kept, notes

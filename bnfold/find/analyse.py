@@ -7,16 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import TraceError
 from bnfold.find.checked import trace_checked
 from bnfold.find.pairing import Analysis, decide, plan_notes
 from bnfold.find.recorded import analyse_recorded
-from bnfold.find.sites import (
-    is_affine_candidate,
-    is_stock_norm,
-)
+from bnfold.find.sites import needs_example_input
 from bnfold.find.unwrap import unwrap
 from bnfold.records import Plan
 
@@ -29,7 +25,7 @@ def find_pairs(model: nn.Module, example_inputs: Any, *, extra_inputs: Sequence[
     exactly one of ``plan.pairs`` or ``plan.skipped`` (with a reason). Wrappers
     (``torch.compile``, ``DataParallel``, ``DistributedDataParallel``) are looked through.
     When torch.fx cannot trace the model, its dataflow is recorded from real forwards instead
-    (``plan.method == "recorded"``, see ``bnfold.fallback``); ``extra_inputs`` (more example
+    (``plan.method == "recorded"``, see ``bnfold.find.recorded``); ``extra_inputs`` (more example
     inputs, same form) are then recorded too, so pairs behind data-dependent branches can be
     checked on each.
     """
@@ -47,23 +43,17 @@ def analyse(
     ``find_pairs``)."""
     model, wrapper_notes = unwrap(model)
     try:
-        traced, kept = trace_checked(model, example_inputs, _is_subclass_call)
+        traced, kept = trace_checked(model, example_inputs, needs_example_input)
     except TraceError as exc:
         return analyse_recorded(
             model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes
         )
-    pairs, skips, notes = decide(traced.module, kept, allow_graph_rewrite)
+    decisions = decide(traced.module, kept, allow_graph_rewrite)
     plan = Plan(
-        pairs=tuple(p.record for p in pairs),
-        skipped=tuple(skips),
+        pairs=tuple(p.record for p in decisions.pairs),
+        skipped=decisions.skips,
         method=traced.method,
         model_was_training=model.training,
-        notes=(*wrapper_notes, *plan_notes(model, pairs), *notes),
+        notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *decisions.notes),
     )
-    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
-
-
-def _is_subclass_call(module: nn.Module) -> bool:
-    if isinstance(module, _BatchNorm):
-        return not is_stock_norm(module)
-    return is_affine_candidate(module)  # its forward is proven on the real input
+    return Analysis(plan=plan, traced=traced, pairs=decisions.pairs)

@@ -1,23 +1,26 @@
 """Tracing one module's forward on a real input, keeping the branch decisions it made.
 
-``trace_guarded`` runs ``bnfold.find.trace.ConcreteTracer`` and keeps every node whose value Python
-turned into a decision (``if``, ``while``, iteration). A decision on the input's *metadata*
-(``x.numel() > 0``, ``x.dim() == 4``, ``x.requires_grad``) holds for every input of that shape
-and kind; a decision on its *values* (``x.mean() > 0``) holds only for the example, so a
-forward that makes one cannot be specialised on it.
+``ConcreteTracer`` runs every traced op on real example values, so Python control flow is decided
+by the example, and keeps every node whose value Python turned into a decision (``if``,
+``while``, iteration). A decision on the input's *metadata* (``x.numel() > 0``, ``x.dim() == 4``,
+``x.requires_grad``) holds for every input of that shape and kind; a decision on its *values*
+(``x.mean() > 0``) holds only for the example, so a forward that makes one cannot be specialised
+on it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from bnfold.find.trace import ConcreteTracer
-from bnfold.find.trace import graph_module as _graph_module
-from bnfold.find.trace import trace_without_side_effects as _trace_without_side_effects
+from bnfold.errors import first_line
+from bnfold.find.functional import fetch_attr
+from bnfold.find.trace import LeafTracer, trace_to_module
 from bnfold.modes import inference
 
 METADATA_ATTRS = frozenset(
@@ -55,32 +58,73 @@ class Guarded:
     module: fx.GraphModule
     guards: tuple[fx.Node, ...]
 
-    def value_guards(self) -> list[fx.Node]:
-        """Decisions that depend on the input's values (not only its shape or dtype)."""
-        dependent = value_dependent_nodes(self.module)
-        return [guard for guard in self.guards if guard in dependent]
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the trace assumed, as plan notes (read them before the graph is changed)."""
+        return tuple(f"forward specialised on {describe(guard)}" for guard in self.guards)
 
 
-def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded:
-    """Trace ``module`` on ``example_args`` (eval mode, no autograd, flags restored)."""
+class ConcreteTracer(LeafTracer):
+    """A leaf tracer that evaluates each node on real values while tracing; each node whose
+    value decided control flow is appended to ``guards``."""
 
-    class GuardTracer(ConcreteTracer):
-        def __init__(self) -> None:
-            super().__init__(example_args)
-            self.guard_nodes: list[fx.Node] = []
+    def __init__(self, example_args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self._inputs = iter(example_args)
+        self.guards: list[fx.Node] = []
 
-        def to_bool(self, obj: fx.Proxy) -> bool:
-            self.guard_nodes.append(obj.node)
-            return super().to_bool(obj)
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind != "output":
+            # fx patches Module.__call__/__getattr__ while tracing; this is its own switch
+            # back to the originals, so real modules run
+            with _maybe_revert_all_patches():
+                node.meta["concrete"] = self._evaluate(node)
+        return node
 
-        def iter(self, obj: fx.Proxy) -> Any:
-            self.guard_nodes.append(obj.node)
-            return super().iter(obj)
+    def _evaluate(self, node: fx.Node) -> Any:
+        def value(arg: Any) -> Any:
+            return arg.meta["concrete"] if isinstance(arg, fx.Node) else arg
 
-    tracer = GuardTracer()
-    with inference(module):
-        graph = _trace_without_side_effects(tracer, module)
-    return Guarded(_graph_module(tracer, graph), tuple(tracer.guard_nodes))
+        args = fx.node.map_aggregate(node.args, value)
+        kwargs = fx.node.map_aggregate(node.kwargs, value)
+        if node.op == "placeholder":
+            return next(self._inputs, None)
+        if node.op == "get_attr":
+            return fetch_attr(self.root, node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.root.get_submodule(node.target)(*args, **kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        self.guards.append(obj.node)
+        return bool(obj.node.meta["concrete"])
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        self.guards.append(obj.node)
+        return iter(obj[i] for i in range(len(obj.node.meta["concrete"])))
+
+
+def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded | str:
+    """Trace ``module`` on ``example_args`` (eval mode, no autograd, flags restored), or say why
+    its forward cannot be specialised on them: the trace fails, or it branches on the input's
+    values."""
+    tracer = ConcreteTracer(example_args)
+    try:
+        with inference(module):
+            traced = trace_to_module(tracer, module)
+    except Exception as exc:
+        return f"tracing its forward failed: {first_line(exc)}"
+    dependent = value_dependent_nodes(traced)
+    on_values = [guard for guard in tracer.guards if guard in dependent]
+    if on_values:
+        return (
+            f"its forward branches on the values of its input ({describe(on_values[0])}); "
+            "a fold would fix one branch"
+        )
+    return Guarded(traced, tuple(tracer.guards))
 
 
 def is_metadata(node: fx.Node) -> bool:

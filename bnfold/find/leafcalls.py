@@ -42,7 +42,7 @@ class LeafCalls:
     those of ``reusable`` (worth it for layers; norms are cheap to compute again).
 
     Use as a context manager around one forward of the model that owns ``leaves``. While active,
-    each leaf's ``forward`` is wrapped (``bnfold._patch``).
+    each leaf's ``forward`` is wrapped (``ForwardPatches``).
     """
 
     def __init__(

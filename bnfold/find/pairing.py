@@ -1,35 +1,40 @@
-"""The graph pass: find every batch norm, pair it with a layer it folds into, or say why not.
+"""The pairing rules: pair every batch norm of a graph with a layer it folds into, or say why not.
 
-This module reads the model and never changes a weight. ``analyse`` returns the plan plus what
-the fold stage needs (the traced graph and the sites); ``find_pairs`` returns the plan only.
+For each norm: the norm's own conditions (not shared, no hooks, finite statistics), then the
+layer after it is tried, then the layer before it: adjacency and fan-out, the layer's own
+conditions (not shared, plain forward, channel count), then the pattern table's check
+(``bnfold.find.patterns``). The use counts come from ``bnfold.find.sharing``. Reads the model,
+never changes a weight.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
-from bnfold.find.affine import affine_site, affine_skips_to_notes
+from bnfold.find.affine import affine_site
+from bnfold.find.functional import functional_layer, functional_norm, is_layer_call, is_norm_call
 from bnfold.find.patterns import Position, Refusal, pattern_for
+from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
 from bnfold.find.sites import (
+    LAYER_TYPES,
     LayerSite,
     NormSite,
-    fetch_attr,
-    functional_norm,
     has_stock_forward,
     is_affine_candidate,
-    is_norm_call,
-    layer_site,
+    module_layer,
     module_norm,
+    own_tensors,
 )
-from bnfold.find.strip import strip_norm
+from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
+from bnfold.find.subclasses import strip_norm
 from bnfold.find.trace import Traced
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
@@ -54,29 +59,54 @@ class Analysis:
     pairs: tuple[PlannedPair, ...]
 
 
+Outcome = PlannedPair | Skip
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Every norm call of one graph decided, in graph order, and the plan notes of refused
+    affine candidates (which are not batch norms, so not skips)."""
+
+    outcomes: tuple[Outcome, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def pairs(self) -> tuple[PlannedPair, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, PlannedPair))
+
+    @property
+    def skips(self) -> tuple[Skip, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, Skip))
+
+
 def decide(
     gm: fx.GraphModule,
     kept: dict[str, Any],
     allow_graph_rewrite: bool,
     *,
     extra_uses: Counter | None = None,
-) -> tuple[list[PlannedPair], list[Skip], list[str]]:
+) -> Decisions:
     """Pair or skip every norm call of a traced (or recorded) graph; ``kept`` holds the inputs
     of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
     module tensors outside their module that the graph has no get_attr node for."""
-    module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     modules = dict(gm.named_modules(remove_duplicate=False))
-    layers = {n: site for n in gm.graph.nodes if (site := layer_site(gm, n, modules)) is not None}
-    reads = _attr_reads(gm) + (extra_uses or Counter())
-    context = _Context(gm, layers, module_calls, _tensor_uses(gm), allow_graph_rewrite, reads)
-    pairs: list[PlannedPair] = []
-    skips: list[Skip] = []
-    for norm in _norm_sites(gm, kept, modules):
-        outcome = context.decide(norm)
-        (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
-    _check_unique_layers(pairs)
-    skips, notes = affine_skips_to_notes(skips)
-    return pairs, skips, notes
+    layers = _layer_sites(gm, modules)
+    context = _Context(gm, layers, graph_sharing(gm, extra_uses), allow_graph_rewrite)
+    outcomes = [context.decide(norm) for norm in _norm_sites(gm, kept, modules)]
+    outcomes, notes = affine_refusals_to_notes(outcomes)
+    decisions = Decisions(tuple(outcomes), tuple(notes))
+    _check_unique_layers(decisions.pairs)
+    return decisions
+
+
+def _layer_sites(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, LayerSite]:
+    layers = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES):
+            layers[node] = module_layer(node, str(node.target), modules[node.target])
+        elif is_layer_call(node) and (site := functional_layer(gm, node)) is not None:
+            layers[node] = site
+    return layers
 
 
 def _norm_sites(
@@ -98,22 +128,24 @@ def _norm_sites(
     return sites
 
 
-def _tensor_uses(gm: fx.GraphModule) -> Counter:
-    """How many parameters/buffers slots (over all modules) hold each tensor, by id."""
-    uses: Counter = Counter()
-    for _, tensor in gm.named_parameters(remove_duplicate=False):
-        uses[id(tensor)] += 1
-    return uses
+def affine_refusals_to_notes(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
+    """A refused ``BnKind.AFFINE`` module is not a batch norm: its skip becomes a plan note
+    (dropped when it sits next to no layer at all); every other outcome stays."""
+    kept, notes = [], []
+    for outcome in outcomes:
+        if not isinstance(outcome, Skip) or outcome.bn_kind != BnKind.AFFINE:
+            kept.append(outcome)
+        elif outcome.reason != SkipReason.NO_PRODUCER:
+            notes.append(f"{outcome.bn} ({outcome.bn_type}) left as it is: {outcome.detail}")
+    return kept, notes
 
 
 @dataclass
 class _Context:
     gm: fx.GraphModule
     layers: dict[fx.Node, LayerSite]
-    module_calls: Counter
-    tensor_uses: Counter
+    sharing: Sharing
     allow_graph_rewrite: bool
-    outside_reads: Counter = field(default_factory=Counter)  # id(tensor) -> reads elsewhere
 
     def decide(self, norm: NormSite) -> PlannedPair | Skip:
         if norm.problem is not None:
@@ -131,18 +163,20 @@ class _Context:
         for attempt in (after, before):
             if attempt is not None:
                 return attempt
-        return _skip(norm, Refusal(SkipReason.NO_PRODUCER, self._neighbours(norm)))
+        return _skip(
+            norm, Refusal(SkipReason.NO_PRODUCER, no_producer_detail(self.gm, self.layers, norm))
+        )
 
     def _norm_refusal(self, norm: NormSite, affine: Affine) -> Refusal | None:
         if norm.module is not None:
-            if self.module_calls[norm.node.target] > 1:
+            if self.sharing.calls(norm.node) > 1:
                 return Refusal(
                     SkipReason.BN_SHARED,
-                    f"{norm.name} is called {self.module_calls[norm.node.target]} times",
+                    f"{norm.name} is called {self.sharing.calls(norm.node)} times",
                 )
-            if _has_hooks(norm.module):
+            if has_hooks(norm.module):
                 return Refusal(SkipReason.HOOKS, f"{norm.name} has forward hooks or pre-hooks")
-            if any(self.outside_reads[id(t)] for t in _own_tensors(norm.module)):
+            if any(self.sharing.outside_reads[id(t)] for t in own_tensors(norm.module)):
                 return Refusal(
                     SkipReason.BN_SHARED,
                     f"{norm.name}'s parameters or buffers are also read elsewhere in the forward",
@@ -152,13 +186,13 @@ class _Context:
         negative = bool((norm.params.running_var.detach() < 0).any())
         finite = torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()
         if negative or not finite:
-            return Refusal(SkipReason.NON_FINITE, _non_finite_detail(norm))
+            return Refusal(SkipReason.NON_FINITE, non_finite_detail(norm))
         return None
 
     def _try(self, norm: NormSite, position: Position, affine: Affine) -> PlannedPair | Skip | None:
         layer, refusal = self._neighbour(norm, position)
         if layer is None:
-            return _skip(norm, refusal) if refusal is not None else None
+            return None
         rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
         view = replace(layer.view, activation_rank=rank)
         pattern = pattern_for(layer.kind, position)
@@ -184,41 +218,52 @@ class _Context:
     def _neighbour(
         self, norm: NormSite, position: Position
     ) -> tuple[LayerSite | None, Refusal | None]:
-        if position == Position.AFTER:
-            layer = self.layers.get(norm.input) if norm.input is not None else None
+        """The layer next to the norm on one side, and a fan-out refusal when the value
+        between them feeds anything else."""
+        if position == Position.AFTER:  # layer -> norm: the layer's output feeds only the norm
+            layer = self.layers.get(norm.input)
             if layer is None:
                 return None, None
-            users = [u for u in layer.node.users if u is not norm.node]
-            if users:
-                names = ", ".join(u.name for u in users)
-                return layer, Refusal(
-                    SkipReason.PRODUCER_FANOUT, f"{layer.name} output also feeds {names}"
-                )
-            return layer, None
-        followers = [u for u in norm.out.users if u in self.layers and _first_input(u) is norm.out]
-        if not followers:
-            return None, None
-        layer = followers[0]
-        others = [u for u in norm.out.users if u is not layer]
-        if others:
-            names = ", ".join(u.name for u in others)
-            return self.layers[layer], Refusal(
-                SkipReason.BN_FANOUT, f"{norm.name} output also feeds {names}"
-            )
-        return self.layers[layer], None
+            between, reader = layer.node, norm.node
+            reason, owner = SkipReason.PRODUCER_FANOUT, layer.name
+        else:  # norm -> layer: the norm's output feeds only the layer
+            readers = [u for u in norm.out.users if u in self.layers and _reads_first(u, norm.out)]
+            if not readers:
+                return None, None
+            layer = self.layers[readers[0]]
+            between, reader = norm.out, readers[0]
+            reason, owner = SkipReason.BN_FANOUT, norm.name
+        others = ", ".join(u.name for u in between.users if u is not reader)
+        return layer, Refusal(reason, f"{owner} output also feeds {others}") if others else None
 
     def _layer_refusal(
         self, norm: NormSite, layer: LayerSite, position: Position
     ) -> Refusal | None:
-        if layer.module is not None and self.module_calls[layer.node.target] > 1:
+        refusal = self._layer_conditions(layer)
+        if refusal is not None:
+            return refusal
+        expected = layer.view.out_channels if position == Position.AFTER else layer.view.in_channels
+        if norm.params.num_features != expected:
+            side = "output" if position == Position.AFTER else "input"
+            return Refusal(
+                SkipReason.CHANNEL_MISMATCH,
+                f"{norm.name} has {norm.params.num_features} channels, {layer.name} "
+                f"has {expected} {side} channels",
+            )
+        return None
+
+    def _layer_conditions(self, layer: LayerSite) -> Refusal | None:
+        """The layer is used once, holds floating-point weights that nothing else reads, and
+        computes what its class says."""
+        if layer.module is not None and self.sharing.calls(layer.node) > 1:
             return Refusal(
                 SkipReason.PRODUCER_SHARED,
-                f"{layer.name} is called {self.module_calls[layer.node.target]} times",
+                f"{layer.name} is called {self.sharing.calls(layer.node)} times",
             )
         if layer.module is None:
             if not self.allow_graph_rewrite:
                 return Refusal(SkipReason.NEEDS_GRAPH_REWRITE, f"{layer.name} is a functional call")
-            if _attr_uses(self.gm, layer.weight_attr) > 1:
+            if self.sharing.attr_users[layer.weight_attr] > 1:
                 return Refusal(
                     SkipReason.PRODUCER_SHARED, f"weight {layer.weight_attr} is used by several ops"
                 )
@@ -230,89 +275,25 @@ class _Context:
                 f"{layer.name} ({layer.type_name}) overrides forward; its output is "
                 "not known to be the plain layer's",
             )
-        if layer.module is not None and any(self.outside_reads[id(t)] for t in layer.tensors):
+        if layer.module is not None and any(
+            self.sharing.outside_reads[id(t)] for t in layer.tensors
+        ):
             return Refusal(
                 SkipReason.PRODUCER_SHARED,
                 f"{layer.name}'s weight or bias is also read elsewhere in the forward",
             )
-        shared = [t for t in layer.tensors if self.tensor_uses[id(t)] > 1]
-        if shared:
+        if any(self.sharing.tensor_slots[id(t)] > 1 for t in layer.tensors):
             return Refusal(
                 SkipReason.PRODUCER_SHARED,
                 f"{layer.name}'s weight tensor is shared with another module",
             )
-        if layer.module is not None:
-            if _is_parametrized(layer.module):
-                return Refusal(
-                    SkipReason.PARAMETRIZED,
-                    f"{layer.name} has a parametrized or weight-normed weight",
-                )
-            if _has_hooks(layer.module):
-                return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
-        expected = layer.view.out_channels if position == Position.AFTER else layer.view.in_channels
-        if norm.params.num_features != expected:
-            side = "output" if position == Position.AFTER else "input"
+        if layer.module is not None and is_parametrized(layer.module):
             return Refusal(
-                SkipReason.CHANNEL_MISMATCH,
-                f"{norm.name} has {norm.params.num_features} channels, {layer.name} "
-                f"has {expected} {side} channels",
+                SkipReason.PARAMETRIZED, f"{layer.name} has a parametrized or weight-normed weight"
             )
+        if layer.module is not None and has_hooks(layer.module):
+            return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
         return None
-
-    def _neighbours(self, norm: NormSite) -> str:
-        """What the norm reads and feeds, naming each op (e.g. ``1 (ReLU)``), and the layer
-        behind a single consumer when there is one (BN → ReLU → Conv)."""
-        source = self._describe(norm.input) if norm.input is not None else "nothing"
-        users = list(norm.out.users)
-        feeds = ", ".join(self._describe(u) for u in users) or "nothing"
-        text = f"{norm.name} reads {source} and feeds {feeds}"
-        layers = [self.layers[v] for v in users[0].users if v in self.layers] if users else []
-        if len(users) == 1 and layers:
-            text += (
-                f"; {self._describe(users[0])} sits between it and {layers[0].name}, so "
-                "there is no adjacent layer to fold into"
-            )
-        return text
-
-    def _describe(self, node: fx.Node) -> str:
-        if node.op == "placeholder":
-            return f"the input '{node.name}'"
-        if node.op == "call_module":
-            module = self.gm.get_submodule(str(node.target))
-            return f"{node.target} ({type(module).__name__})"
-        if node.op == "call_function":  # the op's name: relu, aten.relu.default...
-            op = node.meta.get("aten") or getattr(node.target, "__name__", None) or node.target
-            op = str(op).removeprefix("aten.").removesuffix(".default")
-            if node.name.rstrip("_0123456789") != op.rstrip("_"):
-                return f"{node.name} ({op})"
-        return node.name
-
-
-def _non_finite_detail(norm: NormSite) -> str:
-    """Which statistics or parameters are not finite (or negative), and what to do."""
-    params = norm.params
-    named = {
-        "running_mean": params.running_mean,
-        "running_var": params.running_var,
-        "weight": params.weight,
-        "bias": params.bias,
-    }
-    problems = []
-    for name, tensor in named.items():
-        if tensor is None:
-            continue
-        bad = int((~torch.isfinite(tensor.detach())).sum())
-        if bad:
-            problems.append(f"{name} is not finite in {bad} of {tensor.numel()} channels")
-    negative = int((params.running_var.detach() < 0).sum())
-    if negative:
-        problems.append(f"running_var is negative in {negative} channels")
-    if not problems:
-        problems.append("its scale gamma/sqrt(var + eps) is not finite")
-    return (
-        f"{norm.name}: {'; '.join(problems)}; recalibrate the statistics (bnfold "
-        "recalibrate) or fix them before folding"
-    )
 
 
 def _skip(
@@ -339,26 +320,11 @@ def _extra_between(norm: NormSite, layer: LayerSite, position: Position) -> Refu
     ):
         return Refusal(
             SkipReason.NO_PRODUCER,
-            f"{norm.name} ({norm.type_name}) runs {_extra_ops(norm.extra)} after its "
+            f"{norm.name} ({norm.type_name}) runs {extra_ops(norm.extra)} after its "
             f"batch norm, between the norm and {layer.name}; no layer is adjacent to "
             "the batch norm",
         )
     return None
-
-
-def _extra_ops(extra: nn.Module) -> str:
-    """The ops a stripped subclass forward runs, by name (``relu``, ``drop (Dropout)``)."""
-    graph = getattr(extra, "graph", None)
-    if not isinstance(graph, fx.Graph):
-        return type(extra).__name__
-    modules = dict(extra.named_modules())
-    names = []
-    for node in graph.nodes:
-        if node.op == "call_module":
-            names.append(f"{node.target} ({type(modules[node.target]).__name__})")
-        elif node.op in ("call_function", "call_method"):
-            names.append(getattr(node.target, "__name__", str(node.target)))
-    return ", ".join(dict.fromkeys(names)) or "more ops"
 
 
 def _rank(node: fx.Node | None) -> int:
@@ -366,44 +332,9 @@ def _rank(node: fx.Node | None) -> int:
     return len(shape) if shape is not None else -1
 
 
-def _first_input(node: fx.Node) -> Any:
-    return node.args[0] if node.args else node.kwargs.get("input")
-
-
-def _attr_uses(gm: fx.GraphModule, target: str | None) -> int:
-    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
-
-
-def _attr_reads(gm: fx.GraphModule) -> Counter:
-    """Tensors the forward reads directly (``self.conv.weight``), by id."""
-    reads: Counter = Counter()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.users:
-            value = fetch_attr(gm, str(node.target))
-            if isinstance(value, torch.Tensor):
-                reads[id(value)] += len(node.users)
-    return reads
-
-
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
-
-
-def _is_parametrized(module: nn.Module) -> bool:
-    if parametrize.is_parametrized(module):
-        return True
-    return any(
-        name.endswith(("_g", "_v", "_orig")) for name, _ in module.named_parameters(recurse=False)
-    )
+def _reads_first(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` reads ``value`` as its first (input) argument."""
+    return (node.args[0] if node.args else node.kwargs.get("input")) is value
 
 
 def _check_unique_layers(pairs: list[PlannedPair]) -> None:
@@ -414,7 +345,8 @@ def _check_unique_layers(pairs: list[PlannedPair]) -> None:
         raise AssertionError(f"internal error: a layer was paired twice on one side: {duplicated}")
 
 
-def plan_notes(model: nn.Module, pairs: list[PlannedPair]) -> tuple[str, ...]:
+def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...]:
+    """Notes on the model as a whole (train mode, dtype and device) and on each pair."""
     notes = []
     if model.training:
         notes.append("model was in train mode: the fold computes the eval-mode function")

@@ -3,7 +3,7 @@
 Adding a pattern is one row here plus tests. A row's ``check`` sees a ``LayerView`` (what the
 graph pass learnt about the layer) and the norm's affine map, and returns a ``Refusal`` when that
 instance cannot be folded exactly. Checks that hold for every pattern (fan-out, sharing, hooks,
-dtype, channel count) live in ``bnfold.graph``.
+dtype, channel count) live in ``bnfold.find.pairing``.
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ PATTERNS: tuple[Pattern, ...] = (
 )
 
 
+_BY_SLOT = {(pattern.kind, pattern.position): pattern for pattern in PATTERNS}
+
+
 def pattern_for(kind: LayerKind, position: Position) -> Pattern:
     """The table row for a layer kind and norm position."""
-    for pattern in PATTERNS:
-        if pattern.kind == kind and pattern.position == position:
-            return pattern
-    raise KeyError((kind, position))
+    return _BY_SLOT[(kind, position)]

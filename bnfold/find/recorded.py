@@ -8,14 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import ModelInputError, TraceError, first_line
-from bnfold.find.affine import affine_skips_to_notes
-from bnfold.find.pairing import Analysis, PlannedPair, decide, plan_notes
-from bnfold.find.recording import Recording, record
+from bnfold.find.pairing import (
+    Analysis,
+    Outcome,
+    PlannedPair,
+    affine_refusals_to_notes,
+    decide,
+    plan_notes,
+)
+from bnfold.find.recording import LooseNorm, Recording, record
 from bnfold.find.sites import is_frozen_norm
 from bnfold.find.trace import Traced
 from bnfold.records import BnKind, Plan, Skip, SkipReason
@@ -24,8 +29,7 @@ from bnfold.records import BnKind, Plan, Skip, SkipReason
 @dataclass
 class _Run:
     recording: Recording
-    outcomes: dict[str, PlannedPair | Skip]  # norm key -> decision, in execution order
-    dependent: set[str]  # keys of pairs whose routing may depend on the input's values
+    outcomes: dict[str, Outcome]  # norm key ("name#occurrence") -> decision, in execution order
     called: Counter  # module path -> calls in this run
     notes: list[str]
 
@@ -40,7 +44,6 @@ def analyse_recorded(
 ) -> Analysis:
     """Pair norms from recorded forwards (see the module doc). Raises ``ModelInputError``
     when the model itself rejects an input, ``TraceError`` when recording is impossible."""
-
     inputs = [example_inputs, *extra_inputs]
     try:
         runs = [_run(record(model, inputs_), allow_graph_rewrite) for inputs_ in inputs]
@@ -49,11 +52,11 @@ def analyse_recorded(
     except Exception as exc:  # a model neither fx nor recording can read
         raise TraceError(
             f"cannot analyse {type(model).__name__}: {fx_error} Recording a real forward failed "
-            f"too: {type(exc).__name__}: {exc}. Pass a torch.export program (.pt2) of the model, "
-            "or report this model to bnfold."
+            f"too: {first_line(exc)}. Pass a torch.export program (.pt2) of the model, or report "
+            "this model to bnfold."
         ) from exc
     pairs, skips, merge_notes = _merge(runs)
-    skips, affine_notes = affine_skips_to_notes(skips)
+    skips, affine_notes = affine_refusals_to_notes(skips)
     first = runs[0].recording
     plan = Plan(
         pairs=tuple(p.record for p in pairs),
@@ -74,71 +77,46 @@ def analyse_recorded(
 
 
 def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
-
-    pairs, skips, notes = decide(
+    decisions = decide(
         recording.module, recording.kept, allow_graph_rewrite, extra_uses=recording.outside_uses
     )
-    by_node = {p.norm.node: p for p in pairs}
-    skip_nodes = _skip_nodes(recording.module, skips)
-    outcomes: dict[str, PlannedPair | Skip] = {}
+    loose = [_loose_skip(norm) for norm in recording.loose_norms]
+    outcomes: dict[str, Outcome] = {}
     occurrences: Counter = Counter()
-    dependent: set[str] = set()
-    for node in recording.module.graph.nodes:
-        outcome = by_node.get(node) or skip_nodes.get(node)
-        if outcome is None:
-            continue
-        name = outcome.record.bn if not isinstance(outcome, Skip) else outcome.bn
-        key = f"{name}#{occurrences[name]}"
+    for outcome in (*decisions.outcomes, *loose):
+        name = outcome.bn if isinstance(outcome, Skip) else outcome.record.bn
+        outcomes[f"{name}#{occurrences[name]}"] = outcome
         occurrences[name] += 1
-        outcomes[key] = outcome
-        if not isinstance(outcome, Skip) and recording.first_read is not None:
-            dependent.add(key)  # after a read of values any module may be called anywhere
-    for loose in recording.loose_norms:
-        name = f"{loose.where or 'forward'}:{loose.op}"
-        key = f"{name}#{occurrences[name]}"
-        occurrences[name] += 1
-        outcomes[key] = Skip(
-            bn=name,
-            bn_type=loose.op,
-            reason=SkipReason.NOT_TRACEABLE,
-            detail=f"{loose.op} runs in {loose.where or 'the model forward'} "
-            "outside a registered BatchNorm module",
-            bn_kind=BnKind.FUNCTIONAL,
-        )
     called = Counter(n.target for n in recording.module.graph.nodes if n.op == "call_module")
-    return _Run(recording, outcomes, dependent, called, list(notes))
+    return _Run(recording, outcomes, called, list(decisions.notes))
 
 
-def _skip_nodes(gm: fx.GraphModule, skips: list[Skip]) -> dict[fx.Node, Skip]:
-    """Skips are emitted in node order, one per norm call: match them back to their nodes."""
-    remaining: dict[str, list[Skip]] = {}
-    for skip in skips:
-        remaining.setdefault(skip.bn, []).append(skip)
-    matched = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and remaining.get(str(node.target)):
-            matched[node] = remaining[str(node.target)].pop(0)
-    return matched
+def _loose_skip(norm: LooseNorm) -> Skip:
+    where = norm.where or "the model forward"
+    return Skip(
+        bn=f"{norm.where or 'forward'}:{norm.op}",
+        bn_type=norm.op,
+        reason=SkipReason.NOT_TRACEABLE,
+        detail=f"{norm.op} runs in {where} outside a registered BatchNorm module",
+        bn_kind=BnKind.FUNCTIONAL,
+    )
 
 
 def _merge(runs: list[_Run]) -> tuple[list[PlannedPair], list[Skip], list[str]]:
-    keys = list(dict.fromkeys(key for run in runs for key in run.outcomes))
+    """One outcome per norm call over all runs, and the notes of pairs folded on evidence."""
     pairs: list[PlannedPair] = []
     skips: list[Skip] = []
     notes: list[str] = []
-    layer_runs: dict[str, int] = {}
-    for key in keys:
+    layer_runs: dict[str, int] = {}  # layer -> the first run that pairs it
+    for key in dict.fromkeys(key for run in runs for key in run.outcomes):
         outcome, note = _merged_outcome(key, runs)
-        if not isinstance(outcome, Skip):
-            run_index = next(i for i, run in enumerate(runs) if key in run.outcomes)
-            layer = outcome.record.producer
-            if layer_runs.setdefault(layer, run_index) != run_index:
-                outcome = _dependent_skip(
-                    outcome, "its layer's other norm pairs on another recorded input"
-                )
-        (pairs if not isinstance(outcome, Skip) else skips).append(outcome)
-        if note and not isinstance(outcome, Skip):
-            notes.append(note)
+        if isinstance(outcome, PlannedPair):
+            first = next(i for i, run in enumerate(runs) if key in run.outcomes)
+            if layer_runs.setdefault(outcome.record.producer, first) != first:
+                detail = "its layer's other norm pairs on another recorded input"
+                outcome, note = _dependent_skip(outcome, detail), None
+        (pairs if isinstance(outcome, PlannedPair) else skips).append(outcome)
+        notes.extend([note] if note else [])
     return pairs, skips, notes
 
 
@@ -167,9 +145,9 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
                 f"{first.record.producer} and {first.record.bn} do "
                 f"not run as a pair on input {index}",
             ), None
-    if not any(key in runs[i].dependent for i, _ in present):
-        return first, None
-    read = next(run.recording.read_detail for run in runs if run.recording.first_read is not None)
+    if not any(runs[i].recording.read_detail for i, _ in present):
+        return first, None  # after a read of tensor values any module may be called anywhere
+    read = next(run.recording.read_detail for run in runs if run.recording.read_detail)
     if len(runs) == 1:
         return _dependent_skip(
             first,
@@ -210,7 +188,7 @@ def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) ->
         f"recorded at input shapes {shapes}: control flow on input shapes is assumed to route "
         "layers the same way at other shapes",
     ]
-    reads = [run.recording.read_detail for run in runs if run.recording.first_read is not None]
+    reads = [run.recording.read_detail for run in runs if run.recording.read_detail]
     if reads:
         notes.append(
             f"the forward reads tensor values ({reads[0]}): a pair folds only when "

@@ -3,7 +3,7 @@
 While the model runs once on real inputs (eval mode, no autograd):
 
 - global module hooks see every module call. Conv/ConvTranspose/Linear/BatchNorm modules (and
-  subclasses) and per-channel affine candidates (``bnfold.affine``) are *leaves*: one node per
+  subclasses) and per-channel affine candidates (``bnfold.find.affine``) are *leaves*: one node per
   call, their internals unseen, exactly as ``bnfold.find.trace.LeafTracer`` keeps them;
 - a ``TorchDispatchMode`` sees every ATen op run outside leaves: one node per op, with edges
   from the nodes that produced its tensor arguments (tensors are matched by identity, so
@@ -28,22 +28,23 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfold.errors import ModelInputError, first_line
 from bnfold.find.kernels import BATCH_NORM_KERNELS
-from bnfold.find.sites import is_affine_candidate
-from bnfold.find.trace import is_leaf
+from bnfold.find.sites import needs_example_input, own_tensors
+from bnfold.find.trace import input_rejected, is_leaf
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
 
 _VALUE_READ_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
 _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
 _INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
-_STOCK_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
 def recorded_op(*args: Any) -> Any:
@@ -55,7 +56,6 @@ def recorded_op(*args: Any) -> Any:
 class LooseNorm:
     """A batch-norm kernel run outside any BatchNorm module (a functional call)."""
 
-    name: str
     op: str
     where: str  # module path of the innermost enclosing module, "" for the model's own forward
 
@@ -66,9 +66,7 @@ class Recording:
 
     module: fx.GraphModule
     kept: dict[str, tuple[Any, ...]]  # node name -> inputs of subclass/affine leaf calls
-    order: dict[fx.Node, int]  # execution order of every node
-    first_read: int | None  # order of the first read of tensor values into Python, if any
-    read_detail: str | None  # what that read was and where
+    read_detail: str | None  # the first read of tensor values into Python and where, if any
     outside_uses: Counter  # id(tensor) -> ops outside leaf modules that read a leaf's tensor
     loose_norms: list[LooseNorm]
     input_shapes: tuple[tuple[int, ...], ...]
@@ -91,8 +89,6 @@ class _State:
     leaf_depth: int = 0
     instance_norm_depth: int = 0
     kept: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    order: dict[fx.Node, int] = field(default_factory=dict)
-    first_read: int | None = None
     read_detail: str | None = None
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
@@ -113,12 +109,7 @@ class _State:
         node.meta.setdefault("bnfold_shape", tuple(tensor.shape))
 
     def add_node(self, op: str, target: Any, args: tuple, name: str | None = None) -> fx.Node:
-        node = self.graph.create_node(op, target, args, {}, name=name)
-        self.order[node] = len(self.order)
-        return node
-
-    def alive_nodes(self) -> set[fx.Node]:
-        return {node for ref, node in self.producers.values() if ref() is not None}
+        return self.graph.create_node(op, target, args, {}, name=name)
 
     def where(self) -> str:
         for frame in reversed(self.stack):
@@ -128,33 +119,22 @@ class _State:
         return ""
 
     def value_read(self, what: str) -> None:
-        if self.first_read is None:
-            self.first_read = len(self.order)
-            where = self.where()
-            self.read_detail = f"{what} in {where or 'the model forward'}"
+        if self.read_detail is None:
+            self.read_detail = f"{what} in {self.where() or 'the model forward'}"
 
     # -------------------------------------------------------------- module hooks
 
-    def is_leaf(self, module: nn.Module) -> bool:
-        if id(module) not in self.paths:
-            return False
-        return is_leaf(module)
-
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self.leaf_depth > 0:
-            self.stack.append(_Frame(module, None, True))
+        node = None  # a node for an outermost leaf call only
+        if self.leaf_depth == 0 and id(module) in self.paths and is_leaf(module):
+            inputs = tuple(self.node_for(t) for t in _tensors(args))
+            node = self.add_node("call_module", self.paths[id(module)], inputs)
+        inside_leaf = self.leaf_depth > 0 or node is not None
+        self.stack.append(_Frame(module, node, inside_leaf))
+        if inside_leaf:  # from here on ops are the leaf's own, the copy below included
             self.leaf_depth += 1
-            return
-        if not self.is_leaf(module):
-            self.stack.append(_Frame(module, None, False))
-            return
-        tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, Tensor)]
-        node = self.add_node(
-            "call_module", self.paths[id(module)], tuple(self.node_for(t) for t in tensors)
-        )
-        self.stack.append(_Frame(module, node, True))
-        self.leaf_depth += 1  # from here on ops are the leaf's own, the copy below included
-        if _needs_input(module):  # a copy: the original must be free to die (liveness)
+        if node is not None and needs_example_input(module):
+            # a copy: an input kept alive here would count as escaping the forward
             self.kept[node.name] = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -167,7 +147,7 @@ class _State:
         else:
             return
         if frame.node is not None:
-            for tensor in (t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)):
+            for tensor in _tensors(output):
                 self.produced(tensor, frame.node)
 
     # -------------------------------------------------------------- ops
@@ -176,15 +156,13 @@ class _State:
         """Inside a leaf: a tensor produced outside it is an input of the leaf call, however
         it was passed (positionally, by keyword, through an attribute)."""
         leaf = next(frame.node for frame in reversed(self.stack) if frame.node is not None)
-        for tensor in pytree.tree_leaves((args, kwargs)):
-            if not isinstance(tensor, Tensor):
-                continue
+        for tensor in _tensors((args, kwargs)):
             entry = self.producers.get(id(tensor))
             if entry is not None and entry[0]() is tensor and entry[1] not in leaf.args:
                 leaf.args = (*leaf.args, entry[1])
 
     def op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        inputs = _tensors((args, kwargs))
         for tensor in inputs:
             if id(tensor) in self.leaf_tensors:
                 self.outside_uses[id(tensor)] += 1
@@ -197,18 +175,11 @@ class _State:
         )
         node.meta["aten"] = str(func)
         if name in BATCH_NORM_KERNELS and self.instance_norm_depth == 0:
-            self.loose_norms.append(LooseNorm(node.name, f"aten.{name}", self.where()))
-        for tensor in (t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)):
+            self.loose_norms.append(LooseNorm(f"aten.{name}", self.where()))
+        for tensor in _tensors(out):
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
             self.value_read(f"aten.{name}")
-
-
-def _needs_input(module: nn.Module) -> bool:
-    """Leaf calls whose input the graph pass needs: BN subclasses and affine candidates."""
-    if isinstance(module, _BatchNorm):
-        return type(module).forward not in _STOCK_BN_FORWARDS
-    return is_affine_candidate(module)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -252,14 +223,9 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     """
     args = as_args(example_inputs)
     paths = {id(m): name for name, m in model.named_modules() if name}
-    leaf_tensors = {
-        id(t)
-        for m in model.modules()
-        if is_leaf(m)
-        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
-    }
+    leaf_tensors = {id(t) for m in model.modules() if is_leaf(m) for t in own_tensors(m)}
     state = _State(paths=paths, leaf_tensors=leaf_tensors)
-    leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
+    leaves = _tensors(args)
     for i, tensor in enumerate(leaves):
         state.produced(tensor, state.add_node("placeholder", f"input_{i}", ()))
     pre = torch.nn.modules.module.register_module_forward_pre_hook(state.pre_hook)
@@ -269,24 +235,19 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
             output = model(*args)
     except Exception as exc:
         where = state.where()
-        raise ModelInputError(
-            f"{f'layer {where!r}' if where else 'the model'} rejected the example input: "
-            f"{first_line(exc)}. Check the example inputs (batch, "
-            "channels, spatial size, dtype)."
-        ) from exc
+        raise input_rejected(f"layer {where!r}" if where else "", exc) from exc
     finally:
         pre.remove()
         post.remove()
-    returned = [state.node_for(t) for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
-    escaped = [n for n in state.alive_nodes() if n.op == "call_module" and n not in returned]
+    returned = [state.node_for(t) for t in _tensors(output)]
+    alive = [node for ref, node in state.producers.values() if ref() is not None]
+    escaped = [n for n in alive if n.op == "call_module" and n not in returned]
     del output
     state.graph.output(tuple(dict.fromkeys(returned + escaped)))
     module = fx.GraphModule(model, state.graph, class_name=type(model).__name__)
     return Recording(
         module=module,
         kept=state.kept,
-        order=state.order,
-        first_read=state.first_read,
         read_detail=state.read_detail,
         outside_uses=state.outside_uses,
         loose_norms=state.loose_norms,

@@ -1,19 +1,16 @@
-"""Recognising the nodes that matter in a traced graph: batch norms and Conv/ConvT/Linear layers.
-
-Both appear as modules (``call_module``), as ``torch.nn.functional`` calls, or as ATen ops (the
-form ``torch.export`` programs take). Each recogniser returns a site record or ``None``.
+"""The nodes that matter in a traced graph, as sites: batch norm calls and Conv/ConvTranspose/
+Linear calls. This module recognises them as modules (``call_module``) and holds the predicates
+for per-channel affine candidates; ``bnfold.find.functional`` recognises functional and ATen
+calls.
 """
 
 from __future__ import annotations
 
-import inspect
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -22,8 +19,8 @@ from bnfold.find.patterns import LayerKind, LayerView, Refusal
 from bnfold.folding.math import BnParams, Layout
 from bnfold.records import BnKind, SkipReason
 
-aten = torch.ops.aten
-
+#: The module types that are layers a norm folds into.
+LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _STOCK_LAYER_FORWARDS = tuple(
     cls.forward
@@ -37,89 +34,6 @@ _STOCK_LAYER_FORWARDS = tuple(
         nn.Linear,
     )
 )
-
-# Functional batch norms: target -> names of the positional parameters.
-_FN_NORMS: dict[Any, tuple[str, ...]] = {
-    F.batch_norm: tuple(inspect.signature(F.batch_norm).parameters),
-    torch.batch_norm: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
-    aten.batch_norm.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
-    aten._native_batch_norm_legit_no_training.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "momentum",
-        "eps",
-    ),
-}
-_TUPLE_NORMS = {aten._native_batch_norm_legit_no_training.default}
-
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONVT_ARGS = (
-    "input",
-    "weight",
-    "bias",
-    "stride",
-    "padding",
-    "output_padding",
-    "groups",
-    "dilation",
-)
-_CONVOLUTION_ARGS = (
-    "input",
-    "weight",
-    "bias",
-    "stride",
-    "padding",
-    "dilation",
-    "transposed",
-    "output_padding",
-    "groups",
-)
-_FN_LAYERS: dict[Any, tuple[LayerKind | None, tuple[str, ...]]] = {
-    F.linear: (LayerKind.LINEAR, ("input", "weight", "bias")),
-    aten.linear.default: (LayerKind.LINEAR, ("input", "weight", "bias")),
-    aten.convolution.default: (None, _CONVOLUTION_ARGS),
-}
-for _fn in (
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.conv3d.default,
-):
-    _FN_LAYERS[_fn] = (LayerKind.CONV, _CONV_ARGS)
-for _fn in (
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-    aten.conv_transpose1d.default,
-    aten.conv_transpose2d.input,
-    aten.conv_transpose3d.input,
-):
-    _FN_LAYERS[_fn] = (LayerKind.CONV_TRANSPOSE, _CONVT_ARGS)
 
 
 @dataclass
@@ -146,14 +60,24 @@ class LayerSite:
     node: fx.Node
     name: str  # module path, or the weight's attribute path for functional layers
     type_name: str
-    kind: LayerKind
     weight: torch.Tensor
     bias: torch.Tensor | None
-    layout: Layout
     view: LayerView
-    module: nn.Module | None  # None for functional layers
+    module: nn.Module | None = None  # None for functional layers
     weight_attr: str | None = None  # functional layers: get_attr target of the weight
-    tensors: tuple[torch.Tensor, ...] = ()  # every tensor the fold would rewrite
+
+    @property
+    def kind(self) -> LayerKind:
+        return self.view.kind
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.view.groups, self.kind == LayerKind.CONV_TRANSPOSE)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the fold would rewrite."""
+        return tuple(t for t in (self.weight, self.bias) if t is not None)
 
 
 def is_stock_norm(module: nn.Module) -> bool:
@@ -166,82 +90,22 @@ def has_stock_forward(module: nn.Module) -> bool:
     return type(module).forward in _STOCK_LAYER_FORWARDS
 
 
-def fetch_attr(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
+def module_site(node: fx.Node, name: str, module: nn.Module, kind: BnKind) -> NormSite:
+    """The site of a norm-like module call; params and problem are filled in after."""
+    arg = node.args[0] if node.args else None
+    input_ = arg if isinstance(arg, fx.Node) else None
+    return NormSite(node, node, input_, name, type(module).__name__, kind, module=module)
 
 
-def bound_args(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
-    """Positional and keyword arguments of a call node, by parameter name."""
-    values = dict(zip(names, node.args, strict=False))
-    values.update(node.kwargs)
-    return values
-
-
-def is_norm_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _FN_NORMS
-
-
-def functional_norm(gm: fx.GraphModule, node: fx.Node) -> NormSite:
-    """A functional batch norm; statistics must be module tensors or constants."""
-    args = bound_args(node, _FN_NORMS[node.target])
-    out = node
-    if node.target in _TUPLE_NORMS:
-        out = _tuple_output(node)
-    site = NormSite(
-        node=node,
-        out=out,
-        input=_as_node(args.get("input")),
-        name=node.name,
-        type_name=_fn_name(node.target),
-        kind=BnKind.FUNCTIONAL,
-    )
-    if args.get("training", False) is not False:
-        site.problem = Refusal(
-            SkipReason.FUNCTIONAL_TRAINING,
-            f"{site.type_name} is called with training={args['training']}",
-        )
-        return site
-    values = {
-        key: _constant(gm, args.get(key))
-        for key in ("running_mean", "running_var", "weight", "bias")
-    }
-    if values["running_mean"] is None or values["running_var"] is None:
-        site.problem = Refusal(
-            SkipReason.NO_RUNNING_STATS, f"{site.type_name} has no running statistics"
-        )
-        return site
-    if any(value is _NOT_CONSTANT for value in values.values()):
-        site.problem = Refusal(
-            SkipReason.UNSUPPORTED_FORWARD,
-            "its statistics or affine parameters are computed in the forward, not stored tensors",
-        )
-        return site
-    eps = args.get("eps", 1e-5)
-    site.params = BnParams(
-        values["running_mean"], values["running_var"], values["weight"], values["bias"], float(eps)
-    )
-    if out is None:
-        site.problem = Refusal(
-            SkipReason.UNSUPPORTED_FORWARD, "the saved mean/invstd outputs are used"
-        )
-    return site
+def own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers (not its children's)."""
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
 def module_norm(node: fx.Node, name: str, module: _BatchNorm) -> NormSite:
     """A call of a BatchNorm module (stock, SyncBatchNorm or subclass)."""
-    stock = is_stock_norm(module)
-    site = NormSite(
-        node=node,
-        out=node,
-        input=_as_node(node.args[0]) if node.args else None,
-        name=name,
-        type_name=type(module).__name__,
-        kind=BnKind.MODULE if stock else BnKind.SUBCLASS,
-        module=module,
-    )
+    kind = BnKind.MODULE if is_stock_norm(module) else BnKind.SUBCLASS
+    site = module_site(node, name, module, kind)
     if module.running_mean is None or module.running_var is None:
         site.problem = Refusal(SkipReason.NO_RUNNING_STATS, f"{name} has track_running_stats=False")
         return site
@@ -255,102 +119,27 @@ def module_norm(node: fx.Node, name: str, module: _BatchNorm) -> NormSite:
     return site
 
 
-def layer_site(
-    gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module] | None = None
-) -> LayerSite | None:
-    """Recognise a Conv/ConvTranspose/Linear call (module or functional), else None.
-    ``modules`` (qualified name -> module) saves looking each module up again."""
-    if node.op == "call_module":
-        module = modules[node.target] if modules else gm.get_submodule(node.target)
-        if isinstance(module, (_ConvNd, nn.Linear)):
-            return _module_layer(node, str(node.target), module)
-        return None
-    if node.op == "call_function" and node.target in _FN_LAYERS:
-        return _functional_layer(gm, node)
-    return None
-
-
-def _module_layer(node: fx.Node, name: str, module: nn.Module) -> LayerSite:
+def module_layer(node: fx.Node, name: str, module: nn.Module) -> LayerSite:
+    """A call of a Conv/ConvTranspose/Linear module."""
     if isinstance(module, nn.Linear):
         view = LayerView(
             LayerKind.LINEAR, module.in_features, module.out_features, 1, (), "zeros", -1
         )
-        layout = Layout()
-        kind = LayerKind.LINEAR
     else:
         transposed = isinstance(module, _ConvTransposeNd)
-        kind = LayerKind.CONV_TRANSPOSE if transposed else LayerKind.CONV
-        padding = _padding_amount(module.padding, module.kernel_size, module.dilation)
         view = LayerView(
-            kind,
+            LayerKind.CONV_TRANSPOSE if transposed else LayerKind.CONV,
             module.in_channels,
             module.out_channels,
             module.groups,
-            padding,
+            padding_amount(module.padding, module.kernel_size, module.dilation),
             module.padding_mode,
             -1,
         )
-        layout = Layout(module.groups, transposed)
-    tensors = tuple(t for t in (module.weight, module.bias) if t is not None)
-    return LayerSite(
-        node,
-        name,
-        type(module).__name__,
-        kind,
-        module.weight,
-        module.bias,
-        layout,
-        view,
-        module,
-        tensors=tensors,
-    )
+    return LayerSite(node, name, type(module).__name__, module.weight, module.bias, view, module)
 
 
-def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:
-    kind, names = _FN_LAYERS[node.target]
-    args = bound_args(node, names)
-    weight_node = args.get("weight")
-    if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"):
-        return None
-    weight = fetch_attr(gm, weight_node.target)
-    bias = _constant(gm, args.get("bias"))
-    if bias is _NOT_CONSTANT or not isinstance(weight, torch.Tensor):
-        return None
-    if kind is None:
-        kind = LayerKind.CONV_TRANSPOSE if args.get("transposed") else LayerKind.CONV
-    groups = int(args.get("groups", 1))
-    if kind == LayerKind.LINEAR:
-        view = LayerView(kind, weight.shape[1], weight.shape[0], 1, (), "zeros", -1)
-    else:
-        spatial = weight.dim() - 2
-        padding = args.get("padding", 0)
-        kernel = tuple(weight.shape[2:])
-        dilation = _tuple(args.get("dilation", 1), spatial)
-        pad = _padding_amount(
-            padding if isinstance(padding, str) else _tuple(padding, spatial), kernel, dilation
-        )
-        if kind == LayerKind.CONV_TRANSPOSE:
-            c_in, c_out = weight.shape[0], weight.shape[1] * groups
-        else:
-            c_in, c_out = weight.shape[1] * groups, weight.shape[0]
-        view = LayerView(kind, c_in, c_out, groups, pad, "zeros", -1)
-    tensors = tuple(t for t in (weight, bias) if t is not None)
-    return LayerSite(
-        node,
-        str(weight_node.target),
-        _fn_name(node.target),
-        kind,
-        weight,
-        bias,
-        Layout(groups, kind == LayerKind.CONV_TRANSPOSE),
-        view,
-        None,
-        weight_attr=str(weight_node.target),
-        tensors=tensors,
-    )
-
-
-def _padding_amount(
+def padding_amount(
     padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
 ) -> tuple[int, ...]:
     if padding == "valid":
@@ -360,72 +149,17 @@ def _padding_amount(
     return tuple(int(p) for p in padding)
 
 
-def _tuple(value: Any, n: int) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        return (
-            tuple(int(v) for v in value)
-            if len(value) == n
-            else tuple(int(value[0]) for _ in range(n))
-        )
-    return tuple(int(value) for _ in range(n))
-
-
-class _NotConstant:
-    pass
-
-
-_NOT_CONSTANT = _NotConstant()
-
-
-def _constant(gm: fx.GraphModule, arg: Any) -> Any:
-    """The tensor behind a get_attr argument, None for None, _NOT_CONSTANT otherwise."""
-    if arg is None:
-        return None
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = fetch_attr(gm, arg.target)
-        return value if isinstance(value, torch.Tensor) else _NOT_CONSTANT
-    if isinstance(arg, torch.Tensor):
-        return arg
-    return _NOT_CONSTANT
-
-
-def _tuple_output(node: fx.Node) -> fx.Node | None:
-    """For ops returning (out, save_mean, save_invstd): the getitem 0 user, if it is the only
-    one used."""
-    out = None
-    for user in node.users:
-        index = user.args[1] if user.target is operator.getitem else None
-        if index == 0:
-            out = user
-        elif user.users:
-            return None
-    return out
-
-
-def _as_node(arg: Any) -> fx.Node | None:
-    return arg if isinstance(arg, fx.Node) else None
-
-
-def _fn_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target.__name__}"
-    module = getattr(target, "__module__", "") or ""
-    prefix = "F." if module.startswith("torch.nn.functional") else "torch."
-    return prefix + getattr(target, "__name__", str(target))
-
-
 def is_affine_candidate(module: nn.Module) -> bool:
     """A user module (not from torch) without children whose floating-point tensors are all
     per-channel vectors of one length (scalars allowed), at least one of them."""
-    if isinstance(module, (_BatchNorm, _ConvNd, nn.Linear)):
+    if isinstance(module, (_BatchNorm, *LAYER_TYPES)):
         return False
     if type(module).__module__.split(".")[0] == "torch":
         return False
     if next(module.children(), None) is not None:
         return False
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
     lengths = set()
-    for tensor in tensors:
+    for tensor in own_tensors(module):
         if tensor.dim() > 1 or (tensor.dim() == 1 and not tensor.is_floating_point()):
             return False
         if tensor.dim() == 1:
@@ -439,5 +173,9 @@ def is_frozen_norm(module: nn.Module) -> bool:
     return "running_mean" in buffers and "running_var" in buffers and is_affine_candidate(module)
 
 
-def affine_kind(module: nn.Module) -> BnKind:
-    return BnKind.FROZEN if is_frozen_norm(module) else BnKind.AFFINE
+def needs_example_input(module: nn.Module) -> bool:
+    """Modules whose calls the graph pass needs the real input of: BatchNorm subclasses (to
+    strip their forward) and affine candidates (to prove them)."""
+    if isinstance(module, _BatchNorm):
+        return not is_stock_norm(module)
+    return is_affine_candidate(module)

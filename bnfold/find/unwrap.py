@@ -12,23 +12,15 @@ recompiles on its next call.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
-import torch
 from torch import nn
-
-
-def _compiled_type() -> type | None:
-    """``OptimizedModule`` if torch.compile was ever used in this process (importing dynamo
-    only to find out would cost seconds)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return getattr(eval_frame, "OptimizedModule", None)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """The module inside any wrappers, and one note per wrapper taken off."""
     notes = []
-    compiled = _compiled_type()
+    # OptimizedModule if torch.compile was used in this process (importing dynamo costs seconds)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     while True:
         if compiled is not None and isinstance(model, compiled):
             notes.append(
@@ -49,7 +41,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def state_notes(model: nn.Module) -> tuple[str, ...]:
     """What the folded model keeps from the model's state: the device and dtype of its weights
     (said only when they are not the default float32 on CPU)."""
-    kinds = {(t.dtype, t.device) for t in _floating(model)}
+    tensors = (*model.parameters(), *model.buffers())
+    kinds = {(t.dtype, t.device) for t in tensors if t.is_floating_point()}
     dtypes = sorted({str(dtype).removeprefix("torch.") for dtype, _ in kinds})
     devices = sorted({str(device) for _, device in kinds})
     if not dtypes or (dtypes == ["float32"] and devices == ["cpu"]):
@@ -63,9 +56,3 @@ def state_notes(model: nn.Module) -> tuple[str, ...]:
         f"weights are {', '.join(dtypes)} on {', '.join(devices)}: folds are computed in "
         f"float64 and {rounding}; the folded model keeps each layer's dtype and device",
     )
-
-
-def _floating(model: nn.Module) -> Iterator[torch.Tensor]:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            yield tensor

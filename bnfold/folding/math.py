@@ -96,7 +96,9 @@ def fold_into_output(
     ``b' = b * s + t`` (``b = 0`` without bias). Computed in float64."""
     w = weight.detach().to(torch.float64, copy=True)  # a private copy: scaled in place below
     canon = _canonical(w, layout)
-    canon.mul_(_output_scale(canon, affine))  # faster than a mixed-dtype product
+    canon.mul_(
+        affine.scale.reshape(canon.shape[0], canon.shape[1], 1, 1)
+    )  # faster than a mixed-dtype product
     return FoldedWeights(weight=_from_canonical(canon, w, layout), bias=output_bias(bias, affine))
 
 
@@ -153,10 +155,6 @@ def output_bias(bias: Tensor | None, affine: Affine) -> Tensor:
     """``b' = b * s + t`` in float64 (``b = 0`` without bias)."""
     b = _bias64(bias, affine.scale.numel(), affine.scale.device)
     return b * affine.scale + affine.shift
-
-
-def _output_scale(canon: Tensor, affine: Affine) -> Tensor:
-    return affine.scale.reshape(canon.shape[0], canon.shape[1], 1, 1)
 
 
 def fold_into_input(

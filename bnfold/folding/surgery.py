@@ -1,6 +1,6 @@
 """Module and graph surgery: apply a plan's folds to (a copy of) the model.
 
-The math is in ``bnfold.foldmath``; this module moves tensors in and out of the model. Every
+The math is in ``bnfold.folding.math``; this module moves tensors in and out of the model. Every
 fold is computed in float64 and each layer's weight is rounded once to its own dtype, even when
 two norms fold into the same layer (one before it, one after it).
 """
@@ -8,7 +8,7 @@ two norms fold into the same layer (one before it, one after it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnfold.find.analyse import analyse
+from bnfold.find.functional import erase_norm
 from bnfold.find.pairing import PlannedPair
 from bnfold.find.patterns import Position
 from bnfold.find.sites import LayerSite, NormSite
@@ -54,9 +55,9 @@ def fold(
     then skipped unless the model is a GraphModule).
 
     Wrappers (``torch.compile``, ``DataParallel``, ``DistributedDataParallel``) are taken off:
-    ``result.model`` is the folded inner module (see ``bnfold.unwrap``). A model torch.fx cannot
-    trace is analysed from recorded forwards on ``example_inputs`` and ``extra_inputs`` and
-    folded at module level (see ``find_pairs``).
+    ``result.model`` is the folded inner module (see ``bnfold.find.unwrap``). A model torch.fx
+    cannot trace is analysed from recorded forwards on ``example_inputs`` and ``extra_inputs``
+    and folded at module level (see ``find_pairs``).
     """
     model, wrapper_notes = unwrap(model)
     work = model if inplace else clone_model(model)
@@ -66,13 +67,12 @@ def fold(
     )
     plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
     gm = analysis.traced.module
-    rewrite = any(_needs_rewrite(p) for p in analysis.pairs) or isinstance(work, fx.GraphModule)
+    functional = [p for p in analysis.pairs if p.norm.module is None or p.layer.module is None]
+    rewrite = bool(functional) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
     workspace = Workspace()
-    folded = tuple(
-        _fold_layer_group(target, group, workspace) for group in _by_layer(analysis.pairs)
-    )
-    records = _records(analysis.pairs, folded)
+    for group in _by_layer(analysis.pairs):
+        _fold_layer_group(target, group, workspace)
     for pair in analysis.pairs:
         _remove_norm(target, pair.norm)
     if rewrite:
@@ -83,15 +83,11 @@ def fold(
     return FoldResult(
         model=target,
         plan=plan,
-        folded=records,
+        folded=tuple(_record(pair) for pair in analysis.pairs),
         skipped=plan.skipped,
         graph_rewritten=rewrite,
         inplace=inplace,
     )
-
-
-def _needs_rewrite(pair: PlannedPair) -> bool:
-    return pair.norm.kind == BnKind.FUNCTIONAL or pair.layer.module is None
 
 
 def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[PlannedPair]]:
@@ -101,14 +97,7 @@ def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[PlannedPair]]:
     return list(groups.values())
 
 
-@dataclass(frozen=True)
-class _LayerFold:
-    pairs: tuple[PlannedPair, ...]
-
-
-def _fold_layer_group(
-    root: nn.Module, group: list[PlannedPair], workspace: Workspace
-) -> _LayerFold:
+def _fold_layer_group(root: nn.Module, group: list[PlannedPair], workspace: Workspace) -> None:
     """Fold the (one or two) norms of one layer in float64, then write the result once."""
     layer = group[0].layer
     device = layer.weight.device
@@ -117,7 +106,7 @@ def _fold_layer_group(
         with torch.no_grad():  # the common case, without a weight-sized float64 copy
             scale_output_channels_(layer.weight, affines[0].scale, layer.layout, workspace)
         _write_bias(root, layer, output_bias(layer.bias, affines[0]))
-        return _LayerFold(tuple(group))
+        return
     weights = FoldedWeights(layer.weight.detach(), layer.bias)
     for pair, affine in sorted(
         zip(group, affines, strict=True), key=lambda item: item[0].position != Position.BEFORE
@@ -127,7 +116,6 @@ def _fold_layer_group(
     with torch.no_grad():  # copy_ rounds float64 to the weight's dtype once
         layer.weight.copy_(weights.weight)
     _write_bias(root, layer, weights.bias)
-    return _LayerFold(tuple(group))
 
 
 def _write_bias(root: nn.Module, layer: LayerSite, bias64: torch.Tensor) -> None:
@@ -143,50 +131,26 @@ def _write_bias(root: nn.Module, layer: LayerSite, bias64: torch.Tensor) -> None
 
 
 def _add_functional_bias(gm: fx.GraphModule, layer: LayerSite, bias: nn.Parameter) -> None:
-    owner_path, _, weight_name = layer.weight_attr.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = f"{weight_name}_folded_bias"
-    owner.register_parameter(name, bias)
-    qualified = f"{owner_path}.{name}" if owner_path else name
+    """Register the bias beside the weight and pass it to the call (third argument)."""
+    qualified = f"{layer.weight_attr}_folded_bias"
+    owner_path, _, name = qualified.rpartition(".")
+    gm.get_submodule(owner_path).register_parameter(name, bias)
     node = layer.node
     with gm.graph.inserting_before(node):
         bias_node = gm.graph.get_attr(qualified)
-    if "bias" in node.kwargs:
-        node.update_kwarg("bias", bias_node)
-    elif len(node.args) > 2:
+    if len(node.args) > 2:
         node.update_arg(2, bias_node)
+    elif len(node.args) == 2 and "bias" not in node.kwargs:
+        node.args = (*node.args, bias_node)
     else:
-        node.args = (*node.args[:2], bias_node, *node.args[3:])
+        node.update_kwarg("bias", bias_node)
 
 
 def _remove_norm(root: nn.Module, norm: NormSite) -> None:
     if norm.kind == BnKind.FUNCTIONAL:
-        _erase_functional(root, norm)
+        erase_norm(root.graph, norm, norm.input)
         return
-    replacement = norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity()
-    _set_submodule(root, norm.name, replacement)
-
-
-def _erase_functional(gm: fx.GraphModule, norm: NormSite) -> None:
-    norm.out.replace_all_uses_with(norm.input)
-    for user in list(norm.node.users):
-        if not user.users:
-            gm.graph.erase_node(user)
-    if not norm.node.users:
-        gm.graph.erase_node(norm.node)
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
-
-
-def _records(
-    pairs: tuple[PlannedPair, ...], folds: tuple[_LayerFold, ...]
-) -> tuple[FoldedPair, ...]:
-    del folds  # every planned pair was folded; the grouping only fixes the write order
-    return tuple(_record(pair) for pair in pairs)
+    root.set_submodule(norm.name, norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity())
 
 
 def _record(pair: PlannedPair) -> FoldedPair:

@@ -1,7 +1,7 @@
 """BatchNorm subclasses whose forward does more than batch norm (an activation, a dropout, a
 guard): find the one batch norm inside, and build the forward without it.
 
-The subclass forward is traced with real example values (``trace_concrete``), so shape checks
+The subclass forward is traced with real example values (``trace_guarded``), so shape checks
 and guards such as ``if x.numel() > 0`` are decided by the example and recorded in the notes.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.guards import describe, trace_guarded
+from bnfold.find.functional import erase_norm, functional_norm, is_norm_call
+from bnfold.find.guards import trace_guarded
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import NormSite, functional_norm, is_norm_call
-from bnfold.folding.math import BnParams
+from bnfold.find.sites import NormSite
 from bnfold.records import SkipReason
 
 
@@ -23,19 +23,9 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     """Fill ``site.params``, ``site.extra`` (the forward without its batch norm: an
     ``nn.Identity`` or a GraphModule) and ``site.notes``; or set ``site.problem``."""
     module = site.module
-    try:
-        traced = trace_guarded(module, tuple(example_args))
-    except Exception as exc:
-        site.problem = _unsupported(
-            f"tracing {type(module).__name__}.forward failed: {type(exc).__name__}: {exc}"
-        )
-        return
-    value_guards = traced.value_guards()
-    if value_guards:
-        site.problem = _unsupported(
-            "its forward branches on the values of its input "
-            f"({describe(value_guards[0])}); a fold would fix one branch"
-        )
+    traced = trace_guarded(module, tuple(example_args))
+    if isinstance(traced, str):
+        site.problem = _unsupported(traced)
         return
     gm = traced.module
     calls = [n for n in gm.graph.nodes if is_norm_call(n)]
@@ -48,41 +38,26 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     if problem is not None:
         site.problem = problem
         return
-    notes = tuple(f"forward specialised on {describe(guard)}" for guard in traced.guards)
-    inner.out.replace_all_uses_with(placeholders[0])
-    _erase(gm.graph, inner)
+    notes = traced.notes
+    erase_norm(gm.graph, inner, placeholders[0])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     site.params = inner.params
-    site.extra = _simplest(gm, placeholders[0])
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    site.extra = nn.Identity() if output.args[0] is placeholders[0] else gm
     site.notes = notes
 
 
 def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:
     if not placeholders or inner.input is not placeholders[0]:
         return _unsupported("its batch norm does not read the forward's input directly")
-    if not _same_tensors(module, inner.params):
+    params = inner.params
+    if (
+        params.running_mean is not module.running_mean
+        or params.running_var is not module.running_var
+    ):
         return _unsupported("its batch norm does not use the module's own statistics")
     return None
-
-
-def _same_tensors(module: nn.Module, params: BnParams) -> bool:
-    return params.running_mean is module.running_mean and params.running_var is module.running_var
-
-
-def _erase(graph: fx.Graph, inner: NormSite) -> None:
-    for user in list(inner.node.users):
-        if not user.users:
-            graph.erase_node(user)
-    if not inner.node.users:
-        graph.erase_node(inner.node)
-
-
-def _simplest(gm: fx.GraphModule, placeholder: fx.Node) -> nn.Module:
-    outputs = [n for n in gm.graph.nodes if n.op == "output"]
-    if outputs and outputs[0].args[0] is placeholder:
-        return nn.Identity()
-    return gm
 
 
 def _unsupported(detail: str) -> Refusal:

@@ -1,0 +1,75 @@
+"""The details of skips that need more than one line to say: what a norm with no adjacent layer
+reads and feeds, which statistics are not finite, which ops a subclass runs after its norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bnfold.find.sites import LayerSite, NormSite
+
+
+def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSite) -> str:
+    """What the norm reads and feeds, naming each op (e.g. ``1 (ReLU)``), and the layer
+    behind a single consumer when there is one (BN → ReLU → Conv)."""
+    source = _describe(gm, norm.input) if norm.input is not None else "nothing"
+    users = list(norm.out.users)
+    feeds = ", ".join(_describe(gm, u) for u in users) or "nothing"
+    text = f"{norm.name} reads {source} and feeds {feeds}"
+    behind = [layers[v] for v in users[0].users if v in layers] if users else []
+    if len(users) == 1 and behind:
+        text += (
+            f"; {_describe(gm, users[0])} sits between it and {behind[0].name}, so "
+            "there is no adjacent layer to fold into"
+        )
+    return text
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the input '{node.name}'"
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return f"{node.target} ({type(module).__name__})"
+    if node.op == "call_function":  # the op's name: relu, aten.relu.default...
+        op = node.meta.get("aten") or getattr(node.target, "__name__", None) or node.target
+        op = str(op).removeprefix("aten.").removesuffix(".default")
+        if node.name.rstrip("_0123456789") != op.rstrip("_"):
+            return f"{node.name} ({op})"
+    return node.name
+
+
+def non_finite_detail(norm: NormSite) -> str:
+    """Which statistics or parameters are not finite (or negative), and what to do."""
+    params = norm.params
+    problems = []
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        tensor = getattr(params, name)
+        bad = 0 if tensor is None else int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            problems.append(f"{name} is not finite in {bad} of {tensor.numel()} channels")
+    negative = int((params.running_var.detach() < 0).sum())
+    if negative:
+        problems.append(f"running_var is negative in {negative} channels")
+    if not problems:
+        problems.append("its scale gamma/sqrt(var + eps) is not finite")
+    return (
+        f"{norm.name}: {'; '.join(problems)}; recalibrate the statistics (bnfold "
+        "recalibrate) or fix them before folding"
+    )
+
+
+def extra_ops(extra: nn.Module) -> str:
+    """The ops a stripped subclass forward runs, by name (``relu``, ``drop (Dropout)``)."""
+    graph = getattr(extra, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return type(extra).__name__
+    modules = dict(extra.named_modules())
+    names = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            names.append(f"{node.target} ({type(modules[node.target]).__name__})")
+        elif node.op in ("call_function", "call_method"):
+            names.append(getattr(node.target, "__name__", str(node.target)))
+    return ", ".join(dict.fromkeys(names)) or "more ops"
