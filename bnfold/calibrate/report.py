@@ -1,5 +1,5 @@
-"""The report of a recalibration: per BatchNorm, old against new statistics, built for every
-layer at once (a few tensor operations in all, not per layer)."""
+"""The report of a recalibration: per BatchNorm, old against new statistics (built for every
+layer at once: a few tensor operations in all, not per layer), and its text rendering."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from bnfold.calibrate.batchstats import NUMPY_DTYPES
-from bnfold.records import Record
+from bnfold.calibrate.statistics import Pooled
+from bnfold.records import Record, not_serialised
 
 #: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
 #: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
@@ -87,7 +87,8 @@ class CalibrationReport(Record):
     ``batches`` and ``samples`` (batch items, from dim 0 of each batch's first tensor) are totals
     over every rank; ``per_rank`` gives each rank's own (gathered from every rank, in rank order;
     one entry outside ``torch.distributed``), and they sum to the totals. ``world_size`` is 1
-    outside ``torch.distributed``. Statistics are pooled in ``accumulation_dtype``.
+    outside ``torch.distributed``. Statistics are pooled in ``accumulation_dtype``. ``model`` is
+    the recalibrated model: the caller's own (``inplace=True``) or a copy; not serialised.
     """
 
     layers: tuple[LayerCalibration, ...]
@@ -98,6 +99,9 @@ class CalibrationReport(Record):
     accumulation_dtype: str = "float64"
     notes: tuple[str, ...] = ()
     per_rank: tuple[RankShare, ...] = ()
+    model: nn.Module | None = field(
+        default=None, metadata=not_serialised(), repr=False, compare=False
+    )
 
     @property
     def recalibrated(self) -> tuple[LayerCalibration, ...]:
@@ -170,51 +174,44 @@ class CalibrationReport(Record):
 # ------------------------------------------------------------------------------------ building
 
 
-@dataclass
-class Recalibrated:
-    """One recalibrated BatchNorm's data for the report."""
+@dataclass(frozen=True)
+class Change:
+    """One recalibrated BatchNorm: its statistics before and after."""
 
     name: str
     bn: nn.Module
-    calls: int
-    count: int
-    new_mean: np.ndarray | torch.Tensor  # float64
-    new_var: np.ndarray | torch.Tensor  # float64, unbiased
+    new: Pooled
     old_mean: torch.Tensor
     old_var: torch.Tensor
 
 
 def build_report(
     named: Sequence[tuple[str, nn.Module]],
-    recalibrated: Sequence[Recalibrated],
+    changes: Sequence[Change],
     skipped: Sequence[str],
     per_rank: Sequence[RankShare],
-    world: int,
     started: float,
     notes: tuple[str, ...] = (),
+    model: nn.Module | None = None,
 ) -> CalibrationReport:
     """One entry per BatchNorm in ``named`` (``model.named_modules()``) order; the totals are
     the sums over ``per_rank``."""
-    done = dict(zip((r.name for r in recalibrated), _summaries(recalibrated), strict=True))
+    done = dict(zip((c.name for c in changes), _summaries(changes), strict=True))
     layers = []
     for name, module in named:
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        label = name or "(model)"
-        if label in done:
-            layers.append(done[label])
-        elif label in skipped:
-            layers.append(_unpooled(label, module, LayerStatus.NO_RUNNING_STATS))
-        else:
-            layers.append(_unpooled(label, module, LayerStatus.NO_DATA))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            label = name or "(model)"
+            missing = LayerStatus.NO_RUNNING_STATS if label in skipped else LayerStatus.NO_DATA
+            layers.append(done.get(label) or _unpooled(label, module, missing))
     return CalibrationReport(
         layers=tuple(layers),
         batches=sum(share.batches for share in per_rank),
         samples=sum(share.samples for share in per_rank),
-        world_size=world,
+        world_size=max(len(per_rank), 1),
         seconds=time.perf_counter() - started,
         notes=notes,
         per_rank=tuple(per_rank),
+        model=model,
     )
 
 
@@ -233,51 +230,41 @@ def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibr
     )
 
 
-def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
-    """Every layer's channel summaries from one table of all their channels (in numpy: a few
-    operations on small arrays, where each torch operation would cost more than its work)."""
-    if not layers:
+def _summaries(changes: Sequence[Change]) -> list[LayerCalibration]:
+    """Every layer's channel summaries from one table of all their channels (numpy's
+    ``reduceat`` gives each layer's min, mean and max at once)."""
+    if not changes:
         return []
-    widths = [r.bn.num_features for r in layers]
+    widths = [c.bn.num_features for c in changes]
     starts = [0, *itertools.accumulate(widths[:-1])]
-    # rows: old mean, new mean, old var, new var, mean shift, std ratio
-    table = np.empty((6, sum(widths)))
-    keys = ("old_mean", "new_mean", "old_var", "new_var")
-    np.concatenate([_host(getattr(r, key)) for key in keys for r in layers], out=table[:4].ravel())
-    old_mean, new_mean, old_var, new_var, shift, ratio = table
-    eps = _eps(layers, widths)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        old_scale = old_var + eps
-        np.divide(np.abs(new_mean - old_mean), np.sqrt(np.maximum(old_scale, 0.0)), out=shift)
-        np.sqrt((new_var + eps) / np.maximum(old_scale, math.ulp(0.0)), out=ratio)
+    columns = [c.old_mean for c in changes] + [c.new.mean for c in changes]
+    columns += [c.old_var for c in changes] + [c.new.var for c in changes]
+    values = torch.cat(columns).to("cpu", torch.float64).view(4, -1)
+    old_mean, new_mean, old_var, new_var = values
+    eps = torch.tensor([float(c.bn.eps) for c in changes], dtype=torch.float64)
+    eps = eps.repeat_interleave(torch.tensor(widths))
+    old_scale = old_var + eps
+    shift = (new_mean - old_mean).abs() / old_scale.clamp(min=0.0).sqrt()
+    ratio = ((new_var + eps) / old_scale.clamp(min=math.ulp(0.0))).sqrt()
+    table = torch.stack((old_mean, new_mean, old_var, new_var, shift, ratio)).numpy()
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts)
+    near = _near_zero((new_var < NEAR_ZERO_VAR_FACTOR * eps).numpy(), starts)
     return [
-        _recalibrated(r, [ChannelSummary(*values) for values in zip(*rows, strict=True)], near)
-        for r, *rows, near in zip(layers, low, mid, high, tiny, strict=True)
+        _recalibrated(c, [ChannelSummary(*v) for v in zip(*rows, strict=True)], tiny)
+        for c, *rows, tiny in zip(changes, low, mid, high, near, strict=True)
     ]
 
 
-def _eps(layers: Sequence[Recalibrated], widths: list[int]) -> float | np.ndarray:
-    """Each channel's ``eps`` (one number when every layer has the same)."""
-    values = [float(r.bn.eps) for r in layers]
-    if values.count(values[0]) == len(values):
-        return values[0]
-    return np.repeat(values, widths)
-
-
-def _recalibrated(
-    r: Recalibrated, summary: list[ChannelSummary], near: list[int]
-) -> LayerCalibration:
+def _recalibrated(c: Change, summary: list[ChannelSummary], near: list[int]) -> LayerCalibration:
     return LayerCalibration(
-        name=r.name,
-        type=type(r.bn).__name__,
+        name=c.name,
+        type=type(c.bn).__name__,
         status=LayerStatus.RECALIBRATED,
-        num_features=r.bn.num_features,
-        calls=r.calls,
-        samples=r.count,
+        num_features=c.bn.num_features,
+        calls=c.new.calls,
+        samples=c.new.count,
         old_mean=summary[0],
         new_mean=summary[1],
         old_var=summary[2],
@@ -286,15 +273,6 @@ def _recalibrated(
         std_ratio=summary[5],
         near_zero_var_channels=tuple(near),
     )
-
-
-def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-channel values as a numpy array (a view where it can be)."""
-    if isinstance(values, np.ndarray):
-        return values
-    if values.is_cpu and values.dtype in NUMPY_DTYPES and not values.requires_grad:
-        return values.numpy()
-    return values.detach().to("cpu", torch.float64).numpy()
 
 
 def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:

@@ -1,0 +1,329 @@
+"""Each BatchNorm call's batch statistics during recalibration, pooled exactly in float64.
+
+Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook for the run
+(``Observer``). How a call's statistics are taken depends on the kind of BatchNorm:
+
+- **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
+  group): the layer runs in train mode with momentum 1, so after each call its running buffers
+  hold that call's batch mean and unbiased variance, computed by torch's kernel, and the forward
+  hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims,
+  or any float64 input, in float64 and rounds once; an input it sums in its own dtype (2-D,
+  channels-last, float16/bfloat16) has its statistics taken from a float64 copy instead. A
+  float32 call's mean is rounded to float32, which the pooled variance feels when the data sits
+  far from zero: a layer whose first call has a channel with |mean| over ``FAR`` std takes
+  float64 statistics on every call, and for one that drifts that far later the report gives an
+  error bound (``Pooled.bound``).
+- **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
+  in a process group, whose train-mode forward would all-reduce every call): the layer stays in
+  eval mode and the pre-hook writes the float64 batch mean and biased variance of its input into
+  its running buffers, so its own forward normalises with batch statistics and keeps its extra
+  behaviour (activation, dropout) in eval form.
+
+Each call's row (count, mean, unbiased variance) waits in call order; every ``POOL_EVERY`` rows
+and at the end the rows are checked for NaN/inf and pooled per layer by Chan's formula.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import CalibrationError, ModelInputError
+
+F64 = torch.float64
+
+#: A float32 call whose mean is more than this many std from zero has its mean rounded by up to
+#: 2^-24 · FAR std: the pooled variance then moves by about 2^-24 · FAR · 2 relative (1e-6).
+FAR = 16.0
+#: The kernel's own rounding of a float32 row's variance, relative.
+ROW_ERROR = 2.0**-22
+#: Rows waiting to be pooled at most (their NaN check synchronises with the device once).
+POOL_EVERY = 256
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations (``m2``) per channel, float64."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def merge(self, other: Moments) -> Moments:
+        """Both sets of values together (Chan's formula)."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
+        return Moments(count, mean, m2)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One BatchNorm's final statistics: what is written and reported.
+
+    ``bound``: a bound on the relative error of ``var`` from float32 rows far from zero (0 when
+    every row was float64 or near zero)."""
+
+    count: int
+    calls: int
+    mean: torch.Tensor  # float64
+    var: torch.Tensor  # float64, unbiased
+    bound: float = 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One call: its batch index, layer, values per channel, and [mean, unbiased var]."""
+
+    batch: int
+    layer: Layer
+    count: int
+    values: torch.Tensor  # (2, channels)
+
+
+class Layer:
+    """One BatchNorm during the run: how it is observed, and what it saw."""
+
+    def __init__(self, name: str, bn: nn.Module, stock: bool) -> None:
+        self.name, self.bn, self.stock = name, bn, stock
+        self.dtype = bn.running_mean.dtype
+        self.calls = 0
+        self.total: Moments | None = None
+        self.within: torch.Tensor | float = 0.0  # Σ (n − 1) · var of every row: M2 − within
+        self.largest: torch.Tensor | None = None  # max |mean| of its float32 kernel rows
+        self.far: bool | None = None  # decided on its first float32 kernel row
+        self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
+
+    def save(self) -> None:
+        """Keep the running statistics before the first call writes them."""
+        if self.saved is None:
+            buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
+            self.saved = tuple(t.clone() for t in buffers if t is not None)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
+            for buffer, value in zip(buffers, self.saved, strict=False):
+                buffer.copy_(value)
+
+    def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        saved = self.saved or (self.bn.running_mean, self.bn.running_var)
+        return saved[0], saved[1]
+
+    def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
+        """This call's [mean, unbiased var], from the buffers the train-mode kernel wrote."""
+        if not _summed_in_float64(x, self.dtype) or self.far:
+            return float64_row(x)
+        row = torch.stack((self.bn.running_mean, self.bn.running_var))
+        if self.far is None and row.dtype != F64:
+            self.far = bool((row[0].abs() > FAR * row[1].sqrt()).any())
+            if self.far:
+                return float64_row(x)
+        return row
+
+    def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """This call's float64 [mean, unbiased var], its mean and biased variance written
+        into the running buffers for the layer's eval-mode forward."""
+        row = float64_row(x)
+        self.bn.running_mean.copy_(row[0])
+        self.bn.running_var.copy_(row[1] * ((count - 1) / count))
+        return row
+
+    def pool(self, counts: list[int], rows: list[torch.Tensor]) -> None:
+        """Merge rows of this layer into its total (Chan's formula over the rows, float64)."""
+        values = torch.stack(rows).to(F64)
+        n = torch.tensor(counts, dtype=F64, device=values.device).unsqueeze(1)
+        total = sum(counts)
+        mean = (n * values[:, 0]).sum(0) / total
+        deviation = values[:, 0] - mean
+        within = ((n - 1) * values[:, 1]).sum(0)
+        part = Moments(total, mean, within + (n * deviation * deviation).sum(0))
+        self.total = part if self.total is None else self.total.merge(part)
+        self.within = self.within + within
+        single = [r for r in rows if r.dtype == torch.float32]
+        if single:
+            largest = torch.stack(single)[:, 0].abs().amax(0)
+            self.largest = largest if self.largest is None else self.largest.maximum(largest)
+
+    def pooled(self) -> Pooled | None:
+        if self.total is None:
+            return None
+        return finish(self.name, self.total, self.calls, self.error_bound())
+
+    def error_bound(self) -> float:
+        """A bound on the relative error of the pooled variance from float32 row means, each
+        rounded by e_b, |e_b| ≤ u/2 (u: the ulp of the largest |mean|): M2's between-call part
+        Σ n_b (m_b − M)² moves by at most u·√(N · between) + N·u²/2."""
+        total = self.total
+        if self.largest is None or total is None:
+            return 0.0
+        ulp = torch.nextafter(self.largest, self.largest.new_tensor(math.inf)) - self.largest
+        ulp = ulp.to(F64)
+        between = (total.m2 - self.within).clamp(min=0.0)
+        error = ulp * (total.count * between).sqrt() + total.count * ulp * ulp / 2
+        return ROW_ERROR + float((error / total.m2.clamp(min=math.ulp(0.0))).max())
+
+
+def finish(name: str, total: Moments, calls: int, bound: float) -> Pooled:
+    if total.count < 2:
+        raise CalibrationError(
+            f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
+            "variance needs at least two: use more data"
+        )
+    return Pooled(total.count, calls, total.mean, total.m2 / (total.count - 1), bound)
+
+
+def float64_row(x: torch.Tensor) -> torch.Tensor:
+    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy."""
+    var, mean = torch.var_mean(x.to(F64), [0, *range(2, x.dim())])
+    return torch.stack((mean, var))
+
+
+def _summed_in_float64(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether torch's train-mode kernel sums ``x`` in float64 (or, on CUDA, in float32 by
+    Welford's method, which it is trusted with)."""
+    if x.dtype != dtype:  # half inputs of float32 statistics: summed in float32
+        return False
+    if x.dtype == F64 or (x.is_cuda and x.dtype == torch.float32):
+        return True
+    return (
+        x.dtype == torch.float32
+        and x.is_cpu
+        and x.dim() > 2
+        and x[0, 0].numel() > 1
+        and x.is_contiguous()
+        and not _channels_last(x)
+    )
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+
+
+# ----------------------------------------------------------------------------------- the hooks
+
+
+class Observer:
+    """The hooks of every target BatchNorm, the rows they produce, and the flags they change."""
+
+    def __init__(self, layers: dict[str, Layer]) -> None:
+        self.layers = layers
+        self.batch = 0
+        self.rows: list[Row] = []
+        self.running: list[tuple[Layer, int]] = []  # the BatchNorm calls under way, innermost last
+        self.handles: list[Any] = []
+        self.momenta: list[tuple[nn.Module, Any]] = []
+
+    def attach(self) -> None:
+        """Hooks on, stock layers in train mode with momentum 1 (the caller restores flags)."""
+        for layer in self.layers.values():
+            bn = layer.bn
+            if layer.stock:
+                self.momenta.append((bn, bn.momentum))
+                bn.momentum = 1.0
+                bn.training = True
+            before = self._before_stock if layer.stock else self._before_other
+            self.handles.append(
+                bn.register_forward_pre_hook(_bound(before, layer), with_kwargs=True)
+            )
+            after = self._after_stock if layer.stock else self._after_other
+            self.handles.append(bn.register_forward_hook(after, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Hooks off, momenta back, statistics of every layer that ran restored."""
+        for handle in self.handles:
+            handle.remove()
+        for bn, momentum in self.momenta:
+            bn.momentum = momentum
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.restore()
+
+    def inside(self) -> str | None:
+        """The innermost BatchNorm whose call did not finish (after an error), if any."""
+        return self.running[-1][0].name if self.running else None
+
+    def _enter(self, layer: Layer, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, int]:
+        x = args[0] if args else kwargs.get("input")
+        count = 0
+        if _usable(x, layer.bn):  # otherwise the layer's own forward decides (and rejects it)
+            count = x.numel() // x.shape[1]
+            if count < 2:
+                raise ModelInputError(
+                    f"batch {self.batch}: BatchNorm {layer.name!r} got one value per channel "
+                    f"(input shape {tuple(x.shape)}); batch statistics need at least two, as in "
+                    "training: use a larger batch size"
+                )
+            layer.save()
+        self.running.append((layer, count))
+        return x, count
+
+    def _before_stock(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._enter(layer, args, kwargs)
+
+    def _before_other(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+        x, count = self._enter(layer, args, kwargs)
+        if count:
+            self._add(layer, count, layer.batch_statistics(x, count))
+
+    def _after_stock(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        layer, count = self.running.pop()
+        if count:
+            x = args[0] if args else kwargs["input"]
+            self._add(layer, count, layer.kernel_row(x))
+
+    def _after_other(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.running.pop()
+
+    def _add(self, layer: Layer, count: int, values: torch.Tensor) -> None:
+        layer.calls += 1
+        self.rows.append(Row(self.batch, layer, count, values))
+        if len(self.rows) >= POOL_EVERY:
+            self.pool()
+
+    def pool(self) -> None:
+        """Check the waiting rows for NaN/inf, then pool them into their layers."""
+        rows, self.rows = self.rows, []
+        if not rows:
+            return
+        _check_finite(rows)
+        grouped: dict[str, tuple[Layer, list[int], list[torch.Tensor]]] = {}
+        for row in rows:
+            _, counts, values = grouped.setdefault(row.layer.name, (row.layer, [], []))
+            counts.append(row.count)
+            values.append(row.values)
+        for layer, counts, values in grouped.values():
+            layer.pool(counts, values)
+
+
+def _bound(hook: Callable[..., None], layer: Layer) -> Callable[..., None]:
+    return lambda bn, args, kwargs: hook(layer, bn, args, kwargs)
+
+
+def _usable(x: Any, bn: nn.Module) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.dim() >= 2
+        and x.shape[1] == bn.num_features
+        and x.numel() > 0
+    )
+
+
+def _check_finite(rows: list[Row]) -> None:
+    """Refuse NaN/inf, naming the first BatchNorm (in call order) whose input held them."""
+    if bool(torch.isfinite(torch.cat([row.values.flatten() for row in rows])).all()):
+        return
+    row = next(row for row in rows if not bool(torch.isfinite(row.values).all()))
+    raise CalibrationError(
+        f"batch {row.batch}: BatchNorm {row.layer.name!r} is the first layer whose input holds "
+        f"NaN or infinite values; check the data (and the layers before {row.layer.name!r}) for "
+        "NaN/inf. Statistics restored, model unchanged"
+    )
