@@ -134,37 +134,27 @@ def _collective_device(device: torch.device) -> torch.device:
 
 
 def all_reduce(layers: list[Layer], device: torch.device) -> dict[str, Pooled]:
-    """Merge every rank's statistics exactly: the global mean first, then M2 about it. Each
-    rank's error bound is summed (still a bound). ``layers`` are in the same order everywhere."""
+    """Merge every rank's statistics exactly: the global mean first, then M2 about it
+    (``layers`` are in the same order on every rank)."""
     where = _collective_device(device)
     local = [_local(layer, where) for layer in layers]
-    head = torch.tensor(
-        [
-            [moments.count, layer.calls, layer.error_bound()]
-            for layer, moments in zip(layers, local, strict=True)
-        ],
-        dtype=torch.float64,
-        device=where,
-    )
-    sums = torch.cat([moments.mean * moments.count for moments in local])
-    first = torch.cat([head.flatten(), sums])
-    dist.all_reduce(first)
-    head, sums = first[: head.numel()].view(-1, 3), first[head.numel() :]
     widths = [moments.mean.numel() for moments in local]
-    means = [s / max(float(n), 1.0) for s, n in zip(sums.split(widths), head[:, 0], strict=True)]
-    deviations = torch.cat(
-        [m.m2 + m.count * (m.mean - mean) ** 2 for m, mean in zip(local, means, strict=True)]
-    )
-    dist.all_reduce(deviations)
-    result = {}
-    for layer, (count, calls, bound), mean, m2 in zip(
-        layers, head.tolist(), means, deviations.split(widths), strict=True
-    ):
-        if count:
-            result[layer.name] = finish(
-                layer.name, Moments(int(count), mean, m2), int(calls), bound
-            )
-    return result
+    counts = [[moments.count, layer.calls] for moments, layer in zip(local, layers, strict=True)]
+    first = torch.tensor(counts, dtype=torch.float64, device=where).flatten()
+    first = torch.cat([first, *(moments.mean * moments.count for moments in local)])
+    dist.all_reduce(first)
+    counts = first[: 2 * len(layers)].view(-1, 2).tolist()
+    sums = first[2 * len(layers) :].split(widths)
+    means = [s / max(n, 1.0) for s, (n, _) in zip(sums, counts, strict=True)]
+    m2 = [m.m2 + m.count * (m.mean - mean) ** 2 for m, mean in zip(local, means, strict=True)]
+    second = torch.cat(m2)
+    dist.all_reduce(second)
+    parts = zip(layers, counts, means, second.split(widths), strict=True)
+    return {
+        layer.name: finish(layer.name, Moments(int(n), mean, m2), int(calls))
+        for layer, (n, calls), mean, m2 in parts
+        if n
+    }
 
 
 def _local(layer: Layer, where: torch.device) -> Moments:

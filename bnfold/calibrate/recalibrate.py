@@ -36,7 +36,7 @@ from bnfold.calibrate.report import (
     build_report,
 )
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
-from bnfold.calibrate.statistics import FAR, Layer, Observer, Pooled
+from bnfold.calibrate.statistics import Layer, Observer, Pooled
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.find.sites import is_stock_norm
 from bnfold.find.unwrap import unwrap
@@ -54,9 +54,6 @@ __all__ = [
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ProgressFn = Callable[[int, int], None]
-
-#: A pooled variance whose error bound exceeds this gets a note in the report.
-BOUND_NOTE = 1e-6
 
 
 def recalibrate(
@@ -135,9 +132,7 @@ def recalibrate(
             finally:
                 observer.detach()
         changes = [Change(n, targets[n], p, *layers[n].old_statistics()) for n, p in pooled.items()]
-        report = build_report(
-            named, changes, skipped, shares, started, notes + _notes(pooled), model
-        )
+        report = build_report(named, changes, skipped, shares, started, notes, model)
         _write(targets, pooled)  # last: nothing after it can fail
     except BaseException:
         with torch.no_grad():
@@ -331,16 +326,6 @@ def _pooled(observer: Observer, world: int, device: torch.device) -> dict[str, P
     if world > 1:
         return distributed.all_reduce(layers, device)
     return {layer.name: pooled for layer in layers if (pooled := layer.pooled()) is not None}
-
-
-def _notes(pooled: dict[str, Pooled]) -> tuple[str, ...]:
-    return tuple(
-        f"BatchNorm {name!r}: its inputs moved far from zero after the first batch (|mean| "
-        f"over {FAR:g} std); its variance is exact only to {p.bound:.1e} relative. "
-        "Recalibrate a float64 copy of the model for exact statistics"
-        for name, p in pooled.items()
-        if p.bound > BOUND_NOTE
-    )
 
 
 def _write(targets: dict[str, nn.Module], pooled: dict[str, Pooled]) -> None:

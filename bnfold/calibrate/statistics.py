@@ -8,11 +8,9 @@ Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook 
   hold that call's batch mean and unbiased variance, computed by torch's kernel, and the forward
   hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims,
   or any float64 input, in float64 and rounds once; an input it sums in its own dtype (2-D,
-  channels-last, float16/bfloat16) has its statistics taken from a float64 copy instead. A
-  float32 call's mean is rounded to float32, which the pooled variance feels when the data sits
-  far from zero: a layer whose first call has a channel with |mean| over ``FAR`` std takes
-  float64 statistics on every call, and for one that drifts that far later the report gives an
-  error bound (``Pooled.bound``).
+  channels-last, float16/bfloat16) has its statistics taken from a float64 copy instead, and so
+  has a float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean, rounded to
+  float32, would cost the pooled variance more than float32 rounding).
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
   in a process group, whose train-mode forward would all-reduce every call): the layer stays in
   eval mode and the pre-hook writes the float64 batch mean and biased variance of its input into
@@ -25,7 +23,6 @@ and at the end the rows are checked for NaN/inf and pooled per layer by Chan's f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +34,9 @@ from bnfold.errors import CalibrationError, ModelInputError
 
 F64 = torch.float64
 
-#: A float32 call whose mean is more than this many std from zero has its mean rounded by up to
-#: 2^-24 · FAR std: the pooled variance then moves by about 2^-24 · FAR · 2 relative (1e-6).
+#: A float32 row's mean is rounded by up to 2^-24 · |mean|; within FAR std of zero that moves
+#: the pooled variance by at most about 2^-24 · FAR · 2 relative (2e-6, and ~1e-7 in practice).
 FAR = 16.0
-#: The kernel's own rounding of a float32 row's variance, relative.
-ROW_ERROR = 2.0**-22
 #: Rows waiting to be pooled at most (their NaN check synchronises with the device once).
 POOL_EVERY = 256
 
@@ -65,16 +60,12 @@ class Moments:
 
 @dataclass(frozen=True)
 class Pooled:
-    """One BatchNorm's final statistics: what is written and reported.
-
-    ``bound``: a bound on the relative error of ``var`` from float32 rows far from zero (0 when
-    every row was float64 or near zero)."""
+    """One BatchNorm's final statistics: what is written and reported."""
 
     count: int
     calls: int
     mean: torch.Tensor  # float64
     var: torch.Tensor  # float64, unbiased
-    bound: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,9 +86,6 @@ class Layer:
         self.dtype = bn.running_mean.dtype
         self.calls = 0
         self.total: Moments | None = None
-        self.within: torch.Tensor | float = 0.0  # Σ (n − 1) · var of every row: M2 − within
-        self.largest: torch.Tensor | None = None  # max |mean| of its float32 kernel rows
-        self.far: bool | None = None  # decided on its first float32 kernel row
         self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
 
     def save(self) -> None:
@@ -118,14 +106,13 @@ class Layer:
 
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
         """This call's [mean, unbiased var], from the buffers the train-mode kernel wrote."""
-        if not _summed_in_float64(x, self.dtype) or self.far:
+        if not _summed_in_float64(x, self.dtype):
             return float64_row(x)
-        row = torch.stack((self.bn.running_mean, self.bn.running_var))
-        if self.far is None and row.dtype != F64:
-            self.far = bool((row[0].abs() > FAR * row[1].sqrt()).any())
-            if self.far:
-                return float64_row(x)
-        return row
+        mean, var = self.bn.running_mean, self.bn.running_var
+        # var − mean² / FAR² < 0: a channel's |mean| exceeds FAR std (NaN compares False)
+        if x.dtype != F64 and float(torch.addcmul(var, mean, mean, value=-(FAR**-2)).min()) < 0:
+            return float64_row(x)
+        return torch.stack((mean, var))
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """This call's float64 [mean, unbiased var], its mean and biased variance written
@@ -142,41 +129,21 @@ class Layer:
         total = sum(counts)
         mean = (n * values[:, 0]).sum(0) / total
         deviation = values[:, 0] - mean
-        within = ((n - 1) * values[:, 1]).sum(0)
-        part = Moments(total, mean, within + (n * deviation * deviation).sum(0))
+        m2 = ((n - 1) * values[:, 1] + n * deviation * deviation).sum(0)
+        part = Moments(total, mean, m2)
         self.total = part if self.total is None else self.total.merge(part)
-        self.within = self.within + within
-        single = [r for r in rows if r.dtype == torch.float32]
-        if single:
-            largest = torch.stack(single)[:, 0].abs().amax(0)
-            self.largest = largest if self.largest is None else self.largest.maximum(largest)
 
     def pooled(self) -> Pooled | None:
-        if self.total is None:
-            return None
-        return finish(self.name, self.total, self.calls, self.error_bound())
-
-    def error_bound(self) -> float:
-        """A bound on the relative error of the pooled variance from float32 row means, each
-        rounded by e_b, |e_b| ≤ u/2 (u: the ulp of the largest |mean|): M2's between-call part
-        Σ n_b (m_b − M)² moves by at most u·√(N · between) + N·u²/2."""
-        total = self.total
-        if self.largest is None or total is None:
-            return 0.0
-        ulp = torch.nextafter(self.largest, self.largest.new_tensor(math.inf)) - self.largest
-        ulp = ulp.to(F64)
-        between = (total.m2 - self.within).clamp(min=0.0)
-        error = ulp * (total.count * between).sqrt() + total.count * ulp * ulp / 2
-        return ROW_ERROR + float((error / total.m2.clamp(min=math.ulp(0.0))).max())
+        return None if self.total is None else finish(self.name, self.total, self.calls)
 
 
-def finish(name: str, total: Moments, calls: int, bound: float) -> Pooled:
+def finish(name: str, total: Moments, calls: int) -> Pooled:
     if total.count < 2:
         raise CalibrationError(
             f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
             "variance needs at least two: use more data"
         )
-    return Pooled(total.count, calls, total.mean, total.m2 / (total.count - 1), bound)
+    return Pooled(total.count, calls, total.mean, total.m2 / (total.count - 1))
 
 
 def float64_row(x: torch.Tensor) -> torch.Tensor:
