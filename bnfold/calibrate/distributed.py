@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from bnfold.calibrate.sources import Batch, DataSource
-from bnfold.calibrate.statistics import Layer, Moments, Pooled, finish
+from bnfold.calibrate.statistics import Layer, Moments
 from bnfold.errors import CalibrationError, UsageError
 
 #: Bytes of each tensor that go into a batch's fingerprint (the rest is not read).
@@ -133,9 +133,9 @@ def _collective_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if "gloo" in str(dist.get_backend()).lower() else device
 
 
-def all_reduce(layers: list[Layer], device: torch.device) -> dict[str, Pooled]:
-    """Merge every rank's statistics exactly: the global mean first, then M2 about it
-    (``layers`` are in the same order on every rank)."""
+def all_reduce(layers: list[Layer], device: torch.device) -> None:
+    """Every layer's statistics and calls over every rank, merged exactly (the global mean
+    first, then M2 about it). ``layers`` are in the same order on every rank."""
     where = _collective_device(device)
     local = [_local(layer, where) for layer in layers]
     widths = [moments.mean.numel() for moments in local]
@@ -150,11 +150,9 @@ def all_reduce(layers: list[Layer], device: torch.device) -> dict[str, Pooled]:
     second = torch.cat(m2)
     dist.all_reduce(second)
     parts = zip(layers, counts, means, second.split(widths), strict=True)
-    return {
-        layer.name: finish(layer.name, Moments(int(n), mean, m2), int(calls))
-        for layer, (n, calls), mean, m2 in parts
-        if n
-    }
+    for layer, (count, calls), mean, deviations in parts:
+        layer.calls = int(calls)
+        layer.total = Moments(int(count), mean, deviations) if count else None
 
 
 def _local(layer: Layer, where: torch.device) -> Moments:

@@ -1,34 +1,30 @@
 """Recalibrate BatchNorm running statistics on sample data: exactly, and touching nothing else.
 
-How the forward passes run (the semantics of ``torch.optim.swa_utils.update_bn``, done right):
-every module is in eval mode (Dropout off) and autograd is off; every BatchNorm normalises its
-input with that call's batch statistics, as in training, so each BatchNorm sees what it would
-see in training; each call's statistics are pooled by count in float64
-(``bnfold.calibrate.statistics``). The running buffers are written once, last; on any error
-(``KeyboardInterrupt`` included) every flag, momentum and statistic is as it was.
-
-Distributed: when ``torch.distributed`` is initialised, ``data`` is **this rank's part** and is
-fed as it is (never split again: split a file with ``load_data(..., shard=(rank, world_size))``,
-or use a ``DistributedSampler``). Ranks may feed different numbers of batches, or none. What is
-checked: a rank that fails makes every rank raise; two ranks whose first batches are identical
-are refused (unless bnfold split the data itself); a ``DataSource`` split for another rank or
-world size is refused. The report gives each rank's batches and samples, so the caller can check
-that they add up to the data set (``bnfold.calibrate.distributed``).
+Every module runs in eval mode without autograd while every BatchNorm normalises with its batch
+statistics, as in training (``bnfold.calibrate.statistics``); the running buffers are written
+once, last, and on any error (``KeyboardInterrupt`` included) every flag, momentum and statistic
+is as it was. Under ``torch.distributed`` each rank feeds its own part of the data
+(``bnfold.calibrate.distributed``).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.calibrate import distributed
+from bnfold.calibrate.distributed import Fed
 from bnfold.calibrate.report import (
     CalibrationReport,
-    Change,
     ChannelSummary,
     LayerCalibration,
     LayerStatus,
@@ -36,7 +32,7 @@ from bnfold.calibrate.report import (
     build_report,
 )
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
-from bnfold.calibrate.statistics import Layer, Observer, Pooled
+from bnfold.calibrate.statistics import Layer, Observer
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.find.sites import is_stock_norm
 from bnfold.find.unwrap import unwrap
@@ -101,11 +97,10 @@ def recalibrate(
     Raises:
         UsageError: bad arguments, a model without BatchNorm, a TorchScript model, an
             uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size.
-        ModelInputError: the model rejected a batch (the message names the batch index and the
-            BatchNorm it was in, if any).
-        CalibrationError: no batches, NaN/inf reaching a BatchNorm (named), a BatchNorm that saw
-            a single value per channel, another rank failed, or two ranks fed the same first
-            batch.
+        ModelInputError: the model rejected a batch, or a BatchNorm got one value per channel
+            (the message names the batch index and the BatchNorm, if any).
+        CalibrationError: no batches, NaN/inf reaching a BatchNorm (named), another rank
+            failed, or two ranks fed the same first batch.
     """
     _check_arguments(model, batches)
     started = time.perf_counter()
@@ -113,11 +108,11 @@ def recalibrate(
     if not inplace:
         model = clone_model(model)
     named = list(model.named_modules())
-    targets, skipped = _find_batchnorms(named)
+    targets = _find_batchnorms(named)
     if isinstance(data, DataSource):
         notes += data.notes
     if not targets:
-        return build_report(named, [], skipped, (), started, notes, model)
+        return build_report(named, {}, (), started, notes, model)
     device = torch.device(device) if device is not None else _model_device(model)
     world = distributed.world_size()
     layers = {name: Layer(name, bn, _stock(bn, world)) for name, bn in targets.items()}
@@ -126,18 +121,18 @@ def recalibrate(
         with eval_mode(model, (module for _, module in named)), torch.no_grad():
             observer.attach()
             try:
-                run = _Run(model, observer, forward or _default_forward, device, progress)
-                shares = _feed_everywhere(run, data, batches, world)
-                pooled = _pooled(observer, world, device)
+                feeder = _Feeder(model, observer, forward or _default_forward, device, progress)
+                shares = _feed_everywhere(feeder, data, batches, world)
+                if world > 1:
+                    distributed.all_reduce(list(layers.values()), device)
             finally:
                 observer.detach()
-        changes = [Change(n, targets[n], p, *layers[n].old_statistics()) for n, p in pooled.items()]
-        report = build_report(named, changes, skipped, shares, started, notes, model)
-        _write(targets, pooled)  # last: nothing after it can fail
+        report = build_report(named, layers, shares, started, notes, model)
+        _write(layers.values())  # last
     except BaseException:
         with torch.no_grad():
             for layer in layers.values():
-                layer.restore()
+                layer.restore()  # every layer that ran
         raise
     return report
 
@@ -172,31 +167,25 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     return inner, (f"recalibrated the module inside {', '.join(kinds)}; it shares the statistics",)
 
 
-def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> tuple[dict[str, nn.Module], list[str]]:
-    """BatchNorms with running statistics (to recalibrate) and the names of those without."""
-    targets: dict[str, nn.Module] = {}
-    skipped: list[str] = []
-    for name, module in named:
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        label = name or "(model)"
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and (
-            module.has_uninitialized_params()
-        ):
-            raise UsageError(
-                f"BatchNorm {label!r} is a lazy module that has not run yet; run one forward "
-                "pass first so its statistics have a shape"
-            )
-        if module.running_mean is None or module.running_var is None:
-            skipped.append(label)
-        else:
-            targets[label] = module
-    if not targets and not skipped:
+def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
+    """The BatchNorms with running statistics, by name (``(model)`` for the model itself)."""
+    norms = {name or "(model)": m for name, m in named if isinstance(m, _BatchNorm)}
+    if not norms:
         raise UsageError(
             "the model has no BatchNorm layer (nn.BatchNorm1d/2d/3d, SyncBatchNorm or a "
             "subclass): nothing to recalibrate"
         )
-    return targets, skipped
+    for label, module in norms.items():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise UsageError(
+                f"BatchNorm {label!r} is a lazy module that has not run yet; run one forward "
+                "pass first so its statistics have a shape"
+            )
+    return {
+        label: module
+        for label, module in norms.items()
+        if module.running_mean is not None and module.running_var is not None
+    }
 
 
 def _stock(bn: nn.Module, world: int) -> bool:
@@ -217,46 +206,37 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
 
 
-class _Run:
-    """What feeding batches needs: the model, its observer, how to feed, where, progress."""
+@dataclass(frozen=True)
+class _Feeder:
+    """Feeds batches to ``model``: each moved to ``device``, fed by ``feed``, then reported to
+    ``progress``."""
 
-    def __init__(self, model: nn.Module, observer: Observer, feed: ForwardFn,
-                 device: torch.device, progress: ProgressFn | None) -> None:  # fmt: skip
-        self.model, self.observer, self.feed = model, observer, feed
-        self.device, self.progress = device, progress
+    model: nn.Module
+    observer: Observer
+    feed: ForwardFn
+    device: torch.device
+    progress: ProgressFn | None
 
-    def batches(self, data: Iterable[Batch], limit: int | None) -> Iterator[tuple[int, Batch]]:
-        """``(index, batch)`` for at most ``limit`` batches; a failing read names the batch."""
-        try:
-            iterator = iter(data)
-        except TypeError as exc:
-            raise UsageError(
-                f"data must be an iterable of batches, got {type(data).__name__}"
-            ) from exc
-        index = 0
-        while limit is None or index < limit:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except BnfoldError:
-                raise
-            except Exception as exc:
-                raise CalibrationError(
-                    f"reading batch {index} from the data failed: {exc}"
-                ) from exc
-            yield index, batch
-            index += 1
+    def all(self, data: Iterable[Batch], limit: int | None, fingerprint: bool) -> Fed:
+        """Feed the batches; what was fed (with the first batch's fingerprint if asked)."""
+        fed = samples = first = 0
+        for index, batch in enumerate(_batches(data, limit)):
+            if fingerprint and index == 0:
+                first = distributed.fingerprint(batch)
+            samples += self.one(index, map_tensors(batch, lambda t: t.to(self.device)))
+            fed += 1
+        self.observer.pool()
+        return Fed(fed, samples, first)
 
     def one(self, index: int, batch: Batch) -> int:
-        """Feed one batch (already on the device); returns its batch items."""
+        """Feed one batch; returns its batch items."""
         self.observer.batch = index
         self.observer.running.clear()
         try:
@@ -270,18 +250,22 @@ class _Run:
             self.progress(index, items)
         return items
 
-    def all(
-        self, data: Iterable[Batch], limit: int | None, *, fingerprint: bool
-    ) -> distributed.Fed:
-        """Feed the batches; what was fed (with the first batch's fingerprint if asked)."""
-        fed, samples, first = 0, 0, 0
-        for index, batch in self.batches(data, limit):
-            if fingerprint and index == 0:
-                first = distributed.fingerprint(batch)
-            samples += self.one(index, map_tensors(batch, lambda t: t.to(self.device)))
-            fed += 1
-        self.observer.pool()
-        return distributed.Fed(fed, samples, first)
+
+def _batches(data: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
+    """At most ``limit`` batches of ``data``; a failing read names the batch."""
+    try:
+        iterator = iter(data)
+    except TypeError as exc:
+        raise UsageError(f"data must be an iterable of batches, got {type(data).__name__}") from exc
+    for index in itertools.count() if limit is None else range(limit):
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except BnfoldError:
+            raise
+        except Exception as exc:
+            raise CalibrationError(f"reading batch {index} from the data failed: {exc}") from exc
 
 
 def _rejected(index: int, batch: Batch, exc: Exception, inside: str | None) -> ModelInputError:
@@ -299,17 +283,14 @@ def _rejected(index: int, batch: Batch, exc: Exception, inside: str | None) -> M
 
 
 def _feed_everywhere(
-    run: _Run, data: Iterable[Batch], limit: int | None, world: int
+    feeder: _Feeder, data: Iterable[Batch], limit: int | None, world: int
 ) -> tuple[RankShare, ...]:
     """Feed this rank's batches; under torch.distributed, what every rank fed."""
     if world == 1:
-        shares = [run.all(data, limit, fingerprint=False)]
+        shares = [feeder.all(data, limit, fingerprint=False)]
     else:
-
-        def feed(fingerprint: bool) -> distributed.Fed:
-            return run.all(data, limit, fingerprint=fingerprint)
-
-        shares = distributed.feed_everywhere(feed, data, run.device, world)
+        feed = functools.partial(feeder.all, data, limit)
+        shares = distributed.feed_everywhere(feed, data, feeder.device, world)
     if not any(share.batches for share in shares):
         raise CalibrationError(
             "no batches: the data yielded nothing, so there is nothing to recalibrate from "
@@ -321,20 +302,17 @@ def _feed_everywhere(
 # ------------------------------------------------------------------------------------ results
 
 
-def _pooled(observer: Observer, world: int, device: torch.device) -> dict[str, Pooled]:
-    layers = list(observer.layers.values())
-    if world > 1:
-        return distributed.all_reduce(layers, device)
-    return {layer.name: pooled for layer in layers if (pooled := layer.pooled()) is not None}
-
-
-def _write(targets: dict[str, nn.Module], pooled: dict[str, Pooled]) -> None:
-    """Each layer's new statistics into its running buffers, rounded once to their dtype, and
-    its pooled calls into ``num_batches_tracked``."""
+def _write(layers: Iterable[Layer]) -> None:
+    """Each layer's new statistics into its running buffers (rounded once to their dtype) and
+    its pooled calls into ``num_batches_tracked``; a layer that ran without any gets its own
+    back."""
     with torch.no_grad():
-        for name, final in pooled.items():
-            bn = targets[name]
-            bn.running_mean.copy_(final.mean)
-            bn.running_var.copy_(final.var)
+        for layer in layers:
+            if layer.total is None:
+                layer.restore()
+                continue
+            bn = layer.bn
+            bn.running_mean.copy_(layer.total.mean)
+            bn.running_var.copy_(layer.total.var)
             if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.fill_(final.calls)
+                bn.num_batches_tracked.fill_(layer.calls)

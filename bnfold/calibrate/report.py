@@ -8,14 +8,14 @@ import enum
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from bnfold.calibrate.statistics import Pooled
+from bnfold.calibrate.statistics import Layer
 from bnfold.records import Record, not_serialised
 
 #: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
@@ -135,76 +135,59 @@ class CalibrationReport(Record):
         return text
 
     def format_text(self) -> str:
-        """A plain-text table, one row per BatchNorm, then the summary line."""
-        header = ("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")
-        rows = [header]
-        for layer in self.layers:
-            if layer.status is LayerStatus.RECALIBRATED:
-                assert layer.mean_shift is not None and layer.std_ratio is not None
-                rows.append(
-                    (
-                        layer.name,
-                        str(layer.samples),
-                        f"{layer.mean_shift.max:.3g}",
-                        f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}",
-                        str(len(layer.near_zero_var_channels) or ""),
-                        "",
-                    )
-                )
-            else:
-                label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
-                rows.append((layer.name, "0", "-", "-", "", label))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        """A plain-text table, one row per BatchNorm, then notes, ranks and the summary line."""
+        rows = [("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")]
+        rows += [_text_row(layer) for layer in self.layers]
+        widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in rows
         ]
-        notes = [f"note: {note}" for note in self.notes]
-        return "\n".join([*lines, *notes, *self._rank_lines(), self.summary()])
+        lines += [f"note: {note}" for note in self.notes]
+        if self.world_size > 1 and self.per_rank:
+            samples = ", ".join(str(share.samples) for share in self.per_rank)
+            batches = ", ".join(str(share.batches) for share in self.per_rank)
+            lines.append(f"per rank (rank 0 first): samples {samples}; batches {batches}")
+        return "\n".join([*lines, self.summary()])
 
-    def _rank_lines(self) -> list[str]:
-        """Under ``torch.distributed``: what each rank fed, in rank order."""
-        if self.world_size < 2 or not self.per_rank:
-            return []
-        samples = ", ".join(str(share.samples) for share in self.per_rank)
-        batches = ", ".join(str(share.batches) for share in self.per_rank)
-        return [f"per rank (rank 0 first): samples {samples}; batches {batches}"]
+
+def _text_row(layer: LayerCalibration) -> tuple[str, ...]:
+    if layer.mean_shift is None or layer.std_ratio is None:
+        label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
+        return (layer.name, "0", "-", "-", "", label)
+    ratio = f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}"
+    near = str(len(layer.near_zero_var_channels) or "")
+    return (layer.name, str(layer.samples), f"{layer.mean_shift.max:.3g}", ratio, near, "")
 
 
 # ------------------------------------------------------------------------------------ building
 
 
-@dataclass(frozen=True)
-class Change:
-    """One recalibrated BatchNorm: its statistics before and after."""
-
-    name: str
-    bn: nn.Module
-    new: Pooled
-    old_mean: torch.Tensor
-    old_var: torch.Tensor
-
-
 def build_report(
     named: Sequence[tuple[str, nn.Module]],
-    changes: Sequence[Change],
-    skipped: Sequence[str],
+    layers: Mapping[str, Layer],
     per_rank: Sequence[RankShare],
     started: float,
     notes: tuple[str, ...] = (),
     model: nn.Module | None = None,
 ) -> CalibrationReport:
-    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order; the totals are
-    the sums over ``per_rank``."""
-    done = dict(zip((c.name for c in changes), _summaries(changes), strict=True))
-    layers = []
+    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order: the ``layers``
+    that saw data recalibrated, the others without data, the rest without running statistics.
+    The totals are the sums over ``per_rank``."""
+    seen = [layer for layer in layers.values() if layer.total is not None]
+    done = {layer.name: entry for layer, entry in zip(seen, _summaries(seen), strict=True)}
+    entries = []
     for name, module in named:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             label = name or "(model)"
-            missing = LayerStatus.NO_RUNNING_STATS if label in skipped else LayerStatus.NO_DATA
-            layers.append(done.get(label) or _unpooled(label, module, missing))
+            status = LayerStatus.NO_DATA if label in layers else LayerStatus.NO_RUNNING_STATS
+            detail = _DETAILS[status]
+            kind, width = type(module).__name__, module.num_features
+            entries.append(
+                done.get(label) or LayerCalibration(label, kind, status, width, detail=detail)
+            )
     return CalibrationReport(
-        layers=tuple(layers),
+        layers=tuple(entries),
         batches=sum(share.batches for share in per_rank),
         samples=sum(share.samples for share in per_rank),
         world_size=max(len(per_rank), 1),
@@ -215,33 +198,28 @@ def build_report(
     )
 
 
-def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibration:
-    detail = (
+_DETAILS = {
+    LayerStatus.NO_DATA: "no batch reached this layer: its statistics are still the old ones",
+    LayerStatus.NO_RUNNING_STATS: (
         "track_running_stats=False: eval mode uses batch statistics, nothing to recalibrate"
-        if status is LayerStatus.NO_RUNNING_STATS
-        else "no batch reached this layer: its statistics are still the old ones"
-    )
-    return LayerCalibration(
-        name=label,
-        type=type(module).__name__,
-        status=status,
-        num_features=module.num_features,
-        detail=detail,
-    )
+    ),
+}
 
 
-def _summaries(changes: Sequence[Change]) -> list[LayerCalibration]:
+def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     """Every layer's channel summaries from one table of all their channels (numpy's
     ``reduceat`` gives each layer's min, mean and max at once)."""
-    if not changes:
+    if not layers:
         return []
-    widths = [c.bn.num_features for c in changes]
+    widths = [layer.bn.num_features for layer in layers]
     starts = [0, *itertools.accumulate(widths[:-1])]
-    columns = [c.old_mean for c in changes] + [c.new.mean for c in changes]
-    columns += [c.old_var for c in changes] + [c.new.var for c in changes]
-    values = torch.cat(columns).to("cpu", torch.float64).view(4, -1)
-    old_mean, new_mean, old_var, new_var = values
-    eps = torch.tensor([float(c.bn.eps) for c in changes], dtype=torch.float64)
+    new = [layer.total for layer in layers if layer.total is not None]
+    old = [layer.old_statistics() for layer in layers]
+    columns = (
+        [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
+    )
+    old_mean, new_mean, old_var, new_var = torch.cat(columns).to("cpu", torch.float64).view(4, -1)
+    eps = torch.tensor([float(layer.bn.eps) for layer in layers], dtype=torch.float64)
     eps = eps.repeat_interleave(torch.tensor(widths))
     old_scale = old_var + eps
     shift = (new_mean - old_mean).abs() / old_scale.clamp(min=0.0).sqrt()
@@ -252,27 +230,18 @@ def _summaries(changes: Sequence[Change]) -> list[LayerCalibration]:
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
     near = _near_zero((new_var < NEAR_ZERO_VAR_FACTOR * eps).numpy(), starts)
     return [
-        _recalibrated(c, [ChannelSummary(*v) for v in zip(*rows, strict=True)], tiny)
-        for c, *rows, tiny in zip(changes, low, mid, high, near, strict=True)
+        LayerCalibration(
+            layer.name,
+            type(layer.bn).__name__,
+            LayerStatus.RECALIBRATED,
+            layer.bn.num_features,
+            layer.calls,
+            moments.count,
+            *(ChannelSummary(*values) for values in zip(*rows, strict=True)),
+            near_zero_var_channels=tuple(channels),
+        )
+        for layer, moments, *rows, channels in zip(layers, new, low, mid, high, near, strict=True)
     ]
-
-
-def _recalibrated(c: Change, summary: list[ChannelSummary], near: list[int]) -> LayerCalibration:
-    return LayerCalibration(
-        name=c.name,
-        type=type(c.bn).__name__,
-        status=LayerStatus.RECALIBRATED,
-        num_features=c.bn.num_features,
-        calls=c.new.calls,
-        samples=c.new.count,
-        old_mean=summary[0],
-        new_mean=summary[1],
-        old_var=summary[2],
-        new_var=summary[3],
-        mean_shift=summary[4],
-        std_ratio=summary[5],
-        near_zero_var_channels=tuple(near),
-    )
 
 
 def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:

@@ -100,11 +100,6 @@ class DataSource:
             raise TypeError(f"{self.description}: the number of batches is not known")
         return len(range(self.rank, count, self.world))
 
-    @property
-    def num_batches(self) -> int | None:
-        """Batches this rank will feed, or None when the data does not say."""
-        return None if self._count() is None else len(self)
-
     def num_samples(self, batches: int | None = None) -> int | None:
         """Samples in this rank's first ``batches`` batches (all if None), when known."""
         sizes = self._sizes()

@@ -23,7 +23,7 @@ and at the end the rows are checked for NaN/inf and pooled per layer by Chan's f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +57,10 @@ class Moments:
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
         return Moments(count, mean, m2)
 
-
-@dataclass(frozen=True)
-class Pooled:
-    """One BatchNorm's final statistics: what is written and reported."""
-
-    count: int
-    calls: int
-    mean: torch.Tensor  # float64
-    var: torch.Tensor  # float64, unbiased
+    @property
+    def var(self) -> torch.Tensor:
+        """The unbiased variance (every call has at least two values per channel)."""
+        return self.m2 / (self.count - 1)
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class Layer:
         self.name, self.bn, self.stock = name, bn, stock
         self.dtype = bn.running_mean.dtype
         self.calls = 0
-        self.total: Moments | None = None
+        self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
 
     def save(self) -> None:
@@ -132,18 +127,6 @@ class Layer:
         m2 = ((n - 1) * values[:, 1] + n * deviation * deviation).sum(0)
         part = Moments(total, mean, m2)
         self.total = part if self.total is None else self.total.merge(part)
-
-    def pooled(self) -> Pooled | None:
-        return None if self.total is None else finish(self.name, self.total, self.calls)
-
-
-def finish(name: str, total: Moments, calls: int) -> Pooled:
-    if total.count < 2:
-        raise CalibrationError(
-            f"BatchNorm {name!r} saw a single value per channel in all the data; an unbiased "
-            "variance needs at least two: use more data"
-        )
-    return Pooled(total.count, calls, total.mean, total.m2 / (total.count - 1))
 
 
 def float64_row(x: torch.Tensor) -> torch.Tensor:
@@ -194,33 +177,27 @@ class Observer:
             bn = layer.bn
             if layer.stock:
                 self.momenta.append((bn, bn.momentum))
-                bn.momentum = 1.0
-                bn.training = True
-            before = self._before_stock if layer.stock else self._before_other
-            self.handles.append(
-                bn.register_forward_pre_hook(_bound(before, layer), with_kwargs=True)
-            )
-            after = self._after_stock if layer.stock else self._after_other
-            self.handles.append(bn.register_forward_hook(after, with_kwargs=True))
+                bn.momentum, bn.training = 1.0, True
+            before = functools.partial(self._before, layer)
+            self.handles.append(bn.register_forward_pre_hook(before, with_kwargs=True))
+            self.handles.append(bn.register_forward_hook(self._after, with_kwargs=True))
 
     def detach(self) -> None:
-        """Hooks off, momenta back, statistics of every layer that ran restored."""
+        """Hooks off, momenta back."""
         for handle in self.handles:
             handle.remove()
         for bn, momentum in self.momenta:
             bn.momentum = momentum
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.restore()
 
     def inside(self) -> str | None:
         """The innermost BatchNorm whose call did not finish (after an error), if any."""
         return self.running[-1][0].name if self.running else None
 
-    def _enter(self, layer: Layer, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, int]:
+    def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer.save()
         x = args[0] if args else kwargs.get("input")
         count = 0
-        if _usable(x, layer.bn):  # otherwise the layer's own forward decides (and rejects it)
+        if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
             count = x.numel() // x.shape[1]
             if count < 2:
                 raise ModelInputError(
@@ -228,26 +205,14 @@ class Observer:
                     f"(input shape {tuple(x.shape)}); batch statistics need at least two, as in "
                     "training: use a larger batch size"
                 )
-            layer.save()
+            if not layer.stock:
+                self._add(layer, count, layer.batch_statistics(x, count))
         self.running.append((layer, count))
-        return x, count
 
-    def _before_stock(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._enter(layer, args, kwargs)
-
-    def _before_other(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
-        x, count = self._enter(layer, args, kwargs)
-        if count:
-            self._add(layer, count, layer.batch_statistics(x, count))
-
-    def _after_stock(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         layer, count = self.running.pop()
-        if count:
-            x = args[0] if args else kwargs["input"]
-            self._add(layer, count, layer.kernel_row(x))
-
-    def _after_other(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.running.pop()
+        if count and layer.stock:
+            self._add(layer, count, layer.kernel_row(args[0] if args else kwargs["input"]))
 
     def _add(self, layer: Layer, count: int, values: torch.Tensor) -> None:
         layer.calls += 1
@@ -268,10 +233,6 @@ class Observer:
             values.append(row.values)
         for layer, counts, values in grouped.values():
             layer.pool(counts, values)
-
-
-def _bound(hook: Callable[..., None], layer: Layer) -> Callable[..., None]:
-    return lambda bn, args, kwargs: hook(layer, bn, args, kwargs)
 
 
 def _usable(x: Any, bn: nn.Module) -> bool:
