@@ -102,9 +102,9 @@ def test_cpu_kernel_float64_statistics_in_any_layout(layout: str) -> None:
 # -------------------------------------------------------------------- where each row comes from
 
 
-@pytest.mark.parametrize("shape", [(5, 6, 6), (4, 128, 128)], ids=["small", "large"])
+@pytest.mark.parametrize("shape", [(5, 6, 6), (4, 128, 128), (7,)], ids=["small", "large", "2-D"])
 def test_contiguous_input_takes_the_kernel_rows_whatever_its_size(shape: tuple) -> None:
-    bn = nn.BatchNorm2d(shape[0])
+    bn = nn.BatchNorm2d(shape[0]) if len(shape) > 1 else nn.BatchNorm1d(shape[0])
     batches = _batches(shape, sizes=(4, 2, 3))
     layer, dtypes, outputs = _observe(bn, batches)
     assert dtypes == [torch.float32] * 3
@@ -115,19 +115,20 @@ def test_contiguous_input_takes_the_kernel_rows_whatever_its_size(shape: tuple) 
 @pytest.mark.parametrize(
     ("bn", "shape", "kw"),
     [
-        (nn.BatchNorm1d(7), (7,), {}),
+        (nn.BatchNorm1d(7), (7,), {"dtype": torch.float32}),  # far from zero
         (nn.BatchNorm2d(5), (5, 6, 6), {"memory_format": torch.channels_last}),
         (nn.BatchNorm2d(3), (3, 120, 120), {"memory_format": torch.channels_last}),
         (nn.BatchNorm2d(5).half(), (5, 6, 6), {"dtype": torch.float16}),
         (nn.BatchNorm1d(5), (5,), {"dtype": torch.bfloat16}),
     ],
-    ids=["2-D", "channels-last", "large-channels-last", "float16", "bfloat16-into-float32"],
+    ids=["2-D-far", "channels-last", "large-channels-last", "float16", "bfloat16-into-float32"],
 )
-def test_inputs_the_kernel_sums_in_their_own_dtype_take_float64_rows(bn, shape, kw) -> None:
-    """2-D, channels-last and half-precision inputs: the kernel would sum them in float32 or
-    less, so each call's statistics come from a float64 copy. The output is still torch's
-    train-mode output, in the input's dtype."""
-    batches = _batches(shape, sizes=(3, 2), offset=1e4 if kw.get("dtype") is None else 3.0, **kw)
+def test_inputs_the_kernel_sums_in_float32_take_float64_rows(bn, shape, kw) -> None:
+    """Channels-last and half-precision inputs (the kernel would sum every position in float32
+    or less) and inputs far from zero: each call's statistics come from a float64 copy. The
+    output is still torch's train-mode output, in the input's dtype."""
+    offset = 1e4 if kw.get("dtype", torch.float32) == torch.float32 else 3.0
+    batches = _batches(shape, sizes=(3, 2), offset=offset, **kw)
     layer, dtypes, outputs = _observe(bn, batches)
     assert dtypes == [F64, F64]
     _assert_exact(layer, batches, 1e-10)  # float64 rows of float32/16 data: exact

@@ -5,12 +5,12 @@ Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook 
 
 - **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
   group): the layer runs in train mode with momentum 1, so after each call its running buffers
-  hold that call's batch mean and unbiased variance, computed by torch's kernel, and the forward
-  hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims,
-  or any float64 input, in float64 and rounds once; an input it sums in its own dtype (2-D,
-  channels-last, float16/bfloat16) has its statistics taken from a float64 copy instead, and so
-  has a float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean, rounded to
-  float32, would cost the pooled variance more than float32 rounding).
+  hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims
+  in float64 and rounds once, and a 2-D input in float32 along the batch (a few hundred values
+  at most, about a float32 rounding). Inputs it would sum in float32 over every position of a
+  batch (channels-last) or in half precision have their statistics taken from a float64 copy
+  instead, and so has a float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean,
+  rounded to float32, would cost the pooled variance more than float32 rounding).
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
   in a process group, whose train-mode forward would all-reduce every call): the layer stays in
   eval mode and the pre-hook writes the float64 batch mean and biased variance of its input into
@@ -101,7 +101,7 @@ class Layer:
 
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
         """This call's [mean, unbiased var], from the buffers the train-mode kernel wrote."""
-        if not _summed_in_float64(x, self.dtype):
+        if not _kernel_rows_exact(x, self.dtype):
             return float64_row(x)
         mean, var = self.bn.running_mean, self.bn.running_var
         # var − mean² / FAR² < 0: a channel's |mean| exceeds FAR std (NaN compares False)
@@ -130,31 +130,23 @@ class Layer:
 
 
 def float64_row(x: torch.Tensor) -> torch.Tensor:
-    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy."""
-    var, mean = torch.var_mean(x.to(F64), [0, *range(2, x.dim())])
-    return torch.stack((mean, var))
+    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy (two passes)."""
+    dims = [0, *range(2, x.dim())]
+    copy = x.to(F64, copy=True)
+    mean = copy.mean(dims, keepdim=True)
+    var = copy.sub_(mean).square_().sum(dims) / (x.numel() // x.shape[1] - 1)
+    return torch.stack((mean.view(-1), var))
 
 
-def _summed_in_float64(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether torch's train-mode kernel sums ``x`` in float64 (or, on CUDA, in float32 by
-    Welford's method, which it is trusted with)."""
-    if x.dtype != dtype:  # half inputs of float32 statistics: summed in float32
+def _kernel_rows_exact(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether torch's train-mode kernel takes ``x``'s statistics to about float32 rounding:
+    in float64 or float32 of its own dtype (half inputs of float32 statistics are summed in
+    half), not over every position of a channels-last batch; on CUDA by Welford's method."""
+    if x.dtype != dtype or dtype not in (torch.float32, F64):
         return False
-    if x.dtype == F64 or (x.is_cuda and x.dtype == torch.float32):
-        return True
-    return (
-        x.dtype == torch.float32
-        and x.is_cpu
-        and x.dim() > 2
-        and x[0, 0].numel() > 1
-        and x.is_contiguous()
-        and not _channels_last(x)
-    )
-
-
-def _channels_last(x: torch.Tensor) -> bool:
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+    channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+    return x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)
 
 
 # ----------------------------------------------------------------------------------- the hooks
