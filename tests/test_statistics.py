@@ -45,8 +45,8 @@ def _observe(bn: nn.Module, batches: list[torch.Tensor], stock: bool = True) -> 
             for index, x in enumerate(batches):
                 observer.batch = index
                 outputs.append(bn(x))
-                dtypes.append(observer.rows[-1].values.dtype)
-            observer.pool()
+                dtypes.append(layer.rows[-1].dtype)
+            layer.pool()
         finally:
             observer.detach()
     return layer, dtypes, outputs
@@ -182,7 +182,7 @@ def test_mixed_dtypes_the_layer_rejects_go_to_its_own_forward() -> None:
 
 
 def test_rows_pool_exactly_in_groups_across_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three layers, one called three times per batch, pooled every 4 rows."""
+    """Three layers, one called three times per batch, each pooled every 4 rows."""
     monkeypatch.setattr(statistics, "POOL_EVERY", 4)
     model = nn.ModuleList([nn.BatchNorm2d(3), nn.BatchNorm2d(5), nn.BatchNorm1d(2)]).eval()
     layers = {str(i): Layer(str(i), bn, True) for i, bn in enumerate(model)}
@@ -196,7 +196,8 @@ def test_rows_pool_exactly_in_groups_across_layers(monkeypatch: pytest.MonkeyPat
                 for x in _batches(shapes[i], sizes=(3 + step,) * (3 if i == 1 else 1), seed=step):
                     bn(x)
                     fed[i].append(x)
-        observer.pool()
+        for layer in layers.values():
+            layer.pool()
         observer.detach()
     for layer, batches in zip(layers.values(), fed, strict=True):
         assert layer.calls == len(batches)

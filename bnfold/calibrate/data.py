@@ -1,20 +1,10 @@
 """Sample data for recalibration (``bnfold recalibrate --data``, ``bnfold fold --data``).
 
-``load_data(spec, ...)`` turns a DATA argument into a ``DataSource``: a re-iterable sequence of
-batches that ``bnfold.recalibrate`` consumes, plus ``example_inputs()`` (the first batch as
-positional tensors, for tracing and for saving a ``.pt2``). DATA is a ``.pt``/``.pth``, ``.npy``
-or ``.npz`` file (``bnfold.calibrate.files``), a folder of images (``bnfold.calibrate.images``),
-or ``package.module:callable``: your code, called with no arguments, returning an iterable of
-batches (a DataLoader, a list, a generator) that is used as it is.
-
-Sharding (``shard=(rank, world_size)``, what ``torchrun`` needs): a file or folder is **split by
-batch**: rank ``r`` of ``W`` feeds batches ``r, r + W, r + 2W, ...`` of the batches one process
-would make with the same ``batch_size`` and ``seed``, so the ranks together feed every batch
-exactly once, in the same batches (a BatchNorm normalises with its batch's statistics, so the
-layers after it see what they would see in one process). A callable's iterable is **this rank's
-part**, fed as it is and never split: the callable reads the rank itself, or returns a
-DataLoader with a ``DistributedSampler`` (whose ``num_replicas`` and ``rank`` must match
-``shard``; the samples it repeats or drops are stated in ``notes``).
+``load_data(spec, ...)`` turns a DATA argument into a ``DataSource`` (``bnfold.calibrate.sources``):
+a ``.pt``/``.pth``, ``.npy`` or ``.npz`` file (``bnfold.calibrate.files``), a folder of images
+(``bnfold.calibrate.images``), or ``package.module:callable``, your code: called with no
+arguments, it returns an iterable of batches (a DataLoader, a list, a generator), this rank's
+part under ``torch.distributed``, used as it is.
 """
 
 from __future__ import annotations
@@ -29,25 +19,10 @@ from typing import Any
 import torch
 
 from bnfold.calibrate.files import load_file, npz_member
-from bnfold.calibrate.images import (
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolder,
-    ImageOptions,
-)
-from bnfold.calibrate.sources import Batch, DataSource, IterableSource, check_positive, describe
+from bnfold.calibrate.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageOptions
+from bnfold.calibrate.sources import DataSource, IterableSource, check_positive, describe
 from bnfold.errors import LoadError, UsageError
 from bnfold.io.models import FACTORY_SPEC, describe_broken_link
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMAGE_EXTENSIONS",
-    "Batch",
-    "DataSource",
-    "load_data",
-]
 
 
 def load_data(
@@ -67,8 +42,9 @@ def load_data(
     Samples (arrays, tensors, images) are shuffled with a seeded permutation (``seed``: the same
     seed gives the same batches) and cut into batches of ``batch_size``; ready-made batches and
     callables are used as they are. ``dtype`` casts floating-point tensors (never integer ones).
-    ``shard=(rank, world_size)`` splits a file or folder by batch and takes a callable's
-    iterable as this rank's part (see the module docstring).
+    ``shard=(rank, world_size)`` splits a file or folder **by batch**: rank ``r`` of ``W`` feeds
+    batches ``r, r + W, ...`` of the batches one process makes, so the ranks together feed each
+    batch once (a callable's iterable is this rank's part, never split).
 
     Raises ``LoadError`` (missing, unreadable or empty data, mismatched sample counts, an
     ``.npz`` without the array ``NAME``, a ``DistributedSampler`` built for other ranks),

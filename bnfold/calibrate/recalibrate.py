@@ -232,7 +232,8 @@ class _Feeder:
                 first = distributed.fingerprint(batch)
             samples += self.one(index, map_tensors(batch, lambda t: t.to(self.device)))
             fed += 1
-        self.observer.pool()
+        for layer in self.observer.layers.values():
+            layer.pool()
         return Fed(fed, samples, first)
 
     def one(self, index: int, batch: Batch) -> int:

@@ -5,6 +5,7 @@ Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook 
 
 - **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
   group): the layer runs in train mode with momentum 1, so after each call its running buffers
+  hold that call's batch mean and unbiased variance, computed by torch's kernel, and the forward
   hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims
   in float64 and rounds once, and a 2-D input in float32 along the batch (a few hundred values
   at most, about a float32 rounding). Inputs it would sum in float32 over every position of a
@@ -17,13 +18,14 @@ Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook 
   its running buffers, so its own forward normalises with batch statistics and keeps its extra
   behaviour (activation, dropout) in eval form.
 
-Each call's row (count, mean, unbiased variance) waits in call order; every ``POOL_EVERY`` rows
-and at the end the rows are checked for NaN/inf and pooled per layer by Chan's formula.
+Each call's row (mean, unbiased variance) is checked for NaN/inf as it comes, so the error names
+the first BatchNorm that saw them; each layer pools its rows by Chan's formula in float64.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,8 @@ F64 = torch.float64
 #: A float32 row's mean is rounded by up to 2^-24 · |mean|; within FAR std of zero that moves
 #: the pooled variance by at most about 2^-24 · FAR · 2 relative (2e-6, and ~1e-7 in practice).
 FAR = 16.0
-#: Rows waiting to be pooled at most (their NaN check synchronises with the device once).
-POOL_EVERY = 256
+#: Rows a layer keeps before pooling them (a few tensor operations per pooling, not per call).
+POOL_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -63,51 +65,39 @@ class Moments:
         return self.m2 / (self.count - 1)
 
 
-@dataclass(frozen=True)
-class Row:
-    """One call: its batch index, layer, values per channel, and [mean, unbiased var]."""
-
-    batch: int
-    layer: Layer
-    count: int
-    values: torch.Tensor  # (2, channels)
-
-
 class Layer:
     """One BatchNorm during the run: how it is observed, and what it saw."""
 
     def __init__(self, name: str, bn: nn.Module, stock: bool) -> None:
         self.name, self.bn, self.stock = name, bn, stock
-        self.dtype = bn.running_mean.dtype
         self.calls = 0
+        self.counts: list[int] = []  # values per channel of each row not yet pooled
+        self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
 
     def save(self) -> None:
         """Keep the running statistics before the first call writes them."""
         if self.saved is None:
-            buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
-            self.saved = tuple(t.clone() for t in buffers if t is not None)
+            self.saved = tuple(t.clone() for t in self._buffers())
 
     def restore(self) -> None:
-        if self.saved is not None:
-            buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
-            for buffer, value in zip(buffers, self.saved, strict=False):
-                buffer.copy_(value)
+        for buffer, value in zip(self._buffers(), self.saved or (), strict=False):
+            buffer.copy_(value)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
+        return [t for t in buffers if t is not None]
 
     def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        saved = self.saved or (self.bn.running_mean, self.bn.running_var)
+        saved = self.saved or self._buffers()
         return saved[0], saved[1]
 
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
-        """This call's [mean, unbiased var], from the buffers the train-mode kernel wrote."""
-        if not _kernel_rows_exact(x, self.dtype):
+        """This call's [mean, unbiased var]: what the train-mode kernel wrote, where exact."""
+        if not _kernel_rows_exact(x, self.bn.running_mean.dtype):
             return float64_row(x)
-        mean, var = self.bn.running_mean, self.bn.running_var
-        # var − mean² / FAR² < 0: a channel's |mean| exceeds FAR std (NaN compares False)
-        if x.dtype != F64 and float(torch.addcmul(var, mean, mean, value=-(FAR**-2)).min()) < 0:
-            return float64_row(x)
-        return torch.stack((mean, var))
+        return torch.stack((self.bn.running_mean, self.bn.running_var))
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """This call's float64 [mean, unbiased var], its mean and biased variance written
@@ -117,16 +107,25 @@ class Layer:
         self.bn.running_var.copy_(row[1] * ((count - 1) / count))
         return row
 
-    def pool(self, counts: list[int], rows: list[torch.Tensor]) -> None:
-        """Merge rows of this layer into its total (Chan's formula over the rows, float64)."""
-        values = torch.stack(rows).to(F64)
-        n = torch.tensor(counts, dtype=F64, device=values.device).unsqueeze(1)
-        total = sum(counts)
+    def add(self, count: int, row: torch.Tensor) -> None:
+        self.calls += 1
+        self.counts.append(count)
+        self.rows.append(row)
+        if len(self.rows) >= POOL_EVERY:
+            self.pool()
+
+    def pool(self) -> None:
+        """Merge the waiting rows into the total (Chan's formula over the rows, float64)."""
+        if not self.rows:
+            return
+        values = torch.stack(self.rows).to(F64)
+        n = torch.tensor(self.counts, dtype=F64, device=values.device).unsqueeze(1)
+        total = sum(self.counts)
         mean = (n * values[:, 0]).sum(0) / total
         deviation = values[:, 0] - mean
-        m2 = ((n - 1) * values[:, 1] + n * deviation * deviation).sum(0)
-        part = Moments(total, mean, m2)
+        part = Moments(total, mean, ((n - 1) * values[:, 1] + n * deviation * deviation).sum(0))
         self.total = part if self.total is None else self.total.merge(part)
+        self.counts, self.rows = [], []
 
 
 def float64_row(x: torch.Tensor) -> torch.Tensor:
@@ -149,16 +148,21 @@ def _kernel_rows_exact(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)
 
 
+def _spread(row: torch.Tensor) -> float:
+    """min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std, not
+    finite where the input held NaN or inf."""
+    return float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
+
+
 # ----------------------------------------------------------------------------------- the hooks
 
 
 class Observer:
-    """The hooks of every target BatchNorm, the rows they produce, and the flags they change."""
+    """The hooks of every target BatchNorm, and the flags they change."""
 
     def __init__(self, layers: dict[str, Layer]) -> None:
         self.layers = layers
         self.batch = 0
-        self.rows: list[Row] = []
         self.running: list[tuple[Layer, int]] = []  # the BatchNorm calls under way, innermost last
         self.handles: list[Any] = []
         self.momenta: list[tuple[nn.Module, Any]] = []
@@ -198,33 +202,26 @@ class Observer:
                     "training: use a larger batch size"
                 )
             if not layer.stock:
-                self._add(layer, count, layer.batch_statistics(x, count))
+                self._add(layer, count, layer.batch_statistics(x, count), x)
         self.running.append((layer, count))
 
     def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         layer, count = self.running.pop()
         if count and layer.stock:
-            self._add(layer, count, layer.kernel_row(args[0] if args else kwargs["input"]))
+            x = args[0] if args else kwargs["input"]
+            self._add(layer, count, layer.kernel_row(x), x)
 
-    def _add(self, layer: Layer, count: int, values: torch.Tensor) -> None:
-        layer.calls += 1
-        self.rows.append(Row(self.batch, layer, count, values))
-        if len(self.rows) >= POOL_EVERY:
-            self.pool()
-
-    def pool(self) -> None:
-        """Check the waiting rows for NaN/inf, then pool them into their layers."""
-        rows, self.rows = self.rows, []
-        if not rows:
-            return
-        _check_finite(rows)
-        grouped: dict[str, tuple[Layer, list[int], list[torch.Tensor]]] = {}
-        for row in rows:
-            _, counts, values = grouped.setdefault(row.layer.name, (row.layer, [], []))
-            counts.append(row.count)
-            values.append(row.values)
-        for layer, counts, values in grouped.values():
-            layer.pool(counts, values)
+    def _add(self, layer: Layer, count: int, row: torch.Tensor, x: torch.Tensor) -> None:
+        """Refuse NaN/inf (this is the first layer in call order that saw them); take a float32
+        row far from zero again from a float64 copy."""
+        spread = _spread(row)
+        if not math.isfinite(spread):
+            raise CalibrationError(
+                f"batch {self.batch}: BatchNorm {layer.name!r} is the first layer whose input "
+                f"holds NaN or infinite values; check the data (and the layers before "
+                f"{layer.name!r}) for NaN/inf. Statistics restored, model unchanged"
+            )
+        layer.add(count, float64_row(x) if spread < 0 and row.dtype != F64 else row)
 
 
 def _usable(x: Any, bn: nn.Module) -> bool:
@@ -234,16 +231,4 @@ def _usable(x: Any, bn: nn.Module) -> bool:
         and x.dim() >= 2
         and x.shape[1] == bn.num_features
         and x.numel() > 0
-    )
-
-
-def _check_finite(rows: list[Row]) -> None:
-    """Refuse NaN/inf, naming the first BatchNorm (in call order) whose input held them."""
-    if bool(torch.isfinite(torch.cat([row.values.flatten() for row in rows])).all()):
-        return
-    row = next(row for row in rows if not bool(torch.isfinite(row.values).all()))
-    raise CalibrationError(
-        f"batch {row.batch}: BatchNorm {row.layer.name!r} is the first layer whose input holds "
-        f"NaN or infinite values; check the data (and the layers before {row.layer.name!r}) for "
-        "NaN/inf. Statistics restored, model unchanged"
     )
