@@ -1,10 +1,11 @@
 """Recalibration under ``torch.distributed``: what every rank fed, and one set of statistics.
 
-Each rank feeds its own part of the data; no collective runs per batch, so ranks may feed
-different numbers of batches. Afterwards ``gather_shares`` tells every rank what every other
-fed (and whether it failed), and ``all_reduce`` merges the per-channel count, mean and squared
-deviations in float64 (the global mean first, then the squared deviations about it), so every
-rank ends with the statistics one process fed every rank's batches would compute.
+Each rank feeds its own part of the data as given (``load_data(..., shard=...)`` splits a file
+by batch); no collective runs per batch, so ranks may feed different numbers of batches, or
+none. Afterwards ``feed_everywhere`` tells every rank what every other fed, refusing the run
+everywhere when a rank failed or two ranks fed identical first batches, and ``all_reduce``
+merges the per-channel count, mean and squared deviations in float64, so every rank ends with
+the statistics one process fed every rank's batches would compute.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from bnfold.calibrate.sources import Batch, DataSource
-from bnfold.calibrate.statistics import Layer, Moments
+from bnfold.calibrate.statistics import F64, Layer, Moments
 from bnfold.errors import CalibrationError, UsageError
 
 #: Bytes of each tensor that go into a batch's fingerprint (the rest is not read).
@@ -90,7 +91,12 @@ def feed_everywhere(
     shares = _gather(fed, device)
     if failure is not None:
         raise failure
-    _check_shares(shares)
+    if failed := sum(share.failed for share in shares):
+        raise CalibrationError(
+            f"{failed} other rank(s) failed during recalibration (see their error); statistics "
+            "restored on this rank too"
+        )
+    _check_distinct([share.first for share in shares])
     return shares
 
 
@@ -101,17 +107,6 @@ def _gather(fed: Fed, device: torch.device) -> list[Fed]:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor)
     return [Fed(*row.tolist()[:3], failed=bool(row[3])) for row in gathered]
-
-
-def _check_shares(shares: list[Fed]) -> None:
-    """Refuse the run when another rank failed or two ranks fed identical first batches."""
-    failed = sum(share.failed for share in shares)
-    if failed:
-        raise CalibrationError(
-            f"{failed} other rank(s) failed during recalibration (see their error); statistics "
-            "restored on this rank too"
-        )
-    _check_distinct([share.first for share in shares])
 
 
 def _check_distinct(fingerprints: list[int]) -> None:
@@ -140,7 +135,7 @@ def all_reduce(layers: list[Layer], device: torch.device) -> None:
     local = [_local(layer, where) for layer in layers]
     widths = [moments.mean.numel() for moments in local]
     counts = [[moments.count, layer.calls] for moments, layer in zip(local, layers, strict=True)]
-    first = torch.tensor(counts, dtype=torch.float64, device=where).flatten()
+    first = torch.tensor(counts, dtype=F64, device=where).flatten()
     first = torch.cat([first, *(moments.mean * moments.count for moments in local)])
     dist.all_reduce(first)
     counts = first[: 2 * len(layers)].view(-1, 2).tolist()
@@ -156,8 +151,5 @@ def all_reduce(layers: list[Layer], device: torch.device) -> None:
 
 
 def _local(layer: Layer, where: torch.device) -> Moments:
-    if layer.total is None:
-        zeros = torch.zeros(layer.bn.num_features, dtype=torch.float64, device=where)
-        return Moments(0, zeros, zeros)
-    total = layer.total
+    total = layer.total or Moments(0, *[torch.zeros(layer.bn.num_features, dtype=F64)] * 2)
     return Moments(total.count, total.mean.to(where), total.m2.to(where))

@@ -10,6 +10,7 @@ their names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def load_file(path: Path, *, batch_size: int, seed: int, member: str | None = No
     if suffix in (".pt", ".pth"):
         return _from_object(_torch_load(path), str(path), batch_size=batch_size, seed=seed)
     if suffix in (".npy", ".npz"):
-        inputs = (_tensor(_numpy_load(path), path),) if suffix == ".npy" else _npz(path, member)
+        inputs = (_tensor(_numpy(path), path),) if suffix == ".npy" else _npz(path, member)
         description = str(path) if member is None else f"{path}:{member}"
         return TensorSource(inputs, description, batch_size=batch_size, seed=seed)
     raise LoadError(
@@ -53,26 +54,13 @@ def load_file(path: Path, *, batch_size: int, seed: int, member: str | None = No
 
 def _npz(path: Path, member: str | None) -> tuple[torch.Tensor, ...]:
     """The positional inputs an .npz holds (reads only the arrays it returns)."""
-    with _numpy_load(path) as archive:
+    with _numpy(path) as archive:
         names = list(archive.files)
         if not names:
             raise LoadError(f"{path}: the .npz archive holds no array")
-        return tuple(
-            _tensor(_member(archive, name, path), path) for name in _pick(path, names, member)
-        )
-
-
-def _member(archive: Any, name: str, path: Path) -> Any:
-    """One member of an open .npz (numpy reads members only when asked)."""
-    try:
-        return archive[name]
-    except ValueError as exc:
-        raise UnsafeFileError(
-            f"{path}: array {name!r} holds object arrays, which need pickle to load; bnfold "
-            f"refuses that. Save numeric arrays instead ({exc})"
-        ) from exc
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot read array {name!r} with numpy.load: {exc}") from exc
+        chosen = _pick(path, names, member)  # numpy reads a member only when asked
+        arrays = [_numpy(path, lambda n=n: archive[n], f"array {n!r} ") for n in chosen]
+        return tuple(_tensor(array, path) for array in arrays)
 
 
 def _pick(path: Path, names: list[str], member: str | None) -> list[str]:
@@ -105,16 +93,17 @@ def _torch_load(path: Path) -> Any:
         ) from None
 
 
-def _numpy_load(path: Path) -> Any:
+def _numpy(path: Path, read: Callable[[], Any] | None = None, what: str = "") -> Any:
+    """``read()`` (default: ``numpy.load`` of ``path``), refusing object arrays (pickle)."""
     try:
-        return np.load(path, allow_pickle=False)
+        return read() if read is not None else np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise UnsafeFileError(
-            f"{path}: holds object arrays, which need pickle to load; bnfold refuses that. "
-            f"Save numeric arrays instead ({exc})"
+            f"{path}: {what}holds object arrays, which need pickle to load; bnfold refuses "
+            f"that. Save numeric arrays instead ({exc})"
         ) from exc
     except Exception as exc:
-        raise LoadError(f"{path}: cannot read it with numpy.load: {exc}") from exc
+        raise LoadError(f"{path}: cannot read {what or 'it '}with numpy.load: {exc}") from exc
 
 
 def _tensor(array: Any, path: Path) -> torch.Tensor:

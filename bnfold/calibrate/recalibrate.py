@@ -25,7 +25,6 @@ from bnfold.calibrate import distributed
 from bnfold.calibrate.distributed import Fed
 from bnfold.calibrate.report import (
     CalibrationReport,
-    ChannelSummary,
     LayerCalibration,
     LayerStatus,
     RankShare,
@@ -39,14 +38,7 @@ from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
 from bnfold.modes import eval_mode
 
-__all__ = [
-    "CalibrationReport",
-    "ChannelSummary",
-    "LayerCalibration",
-    "LayerStatus",
-    "RankShare",
-    "recalibrate",
-]
+__all__ = ["CalibrationReport", "LayerCalibration", "LayerStatus", "RankShare", "recalibrate"]
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ProgressFn = Callable[[int, int], None]
@@ -104,9 +96,11 @@ def recalibrate(
     """
     _check_arguments(model, batches)
     started = time.perf_counter()
-    model, notes = _unwrap(model)
-    if not inplace:
-        model = clone_model(model)
+    # the module inside a wrapper shares its statistics (and a DistributedDataParallel forward
+    # would run a collective per batch: a hang when ranks feed different numbers of batches)
+    inner, wrapped = unwrap(model)
+    notes = (f"recalibrated the module inside {type(model).__name__}",) if wrapped else ()
+    model = inner if inplace else clone_model(inner)
     named = list(model.named_modules())
     targets = _find_batchnorms(named)
     if isinstance(data, DataSource):
@@ -150,21 +144,6 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
         )
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise UsageError(f"batches must be a positive integer or None, got {batches!r}")
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
-    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers: they
-    share its buffers, and a DistributedDataParallel forward would run a collective per batch
-    (a hang when ranks have different numbers of batches)."""
-    inner, _ = unwrap(model)
-    kinds = []
-    while model is not inner:
-        kinds.append(type(model).__name__)
-        wrapped = getattr(model, "module", None)
-        model = wrapped if isinstance(wrapped, nn.Module) else model._orig_mod
-    if not kinds:
-        return inner, ()
-    return inner, (f"recalibrated the module inside {', '.join(kinds)}; it shares the statistics",)
 
 
 def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
