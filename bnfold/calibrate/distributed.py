@@ -81,6 +81,8 @@ def feed_everywhere(
 
     A rank that fails still joins the gather (marked failed) before raising, so the other ranks
     raise too instead of waiting forever in the next collective."""
+    if world == 1:
+        return [feed(False)]
     failure: Exception | None = None
     split_here = isinstance(data, DataSource) and data.split == "by_batch"
     try:

@@ -107,7 +107,8 @@ def recalibrate(
         notes += data.notes
     if not targets:
         return build_report(named, {}, (), started, notes, model)
-    device = torch.device(device) if device is not None else _model_device(model)
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    device = torch.device(device) if device is not None else next(tensors, torch.empty(0)).device
     world = distributed.world_size()
     layers = {name: Layer(name, bn, _stock(bn, world)) for name, bn in targets.items()}
     observer = Observer(layers)
@@ -172,13 +173,6 @@ def _stock(bn: nn.Module, world: int) -> bool:
     would all-reduce them across the process group on every call)."""
     synced = isinstance(bn, nn.SyncBatchNorm) and world > 1
     return is_stock_norm(bn) and "forward" not in bn.__dict__ and not synced
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter, else of its first buffer."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -265,21 +259,15 @@ def _rejected(index: int, batch: Batch, exc: Exception, inside: str | None) -> M
 def _feed_everywhere(
     feeder: _Feeder, data: Iterable[Batch], limit: int | None, world: int
 ) -> tuple[RankShare, ...]:
-    """Feed this rank's batches; under torch.distributed, what every rank fed."""
-    if world == 1:
-        shares = [feeder.all(data, limit, fingerprint=False)]
-    else:
-        feed = functools.partial(feeder.all, data, limit)
-        shares = distributed.feed_everywhere(feed, data, feeder.device, world)
+    """Feed this rank's batches; what every rank fed (this one outside torch.distributed)."""
+    feed = functools.partial(feeder.all, data, limit)
+    shares = distributed.feed_everywhere(feed, data, feeder.device, world)
     if not any(share.batches for share in shares):
         raise CalibrationError(
             "no batches: the data yielded nothing, so there is nothing to recalibrate from "
             "(model left unchanged)"
         )
     return tuple(RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares))
-
-
-# ------------------------------------------------------------------------------------ results
 
 
 def _write(layers: Iterable[Layer]) -> None:

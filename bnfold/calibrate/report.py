@@ -3,7 +3,6 @@ layer at once: a few tensor operations in all, not per layer), and its text rend
 
 from __future__ import annotations
 
-import bisect
 import enum
 import itertools
 import math
@@ -181,8 +180,7 @@ def build_report(
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             label = name or "(model)"
             status = LayerStatus.NO_DATA if label in layers else LayerStatus.NO_RUNNING_STATS
-            detail = _DETAILS[status]
-            kind, width = type(module).__name__, module.num_features
+            kind, width, detail = type(module).__name__, module.num_features, _DETAILS[status]
             entries.append(
                 done.get(label) or LayerCalibration(label, kind, status, width, detail=detail)
             )
@@ -228,7 +226,7 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    near = _near_zero((new_var < NEAR_ZERO_VAR_FACTOR * eps).numpy(), starts)
+    tiny = np.split((new_var < NEAR_ZERO_VAR_FACTOR * eps).numpy(), starts[1:])
     return [
         LayerCalibration(
             layer.name,
@@ -238,16 +236,7 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
             layer.calls,
             moments.count,
             *(ChannelSummary(*values) for values in zip(*rows, strict=True)),
-            near_zero_var_channels=tuple(channels),
+            near_zero_var_channels=tuple(np.flatnonzero(below).tolist()),
         )
-        for layer, moments, *rows, channels in zip(layers, new, low, mid, high, near, strict=True)
+        for layer, moments, *rows, below in zip(layers, new, low, mid, high, tiny, strict=True)
     ]
-
-
-def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:
-    """Per layer, the channel indices where ``mask`` (over all layers' channels) is set."""
-    found: list[list[int]] = [[] for _ in starts]
-    for column in mask.nonzero()[0].tolist():
-        layer = bisect.bisect_right(starts, column) - 1
-        found[layer].append(column - starts[layer])
-    return found

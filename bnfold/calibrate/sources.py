@@ -1,13 +1,6 @@
-"""Batches for recalibration: the ``DataSource`` kinds, seeded batching, sharding by batch, and
-the helpers that walk a batch's tensors.
-
-A ``DataSource`` is a re-iterable sequence of batches (a tensor, a tuple of tensors or a dict of
-tensors). Samples are shuffled with a seeded permutation and cut into batches of ``batch_size``;
-a final batch of a single sample is merged into the one before (a BatchNorm needs two values per
-channel). Sharded (``shard(rank, world)``), a source of samples feeds batches ``rank, rank +
-world, ...`` of the batches one process makes; an iterable returned by the user's callable is
-this rank's part, never split.
-"""
+"""Batches for recalibration: the ``DataSource`` kinds (samples cut into seeded batches, ready-made
+batches, the iterable a user's callable returns), sharding by batch, and the helpers that walk
+a batch's tensors."""
 
 from __future__ import annotations
 
@@ -53,12 +46,10 @@ def describe(value: Any) -> str:
 class DataSource:
     """A re-iterable sequence of batches (tensor, tuple of tensors, or dict of tensors).
 
-    ``split`` says how the source is shared among the ranks of ``torch.distributed``: a file or
-    folder is ``"by_batch"`` (bnfold feeds this rank batches ``rank, rank + world, ...`` of the
-    whole source) or ``"none"`` (not split: one process); a callable's iterable is always
-    ``"as_given"`` (this rank's part, fed whole). ``notes`` state what a reader of the
-    statistics should know about the data (samples a ``DistributedSampler`` repeats or drops);
-    ``bnfold.recalibrate`` copies them into its report.
+    ``split``: ``"by_batch"`` (a file or folder sharded by bnfold: this rank feeds batches
+    ``rank, rank + world, ...`` of the whole source), ``"none"`` (one process) or ``"as_given"``
+    (a callable's iterable: this rank's part, fed whole). ``notes`` (samples a
+    ``DistributedSampler`` repeats or drops) go into the recalibration report.
     """
 
     description = "data"
@@ -131,14 +122,15 @@ class DataSource:
 
 
 class SampleSource(DataSource):
-    """``samples`` samples, shuffled with a seeded permutation and cut into batches."""
+    """``samples`` samples, shuffled with a seeded permutation and cut into batches; a last
+    batch of one sample joins the one before (a BatchNorm needs two values per channel)."""
 
     def __init__(self, samples: int, description: str, batch_size: int, seed: int) -> None:
         self.samples, self.description = samples, description
         self.batch_size, self.seed = batch_size, seed
 
     def _bounds(self) -> list[tuple[int, int]]:
-        """``[start, stop)`` of each batch; a last batch of one sample joins the one before."""
+        """``[start, stop)`` of each batch."""
         count, size = self.samples, self.batch_size
         bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
         if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
