@@ -33,10 +33,10 @@ def _exact(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(1), flat.var(1)
 
 
-def _observe(bn: nn.Module, batches: list[torch.Tensor], stock: bool = True) -> tuple:
+def _observe(bn: nn.Module, batches: list[torch.Tensor]) -> tuple:
     """``bn`` fed ``batches`` under its hooks, as recalibration runs it: the layer, its rows'
     dtypes in call order, and its outputs."""
-    layer = Layer("bn", bn, stock)
+    layer = Layer("bn", bn)
     observer = Observer({"bn": layer})
     dtypes, outputs = [], []
     with eval_mode(bn), torch.no_grad():
@@ -154,21 +154,19 @@ def test_a_batchnorm_with_its_own_forward_gets_batch_statistics_in_eval_mode() -
 
     bn = Scaled(4)
     batches = _batches((4, 3, 3))
-    layer, dtypes, outputs = _observe(bn, batches, stock=False)
-    assert dtypes == [F64] * 4
+    layer, dtypes, outputs = _observe(bn, batches)
+    assert not layer.stock and dtypes == [F64] * 4
     _assert_exact(layer, batches, 1e-12)
     expected = 2 * _train_mode(batches[-1], bn)
     torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_which_batchnorms_take_torchs_forward() -> None:
-    from bnfold.calibrate.recalibrate import _stock  # noqa: PLC2701
-
     patched = nn.BatchNorm2d(3)
     patched.forward = lambda x: x  # an instance forward replaces the class's
-    assert _stock(nn.BatchNorm2d(3), 1) and _stock(nn.SyncBatchNorm(3), 1)
-    assert not _stock(nn.SyncBatchNorm(3), 2)  # its train-mode forward would all-reduce
-    assert not _stock(patched, 1)
+    assert Layer("", nn.BatchNorm2d(3)).stock and Layer("", nn.SyncBatchNorm(3)).stock
+    assert not Layer("", nn.SyncBatchNorm(3), world=2).stock  # its forward would all-reduce
+    assert not Layer("", patched).stock
 
 
 def test_mixed_dtypes_the_layer_rejects_go_to_its_own_forward() -> None:
@@ -185,7 +183,7 @@ def test_rows_pool_exactly_in_groups_across_layers(monkeypatch: pytest.MonkeyPat
     """Three layers, one called three times per batch, each pooled every 4 rows."""
     monkeypatch.setattr(statistics, "POOL_EVERY", 4)
     model = nn.ModuleList([nn.BatchNorm2d(3), nn.BatchNorm2d(5), nn.BatchNorm1d(2)]).eval()
-    layers = {str(i): Layer(str(i), bn, True) for i, bn in enumerate(model)}
+    layers = {str(i): Layer(str(i), bn) for i, bn in enumerate(model)}
     observer = Observer(layers)
     fed: list[list[torch.Tensor]] = [[], [], []]
     shapes = [(3, 4, 4), (5, 2, 3), (2, 16)]

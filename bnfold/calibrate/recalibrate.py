@@ -33,7 +33,6 @@ from bnfold.calibrate.report import (
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
 from bnfold.calibrate.statistics import Layer, Observer
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
-from bnfold.find.sites import is_stock_norm
 from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
 from bnfold.modes import eval_mode
@@ -110,24 +109,31 @@ def recalibrate(
     tensors = itertools.chain(model.parameters(), model.buffers())
     device = torch.device(device) if device is not None else next(tensors, torch.empty(0)).device
     world = distributed.world_size()
-    layers = {name: Layer(name, bn, _stock(bn, world)) for name, bn in targets.items()}
+    layers = {name: Layer(name, bn, world) for name, bn in targets.items()}
     observer = Observer(layers)
     try:
         with eval_mode(model, (module for _, module in named)), torch.no_grad():
             observer.attach()
             try:
                 feeder = _Feeder(model, observer, forward or _default_forward, device, progress)
-                shares = _feed_everywhere(feeder, data, batches, world)
+                feed = functools.partial(feeder.all, data, batches)
+                shares = distributed.feed_everywhere(feed, data, device, world)
+                if not any(share.batches for share in shares):
+                    raise CalibrationError(
+                        "no batches: the data yielded nothing, so there is nothing to "
+                        "recalibrate from (model left unchanged)"
+                    )
                 if world > 1:
                     distributed.all_reduce(list(layers.values()), device)
             finally:
                 observer.detach()
-        report = build_report(named, layers, shares, started, notes, model)
-        _write(layers.values())  # last
+        per_rank = [RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares)]
+        report = build_report(named, layers, per_rank, started, notes, model)
+        for layer in layers.values():  # last
+            layer.write()
     except BaseException:
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.restore()  # every layer that ran
+        for layer in layers.values():
+            layer.restore()  # every layer that ran
         raise
     return report
 
@@ -166,13 +172,6 @@ def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]
         for label, module in norms.items()
         if module.running_mean is not None and module.running_var is not None
     }
-
-
-def _stock(bn: nn.Module, world: int) -> bool:
-    """Whether torch's own train-mode forward computes the batch statistics (a SyncBatchNorm's
-    would all-reduce them across the process group on every call)."""
-    synced = isinstance(bn, nn.SyncBatchNorm) and world > 1
-    return is_stock_norm(bn) and "forward" not in bn.__dict__ and not synced
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -254,33 +253,3 @@ def _rejected(index: int, batch: Batch, exc: Exception, inside: str | None) -> M
         f"batch {index}: the model rejected the batch{where}: {type(exc).__name__}: {exc}"
         f"{hint}. Statistics restored, model unchanged"
     )
-
-
-def _feed_everywhere(
-    feeder: _Feeder, data: Iterable[Batch], limit: int | None, world: int
-) -> tuple[RankShare, ...]:
-    """Feed this rank's batches; what every rank fed (this one outside torch.distributed)."""
-    feed = functools.partial(feeder.all, data, limit)
-    shares = distributed.feed_everywhere(feed, data, feeder.device, world)
-    if not any(share.batches for share in shares):
-        raise CalibrationError(
-            "no batches: the data yielded nothing, so there is nothing to recalibrate from "
-            "(model left unchanged)"
-        )
-    return tuple(RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares))
-
-
-def _write(layers: Iterable[Layer]) -> None:
-    """Each layer's new statistics into its running buffers (rounded once to their dtype) and
-    its pooled calls into ``num_batches_tracked``; a layer that ran without any gets its own
-    back."""
-    with torch.no_grad():
-        for layer in layers:
-            if layer.total is None:
-                layer.restore()
-                continue
-            bn = layer.bn
-            bn.running_mean.copy_(layer.total.mean)
-            bn.running_var.copy_(layer.total.var)
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.fill_(layer.calls)

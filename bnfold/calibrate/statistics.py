@@ -1,25 +1,22 @@
 """Each BatchNorm call's batch statistics during recalibration, pooled exactly in float64.
 
-Every BatchNorm that is recalibrated gets a forward pre-hook and a forward hook for the run
-(``Observer``). How a call's statistics are taken depends on the kind of BatchNorm:
+Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Observer``):
 
 - **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
-  group): the layer runs in train mode with momentum 1, so after each call its running buffers
-  hold that call's batch mean and unbiased variance, computed by torch's kernel, and the forward
-  hook reads them. torch's CPU kernel sums a contiguous channels-first input with spatial dims
-  in float64 and rounds once, and a 2-D input in float32 along the batch (a few hundred values
-  at most, about a float32 rounding). Inputs it would sum in float32 over every position of a
-  batch (channels-last) or in half precision have their statistics taken from a float64 copy
-  instead, and so has a float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean,
-  rounded to float32, would cost the pooled variance more than float32 rounding).
+  group): it runs in train mode with momentum 1, so after each call its running buffers hold the
+  call's batch mean and unbiased variance from torch's kernel, which sums a contiguous
+  channels-first input in float64 (a 2-D one in float32 along the batch: a few hundred values).
+  A channels-last or half-precision input, summed in float32 or less over the whole batch, and a
+  float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean rounded to float32
+  would cost the pooled variance more than float32 rounding) are taken from a float64 copy.
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
-  in a process group, whose train-mode forward would all-reduce every call): the layer stays in
-  eval mode and the pre-hook writes the float64 batch mean and biased variance of its input into
-  its running buffers, so its own forward normalises with batch statistics and keeps its extra
+  in a process group, whose train-mode forward would all-reduce every call): it stays in eval
+  mode and the pre-hook writes the float64 batch mean and biased variance of its input into its
+  running buffers, so its own forward normalises with batch statistics and keeps its extra
   behaviour (activation, dropout) in eval form.
 
-Each call's row (mean, unbiased variance) is checked for NaN/inf as it comes, so the error names
-the first BatchNorm that saw them; each layer pools its rows by Chan's formula in float64.
+Each call's row is checked for NaN/inf as it comes (the error names the first BatchNorm that saw
+them), and each layer pools its rows by Chan's formula in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import CalibrationError, ModelInputError
+from bnfold.find.sites import is_stock_norm
 
 F64 = torch.float64
 
@@ -68,8 +66,10 @@ class Moments:
 class Layer:
     """One BatchNorm during the run: how it is observed, and what it saw."""
 
-    def __init__(self, name: str, bn: nn.Module, stock: bool) -> None:
-        self.name, self.bn, self.stock = name, bn, stock
+    def __init__(self, name: str, bn: nn.Module, world: int = 1) -> None:
+        self.name, self.bn = name, bn
+        synced = isinstance(bn, nn.SyncBatchNorm) and world > 1  # its forward would all-reduce
+        self.stock = is_stock_norm(bn) and "forward" not in bn.__dict__ and not synced
         self.calls = 0
         self.counts: list[int] = []  # values per channel of each row not yet pooled
         self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
@@ -84,6 +84,17 @@ class Layer:
     def restore(self) -> None:
         for buffer, value in zip(self._buffers(), self.saved or (), strict=False):
             buffer.copy_(value)
+
+    def write(self) -> None:
+        """The pooled statistics into the running buffers (rounded once to their dtype), the
+        calls pooled into ``num_batches_tracked``; a layer that saw nothing gets its own back."""
+        if self.total is None:
+            self.restore()
+            return
+        self.bn.running_mean.copy_(self.total.mean)
+        self.bn.running_var.copy_(self.total.var)
+        if self.bn.num_batches_tracked is not None:
+            self.bn.num_batches_tracked.fill_(self.calls)
 
     def _buffers(self) -> list[torch.Tensor]:
         buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
