@@ -216,17 +216,17 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     columns = (
         [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
     )
-    old_mean, new_mean, old_var, new_var = torch.cat(columns).to("cpu", torch.float64).view(4, -1)
-    eps = torch.tensor([float(layer.bn.eps) for layer in layers], dtype=torch.float64)
-    eps = eps.repeat_interleave(torch.tensor(widths))
-    old_scale = old_var + eps
-    shift = (new_mean - old_mean).abs() / old_scale.clamp(min=0.0).sqrt()
-    ratio = ((new_var + eps) / old_scale.clamp(min=math.ulp(0.0))).sqrt()
-    table = torch.stack((old_mean, new_mean, old_var, new_var, shift, ratio)).numpy()
+    table = np.empty((6, sum(widths)))  # old mean, new mean, old var, new var, shift, ratio
+    table[:4] = torch.cat(columns).to("cpu", torch.float64).view(4, -1).numpy()
+    old_mean, new_mean, old_var, new_var, shift, ratio = table
+    eps = np.repeat([float(layer.bn.eps) for layer in layers], widths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift[:] = np.abs(new_mean - old_mean) / np.sqrt(np.maximum(old_var + eps, 0.0))
+        ratio[:] = np.sqrt((new_var + eps) / np.maximum(old_var + eps, math.ulp(0.0)))
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    tiny = np.split((new_var < NEAR_ZERO_VAR_FACTOR * eps).numpy(), starts[1:])
+    tiny = np.split(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts[1:])
     return [
         LayerCalibration(
             layer.name,

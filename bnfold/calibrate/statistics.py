@@ -129,12 +129,12 @@ class Layer:
         """Merge the waiting rows into the total (Chan's formula over the rows, float64)."""
         if not self.rows:
             return
-        values = torch.stack(self.rows).to(F64)
-        n = torch.tensor(self.counts, dtype=F64, device=values.device).unsqueeze(1)
+        values = torch.stack(self.rows).to(F64)  # (rows, 2, channels)
+        n = values.new_tensor(self.counts)
         total = sum(self.counts)
-        mean = (n * values[:, 0]).sum(0) / total
-        deviation = values[:, 0] - mean
-        part = Moments(total, mean, ((n - 1) * values[:, 1] + n * deviation * deviation).sum(0))
+        mean = n @ values[:, 0] / total
+        m2 = (n - 1) @ values[:, 1] + n @ (values[:, 0] - mean).square_()
+        part = Moments(total, mean, m2)
         self.total = part if self.total is None else self.total.merge(part)
         self.counts, self.rows = [], []
 
