@@ -1,22 +1,21 @@
-"""The report of a recalibration: per BatchNorm, old against new statistics, built for every
-layer at once (a few tensor operations in all, not per layer)."""
+"""The report of a recalibration: per BatchNorm, old against new statistics (built for every
+layer at once: a few tensor operations in all, not per layer), and its text rendering."""
 
 from __future__ import annotations
 
-import bisect
 import enum
 import itertools
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from bnfold.calibrate.batchstats import NUMPY_DTYPES
-from bnfold.records import Record
+from bnfold.calibrate.statistics import Layer
+from bnfold.records import Record, not_serialised
 
 #: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
 #: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
@@ -87,7 +86,8 @@ class CalibrationReport(Record):
     ``batches`` and ``samples`` (batch items, from dim 0 of each batch's first tensor) are totals
     over every rank; ``per_rank`` gives each rank's own (gathered from every rank, in rank order;
     one entry outside ``torch.distributed``), and they sum to the totals. ``world_size`` is 1
-    outside ``torch.distributed``. Statistics are pooled in ``accumulation_dtype``.
+    outside ``torch.distributed``. Statistics are pooled in ``accumulation_dtype``. ``model`` is
+    the recalibrated model: the caller's own (``inplace=True``) or a copy; not serialised.
     """
 
     layers: tuple[LayerCalibration, ...]
@@ -98,6 +98,9 @@ class CalibrationReport(Record):
     accumulation_dtype: str = "float64"
     notes: tuple[str, ...] = ()
     per_rank: tuple[RankShare, ...] = ()
+    model: nn.Module | None = field(
+        default=None, metadata=not_serialised(), repr=False, compare=False
+    )
 
     @property
     def recalibrated(self) -> tuple[LayerCalibration, ...]:
@@ -131,176 +134,109 @@ class CalibrationReport(Record):
         return text
 
     def format_text(self) -> str:
-        """A plain-text table, one row per BatchNorm, then the summary line."""
-        header = ("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")
-        rows = [header]
-        for layer in self.layers:
-            if layer.status is LayerStatus.RECALIBRATED:
-                assert layer.mean_shift is not None and layer.std_ratio is not None
-                rows.append(
-                    (
-                        layer.name,
-                        str(layer.samples),
-                        f"{layer.mean_shift.max:.3g}",
-                        f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}",
-                        str(len(layer.near_zero_var_channels) or ""),
-                        "",
-                    )
-                )
-            else:
-                label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
-                rows.append((layer.name, "0", "-", "-", "", label))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        """A plain-text table, one row per BatchNorm, then notes, ranks and the summary line."""
+        rows = [("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")]
+        rows += [_text_row(layer) for layer in self.layers]
+        widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in rows
         ]
-        notes = [f"note: {note}" for note in self.notes]
-        return "\n".join([*lines, *notes, *self._rank_lines(), self.summary()])
+        lines += [f"note: {note}" for note in self.notes]
+        if self.world_size > 1 and self.per_rank:
+            samples = ", ".join(str(share.samples) for share in self.per_rank)
+            batches = ", ".join(str(share.batches) for share in self.per_rank)
+            lines.append(f"per rank (rank 0 first): samples {samples}; batches {batches}")
+        return "\n".join([*lines, self.summary()])
 
-    def _rank_lines(self) -> list[str]:
-        """Under ``torch.distributed``: what each rank fed, in rank order."""
-        if self.world_size < 2 or not self.per_rank:
-            return []
-        samples = ", ".join(str(share.samples) for share in self.per_rank)
-        batches = ", ".join(str(share.batches) for share in self.per_rank)
-        return [f"per rank (rank 0 first): samples {samples}; batches {batches}"]
+
+def _text_row(layer: LayerCalibration) -> tuple[str, ...]:
+    if layer.mean_shift is None or layer.std_ratio is None:
+        label = "no data" if layer.status is LayerStatus.NO_DATA else "no running stats"
+        return (layer.name, "0", "-", "-", "", label)
+    ratio = f"{layer.std_ratio.min:.3g}..{layer.std_ratio.max:.3g}"
+    near = str(len(layer.near_zero_var_channels) or "")
+    return (layer.name, str(layer.samples), f"{layer.mean_shift.max:.3g}", ratio, near, "")
 
 
 # ------------------------------------------------------------------------------------ building
 
 
-@dataclass
-class Recalibrated:
-    """One recalibrated BatchNorm's data for the report."""
-
-    name: str
-    bn: nn.Module
-    calls: int
-    count: int
-    new_mean: np.ndarray | torch.Tensor  # float64
-    new_var: np.ndarray | torch.Tensor  # float64, unbiased
-    old_mean: torch.Tensor
-    old_var: torch.Tensor
-
-
 def build_report(
     named: Sequence[tuple[str, nn.Module]],
-    recalibrated: Sequence[Recalibrated],
-    skipped: Sequence[str],
+    layers: Mapping[str, Layer],
     per_rank: Sequence[RankShare],
-    world: int,
     started: float,
     notes: tuple[str, ...] = (),
+    model: nn.Module | None = None,
 ) -> CalibrationReport:
-    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order; the totals are
-    the sums over ``per_rank``."""
-    done = dict(zip((r.name for r in recalibrated), _summaries(recalibrated), strict=True))
-    layers = []
+    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order: the ``layers``
+    that saw data recalibrated, the others without data, the rest without running statistics.
+    The totals are the sums over ``per_rank``."""
+    seen = [layer for layer in layers.values() if layer.total is not None]
+    done = {layer.name: entry for layer, entry in zip(seen, _summaries(seen), strict=True)}
+    entries = []
     for name, module in named:
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        label = name or "(model)"
-        if label in done:
-            layers.append(done[label])
-        elif label in skipped:
-            layers.append(_unpooled(label, module, LayerStatus.NO_RUNNING_STATS))
-        else:
-            layers.append(_unpooled(label, module, LayerStatus.NO_DATA))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            label = name or "(model)"
+            status = LayerStatus.NO_DATA if label in layers else LayerStatus.NO_RUNNING_STATS
+            kind, width, detail = type(module).__name__, module.num_features, _DETAILS[status]
+            entries.append(
+                done.get(label) or LayerCalibration(label, kind, status, width, detail=detail)
+            )
     return CalibrationReport(
-        layers=tuple(layers),
+        layers=tuple(entries),
         batches=sum(share.batches for share in per_rank),
         samples=sum(share.samples for share in per_rank),
-        world_size=world,
+        world_size=max(len(per_rank), 1),
         seconds=time.perf_counter() - started,
         notes=notes,
         per_rank=tuple(per_rank),
+        model=model,
     )
 
 
-def _unpooled(label: str, module: nn.Module, status: LayerStatus) -> LayerCalibration:
-    detail = (
+_DETAILS = {
+    LayerStatus.NO_DATA: "no batch reached this layer: its statistics are still the old ones",
+    LayerStatus.NO_RUNNING_STATS: (
         "track_running_stats=False: eval mode uses batch statistics, nothing to recalibrate"
-        if status is LayerStatus.NO_RUNNING_STATS
-        else "no batch reached this layer: its statistics are still the old ones"
-    )
-    return LayerCalibration(
-        name=label,
-        type=type(module).__name__,
-        status=status,
-        num_features=module.num_features,
-        detail=detail,
-    )
+    ),
+}
 
 
-def _summaries(layers: Sequence[Recalibrated]) -> list[LayerCalibration]:
-    """Every layer's channel summaries from one table of all their channels (in numpy: a few
-    operations on small arrays, where each torch operation would cost more than its work)."""
+def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
+    """Every layer's channel summaries from one table of all their channels (numpy's
+    ``reduceat`` gives each layer's min, mean and max at once)."""
     if not layers:
         return []
-    widths = [r.bn.num_features for r in layers]
+    widths = [layer.bn.num_features for layer in layers]
     starts = [0, *itertools.accumulate(widths[:-1])]
-    # rows: old mean, new mean, old var, new var, mean shift, std ratio
-    table = np.empty((6, sum(widths)))
-    keys = ("old_mean", "new_mean", "old_var", "new_var")
-    np.concatenate([_host(getattr(r, key)) for key in keys for r in layers], out=table[:4].ravel())
+    new = [layer.total for layer in layers if layer.total is not None]
+    old = [layer.old_statistics() for layer in layers]
+    columns = (
+        [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
+    )
+    table = np.empty((6, sum(widths)))  # old mean, new mean, old var, new var, shift, ratio
+    table[:4] = torch.cat(columns).to("cpu", torch.float64).view(4, -1).numpy()
     old_mean, new_mean, old_var, new_var, shift, ratio = table
-    eps = _eps(layers, widths)
+    eps = np.repeat([float(layer.bn.eps) for layer in layers], widths)
     with np.errstate(divide="ignore", invalid="ignore"):
-        old_scale = old_var + eps
-        np.divide(np.abs(new_mean - old_mean), np.sqrt(np.maximum(old_scale, 0.0)), out=shift)
-        np.sqrt((new_var + eps) / np.maximum(old_scale, math.ulp(0.0)), out=ratio)
+        shift[:] = np.abs(new_mean - old_mean) / np.sqrt(np.maximum(old_var + eps, 0.0))
+        ratio[:] = np.sqrt((new_var + eps) / np.maximum(old_var + eps, math.ulp(0.0)))
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    tiny = _near_zero(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts)
+    tiny = np.split(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts[1:])
     return [
-        _recalibrated(r, [ChannelSummary(*values) for values in zip(*rows, strict=True)], near)
-        for r, *rows, near in zip(layers, low, mid, high, tiny, strict=True)
+        LayerCalibration(
+            layer.name,
+            type(layer.bn).__name__,
+            LayerStatus.RECALIBRATED,
+            layer.bn.num_features,
+            layer.calls,
+            moments.count,
+            *(ChannelSummary(*values) for values in zip(*rows, strict=True)),
+            near_zero_var_channels=tuple(np.flatnonzero(below).tolist()),
+        )
+        for layer, moments, *rows, below in zip(layers, new, low, mid, high, tiny, strict=True)
     ]
-
-
-def _eps(layers: Sequence[Recalibrated], widths: list[int]) -> float | np.ndarray:
-    """Each channel's ``eps`` (one number when every layer has the same)."""
-    values = [float(r.bn.eps) for r in layers]
-    if values.count(values[0]) == len(values):
-        return values[0]
-    return np.repeat(values, widths)
-
-
-def _recalibrated(
-    r: Recalibrated, summary: list[ChannelSummary], near: list[int]
-) -> LayerCalibration:
-    return LayerCalibration(
-        name=r.name,
-        type=type(r.bn).__name__,
-        status=LayerStatus.RECALIBRATED,
-        num_features=r.bn.num_features,
-        calls=r.calls,
-        samples=r.count,
-        old_mean=summary[0],
-        new_mean=summary[1],
-        old_var=summary[2],
-        new_var=summary[3],
-        mean_shift=summary[4],
-        std_ratio=summary[5],
-        near_zero_var_channels=tuple(near),
-    )
-
-
-def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-channel values as a numpy array (a view where it can be)."""
-    if isinstance(values, np.ndarray):
-        return values
-    if values.is_cpu and values.dtype in NUMPY_DTYPES and not values.requires_grad:
-        return values.numpy()
-    return values.detach().to("cpu", torch.float64).numpy()
-
-
-def _near_zero(mask: np.ndarray, starts: list[int]) -> list[list[int]]:
-    """Per layer, the channel indices where ``mask`` (over all layers' channels) is set."""
-    found: list[list[int]] = [[] for _ in starts]
-    for column in mask.nonzero()[0].tolist():
-        layer = bisect.bisect_right(starts, column) - 1
-        found[layer].append(column - starts[layer])
-    return found

@@ -1,0 +1,245 @@
+"""Each BatchNorm call's batch statistics during recalibration, pooled exactly in float64.
+
+Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Observer``):
+
+- **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
+  group): it runs in train mode with momentum 1, so after each call its running buffers hold the
+  call's batch mean and unbiased variance from torch's kernel, which sums a contiguous
+  channels-first input in float64 (a 2-D one in float32 along the batch: a few hundred values).
+  A channels-last or half-precision input, summed in float32 or less over the whole batch, and a
+  float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean rounded to float32
+  would cost the pooled variance more than float32 rounding) are taken from a float64 copy.
+- **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
+  in a process group, whose train-mode forward would all-reduce every call): it stays in eval
+  mode and the pre-hook writes the float64 batch mean and biased variance of its input into its
+  running buffers, so its own forward normalises with batch statistics and keeps its extra
+  behaviour (activation, dropout) in eval form.
+
+Each call's row is checked for NaN/inf as it comes (the error names the first BatchNorm that saw
+them), and each layer pools its rows by Chan's formula in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import CalibrationError, ModelInputError
+from bnfold.find.sites import is_stock_norm
+
+F64 = torch.float64
+
+#: A float32 row's mean is rounded by up to 2^-24 · |mean|; within FAR std of zero that moves
+#: the pooled variance by at most about 2^-24 · FAR · 2 relative (2e-6, and ~1e-7 in practice).
+FAR = 16.0
+#: Rows a layer keeps before pooling them (a few tensor operations per pooling, not per call).
+POOL_EVERY = 64
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations (``m2``) per channel, float64."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def merge(self, other: Moments) -> Moments:
+        """Both sets of values together (Chan's formula)."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
+        return Moments(count, mean, m2)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """The unbiased variance (every call has at least two values per channel)."""
+        return self.m2 / (self.count - 1)
+
+
+class Layer:
+    """One BatchNorm during the run: how it is observed, and what it saw."""
+
+    def __init__(self, name: str, bn: nn.Module, world: int = 1) -> None:
+        self.name, self.bn = name, bn
+        synced = isinstance(bn, nn.SyncBatchNorm) and world > 1  # its forward would all-reduce
+        self.stock = is_stock_norm(bn) and "forward" not in bn.__dict__ and not synced
+        self.calls = 0
+        self.counts: list[int] = []  # values per channel of each row not yet pooled
+        self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
+        self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
+        self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
+
+    def save(self) -> None:
+        """Keep the running statistics before the first call writes them."""
+        if self.saved is None:
+            self.saved = tuple(t.clone() for t in self._buffers())
+
+    def restore(self) -> None:
+        for buffer, value in zip(self._buffers(), self.saved or (), strict=False):
+            buffer.copy_(value)
+
+    def write(self) -> None:
+        """The pooled statistics into the running buffers (rounded once to their dtype), the
+        calls pooled into ``num_batches_tracked``; a layer that saw nothing gets its own back."""
+        if self.total is None:
+            self.restore()
+            return
+        self.bn.running_mean.copy_(self.total.mean)
+        self.bn.running_var.copy_(self.total.var)
+        if self.bn.num_batches_tracked is not None:
+            self.bn.num_batches_tracked.fill_(self.calls)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
+        return [t for t in buffers if t is not None]
+
+    def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        saved = self.saved or self._buffers()
+        return saved[0], saved[1]
+
+    def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
+        """This call's [mean, unbiased var]: what the train-mode kernel wrote, where exact."""
+        if not _kernel_rows_exact(x, self.bn.running_mean.dtype):
+            return float64_row(x)
+        return torch.stack((self.bn.running_mean, self.bn.running_var))
+
+    def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """This call's float64 [mean, unbiased var], its mean and biased variance written
+        into the running buffers for the layer's eval-mode forward."""
+        row = float64_row(x)
+        self.bn.running_mean.copy_(row[0])
+        self.bn.running_var.copy_(row[1] * ((count - 1) / count))
+        return row
+
+    def add(self, count: int, row: torch.Tensor) -> None:
+        self.calls += 1
+        self.counts.append(count)
+        self.rows.append(row)
+        if len(self.rows) >= POOL_EVERY:
+            self.pool()
+
+    def pool(self) -> None:
+        """Merge the waiting rows into the total (Chan's formula over the rows, float64)."""
+        if not self.rows:
+            return
+        values = torch.stack(self.rows).to(F64)  # (rows, 2, channels)
+        n = values.new_tensor(self.counts)
+        total = sum(self.counts)
+        mean = n @ values[:, 0] / total
+        m2 = (n - 1) @ values[:, 1] + n @ (values[:, 0] - mean).square_()
+        part = Moments(total, mean, m2)
+        self.total = part if self.total is None else self.total.merge(part)
+        self.counts, self.rows = [], []
+
+
+def float64_row(x: torch.Tensor) -> torch.Tensor:
+    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy (two passes)."""
+    dims = [0, *range(2, x.dim())]
+    copy = x.to(F64, copy=True)
+    mean = copy.mean(dims, keepdim=True)
+    var = copy.sub_(mean).square_().sum(dims) / (x.numel() // x.shape[1] - 1)
+    return torch.stack((mean.view(-1), var))
+
+
+def _kernel_rows_exact(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether torch's train-mode kernel takes ``x``'s statistics to about float32 rounding:
+    in float64 or float32 of its own dtype (half inputs of float32 statistics are summed in
+    half), not over every position of a channels-last batch; on CUDA by Welford's method."""
+    if x.dtype != dtype or dtype not in (torch.float32, F64):
+        return False
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+    return x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)
+
+
+def _spread(row: torch.Tensor) -> float:
+    """min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std, not
+    finite where the input held NaN or inf."""
+    return float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
+
+
+# ----------------------------------------------------------------------------------- the hooks
+
+
+class Observer:
+    """The hooks of every target BatchNorm, and the flags they change."""
+
+    def __init__(self, layers: dict[str, Layer]) -> None:
+        self.layers = layers
+        self.batch = 0
+        self.running: list[tuple[Layer, int]] = []  # the BatchNorm calls under way, innermost last
+        self.handles: list[Any] = []
+        self.momenta: list[tuple[nn.Module, Any]] = []
+
+    def attach(self) -> None:
+        """Hooks on, stock layers in train mode with momentum 1 (the caller restores flags)."""
+        for layer in self.layers.values():
+            bn = layer.bn
+            if layer.stock:
+                self.momenta.append((bn, bn.momentum))
+                bn.momentum, bn.training = 1.0, True
+            before = functools.partial(self._before, layer)
+            self.handles.append(bn.register_forward_pre_hook(before, with_kwargs=True))
+            self.handles.append(bn.register_forward_hook(self._after, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Hooks off, momenta back."""
+        for handle in self.handles:
+            handle.remove()
+        for bn, momentum in self.momenta:
+            bn.momentum = momentum
+
+    def inside(self) -> str | None:
+        """The innermost BatchNorm whose call did not finish (after an error), if any."""
+        return self.running[-1][0].name if self.running else None
+
+    def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer.save()
+        x = args[0] if args else kwargs.get("input")
+        count = 0
+        if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
+            count = x.numel() // x.shape[1]
+            if count < 2:
+                raise ModelInputError(
+                    f"batch {self.batch}: BatchNorm {layer.name!r} got one value per channel "
+                    f"(input shape {tuple(x.shape)}); batch statistics need at least two, as in "
+                    "training: use a larger batch size"
+                )
+            if not layer.stock:
+                self._add(layer, count, layer.batch_statistics(x, count), x)
+        self.running.append((layer, count))
+
+    def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        layer, count = self.running.pop()
+        if count and layer.stock:
+            x = args[0] if args else kwargs["input"]
+            self._add(layer, count, layer.kernel_row(x), x)
+
+    def _add(self, layer: Layer, count: int, row: torch.Tensor, x: torch.Tensor) -> None:
+        """Refuse NaN/inf (this is the first layer in call order that saw them); take a float32
+        row far from zero again from a float64 copy."""
+        spread = _spread(row)
+        if not math.isfinite(spread):
+            raise CalibrationError(
+                f"batch {self.batch}: BatchNorm {layer.name!r} is the first layer whose input "
+                f"holds NaN or infinite values; check the data (and the layers before "
+                f"{layer.name!r}) for NaN/inf. Statistics restored, model unchanged"
+            )
+        layer.add(count, float64_row(x) if spread < 0 and row.dtype != F64 else row)
+
+
+def _usable(x: Any, bn: nn.Module) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.dim() >= 2
+        and x.shape[1] == bn.num_features
+        and x.numel() > 0
+    )
