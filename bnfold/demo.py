@@ -23,7 +23,8 @@ from bnfold.find.kernels import count_bn_kernels
 from bnfold.folding.surgery import fold
 from bnfold.io.models import check_output_path
 from bnfold.records import FoldResult, Record, not_serialised
-from bnfold.verification.verifier import VerificationReport, verify
+from bnfold.verification.records import VerificationReport
+from bnfold.verification.verifier import verify
 
 StepFn = Callable[[str], None]
 CLASSES = 4

@@ -9,7 +9,7 @@ from bnfold_cli.main import EPILOG as EXIT_CODES
 
 if TYPE_CHECKING:  # no torch import when the CLI starts
     from bnfold.demo import DemoResult
-    from bnfold.verification.verifier import VerificationReport
+    from bnfold.verification.records import VerificationReport
 
 EPILOG = (
     """
