@@ -82,6 +82,8 @@ class Job:
     dynamic_batch: bool = True
     verify: VerifyRequest | None = None  # compare the results with the original
     verify_label: str = "folded"  # the folded model's name among the candidates
+    candidates: tuple[tuple[str, Any], ...] = ()  # more to verify: ONNX paths, ModelRequests
+    model_role: str = "MODEL"  # the option that names MODEL, in messages
     device: torch.device | None = None  # move the loaded model here
     reports: tuple[tuple[str, str | None], ...] = ()  # (option, path) of each report file
     reads: tuple[tuple[str, Any], ...] = ()  # (option, path) of other files the command reads

@@ -1,29 +1,24 @@
 """The order of bnfold's stages, written once for every command and the demo:
 
-    load -> example inputs -> [recalibrate] -> fold (or find the pairs) -> save -> [export ONNX]
-    -> [verify] -> Report
+    load -> example inputs -> [recalibrate] -> fold (or find) -> save -> [export] -> [verify]
 
-``run(job)`` follows it for a ``Job`` (what a command asked for, as plain data) and returns the
-``Report`` record that ``bnfold.report`` renders. ``process`` is the part after the example
-inputs, for a model in memory (the demo calls it); ``verify_onnx`` is ``bnfold verify``'s short
-order (load -> example inputs -> verify). Every path a job reads or writes is checked before the
-model is loaded; a default output name that depends on what MODEL turns out to be is checked
-right after loading, before anything else runs.
+``run(job)`` follows it for a ``bnfold.jobs.Job`` and returns the ``Report`` that
+``bnfold.report`` renders; ``process`` is the part after loading, for a model in memory (the
+demo). Every path is checked before the model is loaded (a default name that needs the loaded
+model, right after loading).
 
-Each forward pass runs once. The find stage's own forward (reading the dataflow) also counts the
-original model's batch-norm kernels (``count_find_forward``) and is the first to try the example
-inputs: only when it fails does ``check_inputs`` run the model again, to name the layer that
-rejected them. The count after folding runs the folded model: it checks the fold.
-
-Stages take their names (for progress and for error messages) through ``Hooks``; nothing here
-prints. Under ``torch.distributed`` only rank 0 writes files.
+Each forward runs once: the find stage's own forward counts the original model's batch norms
+(``count_find_forward``) and is the first to try the example inputs (only when it fails does
+``check_inputs`` run the model again, to name the layer); the count after folding checks the
+fold. Stages are named through ``Hooks``; nothing here prints. Under ``torch.distributed`` only
+rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,13 +76,20 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     guess = expected_source(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
     output = job.output or (default_output(guess, folded=job.fold) if guess else None)
     planned = check_paths(job, output if job.save else None)
-    with hooks.stage(f"Loading {request.spec}"):
-        loaded = load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
+    missing = [c for _, c in job.candidates if isinstance(c, Path) and not c.is_file()]
+    if missing:
+        raise UsageError(f"no ONNX file at {missing[0]}")
+    loaded = _load(request, hooks)
     targets = model_targets(job, loaded, planned)
     model = loaded.model if job.device is None else loaded.model.to(job.device)
     data = open_data(job.data, model, hooks) if job.data else None
-    needs_inputs = job.find or any(t.format in MODULE_FORMATS for t in targets)
+    needs_inputs = job.find or (job.verify is not None and job.verify.data is None)
+    needs_inputs = needs_inputs or any(t.format in MODULE_FORMATS for t in targets)
     inputs, inputs_from = example_inputs(request, loaded, data, hooks) if needs_inputs else ((), "")
+    given = {
+        label: _load(c, hooks).model if isinstance(c, ModelRequest) else c
+        for label, c in job.candidates
+    }
     dims = loaded.dynamic_dims
     report = process(
         model,
@@ -97,6 +99,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
         data=data,
         targets=targets,
         dynamic_dims=dims if dims is not None and len(dims) == len(inputs) else None,
+        candidates=given,
     )
     planned = [t.path for t in targets] + ([job.onnx] if job.onnx else [])
     return replace(
@@ -107,6 +110,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
         inputs=tuple(describe_inputs(inputs)),
         inputs_from=inputs_from,
         data=_data_record(job.data, data) if data is not None else None,
+        onnx=next((str(c) for _, c in job.candidates if isinstance(c, Path)), None),
         dry_run=job.dry_run,
         notes=tuple(would_write(path, job.force) for path in planned if job.dry_run),
     )
@@ -121,10 +125,12 @@ def process(
     data: Any = None,
     targets: tuple[Target, ...] = (),
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None,
+    candidates: dict[str, Any] | None = None,
 ) -> Report:
     """The stages after loading, on ``model`` in memory, as ``job`` asks: recalibrate it in place
     on ``data`` (it is then the original every candidate is compared with), fold or find, write
-    ``targets``, export and verify. The report holds the stages' records only."""
+    ``targets``, export, and verify the results and the given ``candidates``. The report holds
+    the stages' records only."""
     report = Report()
     if data is not None:
         batches = job.data.batches if job.data else None
@@ -139,10 +145,10 @@ def process(
         if not job.dry_run and _rank() == 0:
             report = _write(model, inputs, job, hooks, report, targets, dynamic_dims, written)
         if job.verify is not None:
-            candidates = {job.verify_label: report.result} if report.result else {}
-            candidates |= {"onnx": report.export} if report.export else {}
+            results = {job.verify_label: report.result, "onnx": report.export}
+            results = {**(candidates or {}), **{k: v for k, v in results.items() if v}}
             with hooks.stage("Verifying"):
-                report = replace(report, verification=_verify(model, candidates, job, inputs))
+                report = replace(report, verification=_verify(model, results, job, inputs))
     return report
 
 
@@ -218,69 +224,22 @@ def _verify(model: nn.Module, candidates: dict[str, Any], job: Job, inputs: Any)
     )
 
 
-def verify_onnx(
-    onnx: Path,
-    reference: ModelRequest,
-    request: VerifyRequest,
-    *,
-    folded: str | None = None,
-    reports: tuple[tuple[str, str | None], ...] = (),
-    force: bool = False,
-    hooks: Hooks = NO_HOOKS,
-) -> Report:
-    """Load the original (``reference``) and verify the ONNX file (and the ``folded`` model)
-    against it: ``bnfold verify``. Example inputs are built only when there is no DATA."""
-    reads = {"OUT.onnx": onnx, "OUT.onnx (external data)": external_data_path(onnx)}
-    reads |= {"--reference": reference.spec, "--folded": folded, "--data": request.data}
-    check_roles(reads, dict(reports), force=force)
-    if not onnx.is_file():
-        raise UsageError(f"no ONNX file at {onnx}")
-    job = Job("verify", reference, find=False, verify=request)
-    with hooks.stage(f"Loading {reference.spec}"):
-        loaded = load_model(
-            reference.spec, arch=reference.arch, trust_pickle=reference.trust_pickle
-        )
-    inputs, inputs_from = (), "--data"
-    if request.data is None:
-        inputs, inputs_from = example_inputs(reference, loaded, None, hooks)
-    candidates: dict[str, Any] = {"onnx": onnx}
-    if folded:
-        with hooks.stage(f"Loading {folded}"):
-            candidates = {"folded": load_model(folded, trust_pickle=reference.trust_pickle).model}
-        candidates["onnx"] = onnx
-    with hooks.stage("Verifying"):
-        verification = _verify(loaded.model, candidates, job, inputs)
-    return Report(
-        command="verify",
-        versions=versions(),
-        model=loaded.to_dict(),
-        inputs=tuple(describe_inputs(inputs)),
-        inputs_from=inputs_from,
-        verification=verification,
-        onnx=str(onnx),
-    )
-
-
 # ------------------------------------------------------------------------------ the inputs
 
 
+def _load(request: ModelRequest, hooks: Hooks) -> LoadedModel:
+    with hooks.stage(f"Loading {request.spec}"):
+        return load_model(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
+
+
 def open_data(request: DataRequest, model: nn.Module, hooks: Hooks = NO_HOOKS) -> DataSource:
-    """``bnfold.load_data`` as ``request`` says, floating tensors in the model's dtype; under
-    ``torch.distributed``, this rank's part (a file split by batch, a callable as given)."""
+    """``bnfold.load_data`` with ``request``'s options, floating tensors in the model's dtype;
+    under ``torch.distributed``, this rank's part (a file split by batch, a callable as given)."""
     dist = torch.distributed
     shard = (dist.get_rank(), dist.get_world_size()) if _distributed() else None
+    options = {k: v for k, v in asdict(request).items() if k not in ("spec", "batches")}
     with hooks.stage("Reading --data"):
-        return load_data(
-            request.spec,
-            batch_size=request.batch_size,
-            seed=request.seed,
-            dtype=model_dtype(model),
-            image_size=request.image_size,
-            resize=request.resize,
-            mean=request.mean,
-            std=request.std,
-            shard=shard,
-        )
+        return load_data(request.spec, **options, dtype=model_dtype(model), shard=shard)
 
 
 def example_inputs(
@@ -349,7 +308,7 @@ def check_paths(job: Job, model_output: Path | None) -> Path | None:
     if job.onnx is not None:
         outputs |= {"--onnx": job.onnx, "--onnx (external data)": external_data_path(job.onnx)}
     check_roles(
-        {"MODEL": job.model.spec, "--data": job.data and job.data.spec, **dict(job.reads)},
+        {job.model_role: job.model.spec, "--data": job.data and job.data.spec, **dict(job.reads)},
         {**outputs, **dict(job.reports)},
         force=job.force,
         named_only=tuple(outputs) if job.dry_run else (),

@@ -78,17 +78,6 @@ def register_commands() -> None:
         cli.add_command(command)
 
 
-def exit_code_for(exc: BaseException) -> int:
-    """Map a library error to the documented exit code."""
-    from bnfold.errors import UsageError, VerificationFailed
-
-    if isinstance(exc, VerificationFailed):
-        return EXIT_VERIFY_FAILED
-    if isinstance(exc, UsageError):
-        return EXIT_USAGE
-    return EXIT_FAILED
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and exits with) the exit code.
 
@@ -172,7 +161,9 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     if errors is not None and isinstance(exc, errors.BnfoldError):
         message = errors.first_line(exc, with_type=False, lines=sys.maxsize)
         click.echo(f"error: {message}", err=True)
-        return exit_code_for(exc)
+        if isinstance(exc, errors.VerificationFailed):
+            return EXIT_VERIFY_FAILED
+        return EXIT_USAGE if isinstance(exc, errors.UsageError) else EXIT_FAILED
     click.echo(f"error: {describe_unexpected(exc)}", err=True)
     return EXIT_FAILED
 

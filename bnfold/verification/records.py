@@ -149,7 +149,7 @@ class VerificationReport(Record):
             f"reference: {self.reference} ({self.settings['reference']})",
             f"inputs: {inputs}",
             f"TF32 off: {tf32}",
-            *table([list(_COLUMNS), *_metric_rows(self)]),
+            *table([_COLUMNS, *_metric_rows(self)]),
         ]
         for cand in self.candidates:
             if cand.status is not Status.PASSED:
@@ -183,17 +183,7 @@ def require_passed(report: VerificationReport) -> VerificationReport:
 
 # ---------------------------------------------------------------------------------- text
 
-_COLUMNS = (
-    "candidate",
-    "status",
-    "max abs",
-    "mean abs",
-    "max rel",
-    "cosine",
-    "top-1",
-    "err/tol",
-    "worst at",
-)
+_COLUMNS = "candidate|status|max abs|mean abs|max rel|cosine|top-1|err/tol|worst at".split("|")
 
 
 def _metric_rows(report: VerificationReport) -> list[list[str]]:

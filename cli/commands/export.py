@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, model_options, run_job, verify_options
+from bnfold_cli.options import FORCE, MODEL_HELP, model_options, run_job, verify_options
 
 EPILOG = (
     MODEL_HELP
@@ -53,11 +53,7 @@ Examples:
     is_flag=True,
     help="Fix the batch size to the example's instead of a dynamic dim 0.",
 )
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Overwrite existing output files (OUT.onnx, reports; never an input).",
-)
+@FORCE
 @click.option(
     "--verify",
     "do_verify",

@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import DATA_HELP, MODEL_HELP, data_options, model_options, run_job
+from bnfold_cli.options import (
+    DATA_HELP,
+    FORCE,
+    MODEL_HELP,
+    data_options,
+    model_options,
+    path_option,
+    run_job,
+)
 
 EPILOG = (
     MODEL_HELP
@@ -42,11 +50,9 @@ Examples:
 
 
 @click.command("fold", epilog=EPILOG)
-@click.option(
+@path_option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).",
 )
 @click.option(
@@ -55,21 +61,15 @@ Examples:
     is_flag=True,
     help="With a pickled-module output, also write a .pt2 beside it.",
 )
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace existing output files, reports included (never an input).",
-)
+@FORCE
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Fold in memory and report what would be written; write no file but the reports.",
 )
-@click.option(
+@path_option(
     "--onnx",
     "onnx_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Also export the folded model to ONNX at this path (checked: "
     "dynamic batch, no training-mode BatchNormalization).",
 )

@@ -14,10 +14,12 @@ from bnfold_cli.options import (
     ARCH,
     DATA_HELP,
     DEBUG,
+    FORCE,
     MODEL_HELP,
     TRUST_PICKLE,
     data_options,
     json_option,
+    path_option,
     run_job,
 )
 
@@ -56,18 +58,10 @@ Examples:
 
 @click.command("recalibrate", epilog=EPILOG)
 @click.argument("model_spec", metavar="MODEL")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors).",
+@path_option(
+    "-o", "--output", help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors)."
 )
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace existing output files, reports included (never an input).",
-)
+@FORCE
 @ARCH
 @TRUST_PICKLE
 @click.option(

@@ -13,10 +13,8 @@ from bnfold_cli.options import (
     DTYPE,
     SHAPES,
     TRUST_PICKLE,
-    emit,
-    hooks,
     json_option,
-    stdout_to_stderr,
+    run_job,
     verify_options,
 )
 
@@ -77,19 +75,26 @@ def verify(
     force: bool,
 ) -> None:
     """Verify that OUT.onnx computes what the original model computes, on each runtime."""
-    from bnfold import require_passed
-    from bnfold.jobs import ModelRequest
-    from bnfold.pipeline import verify_onnx
+    from bnfold.export import external_data_path
+    from bnfold.jobs import Job, ModelRequest
 
-    with stdout_to_stderr(json_path == "-"):
-        report = verify_onnx(
-            onnx_path,
-            ModelRequest(reference, arch, trust_pickle, tuple(shapes), dtype),
-            verify_request,
-            folded=folded,
-            reports=(("--json", json_path),),
-            force=force,
-            hooks=hooks(),
-        )
-    emit(report, json_path=json_path, force=force)
-    require_passed(report.verification)
+    candidates: tuple = (("onnx", onnx_path),)
+    if folded:
+        candidates = (("folded", ModelRequest(folded, trust_pickle=trust_pickle)), *candidates)
+    job = Job(
+        "verify",
+        ModelRequest(reference, arch, trust_pickle, tuple(shapes), dtype),
+        find=False,
+        verify=verify_request,
+        candidates=candidates,
+        model_role="--reference",
+        reads=(
+            ("OUT.onnx", onnx_path),
+            ("OUT.onnx (external data)", external_data_path(onnx_path)),
+            ("--folded", folded),
+            ("--data", verify_request.data),
+        ),
+        reports=(("--json", json_path),),
+        force=force,
+    )
+    run_job(job, json_path=json_path)
