@@ -27,7 +27,8 @@ from bnfold.find.kernels import count_bn_kernels
 from bnfold.folding.surgery import fold
 from bnfold.io.models import LoadedModel, ModelFormat, SavedModel, load_model, save_model
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
-from bnfold.verification.verifier import VerificationReport, require_passed, verify
+from bnfold.verification.records import VerificationReport, require_passed
+from bnfold.verification.verifier import verify
 
 __version__ = "0.1.0"
 

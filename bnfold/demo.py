@@ -3,27 +3,30 @@
 A small CNN is trained on a synthetic 4-class task, then fine-tuned with batch size 2 on images
 from a "new camera" (same task, much lower contrast). Its weights adapt, but the running
 statistics (an EMA of 2-image batches) are stale, so eval accuracy drops. ``recalibrate``
-brings it back; the model is folded, exported to ONNX and verified on every available runtime.
+brings it back; the model is folded, exported to ONNX and verified on every available runtime,
+through ``bnfold.pipeline`` as the commands do.
 Runs in seconds on two CPU cores and needs nothing but bnfold.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bnfold.calibrate.recalibrate import CalibrationReport, recalibrate
-from bnfold.export import ExportResult, export_onnx
-from bnfold.find.kernels import count_bn_kernels
-from bnfold.folding.surgery import fold
-from bnfold.io.models import check_output_path
+from bnfold.calibrate.recalibrate import CalibrationReport
+from bnfold.export import ExportResult
+from bnfold.io.paths import NamedPath, plan_paths
+from bnfold.jobs import Hooks, Job, VerifyRequest
+from bnfold.pipeline import process
 from bnfold.records import FoldResult, Record, not_serialised
-from bnfold.verification.verifier import VerificationReport, verify
+from bnfold.verification.records import VerificationReport
 
 StepFn = Callable[[str], None]
 CLASSES = 4
@@ -77,6 +80,44 @@ class DemoResult(Record):
     seconds: float
     model: nn.Module = field(metadata=not_serialised(), repr=False, compare=False)
 
+    @property
+    def written(self) -> tuple[str, ...]:
+        return (self.export.path,)
+
+    def format_text(self) -> str:
+        """The numbers of each step, for a terminal."""
+        fold, verification = self.fold, self.verification
+        lines = [
+            "",
+            "Accuracy",
+            f"  trained (original camera)                  {_pct(self.accuracy_trained)}",
+            f"  new camera, stale running statistics       {_pct(self.accuracy_stale)}"
+            "   <- eval accuracy dropped",
+            f"  new camera, BatchNorms on batch statistics {_pct(self.accuracy_train_mode)}",
+            f"  after bnfold recalibrate                   {_pct(self.accuracy_recalibrated)}",
+            f"  after bnfold fold                          {_pct(self.accuracy_folded)}",
+            "",
+            f"Recalibrate: {self.calibration.summary()}",
+            f"Fold: {fold.summary()}",
+            *(f"  kept {skip.bn}: {skip.reason.label} ({skip.detail})" for skip in fold.skipped),
+            f"  BatchNorm kernels per forward: {self.bn_kernels_before} -> {self.bn_kernels_after}",
+            f"Export: {self.export.path} ({self.export.node_count} ONNX nodes, "
+            f"{'dynamic' if self.export.dynamic_batch.proven else 'fixed'} batch)",
+            f"Verify: {verification.summary()}",
+            *(
+                f"  {c.name}: {c.status.value}" + (f" ({c.reason})" if c.reason else "")
+                for c in verification.candidates
+            ),
+            "",
+            f"Files in {self.out_dir}",
+            f"Done in {self.seconds:.1f} s",
+        ]
+        return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:5.1f} %"
+
 
 def synthetic_task(n: int, seed: int, contrast: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images of 4 classes, each a fixed 3x8x8 template under unit noise; ``contrast``
@@ -127,15 +168,24 @@ def accuracy(
 
 
 def run_demo(
-    out_dir: str | Path, *, seed: int = 0, step: StepFn | None = None, overwrite: bool = False
+    out_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    step: StepFn | None = None,
+    overwrite: bool = False,
+    report: str | Path | None = None,
 ) -> DemoResult:
-    """Run every step, writing ``demo.onnx`` into ``out_dir`` (created if missing). An existing
-    ``demo.onnx`` is replaced only with ``overwrite`` (``UsageError`` before any step)."""
+    """Run every step, writing ``demo.onnx`` into ``out_dir`` (created if missing; None: a new
+    temporary directory). ``demo.onnx`` and ``report`` (the JSON file the caller will write) are
+    checked before any step: an existing one is replaced only with ``overwrite``."""
     say = step or (lambda message: None)
     start = time.perf_counter()
-    out = Path(out_dir)
+    outputs = [NamedPath("--json", Path(report))] if report else []
+    if out_dir is not None:  # a new temporary directory holds nothing yet
+        outputs.insert(0, NamedPath("--out", Path(out_dir) / "demo.onnx", makes_parent=True))
+    plan_paths([], outputs, overwrite=overwrite)
+    out = Path(out_dir or tempfile.mkdtemp(prefix="bnfold-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    check_output_path(out / "demo.onnx", overwrite=overwrite)
     torch.manual_seed(seed)
     x_old, y_old = synthetic_task(1024, seed=seed + 1)
     x_new, y_new = synthetic_task(256, seed=seed + 3, contrast=0.2)
@@ -150,31 +200,50 @@ def run_demo(
     train_mode = accuracy(model, x_test, y_test, bn_batch_stats=True)
     stale = accuracy(model, x_test, y_test)
 
-    say("recalibrating BatchNorm statistics on 256 new-camera images")
-    calibration = recalibrate(model, list(x_new.split(32)))
-    recalibrated = accuracy(model, x_test, y_test)
-
-    say("folding BatchNorms into the neighbouring layers")
-    example = x_test[:2]
-    folded = fold(model, example)
-    folded_accuracy = accuracy(folded.model, x_test, y_test)
-
-    say("exporting to ONNX and verifying on every available runtime")
-    exported = export_onnx(folded, example, out / "demo.onnx", overwrite=overwrite)
-    report = verify(model, {"folded": folded, "onnx": exported}, [x_test[:8], x_test[8:40]])
+    stages = process(
+        model,
+        x_test[:2],
+        Job(
+            "demo",
+            onnx=out / "demo.onnx",
+            verify=VerifyRequest(data=[x_test[:8], x_test[8:40]]),
+            force=overwrite,
+        ),
+        _announce(say),
+        data=list(x_new.split(32)),
+    )
     return DemoResult(
         accuracy_trained=trained,
         accuracy_train_mode=train_mode,
         accuracy_stale=stale,
-        accuracy_recalibrated=recalibrated,
-        accuracy_folded=folded_accuracy,
-        calibration=calibration,
-        fold=folded,
-        bn_kernels_before=count_bn_kernels(model, example),
-        bn_kernels_after=count_bn_kernels(folded.model, example),
-        export=exported,
-        verification=report,
+        accuracy_recalibrated=accuracy(model, x_test, y_test),
+        accuracy_folded=accuracy(stages.result.model, x_test, y_test),
+        calibration=stages.calibration,
+        fold=stages.result,
+        bn_kernels_before=stages.bn_kernels_before,
+        bn_kernels_after=stages.bn_kernels_after,
+        export=stages.export,
+        verification=stages.verification,
         out_dir=str(out),
         seconds=time.perf_counter() - start,
-        model=folded.model,
+        model=stages.result.model,
     )
+
+
+def _announce(say: StepFn) -> Hooks:
+    """Hooks that say the demo's last steps as the pipeline reaches them."""
+    steps = {
+        "Folding": "folding BatchNorms into the neighbouring layers",
+        "Exporting": "exporting to ONNX and verifying on every available runtime",
+    }
+
+    def stage(name: str) -> nullcontext[None]:
+        if name.split()[0] in steps:
+            say(steps[name.split()[0]])
+        return nullcontext()
+
+    def recalibrating(total: int | None) -> nullcontext[None]:
+        say("recalibrating BatchNorm statistics on 256 new-camera images")
+        return nullcontext()
+
+    return Hooks(stage=stage, recalibrating=recalibrating)

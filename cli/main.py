@@ -1,10 +1,6 @@
-"""Entry point of the ``bnfold`` command: the command group and the one place exit codes are chosen.
-
-Exit codes: 0 success, 1 verification failed, 2 usage error, 3 bnfold could not do the job,
-128 + N stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP). While a command runs,
-SIGTERM and SIGHUP raise an exception where the program is, like SIGINT, so the same cleanup
-runs (no temporary file is left; the file being written is not put in place); the previous
-handlers are restored afterwards. Nothing here imports torch: ``bnfold --help`` must stay fast.
+"""Entry point of the ``bnfold`` command: the command group and the one place exit codes are chosen
+(``EPILOG``). While a command runs, SIGTERM and SIGHUP raise an exception where the program is,
+like SIGINT, so the same cleanup runs. Nothing here imports torch: ``bnfold --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -54,9 +50,13 @@ class Stopped(KeyboardInterrupt):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(package_name="bnfold")
-@click.option("--debug", is_flag=True, help="Print the Python traceback before the error line.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    help="Print the Python traceback before the error line.",
+)
+def cli() -> None:
     """Fold BatchNorms into Conv/Linear weights, recalibrate their statistics, export to ONNX
     and verify the result.
 
@@ -69,8 +69,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Run 'bnfold COMMAND --help' for what MODEL can be and each command's options.
     """
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
 
 
 def register_commands() -> None:
@@ -78,17 +76,6 @@ def register_commands() -> None:
 
     for command in COMMANDS:
         cli.add_command(command)
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """Map a library error to the documented exit code."""
-    from bnfold.errors import UsageError, VerificationFailed
-
-    if isinstance(exc, VerificationFailed):
-        return EXIT_VERIFY_FAILED
-    if isinstance(exc, UsageError):
-        return EXIT_USAGE
-    return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,34 +157,30 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     """Print the traceback (with ``--debug``) and one ``error:`` line; return the exit code."""
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    if _is_bnfold_error(exc):
-        click.echo(f"error: {_one_line(str(exc))}", err=True)
-        return exit_code_for(exc)
+    errors = sys.modules.get("bnfold.errors")
+    if errors is not None and isinstance(exc, errors.BnfoldError):
+        message = errors.first_line(exc, with_type=False, lines=sys.maxsize)
+        click.echo(f"error: {message}", err=True)
+        if isinstance(exc, errors.VerificationFailed):
+            return EXIT_VERIFY_FAILED
+        return EXIT_USAGE if isinstance(exc, errors.UsageError) else EXIT_FAILED
     click.echo(f"error: {describe_unexpected(exc)}", err=True)
     return EXIT_FAILED
 
 
 def describe_unexpected(exc: BaseException, during: str | None = None) -> str:
     """One line for an exception bnfold did not anticipate: what failed, and how to learn more."""
+    from bnfold.errors import first_line
+
     if isinstance(exc, SystemExit):
         what = f"the code bnfold ran called sys.exit({exc.code!r})"
     else:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-        if isinstance(exc, MemoryError) or "allocate memory" in first:
+        what = first_line(exc)
+        if isinstance(exc, MemoryError) or "allocate memory" in what:
             what += " (out of memory: try a smaller --input-shape or --batch-size)"
     where = f"{during} failed: " if during else "unexpected failure: "
     hint = "" if isinstance(exc, SystemExit) else "; rerun with --debug for the traceback"
     return f"{where}{what}{hint}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
-def _is_bnfold_error(exc: BaseException) -> bool:
-    module = sys.modules.get("bnfold.errors")
-    return module is not None and isinstance(exc, module.BnfoldError)
 
 
 if __name__ == "__main__":

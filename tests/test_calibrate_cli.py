@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bnfold_cli.commands.recalibrate import DataRequest, recalibrate_with_progress
 from bnfold_cli.main import main
+from bnfold_cli.options import hooks
 
 import bnfold
 from bnfold.calibrate.data import load_data
+from bnfold.jobs import DataRequest, Job
+from bnfold.pipeline import process
 
 USER = """
 import torch
@@ -232,12 +234,11 @@ def test_progress_bar_only_on_a_terminal(work: Path, monkeypatch: pytest.MonkeyP
         def isatty(self) -> bool:
             return True
 
-    request = DataRequest("data.pt", None, 16, 0, 224, None, (0.5,), (0.5,))
+    job = Job("recalibrate", data=DataRequest("data.pt", batch_size=16), find=False)
     for quiet, stream in [(False, Terminal()), (True, Terminal()), (False, io.StringIO())]:
         monkeypatch.setattr(sys, "stderr", stream)
-        recalibrate_with_progress(
-            recal_user.build(), load_data("data.pt", batch_size=16), request, quiet=quiet
-        )
+        data = load_data("data.pt", batch_size=16)
+        process(recal_user.build(), (), job, hooks(quiet=quiet), data=data)
         shown = stream.getvalue()
         if isinstance(stream, Terminal) and not quiet:
             assert "Recalibrating" in shown and "sample/s" in shown and "/50" in shown

@@ -235,9 +235,9 @@ def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys
     assert report["export"]["path"] == str(tmp_path / "m.onnx") and report["verification"]["passed"]
     assert "verification PASSED" in out
 
-    import bnfold
+    from bnfold import pipeline
 
-    real_fold = bnfold.fold
+    real_fold = pipeline.fold
 
     def broken_fold(model, inputs, **kwargs):
         result = real_fold(model, inputs, **kwargs)
@@ -245,7 +245,7 @@ def test_fold_onnx_and_verify_exit_0_then_1_when_outputs_differ(tmp_path, capsys
             result.model.conv1.weight.mul_(1.5)  # a wrong fold
         return result
 
-    monkeypatch.setattr(bnfold, "fold", broken_fold)
+    monkeypatch.setattr(pipeline, "fold", broken_fold)
     code, out, err = run(capsys, "fold", pt2, "--verify", "--dry-run", "--force")
     assert code == 1, err
     assert "verification FAILED" in out and err.startswith("error:")

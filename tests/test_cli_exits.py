@@ -5,7 +5,6 @@ the real problem, and what was written when a later stage fails."""
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from bnfold_cli.main import main
 from exit_models import MODULE, run
 
 import bnfold
+from bnfold import pipeline
 
 
 def one_error_line(err: str) -> str:
@@ -51,7 +51,7 @@ def test_an_unexpected_exception_is_one_line_naming_the_stage_and_exit_3(
     def fail(*args, **kwargs):
         raise exception
 
-    monkeypatch.setattr(bnfold, attribute, fail)
+    monkeypatch.setattr(pipeline, attribute, fail)
     argv = [
         "fold",
         f"{MODULE}:build",
@@ -107,8 +107,8 @@ def test_a_failed_verification_is_still_exit_1(capsys, models, monkeypatch, tmp_
             result.model[0].bias.zero_()
         return result
 
-    real_fold = bnfold.fold
-    monkeypatch.setattr(bnfold, "fold", wrong)
+    real_fold = pipeline.fold
+    monkeypatch.setattr(pipeline, "fold", wrong)
     status, _, err = run(
         capsys,
         "fold",
@@ -312,8 +312,7 @@ def test_recalibrate_and_export_name_what_they_wrote_when_a_later_stage_fails(
     def no_verification(*args, **kwargs):
         raise bnfold.ModelInputError("the reference model failed on input #1")
 
-    verify_module = importlib.import_module("bnfold_cli.commands.verify")
-    monkeypatch.setattr(verify_module, "run_verification", no_verification)
+    monkeypatch.setattr(pipeline, "verify", no_verification)
     onnx = tmp_path / "model.onnx"
     status, _, err = run(
         capsys, "export", f"{MODULE}:build", "--input-shape", "2x3x8x8", "--onnx", onnx, "--verify"

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from bnfold import CalibrationReport
 from bnfold.io.models import ModelFormat, SavedModel
+from bnfold.jobs import Report
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
-from bnfold.report import Report, render_json, render_markdown, render_text
+from bnfold.report import render_json, render_markdown, render_text
 
 GOLDEN = Path(__file__).parent / "golden"
 VERSIONS = {"bnfold": "X.Y.Z", "torch": "X.Y.Z", "python": "X.Y.Z"}
@@ -69,7 +71,15 @@ RESULT = FoldResult(
     plan=PLAN,
     folded=(
         FoldedPair(PAIRS[0], max_abs_scale=1.74, min_running_var=0.51),
-        FoldedPair(PAIRS[1], max_abs_scale=31622.8, min_running_var=1e-9),
+        FoldedPair(
+            PAIRS[1],
+            max_abs_scale=31622.8,
+            min_running_var=1e-9,
+            notes=(
+                "large scale 3.16e+04 (tiny running_var): weight rounding error is amplified by "
+                "this factor",
+            ),
+        ),
         FoldedPair(PAIRS[2], max_abs_scale=0.5, min_running_var=4.0),
     ),
     skipped=SKIPS,
@@ -150,14 +160,8 @@ def test_text_is_plain_without_a_terminal_and_coloured_with_one():
     assert "\x1b[" in render_text(_fold_report(), width=100, color=True)
 
 
-def test_extra_sections_reach_json_and_text():
-    class Stage:
-        def summary(self) -> str:
-            return "recalibrated 5 BatchNorms on 64 samples"
-
-        def to_dict(self) -> dict:
-            return {"samples": 64}
-
+def test_later_stages_reach_json_and_text_after_the_fold():
+    calibration = CalibrationReport(layers=(), batches=2, samples=64, world_size=1, seconds=0.5)
     report = Report(
         command="fold",
         versions=VERSIONS,
@@ -166,10 +170,14 @@ def test_extra_sections_reach_json_and_text():
         inputs_from="--input-shape",
         plan=PLAN,
         result=RESULT,
-        sections=(("calibration", Stage()),),
+        calibration=calibration,
     )
-    assert json.loads(render_json(report))["calibration"] == {"samples": 64}
-    assert "calibration: recalibrated 5 BatchNorms on 64 samples" in render_text(report)
+    data = json.loads(render_json(report))
+    assert data["recalibration"] == json.loads(json.dumps(calibration.to_dict()))
+    assert list(data)[-1] == "recalibration"
+    text = render_text(report)
+    assert calibration.format_text() in text
+    assert text.index(RESULT.summary()) < text.index(calibration.summary())
 
 
 def test_names_with_brackets_are_printed_literally():

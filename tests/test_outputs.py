@@ -343,7 +343,7 @@ def test_paths_are_checked_before_the_model_is_loaded(work, capsys, monkeypatch)
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the paths were checked")
 
-    monkeypatch.setattr("bnfold.io.models.load_model", no_loading)
+    monkeypatch.setattr("bnfold.pipeline.load_model", no_loading)
     before = snapshot(work)
     # the default model output (model.folded.pt2 / model.recalibrated.pt2) is a report too
     code, _, err = run(capsys, "fold", "model.pt2", "--json", "model.folded.pt2")

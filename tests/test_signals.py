@@ -173,7 +173,7 @@ def test_the_cli_restores_the_handlers_it_found_and_keeps_an_ignored_sighup(caps
         )
         raise bnfold.LoadError("stop here")
 
-    monkeypatch.setattr("bnfold.io.models.load_model", record)
+    monkeypatch.setattr("bnfold.pipeline.load_model", record)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -16,14 +16,14 @@ from bnfold.errors import RuntimeUnavailableError, UsageError, VerificationFaile
 from bnfold.export import export_onnx
 from bnfold.runtime import ort_cuda_unavailable_reason, torch_cuda_unavailable_reason
 from bnfold.verification.compare import CPU_FP32, CUDA_FP32, Tolerance, compare_arrays
-from bnfold.verification.verifier import (
+from bnfold.verification.locate import locate_divergence
+from bnfold.verification.records import (
     CandidateReport,
     Status,
     VerificationReport,
-    locate_divergence,
     require_passed,
-    verify,
 )
+from bnfold.verification.verifier import verify
 
 NO_ORT_CUDA = ort_cuda_unavailable_reason()
 

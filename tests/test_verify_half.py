@@ -14,7 +14,7 @@ from exit_models import MODULE, run
 import bnfold
 from bnfold import zoo
 from bnfold.verification.compare import HALF_EPS, half_tolerance
-from bnfold.verification.verifier import Status
+from bnfold.verification.records import Status
 
 HALF = [torch.float16, torch.bfloat16]
 

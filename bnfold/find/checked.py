@@ -6,12 +6,13 @@
    must call the same layers and norms as often. fx silently takes the wrong branch of checks
    like ``isinstance(x, torch.Tensor)`` (false for its proxies), so a trace that runs is not yet
    a trace that is right. The graph's run takes a layer's result from the model's own run when
-   the layer gets equal arguments (``bnfold.leafcalls``), so the check costs about one forward.
-   Any failure raises ``TraceError``.
+   the layer gets equal arguments (``bnfold.find.leafcalls``), so the check costs about one
+   forward; under ``count_find_forward`` that forward also counts the model's batch norms. Any
+   failure raises ``TraceError``.
 2. ``analyse_recorded``: when fx fails, the dataflow is recorded from real eval forwards
-   (``bnfold.record``) on the example input and on each of ``extra_inputs``, and the graph pass's
-   own rules decide every norm in each recording. Norms are folded at module level in the user's
-   own model (``Plan.method == "recorded"``); the forward is never replaced.
+   (``bnfold.find.recording``) on the example input and on each of ``extra_inputs``, and the
+   graph pass's own rules decide every norm in each recording. Norms are folded at module level
+   in the user's own model (``Plan.method == "recorded"``); the forward is never replaced.
 
 Input-dependent routing: until the forward first reads a tensor value into Python (``item``,
 ``bool``, ``tolist``...), what runs depends only on input shapes and module state. Once it has,
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from bnfold.errors import ModelInputError, TraceError
+from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.trace import LAYER_TYPES, Traced, is_leaf, propagate, trace_model
 from bnfold.io.inputs import as_args
@@ -68,7 +70,8 @@ def trace_checked(
     called = {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
     keep = {node.name for node, module in called.items() if needs_input(module)}
     if traced.method == "graph-module":  # the model is its own graph: nothing to check
-        return traced, propagate(traced, example_inputs, keep)
+        with counted_when_asked():
+            return traced, propagate(traced, example_inputs, keep)
     expected, calls = _run_model(model, example_inputs)
     outputs: list[Any] = []
     try:
@@ -93,7 +96,7 @@ def _run_model(model: nn.Module, example_inputs: Any) -> tuple[Any, LeafCalls]:
     leaves = [m for m in model.modules() if is_leaf(m)]
     try:
         layers = [m for m in leaves if isinstance(m, LAYER_TYPES)]
-        with inference(model), LeafCalls(leaves, layers) as calls:
+        with inference(model), LeafCalls(leaves, layers) as calls, counted_when_asked():
             output = model(*as_args(example_inputs))
     except Exception as exc:
         raise TraceError(

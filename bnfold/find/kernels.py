@@ -6,10 +6,18 @@ equal to the batch norms a plan reports: instance norm, which ATen implements wi
 kernel, is not counted; and a FrozenBatchNorm2d-style module (``is_frozen_norm``),
 which runs elementwise ops or ``F.batch_norm`` inside, counts as one batch norm per call whatever
 it runs.
+
+The find stage can count the forward it runs anyway (``count_find_forward``), so a caller that
+needs the original model's count (the pipeline) pays no forward of its own; the count is asked
+for, never imposed: the dispatch mode slows a forward by about a quarter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,20 +80,65 @@ class _InstanceNormMute(TorchFunctionMode):
             self.counter.muted -= 1
 
 
-def count_bn_kernels(model: nn.Module, example_inputs: Any) -> int:
-    """Number of batch norms one eval-mode forward of ``model`` runs (flags restored): ATen
-    batch-norm kernels, except instance norm's, plus one per FrozenBatchNorm-style module call
-    (see the module doc). Wrappers (torch.compile, DataParallel, DDP) are looked through."""
-    model, _ = unwrap(model)
+@contextmanager
+def counting_bn_kernels() -> Iterator[_BatchNormCounter]:
+    """Count the batch norms every forward run inside the block runs (``.count``), as
+    ``count_bn_kernels`` does; the find stage counts its own forward of the model this way."""
     counter = _BatchNormCounter()
     hooks = (
         torch.nn.modules.module.register_module_forward_pre_hook(counter.pre_hook),
         torch.nn.modules.module.register_module_forward_hook(counter.post_hook),
     )
     try:
-        with inference(model), _InstanceNormMute(counter), counter:
-            model(*as_args(example_inputs))
+        with _InstanceNormMute(counter), counter:
+            yield counter
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def count_bn_kernels(model: nn.Module, example_inputs: Any) -> int:
+    """Number of batch norms one eval-mode forward of ``model`` runs (flags restored): ATen
+    batch-norm kernels, except instance norm's, plus one per FrozenBatchNorm-style module call
+    (see the module doc). Wrappers (torch.compile, DataParallel, DDP) are looked through."""
+    model, _ = unwrap(model)
+    with inference(model), counting_bn_kernels() as counter:
+        model(*as_args(example_inputs))
     return counter.count
+
+
+@dataclass
+class KernelCount:
+    """The batch norms one forward ran; None until it is counted."""
+
+    count: int | None = None
+
+
+_FIND_FORWARD: ContextVar[KernelCount | None] = ContextVar("bnfold_find_forward", default=None)
+
+
+@contextmanager
+def count_find_forward() -> Iterator[KernelCount]:
+    """Within the block, the first forward the find stage runs to read a model's dataflow
+    (``find_pairs``, ``fold``: the checked trace's run of the model) also counts its batch norms
+    into the yielded record, as ``count_bn_kernels`` would. ``count`` stays None when no such
+    forward ran (the dataflow was recorded instead, or it failed)."""
+    counted = KernelCount()
+    token = _FIND_FORWARD.set(counted)
+    try:
+        yield counted
+    finally:
+        _FIND_FORWARD.reset(token)
+
+
+@contextmanager
+def counted_when_asked() -> Iterator[None]:
+    """Count the forward run in the block into ``count_find_forward``'s record, when one is
+    active and has no count yet; otherwise run it as it is."""
+    asked = _FIND_FORWARD.get()
+    if asked is None or asked.count is not None:
+        yield
+        return
+    with counting_bn_kernels() as counter:
+        yield
+    asked.count = counter.count

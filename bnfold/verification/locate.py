@@ -16,28 +16,10 @@ from torch import nn
 
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
-from bnfold.records import Record
 from bnfold.runtime import flatten_outputs, float_dtype
 from bnfold.verification.compare import CPU_FP32, Tolerance, compare_arrays
-
-
-@dataclass(frozen=True)
-class LayerDivergence(Record):
-    """The first layer (in the reference's execution order) whose output diverges."""
-
-    layer: str  # module path in the candidate
-    reference_layer: str  # the module of the original model it was compared with
-    folded_with: str | None  # the BatchNorm folded into it, if any
-    max_abs_diff: float
-    ratio: float
-    input_index: int
-
-    def describe(self) -> str:
-        folded = f" (folded with {self.folded_with})" if self.folded_with else ""
-        return (
-            f"first diverging layer: {self.layer}{folded}: max abs diff "
-            f"{self.max_abs_diff:.3g}, {self.ratio:.3g}x the tolerance"
-        )
+from bnfold.verification.inputs import as_cpu_fp32
+from bnfold.verification.records import LayerDivergence
 
 
 @dataclass
@@ -160,7 +142,7 @@ def locate_divergence(
     """
 
     tolerance = tolerance or CPU_FP32
-    args = tuple(_as_cpu_fp32(a) for a in as_args(example_inputs))
+    args = tuple(as_cpu_fp32(a) for a in as_args(example_inputs))
     ref_calls = _trace_calls(reference, _in_dtype_of(reference, args))
     cand_calls = _trace_calls(candidate, _in_dtype_of(candidate, args))
     for ref_name, cand_name, folded in _comparison_points(ref_calls, cand_calls, pairs):
@@ -182,8 +164,3 @@ def _in_dtype_of(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torc
 
 def _numpy(tensor: torch.Tensor) -> Any:
     return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-
-
-def _as_cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().to("cpu")
-    return tensor.float() if tensor.is_floating_point() else tensor

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import (
-    MODEL_HELP,
-    count_bn_kernels,
-    emit,
-    model_options,
-    plan_paths,
-    prepare,
-    status,
-    versions,
-)
+from bnfold_cli.options import MODEL_HELP, model_options, run_job
 
 EPILOG = (
     MODEL_HELP
@@ -33,29 +26,13 @@ Examples:
 @click.command("inspect", epilog=EPILOG)
 @click.option("--force", is_flag=True, help="Overwrite existing report files (never MODEL).")
 @model_options
-def inspect(request, force: bool, json_path: str | None, markdown_path: str | None) -> None:
+def inspect(request: Any, force: bool, json_path: str | None, markdown_path: str | None) -> None:
     """Show every BatchNorm: foldable or kept, into which layer, and why.
 
     Nothing is written except the optional --json/--markdown reports.
     """
-    import bnfold
-    from bnfold.io.inputs import describe_inputs
-    from bnfold.report import Report
+    from bnfold.jobs import Job
 
-    plan_paths(
-        {"MODEL": request.spec}, {"--json": json_path, "--markdown": markdown_path}, force=force
-    )
-    run = prepare(request)
-    with status("Reading the model's dataflow"):
-        before = count_bn_kernels(run.model, run.inputs)
-        plan = bnfold.find_pairs(run.model, run.inputs)
-    report = Report(
-        command="inspect",
-        versions=versions(),
-        model=run.loaded.to_dict(),
-        inputs=describe_inputs(run.inputs),
-        inputs_from=run.inputs_from,
-        plan=plan,
-        bn_kernels_before=before,
-    )
-    emit(report, json_path=json_path, markdown_path=markdown_path, force=force)
+    reports = (("--json", json_path), ("--markdown", markdown_path))
+    job = Job("inspect", request, fold=False, reports=reports, force=force)
+    run_job(job, json_path=json_path, markdown_path=markdown_path)
