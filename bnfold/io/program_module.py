@@ -43,7 +43,7 @@ def module_from_program(program: torch.export.ExportedProgram) -> tuple[fx.Graph
     graph = flat.graph
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(node)
-    root = nn.Module()
+    attrs: dict[str, Any] = {}  # what the new module holds, by dotted path
     counts: Counter[str] = Counter()
     left: Counter[str] = Counter()
     for owner, nodes in _liftable_groups(flat).items():
@@ -51,17 +51,19 @@ def module_from_program(program: torch.export.ExportedProgram) -> tuple[fx.Graph
         if module is None:
             left[_op_name(nodes[0])] += len(nodes)
             continue
-        _set_submodule(root, owner, module)
+        attrs[owner] = module
         for node in nodes:
             _replace_with_module(graph, node, owner)
         counts[type(module).__name__] += 1
     for node in graph.nodes:
         if node.op == "call_function" and _op_name(node) in _LAYERS:
             left[_op_name(node)] += 1
-    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
-        graph.erase_node(node)
-    _copy_attrs(flat, root, graph)
-    module = fx.GraphModule(root, graph, class_name=type(flat).__name__.split(".")[-1])
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        if node.users:
+            attrs[str(node.target)] = _get_attr(flat, str(node.target))
+        else:
+            graph.erase_node(node)
+    module = fx.GraphModule(attrs, graph, class_name=type(flat).__name__.split(".")[-1])
     module.eval()
     return module, _notes(counts, left, program)
 
@@ -140,22 +142,6 @@ def _replace_with_module(graph: fx.Graph, node: fx.Node, owner: str) -> None:
     result.replace_all_uses_with(call)
     for dead in (result, node) if result is not node else (node,):
         graph.erase_node(dead)
-
-
-def _copy_attrs(flat: fx.GraphModule, root: nn.Module, graph: fx.Graph) -> None:
-    """Give ``root`` every attribute the remaining ``get_attr`` nodes read, at the same path."""
-    for node in graph.nodes:
-        if node.op != "get_attr" or _get_attr(root, str(node.target), None) is not None:
-            continue
-        owner, _, leaf = str(node.target).rpartition(".")
-        value = _get_attr(flat, str(node.target))
-        parent = _ensure_submodule(root, owner)
-        if isinstance(value, nn.Parameter):
-            parent.register_parameter(leaf, value)
-        elif isinstance(value, torch.Tensor):
-            parent.register_buffer(leaf, value)
-        else:
-            setattr(parent, leaf, value)
 
 
 def _notes(counts: Counter[str], left: Counter[str], program: Any) -> list[str]:
@@ -336,25 +322,9 @@ def _expand(value: Any, ndim: int) -> tuple[int, ...]:
 def _get_attr(module: nn.Module, target: str, default: Any = _MISSING) -> Any:
     """The attribute at dotted path ``target``; ``default`` when missing (``LoadError`` if
     none is given)."""
-    value: Any = module
-    for part in target.split("."):
-        if not hasattr(value, part):
-            if default is _MISSING:
-                raise LoadError(f"the program reads {target}, which it does not hold")
-            return default
-        value = getattr(value, part)
-    return value
-
-
-def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split(".") if path else ():
-        if not hasattr(module, part):
-            module.add_module(part, nn.Module())
-        module = getattr(module, part)
-    return module
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    owner, _, leaf = path.rpartition(".")
-    _ensure_submodule(root, owner).add_module(leaf, module)
+    try:
+        return operator.attrgetter(target)(module)
+    except AttributeError:
+        if default is _MISSING:
+            raise LoadError(f"the program reads {target}, which it does not hold") from None
+        return default
