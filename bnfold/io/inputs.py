@@ -19,16 +19,9 @@ from bnfold.errors import ModelInputError, UsageError
 from bnfold.records import format_bytes
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "bool": torch.bool,
+    name: getattr(torch, name)
+    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
 }
-
-
 _SMALLER = "use a smaller input shape (a batch of 2 is enough)"
 
 
@@ -117,18 +110,52 @@ def check_inputs(model: nn.Module, example_inputs: Any) -> None:
     empty = tensors_without_data(model)
     if empty:
         raise ModelInputError(no_data_message("the model", empty))
-    tracker = _LayerTracker(model)
+    names = {module: name for name, module in model.named_modules() if name}
+    running: list[nn.Module] = []  # the layers whose forward is under way, innermost last
+    finished: list[str] = []
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        running.append(module)
+
+    def leave(module: nn.Module, _args: Any, _output: Any) -> None:
+        if running and running[-1] is module:
+            running.pop()
+        finished.append(names[module])
+
+    handles = [module.register_forward_pre_hook(enter) for module in names]
+    handles += [module.register_forward_hook(leave) for module in names]
     flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             model(*args)
     except Exception as exc:
-        raise ModelInputError(tracker.message(exc, args)) from exc
+        if running:
+            where = f"layer '{names[running[-1]]}' ({type(running[-1]).__name__})"
+        elif finished:
+            where = f"the model's forward (after layer '{finished[-1]}' ran)"
+        else:
+            where = "the model's forward (before any layer ran)"
+        raise ModelInputError(_rejection(where, exc, args)) from exc
     finally:
-        tracker.remove()
+        for handle in handles:
+            handle.remove()
         for module, training in flags:
             module.training = training
+
+
+def _rejection(where: str, exc: Exception, args: tuple) -> str:
+    given = ", ".join(
+        f"{format_shape(a.shape)} {str(a.dtype).removeprefix('torch.')}"
+        if isinstance(a, torch.Tensor)
+        else type(a).__name__
+        for a in args
+    )
+    reason = " ".join(str(exc).strip().splitlines()[:2])
+    return (
+        f"{where} rejected the example inputs ({given}): {type(exc).__name__}: {reason}. "
+        "Check the input shape and dtype (--input-shape, --dtype)"
+    )
 
 
 def tensors_without_data(model: nn.Module) -> list[str]:
@@ -144,58 +171,6 @@ def no_data_message(what: str, names: Sequence[str]) -> str:
         "holds shapes only. Build it on a real device, or materialise it with "
         "model.to_empty(device='cpu') and load its weights, before folding"
     )
-
-
-class _LayerTracker:
-    """Hooks on every submodule: a stack of the modules running, and the last one finished."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.stack: list[tuple[str, nn.Module]] = []
-        self.last_done: str | None = None
-        self.handles = []
-        for name, module in model.named_modules():
-            if not name:
-                continue
-            self.handles.append(module.register_forward_pre_hook(self._enter(name, module)))
-            self.handles.append(module.register_forward_hook(self._leave(name)))
-
-    def _enter(self, name: str, module: nn.Module):
-        def hook(_module: nn.Module, _args: Any) -> None:
-            self.stack.append((name, module))
-
-        return hook
-
-    def _leave(self, name: str):
-        def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
-            if self.stack and self.stack[-1][0] == name:
-                self.stack.pop()
-            self.last_done = name
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def message(self, exc: BaseException, args: tuple) -> str:
-        given = ", ".join(
-            f"{format_shape(a.shape)} {str(a.dtype).removeprefix('torch.')}"
-            if isinstance(a, torch.Tensor)
-            else type(a).__name__
-            for a in args
-        )
-        if self.stack:
-            name, module = self.stack[-1]
-            where = f"layer '{name}' ({type(module).__name__})"
-        elif self.last_done:
-            where = f"the model's forward (after layer '{self.last_done}' ran)"
-        else:
-            where = "the model's forward (before any layer ran)"
-        reason = " ".join(str(exc).strip().splitlines()[:2])
-        return (
-            f"{where} rejected the example inputs ({given}): {type(exc).__name__}: {reason}. "
-            "Check the input shape and dtype (--input-shape, --dtype)"
-        )
 
 
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
