@@ -1,13 +1,8 @@
 """Every path a command reads or writes, checked before any work; and how outputs are published.
 
-``plan_paths`` refuses (``UsageError``), before any work: an output that is the same file as an
-input (the same path once links and ``..`` are resolved, or the same device and inode) or lies
-inside an input folder, even with ``overwrite``; two outputs that are the same file; an output
-that is a directory or not a regular file, or whose directory is missing; an existing output
-(a link counts, even a dangling one) unless ``overwrite``. ``staging`` and ``publish`` write a
-file under its final name in a private directory beside the target, then move it into place:
-exclusively unless ``overwrite``, never through a link. The README states these rules for
-users ("What every command guarantees about files").
+The rules are the README's, "What every command ... guarantees about files": ``plan_paths``
+checks them, ``staging`` and ``publish`` write a file under its final name beside the target
+and move it into place.
 """
 
 from __future__ import annotations
@@ -41,15 +36,6 @@ class NamedPath:
         return f"{self.path} ({self.role})"
 
 
-@dataclass(frozen=True)
-class PathPlan:
-    """The checked paths of one command."""
-
-    inputs: tuple[NamedPath, ...]
-    outputs: tuple[NamedPath, ...]
-    overwrite: bool
-
-
 def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
     """The file or folder a MODEL or DATA argument names, or None when it names code
     (``package.module:callable``) or nothing. ``file.npz:NAME`` names ``file.npz``."""
@@ -80,11 +66,12 @@ def describe_broken_link(text: str) -> str:
 
 def plan_paths(
     inputs: Iterable[NamedPath], outputs: Iterable[NamedPath], *, overwrite: bool
-) -> PathPlan:
-    """Check every output against every input and every other output; see the module
-    docstring for the rules. Raises ``UsageError`` (one line naming both paths and what to do).
-    An output that is only named (``written=False``, e.g. a dry run's model) is checked for
-    everything but existence."""
+) -> None:
+    """Check every output against every input and every other output: an output may not be an
+    input (even with ``overwrite``), lie inside an input folder, be another output, a directory
+    or a special file, or exist (a link counts) unless ``overwrite``. Raises ``UsageError``
+    (one line naming both paths and what to do). An output that is only named
+    (``written=False``, e.g. a dry run's model) is checked for everything but existence."""
     inputs, outputs = tuple(inputs), tuple(outputs)
     for index, output in enumerate(outputs):  # first what --force cannot fix
         _check_place(output)
@@ -99,7 +86,6 @@ def plan_paths(
         problem = _existing(output.path, overwrite=overwrite)
         if problem and output.written:
             raise UsageError(f"{output}: {problem}")
-    return PathPlan(inputs, outputs, overwrite)
 
 
 # ------------------------------------------------------------------ the checks
@@ -210,15 +196,12 @@ def staging(target: str | os.PathLike[str]) -> Iterator[Path]:
 def publish(
     staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool
 ) -> None:
-    """Flush the finished file ``staged`` to disk and move it onto ``target`` (in the same
-    directory).
+    """Flush ``staged`` to disk and move it onto ``target`` (in the same directory).
 
-    With ``overwrite``: ``os.replace`` (a link at ``target`` is replaced, not followed). Without:
-    an exclusive hard link, so a file that appeared at ``target`` after the checks is never
-    replaced: ``UsageError`` says so (as for an output that existed before, the remedy is
-    ``overwrite``) and ``target`` is left as it is. On a filesystem without
-    hard links the name is reserved with an exclusive create, then replaced (the target is an
-    empty file for that moment). ``staged`` is gone afterwards when this returns.
+    With ``overwrite``: ``os.replace`` (a link at ``target`` is replaced, not followed).
+    Without: an exclusive hard link (on a filesystem without them, an exclusive create that
+    reserves the name, then a replace), so a file that appeared at ``target`` after the checks
+    is kept and ``UsageError`` says so. ``staged`` is gone afterwards when this returns.
     """
     source, out = os.fspath(staged), os.fspath(target)
     with open(source, "rb") as handle:

@@ -1,11 +1,4 @@
-"""``save_model`` and the paths it writes: output formats, default names, atomic writes.
-
-``save_model`` writes ``.pt2`` (``torch.export``; loads back with plain torch) or a pickled
-module (only when the input was one). Every write goes to a file of the target's name in a
-private temporary directory beside it and is moved into place at the end (exclusively unless
-overwriting is allowed), so a failed or interrupted save leaves no partial file, never damages
-an existing one, and never replaces a file that appeared meanwhile.
-"""
+"""``save_model`` and the paths it writes: output formats, default names, atomic writes."""
 
 from __future__ import annotations
 
@@ -20,6 +13,7 @@ from torch import nn
 from bnfold.errors import BnfoldError, SaveError, UsageError, first_line
 from bnfold.io.factory import FACTORY_SPEC
 from bnfold.io.formats import LoadedModel, ModelFormat, ModelSource, SavedModel
+from bnfold.io.inputs import as_args
 from bnfold.io.paths import NamedPath, plan_paths, publish, staging
 from bnfold.io.program_export import export_program
 
@@ -102,22 +96,18 @@ def save_model(
 ) -> SavedModel:
     """Write ``model`` to ``path`` atomically, in a form that loads back without bnfold.
 
-    ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export``
-    with ``example_inputs``; dim 0 (the batch) of every input tensor, and the dims in
-    ``dynamic_dims`` (per input tensor, flattened), stay dynamic when the model allows it (a
-    batch-1 example is exported at batch 2 so the batch is not specialised to 1); the saved
-    program's input shapes are checked, and ``SavedModel.notes`` say which dims are dynamic or
-    why the shapes are static. Load back with ``torch.export.load(path).module()``. Pickled
-    module: ``torch.save(model)``; loading it needs ``weights_only=False`` and the model
-    classes' source. Raises ``UsageError`` for a path that may not be written and ``SaveError``
-    when exporting or writing fails (nothing is left behind, an existing file is untouched).
+    ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export`` with
+    ``example_inputs``, the batch (dim 0) and ``dynamic_dims`` kept dynamic where the model
+    allows it (``export_program``; ``SavedModel.notes`` say which); load it back with
+    ``torch.export.load(path).module()``. Pickled module: ``torch.save(model)``. Raises
+    ``UsageError`` for a path that may not be written and ``SaveError`` when exporting or
+    writing fails (nothing is left behind, an existing file is untouched).
     """
     out = check_output_path(path, overwrite=overwrite)
     fmt = format or output_format(out)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     notes: list[str] = []
     if fmt is ModelFormat.EXPORTED_PROGRAM:
-        program, notes = export_program(model, inputs, dynamic_dims)
+        program, notes = export_program(model, as_args(example_inputs), dynamic_dims)
 
         def write(tmp: str) -> None:
             with warnings.catch_warnings():
@@ -140,16 +130,12 @@ def save_model(
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[str], None], *, overwrite: bool = False
 ) -> None:
-    """Call ``write(tmp)``, then move ``tmp`` onto ``path``.
+    """Call ``write(tmp)`` on a file of ``path``'s own name in a private temporary directory
+    beside it (``bnfold.io.paths.staging``), then move it onto ``path`` (``publish``).
 
-    ``tmp`` has ``path``'s own name, inside a private temporary directory beside ``path``
-    (``bnfold.io.paths.staging``): formats that record their file name record the final one.
-    Without ``overwrite`` an existing ``path`` is refused before ``write`` runs, and the move is
-    exclusive: a file that appeared at ``path`` meanwhile is kept (``UsageError`` for both);
-    with it, ``path`` is replaced (a link is replaced, not followed).
-    On any failure, including KeyboardInterrupt, the temporary directory is removed and
-    ``path`` is left as it was. Library errors are raised as ``SaveError``; an interrupt is
-    re-raised.
+    Without ``overwrite`` an existing ``path`` is refused before ``write`` runs and one that
+    appeared meanwhile is kept (``UsageError`` for both). On any failure, including
+    KeyboardInterrupt, ``path`` is left as it was; library errors are raised as ``SaveError``.
     """
     out = Path(path)
     if not overwrite and os.path.lexists(out):
