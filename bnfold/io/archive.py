@@ -1,13 +1,9 @@
 """Zip archives (``.pt2`` programs, ``torch.save`` files) read with bounded memory.
 
-``ZipArchive`` parses the central directory itself and checks every member before a byte of it
-is decompressed: at most ``MAX_MEMBERS`` members and ``MAX_DIRECTORY_BYTES`` of directory, one
-disk, no encryption, stored or deflate only, unique names, local headers that agree with the
-directory, member data inside the file and never overlapping (the zip-bomb trick of one block
-under many names), stored sizes equal, and at most ``MAX_RATIO``-fold inflation (plus
-``RATIO_ALLOWANCE``) in all. ``read`` streams a member with a byte cap (its declared size, and a
-caller's ``limit``) and refuses more or fewer bytes than declared, or a bad CRC. Every problem
-is a ``LoadError`` whose one-line message names the file and what is wrong.
+``ZipArchive`` parses the central directory itself and checks every member (the limits and
+rules in the README's "Model files and their security") before a byte of it is decompressed;
+``read`` streams a member with a byte cap and checks its size and CRC. Every problem is a
+``LoadError`` whose one-line message names the file and what is wrong.
 """
 
 from __future__ import annotations

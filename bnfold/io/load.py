@@ -1,10 +1,7 @@
 """``load_model``: a model file or factory, read without running code from the file.
 
-What each input costs in trust is in the README ("Model files and their security"). A file is
-classified by its content, never by its name alone; the pickled module is the only format that
-runs code from the file, and only with ``trust_pickle``. The file is never unpickled to find
-out what it is: the weights-only unpickler refuses a pickled module, and names its globals by
-reading the pickle's opcodes.
+A file is classified by its content, never by its name alone, and is never unpickled to find
+out what it is (README, "Model files and their security").
 """
 
 from __future__ import annotations

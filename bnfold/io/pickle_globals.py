@@ -1,12 +1,8 @@
 """The globals a weights-only pickle may use, each a checked constructor; and those it names.
 
-``ALLOWED_GLOBALS`` is the whole allow-list (``module.name`` -> what the pickle gets for it):
-the tensor and parameter rebuilders, storage types, dtypes, ``torch.device``, ``torch.Size``,
-``collections.OrderedDict`` and the builtins pickle itself uses for bytes, sets and complex
-numbers. Each callable checks its arguments and raises ``DamagedPickle`` for anything a
-``torch.save`` of tensors never writes; no other callable can reach the unpickler's stack.
-``refused_globals`` lists the other globals a pickle names, read from its opcodes (to say what
-a refused file holds without running it).
+Each callable in ``ALLOWED_GLOBALS`` checks its arguments and raises ``DamagedPickle`` for
+anything a ``torch.save`` of tensors never writes. ``refused_globals`` lists the other globals a
+pickle names, read from its opcodes (to say what a refused file holds without running it).
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The parts of a torch.export program that torch would run as Python, checked before it does.
 
-``bnfold.io.pt2`` reads the archive itself, so pickles never reach torch; but torch's
-deserializer still evaluates strings from the program document, and the module it builds calls
-what the graph names. ``check_program_document`` runs before torch sees the document: every
-shape expression (``sympy.sympify``) and guard (``exec``, by ``ExportedProgram.module()``) must
-be a plain expression, and every subgraph name (registered as a module attribute) an
-identifier. ``check_graph_targets`` runs on the built program: its graph may call only torch
-operators and pure arithmetic (the deserializer resolves any ``torch.*`` name, ``torch.load``
-and ``torch.os.system`` included).
+torch's deserializer evaluates strings from the program document (shape expressions with
+``sympy.sympify``, guards with ``exec``) and the module it builds calls what the graph names
+(any ``torch.*`` name resolves, ``torch.load`` included). ``check_program_document`` and
+``check_graph_targets`` allow only plain expressions and torch operators.
 """
 
 from __future__ import annotations

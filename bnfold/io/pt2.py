@@ -1,29 +1,13 @@
 """``.pt2`` archives (``torch.export.save``) read by bnfold itself: no code from the file runs.
 
-``torch.export.load`` can run code from a crafted file (README, "Model files and their
-security"), so bnfold never calls it (nor ``load_pt2`` or ``torch.load``) on a user's file.
-``read_program`` reads the archive with ``bnfold.io.archive`` (bounded memory), checks its
-layout and every string torch would evaluate (``bnfold.io.program_checks``), rebuilds the
-weights and constants from their raw bytes, reads the sample inputs with bnfold's restricted
-unpickler, and hands the built objects to torch's ``ExportedProgramDeserializer``, which has
-nothing left to unpickle.
-
-The layout (torch 2.13), under one top-level folder:
-
-- ``archive_format`` ("pt2"), ``archive_version`` ("0"), ``byteorder`` ("little"),
-  ``.data/version``, ``.data/serialization_id``: small text files;
-- ``models/model.json``: the program; ``data/sample_inputs/model.pt``: its example inputs (a
-  ``torch.save`` archive);
-- ``data/weights/model_weights_config.json`` + raw ``weight_N`` payloads and
-  ``data/constants/model_constants_config.json`` + raw ``tensor_N`` payloads (or the legacy
-  ``data/weights/model.pt`` / ``data/constants/model.pt`` state dicts);
-- ``extra/*``: never read.
-
-Anything else is refused: another program, pickled custom or opaque objects, payloads flagged
-``use_pickle``, compiled AOTInductor code, unknown members. Limits on top of the archive's own:
-each JSON member at most ``MAX_JSON_BYTES``; and every member bnfold reads together at most the
-payload bytes the configs' tensor metadata declare plus ``ALLOWANCE`` (the program, the configs,
-the sample inputs, unused payload bytes).
+``torch.export.load`` can run code from a crafted file, so bnfold never calls it (nor
+``load_pt2`` or ``torch.load``) on a user's file; the README ("Model files and their security")
+lists the layout accepted and the limits. ``read_program`` reads the archive with bounded memory
+(``bnfold.io.archive``), checks its layout and every string torch would evaluate
+(``bnfold.io.program_checks``), rebuilds the weights and constants from their raw bytes
+(``bnfold.io.pt2_tensors``), reads the sample inputs with bnfold's restricted unpickler, and
+hands the built objects to torch's ``ExportedProgramDeserializer``, which has nothing left to
+unpickle.
 """
 
 from __future__ import annotations

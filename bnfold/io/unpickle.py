@@ -1,18 +1,10 @@
 """``torch.save`` files read by bnfold's own restricted unpickler, with weights-only semantics.
 
-torch's loaders retry a pickle that a weights-only load refuses with ``weights_only=False``
-(``torch.export.load`` does, for every pickled member of a ``.pt2``), so every pickle bnfold
-reads (state dicts, the sample inputs inside a ``.pt2``, ``--data`` files, zip and legacy
-``torch.save`` formats, protocols 0-5) goes through ``RestrictedUnpickler``: the pure-Python
-``pickle._Unpickler`` with its opcode table replaced.
-
-- globals: only ``bnfold.io.pickle_globals.ALLOWED_GLOBALS``, each a checked constructor.
-- ``REDUCE`` calls only those; ``BUILD`` only sets ``_metadata`` on an OrderedDict (a state
-  dict's); ``SETITEM(S)``/``APPEND(S)``/``ADDITEMS`` only fill dicts, lists and sets; ``INST``,
-  ``OBJ``, ``NEWOBJ(_EX)``, ``EXT1/2/4`` and out-of-band buffers are refused.
-- storages come from the file itself (``persistent_load``), each exactly as long as declared
-  (legacy files: never more bytes in all than the file holds); each tensor must fit its storage.
-- the result may hold at most ``MAX_VALUES`` values counted with repetition.
+torch's loaders retry a pickle that a weights-only load refuses with ``weights_only=False``, so
+every pickle bnfold reads (README, "Model files and their security") goes through
+``RestrictedUnpickler``: the pure-Python ``pickle._Unpickler`` with its opcode table replaced.
+Globals come only from ``bnfold.io.pickle_globals.ALLOWED_GLOBALS``; storages only from the file
+itself, each exactly as long as declared; at most ``MAX_VALUES`` values counted with repetition.
 """
 
 from __future__ import annotations
