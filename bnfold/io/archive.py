@@ -8,7 +8,6 @@ rules in the README's "Model files and their security") before a byte of it is d
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zlib
@@ -52,17 +51,13 @@ class ZipArchive:
     """A checked zip archive over an open binary file; ``read`` streams one member.
 
     ``label`` names the archive in error messages (a path, or "path: member" for a nested
-    archive). Use ``open_zip`` for a file and ``ZipArchive.from_bytes`` for a member.
+    archive); ``open_zip`` opens a file as one.
     """
 
     def __init__(self, handle: BinaryIO, size: int, label: str) -> None:
         self._handle = handle
         self.label = label
         self.members: dict[str, Member] = _read_directory(handle, size, label)
-
-    @classmethod
-    def from_bytes(cls, data: bytes | bytearray, label: str) -> ZipArchive:
-        return cls(io.BytesIO(data), len(data), label)
 
     def read(self, name: str, *, limit: int | None = None, what: str = "member") -> bytearray:
         """The bytes of member ``name``, at most ``limit`` of them (else ``LoadError``)."""

@@ -1,7 +1,5 @@
-"""Models built by the user's own code: a ``package.module:callable`` factory, imported and
-called (the current directory first, as ``python -m`` would), alone or with a state dict
-(``.pt``/``.pth`` through bnfold's weights-only unpickler, or ``.safetensors``) loaded strictly
-into what it builds."""
+"""Models built by the user's own code: a ``package.module:callable`` factory, alone or with a
+state dict (``.pt``/``.pth`` or ``.safetensors``) loaded strictly into what it builds."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Example inputs: built from shapes, and checked against the model before any analysis.
-
-``check_inputs`` runs one eval-mode forward with hooks on every submodule, so when the model
-rejects the inputs the error names the layer that raised (or the last one that ran), not just a
-stack trace from deep inside torch.
-"""
+"""Example inputs: built from shapes, described, and checked against the model."""
 
 from __future__ import annotations
 
@@ -102,10 +97,9 @@ def format_shape(shape: Sequence[int]) -> str:
 
 
 def check_inputs(model: nn.Module, example_inputs: Any) -> None:
-    """Run one eval-mode, no-grad forward; raise ``ModelInputError`` naming the failing layer.
-
-    Training flags are restored afterwards and no hook is left behind.
-    """
+    """Run one eval-mode, no-grad forward with hooks on every submodule; when the model rejects
+    the inputs, raise ``ModelInputError`` naming the layer that raised (or the last one that
+    ran). Training flags are restored afterwards and no hook is left behind."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     empty = tensors_without_data(model)
     if empty:

@@ -71,7 +71,8 @@ def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedMod
         raise LoadError(f"{path} is empty (0 bytes): not a model file")
     kind = _sniff(path)
     if kind == "pt2":
-        _no_arch(arch, path, "a torch.export program")
+        if arch is not None:
+            raise UsageError(f"--arch is for state-dict files; {path} is a torch.export program")
         return _load_program(path)
     if kind == "torchscript":
         raise LoadError(
@@ -118,11 +119,6 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 30
 
 
-def _no_arch(arch: str | None, path: Path, what: str) -> None:
-    if arch is not None:
-        raise UsageError(f"--arch is for state-dict files; {path} is {what}")
-
-
 def _load_program(path: Path) -> LoadedModel:
     program = read_program(path)
     check_graph_targets(path, program)
@@ -153,7 +149,8 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> Loa
     except UnsafePickleError as exc:
         raise _unsafe(path, list(exc.references)) from None
     if isinstance(obj, nn.Module):
-        _no_arch(arch, path, "a full pickled model")
+        if arch is not None:
+            raise UsageError(f"--arch is for state-dict files; {path} is a full pickled model")
         return LoadedModel(
             model=obj,
             format=ModelFormat.PICKLED_MODULE,
@@ -162,8 +159,6 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool) -> Loa
         )
     if isinstance(obj, dict):
         return model_from_weights(obj, path, arch, ModelFormat.STATE_DICT)
-    if isinstance(obj, torch.jit.ScriptModule):  # only reachable when trusted
-        raise LoadError(f"{path} holds a TorchScript module, which bnfold cannot fold")
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
 
 

@@ -47,6 +47,13 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def view_extent(sizes: tuple[int, ...], strides: tuple[int, ...], offset: int) -> int:
+    """Elements of its storage a strided view reaches (0 for an empty view)."""
+    if not math.prod(sizes):
+        return 0
+    return offset + 1 + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))
+
+
 # ------------------------------------------------------------------ tensors and parameters
 
 
@@ -80,9 +87,7 @@ def _tensor(
     size, stride = _dims(size), _dims(stride)
     if not is_int(offset) or offset < 0 or len(size) != len(stride):
         raise DamagedPickle("a tensor with a bad offset or shape")
-    capacity = storage.untyped.nbytes() // dtype.itemsize
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-    if math.prod(size) and last >= capacity:
+    if view_extent(size, stride, offset) > storage.untyped.nbytes() // dtype.itemsize:
         raise DamagedPickle(f"a tensor of size {list(size)} reaches past its storage")
     tensor = torch.empty((0,), dtype=dtype)
     tensor.set_(storage.untyped, offset, size, stride)

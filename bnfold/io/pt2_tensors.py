@@ -3,7 +3,6 @@ payload bytes (``data/weights/weight_N``, ``data/constants/tensor_N``), never un
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from bnfold.errors import BnfoldError, LoadError, UnsafeFileError
 from bnfold.io.archive import ZipArchive
+from bnfold.io.pickle_globals import is_int, view_extent
 
 PAYLOAD_MEMBER = re.compile(r"^data/(weights/weight|constants/tensor)_[0-9]+$")
 OBJECT_MEMBER = re.compile(r"^data/constants/(custom_obj|opaque_obj)_[0-9]+$")
@@ -35,10 +35,7 @@ class Entry:
     @property
     def extent(self) -> int:
         """Elements of the payload this view reaches (0 for an empty tensor)."""
-        if not math.prod(self.sizes):
-            return 0
-        last = sum((n - 1) * s for n, s in zip(self.sizes, self.strides, strict=True))
-        return self.offset + 1 + last
+        return view_extent(self.sizes, self.strides, self.offset)
 
 
 def config_entries(document: Any, member: str, payloads: frozenset[str], path: Path) -> list[Entry]:
@@ -77,18 +74,13 @@ def _entry(path: Path, member: str, folder: str, prefix: str, fqn: str, meta: An
     tensor_meta = meta.get("tensor_meta")
     if not isinstance(tensor_meta, dict) or not isinstance(meta.get("is_param"), bool):
         raise bad("no tensor metadata")
-    return Entry(
-        fqn=fqn,
-        member=folder + name,
-        is_param=meta["is_param"],
-        **_tensor_meta(tensor_meta, bad),
-    )
+    return _tensor_entry(fqn, folder + name, meta["is_param"], tensor_meta, bad)
 
 
-def _tensor_meta(meta: dict, bad: Any) -> dict[str, Any]:
+def _tensor_entry(fqn: str, member: str, is_param: bool, meta: dict, bad: Any) -> Entry:
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
-    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) if _is_int(meta.get("dtype")) else None
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) if is_int(meta.get("dtype")) else None
     if dtype is None or meta.get("layout") != 7:  # schema.Layout.Strided
         raise bad("an unknown dtype or a layout other than strided")
     sizes, strides = _ints(meta.get("sizes"), bad), _ints(meta.get("strides"), bad)
@@ -104,7 +96,10 @@ def _tensor_meta(meta: dict, bad: Any) -> dict[str, Any]:
         where = torch.device(device["type"], device.get("index"))
     except (RuntimeError, TypeError, ValueError) as exc:
         raise bad(f"device {device!r} ({exc})") from None
-    return dict(
+    return Entry(
+        fqn=fqn,
+        member=member,
+        is_param=is_param,
         dtype=dtype,
         sizes=sizes,
         strides=strides,
@@ -120,14 +115,10 @@ def _ints(values: Any, bad: Any) -> tuple[int, ...]:
     out = []
     for value in values:
         number = value.get("as_int") if isinstance(value, dict) and len(value) == 1 else None
-        if not _is_int(number) or number < 0:
+        if not is_int(number) or number < 0:
             raise bad(f"{str(value)[:40]} is not a plain non-negative integer")
         out.append(number)
     return tuple(out)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def payload_tensors(

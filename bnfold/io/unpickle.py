@@ -42,11 +42,10 @@ StorageSource = Callable[[str, int, int], torch.UntypedStorage]  # (key, numel, 
 
 
 class _Refused(Exception):
-    """The pickle asks for something a weights-only load refuses (what: a name or an opcode)."""
+    """The pickle asks for something a weights-only load refuses (``name``: the global, if one)."""
 
     def __init__(self, what: str, name: str | None = None) -> None:
         super().__init__(what)
-        self.what = what
         self.name = name
 
 
@@ -77,7 +76,7 @@ def load_torch_file(path: Path) -> Any:
 def load_torch_bytes(data: bytes | bytearray, label: str) -> Any:
     """``load_torch_file`` for a ``torch.save`` blob held in memory (``label`` names it)."""
     if bytes(data[:2]) == b"PK":
-        return _load_zip(ZipArchive.from_bytes(data, label), label)
+        return _load_zip(ZipArchive(io.BytesIO(data), len(data), label), label)
     return _load_legacy(io.BytesIO(data), len(data), label)
 
 
@@ -232,7 +231,7 @@ def _unpickle(
 def _unsafe(label: str, refused: _Refused, data: bytes | bytearray) -> UnsafePickleError:
     """The error for a refused pickle, naming every refused global ``data`` references."""
     names = list(dict.fromkeys([*([refused.name] if refused.name else []), *refused_globals(data)]))
-    what = refused.what
+    what = str(refused)
     if names:
         what = "it references " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
     return UnsafePickleError(
