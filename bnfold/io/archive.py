@@ -96,9 +96,6 @@ def _damaged(label: str, what: str) -> LoadError:
     return LoadError(f"{label}: damaged zip archive: {what}")
 
 
-# ------------------------------------------------------------------ reading members
-
-
 def _read_stored(handle: BinaryIO, size: int) -> tuple[bytearray, int]:
     data = bytearray(size)
     view = memoryview(data)
@@ -137,9 +134,6 @@ def _read_deflated(handle: BinaryIO, member: Member, label: str) -> tuple[bytear
         crc = zlib.crc32(piece, crc)
         out += piece
     return out, crc
-
-
-# ------------------------------------------------------------------ the directory
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import ModelInputError, UsageError
+from bnfold.errors import ModelInputError, UsageError, first_line
 from bnfold.records import format_bytes
 
 DTYPES: dict[str, torch.dtype] = {
@@ -145,9 +145,8 @@ def _rejection(where: str, exc: Exception, args: tuple) -> str:
         else type(a).__name__
         for a in args
     )
-    reason = " ".join(str(exc).strip().splitlines()[:2])
     return (
-        f"{where} rejected the example inputs ({given}): {type(exc).__name__}: {reason}. "
+        f"{where} rejected the example inputs ({given}): {first_line(exc, lines=2)}. "
         "Check the input shape and dtype (--input-shape, --dtype)"
     )
 

@@ -21,6 +21,12 @@ from bnfold.errors import SaveError, UsageError
 
 #: Errors of ``os.link`` that mean "this filesystem has no hard links here", not "name taken".
 _NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_SPECIAL_FILES = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,6 @@ def plan_paths(
             raise UsageError(f"{output}: {problem}")
 
 
-# ------------------------------------------------------------------ the checks
-
-
 def _check_place(output: NamedPath) -> None:
     path = output.path
     parent = path.parent
@@ -101,9 +104,10 @@ def _check_place(output: NamedPath) -> None:
         raise UsageError(f"cannot write {output}: it is a directory; give a file name")
     mode = getattr(_stat(path), "st_mode", None)
     if mode is not None and not stat.S_ISREG(mode):
+        kind = _SPECIAL_FILES.get(stat.S_IFMT(mode), "a special file")
         raise UsageError(
-            f"cannot write {output}: it is {_kind(mode)}, not a regular file; bnfold writes "
-            "only regular files (use '-' for stdout where the option allows it)"
+            f"cannot write {output}: it is {kind}, not a regular file; bnfold writes only "
+            "regular files (use '-' for stdout where the option allows it)"
         )
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {output}: the directory {parent} is not writable")
@@ -160,19 +164,6 @@ def _stat(path: Path) -> os.stat_result | None:
         return os.stat(path)
     except (OSError, ValueError):
         return None
-
-
-def _kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a named pipe"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "a special file")
-
-
-# ------------------------------------------------------------------ writing
 
 
 @contextlib.contextmanager

@@ -54,9 +54,6 @@ def view_extent(sizes: tuple[int, ...], strides: tuple[int, ...], offset: int) -
     return offset + 1 + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))
 
 
-# ------------------------------------------------------------------ tensors and parameters
-
-
 def _rebuild_tensor_v2(storage: Any, *args: Any) -> torch.Tensor:
     """``(storage, offset, size, stride, requires_grad, hooks[, metadata])``"""
     dtype = storage.dtype if isinstance(storage, Storage) else None
@@ -126,9 +123,6 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Pa
     return torch.nn.Parameter(data, requires_grad)
 
 
-# ------------------------------------------------------------------ plain values
-
-
 def _ordered_dict(*args: Any) -> OrderedDict:
     if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
         raise DamagedPickle("a bad OrderedDict")
@@ -176,9 +170,6 @@ def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
     return complex(real, imag)
 
 
-# ------------------------------------------------------------------ the allow-list
-
-
 def _allowed_globals() -> dict[str, Any]:
     table: dict[str, Any] = {
         "collections.OrderedDict": _ordered_dict,
@@ -208,9 +199,6 @@ def _allowed_globals() -> dict[str, Any]:
 ALLOWED_GLOBALS: dict[str, Any] = _allowed_globals()
 #: The only callables ``REDUCE`` may call (compare by identity: the stack may hold anything).
 CONSTRUCTORS = tuple(value for value in ALLOWED_GLOBALS.values() if callable(value))
-
-
-# ------------------------------------------------------------------ what a pickle names
 
 
 def refused_globals(data: bytes | bytearray) -> list[str]:

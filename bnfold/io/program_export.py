@@ -1,10 +1,5 @@
-"""``torch.export`` of a (folded) model for a ``.pt2`` file, with its batch dimension kept free.
-
-``export_program`` exports with dim 0 of every input tensor (and any dims the source program
-kept) dynamic, checks the program's own input shapes, and falls back to the example's fixed
-shapes with a note saying why when the forward fixes a dim. ``quiet_torch`` keeps torch's log
-lines and warnings off the console while it exports (also used for ONNX export).
-"""
+"""``torch.export`` of a (folded) model for a ``.pt2`` file, with its batch dimension kept free;
+and ``quiet_torch``, which keeps torch's log lines and warnings off the console meanwhile."""
 
 from __future__ import annotations
 

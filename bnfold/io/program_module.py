@@ -79,9 +79,6 @@ def dynamic_dims(program: torch.export.ExportedProgram) -> tuple[tuple[int, ...]
     return tuple(dims)
 
 
-# ------------------------------------------------------------------ which calls become modules
-
-
 def _liftable_groups(flat: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Layer calls grouped by owning module path; a group is kept only when its tensors are
     used by nothing but identical calls (a module called at several sites stays one module)."""
@@ -165,9 +162,6 @@ def _notes(counts: Counter[str], left: Counter[str], program: Any) -> list[str]:
             "train mode); they cannot be folded: re-export from model.eval()"
         )
     return notes
-
-
-# ------------------------------------------------------------------ module builders
 
 
 def _build_conv(args: dict[str, Any], node: fx.Node) -> nn.Module | None:
@@ -278,9 +272,6 @@ def _build_module(flat: fx.GraphModule, node: fx.Node) -> nn.Module | None:
             tracked = torch.tensor(0, dtype=torch.long)
         module.register_buffer("num_batches_tracked", tracked)
     return module
-
-
-# ------------------------------------------------------------------ helpers
 
 
 def _hyper_args(node: fx.Node, layer: _Layer) -> tuple:

@@ -2,12 +2,8 @@
 
 ``torch.export.load`` can run code from a crafted file, so bnfold never calls it (nor
 ``load_pt2`` or ``torch.load``) on a user's file; the README ("Model files and their security")
-lists the layout accepted and the limits. ``read_program`` reads the archive with bounded memory
-(``bnfold.io.archive``), checks its layout and every string torch would evaluate
-(``bnfold.io.program_checks``), rebuilds the weights and constants from their raw bytes
-(``bnfold.io.pt2_tensors``), reads the sample inputs with bnfold's restricted unpickler, and
-hands the built objects to torch's ``ExportedProgramDeserializer``, which has nothing left to
-unpickle.
+lists the layout accepted and the limits. Torch's ``ExportedProgramDeserializer`` gets the
+weights, constants and sample inputs already built, and has nothing left to unpickle.
 """
 
 from __future__ import annotations
@@ -77,9 +73,6 @@ def read_program(path: Path) -> torch.export.ExportedProgram:
     program = _deserialize(path, document, state_dict, constant_values, example_inputs)
     _check_tensors_fit_graph(path, program)
     return program
-
-
-# ------------------------------------------------------------------ layout
 
 
 def _layout(archive: ZipArchive, path: Path) -> _Layout:
@@ -168,9 +161,6 @@ def _read_json(archive: ZipArchive, member: str, path: Path) -> Any:
         raise LoadError(f"{path}: damaged torch.export archive ({member}: {exc})") from None
 
 
-# ------------------------------------------------------------------ weights and constants
-
-
 def _entries(archive: ZipArchive, layout: _Layout, member: str, path: Path) -> list[Entry]:
     """The entries of a payload config ([] for a legacy state dict, read later)."""
     if member.endswith(".pt"):
@@ -246,9 +236,6 @@ def _sample_inputs(archive: ZipArchive, member: str, path: Path) -> tuple | None
     ):
         raise LoadError(f"{path}: {member} does not hold (args, kwargs) example inputs")
     return value
-
-
-# ------------------------------------------------------------------ handing over to torch
 
 
 def _deserialize(

@@ -17,8 +17,6 @@ from bnfold.io.inputs import as_args
 from bnfold.io.paths import NamedPath, plan_paths, publish, staging
 from bnfold.io.program_export import export_program
 
-# ------------------------------------------------------------------ where outputs go
-
 
 def output_format(path: str | os.PathLike[str]) -> ModelFormat:
     """The format a path's extension asks for: ``.pt2`` or ``.pt``/``.pth`` (pickled module)."""
@@ -80,9 +78,6 @@ def check_output_path(
     sources = [NamedPath("input", Path(source)) for source in inputs if source is not None]
     plan_paths(sources, [NamedPath("output", out)], overwrite=overwrite)
     return out
-
-
-# ------------------------------------------------------------------ writing
 
 
 def save_model(

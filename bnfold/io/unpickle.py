@@ -49,9 +49,6 @@ class _Refused(Exception):
         self.name = name
 
 
-# ------------------------------------------------------------------ public entry points
-
-
 def load_torch_file(path: Path) -> Any:
     """Read a ``torch.save`` file (zip or legacy format) with weights-only semantics.
 
@@ -78,9 +75,6 @@ def load_torch_bytes(data: bytes | bytearray, label: str) -> Any:
     if bytes(data[:2]) == b"PK":
         return _load_zip(ZipArchive(io.BytesIO(data), len(data), label), label)
     return _load_legacy(io.BytesIO(data), len(data), label)
-
-
-# ------------------------------------------------------------------ the two file formats
 
 
 def _load_zip(archive: ZipArchive, label: str) -> Any:
@@ -208,9 +202,6 @@ def _untyped(raw: bytearray) -> torch.UntypedStorage:
     return torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
 
 
-# ------------------------------------------------------------------ running the unpickler
-
-
 def _unpickle(
     source: bytes | bytearray | _Capped, storage: StorageSource, label: str, *, legacy: bool = False
 ) -> Any:
@@ -255,9 +246,6 @@ def _check_values(value: Any) -> None:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
-
-
-# ------------------------------------------------------------------ the unpickler
 
 
 class _Dispatch(dict):
