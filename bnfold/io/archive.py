@@ -98,15 +98,8 @@ def _damaged(label: str, what: str) -> LoadError:
 
 def _read_stored(handle: BinaryIO, size: int) -> tuple[bytearray, int]:
     data = bytearray(size)
-    view = memoryview(data)
-    crc = done = 0
-    while done < size:
-        got = handle.readinto(view[done : done + CHUNK])
-        if not got:
-            return data[:done], crc
-        crc = zlib.crc32(view[done : done + got], crc)
-        done += got
-    return data, crc
+    got = handle.readinto(data)  # a buffered or in-memory file fills it unless it ends first
+    return (data, zlib.crc32(data)) if got == size else (data[:got], 0)
 
 
 def _read_deflated(handle: BinaryIO, member: Member, label: str) -> tuple[bytearray, int]:

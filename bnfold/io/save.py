@@ -61,8 +61,7 @@ def default_output_path(loaded: LoadedModel | ModelSource, *, cwd: Path | None =
         return (cwd or Path.cwd()) / f"{name}.folded.pt2"
     source = loaded.path
     ext = source.suffix if loaded.format is ModelFormat.PICKLED_MODULE else ".pt2"
-    stem = source.name[: -len(source.suffix)] if source.suffix else source.name
-    return source.with_name(f"{stem}.folded{ext}")
+    return source.with_name(f"{source.stem}.folded{ext}")
 
 
 def check_output_path(

@@ -97,7 +97,7 @@ def _load_zip(archive: ZipArchive, label: str) -> Any:
     def storage(key: str, numel: int, element_size: int) -> torch.UntypedStorage:
         nbytes = numel * element_size
         if key not in storages:
-            raw = archive.read(f"{root}data/{key}", what="storage")
+            raw = archive.read(f"{root}data/{key}")
             if len(raw) != nbytes:
                 raise DamagedPickle(f"storage {key} holds {len(raw)} bytes, not {nbytes}")
             storages[key] = _untyped(raw)
