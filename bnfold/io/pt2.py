@@ -171,10 +171,16 @@ def _entries(archive: ZipArchive, layout: _Layout, member: str, path: Path) -> l
 def _tensors(
     archive: ZipArchive, entries: list[Entry], path: Path, member: str
 ) -> dict[str, torch.Tensor]:
-    """Weights or constants by fully-qualified name, as ``torch.export.load`` builds them."""
-    if member.endswith(".pt"):
-        return _legacy_state_dict(archive, member, path)
-    return payload_tensors(archive, entries, path, member)
+    """Weights or constants by fully-qualified name, as ``torch.export.load`` builds them (from
+    raw payloads, or from a legacy state dict read with the restricted unpickler)."""
+    if not member.endswith(".pt"):
+        return payload_tensors(archive, entries, path, member)
+    value = load_torch_bytes(archive.read(member, limit=ALLOWANCE), f"{path}: {member}")
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    ):
+        raise LoadError(f"{path}: {member} is not a dict of tensors")
+    return dict(value)
 
 
 def _check_budget(archive: ZipArchive, layout: _Layout, entries: list[Entry], path: Path) -> None:
@@ -212,15 +218,6 @@ def _check_budget(archive: ZipArchive, layout: _Layout, entries: list[Entry], pa
             f"{path}: its members hold {total} bytes, more than the {sum(declared.values())} "
             f"bytes of tensors the program declares plus {ALLOWANCE} bytes; refusing the file"
         )
-
-
-def _legacy_state_dict(archive: ZipArchive, member: str, path: Path) -> dict[str, torch.Tensor]:
-    value = load_torch_bytes(archive.read(member, limit=ALLOWANCE), f"{path}: {member}")
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
-    ):
-        raise LoadError(f"{path}: {member} is not a dict of tensors")
-    return dict(value)
 
 
 def _sample_inputs(archive: ZipArchive, member: str, path: Path) -> tuple | None:
