@@ -147,7 +147,8 @@ def _read_directory(handle: BinaryIO, file_size: int, label: str) -> dict[str, M
     position = 0
     for _ in range(directory.entries):
         central, position = _central_entry(raw, position, label)
-        name, member = _check_local(handle, central, directory.offset, label)
+        member = _check_local(handle, central, directory.offset, label)
+        name = member.name
         if name in members:
             raise LoadError(
                 f"{label}: the archive holds two members named {name}; a reader could pick "
@@ -276,9 +277,7 @@ def _zip64_sizes(
     raise _damaged(label, "a zip64 member lacks its sizes")
 
 
-def _check_local(
-    handle: BinaryIO, central: _Central, directory_offset: int, label: str
-) -> tuple[str, Member]:
+def _check_local(handle: BinaryIO, central: _Central, directory_offset: int, label: str) -> Member:
     name = central.name
     if central.flags & 0x1:
         raise LoadError(f"{label}: member {name} is encrypted; bnfold reads plain archives only")
@@ -308,7 +307,7 @@ def _check_local(
             f"member {name} claims {central.compressed_size} bytes, past the end of the "
             "archive's data (the file is truncated or its header lies); refusing it",
         )
-    return name, Member(
+    return Member(
         name=name,
         size=central.size,
         compressed_size=central.compressed_size,

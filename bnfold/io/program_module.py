@@ -21,7 +21,6 @@ from torch import fx, nn
 from bnfold.errors import LoadError
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ def _build_module(flat: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         else:
             module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
     if isinstance(module, _BATCH_NORMS):
-        tracked = _get_attr(flat, f"{_owner(node, layer)}.num_batches_tracked", None)
+        tracked = getattr(_get_attr(flat, _owner(node, layer)), "num_batches_tracked", None)
         if not isinstance(tracked, torch.Tensor):
             tracked = torch.tensor(0, dtype=torch.long)
         module.register_buffer("num_batches_tracked", tracked)
@@ -310,12 +309,9 @@ def _expand(value: Any, ndim: int) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _get_attr(module: nn.Module, target: str, default: Any = _MISSING) -> Any:
-    """The attribute at dotted path ``target``; ``default`` when missing (``LoadError`` if
-    none is given)."""
+def _get_attr(module: nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` (``LoadError`` when there is none)."""
     try:
         return operator.attrgetter(target)(module)
     except AttributeError:
-        if default is _MISSING:
-            raise LoadError(f"the program reads {target}, which it does not hold") from None
-        return default
+        raise LoadError(f"the program reads {target}, which it does not hold") from None
