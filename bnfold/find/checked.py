@@ -1,33 +1,21 @@
-"""How a model's dataflow is read: a checked fx trace, or recorded real forwards.
+"""Reading a model's dataflow with a checked fx trace.
 
-1. ``trace_checked``: torch.fx symbolic trace (``LeafTracer``), one eval forward of the model
-   itself, then one of the traced graph (shapes, subclass inputs), and a faithfulness check: the
-   traced graph's outputs must equal the model's own on the example (``FAITHFUL_RTOL``), and it
-   must call the same layers and norms as often. fx silently takes the wrong branch of checks
-   like ``isinstance(x, torch.Tensor)`` (false for its proxies), so a trace that runs is not yet
-   a trace that is right. The graph's run takes a layer's result from the model's own run when
-   the layer gets equal arguments (``bnfold.find.leafcalls``), so the check costs about one
-   forward; under ``count_find_forward`` that forward also counts the model's batch norms. Any
-   failure raises ``TraceError``.
-2. ``analyse_recorded``: when fx fails, the dataflow is recorded from real eval forwards
-   (``bnfold.find.recording``) on the example input and on each of ``extra_inputs``, and the
-   graph pass's own rules decide every norm in each recording. Norms are folded at module level
-   in the user's own model (``Plan.method == "recorded"``); the forward is never replaced.
-
-Input-dependent routing: until the forward first reads a tensor value into Python (``item``,
-``bool``, ``tolist``...), what runs depends only on input shapes and module state. Once it has,
-any later code may call any module on any tensor for another input, including the modules of a
-pair recorded before the read. So in a forward that reads values, every pair is folded only when
-every recorded input (the example plus ``extra_inputs``: at least two) pairs it identically, and
-a plan note says so; otherwise it is skipped with ``SkipReason.INPUT_DEPENDENT``. Routing on input
-*shapes* is assumed to stay the same at other shapes (the plan notes the recorded shapes).
+``trace_checked``: torch.fx symbolic trace (``LeafTracer``), one eval forward of the model
+itself, then one of the traced graph (shapes, subclass inputs), and a faithfulness check: the
+traced graph's outputs must equal the model's own on the example (``FAITHFUL_RTOL``), and it must
+call the same layers and norms as often. fx silently takes the wrong branch of checks like
+``isinstance(x, torch.Tensor)`` (false for its proxies), so a trace that runs is not yet a trace
+that is right. The graph's run takes a layer's result from the model's own run when the layer
+gets equal arguments (``bnfold.find.leafcalls``), so the check costs about one forward; under
+``count_find_forward`` that forward also counts the model's batch norms. Any failure raises
+``TraceError``, and the find stage records real forwards instead (``bnfold.find.recorded``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -41,9 +29,6 @@ from bnfold.find.trace import LAYER_TYPES, Traced, is_leaf, propagate, trace_mod
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
 
-if TYPE_CHECKING:
-    pass
-
 #: Max abs diff over max abs output allowed between the traced graph and the model itself, by
 #: output dtype. Both run the same ops in the same order, so they normally agree bit for bit.
 FAITHFUL_RTOL = {
@@ -52,9 +37,6 @@ FAITHFUL_RTOL = {
     torch.float16: 1e-2,
     torch.bfloat16: 1e-2,
 }
-
-
-# ------------------------------------------------------------------------------ fx, checked
 
 
 def trace_checked(
@@ -155,6 +137,3 @@ def _same_non_finite(a: torch.Tensor, b: torch.Tensor, finite: torch.Tensor) -> 
     bad_a, bad_b = a[~finite], b[~finite]
     nan = torch.isnan(bad_a)
     return torch.equal(nan, torch.isnan(bad_b)) and torch.equal(bad_a[~nan], bad_b[~nan])
-
-
-# ------------------------------------------------------------------------------ recorded

@@ -1,5 +1,15 @@
 """Pairing from recorded forwards, for models torch.fx cannot trace: each example input is
-recorded (``bnfold.find.recording``), paired on its own, and the decisions are merged."""
+recorded (``bnfold.find.recording``), paired by the graph pass's own rules, and the decisions are
+merged. Norms fold at module level in the user's own model (``Plan.method == "recorded"``).
+
+Input-dependent routing: until the forward first reads a tensor value into Python (``item``,
+``bool``, ``tolist``...), what runs depends only on input shapes and module state. Once it has,
+any later code may call any module on any tensor for another input, including the modules of a
+pair recorded before the read. So in a forward that reads values, every pair is folded only when
+every recorded input (the example plus ``extra_inputs``: at least two) pairs it identically, and
+a plan note says so; otherwise it is skipped with ``SkipReason.INPUT_DEPENDENT``. Routing on input
+*shapes* is assumed to stay the same at other shapes (the plan notes the recorded shapes).
+"""
 
 from __future__ import annotations
 
