@@ -263,11 +263,7 @@ class Plan(Record):
     def summary(self) -> str:
         """One line, e.g. ``41 of 53 BatchNorms foldable; 12 skipped: 9 residual fan-out, ...``."""
         head = f"{len(self.pairs)} of {self.bn_total} BatchNorms foldable"
-        if not self.skipped:
-            return head
-        counts = Counter(skip.reason.label for skip in self.skipped)
-        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
-        return f"{head}; {len(self.skipped)} skipped: {parts}"
+        return head + _by_reason(self.skipped, "skipped")
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -299,9 +295,13 @@ class FoldResult(Record):
 
     def summary(self) -> str:
         total = len(self.folded) + len(self.skipped)
-        head = f"folded {len(self.folded)} of {total} BatchNorms"
-        if not self.skipped:
-            return head
-        counts = Counter(skip.reason.label for skip in self.skipped)
-        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
-        return f"{head}; {len(self.skipped)} left: {parts}"
+        return f"folded {len(self.folded)} of {total} BatchNorms" + _by_reason(self.skipped, "left")
+
+
+def _by_reason(skipped: tuple[Skip, ...], verb: str) -> str:
+    """``; 12 skipped: 9 residual fan-out, 3 shared layer`` (empty when nothing was skipped)."""
+    if not skipped:
+        return ""
+    counts = Counter(skip.reason.label for skip in skipped)
+    parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+    return f"; {len(skipped)} {verb}: {parts}"
