@@ -179,10 +179,10 @@ class TorchRunner:
     Floating inputs are cast to the module's own dtype (``float_dtype``), so a float16 or
     bfloat16 model runs on inputs in its dtype; on CUDA, half-precision matmuls sum in float32
     (``full_precision_reductions``). The caller's module is never moved or mutated: the CUDA
-    runner runs a deep copy.
+    runner runs a deep copy. Raises RuntimeUnavailableError for unusable CUDA.
     """
 
-    def __init__(self, model: nn.Module, device: str = CPU, name: str | None = None) -> None:
+    def __init__(self, model: nn.Module, device: str = CPU, *, name: str | None = None) -> None:
         _check_device(device)
         if device == CUDA:
             reason = torch_cuda_unavailable_reason()
@@ -211,11 +211,6 @@ class TorchRunner:
             if self.device == CUDA:
                 torch.cuda.synchronize()
         return [_to_numpy(out) for out in flatten_outputs(outputs)]
-
-
-def torch_runner(model: nn.Module, device: str = CPU, *, name: str | None = None) -> TorchRunner:
-    """A runner for ``model`` on ``device``; raises RuntimeUnavailableError for unusable CUDA."""
-    return TorchRunner(model, device, name)
 
 
 # ---------------------------------------------------------------------------------- ORT runner
