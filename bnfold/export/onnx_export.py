@@ -1,15 +1,4 @@
-"""``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written.
-
-The model runs in eval mode (training flags restored after). The dynamo exporter is tried first,
-then TorchScript with a warning (``exporter="auto"``). A BatchNormalization in training mode is
-refused (ORT's CUDA provider rejects it); those left are listed with their reason. The graph
-must pass ``onnx.checker`` with strict shape inference, and a dynamic batch is proven
-(``bnfold.export.batch``). The file (and its external data file) is written under its own name
-in a private directory beside ``path`` (``bnfold.io.paths.staging``) and moved into place only
-after every check passed: on any failure nothing is left. Without ``overwrite`` an existing
-``path`` is refused and the move is exclusive (a file that appeared meanwhile is kept,
-``UsageError``).
-"""
+"""``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written."""
 
 from __future__ import annotations
 
@@ -38,10 +27,8 @@ from bnfold.export.graph import (
     BatchNormNode,
     batchnorm_nodes,
     check_graph,
+    default_opset,
     refuse_training_batchnorm,
-)
-from bnfold.export.graph import (
-    opset as opset_of,
 )
 from bnfold.io.paths import staging
 from bnfold.modes import inference
@@ -105,19 +92,26 @@ def export_onnx(
     exporter: str = "auto",
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``; see the module docstring.
+    """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``, in eval mode (training
+    flags restored after).
 
     ``example_inputs`` is a tensor or a tuple of positional tensors, batch on dim 0.
-    The file's ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped
-    counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
-    its own keys. ``exporter`` is
-    "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
-    ``overwrite`` allows replacing an existing file at ``path`` (and its ``.data`` file).
+    ``exporter`` is "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
+    A BatchNormalization in training mode is refused (ORT's CUDA provider rejects it); those left
+    are listed with their reason. The graph must pass ``onnx.checker`` with strict shape
+    inference, and a dynamic batch is proven (``bnfold.export.batch``). The file's
+    ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped counts of the
+    FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds its own keys.
     float16 models are exported in float16; bfloat16 models are refused (ExportError: the
     exported graph would fail onnx.checker).
-    Raises ExportError (nothing written) when the export or a check fails, SaveError when the
-    file cannot be written, UsageError for bad arguments or an existing ``path`` without
-    ``overwrite`` (also one that appeared during the export).
+
+    The file (and its external data file) is written under its own name in a private directory
+    beside ``path`` (``bnfold.io.paths.staging``) and moved into place only after every check
+    passed: on any failure nothing is left. ``overwrite`` allows replacing an existing file at
+    ``path`` (and its ``.data`` file); without it the move is exclusive. Raises ExportError
+    (nothing written) when the export or a check fails, SaveError when the file cannot be
+    written, UsageError for bad arguments or an existing ``path`` without ``overwrite`` (also
+    one that appeared during the export).
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -150,7 +144,7 @@ def export_onnx(
         publish_export(staged, target, data_name, overwrite)
     return ExportResult(
         path=str(target),
-        opset=opset_of(proto),
+        opset=default_opset(proto),
         input_names=tuple(i.name for i in proto.graph.input),
         output_names=tuple(o.name for o in proto.graph.output),
         exporter=used,
