@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfold.find.kernels import BATCH_NORM_KERNELS
+from bnfold.find.kernels import BATCH_NORM_KERNELS, INSTANCE_NORMS
 from bnfold.find.sites import needs_example_input, own_tensors
 from bnfold.find.trace import input_rejected, is_leaf
 from bnfold.io.inputs import as_args
@@ -40,7 +39,6 @@ from bnfold.modes import inference
 
 _VALUE_READ_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
 _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
-_INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
 def _tensors(tree: Any) -> list[Tensor]:
@@ -204,7 +202,7 @@ class _ReadWatcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _INSTANCE_NORMS:
+        if func in INSTANCE_NORMS:
             self.state.instance_norm_depth += 1
             try:
                 return func(*args, **kwargs)
