@@ -12,7 +12,6 @@ from bnfold.errors import TraceError
 from bnfold.find.checked import trace_checked
 from bnfold.find.pairing import Analysis, decide, plan_notes
 from bnfold.find.recorded import analyse_recorded
-from bnfold.find.sites import needs_example_input
 from bnfold.find.unwrap import unwrap
 from bnfold.records import Plan
 
@@ -43,7 +42,7 @@ def analyse(
     ``find_pairs``)."""
     model, wrapper_notes = unwrap(model)
     try:
-        traced, kept = trace_checked(model, example_inputs, needs_example_input)
+        traced, kept = trace_checked(model, example_inputs)
     except TraceError as exc:
         return analyse_recorded(
             model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes

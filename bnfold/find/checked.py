@@ -14,7 +14,6 @@ gets equal arguments (``bnfold.find.leafcalls``), so the check costs about one f
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ from torch.utils import _pytree as pytree
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
-from bnfold.find.trace import LAYER_TYPES, Traced, is_leaf, propagate, trace_model
+from bnfold.find.sites import LAYER_TYPES, needs_example_input
+from bnfold.find.trace import Traced, is_leaf, propagate, trace_model
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
 
@@ -39,30 +39,28 @@ FAITHFUL_RTOL = {
 }
 
 
-def trace_checked(
-    model: nn.Module, example_inputs: Any, needs_input: Callable[[nn.Module], bool]
-) -> tuple[Traced, dict[str, Any]]:
+def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[Traced, dict[str, Any]]:
     """Trace ``model`` with fx, propagate shapes, and check the trace reproduces the model.
 
-    Returns the trace and the inputs of the module calls ``needs_input`` selects. Raises
-    ``TraceError`` when fx fails, the traced graph rejects the example, or its outputs differ.
+    Returns the trace and the inputs of the module calls the graph pass needs the real input of
+    (``needs_example_input``). Raises ``TraceError`` when fx fails, the traced graph rejects the
+    example, or its outputs differ.
     """
     traced = trace_model(model, example_inputs)
     gm = traced.module
     called = {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
-    keep = {node.name for node, module in called.items() if needs_input(module)}
+    keep = {node.name for node, module in called.items() if needs_example_input(module)}
     if traced.method == "graph-module":  # the model is its own graph: nothing to check
         with counted_when_asked():
-            return traced, propagate(traced, example_inputs, keep)
+            return traced, propagate(traced, example_inputs, keep)[0]
     expected, calls = _run_model(model, example_inputs)
-    outputs: list[Any] = []
     try:
-        kept = propagate(traced, example_inputs, keep, outputs=outputs, reuse=calls)
+        kept, output = propagate(traced, example_inputs, keep, reuse=calls)
     except ModelInputError as exc:
         raise TraceError(
             f"the fx trace of {type(model).__name__} fails on the example input ({exc})"
         ) from exc
-    problem = _difference(expected, outputs[0]) or _call_difference(model, called, calls.counts)
+    problem = _difference(expected, output) or _call_difference(model, called, calls.counts)
     if problem is not None:
         raise TraceError(
             f"torch.fx's trace of {type(model).__name__} does not reproduce the model on the "

@@ -94,19 +94,15 @@ def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
 
 
 def propagate(
-    traced: Traced,
-    example_inputs: Any,
-    keep: set[str],
-    outputs: list[Any] | None = None,
-    reuse: LeafCalls | None = None,
-) -> dict[str, Any]:
+    traced: Traced, example_inputs: Any, keep: set[str], reuse: LeafCalls | None = None
+) -> tuple[dict[str, Any], Any]:
     """Run the traced model once in eval mode without autograd.
 
     Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
-    values of the nodes named in ``keep`` (and appends the graph's output to ``outputs`` when
-    given). Leaf calls whose arguments equal those of a call kept in ``reuse`` take its result
-    (see ``bnfold.find.leafcalls``). The model's flags are restored afterwards. A failure raises
-    ``ModelInputError`` naming the node and module that rejected the input.
+    values of the nodes named in ``keep``, and the graph's output. Leaf calls whose arguments
+    equal those of a call kept in ``reuse`` take its result (see ``bnfold.find.leafcalls``). The
+    model's flags are restored afterwards. A failure raises ``ModelInputError`` naming the node
+    and module that rejected the input.
     """
     run = _GraphRun(traced.module, keep, reuse)
     with inference(traced.module):
@@ -114,9 +110,7 @@ def propagate(
             result = run.run(as_args(example_inputs))
         except Exception as exc:
             raise input_rejected(_where(run.current), exc) from exc
-    if outputs is not None:
-        outputs.append(result)
-    return run.kept
+    return run.kept, result
 
 
 class _GraphRun:
