@@ -42,17 +42,17 @@ def analyse(
     ``find_pairs``)."""
     model, wrapper_notes = unwrap(model)
     try:
-        traced, kept = trace_checked(model, example_inputs)
+        gm, kept = trace_checked(model, example_inputs)
     except TraceError as exc:
         return analyse_recorded(
             model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes
         )
-    decisions = decide(traced.module, kept, allow_graph_rewrite)
+    decisions = decide(gm, kept, allow_graph_rewrite)
     plan = Plan(
         pairs=tuple(p.record for p in decisions.pairs),
         skipped=decisions.skips,
-        method=traced.method,
+        method="graph-module" if gm is model else "fx",
         model_was_training=model.training,
         notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *decisions.notes),
     )
-    return Analysis(plan=plan, traced=traced, pairs=decisions.pairs)
+    return Analysis(plan=plan, module=gm, pairs=decisions.pairs)

@@ -25,7 +25,7 @@ from bnfold.errors import ModelInputError, TraceError
 from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.sites import LAYER_TYPES, needs_example_input
-from bnfold.find.trace import Traced, is_leaf, propagate, trace_model
+from bnfold.find.trace import is_leaf, propagate, trace_model
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
 
@@ -39,23 +39,22 @@ FAITHFUL_RTOL = {
 }
 
 
-def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[Traced, dict[str, Any]]:
+def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Trace ``model`` with fx, propagate shapes, and check the trace reproduces the model.
 
     Returns the trace and the inputs of the module calls the graph pass needs the real input of
     (``needs_example_input``). Raises ``TraceError`` when fx fails, the traced graph rejects the
     example, or its outputs differ.
     """
-    traced = trace_model(model, example_inputs)
-    gm = traced.module
+    gm = trace_model(model)
     called = {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
     keep = {node.name for node, module in called.items() if needs_example_input(module)}
-    if traced.method == "graph-module":  # the model is its own graph: nothing to check
+    if gm is model:  # a GraphModule is its own graph: nothing to check
         with counted_when_asked():
-            return traced, propagate(traced, example_inputs, keep)[0]
+            return gm, propagate(gm, example_inputs, keep)[0]
     expected, calls = _run_model(model, example_inputs)
     try:
-        kept, output = propagate(traced, example_inputs, keep, reuse=calls)
+        kept, output = propagate(gm, example_inputs, keep, reuse=calls)
     except ModelInputError as exc:
         raise TraceError(
             f"the fx trace of {type(model).__name__} fails on the example input ({exc})"
@@ -67,7 +66,7 @@ def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[Traced, dict[s
             f"example input ({problem}); typically a check such as isinstance(x, torch.Tensor) "
             "that is false for fx's proxies"
         )
-    return traced, kept
+    return gm, kept
 
 
 def _run_model(model: nn.Module, example_inputs: Any) -> tuple[Any, LeafCalls]:

@@ -35,7 +35,6 @@ from bnfold.find.sites import (
 )
 from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
 from bnfold.find.subclasses import strip_norm
-from bnfold.find.trace import Traced
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
 from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
@@ -54,8 +53,11 @@ class PlannedPair:
 
 @dataclass(frozen=True)
 class Analysis:
+    """The plan, the graph it was read from (traced, the model itself, or recorded) and the
+    pairs with the live objects the fold needs."""
+
     plan: Plan
-    traced: Traced
+    module: fx.GraphModule
     pairs: tuple[PlannedPair, ...]
 
 

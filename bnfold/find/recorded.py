@@ -32,7 +32,6 @@ from bnfold.find.pairing import (
 )
 from bnfold.find.recording import LooseNorm, Recording, record
 from bnfold.find.sites import is_frozen_norm
-from bnfold.find.trace import Traced
 from bnfold.records import BnKind, Plan, Skip, SkipReason
 
 
@@ -82,8 +81,7 @@ def analyse_recorded(
             *dict.fromkeys(n for run in runs for n in run.notes),
         ),
     )
-    traced = Traced(module=first.module, method="recorded")
-    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+    return Analysis(plan=plan, module=first.module, pairs=tuple(pairs))
 
 
 def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
