@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,14 +263,14 @@ def ort_runner(
     *,
     optimization: str = OPT_DEFAULT,
     name: str | None = None,
-    device_id: int = 0,
     intra_op_threads: int | None = None,
 ) -> OrtRunner:
     """An ORT session for the ONNX file at ``path`` on ``device`` with ``optimization``.
 
-    CUDA sessions are built with ``use_tf32=0``; the runner's ``info.device`` is "cuda" only when
-    ``session.get_providers()[0]`` is the CUDA provider, otherwise RuntimeUnavailableError says
-    why (package lacks the provider, no device, or libraries missing and ORT fell back to CPU).
+    CUDA sessions run on device 0 with ``use_tf32=0``; the runner's ``info.device`` is "cuda"
+    only when ``session.get_providers()[0]`` is the CUDA provider, otherwise
+    RuntimeUnavailableError says why (package lacks the provider, no device, or libraries missing
+    and ORT fell back to CPU).
     ``intra_op_threads`` caps ORT's thread pool (None: ORT's default, one thread per core).
     """
     import onnxruntime as ort
@@ -288,15 +288,14 @@ def ort_runner(
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
         settings["intra_op_num_threads"] = str(intra_op_threads)
+    providers: list[Any] = [ORT_CPU_PROVIDER]
     if device == CUDA:
         reason = ort_cuda_unavailable_reason()
         if reason is not None:
             raise RuntimeUnavailableError(f"ONNX Runtime CUDA is not usable: {reason}")
-        cuda_options = {"device_id": str(device_id), "use_tf32": "0"}
-        providers: Sequence[Any] = [(ORT_CUDA_PROVIDER, cuda_options), ORT_CPU_PROVIDER]
+        cuda_options = {"device_id": "0", "use_tf32": "0"}
+        providers.insert(0, (ORT_CUDA_PROVIDER, cuda_options))
         settings.update({f"cuda.{key}": value for key, value in cuda_options.items()})
-    else:
-        providers = [ORT_CPU_PROVIDER]
     session = _session(ort, Path(path), options, providers, cuda=device == CUDA)
     used = tuple(session.get_providers())
     if device == CUDA and (not used or used[0] != ORT_CUDA_PROVIDER):
@@ -305,18 +304,16 @@ def ort_runner(
             f"fell back to {', '.join(used) or 'nothing'}; check the CUDA/cuDNN versions "
             f"onnxruntime {ort.__version__} needs)"
         )
-    default_name = "ort-cuda" if device == CUDA else "ort-cpu"
-    if optimization == OPT_DISABLE_ALL:
-        default_name += "-noopt"
+    default_name = f"ort-{device}" + ("-noopt" if optimization == OPT_DISABLE_ALL else "")
     info = RunnerInfo(name or default_name, "onnxruntime", device, used, settings)
     return OrtRunner(session, info)
 
 
-def _session(ort: Any, path: Path, options: Any, providers: Sequence[Any], cuda: bool) -> Any:
+def _session(ort: Any, path: Path, options: Any, providers: list[Any], cuda: bool) -> Any:
     if not path.is_file():
         raise UsageError(f"no ONNX file at {path}")
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for bad files
         if cuda:
             raise RuntimeUnavailableError(
