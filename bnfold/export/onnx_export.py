@@ -92,26 +92,18 @@ def export_onnx(
     exporter: str = "auto",
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``, in eval mode (training
-    flags restored after).
+    """Export ``model`` (or ``FoldResult.model``) in eval mode to a checked ONNX file at ``path``:
+    the checks, the batch-dimension proof and the metadata are the README's "Export details".
 
-    ``example_inputs`` is a tensor or a tuple of positional tensors, batch on dim 0.
-    ``exporter`` is "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
-    A BatchNormalization in training mode is refused (ORT's CUDA provider rejects it); those left
-    are listed with their reason. The graph must pass ``onnx.checker`` with strict shape
-    inference, and a dynamic batch is proven (``bnfold.export.batch``). The file's
-    ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped counts of the
-    FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds its own keys.
-    float16 models are exported in float16; bfloat16 models are refused (ExportError: the
-    exported graph would fail onnx.checker).
-
-    The file (and its external data file) is written under its own name in a private directory
-    beside ``path`` (``bnfold.io.paths.staging``) and moved into place only after every check
-    passed: on any failure nothing is left. ``overwrite`` allows replacing an existing file at
-    ``path`` (and its ``.data`` file); without it the move is exclusive. Raises ExportError
-    (nothing written) when the export or a check fails, SaveError when the file cannot be
-    written, UsageError for bad arguments or an existing ``path`` without ``overwrite`` (also
-    one that appeared during the export).
+    ``example_inputs``: a tensor or a tuple of positional tensors, batch on dim 0. ``exporter``:
+    "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript". ``metadata``: the
+    FoldResult whose folded/skipped counts are recorded (when ``model`` is not one), or a mapping
+    of extra keys. float16 models are exported in float16; bfloat16 models are refused. The file
+    (and its ``.data`` file) is written beside ``path`` and moved into place only after every
+    check passed; ``overwrite`` allows replacing an existing file. Raises ExportError (nothing
+    written) when the export or a check fails, SaveError when the file cannot be written,
+    UsageError for bad arguments or an existing ``path`` without ``overwrite`` (also one that
+    appeared during the export).
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
