@@ -151,11 +151,11 @@ class _Context:
 
     def decide(self, norm: NormSite) -> PlannedPair | Skip:
         if norm.problem is not None:
-            return _skip(norm, norm.problem)
+            return norm_skip(norm, norm.problem)
         affine = bn_affine(norm.params)
         refusal = self._norm_refusal(norm, affine)
         if refusal is not None:
-            return _skip(norm, refusal)
+            return norm_skip(norm, refusal)
         after = self._try(norm, Position.AFTER, affine)
         if isinstance(after, PlannedPair):
             return after
@@ -165,7 +165,7 @@ class _Context:
         for attempt in (after, before):
             if attempt is not None:
                 return attempt
-        return _skip(
+        return norm_skip(
             norm, Refusal(SkipReason.NO_PRODUCER, no_producer_detail(self.gm, self.layers, norm))
         )
 
@@ -205,7 +205,7 @@ class _Context:
             or pattern.check(view, affine)
         )
         if refusal is not None:
-            return _skip(norm, refusal, layer.name, pattern.name)
+            return norm_skip(norm, refusal, layer.name, pattern.name)
         record = Pair(
             bn=norm.name,
             bn_type=norm.type_name,
@@ -298,9 +298,10 @@ class _Context:
         return None
 
 
-def _skip(
+def norm_skip(
     norm: NormSite, refusal: Refusal, producer: str | None = None, pattern: str | None = None
 ) -> Skip:
+    """The skip of ``norm`` for ``refusal``, naming the layer and pattern tried, if any."""
     return Skip(
         bn=norm.name,
         bn_type=norm.type_name,

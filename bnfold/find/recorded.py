@@ -28,8 +28,10 @@ from bnfold.find.pairing import (
     PlannedPair,
     affine_refusals_to_notes,
     decide,
+    norm_skip,
     plan_notes,
 )
+from bnfold.find.patterns import Refusal
 from bnfold.find.recording import LooseNorm, Recording, record
 from bnfold.find.sites import is_frozen_norm
 from bnfold.records import BnKind, Plan, Skip, SkipReason
@@ -175,15 +177,8 @@ def _signature(pair: PlannedPair) -> tuple:
 
 
 def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:
-    return Skip(
-        bn=pair.record.bn,
-        bn_type=pair.record.bn_type,
-        reason=SkipReason.INPUT_DEPENDENT,
-        detail=detail,
-        producer=pair.record.producer,
-        pattern=pair.record.pattern,
-        bn_kind=pair.norm.kind,
-    )
+    refusal = Refusal(SkipReason.INPUT_DEPENDENT, detail)
+    return norm_skip(pair.norm, refusal, pair.record.producer, pair.record.pattern)
 
 
 def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) -> list[str]:
