@@ -60,9 +60,6 @@ class RunnerInfo(Record):
     settings: dict[str, str] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------- TF32 flags
-
-
 @contextmanager
 def tf32_disabled() -> Iterator[dict[str, str]]:
     """Switch torch's TF32 paths off (matmul and cuDNN) and restore the previous flags after.
@@ -98,9 +95,6 @@ def _flags_off(owner: Any, *names: str) -> Iterator[None]:
     finally:
         for name, value in zip(names, before, strict=True):
             setattr(owner, name, value)
-
-
-# ------------------------------------------------------------------------------- availability
 
 
 def torch_cuda_unavailable_reason() -> str | None:
@@ -143,9 +137,6 @@ def cuda_device_count() -> int:
     return count.value
 
 
-# ------------------------------------------------------------------------------------ outputs
-
-
 def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
     """The tensors of a model's output (tensor, tuple, list, dict, nested) in pytree order."""
     leaves, _ = torch.utils._pytree.tree_flatten(outputs)
@@ -168,9 +159,6 @@ def _as_dtype(tensor: Any, dtype: torch.dtype | None) -> Any:
 def _check_device(device: str) -> None:
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-
-
-# -------------------------------------------------------------------------------- torch runner
 
 
 class TorchRunner:
@@ -211,9 +199,6 @@ class TorchRunner:
             if self.device == CUDA:
                 torch.cuda.synchronize()
         return [_to_numpy(out) for out in flatten_outputs(outputs)]
-
-
-# ---------------------------------------------------------------------------------- ORT runner
 
 
 class OrtRunner:
