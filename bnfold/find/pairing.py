@@ -162,12 +162,10 @@ class _Context:
         before = self._try(norm, Position.BEFORE, affine)
         if isinstance(before, PlannedPair):
             return before
-        for attempt in (after, before):
-            if attempt is not None:
-                return attempt
-        return norm_skip(
-            norm, Refusal(SkipReason.NO_PRODUCER, no_producer_detail(self.gm, self.layers, norm))
-        )
+        if after is not None or before is not None:
+            return after or before  # the refusal by the layer after the norm, else before it
+        detail = no_producer_detail(self.gm, self.layers, norm)
+        return norm_skip(norm, Refusal(SkipReason.NO_PRODUCER, detail))
 
     def _norm_refusal(self, norm: NormSite, affine: Affine) -> Refusal | None:
         if norm.module is not None:
