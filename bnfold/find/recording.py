@@ -79,6 +79,8 @@ class _Frame:
 
 @dataclass
 class _State:
+    """What the module hooks and the two modes share while one forward is recorded."""
+
     paths: dict[int, str]
     leaf_tensors: set[int]
     graph: fx.Graph = field(default_factory=fx.Graph)
@@ -90,8 +92,6 @@ class _State:
     read_detail: str | None = None
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
-
-    # -------------------------------------------------------------- tensors and nodes
 
     def node_for(self, tensor: Tensor) -> fx.Node:
         """The node that produced ``tensor``; a fresh ``tensor`` node for one made elsewhere."""
@@ -120,8 +120,6 @@ class _State:
         if self.read_detail is None:
             self.read_detail = f"{what} in {self.where() or 'the model forward'}"
 
-    # -------------------------------------------------------------- module hooks
-
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         node = None  # a node for an outermost leaf call only
         if self.leaf_depth == 0 and id(module) in self.paths and is_leaf(module):
@@ -147,8 +145,6 @@ class _State:
         if frame.node is not None:
             for tensor in _tensors(output):
                 self.produced(tensor, frame.node)
-
-    # -------------------------------------------------------------- ops
 
     def leaf_reads(self, args: tuple, kwargs: dict) -> None:
         """Inside a leaf: a tensor produced outside it is an input of the leaf call, however
