@@ -130,7 +130,7 @@ def export_onnx(
     with staging(target) as staged:
         data_name = write(proto, staged, target.name, external_data_threshold)
         check_graph(staged)
-        proof = prove_batch(staged, args, dynamic_batch)
+        proof = prove_batch(proto, staged, args, dynamic_batch)
         data_size = (staged.parent / data_name).stat().st_size if data_name else 0
         size = staged.stat().st_size + data_size
         publish_export(staged, target, data_name, overwrite)
