@@ -6,7 +6,8 @@ code (``bnfold.verification``) never sees torch or onnxruntime objects. CUDA is 
 honestly: an ORT session counts as CUDA only if ``session.get_providers()[0]`` is the CUDA
 provider (ORT silently falls back to CPU when its CUDA libraries cannot be loaded), TF32 is off
 (ORT's ``use_tf32=0``, torch's flags while a runner runs), and a CUDA runner that cannot be
-built raises ``RuntimeUnavailableError`` saying why.
+built raises ``RuntimeUnavailableError`` saying why (no CUDA build or device, an onnxruntime
+package without the CUDA provider, or CUDA libraries ORT could not load).
 """
 
 from __future__ import annotations
@@ -250,14 +251,9 @@ def ort_runner(
     name: str | None = None,
     intra_op_threads: int | None = None,
 ) -> OrtRunner:
-    """An ORT session for the ONNX file at ``path`` on ``device`` with ``optimization``.
-
-    CUDA sessions run on device 0 with ``use_tf32=0``; the runner's ``info.device`` is "cuda"
-    only when ``session.get_providers()[0]`` is the CUDA provider, otherwise
-    RuntimeUnavailableError says why (package lacks the provider, no device, or libraries missing
-    and ORT fell back to CPU).
-    ``intra_op_threads`` caps ORT's thread pool (None: ORT's default, one thread per core).
-    """
+    """An ORT session for the ONNX file at ``path`` on ``device`` (CUDA: device 0, checked as the
+    module doc says) with ``optimization``. ``intra_op_threads`` caps ORT's thread pool (None:
+    ORT's default, one thread per core)."""
     import onnxruntime as ort
 
     _check_device(device)

@@ -89,12 +89,9 @@ def analyse(
 
 
 def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Trace ``model`` with fx, propagate shapes, and check the trace reproduces the model.
-
-    Returns the trace and the inputs of the module calls the graph pass needs the real input of
-    (``needs_example_input``). Raises ``TraceError`` when fx fails, the traced graph rejects the
-    example, or its outputs differ.
-    """
+    """The fx trace of ``model`` with its shapes, checked as the module doc says, and the inputs
+    of the module calls the graph pass needs (``needs_example_input``). Raises ``TraceError``
+    when fx fails, the traced graph rejects the example, or it does not reproduce the model."""
     gm = trace_model(model)
     called = {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
     keep = {node.name for node, module in called.items() if needs_example_input(module)}
