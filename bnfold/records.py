@@ -1,7 +1,8 @@
 """Records of the find and fold stages: what was paired, what was folded, what was left and why.
 
 All records are frozen dataclasses; ``to_dict()`` gives plain JSON values (the model itself is
-left out). Renderers (``bnfold.report``) and the CLI only read these.
+left out). Renderers (``bnfold.report``) and the CLI only read these. The JSON helpers every
+stage's records use (``Record``, ``to_jsonable``) and ``format_bytes`` come first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-# ------------------------------------------------------------------ JSON helpers
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def to_jsonable(value: Any) -> Any:
@@ -64,11 +66,6 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
-
-
-# ------------------------------------------------------------------ find and fold records
-if TYPE_CHECKING:
-    from torch import nn
 
 
 class BnKind(str, enum.Enum):
