@@ -66,11 +66,11 @@ class ExportResult(Record):
 
     def format_text(self) -> str:
         """A few lines for a terminal: the summary, BN nodes left, checks and warnings."""
-        lines = [self.summary()]
-        lines.append(
-            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}"
-        )
-        lines.append(f"  batch: {self.dynamic_batch.detail}")
+        lines = [
+            self.summary(),
+            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}",
+            f"  batch: {self.dynamic_batch.detail}",
+        ]
         if self.external_data:
             lines.append(f"  weights in external data file {self.external_data}")
         for bn in self.batchnorm_nodes:
