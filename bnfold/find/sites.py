@@ -139,14 +139,24 @@ def module_layer(node: fx.Node, name: str, module: nn.Module) -> LayerSite:
     return LayerSite(node, name, type(module).__name__, module.weight, module.bias, view, module)
 
 
-def padding_amount(
-    padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[int, ...]:
+def padding_amount(padding: Any, kernel: tuple[int, ...], dilation: Any) -> tuple[int, ...]:
+    """The padding of a conv per spatial dim; ``padding`` and ``dilation`` as a module or a
+    functional call holds them (a string, an int, or ints per dim)."""
     if padding == "valid":
         return tuple(0 for _ in kernel)
     if padding == "same":
+        dilation = _per_dim(dilation, len(kernel))
         return tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=False))
-    return tuple(int(p) for p in padding)
+    return _per_dim(padding, len(kernel))
+
+
+def _per_dim(value: Any, n: int) -> tuple[int, ...]:
+    """An int or a list of ints as one int per spatial dim."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == n:
+            return tuple(int(v) for v in value)
+        value = value[0]
+    return tuple(int(value) for _ in range(n))
 
 
 def is_affine_candidate(module: nn.Module) -> bool:
