@@ -22,17 +22,14 @@ from bnfold.records import BnKind, SkipReason
 #: The module types that are layers a norm folds into.
 LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-_STOCK_LAYER_FORWARDS = tuple(
-    cls.forward
-    for cls in (
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.Linear,
-    )
+_STOCK_LAYER_FORWARDS = (
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
+    nn.Linear.forward,
 )
 
 
