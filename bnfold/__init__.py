@@ -29,8 +29,7 @@ from bnfold.io.models import LoadedModel, ModelFormat, SavedModel, load_model, s
 from bnfold.records import BnKind, FoldedPair, FoldResult, Pair, Plan, Skip, SkipReason
 from bnfold.verification.records import VerificationReport, require_passed
 from bnfold.verification.verifier import verify
-
-__version__ = "0.1.0"
+from bnfold.version import __version__
 
 __all__ = [
     "BnKind",

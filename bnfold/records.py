@@ -1,7 +1,8 @@
 """Records of the find and fold stages: what was paired, what was folded, what was left and why.
 
 All records are frozen dataclasses; ``to_dict()`` gives plain JSON values (the model itself is
-left out). Renderers (``bnfold.report``) and the CLI only read these.
+left out). Renderers (``bnfold.report``) and the CLI only read these. The JSON helpers every
+stage's records use (``Record``, ``to_jsonable``) and ``format_bytes`` come first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-# ------------------------------------------------------------------ JSON helpers
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def to_jsonable(value: Any) -> Any:
@@ -64,11 +66,6 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
-
-
-# ------------------------------------------------------------------ find and fold records
-if TYPE_CHECKING:
-    from torch import nn
 
 
 class BnKind(str, enum.Enum):
@@ -263,11 +260,7 @@ class Plan(Record):
     def summary(self) -> str:
         """One line, e.g. ``41 of 53 BatchNorms foldable; 12 skipped: 9 residual fan-out, ...``."""
         head = f"{len(self.pairs)} of {self.bn_total} BatchNorms foldable"
-        if not self.skipped:
-            return head
-        counts = Counter(skip.reason.label for skip in self.skipped)
-        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
-        return f"{head}; {len(self.skipped)} skipped: {parts}"
+        return head + _by_reason(self.skipped, "skipped")
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -299,9 +292,13 @@ class FoldResult(Record):
 
     def summary(self) -> str:
         total = len(self.folded) + len(self.skipped)
-        head = f"folded {len(self.folded)} of {total} BatchNorms"
-        if not self.skipped:
-            return head
-        counts = Counter(skip.reason.label for skip in self.skipped)
-        parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
-        return f"{head}; {len(self.skipped)} left: {parts}"
+        return f"folded {len(self.folded)} of {total} BatchNorms" + _by_reason(self.skipped, "left")
+
+
+def _by_reason(skipped: tuple[Skip, ...], verb: str) -> str:
+    """``; 12 skipped: 9 residual fan-out, 3 shared layer`` (empty when nothing was skipped)."""
+    if not skipped:
+        return ""
+    counts = Counter(skip.reason.label for skip in skipped)
+    parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+    return f"; {len(skipped)} {verb}: {parts}"

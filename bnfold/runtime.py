@@ -6,7 +6,8 @@ code (``bnfold.verification``) never sees torch or onnxruntime objects. CUDA is 
 honestly: an ORT session counts as CUDA only if ``session.get_providers()[0]`` is the CUDA
 provider (ORT silently falls back to CPU when its CUDA libraries cannot be loaded), TF32 is off
 (ORT's ``use_tf32=0``, torch's flags while a runner runs), and a CUDA runner that cannot be
-built raises ``RuntimeUnavailableError`` saying why.
+built raises ``RuntimeUnavailableError`` saying why (no CUDA build or device, an onnxruntime
+package without the CUDA provider, or CUDA libraries ORT could not load).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +61,6 @@ class RunnerInfo(Record):
     settings: dict[str, str] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------- TF32 flags
-
-
 @contextmanager
 def tf32_disabled() -> Iterator[dict[str, str]]:
     """Switch torch's TF32 paths off (matmul and cuDNN) and restore the previous flags after.
@@ -98,9 +96,6 @@ def _flags_off(owner: Any, *names: str) -> Iterator[None]:
     finally:
         for name, value in zip(names, before, strict=True):
             setattr(owner, name, value)
-
-
-# ------------------------------------------------------------------------------- availability
 
 
 def torch_cuda_unavailable_reason() -> str | None:
@@ -143,9 +138,6 @@ def cuda_device_count() -> int:
     return count.value
 
 
-# ------------------------------------------------------------------------------------ outputs
-
-
 def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
     """The tensors of a model's output (tensor, tuple, list, dict, nested) in pytree order."""
     leaves, _ = torch.utils._pytree.tree_flatten(outputs)
@@ -170,19 +162,16 @@ def _check_device(device: str) -> None:
         raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
 
-# -------------------------------------------------------------------------------- torch runner
-
-
 class TorchRunner:
     """Runs a module in eval mode, no grad, TF32 off, on CPU or a CUDA copy of the module.
 
     Floating inputs are cast to the module's own dtype (``float_dtype``), so a float16 or
     bfloat16 model runs on inputs in its dtype; on CUDA, half-precision matmuls sum in float32
     (``full_precision_reductions``). The caller's module is never moved or mutated: the CUDA
-    runner runs a deep copy.
+    runner runs a deep copy. Raises RuntimeUnavailableError for unusable CUDA.
     """
 
-    def __init__(self, model: nn.Module, device: str = CPU, name: str | None = None) -> None:
+    def __init__(self, model: nn.Module, device: str = CPU, *, name: str | None = None) -> None:
         _check_device(device)
         if device == CUDA:
             reason = torch_cuda_unavailable_reason()
@@ -211,14 +200,6 @@ class TorchRunner:
             if self.device == CUDA:
                 torch.cuda.synchronize()
         return [_to_numpy(out) for out in flatten_outputs(outputs)]
-
-
-def torch_runner(model: nn.Module, device: str = CPU, *, name: str | None = None) -> TorchRunner:
-    """A runner for ``model`` on ``device``; raises RuntimeUnavailableError for unusable CUDA."""
-    return TorchRunner(model, device, name)
-
-
-# ---------------------------------------------------------------------------------- ORT runner
 
 
 class OrtRunner:
@@ -268,16 +249,11 @@ def ort_runner(
     *,
     optimization: str = OPT_DEFAULT,
     name: str | None = None,
-    device_id: int = 0,
     intra_op_threads: int | None = None,
 ) -> OrtRunner:
-    """An ORT session for the ONNX file at ``path`` on ``device`` with ``optimization``.
-
-    CUDA sessions are built with ``use_tf32=0``; the runner's ``info.device`` is "cuda" only when
-    ``session.get_providers()[0]`` is the CUDA provider, otherwise RuntimeUnavailableError says
-    why (package lacks the provider, no device, or libraries missing and ORT fell back to CPU).
-    ``intra_op_threads`` caps ORT's thread pool (None: ORT's default, one thread per core).
-    """
+    """An ORT session for the ONNX file at ``path`` on ``device`` (CUDA: device 0, checked as the
+    module doc says) with ``optimization``. ``intra_op_threads`` caps ORT's thread pool (None:
+    ORT's default, one thread per core)."""
     import onnxruntime as ort
 
     _check_device(device)
@@ -293,15 +269,14 @@ def ort_runner(
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
         settings["intra_op_num_threads"] = str(intra_op_threads)
+    providers: list[Any] = [ORT_CPU_PROVIDER]
     if device == CUDA:
         reason = ort_cuda_unavailable_reason()
         if reason is not None:
             raise RuntimeUnavailableError(f"ONNX Runtime CUDA is not usable: {reason}")
-        cuda_options = {"device_id": str(device_id), "use_tf32": "0"}
-        providers: Sequence[Any] = [(ORT_CUDA_PROVIDER, cuda_options), ORT_CPU_PROVIDER]
+        cuda_options = {"device_id": "0", "use_tf32": "0"}
+        providers.insert(0, (ORT_CUDA_PROVIDER, cuda_options))
         settings.update({f"cuda.{key}": value for key, value in cuda_options.items()})
-    else:
-        providers = [ORT_CPU_PROVIDER]
     session = _session(ort, Path(path), options, providers, cuda=device == CUDA)
     used = tuple(session.get_providers())
     if device == CUDA and (not used or used[0] != ORT_CUDA_PROVIDER):
@@ -310,18 +285,16 @@ def ort_runner(
             f"fell back to {', '.join(used) or 'nothing'}; check the CUDA/cuDNN versions "
             f"onnxruntime {ort.__version__} needs)"
         )
-    default_name = "ort-cuda" if device == CUDA else "ort-cpu"
-    if optimization == OPT_DISABLE_ALL:
-        default_name += "-noopt"
+    default_name = f"ort-{device}" + ("-noopt" if optimization == OPT_DISABLE_ALL else "")
     info = RunnerInfo(name or default_name, "onnxruntime", device, used, settings)
     return OrtRunner(session, info)
 
 
-def _session(ort: Any, path: Path, options: Any, providers: Sequence[Any], cuda: bool) -> Any:
+def _session(ort: Any, path: Path, options: Any, providers: list[Any], cuda: bool) -> Any:
     if not path.is_file():
         raise UsageError(f"no ONNX file at {path}")
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for bad files
         if cuda:
             raise RuntimeUnavailableError(

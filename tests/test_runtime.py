@@ -18,12 +18,12 @@ from bnfold.runtime import (
     OPT_DISABLE_ALL,
     ORT_CPU_PROVIDER,
     ORT_CUDA_PROVIDER,
+    TorchRunner,
     flatten_outputs,
     ort_cuda_unavailable_reason,
     ort_runner,
     tf32_disabled,
     torch_cuda_unavailable_reason,
-    torch_runner,
 )
 
 NO_ORT_CUDA = ort_cuda_unavailable_reason()
@@ -70,7 +70,7 @@ def test_flatten_outputs_keeps_tensors_in_pytree_order() -> None:
 
 def test_torch_runner_cpu_eval_and_flags_restored() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.9)).train()
-    runner = torch_runner(model)
+    runner = TorchRunner(model)
     x = torch.randn(4, 3)
     first, second = runner((x,))[0], runner(x)[0]
     np.testing.assert_array_equal(first, second)  # dropout off: eval mode
@@ -118,7 +118,7 @@ def test_ort_cuda_unavailable_says_why(relu_onnx) -> None:
 @pytest.mark.skipif(NO_TORCH_CUDA is None, reason="torch CUDA is usable here")
 def test_torch_cuda_unavailable_says_why() -> None:
     with pytest.raises(RuntimeUnavailableError, match=re.escape(NO_TORCH_CUDA)):
-        torch_runner(nn.Linear(2, 2), CUDA)
+        TorchRunner(nn.Linear(2, 2), CUDA)
 
 
 class _FallbackSession:
@@ -156,7 +156,7 @@ def test_ort_cuda_runner_really_runs_on_cuda(relu_onnx) -> None:
 @pytest.mark.skipif(NO_TORCH_CUDA is not None, reason=f"PyTorch CUDA not usable: {NO_TORCH_CUDA}")
 def test_torch_cuda_runner_leaves_the_model_on_cpu() -> None:
     model = nn.Linear(3, 2)
-    runner = torch_runner(model, CUDA)
+    runner = TorchRunner(model, CUDA)
     out = runner(torch.randn(4, 3))[0]
     assert out.shape == (4, 2) and next(model.parameters()).device.type == "cpu"
     assert runner.info.settings["torch.backends.cudnn.allow_tf32"] == "False"

@@ -76,13 +76,13 @@ def test_model_whose_forward_takes_a_dict() -> None:
 def test_models_fx_cannot_trace_are_recorded(name: str) -> None:
     model, args = _fixture(name)
     with pytest.raises(bnfold.TraceError):
-        bnfold.find.trace.trace_model(model, args)
+        bnfold.find.trace.trace_model(model)
     fold_checked(model, args, method="recorded")
 
 
 def test_fx_trace_that_takes_the_wrong_branch_is_not_trusted() -> None:
     model, args = _fixture("isinstance_trap")
-    bnfold.find.trace.trace_model(model, args)  # fx traces it without complaint...
+    bnfold.find.trace.trace_model(model)  # fx traces it without complaint...
     result = fold_checked(model, args, method="recorded")  # ...but into the wrong branch
     assert folded(result) == {"bn": "conv"}
     assert any("does not reproduce" in note for note in result.plan.notes)

@@ -64,14 +64,12 @@ def batch_size(args: tuple[torch.Tensor, ...]) -> int:
 
 
 def prove_batch(
-    staged: Path, args: tuple[torch.Tensor, ...], dynamic_batch: bool
+    proto: Any, staged: Path, args: tuple[torch.Tensor, ...], dynamic_batch: bool
 ) -> DynamicBatchCheck:
-    """Read dim 0 of the file's inputs and outputs and run it on ONNX Runtime: at the example's
-    batch size only for a fixed batch; at ``PROOF_BATCH_SIZES`` too, each output with the
-    batch it was given, for a dynamic one. ``ExportError`` when the batch was specialised."""
-    import onnx
-
-    proto = onnx.load(str(staged), load_external_data=False)
+    """Read dim 0 of the inputs and outputs of ``proto`` (the model written to ``staged``) and
+    run the file on ONNX Runtime: at the example's batch size only for a fixed batch; at
+    ``PROOF_BATCH_SIZES`` too, each output with the batch it was given, for a dynamic one.
+    ``ExportError`` when the batch was specialised."""
     sym_in, fixed_in = _symbolic_dim0(proto.graph.input)
     sym_out, fixed_out = _symbolic_dim0(proto.graph.output)
     symbolic = (tuple(sym_in), tuple(sym_out))

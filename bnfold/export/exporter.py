@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from bnfold.errors import ExportError
+from bnfold.errors import ExportError, first_line
 from bnfold.io.program_export import quiet_torch
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -124,8 +124,6 @@ def _exporting(what: str) -> Iterator[list[str]]:
 
 def root_cause(exc: BaseException) -> str:
     """The innermost ``__cause__`` of ``exc``, as ``Type: first message line``."""
-    cause = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return first_line(exc)

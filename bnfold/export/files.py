@@ -77,17 +77,14 @@ def write(proto: Any, staged: Path, name: str, threshold: int) -> str | None:
     external = sum(tensor.ByteSize() for tensor in proto.graph.initializer) > threshold
     data_name = external_data_path(name).name if external else None
     try:
-        if external:
-            onnx.save_model(
-                proto,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
-            )
-        else:
-            onnx.save_model(proto, str(staged))
+        onnx.save_model(
+            proto,
+            str(staged),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
+        )
     except (OSError, ValueError) as exc:
         raise SaveError(f"could not write the ONNX file for {name}: {exc}") from exc
     if data_name and not (staged.parent / data_name).exists():

@@ -96,7 +96,7 @@ def _structural_reason(node: Any, producers: dict, consumers: Counter) -> str:
     return f"follows a {source.op_type} but was not folded (the model was not folded?)"
 
 
-def opset(proto: Any) -> int:
+def default_opset(proto: Any) -> int:
     """The model's default-domain opset."""
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):

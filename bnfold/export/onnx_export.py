@@ -1,15 +1,4 @@
-"""``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written.
-
-The model runs in eval mode (training flags restored after). The dynamo exporter is tried first,
-then TorchScript with a warning (``exporter="auto"``). A BatchNormalization in training mode is
-refused (ORT's CUDA provider rejects it); those left are listed with their reason. The graph
-must pass ``onnx.checker`` with strict shape inference, and a dynamic batch is proven
-(``bnfold.export.batch``). The file (and its external data file) is written under its own name
-in a private directory beside ``path`` (``bnfold.io.paths.staging``) and moved into place only
-after every check passed: on any failure nothing is left. Without ``overwrite`` an existing
-``path`` is refused and the move is exclusive (a file that appeared meanwhile is kept,
-``UsageError``).
-"""
+"""``export_onnx``: a (folded) model to a checked ONNX file, and the record of what was written."""
 
 from __future__ import annotations
 
@@ -38,10 +27,8 @@ from bnfold.export.graph import (
     BatchNormNode,
     batchnorm_nodes,
     check_graph,
+    default_opset,
     refuse_training_batchnorm,
-)
-from bnfold.export.graph import (
-    opset as opset_of,
 )
 from bnfold.io.paths import staging
 from bnfold.modes import inference
@@ -79,11 +66,11 @@ class ExportResult(Record):
 
     def format_text(self) -> str:
         """A few lines for a terminal: the summary, BN nodes left, checks and warnings."""
-        lines = [self.summary()]
-        lines.append(
-            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}"
-        )
-        lines.append(f"  batch: {self.dynamic_batch.detail}")
+        lines = [
+            self.summary(),
+            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}",
+            f"  batch: {self.dynamic_batch.detail}",
+        ]
         if self.external_data:
             lines.append(f"  weights in external data file {self.external_data}")
         for bn in self.batchnorm_nodes:
@@ -105,19 +92,18 @@ def export_onnx(
     exporter: str = "auto",
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``model`` (or ``FoldResult.model``) to ONNX at ``path``; see the module docstring.
+    """Export ``model`` (or ``FoldResult.model``) in eval mode to a checked ONNX file at ``path``:
+    the checks, the batch-dimension proof and the metadata are the README's "Export details".
 
-    ``example_inputs`` is a tensor or a tuple of positional tensors, batch on dim 0.
-    The file's ``metadata_props`` record bnfold's and torch's versions, and the folded/skipped
-    counts of the FoldResult (``model`` itself, or ``metadata``); a mapping ``metadata`` adds
-    its own keys. ``exporter`` is
-    "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".
-    ``overwrite`` allows replacing an existing file at ``path`` (and its ``.data`` file).
-    float16 models are exported in float16; bfloat16 models are refused (ExportError: the
-    exported graph would fail onnx.checker).
-    Raises ExportError (nothing written) when the export or a check fails, SaveError when the
-    file cannot be written, UsageError for bad arguments or an existing ``path`` without
-    ``overwrite`` (also one that appeared during the export).
+    ``example_inputs``: a tensor or a tuple of positional tensors, batch on dim 0. ``exporter``:
+    "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript". ``metadata``: the
+    FoldResult whose folded/skipped counts are recorded (when ``model`` is not one), or a mapping
+    of extra keys. float16 models are exported in float16; bfloat16 models are refused. The file
+    (and its ``.data`` file) is written beside ``path`` and moved into place only after every
+    check passed; ``overwrite`` allows replacing an existing file. Raises ExportError (nothing
+    written) when the export or a check fails, SaveError when the file cannot be written,
+    UsageError for bad arguments or an existing ``path`` without ``overwrite`` (also one that
+    appeared during the export).
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -144,13 +130,13 @@ def export_onnx(
     with staging(target) as staged:
         data_name = write(proto, staged, target.name, external_data_threshold)
         check_graph(staged)
-        proof = prove_batch(staged, args, dynamic_batch)
+        proof = prove_batch(proto, staged, args, dynamic_batch)
         data_size = (staged.parent / data_name).stat().st_size if data_name else 0
         size = staged.stat().st_size + data_size
         publish_export(staged, target, data_name, overwrite)
     return ExportResult(
         path=str(target),
-        opset=opset_of(proto),
+        opset=default_opset(proto),
         input_names=tuple(i.name for i in proto.graph.input),
         output_names=tuple(o.name for o in proto.graph.output),
         exporter=used,

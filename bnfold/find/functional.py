@@ -180,26 +180,13 @@ def _layer_view(
 ) -> LayerView:
     if kind == LayerKind.LINEAR:
         return LayerView(kind, weight.shape[1], weight.shape[0], 1, (), "zeros", -1)
-    spatial = weight.dim() - 2
-    padding = args.get("padding", 0)
-    if not isinstance(padding, str):
-        padding = _per_dim(padding, spatial)
     kernel = tuple(weight.shape[2:])
-    pad = padding_amount(padding, kernel, _per_dim(args.get("dilation", 1), spatial))
+    pad = padding_amount(args.get("padding", 0), kernel, args.get("dilation", 1))
     if kind == LayerKind.CONV_TRANSPOSE:
         c_in, c_out = weight.shape[0], weight.shape[1] * groups
     else:
         c_in, c_out = weight.shape[1] * groups, weight.shape[0]
     return LayerView(kind, c_in, c_out, groups, pad, "zeros", -1)
-
-
-def _per_dim(value: Any, n: int) -> tuple[int, ...]:
-    """An int or a list of ints as one int per spatial dim."""
-    if isinstance(value, (list, tuple)):
-        if len(value) == n:
-            return tuple(int(v) for v in value)
-        value = value[0]
-    return tuple(int(value) for _ in range(n))
 
 
 _NOT_CONSTANT = object()  # a value computed in the forward

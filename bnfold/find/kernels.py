@@ -42,6 +42,8 @@ BATCH_NORM_KERNELS = (
     "miopen_batch_norm",
     "mkldnn_batch_norm",
 )
+#: Instance norm runs a batch-norm kernel inside: that kernel is not a batch norm of the model.
+INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
 class _BatchNormCounter(TorchDispatchMode):
@@ -71,7 +73,7 @@ class _InstanceNormMute(TorchFunctionMode):
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func not in (F.instance_norm, torch.instance_norm):
+        if func not in INSTANCE_NORMS:
             return func(*args, **(kwargs or {}))
         self.counter.muted += 1
         try:

@@ -42,7 +42,8 @@ class LeafCalls:
     those of ``reusable`` (worth it for layers; norms are cheap to compute again).
 
     Use as a context manager around one forward of the model that owns ``leaves``. While active,
-    each leaf's ``forward`` is wrapped (``ForwardPatches``).
+    each leaf's ``forward`` is wrapped; on exit each is put back, with the module's own instance
+    attribute ``forward`` if it had one.
     """
 
     def __init__(
@@ -55,19 +56,24 @@ class LeafCalls:
         self._reusable = {id(module) for module in reusable}
         self._budget = keep_bytes
         self._depth = 0
-        self._patches = ForwardPatches()
+        self._saved: list[tuple[nn.Module, Any]] = []  # module, its own forward attribute or None
         self._calls: dict[int, deque[_Call]] = {}
         self.counts: Counter = Counter()
 
     def __enter__(self) -> LeafCalls:
         for module in self._leaves:
-            self._patches.wrap(module, lambda forward, m=module: self._wrap(m, forward))
+            self._saved.append((module, module.__dict__.get("forward")))
+            module.__dict__["forward"] = self._wrap(module, module.forward)
             if module._forward_hooks or module._forward_pre_hooks:
                 self._reusable.discard(id(module))  # its result is seen before its own hooks
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._patches.restore()
+        for module, own in reversed(self._saved):
+            del module.__dict__["forward"]
+            if own is not None:
+                module.__dict__["forward"] = own
+        self._saved.clear()
 
     def _wrap(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(*args: Any, **kwargs: Any) -> Any:
@@ -152,28 +158,3 @@ def _same_value(kept: Any, given: Any) -> bool:
         return type(kept) is type(given) and bool(kept == given)
     except Exception:  # values that cannot be compared are not reused
         return False
-
-
-_ABSENT = object()
-
-Forward = Callable[..., Any]
-
-
-class ForwardPatches:
-    """Wrapped forwards, each put back (with the module's own instance attribute, if it had
-    one) by ``restore``."""
-
-    def __init__(self) -> None:
-        self._saved: list[tuple[nn.Module, Any]] = []
-
-    def wrap(self, module: nn.Module, make: Callable[[Forward], Forward]) -> None:
-        """Replace ``module``'s forward by ``make(current forward)``."""
-        self._saved.append((module, module.__dict__.get("forward", _ABSENT)))
-        module.__dict__["forward"] = make(module.forward)
-
-    def restore(self) -> None:
-        for module, own in reversed(self._saved):
-            del module.__dict__["forward"]
-            if own is not _ABSENT:
-                module.__dict__["forward"] = own
-        self._saved.clear()

@@ -35,7 +35,6 @@ from bnfold.find.sites import (
 )
 from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
 from bnfold.find.subclasses import strip_norm
-from bnfold.find.trace import Traced
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
 from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
@@ -54,8 +53,11 @@ class PlannedPair:
 
 @dataclass(frozen=True)
 class Analysis:
+    """The plan, the graph it was read from (traced, the model itself, or recorded) and the
+    pairs with the live objects the fold needs."""
+
     plan: Plan
-    traced: Traced
+    module: fx.GraphModule
     pairs: tuple[PlannedPair, ...]
 
 
@@ -149,23 +151,21 @@ class _Context:
 
     def decide(self, norm: NormSite) -> PlannedPair | Skip:
         if norm.problem is not None:
-            return _skip(norm, norm.problem)
+            return norm_skip(norm, norm.problem)
         affine = bn_affine(norm.params)
         refusal = self._norm_refusal(norm, affine)
         if refusal is not None:
-            return _skip(norm, refusal)
+            return norm_skip(norm, refusal)
         after = self._try(norm, Position.AFTER, affine)
         if isinstance(after, PlannedPair):
             return after
         before = self._try(norm, Position.BEFORE, affine)
         if isinstance(before, PlannedPair):
             return before
-        for attempt in (after, before):
-            if attempt is not None:
-                return attempt
-        return _skip(
-            norm, Refusal(SkipReason.NO_PRODUCER, no_producer_detail(self.gm, self.layers, norm))
-        )
+        if after is not None or before is not None:
+            return after or before  # the refusal by the layer after the norm, else before it
+        detail = no_producer_detail(self.gm, self.layers, norm)
+        return norm_skip(norm, Refusal(SkipReason.NO_PRODUCER, detail))
 
     def _norm_refusal(self, norm: NormSite, affine: Affine) -> Refusal | None:
         if norm.module is not None:
@@ -203,7 +203,7 @@ class _Context:
             or pattern.check(view, affine)
         )
         if refusal is not None:
-            return _skip(norm, refusal, layer.name, pattern.name)
+            return norm_skip(norm, refusal, layer.name, pattern.name)
         record = Pair(
             bn=norm.name,
             bn_type=norm.type_name,
@@ -296,9 +296,10 @@ class _Context:
         return None
 
 
-def _skip(
+def norm_skip(
     norm: NormSite, refusal: Refusal, producer: str | None = None, pattern: str | None = None
 ) -> Skip:
+    """The skip of ``norm`` for ``refusal``, naming the layer and pattern tried, if any."""
     return Skip(
         bn=norm.name,
         bn_type=norm.type_name,

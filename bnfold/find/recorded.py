@@ -1,5 +1,15 @@
 """Pairing from recorded forwards, for models torch.fx cannot trace: each example input is
-recorded (``bnfold.find.recording``), paired on its own, and the decisions are merged."""
+recorded (``bnfold.find.recording``), paired by the graph pass's own rules, and the decisions are
+merged. Norms fold at module level in the user's own model (``Plan.method == "recorded"``).
+
+Input-dependent routing: until the forward first reads a tensor value into Python (``item``,
+``bool``, ``tolist``...), what runs depends only on input shapes and module state. Once it has,
+any later code may call any module on any tensor for another input, including the modules of a
+pair recorded before the read. So in a forward that reads values, every pair is folded only when
+every recorded input (the example plus ``extra_inputs``: at least two) pairs it identically, and
+a plan note says so; otherwise it is skipped with ``SkipReason.INPUT_DEPENDENT``. Routing on input
+*shapes* is assumed to stay the same at other shapes (the plan notes the recorded shapes).
+"""
 
 from __future__ import annotations
 
@@ -18,11 +28,12 @@ from bnfold.find.pairing import (
     PlannedPair,
     affine_refusals_to_notes,
     decide,
+    norm_skip,
     plan_notes,
 )
+from bnfold.find.patterns import Refusal
 from bnfold.find.recording import LooseNorm, Recording, record
 from bnfold.find.sites import is_frozen_norm
-from bnfold.find.trace import Traced
 from bnfold.records import BnKind, Plan, Skip, SkipReason
 
 
@@ -72,8 +83,7 @@ def analyse_recorded(
             *dict.fromkeys(n for run in runs for n in run.notes),
         ),
     )
-    traced = Traced(module=first.module, method="recorded")
-    return Analysis(plan=plan, traced=traced, pairs=tuple(pairs))
+    return Analysis(plan=plan, module=first.module, pairs=tuple(pairs))
 
 
 def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
@@ -167,15 +177,8 @@ def _signature(pair: PlannedPair) -> tuple:
 
 
 def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:
-    return Skip(
-        bn=pair.record.bn,
-        bn_type=pair.record.bn_type,
-        reason=SkipReason.INPUT_DEPENDENT,
-        detail=detail,
-        producer=pair.record.producer,
-        pattern=pair.record.pattern,
-        bn_kind=pair.norm.kind,
-    )
+    refusal = Refusal(SkipReason.INPUT_DEPENDENT, detail)
+    return norm_skip(pair.norm, refusal, pair.record.producer, pair.record.pattern)
 
 
 def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) -> list[str]:

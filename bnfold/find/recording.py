@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfold.find.kernels import BATCH_NORM_KERNELS
+from bnfold.find.kernels import BATCH_NORM_KERNELS, INSTANCE_NORMS
 from bnfold.find.sites import needs_example_input, own_tensors
 from bnfold.find.trace import input_rejected, is_leaf
 from bnfold.io.inputs import as_args
@@ -40,7 +39,6 @@ from bnfold.modes import inference
 
 _VALUE_READ_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
 _VALUE_READ_METHODS = frozenset({"tolist", "numpy", "__array__", "item"})
-_INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
 def _tensors(tree: Any) -> list[Tensor]:
@@ -81,6 +79,8 @@ class _Frame:
 
 @dataclass
 class _State:
+    """What the module hooks and the two modes share while one forward is recorded."""
+
     paths: dict[int, str]
     leaf_tensors: set[int]
     graph: fx.Graph = field(default_factory=fx.Graph)
@@ -92,8 +92,6 @@ class _State:
     read_detail: str | None = None
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
-
-    # -------------------------------------------------------------- tensors and nodes
 
     def node_for(self, tensor: Tensor) -> fx.Node:
         """The node that produced ``tensor``; a fresh ``tensor`` node for one made elsewhere."""
@@ -122,8 +120,6 @@ class _State:
         if self.read_detail is None:
             self.read_detail = f"{what} in {self.where() or 'the model forward'}"
 
-    # -------------------------------------------------------------- module hooks
-
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         node = None  # a node for an outermost leaf call only
         if self.leaf_depth == 0 and id(module) in self.paths and is_leaf(module):
@@ -149,8 +145,6 @@ class _State:
         if frame.node is not None:
             for tensor in _tensors(output):
                 self.produced(tensor, frame.node)
-
-    # -------------------------------------------------------------- ops
 
     def leaf_reads(self, args: tuple, kwargs: dict) -> None:
         """Inside a leaf: a tensor produced outside it is an input of the leaf call, however
@@ -204,7 +198,7 @@ class _ReadWatcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _INSTANCE_NORMS:
+        if func in INSTANCE_NORMS:
             self.state.instance_norm_depth += 1
             try:
                 return func(*args, **kwargs)

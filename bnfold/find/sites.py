@@ -22,17 +22,14 @@ from bnfold.records import BnKind, SkipReason
 #: The module types that are layers a norm folds into.
 LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-_STOCK_LAYER_FORWARDS = tuple(
-    cls.forward
-    for cls in (
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.Linear,
-    )
+_STOCK_LAYER_FORWARDS = (
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
+    nn.Linear.forward,
 )
 
 
@@ -139,14 +136,24 @@ def module_layer(node: fx.Node, name: str, module: nn.Module) -> LayerSite:
     return LayerSite(node, name, type(module).__name__, module.weight, module.bias, view, module)
 
 
-def padding_amount(
-    padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[int, ...]:
+def padding_amount(padding: Any, kernel: tuple[int, ...], dilation: Any) -> tuple[int, ...]:
+    """The padding of a conv per spatial dim; ``padding`` and ``dilation`` as a module or a
+    functional call holds them (a string, an int, or ints per dim)."""
     if padding == "valid":
         return tuple(0 for _ in kernel)
     if padding == "same":
+        dilation = _per_dim(dilation, len(kernel))
         return tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=False))
-    return tuple(int(p) for p in padding)
+    return _per_dim(padding, len(kernel))
+
+
+def _per_dim(value: Any, n: int) -> tuple[int, ...]:
+    """An int or a list of ints as one int per spatial dim."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == n:
+            return tuple(int(v) for v in value)
+        value = value[0]
+    return tuple(int(value) for _ in range(n))
 
 
 def is_affine_candidate(module: nn.Module) -> bool:

@@ -38,14 +38,13 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     if problem is not None:
         site.problem = problem
         return
-    notes = traced.notes
+    site.notes = traced.notes  # read before the graph changes
     erase_norm(gm.graph, inner, placeholders[0])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     site.params = inner.params
     output = next(n for n in gm.graph.nodes if n.op == "output")
     site.extra = nn.Identity() if output.args[0] is placeholders[0] else gm
-    site.notes = notes
 
 
 def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:

@@ -7,7 +7,6 @@ subclass forward never breaks the trace of the model around it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,22 +51,14 @@ def runnable(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-@dataclass(frozen=True)
-class Traced:
-    """A traced model: a GraphModule sharing the model's submodules and tensors."""
-
-    module: fx.GraphModule
-    method: str  # "fx", "graph-module" or "recorded"
-
-
-def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
-    """Trace ``model`` into a GraphModule without changing it.
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule sharing its submodules and tensors, without changing it.
 
     A GraphModule (e.g. ``ExportedProgram.module()``) is used as it is. Raises ``TraceError``
     naming the cause when the model cannot be traced.
     """
     if isinstance(model, fx.GraphModule):
-        return Traced(module=model, method="graph-module")
+        return model
     try:
         module = trace_to_module(LeafTracer(), model)
     except Exception as exc:
@@ -76,7 +67,7 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
             "offending forward traceable (no Python control flow on tensor values) or pass a "
             "torch.export program (.pt2)."
         ) from exc
-    return Traced(module=module, method="fx")
+    return module
 
 
 def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
@@ -94,29 +85,23 @@ def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
 
 
 def propagate(
-    traced: Traced,
-    example_inputs: Any,
-    keep: set[str],
-    outputs: list[Any] | None = None,
-    reuse: LeafCalls | None = None,
-) -> dict[str, Any]:
-    """Run the traced model once in eval mode without autograd.
+    gm: fx.GraphModule, example_inputs: Any, keep: set[str], reuse: LeafCalls | None = None
+) -> tuple[dict[str, Any], Any]:
+    """Run the traced model ``gm`` once in eval mode without autograd.
 
     Stores ``node.meta["bnfold_shape"]`` for every tensor-valued node and returns the input
-    values of the nodes named in ``keep`` (and appends the graph's output to ``outputs`` when
-    given). Leaf calls whose arguments equal those of a call kept in ``reuse`` take its result
-    (see ``bnfold.find.leafcalls``). The model's flags are restored afterwards. A failure raises
-    ``ModelInputError`` naming the node and module that rejected the input.
+    values of the nodes named in ``keep``, and the graph's output. Leaf calls whose arguments
+    equal those of a call kept in ``reuse`` take its result (see ``bnfold.find.leafcalls``). The
+    model's flags are restored afterwards. A failure raises ``ModelInputError`` naming the node
+    and module that rejected the input.
     """
-    run = _GraphRun(traced.module, keep, reuse)
-    with inference(traced.module):
+    run = _GraphRun(gm, keep, reuse)
+    with inference(gm):
         try:
             result = run.run(as_args(example_inputs))
         except Exception as exc:
             raise input_rejected(_where(run.current), exc) from exc
-    if outputs is not None:
-        outputs.append(result)
-    return run.kept
+    return run.kept, result
 
 
 class _GraphRun:

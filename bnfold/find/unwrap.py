@@ -47,11 +47,8 @@ def state_notes(model: nn.Module) -> tuple[str, ...]:
     devices = sorted({str(device) for _, device in kinds})
     if not dtypes or (dtypes == ["float32"] and devices == ["cpu"]):
         return ()
-    rounding = (
-        f"rounded once to {', '.join(d for d in dtypes if d != 'float64')}"
-        if any(d != "float64" for d in dtypes)
-        else "kept in float64"
-    )
+    rounded = [dtype for dtype in dtypes if dtype != "float64"]
+    rounding = f"rounded once to {', '.join(rounded)}" if rounded else "kept in float64"
     return (
         f"weights are {', '.join(dtypes)} on {', '.join(devices)}: folds are computed in "
         f"float64 and {rounding}; the folded model keeps each layer's dtype and device",

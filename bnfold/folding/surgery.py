@@ -66,7 +66,7 @@ def fold(
         work, example_inputs, allow_graph_rewrite=allow_rewrite, extra_inputs=extra_inputs
     )
     plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
-    gm = analysis.traced.module
+    gm = analysis.module
     functional = [p for p in analysis.pairs if p.norm.module is None or p.layer.module is None]
     rewrite = bool(functional) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work

@@ -180,7 +180,7 @@ def _specs(candidates: Any, providers: Sequence[str]) -> list[_Spec]:
 
 def _build_runner(spec: _Spec) -> Any:
     if spec.kind.startswith("torch-"):
-        return runtime.torch_runner(spec.target, spec.kind.removeprefix("torch-"), name=spec.name)
+        return runtime.TorchRunner(spec.target, spec.kind.removeprefix("torch-"), name=spec.name)
     device = runtime.CUDA if spec.kind == "ort-cuda" else runtime.CPU
     optimization = runtime.OPT_DISABLE_ALL if spec.kind.endswith("-noopt") else runtime.OPT_DEFAULT
     return runtime.ort_runner(spec.target, device, optimization=optimization, name=spec.name)
