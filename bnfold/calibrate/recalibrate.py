@@ -1,11 +1,5 @@
-"""Recalibrate BatchNorm running statistics on sample data: exactly, and touching nothing else.
-
-Every module runs in eval mode without autograd while every BatchNorm normalises with its batch
-statistics, as in training (``bnfold.calibrate.statistics``); the running buffers are written
-once, last, and on any error (``KeyboardInterrupt`` included) every flag, momentum and statistic
-is as it was. Under ``torch.distributed`` each rank feeds its own part of the data
-(``bnfold.calibrate.distributed``).
-"""
+"""``recalibrate``: the run. Statistics are taken by ``bnfold.calibrate.statistics``, merged
+across ranks by ``bnfold.calibrate.distributed`` and written once, last."""
 
 from __future__ import annotations
 
@@ -79,11 +73,9 @@ def recalibrate(
         inplace: update ``model`` (default) or a copy of it.
 
     Returns:
-        A ``CalibrationReport``: per BatchNorm, old vs new statistics, the shift in units of the
-        old std, near-zero-variance channels, samples seen; BatchNorms that saw no data
-        (``NO_DATA``, left unchanged) and BatchNorms without running statistics
-        (``NO_RUNNING_STATS``, skipped); the batches and samples each rank fed; ``model``, the
-        recalibrated module (inside any wrapper).
+        A ``CalibrationReport`` with one ``LayerCalibration`` per BatchNorm (BatchNorms that saw
+        no data are left unchanged, those without running statistics skipped) and ``model``,
+        the recalibrated module (inside any wrapper).
 
     Raises:
         UsageError: bad arguments, a model without BatchNorm, a TorchScript model, an
@@ -101,15 +93,19 @@ def recalibrate(
     notes = (f"recalibrated the module inside {type(model).__name__}",) if wrapped else ()
     model = inner if inplace else clone_model(inner)
     named = list(model.named_modules())
-    targets = _find_batchnorms(named)
+    norms = _find_batchnorms(named)
     if isinstance(data, DataSource):
         notes += data.notes
-    if not targets:
-        return build_report(named, {}, (), started, notes, model)
+    world = distributed.world_size()
+    layers = {
+        name: Layer(name, bn, world)
+        for name, bn in norms.items()
+        if bn.running_mean is not None and bn.running_var is not None
+    }
+    if not layers:
+        return build_report(norms, {}, (), started, notes, model)
     tensors = itertools.chain(model.parameters(), model.buffers())
     device = torch.device(device) if device is not None else next(tensors, torch.empty(0)).device
-    world = distributed.world_size()
-    layers = {name: Layer(name, bn, world) for name, bn in targets.items()}
     observer = Observer(layers)
     try:
         with eval_mode(model, (module for _, module in named)), torch.no_grad():
@@ -128,7 +124,7 @@ def recalibrate(
             finally:
                 observer.detach()
         per_rank = [RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares)]
-        report = build_report(named, layers, per_rank, started, notes, model)
+        report = build_report(norms, layers, per_rank, started, notes, model)
         for layer in layers.values():  # last
             layer.write()
     except BaseException:
@@ -136,9 +132,6 @@ def recalibrate(
             layer.restore()  # every layer that ran
         raise
     return report
-
-
-# --------------------------------------------------------------------------------- preparation
 
 
 def _check_arguments(model: nn.Module, batches: int | None) -> None:
@@ -154,7 +147,7 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
 
 
 def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
-    """The BatchNorms with running statistics, by name (``(model)`` for the model itself)."""
+    """Every BatchNorm, by name (``(model)`` for the model itself)."""
     norms = {name or "(model)": m for name, m in named if isinstance(m, _BatchNorm)}
     if not norms:
         raise UsageError(
@@ -167,14 +160,7 @@ def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]
                 f"BatchNorm {label!r} is a lazy module that has not run yet; run one forward "
                 "pass first so its statistics have a shape"
             )
-    return {
-        label: module
-        for label, module in norms.items()
-        if module.running_mean is not None and module.running_var is not None
-    }
-
-
-# ----------------------------------------------------------------------------------- the loop
+    return norms
 
 
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -202,26 +188,23 @@ class _Feeder:
         for index, batch in enumerate(_batches(data, limit)):
             if fingerprint and index == 0:
                 first = distributed.fingerprint(batch)
-            samples += self.one(index, map_tensors(batch, lambda t: t.to(self.device)))
+            batch = map_tensors(batch, lambda t: t.to(self.device))
+            self.observer.batch = index
+            self.observer.running.clear()
+            try:
+                self.feed(self.model, batch)
+            except BnfoldError:
+                raise
+            except Exception as exc:
+                raise _rejected(index, batch, exc, self.observer.inside()) from exc
+            items = batch_items(batch)
+            if self.progress is not None:
+                self.progress(index, items)
+            samples += items
             fed += 1
         for layer in self.observer.layers.values():
             layer.pool()
         return Fed(fed, samples, first)
-
-    def one(self, index: int, batch: Batch) -> int:
-        """Feed one batch; returns its batch items."""
-        self.observer.batch = index
-        self.observer.running.clear()
-        try:
-            self.feed(self.model, batch)
-        except BnfoldError:
-            raise
-        except Exception as exc:
-            raise _rejected(index, batch, exc, self.observer.inside()) from exc
-        items = batch_items(batch)
-        if self.progress is not None:
-            self.progress(index, items)
-        return items
 
 
 def _batches(data: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
