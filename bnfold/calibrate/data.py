@@ -1,7 +1,5 @@
-"""Sample data for recalibration (``bnfold recalibrate --data``, ``bnfold fold --data``).
-
-``load_data(spec, ...)`` turns a DATA argument into a ``DataSource`` (``bnfold.calibrate.sources``):
-a ``.pt``/``.pth``, ``.npy`` or ``.npz`` file (``bnfold.calibrate.files``), a folder of images
+"""``load_data``: a DATA argument (``bnfold recalibrate --data``, ``bnfold fold --data``) as a
+``DataSource``: a data file (``bnfold.calibrate.files``), a folder of images
 (``bnfold.calibrate.images``), or ``package.module:callable``, your code: called with no
 arguments, it returns an iterable of batches (a DataLoader, a list, a generator), this rank's
 part under ``torch.distributed``, used as it is.
@@ -9,20 +7,19 @@ part under ``torch.distributed``, used as it is.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from bnfold.calibrate.files import load_file, npz_member
+from bnfold.calibrate.files import load_file
 from bnfold.calibrate.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageOptions
 from bnfold.calibrate.sources import DataSource, IterableSource, check_positive, describe
-from bnfold.errors import LoadError, UsageError
+from bnfold.errors import LoadError, UsageError, first_line
+from bnfold.io.factory import import_target
 from bnfold.io.models import FACTORY_SPEC, describe_broken_link
+from bnfold.io.paths import spec_path
 
 
 def load_data(
@@ -55,14 +52,13 @@ def load_data(
     check_positive("batch_size", batch_size)
     rank, world = _check_shard(shard)
     text = os.fspath(spec)
-    path = Path(text)
-    if path.is_dir():
+    path = spec_path(text)  # FILE for FILE:NAME
+    if path is not None and path.is_dir():
         options = ImageOptions.make(image_size, resize, mean, std)
         source: DataSource = ImageFolder(path, options, batch_size=batch_size, seed=seed)
-    elif path.exists():
-        source = load_file(path, batch_size=batch_size, seed=seed)
-    elif (picked := npz_member(text)) is not None:
-        source = load_file(picked[0], batch_size=batch_size, seed=seed, member=picked[1])
+    elif path is not None and path.exists():
+        member = None if path == Path(text) else text.rpartition(":")[2]
+        source = load_file(path, batch_size=batch_size, seed=seed, member=member)
     elif FACTORY_SPEC.match(text):
         source = IterableSource(_call(text), text)
     elif os.path.islink(text):
@@ -88,32 +84,12 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 
 def _call(spec: str) -> Iterable:
     """Import ``package.module:callable`` (from the current directory first) and call it."""
-    module_name, _, attr_path = spec.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise LoadError(
-            f"cannot import module '{module_name}' for {spec}: {type(exc).__name__}: {exc}. The "
-            "module must be importable: run from its directory, install it, or add it to "
-            "PYTHONPATH"
-        ) from exc
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-    target: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
-        target = getattr(target, part)
+    target = import_target(spec)
     if callable(target):
         try:
             target = target()
         except Exception as exc:
-            raise LoadError(f"calling {spec}() raised {type(exc).__name__}: {exc}") from exc
+            raise LoadError(f"calling {spec}() raised {first_line(exc)}") from exc
     if isinstance(target, (torch.Tensor, str, bytes, Mapping)) or not isinstance(target, Iterable):
         raise LoadError(
             f"{spec} gave {describe(target)}; it must return an iterable of batches (a "

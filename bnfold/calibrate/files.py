@@ -1,11 +1,7 @@
-"""Sample data files: ``.pt``/``.pth`` (bnfold's weights-only unpickler), ``.npy`` and ``.npz``
-(numpy without pickle), each opened as a ``DataSource``.
-
-A ``.pt`` tensor is one positional input, a tuple several, a dict keyword inputs (samples along
-dim 0 of each); a list is ready-made batches. An ``.npz`` gives the array ``NAME``
-(``FILE.npz:NAME``, the only member read), its only array, or arrays saved positionally
-(``arr_0``, ``arr_1``, ...) as positional inputs in order; several named arrays are refused with
-their names.
+"""Sample data files as a ``DataSource``: ``.pt``/``.pth`` (bnfold's weights-only unpickler),
+``.npy`` and ``.npz`` (numpy without pickle); the forms each may take are in the README,
+"Recalibrate after fine-tuning". In a ``.pt`` a tensor is one positional input, a tuple several,
+a dict keyword inputs (samples along dim 0 of each), a list ready-made batches.
 """
 
 from __future__ import annotations
@@ -20,17 +16,6 @@ import torch
 from bnfold.calibrate.sources import DataSource, ListSource, TensorSource, describe
 from bnfold.errors import LoadError, UnsafeFileError, UnsafePickleError, UsageError
 from bnfold.io.unpickle import load_torch_file
-
-DATA_FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
-
-
-def npz_member(text: str) -> tuple[Path, str] | None:
-    """``(FILE, NAME)`` when ``text`` is ``FILE:NAME`` and FILE is an existing data file."""
-    head, colon, name = text.rpartition(":")
-    path = Path(head)
-    if not colon or path.suffix.lower() not in DATA_FILE_SUFFIXES or not path.is_file():
-        return None
-    return path, name
 
 
 def load_file(path: Path, *, batch_size: int, seed: int, member: str | None = None) -> DataSource:
