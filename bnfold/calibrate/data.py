@@ -50,7 +50,9 @@ def load_data(
     ``:NAME``). Nothing is fed to a model here.
     """
     check_positive("batch_size", batch_size)
-    rank, world = _check_shard(shard)
+    rank, world = shard or (0, 1)
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"shard must be (rank, world_size) with 0 <= rank < world_size: {shard}")
     text = os.fspath(spec)
     path = spec_path(text)  # FILE for FILE:NAME
     if path is not None and path.is_dir():
@@ -71,15 +73,6 @@ def load_data(
     if world > 1:
         source.shard(rank, world)
     return source
-
-
-def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    if shard is None:
-        return 0, 1
-    rank, world = shard
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"shard must be (rank, world_size) with 0 <= rank < world_size: {shard}")
-    return rank, world
 
 
 def _call(spec: str) -> Iterable:

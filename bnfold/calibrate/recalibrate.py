@@ -49,41 +49,29 @@ def recalibrate(
 ) -> CalibrationReport:
     """Replace every BatchNorm's running statistics by exact statistics over ``data``.
 
-    Recalibration exists to update a model, so by default (``inplace=True``) it updates
-    ``model`` itself; with ``inplace=False`` the caller's model is not changed at all and a
-    recalibrated copy is returned as ``report.model``. Each BatchNorm that saw data gets
-    ``running_mean`` = mean and ``running_var`` = unbiased variance of every element it saw
-    (all batches, all calls, pooled by count in float64) and ``num_batches_tracked`` = the
-    number of calls pooled. Nothing else changes (parameters, other buffers, ``training`` and
-    ``momentum`` flags). On any error the model is left exactly as it was, statistics included.
+    Each BatchNorm that saw data gets ``running_mean`` = mean and ``running_var`` = unbiased
+    variance of every element it saw (all batches, all calls, pooled by count in float64) and
+    ``num_batches_tracked`` = the calls pooled. Nothing else changes (parameters, other buffers,
+    ``training`` and ``momentum`` flags); on any error the model is left exactly as it was.
+    Recalibration exists to update a model, so by default (``inplace=True``) ``model`` itself is
+    updated; with ``inplace=False`` the caller's model is not changed at all and a recalibrated
+    copy is ``report.model``. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``)
+    are looked through: the inner module shares their statistics.
 
-    Args:
-        model: the model; its BatchNorms (BatchNorm1d/2d/3d, SyncBatchNorm and subclasses) are
-            recalibrated. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``)
-            are looked through: the inner module shares their statistics.
-        data: an iterable of batches (a DataLoader, a list). A batch is a tensor (one
-            positional input), a tuple/list (positional inputs) or a dict (keyword inputs).
-            Under ``torch.distributed``, this rank's part of the data, fed as it is.
-        batches: use at most this many batches (per rank under ``torch.distributed``).
-        forward: ``forward(model, batch)`` feeds one batch; use it for batches that are not
-            plain inputs, e.g. ``lambda m, b: m(b[0])`` for ``(inputs, labels)`` batches.
-        device: where tensors in each batch are moved; default the device of the model's first
-            parameter or buffer. The model itself is not moved.
-        progress: called after each batch as ``progress(batch_index, batch_items)``.
-        inplace: update ``model`` (default) or a copy of it.
+    ``data`` is an iterable of batches (a DataLoader, a list), under ``torch.distributed`` this
+    rank's part, fed as it is. A batch is a tensor (one positional input), a tuple/list
+    (positional inputs) or a dict (keyword inputs); ``forward(model, batch)`` feeds other kinds,
+    e.g. ``lambda m, b: m(b[0])`` for ``(inputs, labels)``. ``batches`` caps the batches (per
+    rank); each batch's tensors go to ``device`` (default: the device of the model's first
+    parameter or buffer; the model is not moved); ``progress(batch_index, batch_items)`` is
+    called after each batch. The ``CalibrationReport`` has one entry per BatchNorm: those that
+    saw no data are left unchanged, those without running statistics skipped.
 
-    Returns:
-        A ``CalibrationReport`` with one ``LayerCalibration`` per BatchNorm (BatchNorms that saw
-        no data are left unchanged, those without running statistics skipped) and ``model``,
-        the recalibrated module (inside any wrapper).
-
-    Raises:
-        UsageError: bad arguments, a model without BatchNorm, a TorchScript model, an
-            uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size.
-        ModelInputError: the model rejected a batch, or a BatchNorm got one value per channel
-            (the message names the batch index and the BatchNorm, if any).
-        CalibrationError: no batches, NaN/inf reaching a BatchNorm (named), another rank
-            failed, or two ranks fed the same first batch.
+    Raises ``UsageError`` (bad arguments, a model without BatchNorm, a TorchScript model, an
+    uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size),
+    ``ModelInputError`` (the model rejected a batch, or a BatchNorm got one value per channel;
+    the message names the batch and the BatchNorm) or ``CalibrationError`` (no batches, NaN/inf
+    reaching a BatchNorm, another rank failed, two ranks fed the same first batch).
     """
     _check_arguments(model, batches)
     started = time.perf_counter()

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bnfold.errors import LoadError, UsageError
+from bnfold.io.inputs import as_args
 
 Batch = Any
 
@@ -65,11 +66,6 @@ class DataSource:
         """Samples in each batch before sharding, when known."""
         return None
 
-    def _count(self) -> int | None:
-        """Batches before sharding, when known."""
-        sizes = self._sizes()
-        return None if sizes is None else len(sizes)
-
     def shard(self, rank: int, world: int) -> None:
         """Feed only batches ``rank, rank + world, ...`` (a file source, split by bnfold)."""
         self.rank, self.world, self.split = rank, world, "by_batch"
@@ -86,10 +82,10 @@ class DataSource:
                 yield self._cast(batch)
 
     def __len__(self) -> int:
-        count = self._count()
-        if count is None:
+        sizes = self._sizes()
+        if sizes is None:
             raise TypeError(f"{self.description}: the number of batches is not known")
-        return len(range(self.rank, count, self.world))
+        return len(range(self.rank, len(sizes), self.world))
 
     def num_samples(self, batches: int | None = None) -> int | None:
         """Samples in this rank's first ``batches`` batches (all if None), when known."""
@@ -111,10 +107,9 @@ class DataSource:
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """The first batch as positional example inputs (for tracing, or saving a ``.pt2``)."""
         batch = self.first_batch()
-        if isinstance(batch, torch.Tensor):
-            return (batch,)
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in batch):
-            return tuple(batch)
+        inputs = as_args(batch)
+        if all(isinstance(value, torch.Tensor) for value in inputs):
+            return inputs
         raise UsageError(
             f"{self.description}: the batches are {describe(batch)}, not positional tensors, so "
             "they cannot serve as example inputs; pass --input-shape"
@@ -211,11 +206,8 @@ class IterableSource(DataSource):
         self.peeked: list = []
         self.consumed = False
 
-    def _count(self) -> int | None:
-        try:
-            return len(self.iterable)  # type: ignore[arg-type]
-        except TypeError:
-            return None
+    def __len__(self) -> int:
+        return len(self.iterable)  # type: ignore[arg-type]
 
     def shard(self, rank: int, world: int) -> None:
         """Take the iterable as this rank's part (never split it); check the rank and world

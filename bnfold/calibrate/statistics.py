@@ -165,9 +165,6 @@ def _spread(row: torch.Tensor) -> float:
     return float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
 
 
-# ----------------------------------------------------------------------------------- the hooks
-
-
 class Observer:
     """The hooks of every target BatchNorm, and the flags they change."""
 
