@@ -17,21 +17,13 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.calibrate import distributed
 from bnfold.calibrate.distributed import Fed
-from bnfold.calibrate.report import (
-    CalibrationReport,
-    LayerCalibration,
-    LayerStatus,
-    RankShare,
-    build_report,
-)
+from bnfold.calibrate.report import CalibrationReport, RankShare, build_report
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
 from bnfold.calibrate.statistics import Layer, Observer
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
 from bnfold.modes import eval_mode
-
-__all__ = ["CalibrationReport", "LayerCalibration", "LayerStatus", "RankShare", "recalibrate"]
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ProgressFn = Callable[[int, int], None]

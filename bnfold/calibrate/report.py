@@ -193,7 +193,7 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     widths = [layer.bn.num_features for layer in layers]
     starts = [0, *itertools.accumulate(widths[:-1])]
     new = [layer.total for layer in layers if layer.total is not None]
-    old = [layer.old_statistics() for layer in layers]
+    old = [layer.saved for layer in layers]  # running mean, running var, ...
     columns = (
         [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
     )

@@ -74,15 +74,10 @@ class Layer:
         self.counts: list[int] = []  # values per channel of each row not yet pooled
         self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
-        self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
-
-    def save(self) -> None:
-        """Keep the running statistics before the first call writes them."""
-        if self.saved is None:
-            self.saved = tuple(t.clone() for t in self._buffers())
+        self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
 
     def restore(self) -> None:
-        for buffer, value in zip(self._buffers(), self.saved or (), strict=False):
+        for buffer, value in zip(self._buffers(), self.saved, strict=True):
             buffer.copy_(value)
 
     def write(self) -> None:
@@ -99,10 +94,6 @@ class Layer:
     def _buffers(self) -> list[torch.Tensor]:
         buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
         return [t for t in buffers if t is not None]
-
-    def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        saved = self.saved or self._buffers()
-        return saved[0], saved[1]
 
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
         """This call's [mean, unbiased var]: what the train-mode kernel wrote, where exact."""
@@ -198,7 +189,6 @@ class Observer:
         return self.running[-1][0].name if self.running else None
 
     def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
-        layer.save()
         x = args[0] if args else kwargs.get("input")
         count = 0
         if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
