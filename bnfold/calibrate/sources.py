@@ -152,14 +152,10 @@ class TensorSource(SampleSource):
     ) -> None:
         tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
         super().__init__(_common_length(tensors, description), description, batch_size, seed)
-        self.inputs = inputs
+        self.inputs = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else inputs
 
     def _take(self, index: torch.Tensor) -> Batch:
-        if isinstance(self.inputs, dict):
-            return {name: tensor[index] for name, tensor in self.inputs.items()}
-        if len(self.inputs) == 1:
-            return self.inputs[0][index]
-        return tuple(tensor[index] for tensor in self.inputs)
+        return map_tensors(self.inputs, lambda tensor: tensor[index])
 
 
 def _common_length(tensors: list[torch.Tensor], description: str) -> int:
