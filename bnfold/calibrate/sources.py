@@ -199,7 +199,6 @@ class IterableSource(DataSource):
     def __init__(self, iterable: Iterable, description: str) -> None:
         self.iterable, self.description = iterable, description
         self.one_shot = iter(iterable) is iterable  # a generator or iterator
-        self.peeked: list = []
         self.consumed = False
 
     def __len__(self) -> int:
@@ -211,23 +210,22 @@ class IterableSource(DataSource):
         self.notes = _sampler_notes(self.iterable, self.description, rank, world)
 
     def _batches(self) -> Iterator[Batch]:
-        if not self.one_shot:
-            yield from self.iterable
-            return
-        if self.consumed:
-            raise LoadError(
-                f"{self.description} returned a one-shot iterator (a generator) that was "
-                "already used up; return a list or a DataLoader so the data can be read twice"
-            )
-        yield from self.peeked
-        self.consumed = True
+        if self.one_shot:
+            if self.consumed:
+                raise LoadError(
+                    f"{self.description} returned a one-shot iterator (a generator) that was "
+                    "already used up; return a list or a DataLoader so the data can be read twice"
+                )
+            self.consumed = True
         yield from self.iterable
 
     def first_batch(self) -> Batch:
-        if self.one_shot and not self.peeked and not self.consumed:
-            self.peeked = list(itertools.islice(self.iterable, 1))
-        if self.one_shot and self.peeked:
-            return self._cast(self.peeked[0])
+        """The first batch; a one-shot iterator keeps it for the run that follows."""
+        if self.one_shot and not self.consumed:
+            head = list(itertools.islice(self.iterable, 1))
+            self.iterable = itertools.chain(head, self.iterable)
+            if head:
+                return self._cast(head[0])
         return super().first_batch()
 
 
