@@ -23,6 +23,7 @@ from bnfold.calibrate.statistics import Layer, Observer
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
+from bnfold.io.inputs import as_args
 from bnfold.modes import eval_mode
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -109,7 +110,7 @@ def recalibrate(
             layer.write()
     except BaseException:
         for layer in layers.values():
-            layer.restore()  # every layer that ran
+            layer.restore()
         raise
     return report
 
@@ -146,9 +147,7 @@ def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    return model(*as_args(batch))
 
 
 @dataclass(frozen=True)

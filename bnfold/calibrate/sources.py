@@ -93,8 +93,7 @@ class DataSource:
         return None if sizes is None else sum(sizes[self.rank :: self.world][:batches])
 
     def total_samples(self) -> int | None:
-        """Samples in the whole source, every rank's part together, when bnfold knows them
-        (a file or folder); None for a callable's iterable."""
+        """Samples in the whole source (every rank's part), when known: a file or folder."""
         sizes = self._sizes()
         return None if sizes is None else sum(sizes)
 
@@ -124,21 +123,17 @@ class SampleSource(DataSource):
         self.samples, self.description = samples, description
         self.batch_size, self.seed = batch_size, seed
 
-    def _bounds(self) -> list[tuple[int, int]]:
-        """``[start, stop)`` of each batch."""
-        count, size = self.samples, self.batch_size
-        bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
-        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-            bounds[-2:] = [(bounds[-2][0], count)]
-        return bounds
-
     def _sizes(self) -> list[int]:
-        return [stop - start for start, stop in self._bounds()]
+        full, rest = divmod(self.samples, self.batch_size)
+        sizes = [self.batch_size] * full + ([rest] if rest else [])
+        if len(sizes) > 1 and sizes[-1] == 1:
+            sizes[-2:] = [sizes[-2] + 1]
+        return sizes
 
     def _batches(self) -> Iterator[Batch]:
         order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.seed))
-        for start, stop in self._bounds():
-            yield self._take(order[start:stop])
+        for index in order.split(self._sizes()):
+            yield self._take(index)
 
     def _take(self, index: torch.Tensor) -> Batch:
         raise NotImplementedError
