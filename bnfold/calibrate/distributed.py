@@ -23,8 +23,7 @@ FINGERPRINT_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class Fed:
-    """What one rank fed: batches, batch items, and a fingerprint of its first batch (0 when
-    not taken), and whether it failed."""
+    """What one rank fed: batches, batch items, first batch's fingerprint (or 0); or failed."""
 
     batches: int = 0
     samples: int = 0

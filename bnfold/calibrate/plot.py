@@ -19,12 +19,9 @@ def plot_shifts(
     report: CalibrationReport, path: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
     """Draw ``report``'s per-layer shifts into an image at ``path`` (format from its suffix,
-    e.g. ``.png``/``.svg``/``.pdf``), written atomically. Returns the path.
-
-    Raises ``UsageError`` when matplotlib is not installed or the suffix is not an image
-    format matplotlib writes or ``path`` exists and ``overwrite`` is False (see
-    ``bnfold.io.models.atomic_write``), ``SaveError`` when the file cannot be written.
-    """
+    e.g. ``.png``/``.svg``/``.pdf``), written atomically; returns the path. Raises
+    ``UsageError`` without matplotlib, for a suffix matplotlib cannot write or an existing
+    ``path`` without ``overwrite``; ``SaveError`` when the file cannot be written."""
     try:
         import matplotlib
     except ImportError:

@@ -16,7 +16,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.calibrate import distributed
-from bnfold.calibrate.distributed import Fed
 from bnfold.calibrate.report import CalibrationReport, RankShare, build_report
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
 from bnfold.calibrate.statistics import Layer, Observer
@@ -152,8 +151,7 @@ def _default_forward(model: nn.Module, batch: Batch) -> Any:
 
 @dataclass(frozen=True)
 class _Feeder:
-    """Feeds batches to ``model``: each moved to ``device``, fed by ``feed``, then reported to
-    ``progress``."""
+    """Feeds batches: each moved to ``device``, fed by ``feed``, then reported to ``progress``."""
 
     model: nn.Module
     observer: Observer
@@ -161,7 +159,7 @@ class _Feeder:
     device: torch.device
     progress: ProgressFn | None
 
-    def all(self, data: Iterable[Batch], limit: int | None, fingerprint: bool) -> Fed:
+    def all(self, data: Iterable[Batch], limit: int | None, fingerprint: bool) -> distributed.Fed:
         """Feed the batches; what was fed (with the first batch's fingerprint if asked)."""
         fed = samples = first = 0
         for index, batch in enumerate(_batches(data, limit)):
@@ -183,7 +181,7 @@ class _Feeder:
             fed += 1
         for layer in self.observer.layers.values():
             layer.pool()
-        return Fed(fed, samples, first)
+        return distributed.Fed(fed, samples, first)
 
 
 def _batches(data: Iterable[Batch], limit: int | None) -> Iterator[Batch]:

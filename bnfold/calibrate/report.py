@@ -1,5 +1,4 @@
-"""The report of a recalibration: per BatchNorm, old against new statistics (built for every
-layer at once: a few tensor operations in all, not per layer), and its text rendering."""
+"""The report of a recalibration: per BatchNorm, old against new statistics; its text."""
 
 from __future__ import annotations
 
@@ -44,9 +43,8 @@ class LayerCalibration(Record):
     call and every rank). ``mean_shift`` is ``|new_mean − old_mean| / sqrt(old_var + eps)`` per
     channel: the shift in units of the old standard deviation. ``std_ratio`` is
     ``sqrt((new_var + eps) / (old_var + eps))``: how much the layer's normaliser changed.
-    ``near_zero_var_channels`` lists channels whose new variance is below ``eps``: their
-    normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold scales
-    them by about ``gamma / sqrt(eps)``.
+    ``near_zero_var_channels`` lists channels whose new variance is below ``eps`` (a dead
+    channel or a constant input): a fold scales them by about ``gamma / sqrt(eps)``.
     """
 
     name: str
