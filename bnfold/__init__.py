@@ -2,12 +2,8 @@
 and prove the deployed ONNX model computes the same function."""
 
 from bnfold.calibrate.data import DataSource, load_data
-from bnfold.calibrate.recalibrate import (
-    CalibrationReport,
-    LayerCalibration,
-    LayerStatus,
-    recalibrate,
-)
+from bnfold.calibrate.recalibrate import recalibrate
+from bnfold.calibrate.report import CalibrationReport, LayerCalibration, LayerStatus
 from bnfold.errors import (
     BnfoldError,
     CalibrationError,

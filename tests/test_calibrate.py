@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnfold
-from bnfold.calibrate.recalibrate import CalibrationReport, LayerStatus, RankShare, recalibrate
+from bnfold.calibrate.recalibrate import recalibrate
+from bnfold.calibrate.report import CalibrationReport, LayerStatus, RankShare
 from bnfold.zoo import randomize_bn, small_cnn
 
 

@@ -7,7 +7,8 @@ import torch
 from calibrate_models import all_state, assert_same, mixed, uneven_batches
 from torch import nn
 
-from bnfold.calibrate.recalibrate import LayerStatus, recalibrate
+from bnfold.calibrate.recalibrate import recalibrate
+from bnfold.calibrate.report import LayerStatus
 from bnfold.errors import CalibrationError, ModelInputError, UsageError
 
 

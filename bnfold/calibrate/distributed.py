@@ -1,12 +1,7 @@
-"""Recalibration under ``torch.distributed``: what every rank fed, and one set of statistics.
-
-Each rank feeds its own part of the data as given (``load_data(..., shard=...)`` splits a file
-by batch); no collective runs per batch, so ranks may feed different numbers of batches, or
-none. Afterwards ``feed_everywhere`` tells every rank what every other fed, refusing the run
-everywhere when a rank failed or two ranks fed identical first batches, and ``all_reduce``
-merges the per-channel count, mean and squared deviations in float64, so every rank ends with
-the statistics one process fed every rank's batches would compute.
-"""
+"""Recalibration under ``torch.distributed``. No collective runs per batch (ranks may feed
+different numbers of batches, or none); afterwards ``feed_everywhere`` tells every rank what every
+other fed, refusing the run everywhere when one failed or two fed identical first batches, and
+``all_reduce`` merges the statistics exactly in float64."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ FINGERPRINT_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class Fed:
-    """What one rank fed: batches, batch items, and a fingerprint of its first batch (0 when
-    not taken), and whether it failed."""
+    """What one rank fed: batches, batch items, first batch's fingerprint (or 0); or failed."""
 
     batches: int = 0
     samples: int = 0

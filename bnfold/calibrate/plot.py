@@ -1,11 +1,6 @@
-"""A per-layer picture of what recalibration changed (``bnfold recalibrate --plot FILE.png``).
-
-Two panels, one bar pair per BatchNorm in model order: the shift of the running mean in units of
-the old standard deviation (max and mean over channels), and the ratio new / old of the
-normaliser ``sqrt(var + eps)`` (min and max over channels, log scale). BatchNorms that saw no
-data or have no running statistics are marked. matplotlib (``pip install 'bnfold[plot]'``) is
-imported only here, and only when a plot is asked for.
-"""
+"""A per-layer picture of what recalibration changed (``bnfold recalibrate --plot FILE.png``):
+bars of each BatchNorm's mean shift and normaliser ratio. matplotlib (``bnfold[plot]``) is
+imported only here, and only when a plot is asked for."""
 
 from __future__ import annotations
 
@@ -24,13 +19,19 @@ def plot_shifts(
     report: CalibrationReport, path: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
     """Draw ``report``'s per-layer shifts into an image at ``path`` (format from its suffix,
-    e.g. ``.png``/``.svg``/``.pdf``), written atomically. Returns the path.
+    e.g. ``.png``/``.svg``/``.pdf``), written atomically; returns the path. Raises
+    ``UsageError`` without matplotlib, for a suffix matplotlib cannot write or an existing
+    ``path`` without ``overwrite``; ``SaveError`` when the file cannot be written."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed: pip install 'bnfold[plot]' "
+            "(or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg", force=False)  # no display needed
+    import matplotlib.pyplot as plt
 
-    Raises ``UsageError`` when matplotlib is not installed or the suffix is not an image
-    format matplotlib writes or ``path`` exists and ``overwrite`` is False (see
-    ``bnfold.io.models.atomic_write``), ``SaveError`` when the file cannot be written.
-    """
-    plt = _pyplot()
     out = Path(path)
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
@@ -49,20 +50,6 @@ def plot_shifts(
     finally:
         plt.close(figure)
     return out
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError(
-            "--plot needs matplotlib, which is not installed: pip install 'bnfold[plot]' "
-            "(or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg", force=False)  # no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _draw(plt: Any, report: CalibrationReport) -> Any:

@@ -1,11 +1,5 @@
-"""Recalibrate BatchNorm running statistics on sample data: exactly, and touching nothing else.
-
-Every module runs in eval mode without autograd while every BatchNorm normalises with its batch
-statistics, as in training (``bnfold.calibrate.statistics``); the running buffers are written
-once, last, and on any error (``KeyboardInterrupt`` included) every flag, momentum and statistic
-is as it was. Under ``torch.distributed`` each rank feeds its own part of the data
-(``bnfold.calibrate.distributed``).
-"""
+"""``recalibrate``: the run. Statistics are taken by ``bnfold.calibrate.statistics``, merged
+across ranks by ``bnfold.calibrate.distributed`` and written once, last."""
 
 from __future__ import annotations
 
@@ -22,22 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.calibrate import distributed
-from bnfold.calibrate.distributed import Fed
-from bnfold.calibrate.report import (
-    CalibrationReport,
-    LayerCalibration,
-    LayerStatus,
-    RankShare,
-    build_report,
-)
+from bnfold.calibrate.report import CalibrationReport, RankShare, build_report
 from bnfold.calibrate.sources import Batch, DataSource, batch_items, map_tensors
 from bnfold.calibrate.statistics import Layer, Observer
 from bnfold.errors import BnfoldError, CalibrationError, ModelInputError, UsageError
 from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
+from bnfold.io.inputs import as_args
 from bnfold.modes import eval_mode
-
-__all__ = ["CalibrationReport", "LayerCalibration", "LayerStatus", "RankShare", "recalibrate"]
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ProgressFn = Callable[[int, int], None]
@@ -55,43 +41,29 @@ def recalibrate(
 ) -> CalibrationReport:
     """Replace every BatchNorm's running statistics by exact statistics over ``data``.
 
-    Recalibration exists to update a model, so by default (``inplace=True``) it updates
-    ``model`` itself; with ``inplace=False`` the caller's model is not changed at all and a
-    recalibrated copy is returned as ``report.model``. Each BatchNorm that saw data gets
-    ``running_mean`` = mean and ``running_var`` = unbiased variance of every element it saw
-    (all batches, all calls, pooled by count in float64) and ``num_batches_tracked`` = the
-    number of calls pooled. Nothing else changes (parameters, other buffers, ``training`` and
-    ``momentum`` flags). On any error the model is left exactly as it was, statistics included.
+    Each BatchNorm that saw data gets ``running_mean`` = mean and ``running_var`` = unbiased
+    variance of every element it saw (all batches, all calls, pooled by count in float64) and
+    ``num_batches_tracked`` = the calls pooled. Nothing else changes (parameters, other buffers,
+    ``training`` and ``momentum`` flags); on any error the model is left exactly as it was.
+    Recalibration exists to update a model, so by default (``inplace=True``) ``model`` itself is
+    updated; with ``inplace=False`` the caller's model is not changed at all and a recalibrated
+    copy is ``report.model``. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``)
+    are looked through: the inner module shares their statistics.
 
-    Args:
-        model: the model; its BatchNorms (BatchNorm1d/2d/3d, SyncBatchNorm and subclasses) are
-            recalibrated. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``)
-            are looked through: the inner module shares their statistics.
-        data: an iterable of batches (a DataLoader, a list). A batch is a tensor (one
-            positional input), a tuple/list (positional inputs) or a dict (keyword inputs).
-            Under ``torch.distributed``, this rank's part of the data, fed as it is.
-        batches: use at most this many batches (per rank under ``torch.distributed``).
-        forward: ``forward(model, batch)`` feeds one batch; use it for batches that are not
-            plain inputs, e.g. ``lambda m, b: m(b[0])`` for ``(inputs, labels)`` batches.
-        device: where tensors in each batch are moved; default the device of the model's first
-            parameter or buffer. The model itself is not moved.
-        progress: called after each batch as ``progress(batch_index, batch_items)``.
-        inplace: update ``model`` (default) or a copy of it.
+    ``data`` is an iterable of batches (a DataLoader, a list), under ``torch.distributed`` this
+    rank's part, fed as it is. A batch is a tensor (one positional input), a tuple/list
+    (positional inputs) or a dict (keyword inputs); ``forward(model, batch)`` feeds other kinds,
+    e.g. ``lambda m, b: m(b[0])`` for ``(inputs, labels)``. ``batches`` caps the batches (per
+    rank); each batch's tensors go to ``device`` (default: the device of the model's first
+    parameter or buffer; the model is not moved); ``progress(batch_index, batch_items)`` is
+    called after each batch. The ``CalibrationReport`` has one entry per BatchNorm: those that
+    saw no data are left unchanged, those without running statistics skipped.
 
-    Returns:
-        A ``CalibrationReport``: per BatchNorm, old vs new statistics, the shift in units of the
-        old std, near-zero-variance channels, samples seen; BatchNorms that saw no data
-        (``NO_DATA``, left unchanged) and BatchNorms without running statistics
-        (``NO_RUNNING_STATS``, skipped); the batches and samples each rank fed; ``model``, the
-        recalibrated module (inside any wrapper).
-
-    Raises:
-        UsageError: bad arguments, a model without BatchNorm, a TorchScript model, an
-            uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size.
-        ModelInputError: the model rejected a batch, or a BatchNorm got one value per channel
-            (the message names the batch index and the BatchNorm, if any).
-        CalibrationError: no batches, NaN/inf reaching a BatchNorm (named), another rank
-            failed, or two ranks fed the same first batch.
+    Raises ``UsageError`` (bad arguments, a model without BatchNorm, a TorchScript model, an
+    uninitialised lazy BatchNorm, a ``DataSource`` split for another rank or world size),
+    ``ModelInputError`` (the model rejected a batch, or a BatchNorm got one value per channel;
+    the message names the batch and the BatchNorm) or ``CalibrationError`` (no batches, NaN/inf
+    reaching a BatchNorm, another rank failed, two ranks fed the same first batch).
     """
     _check_arguments(model, batches)
     started = time.perf_counter()
@@ -101,15 +73,19 @@ def recalibrate(
     notes = (f"recalibrated the module inside {type(model).__name__}",) if wrapped else ()
     model = inner if inplace else clone_model(inner)
     named = list(model.named_modules())
-    targets = _find_batchnorms(named)
+    norms = _find_batchnorms(named)
     if isinstance(data, DataSource):
         notes += data.notes
-    if not targets:
-        return build_report(named, {}, (), started, notes, model)
+    world = distributed.world_size()
+    layers = {
+        name: Layer(name, bn, world)
+        for name, bn in norms.items()
+        if bn.running_mean is not None and bn.running_var is not None
+    }
+    if not layers:
+        return build_report(norms, {}, (), started, notes, model)
     tensors = itertools.chain(model.parameters(), model.buffers())
     device = torch.device(device) if device is not None else next(tensors, torch.empty(0)).device
-    world = distributed.world_size()
-    layers = {name: Layer(name, bn, world) for name, bn in targets.items()}
     observer = Observer(layers)
     try:
         with eval_mode(model, (module for _, module in named)), torch.no_grad():
@@ -128,17 +104,14 @@ def recalibrate(
             finally:
                 observer.detach()
         per_rank = [RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares)]
-        report = build_report(named, layers, per_rank, started, notes, model)
+        report = build_report(norms, layers, per_rank, started, notes, model)
         for layer in layers.values():  # last
             layer.write()
     except BaseException:
         for layer in layers.values():
-            layer.restore()  # every layer that ran
+            layer.restore()
         raise
     return report
-
-
-# --------------------------------------------------------------------------------- preparation
 
 
 def _check_arguments(model: nn.Module, batches: int | None) -> None:
@@ -154,7 +127,7 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
 
 
 def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
-    """The BatchNorms with running statistics, by name (``(model)`` for the model itself)."""
+    """Every BatchNorm, by name (``(model)`` for the model itself)."""
     norms = {name or "(model)": m for name, m in named if isinstance(m, _BatchNorm)}
     if not norms:
         raise UsageError(
@@ -167,28 +140,18 @@ def _find_batchnorms(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]
                 f"BatchNorm {label!r} is a lazy module that has not run yet; run one forward "
                 "pass first so its statistics have a shape"
             )
-    return {
-        label: module
-        for label, module in norms.items()
-        if module.running_mean is not None and module.running_var is not None
-    }
-
-
-# ----------------------------------------------------------------------------------- the loop
+    return norms
 
 
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    return model(*as_args(batch))
 
 
 @dataclass(frozen=True)
 class _Feeder:
-    """Feeds batches to ``model``: each moved to ``device``, fed by ``feed``, then reported to
-    ``progress``."""
+    """Feeds batches: each moved to ``device``, fed by ``feed``, then reported to ``progress``."""
 
     model: nn.Module
     observer: Observer
@@ -196,32 +159,29 @@ class _Feeder:
     device: torch.device
     progress: ProgressFn | None
 
-    def all(self, data: Iterable[Batch], limit: int | None, fingerprint: bool) -> Fed:
+    def all(self, data: Iterable[Batch], limit: int | None, fingerprint: bool) -> distributed.Fed:
         """Feed the batches; what was fed (with the first batch's fingerprint if asked)."""
         fed = samples = first = 0
         for index, batch in enumerate(_batches(data, limit)):
             if fingerprint and index == 0:
                 first = distributed.fingerprint(batch)
-            samples += self.one(index, map_tensors(batch, lambda t: t.to(self.device)))
+            batch = map_tensors(batch, lambda t: t.to(self.device))
+            self.observer.batch = index
+            self.observer.running.clear()
+            try:
+                self.feed(self.model, batch)
+            except BnfoldError:
+                raise
+            except Exception as exc:
+                raise _rejected(index, batch, exc, self.observer.inside()) from exc
+            items = batch_items(batch)
+            if self.progress is not None:
+                self.progress(index, items)
+            samples += items
             fed += 1
         for layer in self.observer.layers.values():
             layer.pool()
-        return Fed(fed, samples, first)
-
-    def one(self, index: int, batch: Batch) -> int:
-        """Feed one batch; returns its batch items."""
-        self.observer.batch = index
-        self.observer.running.clear()
-        try:
-            self.feed(self.model, batch)
-        except BnfoldError:
-            raise
-        except Exception as exc:
-            raise _rejected(index, batch, exc, self.observer.inside()) from exc
-        items = batch_items(batch)
-        if self.progress is not None:
-            self.progress(index, items)
-        return items
+        return distributed.Fed(fed, samples, first)
 
 
 def _batches(data: Iterable[Batch], limit: int | None) -> Iterator[Batch]:

@@ -1,5 +1,4 @@
-"""The report of a recalibration: per BatchNorm, old against new statistics (built for every
-layer at once: a few tensor operations in all, not per layer), and its text rendering."""
+"""The report of a recalibration: per BatchNorm, old against new statistics; its text."""
 
 from __future__ import annotations
 
@@ -16,14 +15,7 @@ from torch import nn
 
 from bnfold.calibrate.statistics import Layer
 from bnfold.records import Record, not_serialised
-
-#: A channel whose recalibrated variance is below ``NEAR_ZERO_VAR_FACTOR * eps`` is reported:
-#: its normaliser is dominated by ``eps`` (a dead channel, or a constant input) and a fold will
-#: scale it by about ``gamma / sqrt(eps)``.
-NEAR_ZERO_VAR_FACTOR = 1.0
-
-
-# ------------------------------------------------------------------------------------- records
+from bnfold.text import table
 
 
 class LayerStatus(str, enum.Enum):
@@ -51,7 +43,8 @@ class LayerCalibration(Record):
     call and every rank). ``mean_shift`` is ``|new_mean − old_mean| / sqrt(old_var + eps)`` per
     channel: the shift in units of the old standard deviation. ``std_ratio`` is
     ``sqrt((new_var + eps) / (old_var + eps))``: how much the layer's normaliser changed.
-    ``near_zero_var_channels`` lists channels whose new variance is below ``eps``.
+    ``near_zero_var_channels`` lists channels whose new variance is below ``eps`` (a dead
+    channel or a constant input): a fold scales them by about ``gamma / sqrt(eps)``.
     """
 
     name: str
@@ -116,10 +109,6 @@ class CalibrationReport(Record):
         """BatchNorms without running statistics (nothing to recalibrate)."""
         return tuple(x for x in self.layers if x.status is LayerStatus.NO_RUNNING_STATS)
 
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
     def summary(self) -> str:
         """One line: how many BatchNorms were recalibrated, on how much data; what was not."""
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
@@ -137,12 +126,7 @@ class CalibrationReport(Record):
         """A plain-text table, one row per BatchNorm, then notes, ranks and the summary line."""
         rows = [("BatchNorm", "samples", "max mean shift (old std)", "std ratio", "var<eps", "")]
         rows += [_text_row(layer) for layer in self.layers]
-        widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows
-        ]
-        lines += [f"note: {note}" for note in self.notes]
+        lines = table(rows) + [f"note: {note}" for note in self.notes]
         if self.world_size > 1 and self.per_rank:
             samples = ", ".join(str(share.samples) for share in self.per_rank)
             batches = ", ".join(str(share.batches) for share in self.per_rank)
@@ -159,31 +143,26 @@ def _text_row(layer: LayerCalibration) -> tuple[str, ...]:
     return (layer.name, str(layer.samples), f"{layer.mean_shift.max:.3g}", ratio, near, "")
 
 
-# ------------------------------------------------------------------------------------ building
-
-
 def build_report(
-    named: Sequence[tuple[str, nn.Module]],
+    norms: Mapping[str, nn.Module],
     layers: Mapping[str, Layer],
     per_rank: Sequence[RankShare],
     started: float,
     notes: tuple[str, ...] = (),
     model: nn.Module | None = None,
 ) -> CalibrationReport:
-    """One entry per BatchNorm in ``named`` (``model.named_modules()``) order: the ``layers``
-    that saw data recalibrated, the others without data, the rest without running statistics.
-    The totals are the sums over ``per_rank``."""
+    """One entry per BatchNorm of ``norms`` (by name, in model order): the ``layers`` that saw
+    data recalibrated, the others without data, the rest without running statistics. The totals
+    are the sums over ``per_rank``."""
     seen = [layer for layer in layers.values() if layer.total is not None]
     done = {layer.name: entry for layer, entry in zip(seen, _summaries(seen), strict=True)}
     entries = []
-    for name, module in named:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            label = name or "(model)"
-            status = LayerStatus.NO_DATA if label in layers else LayerStatus.NO_RUNNING_STATS
-            kind, width, detail = type(module).__name__, module.num_features, _DETAILS[status]
-            entries.append(
-                done.get(label) or LayerCalibration(label, kind, status, width, detail=detail)
-            )
+    for label, module in norms.items():
+        status = LayerStatus.NO_DATA if label in layers else LayerStatus.NO_RUNNING_STATS
+        kind, width, detail = type(module).__name__, module.num_features, _DETAILS[status]
+        entries.append(
+            done.get(label) or LayerCalibration(label, kind, status, width, detail=detail)
+        )
     return CalibrationReport(
         layers=tuple(entries),
         batches=sum(share.batches for share in per_rank),
@@ -212,7 +191,7 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     widths = [layer.bn.num_features for layer in layers]
     starts = [0, *itertools.accumulate(widths[:-1])]
     new = [layer.total for layer in layers if layer.total is not None]
-    old = [layer.old_statistics() for layer in layers]
+    old = [layer.saved for layer in layers]  # running mean, running var, ...
     columns = (
         [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
     )
@@ -226,7 +205,7 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    tiny = np.split(new_var < NEAR_ZERO_VAR_FACTOR * eps, starts[1:])
+    tiny = np.split(new_var < eps, starts[1:])
     return [
         LayerCalibration(
             layer.name,

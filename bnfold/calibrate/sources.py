@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bnfold.errors import LoadError, UsageError
+from bnfold.io.inputs import as_args
 
 Batch = Any
 
@@ -65,11 +66,6 @@ class DataSource:
         """Samples in each batch before sharding, when known."""
         return None
 
-    def _count(self) -> int | None:
-        """Batches before sharding, when known."""
-        sizes = self._sizes()
-        return None if sizes is None else len(sizes)
-
     def shard(self, rank: int, world: int) -> None:
         """Feed only batches ``rank, rank + world, ...`` (a file source, split by bnfold)."""
         self.rank, self.world, self.split = rank, world, "by_batch"
@@ -86,10 +82,10 @@ class DataSource:
                 yield self._cast(batch)
 
     def __len__(self) -> int:
-        count = self._count()
-        if count is None:
+        sizes = self._sizes()
+        if sizes is None:
             raise TypeError(f"{self.description}: the number of batches is not known")
-        return len(range(self.rank, count, self.world))
+        return len(range(self.rank, len(sizes), self.world))
 
     def num_samples(self, batches: int | None = None) -> int | None:
         """Samples in this rank's first ``batches`` batches (all if None), when known."""
@@ -97,8 +93,7 @@ class DataSource:
         return None if sizes is None else sum(sizes[self.rank :: self.world][:batches])
 
     def total_samples(self) -> int | None:
-        """Samples in the whole source, every rank's part together, when bnfold knows them
-        (a file or folder); None for a callable's iterable."""
+        """Samples in the whole source (every rank's part), when known: a file or folder."""
         sizes = self._sizes()
         return None if sizes is None else sum(sizes)
 
@@ -111,10 +106,9 @@ class DataSource:
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """The first batch as positional example inputs (for tracing, or saving a ``.pt2``)."""
         batch = self.first_batch()
-        if isinstance(batch, torch.Tensor):
-            return (batch,)
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in batch):
-            return tuple(batch)
+        inputs = as_args(batch)
+        if all(isinstance(value, torch.Tensor) for value in inputs):
+            return inputs
         raise UsageError(
             f"{self.description}: the batches are {describe(batch)}, not positional tensors, so "
             "they cannot serve as example inputs; pass --input-shape"
@@ -129,21 +123,17 @@ class SampleSource(DataSource):
         self.samples, self.description = samples, description
         self.batch_size, self.seed = batch_size, seed
 
-    def _bounds(self) -> list[tuple[int, int]]:
-        """``[start, stop)`` of each batch."""
-        count, size = self.samples, self.batch_size
-        bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
-        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-            bounds[-2:] = [(bounds[-2][0], count)]
-        return bounds
-
     def _sizes(self) -> list[int]:
-        return [stop - start for start, stop in self._bounds()]
+        full, rest = divmod(self.samples, self.batch_size)
+        sizes = [self.batch_size] * full + ([rest] if rest else [])
+        if len(sizes) > 1 and sizes[-1] == 1:
+            sizes[-2:] = [sizes[-2] + 1]
+        return sizes
 
     def _batches(self) -> Iterator[Batch]:
         order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.seed))
-        for start, stop in self._bounds():
-            yield self._take(order[start:stop])
+        for index in order.split(self._sizes()):
+            yield self._take(index)
 
     def _take(self, index: torch.Tensor) -> Batch:
         raise NotImplementedError
@@ -157,14 +147,10 @@ class TensorSource(SampleSource):
     ) -> None:
         tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
         super().__init__(_common_length(tensors, description), description, batch_size, seed)
-        self.inputs = inputs
+        self.inputs = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else inputs
 
     def _take(self, index: torch.Tensor) -> Batch:
-        if isinstance(self.inputs, dict):
-            return {name: tensor[index] for name, tensor in self.inputs.items()}
-        if len(self.inputs) == 1:
-            return self.inputs[0][index]
-        return tuple(tensor[index] for tensor in self.inputs)
+        return map_tensors(self.inputs, lambda tensor: tensor[index])
 
 
 def _common_length(tensors: list[torch.Tensor], description: str) -> int:
@@ -208,14 +194,10 @@ class IterableSource(DataSource):
     def __init__(self, iterable: Iterable, description: str) -> None:
         self.iterable, self.description = iterable, description
         self.one_shot = iter(iterable) is iterable  # a generator or iterator
-        self.peeked: list = []
         self.consumed = False
 
-    def _count(self) -> int | None:
-        try:
-            return len(self.iterable)  # type: ignore[arg-type]
-        except TypeError:
-            return None
+    def __len__(self) -> int:
+        return len(self.iterable)  # type: ignore[arg-type]
 
     def shard(self, rank: int, world: int) -> None:
         """Take the iterable as this rank's part (never split it); check the rank and world
@@ -223,23 +205,22 @@ class IterableSource(DataSource):
         self.notes = _sampler_notes(self.iterable, self.description, rank, world)
 
     def _batches(self) -> Iterator[Batch]:
-        if not self.one_shot:
-            yield from self.iterable
-            return
-        if self.consumed:
-            raise LoadError(
-                f"{self.description} returned a one-shot iterator (a generator) that was "
-                "already used up; return a list or a DataLoader so the data can be read twice"
-            )
-        yield from self.peeked
-        self.consumed = True
+        if self.one_shot:
+            if self.consumed:
+                raise LoadError(
+                    f"{self.description} returned a one-shot iterator (a generator) that was "
+                    "already used up; return a list or a DataLoader so the data can be read twice"
+                )
+            self.consumed = True
         yield from self.iterable
 
     def first_batch(self) -> Batch:
-        if self.one_shot and not self.peeked and not self.consumed:
-            self.peeked = list(itertools.islice(self.iterable, 1))
-        if self.one_shot and self.peeked:
-            return self._cast(self.peeked[0])
+        """The first batch; a one-shot iterator keeps it for the run that follows."""
+        if self.one_shot and not self.consumed:
+            head = list(itertools.islice(self.iterable, 1))
+            self.iterable = itertools.chain(head, self.iterable)
+            if head:
+                return self._cast(head[0])
         return super().first_batch()
 
 

@@ -4,11 +4,9 @@ Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Obser
 
 - **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
   group): it runs in train mode with momentum 1, so after each call its running buffers hold the
-  call's batch mean and unbiased variance from torch's kernel, which sums a contiguous
-  channels-first input in float64 (a 2-D one in float32 along the batch: a few hundred values).
-  A channels-last or half-precision input, summed in float32 or less over the whole batch, and a
-  float32 call with a channel whose |mean| exceeds ``FAR`` std (its mean rounded to float32
-  would cost the pooled variance more than float32 rounding) are taken from a float64 copy.
+  call's batch mean and unbiased variance from torch's kernel. A call the kernel does not sum to
+  about float32 rounding (``Layer.kernel_row``), and a float32 call with a channel whose |mean|
+  exceeds ``FAR`` std, are taken from a float64 copy.
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
   in a process group, whose train-mode forward would all-reduce every call): it stays in eval
   mode and the pre-hook writes the float64 batch mean and biased variance of its input into its
@@ -74,15 +72,10 @@ class Layer:
         self.counts: list[int] = []  # values per channel of each row not yet pooled
         self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
-        self.saved: tuple[torch.Tensor, ...] | None = None  # statistics before the first call
-
-    def save(self) -> None:
-        """Keep the running statistics before the first call writes them."""
-        if self.saved is None:
-            self.saved = tuple(t.clone() for t in self._buffers())
+        self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
 
     def restore(self) -> None:
-        for buffer, value in zip(self._buffers(), self.saved or (), strict=False):
+        for buffer, value in zip(self._buffers(), self.saved, strict=True):
             buffer.copy_(value)
 
     def write(self) -> None:
@@ -100,15 +93,20 @@ class Layer:
         buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
         return [t for t in buffers if t is not None]
 
-    def old_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        saved = self.saved or self._buffers()
-        return saved[0], saved[1]
-
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
-        """This call's [mean, unbiased var]: what the train-mode kernel wrote, where exact."""
-        if not _kernel_rows_exact(x, self.bn.running_mean.dtype):
+        """This call's [mean, unbiased var]: what the train-mode kernel wrote where it sums to
+        about float32 rounding (on CPU a contiguous channels-first input in float64, a 2-D one
+        in float32 along the batch; on CUDA by Welford's method), else from a float64 copy. A
+        channels-last batch, or half inputs of float32 statistics, are summed in float32 or
+        less over the whole batch."""
+        dtype = self.bn.running_mean.dtype
+        if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
-        return torch.stack((self.bn.running_mean, self.bn.running_var))
+        formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+        channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+        if x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last):
+            return torch.stack((self.bn.running_mean, self.bn.running_var))
+        return float64_row(x)
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """This call's float64 [mean, unbiased var], its mean and biased variance written
@@ -148,26 +146,6 @@ def float64_row(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((mean.view(-1), var))
 
 
-def _kernel_rows_exact(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether torch's train-mode kernel takes ``x``'s statistics to about float32 rounding:
-    in float64 or float32 of its own dtype (half inputs of float32 statistics are summed in
-    half), not over every position of a channels-last batch; on CUDA by Welford's method."""
-    if x.dtype != dtype or dtype not in (torch.float32, F64):
-        return False
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
-    return x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)
-
-
-def _spread(row: torch.Tensor) -> float:
-    """min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std, not
-    finite where the input held NaN or inf."""
-    return float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
-
-
-# ----------------------------------------------------------------------------------- the hooks
-
-
 class Observer:
     """The hooks of every target BatchNorm, and the flags they change."""
 
@@ -201,7 +179,6 @@ class Observer:
         return self.running[-1][0].name if self.running else None
 
     def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
-        layer.save()
         x = args[0] if args else kwargs.get("input")
         count = 0
         if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
@@ -225,7 +202,9 @@ class Observer:
     def _add(self, layer: Layer, count: int, row: torch.Tensor, x: torch.Tensor) -> None:
         """Refuse NaN/inf (this is the first layer in call order that saw them); take a float32
         row far from zero again from a float64 copy."""
-        spread = _spread(row)
+        # min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std, not
+        # finite where the input held NaN or inf
+        spread = float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
         if not math.isfinite(spread):
             raise CalibrationError(
                 f"batch {self.batch}: BatchNorm {layer.name!r} is the first layer whose input "

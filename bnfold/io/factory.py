@@ -30,12 +30,8 @@ def build_from_factory(spec: str) -> nn.Module:
     The current directory is searched first, as ``python -m`` would. Any exception from the
     user's code, ``sys.exit`` included, is raised as ``LoadError`` naming ``spec``.
     """
-    module_name, _, attr_path = spec.partition(":")
-    target: Any = _import(module_name, spec)
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
-        target = getattr(target, part)
+    attr_path = spec.partition(":")[2]
+    target = import_target(spec)
     if isinstance(target, nn.Module):
         _require_data(target, f"the module {spec}")
         return target
@@ -54,6 +50,18 @@ def build_from_factory(spec: str) -> nn.Module:
         raise LoadError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     _require_data(model, f"the model {spec} built")
     return model
+
+
+def import_target(spec: str) -> Any:
+    """The object ``package.module:name`` names (``name`` may be dotted), imported from the
+    current directory first; ``LoadError`` naming ``spec`` when it cannot be."""
+    module_name, _, attr_path = spec.partition(":")
+    target: Any = _import(module_name, spec)
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise LoadError(f"{spec}: module '{module_name}' has no attribute '{attr_path}'")
+        target = getattr(target, part)
+    return target
 
 
 def _import(module_name: str, spec: str) -> Any:
