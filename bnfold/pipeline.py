@@ -142,7 +142,7 @@ def process(
             report = _find_or_fold(model, inputs, job, report)
     written: list[str] = []
     with written_before_failure(written):
-        if not job.dry_run and _rank() == 0:
+        if not job.dry_run and rank() == 0:
             report = _write(model, inputs, job, hooks, report, targets, dynamic_dims, written)
         if job.verify is not None:
             results = {job.verify_label: report.result, "onnx": report.export}
@@ -342,5 +342,6 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank under ``torch.distributed`` (0 outside it)."""
     return torch.distributed.get_rank() if _distributed() else 0

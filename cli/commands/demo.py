@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import emit
+from bnfold_cli.console import emit
+from bnfold_cli.options import EXIT_CODES
 
 EPILOG = (
     """

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import FORCE, MODEL_HELP, model_options, run_job, verify_options
+from bnfold_cli.console import run_job
+from bnfold_cli.options import EXIT_CODES, FORCE, MODEL_HELP, model_options, verify_options
 
 EPILOG = (
     MODEL_HELP

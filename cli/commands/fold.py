@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     DATA_HELP,
+    EXIT_CODES,
     FORCE,
     MODEL_HELP,
     data_options,
     model_options,
     path_option,
-    run_job,
 )
 
 EPILOG = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, model_options, run_job
+from bnfold_cli.console import run_job
+from bnfold_cli.options import EXIT_CODES, MODEL_HELP, model_options
 
 EPILOG = (
     MODEL_HELP

@@ -9,18 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     ARCH,
     DATA_HELP,
     DEBUG,
+    EXIT_CODES,
     FORCE,
     MODEL_HELP,
     TRUST_PICKLE,
     data_options,
     json_option,
     path_option,
-    run_job,
 )
 
 EPILOG = (

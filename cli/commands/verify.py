@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     ARCH,
     DEBUG,
     DTYPE,
+    EXIT_CODES,
     SHAPES,
     TRUST_PICKLE,
     json_option,
-    run_job,
     verify_options,
 )
 
