@@ -39,7 +39,15 @@ from bnfold.io.inputs import (
     model_dtype,
     parse_dtype,
 )
-from bnfold.io.models import LoadedModel, ModelFormat, expected_source, load_model
+from bnfold.io.models import (
+    LoadedModel,
+    ModelFormat,
+    default_output_path,
+    expected_source,
+    load_model,
+    output_format,
+)
+from bnfold.io.save import STATE_DICT_FORMATS
 from bnfold.jobs import (
     NO_HOOKS,
     DataRequest,
@@ -51,11 +59,8 @@ from bnfold.jobs import (
 )
 from bnfold.modes import set_eval
 from bnfold.outputs import (
-    MODULE_FORMATS,
     Target,
     check_roles,
-    default_output,
-    output_format,
     save,
     would_write,
     written_before_failure,
@@ -74,7 +79,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     """Every stage ``job`` asks for, in order; see the module docstring."""
     request = job.model
     guess = expected_source(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
-    output = job.output or (default_output(guess, folded=job.fold) if guess else None)
+    output = job.output or (default_output_path(guess, folded=job.fold) if guess else None)
     planned = check_paths(job, output if job.save else None)
     missing = [c for _, c in job.candidates if isinstance(c, Path) and not c.is_file()]
     if missing:
@@ -84,7 +89,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     model = loaded.model if job.device is None else loaded.model.to(job.device)
     data = open_data(job.data, model, hooks) if job.data else None
     needs_inputs = job.find or (job.verify is not None and job.verify.data is None)
-    needs_inputs = needs_inputs or any(t.format in MODULE_FORMATS for t in targets)
+    needs_inputs = needs_inputs or any(t.format not in STATE_DICT_FORMATS for t in targets)
     inputs, inputs_from = example_inputs(request, loaded, data, hooks) if needs_inputs else ((), "")
     given = {
         label: _load(c, hooks).model if isinstance(c, ModelRequest) else c
@@ -321,7 +326,7 @@ def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[
     checked again when the default name needed the loaded model."""
     if not job.save:
         return ()
-    main = job.output or default_output(loaded, folded=job.fold)
+    main = job.output or default_output_path(loaded, folded=job.fold)
     if main != planned:
         check_paths(job, main)
     pickled = loaded.format is ModelFormat.PICKLED_MODULE
