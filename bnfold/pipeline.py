@@ -16,6 +16,7 @@ rank 0 writes files.
 
 from __future__ import annotations
 
+import itertools
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -80,7 +81,8 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     request = job.model
     guess = expected_source(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
     output = job.output or (default_output_path(guess, folded=job.fold) if guess else None)
-    planned = check_paths(job, output if job.save else None)
+    planned = output if job.save else None
+    check_paths(job, planned)
     missing = [c for _, c in job.candidates if isinstance(c, Path) and not c.is_file()]
     if missing:
         raise UsageError(f"no ONNX file at {missing[0]}")
@@ -276,15 +278,10 @@ def _verification_batches(request: VerifyRequest, inputs: Any) -> list[Any]:
         return [inputs]
     if not isinstance(request.data, str):
         return list(request.data)
-    batches: list[Any] = []
-    for batch in load_data(request.data, batch_size=request.batch_size, seed=request.seed):
-        if isinstance(batch, dict):
-            raise UsageError(f"{request.data} yields dict batches; verify feeds positional inputs")
-        batches.append(tuple(batch) if isinstance(batch, (list, tuple)) else batch)
-        if len(batches) == request.batches:
-            break
-    if not batches:
-        raise UsageError(f"{request.data} holds no batch to verify on")
+    data = load_data(request.data, batch_size=request.batch_size, seed=request.seed)
+    batches = list(itertools.islice(data, request.batches))
+    if any(isinstance(batch, dict) for batch in batches):
+        raise UsageError(f"{request.data} yields dict batches; verify feeds positional inputs")
     return batches
 
 
@@ -302,9 +299,9 @@ def _data_record(request: DataRequest | None, data: DataSource) -> dict[str, Any
 # ----------------------------------------------------------------------------- the outputs
 
 
-def check_paths(job: Job, model_output: Path | None) -> Path | None:
+def check_paths(job: Job, model_output: Path | None) -> None:
     """Check every path ``job`` reads and writes before any work (``bnfold.outputs``);
-    ``model_output`` is the model file to write, when known. Returns it."""
+    ``model_output`` is the model file to write, when known."""
     outputs: dict[str, Any] = {}
     if model_output is not None:
         outputs["-o" if job.output else "output"] = model_output
@@ -318,7 +315,6 @@ def check_paths(job: Job, model_output: Path | None) -> Path | None:
         force=job.force,
         named_only=tuple(outputs) if job.dry_run else (),
     )
-    return model_output
 
 
 def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[Target, ...]:
