@@ -18,23 +18,17 @@ from typing import Any
 import click
 
 
-def run_job(
-    job: Any,
-    *,
-    json_path: str | None,
-    markdown_path: str | None = None,
-    plot_path: str | None = None,
-    quiet: bool = False,
-) -> None:
+def run_job(job: Any, quiet: bool = False) -> None:
     """Run ``job`` (with ``--json -``, whatever it prints goes to stderr), then ``emit`` its
-    report; a failed verification raises ``VerificationFailed`` (exit 1) after the report."""
+    report and ``job.reports``; a failed verification raises ``VerificationFailed`` (exit 1)
+    after the report."""
     from bnfold import require_passed
     from bnfold.pipeline import run
 
-    with stdout_to_stderr(json_path == "-"):
-        report = run(job, hooks(quiet=quiet or json_path == "-"))
-    reports = {"markdown_path": markdown_path, "plot_path": plot_path}
-    emit(report, json_path=json_path, **reports, quiet=quiet, force=job.force)
+    files = dict(job.reports)
+    with stdout_to_stderr(files.get("--json") == "-"):
+        report = run(job, hooks(quiet=quiet or files.get("--json") == "-"))
+    emit(report, files, quiet=quiet, force=job.force)
     if report.verification is not None:
         require_passed(report.verification)
 
@@ -110,17 +104,12 @@ def _progress_bar(total: int | None, quiet: bool) -> Iterator[Any]:
 
 
 def emit(
-    report: Any,
-    *,
-    json_path: str | None,
-    markdown_path: str | None = None,
-    plot_path: str | None = None,
-    quiet: bool = False,
-    force: bool = False,
+    report: Any, files: dict[str, str | None], *, quiet: bool = False, force: bool = False
 ) -> None:
     """Print the text report (unless ``quiet`` or the JSON goes to stdout) and write the report
-    files (checked before any work; replacing one only with ``force``), on rank 0 only. A
-    failure names the files the run already wrote."""
+    ``files`` (path by option: ``--json``, ``--markdown``, ``--plot``; checked before any work;
+    replacing one only with ``force``), on rank 0 only. A failure names the files the run
+    already wrote."""
     from bnfold.io.models import write_text_atomic
     from bnfold.outputs import written_before_failure
     from bnfold.pipeline import rank
@@ -129,21 +118,22 @@ def emit(
     if rank() != 0:
         return
     with written_before_failure(report.written), stage("Writing the report", spinner=False):
-        if json_path == "-":
+        if files.get("--json") == "-":
             click.echo(render_json(report), nl=False)
         elif not quiet:
             tty = sys.stdout.isatty()
             click.echo(render_text(report, width=text_width(tty), color=tty), nl=False)
-        files = [("JSON", json_path, render_json), ("Markdown", markdown_path, render_markdown)]
-        for kind, path, render in files:
+        renderers = {"--json": ("JSON", render_json), "--markdown": ("Markdown", render_markdown)}
+        for option, (kind, render) in renderers.items():
+            path = files.get(option)
             if path and path != "-":
                 write_text_atomic(path, render(report), overwrite=force)
                 _note(quiet, f"{kind} report: {path}")
-        if plot_path:
+        if files.get("--plot"):
             from bnfold.calibrate.plot import plot_shifts
 
-            plot_shifts(report.calibration, plot_path, overwrite=force)
-            _note(quiet, f"plot: {plot_path}")
+            plot_shifts(report.calibration, files["--plot"], overwrite=force)
+            _note(quiet, f"plot: {files['--plot']}")
 
 
 def text_width(tty: bool) -> int | None:

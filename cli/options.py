@@ -163,9 +163,15 @@ ARCH = click.option(
     default=None,
     help="Factory building the architecture for a state-dict MODEL.",
 )
-TRUST_PICKLE = click.option(
+
+
+def flag(*names: str, help: str) -> Callable:
+    """An on/off option (off by default)."""
+    return click.option(*names, is_flag=True, help=help)
+
+
+TRUST_PICKLE = flag(
     "--trust-pickle",
-    is_flag=True,
     help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "
     "only for files whose source you trust.",
 )
@@ -183,11 +189,7 @@ DTYPE = click.option(
     default=None,
     help="Dtype of the example inputs (default: the model's parameter dtype).",
 )
-FORCE = click.option(
-    "--force",
-    is_flag=True,
-    help="Replace existing output files, reports included (never an input).",
-)
+FORCE = flag("--force", help="Replace existing output files, reports included (never an input).")
 DEBUG = click.option(
     "--debug",
     is_flag=True,

@@ -19,6 +19,7 @@ from bnfold_cli.options import (
     MODEL_HELP,
     TRUST_PICKLE,
     data_options,
+    flag,
     json_option,
     path_option,
 )
@@ -77,7 +78,7 @@ Examples:
     default=None,
     help="Also draw the per-layer shift of mean and variance (needs matplotlib).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
+@flag("-q", "--quiet", help="No progress bar and no report table.")
 @DEBUG
 @data_options(required=True)
 def recalibrate(
@@ -113,7 +114,7 @@ def recalibrate(
             reports=(("--json", json_path), ("--plot", plot_path)),
             force=force,
         )
-        run_job(job, json_path=json_path, plot_path=plot_path, quiet=quiet)
+        run_job(job, quiet=quiet)
 
 
 @contextlib.contextmanager
