@@ -147,15 +147,22 @@ def process(
     if job.find:
         with hooks.stage("Folding" if job.fold else "Reading the model's dataflow"):
             report = _find_or_fold(model, inputs, job, report)
-    written: list[str] = []
-    with written_before_failure(written):
-        if not job.dry_run and rank() == 0:
-            report = _write(model, inputs, job, hooks, report, targets, dynamic_dims, written)
-        if job.verify is not None:
-            results = {job.verify_label: report.result, "onnx": report.export}
-            results = {**(candidates or {}), **{k: v for k, v in results.items() if v}}
-            with hooks.stage("Verifying"):
-                report = replace(report, verification=_verify(model, results, job, inputs))
+    if not job.dry_run and rank() == 0:
+        report = _write(model, inputs, job, hooks, report, targets, dynamic_dims)
+    if job.verify is not None:
+        request = job.verify
+        results = {job.verify_label: report.result, "onnx": report.export}
+        results = {**(candidates or {}), **{k: v for k, v in results.items() if v}}
+        with written_before_failure(report.written), hooks.stage("Verifying"):
+            verification = verify(
+                model,
+                results,
+                _verification_batches(request, inputs),
+                providers=request.providers,
+                seed=request.seed,
+                random_batch_sizes=request.random_batch_sizes,
+            )
+        report = replace(report, verification=verification)
     return report
 
 
@@ -183,18 +190,16 @@ def _write(
     report: Report,
     targets: tuple[Target, ...],
     dynamic_dims: tuple[tuple[int, ...], ...] | None,
-    written: list[str],
 ) -> Report:
-    """Save the (folded) model as ``targets``, then export it to ONNX; ``written`` grows with
-    each complete file."""
+    """Save the (folded) model as ``targets``, then export it to ONNX; a failure names the
+    files already written."""
     for target in targets:
-        with hooks.stage(f"Writing {target.path}"):
+        with written_before_failure(report.written), hooks.stage(f"Writing {target.path}"):
             to_save = report.result.model if report.result else set_eval(model)
             saved = save(to_save, target, inputs, dynamic_dims, overwrite=job.force)
         report = replace(report, outputs=(*report.outputs, saved))
-        written.append(saved.path)
     if job.onnx:
-        with hooks.stage(f"Exporting {job.onnx}"):
+        with written_before_failure(report.written), hooks.stage(f"Exporting {job.onnx}"):
             exported = export_onnx(
                 report.result or model,
                 inputs,
@@ -204,7 +209,6 @@ def _write(
                 overwrite=job.force,
             )
         report = replace(report, export=exported)
-        written.append(exported.path)
     return report
 
 
@@ -217,18 +221,6 @@ def _first_forward(stage: Callable[[nn.Module, Any], T], model: nn.Module, input
     except Exception:
         check_inputs(model, inputs)
         raise
-
-
-def _verify(model: nn.Module, candidates: dict[str, Any], job: Job, inputs: Any) -> Any:
-    request = job.verify
-    return verify(
-        model,
-        candidates,
-        _verification_batches(request, inputs),
-        providers=request.providers,
-        seed=request.seed,
-        random_batch_sizes=request.random_batch_sizes,
-    )
 
 
 # ------------------------------------------------------------------------------ the inputs
