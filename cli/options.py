@@ -215,14 +215,16 @@ def json_option(stdout: str) -> Callable:
     )
 
 
+def model_request(*decorators: Callable) -> Callable:
+    """MODEL (``spec``) and the options on how to load it, as ``request: ModelRequest``."""
+    return request_options("request", _request("ModelRequest"), *decorators)
+
+
 def model_options(command: Callable) -> Callable:
     """MODEL and how to load it and build its example inputs, as ``request: ModelRequest``;
     ``--json``/``--markdown`` report files; ``--debug``."""
-    model = click.argument("spec", metavar="MODEL")
     return options(
-        request_options(
-            "request", _request("ModelRequest"), model, SHAPES, DTYPE, ARCH, TRUST_PICKLE
-        ),
+        model_request(click.argument("spec", metavar="MODEL"), SHAPES, DTYPE, ARCH, TRUST_PICKLE),
         json_option("replaces the table"),
         click.option(
             "--markdown",

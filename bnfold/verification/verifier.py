@@ -2,13 +2,8 @@
 
 Star topology: every candidate (folded PyTorch, the ONNX file on ONNX Runtime CPU with default
 optimizations and with ORT_DISABLE_ALL, on ORT CUDA, folded PyTorch on CUDA) is compared with
-the original model alone (``bnfold.verification.inputs``). So a failure points at a stage:
-folded PyTorch differs -> the fold; ORT CPU differs -> the export (or, when only the optimized
-session differs, ORT's optimizer); only CUDA differs -> runtime numerics. An element passes when
-``|c - r| <= atol * max|r| + rtol * |r|`` (``bnfold.verification.compare``: the tolerances, and
-why); the report gives per candidate and output the worst ratio of error to allowed error, the
-tolerance that would just have passed and the worst element. Runners come from
-``bnfold.runtime``; nothing here prints.
+the original model alone, so a failure points at a stage (``_with_hints``). The tolerances are
+``bnfold.verification.compare``'s; runners come from ``bnfold.runtime``; nothing here prints.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from bnfold_cli.options import (
     data_options,
     flag,
     json_option,
+    model_request,
     path_option,
 )
 
@@ -58,13 +59,11 @@ Examples:
 
 
 @click.command("recalibrate", epilog=EPILOG)
-@click.argument("model_spec", metavar="MODEL")
 @path_option(
     "-o", "--output", help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors)."
 )
 @FORCE
-@ARCH
-@TRUST_PICKLE
+@model_request(click.argument("spec", metavar="MODEL"), ARCH, TRUST_PICKLE)
 @click.option(
     "--device",
     default=None,
@@ -82,12 +81,10 @@ Examples:
 @DEBUG
 @data_options(required=True)
 def recalibrate(
-    model_spec: str,
+    request: Any,
     data_request: Any,
     output: Path | None,
     force: bool,
-    arch: str | None,
-    trust_pickle: bool,
     device: str | None,
     json_path: str | None,
     plot_path: str | None,
@@ -99,12 +96,12 @@ def recalibrate(
     sees, pooled in float64 over all batches (and all processes under torchrun), with every
     other layer in eval mode (Dropout off). Nothing else in the model changes.
     """
-    from bnfold.jobs import Job, ModelRequest
+    from bnfold.jobs import Job
 
     with _distributed():
         job = Job(
             "recalibrate",
-            ModelRequest(model_spec, arch, trust_pickle),
+            request,
             data=data_request,
             find=False,
             fold=False,
