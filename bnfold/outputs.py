@@ -1,10 +1,7 @@
-"""The files a run writes: the check of every path before any work, and the writing of model
-files (their default names and formats: ``bnfold.io.save``).
-
-Every path is checked by ``bnfold.io.paths.plan_paths`` under the option that named it, so an
-error says which option to change. Model files are written atomically: programs and pickled
-modules by ``bnfold.io.models.save_model``, a recalibrated state dict here. When a later stage
-fails, ``written_before_failure`` names the files already written (they are complete).
+"""The model files a run writes (their default names and formats: ``bnfold.io.save``),
+atomically: programs and pickled modules by ``bnfold.io.models.save_model``, a recalibrated
+state dict here. When a later stage fails, ``written_before_failure`` names the files already
+written (they are complete).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 from bnfold.io.models import ModelFormat, SavedModel, atomic_write, save_model
-from bnfold.io.paths import NamedPath, plan_paths, spec_path
 from bnfold.io.save import STATE_DICT_FORMATS
 
 
@@ -31,20 +27,6 @@ class Target:
 
     path: Path
     format: ModelFormat
-
-
-def check_roles(
-    reads: dict[str, Any], writes: dict[str, Any], *, force: bool, named_only: Sequence[str] = ()
-) -> None:
-    """``plan_paths`` for paths by the option that named them (None: not given; ``--json -`` is
-    stdout). Outputs in ``named_only`` are not written (a dry run's model), so they may exist."""
-    sources = [NamedPath(role, path) for role, spec in reads.items() if (path := spec_path(spec))]
-    targets = [
-        NamedPath(role, Path(path), written=role not in named_only)
-        for role, path in writes.items()
-        if path is not None and not (role == "--json" and str(path) == "-")
-    ]
-    plan_paths(sources, targets, overwrite=force)
 
 
 def save(

@@ -48,6 +48,7 @@ from bnfold.io.models import (
     load_model,
     output_format,
 )
+from bnfold.io.paths import NamedPath, plan_paths, spec_path
 from bnfold.io.save import STATE_DICT_FORMATS
 from bnfold.jobs import (
     NO_HOOKS,
@@ -61,7 +62,6 @@ from bnfold.jobs import (
 from bnfold.modes import set_eval
 from bnfold.outputs import (
     Target,
-    check_roles,
     save,
     would_write,
     written_before_failure,
@@ -292,8 +292,10 @@ def _data_record(request: DataRequest | None, data: DataSource) -> dict[str, Any
 
 
 def check_paths(job: Job, model_output: Path | None) -> None:
-    """Check every path ``job`` reads and writes before any work (``bnfold.outputs``);
-    ``model_output`` is the model file to write, when known."""
+    """Check every path ``job`` reads and writes before any work (``plan_paths``), each under
+    the option that named it, so an error says which option to change; ``model_output`` is the
+    model file to write, when known. A dry run names its model and ONNX outputs without writing
+    them, so they may exist."""
     outputs: dict[str, Any] = {}
     if model_output is not None:
         outputs["-o" if job.output else "output"] = model_output
@@ -301,12 +303,17 @@ def check_paths(job: Job, model_output: Path | None) -> None:
             outputs["--pt2"] = model_output.with_suffix(".pt2")
     if job.onnx is not None:
         outputs |= {"--onnx": job.onnx, "--onnx (external data)": external_data_path(job.onnx)}
-    check_roles(
-        {job.model_role: job.model.spec, "--data": job.data and job.data.spec, **dict(job.reads)},
-        {**outputs, **dict(job.reports)},
-        force=job.force,
-        named_only=tuple(outputs) if job.dry_run else (),
-    )
+    reads = {
+        job.model_role: job.model.spec,
+        "--data": job.data and job.data.spec,
+        **dict(job.reads),
+    }
+    sources = [NamedPath(role, path) for role, spec in reads.items() if (path := spec_path(spec))]
+    targets = [NamedPath(role, path, written=not job.dry_run) for role, path in outputs.items()]
+    for role, path in job.reports:
+        if path is not None and not (role == "--json" and path == "-"):  # '-': stdout
+            targets.append(NamedPath(role, Path(path)))
+    plan_paths(sources, targets, overwrite=job.force)
 
 
 def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[Target, ...]:
