@@ -98,7 +98,7 @@ def recalibrate(
     """
     from bnfold.jobs import Job
 
-    with _distributed():
+    with _process_group():
         job = Job(
             "recalibrate",
             request,
@@ -115,7 +115,7 @@ def recalibrate(
 
 
 @contextlib.contextmanager
-def _distributed() -> Iterator[None]:
+def _process_group() -> Iterator[None]:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment), if not
     joined yet; leave it at the end if it was joined here."""
     import torch
