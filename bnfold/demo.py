@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold.calibrate.recalibrate import CalibrationReport
+from bnfold.calibrate.report import CalibrationReport
 from bnfold.export import ExportResult
 from bnfold.io.paths import NamedPath, plan_paths
 from bnfold.jobs import Hooks, Job, VerifyRequest

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bnfold.calibrate.data import IMAGENET_MEAN, IMAGENET_STD
-from bnfold.calibrate.recalibrate import CalibrationReport
+from bnfold.calibrate.report import CalibrationReport
 from bnfold.export import ExportResult
 from bnfold.io.models import SavedModel
 from bnfold.records import FoldResult, Plan

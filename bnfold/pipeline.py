@@ -16,6 +16,7 @@ rank 0 writes files.
 
 from __future__ import annotations
 
+import itertools
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -39,7 +40,16 @@ from bnfold.io.inputs import (
     model_dtype,
     parse_dtype,
 )
-from bnfold.io.models import LoadedModel, ModelFormat, expected_source, load_model
+from bnfold.io.models import (
+    LoadedModel,
+    ModelFormat,
+    default_output_path,
+    expected_source,
+    load_model,
+    output_format,
+)
+from bnfold.io.paths import NamedPath, plan_paths, spec_path
+from bnfold.io.save import STATE_DICT_FORMATS
 from bnfold.jobs import (
     NO_HOOKS,
     DataRequest,
@@ -51,11 +61,7 @@ from bnfold.jobs import (
 )
 from bnfold.modes import set_eval
 from bnfold.outputs import (
-    MODULE_FORMATS,
     Target,
-    check_roles,
-    default_output,
-    output_format,
     save,
     would_write,
     written_before_failure,
@@ -74,8 +80,9 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     """Every stage ``job`` asks for, in order; see the module docstring."""
     request = job.model
     guess = expected_source(request.spec, arch=request.arch, trust_pickle=request.trust_pickle)
-    output = job.output or (default_output(guess, folded=job.fold) if guess else None)
-    planned = check_paths(job, output if job.save else None)
+    output = job.output or (default_output_path(guess, folded=job.fold) if guess else None)
+    planned = output if job.save else None
+    check_paths(job, planned)
     missing = [c for _, c in job.candidates if isinstance(c, Path) and not c.is_file()]
     if missing:
         raise UsageError(f"no ONNX file at {missing[0]}")
@@ -84,7 +91,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     model = loaded.model if job.device is None else loaded.model.to(job.device)
     data = open_data(job.data, model, hooks) if job.data else None
     needs_inputs = job.find or (job.verify is not None and job.verify.data is None)
-    needs_inputs = needs_inputs or any(t.format in MODULE_FORMATS for t in targets)
+    needs_inputs = needs_inputs or any(t.format not in STATE_DICT_FORMATS for t in targets)
     inputs, inputs_from = example_inputs(request, loaded, data, hooks) if needs_inputs else ((), "")
     given = {
         label: _load(c, hooks).model if isinstance(c, ModelRequest) else c
@@ -140,15 +147,22 @@ def process(
     if job.find:
         with hooks.stage("Folding" if job.fold else "Reading the model's dataflow"):
             report = _find_or_fold(model, inputs, job, report)
-    written: list[str] = []
-    with written_before_failure(written):
-        if not job.dry_run and _rank() == 0:
-            report = _write(model, inputs, job, hooks, report, targets, dynamic_dims, written)
-        if job.verify is not None:
-            results = {job.verify_label: report.result, "onnx": report.export}
-            results = {**(candidates or {}), **{k: v for k, v in results.items() if v}}
-            with hooks.stage("Verifying"):
-                report = replace(report, verification=_verify(model, results, job, inputs))
+    if not job.dry_run and rank() == 0:
+        report = _write(model, inputs, job, hooks, report, targets, dynamic_dims)
+    if job.verify is not None:
+        request = job.verify
+        results = {job.verify_label: report.result, "onnx": report.export}
+        results = {**(candidates or {}), **{k: v for k, v in results.items() if v}}
+        with written_before_failure(report.written), hooks.stage("Verifying"):
+            verification = verify(
+                model,
+                results,
+                _verification_batches(request, inputs),
+                providers=request.providers,
+                seed=request.seed,
+                random_batch_sizes=request.random_batch_sizes,
+            )
+        report = replace(report, verification=verification)
     return report
 
 
@@ -176,18 +190,16 @@ def _write(
     report: Report,
     targets: tuple[Target, ...],
     dynamic_dims: tuple[tuple[int, ...], ...] | None,
-    written: list[str],
 ) -> Report:
-    """Save the (folded) model as ``targets``, then export it to ONNX; ``written`` grows with
-    each complete file."""
+    """Save the (folded) model as ``targets``, then export it to ONNX; a failure names the
+    files already written."""
     for target in targets:
-        with hooks.stage(f"Writing {target.path}"):
+        with written_before_failure(report.written), hooks.stage(f"Writing {target.path}"):
             to_save = report.result.model if report.result else set_eval(model)
             saved = save(to_save, target, inputs, dynamic_dims, overwrite=job.force)
         report = replace(report, outputs=(*report.outputs, saved))
-        written.append(saved.path)
     if job.onnx:
-        with hooks.stage(f"Exporting {job.onnx}"):
+        with written_before_failure(report.written), hooks.stage(f"Exporting {job.onnx}"):
             exported = export_onnx(
                 report.result or model,
                 inputs,
@@ -197,7 +209,6 @@ def _write(
                 overwrite=job.force,
             )
         report = replace(report, export=exported)
-        written.append(exported.path)
     return report
 
 
@@ -210,18 +221,6 @@ def _first_forward(stage: Callable[[nn.Module, Any], T], model: nn.Module, input
     except Exception:
         check_inputs(model, inputs)
         raise
-
-
-def _verify(model: nn.Module, candidates: dict[str, Any], job: Job, inputs: Any) -> Any:
-    request = job.verify
-    return verify(
-        model,
-        candidates,
-        _verification_batches(request, inputs),
-        providers=request.providers,
-        seed=request.seed,
-        random_batch_sizes=request.random_batch_sizes,
-    )
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -271,15 +270,10 @@ def _verification_batches(request: VerifyRequest, inputs: Any) -> list[Any]:
         return [inputs]
     if not isinstance(request.data, str):
         return list(request.data)
-    batches: list[Any] = []
-    for batch in load_data(request.data, batch_size=request.batch_size, seed=request.seed):
-        if isinstance(batch, dict):
-            raise UsageError(f"{request.data} yields dict batches; verify feeds positional inputs")
-        batches.append(tuple(batch) if isinstance(batch, (list, tuple)) else batch)
-        if len(batches) == request.batches:
-            break
-    if not batches:
-        raise UsageError(f"{request.data} holds no batch to verify on")
+    data = load_data(request.data, batch_size=request.batch_size, seed=request.seed)
+    batches = list(itertools.islice(data, request.batches))
+    if any(isinstance(batch, dict) for batch in batches):
+        raise UsageError(f"{request.data} yields dict batches; verify feeds positional inputs")
     return batches
 
 
@@ -297,9 +291,11 @@ def _data_record(request: DataRequest | None, data: DataSource) -> dict[str, Any
 # ----------------------------------------------------------------------------- the outputs
 
 
-def check_paths(job: Job, model_output: Path | None) -> Path | None:
-    """Check every path ``job`` reads and writes before any work (``bnfold.outputs``);
-    ``model_output`` is the model file to write, when known. Returns it."""
+def check_paths(job: Job, model_output: Path | None) -> None:
+    """Check every path ``job`` reads and writes before any work (``plan_paths``), each under
+    the option that named it, so an error says which option to change; ``model_output`` is the
+    model file to write, when known. A dry run names its model and ONNX outputs without writing
+    them, so they may exist."""
     outputs: dict[str, Any] = {}
     if model_output is not None:
         outputs["-o" if job.output else "output"] = model_output
@@ -307,13 +303,17 @@ def check_paths(job: Job, model_output: Path | None) -> Path | None:
             outputs["--pt2"] = model_output.with_suffix(".pt2")
     if job.onnx is not None:
         outputs |= {"--onnx": job.onnx, "--onnx (external data)": external_data_path(job.onnx)}
-    check_roles(
-        {job.model_role: job.model.spec, "--data": job.data and job.data.spec, **dict(job.reads)},
-        {**outputs, **dict(job.reports)},
-        force=job.force,
-        named_only=tuple(outputs) if job.dry_run else (),
-    )
-    return model_output
+    reads = {
+        job.model_role: job.model.spec,
+        "--data": job.data and job.data.spec,
+        **dict(job.reads),
+    }
+    sources = [NamedPath(role, path) for role, spec in reads.items() if (path := spec_path(spec))]
+    targets = [NamedPath(role, path, written=not job.dry_run) for role, path in outputs.items()]
+    for role, path in job.reports:
+        if path is not None and not (role == "--json" and path == "-"):  # '-': stdout
+            targets.append(NamedPath(role, Path(path)))
+    plan_paths(sources, targets, overwrite=job.force)
 
 
 def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[Target, ...]:
@@ -321,7 +321,7 @@ def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[
     checked again when the default name needed the loaded model."""
     if not job.save:
         return ()
-    main = job.output or default_output(loaded, folded=job.fold)
+    main = job.output or default_output_path(loaded, folded=job.fold)
     if main != planned:
         check_paths(job, main)
     pickled = loaded.format is ModelFormat.PICKLED_MODULE
@@ -342,5 +342,6 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank under ``torch.distributed`` (0 outside it)."""
     return torch.distributed.get_rank() if _distributed() else 0

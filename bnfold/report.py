@@ -114,7 +114,7 @@ def render_text(
         lines += table(
             rows,
             gap=_GAP,
-            right=_right(rows[0]),
+            right={rows[0].index("Scale")} if "Scale" in rows[0] else set(),
             widths=widths,
             rule="─",
             styles=styles if color else None,
@@ -125,7 +125,7 @@ def render_text(
     if skipped:
         lines += ["Why BatchNorms are kept:", *labelled(_reason_rows(skipped), width, indent=2)]
     lines += labelled([("note:", note) for note in _notes(report)], width)
-    lines += [_bold(line, color) for line in wrap(_summary(report), width)]
+    lines += [paint(line, "bold" if color else None) for line in wrap(_summary(report), width)]
     lines += [_kernel_line(report)] if report.bn_kernels_before is not None else []
     lines += labelled(_output_rows(report), width)
     text = "\n".join([*lines, *stages])
@@ -135,9 +135,8 @@ def render_text(
 def _header(report: Report) -> str:
     model = report.model
     arch = f", architecture {model['arch']}" if model.get("arch") else ""
-    inputs = ", ".join(_input_text(item) for item in report.inputs) or "none"
     fmt = _format_label(model.get("format"))
-    return f"{model.get('source')} ({fmt}{arch}); inputs {inputs} ({report.inputs_from})"
+    return f"{model.get('source')} ({fmt}{arch}); inputs {_inputs_text(report)}"
 
 
 def _rows(report: Report) -> tuple[list[list[str]], list[str]]:
@@ -152,7 +151,7 @@ def _rows(report: Report) -> tuple[list[list[str]], list[str]]:
         for item in report.result.folded:
             pair = item.pair
             cells = [pair.bn, pair.bn_type, pair.producer, pair.pattern, "folded"]
-            rows.append([*cells, _scale_text(item.max_abs_scale), ""])
+            rows.append([*cells, f"{item.max_abs_scale:.3g}", ""])
             styles.append("green" if item.max_abs_scale <= LARGE_SCALE else "magenta")
     else:
         for pair in report.plan.pairs:
@@ -163,10 +162,6 @@ def _rows(report: Report) -> tuple[list[list[str]], list[str]]:
         rows.append([*cells, *([""] if folding else []), skip.reason.label])
         styles.append("yellow")
     return ([row[:-1] for row in rows] if not skipped else rows), styles
-
-
-def _right(head: list[str]) -> set[int]:
-    return {head.index("Scale")} if "Scale" in head else set()
 
 
 def _column_widths(rows: list[list[str]], width: int | None) -> list[int]:
@@ -258,11 +253,10 @@ def render_markdown(report: Report) -> str:
     rows, _ = _rows(report)
     if rows[0][-1] != "Reason":  # the Markdown table always has the column
         rows = [[*row, "Reason" if number == 0 else ""] for number, row in enumerate(rows)]
-    inputs = ", ".join(_input_text(i) for i in report.inputs) or "none"
     lines = [
         f"### bnfold {report.command}: `{report.model.get('source')}`",
         "",
-        f"Inputs: {inputs} ({report.inputs_from}).",
+        f"Inputs: {_inputs_text(report)}.",
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|" + "|".join("---" for _ in rows[0]) + "|",
@@ -304,15 +298,11 @@ def _format_label(value: Any) -> str:
         return str(value)
 
 
-def _input_text(item: dict[str, Any]) -> str:
-    shape = item.get("shape")
-    dims = "x".join(str(size) for size in shape) if shape is not None else "?"
-    return f"{dims} {item.get('dtype')}"
-
-
-def _scale_text(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _bold(line: str, color: bool) -> str:
-    return paint(line, "bold" if color else None)
+def _inputs_text(report: Report) -> str:
+    """``1x3x224x224 float32, ... (where they come from)``."""
+    texts = []
+    for item in report.inputs:
+        shape = item.get("shape")
+        dims = "x".join(str(size) for size in shape) if shape is not None else "?"
+        texts.append(f"{dims} {item.get('dtype')}")
+    return f"{', '.join(texts) or 'none'} ({report.inputs_from})"

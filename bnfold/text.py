@@ -37,10 +37,10 @@ def table(
         cells = [_wrap_cell(cell, width) for cell, width in zip(row, widths, strict=True)]
         style = None if not styles else (styles[number - 1] if number else "bold")
         for depth in range(max(len(cell) for cell in cells)):
-            parts = [
-                _align(cell[depth] if depth < len(cell) else "", width, index in right)
-                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-            ]
+            parts = []
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+                text = cell[depth] if depth < len(cell) else ""
+                parts.append(text.rjust(width) if index in right else text.ljust(width))
             lines.append(paint((" " * gap).join(parts).rstrip(), style))
         if number == 0 and rule:
             lines.append(rule * (sum(widths) + gap * (len(widths) - 1)))
@@ -77,7 +77,3 @@ def _wrap_cell(cell: str, width: int) -> list[str]:
     if len(cell) <= width:
         return [cell]
     return textwrap.wrap(cell, width, break_long_words=False, break_on_hyphens=False) or [""]
-
-
-def _align(text: str, width: int, right: bool) -> str:
-    return text.rjust(width) if right else text.ljust(width)

@@ -1,6 +1,7 @@
-"""Entry point of the ``bnfold`` command: the command group and the one place exit codes are chosen
-(``EPILOG``). While a command runs, SIGTERM and SIGHUP raise an exception where the program is,
-like SIGINT, so the same cleanup runs. Nothing here imports torch: ``bnfold --help`` stays fast.
+"""Entry point of the ``bnfold`` command: the command group and the one place exit codes are
+chosen (``bnfold_cli.options.EXIT_CODES`` documents them). While a command runs, SIGTERM and
+SIGHUP raise an exception where the program is, like SIGINT, so the same cleanup runs. Nothing
+here imports torch: ``bnfold --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import warnings
 from collections.abc import Iterator
 
 import click
+from bnfold_cli.console import describe_unexpected
+from bnfold_cli.options import DEBUG, EXIT_CODES
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -21,20 +24,6 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N, as a shell reports it
 
-EPILOG = """\b
-Exit codes:
-  0    success
-  1    verification failed (outputs differ beyond tolerance), and nothing else
-  2    usage error (bad option, missing input shape, an output that
-       exists without --force or would replace an input)
-  3    anything else: unloadable model, failed export, out of memory, an
-       unexpected error, sys.exit called by your factory or forward, ...
-  130  interrupted (Ctrl-C, SIGINT); 143 SIGTERM; 129 SIGHUP. No
-       temporary or partial file is left; the file being written is
-       not put in place (an existing file of its name is unchanged)
-Every failure but a bad option or a stop prints one 'error:' line; --debug
-prints the traceback first.
-"""
 
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
@@ -48,14 +37,9 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="bnfold")
-@click.option(
-    "--debug",
-    is_flag=True,
-    expose_value=False,
-    help="Print the Python traceback before the error line.",
-)
+@DEBUG
 def cli() -> None:
     """Fold BatchNorms into Conv/Linear weights, recalibrate their statistics, export to ONNX
     and verify the result.
@@ -166,21 +150,6 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         return EXIT_USAGE if isinstance(exc, errors.UsageError) else EXIT_FAILED
     click.echo(f"error: {describe_unexpected(exc)}", err=True)
     return EXIT_FAILED
-
-
-def describe_unexpected(exc: BaseException, during: str | None = None) -> str:
-    """One line for an exception bnfold did not anticipate: what failed, and how to learn more."""
-    from bnfold.errors import first_line
-
-    if isinstance(exc, SystemExit):
-        what = f"the code bnfold ran called sys.exit({exc.code!r})"
-    else:
-        what = first_line(exc)
-        if isinstance(exc, MemoryError) or "allocate memory" in what:
-            what += " (out of memory: try a smaller --input-shape or --batch-size)"
-    where = f"{during} failed: " if during else "unexpected failure: "
-    hint = "" if isinstance(exc, SystemExit) else "; rerun with --debug for the traceback"
-    return f"{where}{what}{hint}"
 
 
 if __name__ == "__main__":

@@ -1,20 +1,14 @@
-"""What the commands share: their options, how a run shows on the terminal, and the output.
+"""The options the commands share, their help texts and their parsing.
 
 The options are gathered into ``bnfold.jobs`` requests only when a command runs, so
-``bnfold --help`` imports neither bnfold nor torch. ``hooks`` shows each stage of a run (a
-spinner, a progress bar) and names it in an unexpected error; ``emit`` prints the rendered
-report and writes the report files.
+``bnfold --help`` imports neither bnfold nor torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import re
-import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +41,22 @@ DATA is one of:
   pkg.module:fn       your callable returning an iterable of batches (a DataLoader...)
 Samples are shuffled with --seed and cut into batches of --batch-size (ready-made
 batches and callables are used as they are); --batches N uses the first N.
+"""
+
+
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    verification failed (outputs differ beyond tolerance), and nothing else
+  2    usage error (bad option, missing input shape, an output that
+       exists without --force or would replace an input)
+  3    anything else: unloadable model, failed export, out of memory, an
+       unexpected error, sys.exit called by your factory or forward, ...
+  130  interrupted (Ctrl-C, SIGINT); 143 SIGTERM; 129 SIGHUP. No
+       temporary or partial file is left; the file being written is
+       not put in place (an existing file of its name is unchanged)
+Every failure but a bad option or a stop prints one 'error:' line; --debug
+prints the traceback first.
 """
 
 
@@ -128,10 +138,15 @@ def request_options(name: str, build: Callable[..., Any], *decorators: Callable)
     return decorate
 
 
-def _model_request(model: str, **values: Any) -> Any:
-    from bnfold.jobs import ModelRequest
+def _request(kind: str) -> Callable[..., Any]:
+    """A builder of the ``bnfold.jobs`` request class ``kind``, imported when it is called."""
 
-    return ModelRequest(model, **values)
+    def build(**values: Any) -> Any:
+        from bnfold import jobs
+
+        return getattr(jobs, kind)(**values)
+
+    return build
 
 
 def _data_request(data_spec: str | None, mean: Any, std: Any, **values: Any) -> Any:
@@ -142,21 +157,21 @@ def _data_request(data_spec: str | None, mean: Any, std: Any, **values: Any) -> 
     return None if data_spec is None else DataRequest(data_spec, **values, **defaults)
 
 
-def _verify_request(**values: Any) -> Any:
-    from bnfold.jobs import VerifyRequest
-
-    return VerifyRequest(**values)
-
-
 ARCH = click.option(
     "--arch",
     metavar="PKG.MODULE:FACTORY",
     default=None,
     help="Factory building the architecture for a state-dict MODEL.",
 )
-TRUST_PICKLE = click.option(
+
+
+def flag(*names: str, help: str) -> Callable:
+    """An on/off option (off by default)."""
+    return click.option(*names, is_flag=True, help=help)
+
+
+TRUST_PICKLE = flag(
     "--trust-pickle",
-    is_flag=True,
     help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "
     "only for files whose source you trust.",
 )
@@ -174,11 +189,7 @@ DTYPE = click.option(
     default=None,
     help="Dtype of the example inputs (default: the model's parameter dtype).",
 )
-FORCE = click.option(
-    "--force",
-    is_flag=True,
-    help="Replace existing output files, reports included (never an input).",
-)
+FORCE = flag("--force", help="Replace existing output files, reports included (never an input).")
 DEBUG = click.option(
     "--debug",
     is_flag=True,
@@ -204,12 +215,16 @@ def json_option(stdout: str) -> Callable:
     )
 
 
+def model_request(*decorators: Callable) -> Callable:
+    """MODEL (``spec``) and the options on how to load it, as ``request: ModelRequest``."""
+    return request_options("request", _request("ModelRequest"), *decorators)
+
+
 def model_options(command: Callable) -> Callable:
     """MODEL and how to load it and build its example inputs, as ``request: ModelRequest``;
     ``--json``/``--markdown`` report files; ``--debug``."""
-    model = click.argument("model", metavar="MODEL")
     return options(
-        request_options("request", _model_request, model, SHAPES, DTYPE, ARCH, TRUST_PICKLE),
+        model_request(click.argument("spec", metavar="MODEL"), SHAPES, DTYPE, ARCH, TRUST_PICKLE),
         json_option("replaces the table"),
         click.option(
             "--markdown",
@@ -259,7 +274,7 @@ def data_options(required: bool) -> Callable[[Callable], Callable]:
 
 verify_options = request_options(
     "verify_request",
-    _verify_request,
+    _request("VerifyRequest"),
     click.option(
         "--data",
         metavar="DATA",
@@ -286,180 +301,3 @@ verify_options = request_options(
         "usable. Naming cuda makes an unusable CUDA an error (exit 3).",
     ),
 )
-
-
-# ------------------------------------------------------------------ running and output
-
-
-def run_job(
-    job: Any,
-    *,
-    json_path: str | None,
-    markdown_path: str | None = None,
-    plot_path: str | None = None,
-    quiet: bool = False,
-) -> None:
-    """Run ``job`` (with ``--json -``, whatever it prints goes to stderr), then ``emit`` its
-    report; a failed verification raises ``VerificationFailed`` (exit 1) after the report."""
-    from bnfold import require_passed
-    from bnfold.pipeline import run
-
-    with stdout_to_stderr(json_path == "-"):
-        report = run(job, hooks(quiet=quiet or json_path == "-"))
-    reports = {"markdown_path": markdown_path, "plot_path": plot_path}
-    emit(report, json_path=json_path, **reports, quiet=quiet, force=job.force)
-    if report.verification is not None:
-        require_passed(report.verification)
-
-
-def hooks(quiet: bool = False) -> Any:
-    """The pipeline's hooks for a terminal: each stage named in unexpected errors, with a
-    spinner on stderr when it is a terminal; a progress bar while recalibrating (not when
-    ``quiet``, and only on rank 0)."""
-    from bnfold.jobs import Hooks
-
-    return Hooks(stage=stage, recalibrating=functools.partial(_progress_bar, quiet=quiet))
-
-
-@contextlib.contextmanager
-def stage(message: str, spinner: bool = True) -> Iterator[None]:
-    """One stage of a command, with a spinner showing ``message`` on stderr when it is a
-    terminal. An exception that is not a ``BnfoldError`` (a bug, torch out of memory, an
-    exception or ``sys.exit`` in the user's code) leaves as ``UnexpectedError("<stage> failed:
-    <type>: <message>")``, the original as its cause; ``KeyboardInterrupt`` passes untouched."""
-    try:
-        if spinner and sys.stderr.isatty():
-            from rich.console import Console
-
-            with Console(stderr=True).status(message):
-                yield
-        else:
-            yield
-    except (Exception, SystemExit) as exc:
-        from bnfold_cli.main import describe_unexpected
-
-        from bnfold.errors import BnfoldError, UnexpectedError
-
-        if isinstance(exc, BnfoldError):
-            raise
-        name = message[:1].lower() + message[1:]
-        raise UnexpectedError(describe_unexpected(exc, during=name)) from exc
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int | None, quiet: bool) -> Iterator[Any]:
-    """The recalibration stage, with a tqdm bar (samples/s, ETA) on stderr when it is a
-    terminal, unless ``quiet``, and only on rank 0."""
-    with stage("Recalibrating", spinner=False):
-        if quiet or not sys.stderr.isatty() or _rank() != 0:
-            yield None
-            return
-        from tqdm import tqdm
-
-        with tqdm(
-            total=total,
-            unit="sample",
-            desc="Recalibrating",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        ) as bar:
-            yield lambda index, items: bar.update(items)
-
-
-def emit(
-    report: Any,
-    *,
-    json_path: str | None,
-    markdown_path: str | None = None,
-    plot_path: str | None = None,
-    quiet: bool = False,
-    force: bool = False,
-) -> None:
-    """Print the text report (unless ``quiet`` or the JSON goes to stdout) and write the report
-    files (checked before any work; replacing one only with ``force``), on rank 0 only. A
-    failure names the files the run already wrote."""
-    from bnfold.io.models import write_text_atomic
-    from bnfold.outputs import written_before_failure
-    from bnfold.report import render_json, render_markdown, render_text
-
-    if _rank() != 0:
-        return
-    with written_before_failure(report.written), stage("Writing the report", spinner=False):
-        if json_path == "-":
-            click.echo(render_json(report), nl=False)
-        elif not quiet:
-            tty = sys.stdout.isatty()
-            click.echo(render_text(report, width=text_width(tty), color=tty), nl=False)
-        files = [("JSON", json_path, render_json), ("Markdown", markdown_path, render_markdown)]
-        for kind, path, render in files:
-            if path and path != "-":
-                write_text_atomic(path, render(report), overwrite=force)
-                _note(quiet, f"{kind} report: {path}")
-        if plot_path:
-            from bnfold.calibrate.plot import plot_shifts
-
-            plot_shifts(report.calibration, plot_path, overwrite=force)
-            _note(quiet, f"plot: {plot_path}")
-
-
-def text_width(tty: bool) -> int | None:
-    """The width the text report fits: the terminal's (``COLUMNS`` first); when stdout is not
-    a terminal, ``COLUMNS`` if set, else None (no limit: full names, nothing wrapped)."""
-    columns = os.environ.get("COLUMNS", "")
-    if not tty:
-        return int(columns) if columns.isdigit() and int(columns) > 0 else None
-    return shutil.get_terminal_size((100, 24)).columns
-
-
-def _note(quiet: bool, message: str) -> None:
-    if not quiet:
-        click.echo(message, err=True)
-
-
-def _rank() -> int:
-    """This process's rank under torch.distributed (0 outside it; no torch import if unused)."""
-    dist = getattr(sys.modules.get("torch"), "distributed", None)
-    return dist.get_rank() if dist and dist.is_available() and dist.is_initialized() else 0
-
-
-# ------------------------------------------------------------------ stdout for --json -
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool = True) -> Iterator[None]:
-    """While the block runs, file descriptor 1 and ``sys.stdout`` point at stderr, so whatever
-    the user's factory, the model's forward, torch or a C extension prints goes to stderr and
-    stdout carries the JSON alone (``--json -``). Both are restored when the block ends,
-    however it ends. A no-op when not ``active`` or when fd 1 is closed."""
-    if not active:
-        yield
-        return
-    _flush_all()
-    try:
-        saved = os.dup(1)
-    except OSError:  # stdout closed: nothing to protect
-        yield
-        return
-    stream = sys.stdout
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        yield
-    finally:
-        _flush_all()
-        os.dup2(saved, 1)
-        os.close(saved)
-        sys.stdout = stream
-
-
-def _flush_all() -> None:
-    """Flush Python's streams and C stdio, so buffered bytes go where fd 1 points now."""
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.flush()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)

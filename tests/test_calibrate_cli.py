@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bnfold_cli.console import hooks
 from bnfold_cli.main import main
-from bnfold_cli.options import hooks
 
 import bnfold
 from bnfold.calibrate.data import load_data

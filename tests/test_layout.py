@@ -98,7 +98,7 @@ def test_heavy_dependencies_are_imported_in_one_place(package: str) -> None:
 
 def test_no_import_cycles() -> None:
     """Module by module, not only between the layers that import-linter checks: no circle."""
-    graph = grimp.build_graph(*PACKAGES)
+    graph = grimp.build_graph("bnfold", "bnfold_cli")  # cli/ is installed as bnfold_cli
     edges = {m: graph.find_modules_directly_imported_by(m) & graph.modules for m in graph.modules}
     try:
         graphlib.TopologicalSorter(edges).prepare()

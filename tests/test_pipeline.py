@@ -12,9 +12,15 @@ from torch import nn
 import bnfold
 from bnfold import pipeline, zoo
 from bnfold.errors import SaveError, UsageError
-from bnfold.io.models import LoadedModel, ModelFormat, ModelSource
+from bnfold.io.models import (
+    LoadedModel,
+    ModelFormat,
+    ModelSource,
+    default_output_path,
+    output_format,
+)
 from bnfold.jobs import DataRequest, Job, ModelRequest, VerifyRequest
-from bnfold.outputs import default_output, output_format, written_before_failure
+from bnfold.outputs import written_before_failure
 
 SHAPE = (((2, 3, 32, 32), None),)
 
@@ -132,12 +138,12 @@ def test_a_dry_run_names_what_it_would_write_and_writes_nothing(tmp_path) -> Non
     ],
 )
 def test_default_output_names(source: ModelSource, folded: bool, expected: str) -> None:
-    assert default_output(source, folded=folded) == Path(expected)
+    assert default_output_path(source, folded=folded) == Path(expected)
 
 
 def test_a_factory_output_goes_to_the_current_directory() -> None:
     source = ModelSource(ModelFormat.FACTORY, "mypkg.models:resnet50")
-    assert default_output(source, folded=True) == Path.cwd() / "resnet50.folded.pt2"
+    assert default_output_path(source, folded=True) == Path.cwd() / "resnet50.folded.pt2"
 
 
 def test_output_formats_a_folded_model_is_never_a_bare_state_dict() -> None:

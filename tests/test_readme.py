@@ -357,7 +357,7 @@ def _default_outputs(command: Any, params: dict[str, Any]) -> list[str]:
 
     if command.name != "fold" or params.get("output"):
         return []
-    spec = str(params["model"])
+    spec = str(params["spec"])
     if FACTORY.match(spec) and not Path(spec).exists():
         fmt = ModelFormat.FACTORY
     elif Path(spec).suffix in (".pt", ".pth") and not params.get("arch"):

@@ -17,17 +17,33 @@ from bnfold.io.inputs import as_args
 from bnfold.io.paths import NamedPath, plan_paths, publish, staging
 from bnfold.io.program_export import export_program
 
+#: The formats that hold only a state dict (``save_model`` writes the others).
+STATE_DICT_FORMATS = (ModelFormat.STATE_DICT, ModelFormat.SAFETENSORS)
 
-def output_format(path: str | os.PathLike[str]) -> ModelFormat:
-    """The format a path's extension asks for: ``.pt2`` or ``.pt``/``.pth`` (pickled module)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".pt2":
-        return ModelFormat.EXPORTED_PROGRAM
-    if suffix in (".pt", ".pth"):
-        return ModelFormat.PICKLED_MODULE
+
+def output_format(
+    path: str | os.PathLike[str], *, folded: bool = True, pickled_input: bool = True
+) -> ModelFormat:
+    """The format ``path``'s extension asks for: ``.pt2``; ``.pt``/``.pth`` a pickled module
+    when the input was one, else a state dict; ``.safetensors`` a state dict. A ``folded`` model
+    is never a bare state dict: it no longer fits the input's architecture (BatchNorms gone,
+    biases added)."""
+    suffix = Path(path).suffix
+    module = ModelFormat.PICKLED_MODULE if pickled_input else ModelFormat.STATE_DICT
+    formats = {
+        ".pt2": ModelFormat.EXPORTED_PROGRAM,
+        ".pt": module,
+        ".pth": module,
+        ".safetensors": ModelFormat.SAFETENSORS,
+    }
+    fmt = formats.get(suffix.lower())
+    if fmt is not None and (not folded or fmt not in STATE_DICT_FORMATS):
+        return fmt
+    kinds = ".pt2 (or .pt/.pth when MODEL is a pickled module, loaded with --trust-pickle)"
     raise UsageError(
-        f"{path}: cannot tell the output format from '{suffix or 'no extension'}'; use .pt2 "
-        "(torch.export program) or .pt/.pth (pickled module, only for pickled inputs)"
+        f"{path}: '{suffix or 'no extension'}' is not an output format for the "
+        f"{'folded' if folded else 'recalibrated'} model; use "
+        + (kinds if folded else ".pt2, .pt/.pth or .safetensors")
     )
 
 
@@ -51,17 +67,25 @@ def expected_source(
     return ModelSource(ModelFormat.EXPORTED_PROGRAM, text)
 
 
-def default_output_path(loaded: LoadedModel | ModelSource, *, cwd: Path | None = None) -> Path:
-    """``<name>.folded.<ext>`` beside the input file (in ``cwd`` for a factory).
+def default_output_path(
+    loaded: LoadedModel | ModelSource, *, cwd: Path | None = None, folded: bool = True
+) -> Path:
+    """``<name>.folded.<ext>`` (``.recalibrated`` when not ``folded``) beside the input file
+    (in ``cwd`` for a factory).
 
-    The extension is the input's own for a pickled module, ``.pt2`` otherwise.
+    The extension is ``.pt2``, but a pickled module stays one and, when not ``folded``, a state
+    dict keeps its own.
     """
+    tag = "folded" if folded else "recalibrated"
     if loaded.path is None:
         name = loaded.source.rpartition(":")[2].rpartition(".")[2]
-        return (cwd or Path.cwd()) / f"{name}.folded.pt2"
+        return (cwd or Path.cwd()) / f"{name}.{tag}.pt2"
     source = loaded.path
-    ext = source.suffix if loaded.format is ModelFormat.PICKLED_MODULE else ".pt2"
-    return source.with_name(f"{source.stem}.folded{ext}")
+    keep = loaded.format is ModelFormat.PICKLED_MODULE or (
+        not folded and loaded.format is not ModelFormat.EXPORTED_PROGRAM
+    )
+    ext = (source.suffix or ".pt") if keep else ".pt2"
+    return source.with_name(f"{source.stem}.{tag}{ext}")
 
 
 def check_output_path(

@@ -1,12 +1,7 @@
-"""What every candidate is compared on and with: the input batches, the references, and the
-tolerance table for the original model's precision.
-
-The inputs are the caller's batches plus seeded random batches of other sizes. Floating inputs
-are rounded once to the original model's precision and kept as float32 (``as_cpu_fp32``), so a
-half-precision model and its float32 copy see the very same values. The reference is the
-original model in eval mode, float32, on CPU; for a float16/bfloat16 original, the original as
-it is and a float32 copy of it: every candidate must pass against both, within
-``half_tolerance``.
+"""What every candidate is compared on and with: the input batches (the caller's, plus seeded
+random batches of other sizes), the references, and the tolerance table for the original
+model's precision. A half-precision original and its float32 copy see the very same inputs
+(``as_cpu_fp32``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Name the first layer whose output diverges between an original model and its folded copy.
-
-Used by ``bnfold.verify`` when the folded PyTorch candidate fails: forward hooks record the
-first output of every leaf module in both models, modules are matched by name (folding keeps
-module paths; a folded BN becomes ``nn.Identity`` or disappears), and the first match, in the
-original's execution order, that differs beyond the tolerance is the answer.
+"""Name the first layer whose output diverges between an original model and its folded copy
+(``bnfold.verify`` asks when the folded PyTorch candidate fails): forward hooks record the first
+output of every leaf module in both models, compared in the original's execution order.
 """
 
 from __future__ import annotations

@@ -96,10 +96,6 @@ class CandidateReport(Record):
     def passed(self) -> bool:
         return self.status is Status.PASSED
 
-    @property
-    def worst_ratio(self) -> float:
-        return max((out.ratio for out in self.outputs), default=float("nan"))
-
 
 @dataclass(frozen=True)
 class VerificationReport(Record):

@@ -2,13 +2,8 @@
 
 Star topology: every candidate (folded PyTorch, the ONNX file on ONNX Runtime CPU with default
 optimizations and with ORT_DISABLE_ALL, on ORT CUDA, folded PyTorch on CUDA) is compared with
-the original model alone (``bnfold.verification.inputs``). So a failure points at a stage:
-folded PyTorch differs -> the fold; ORT CPU differs -> the export (or, when only the optimized
-session differs, ORT's optimizer); only CUDA differs -> runtime numerics. An element passes when
-``|c - r| <= atol * max|r| + rtol * |r|`` (``bnfold.verification.compare``: the tolerances, and
-why); the report gives per candidate and output the worst ratio of error to allowed error, the
-tolerance that would just have passed and the worst element. Runners come from
-``bnfold.runtime``; nothing here prints.
+the original model alone, so a failure points at a stage (``_with_hints``). The tolerances are
+``bnfold.verification.compare``'s; runners come from ``bnfold.runtime``; nothing here prints.
 """
 
 from __future__ import annotations
@@ -136,38 +131,37 @@ class _Spec:
     fold_result: FoldResult | None
 
 
-def _candidate_items(candidates: Any) -> list[tuple[str | None, Any]]:
-    if isinstance(candidates, Mapping):
-        return [(str(key), value) for key, value in candidates.items()]
-    if isinstance(candidates, (list, tuple)):
-        return [(None, value) for value in candidates]
-    return [(None, candidates)]
+#: The runners each kind of candidate gets, with the provider each needs.
+_RUNNERS = {
+    "torch": (("torch-cpu", "cpu"), ("torch-cuda", "cuda")),
+    "onnx": (("ort-cpu", "cpu"), ("ort-cpu-noopt", "cpu"), ("ort-cuda", "cuda")),
+}
 
 
 def _specs(candidates: Any, providers: Sequence[str]) -> list[_Spec]:
+    if isinstance(candidates, Mapping):
+        items = [(str(key), value) for key, value in candidates.items()]
+    else:
+        listed = candidates if isinstance(candidates, (list, tuple)) else [candidates]
+        items = [(None, value) for value in listed]
     specs: list[_Spec] = []
-    for label, value in _candidate_items(candidates):
+    for label, value in items:
         fold_result = value if isinstance(value, FoldResult) else None
-        if fold_result is not None:
-            value = fold_result.model
-        if isinstance(value, ExportResult):
-            value = value.path
-        if isinstance(value, nn.Module):
-            kinds = [k for k, p in (("torch-cpu", "cpu"), ("torch-cuda", "cuda")) if p in providers]
-            target = value
-        elif isinstance(value, (str, os.PathLike)):
-            kinds = [
-                k
-                for k, p in (("ort-cpu", "cpu"), ("ort-cpu-noopt", "cpu"), ("ort-cuda", "cuda"))
-                if p in providers
-            ]
-            target = Path(value)
+        target = fold_result.model if fold_result else value
+        if isinstance(target, ExportResult):
+            target = target.path
+        if isinstance(target, nn.Module):
+            runners = _RUNNERS["torch"]
+        elif isinstance(target, (str, os.PathLike)):
+            runners, target = _RUNNERS["onnx"], Path(target)
         else:
             raise UsageError(
-                f"cannot verify a {type(value).__name__}: a candidate is an nn.Module, a "
+                f"cannot verify a {type(target).__name__}: a candidate is an nn.Module, a "
                 "FoldResult, an ONNX file path or an ExportResult"
             )
-        specs.extend(_Spec(k, f"{label}:{k}" if label else k, target, fold_result) for k in kinds)
+        for kind, provider in runners:
+            if provider in providers:
+                specs.append(_Spec(kind, f"{label}:{kind}" if label else kind, target, fold_result))
     names = [spec.name for spec in specs]
     duplicated = {name for name in names if names.count(name) > 1}
     if duplicated:
@@ -258,9 +252,9 @@ def _check_candidate(
     )
 
 
-def _output_name(
-    names: Sequence[str] | None, index: int, count: int, reference: str | None = None
-) -> str:
+def _output_name(names: Sequence[str] | None, index: int, count: int, reference: str | None) -> str:
+    """The output's name in the ONNX file (else ``output``/``output_<index>``), and which
+    reference it was compared with when there are several."""
     if names and index < len(names):
         name = names[index]
     else:

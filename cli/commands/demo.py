@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import emit
+from bnfold_cli.console import emit
+from bnfold_cli.options import EXIT_CODES
 
 EPILOG = (
     """
@@ -60,5 +60,5 @@ def demo(out_dir: str | None, seed: int, json_path: str | None, force: bool) -> 
         report=json_path,
         step=lambda message: click.echo(f"[{next(steps)}/5] {message}", err=True),
     )
-    emit(result, json_path=json_path, force=force)
+    emit(result, {"--json": json_path}, force=force)
     return 0 if result.verification.passed else 1

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import FORCE, MODEL_HELP, model_options, run_job, verify_options
+from bnfold_cli.console import run_job
+from bnfold_cli.options import EXIT_CODES, FORCE, MODEL_HELP, flag, model_options, verify_options
 
 EPILOG = (
     MODEL_HELP
@@ -41,23 +41,18 @@ Examples:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The ONNX file to write.",
 )
-@click.option("--no-fold", is_flag=True, help="Export MODEL as it is, without folding.")
+@flag("--no-fold", help="Export MODEL as it is, without folding.")
 @click.option(
     "--opset",
     type=click.IntRange(min=7),
     default=None,
     help="ONNX opset (default: the exporter's recommended one).",
 )
-@click.option(
-    "--static-batch",
-    is_flag=True,
-    help="Fix the batch size to the example's instead of a dynamic dim 0.",
-)
+@flag("--static-batch", help="Fix the batch size to the example's instead of a dynamic dim 0.")
 @FORCE
-@click.option(
+@flag(
     "--verify",
     "do_verify",
-    is_flag=True,
     help="Verify the folded model and the ONNX file against the original model.",
 )
 @verify_options
@@ -89,4 +84,4 @@ def export(
         reads=(("--data", verify_request.data),),
         force=force,
     )
-    run_job(job, json_path=json_path, markdown_path=markdown_path)
+    run_job(job)

@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     DATA_HELP,
+    EXIT_CODES,
     FORCE,
     MODEL_HELP,
     data_options,
+    flag,
     model_options,
     path_option,
-    run_job,
 )
 
 EPILOG = (
@@ -55,16 +56,10 @@ Examples:
     "--output",
     help="Where to write the folded model (.pt2, or .pt/.pth for a pickled MODEL).",
 )
-@click.option(
-    "--pt2",
-    "also_pt2",
-    is_flag=True,
-    help="With a pickled-module output, also write a .pt2 beside it.",
-)
+@flag("--pt2", "also_pt2", help="With a pickled-module output, also write a .pt2 beside it.")
 @FORCE
-@click.option(
+@flag(
     "--dry-run",
-    is_flag=True,
     help="Fold in memory and report what would be written; write no file but the reports.",
 )
 @path_option(
@@ -73,10 +68,9 @@ Examples:
     help="Also export the folded model to ONNX at this path (checked: "
     "dynamic batch, no training-mode BatchNormalization).",
 )
-@click.option(
+@flag(
     "--verify",
     "verify_outputs",
-    is_flag=True,
     help="Compare the folded model (and the --onnx file under ONNX Runtime) with the "
     "original; exit 1 if any output differs beyond tolerance.",
 )
@@ -116,4 +110,4 @@ def fold(
         dry_run=dry_run,
         force=force,
     )
-    run_job(job, json_path=json_path, markdown_path=markdown_path)
+    run_job(job)

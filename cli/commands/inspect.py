@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
-from bnfold_cli.options import MODEL_HELP, model_options, run_job
+from bnfold_cli.console import run_job
+from bnfold_cli.options import EXIT_CODES, MODEL_HELP, flag, model_options
 
 EPILOG = (
     MODEL_HELP
@@ -24,7 +24,7 @@ Examples:
 
 
 @click.command("inspect", epilog=EPILOG)
-@click.option("--force", is_flag=True, help="Overwrite existing report files (never MODEL).")
+@flag("--force", help="Overwrite existing report files (never MODEL).")
 @model_options
 def inspect(request: Any, force: bool, json_path: str | None, markdown_path: str | None) -> None:
     """Show every BatchNorm: foldable or kept, into which layer, and why.
@@ -35,4 +35,4 @@ def inspect(request: Any, force: bool, json_path: str | None, markdown_path: str
 
     reports = (("--json", json_path), ("--markdown", markdown_path))
     job = Job("inspect", request, fold=False, reports=reports, force=force)
-    run_job(job, json_path=json_path, markdown_path=markdown_path)
+    run_job(job)

@@ -9,18 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     ARCH,
     DATA_HELP,
     DEBUG,
+    EXIT_CODES,
     FORCE,
     MODEL_HELP,
     TRUST_PICKLE,
     data_options,
+    flag,
     json_option,
+    model_request,
     path_option,
-    run_job,
 )
 
 EPILOG = (
@@ -57,13 +59,11 @@ Examples:
 
 
 @click.command("recalibrate", epilog=EPILOG)
-@click.argument("model_spec", metavar="MODEL")
 @path_option(
     "-o", "--output", help="Where to write the recalibrated model (.pt2, .pt/.pth, .safetensors)."
 )
 @FORCE
-@ARCH
-@TRUST_PICKLE
+@model_request(click.argument("spec", metavar="MODEL"), ARCH, TRUST_PICKLE)
 @click.option(
     "--device",
     default=None,
@@ -77,16 +77,14 @@ Examples:
     default=None,
     help="Also draw the per-layer shift of mean and variance (needs matplotlib).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
+@flag("-q", "--quiet", help="No progress bar and no report table.")
 @DEBUG
 @data_options(required=True)
 def recalibrate(
-    model_spec: str,
+    request: Any,
     data_request: Any,
     output: Path | None,
     force: bool,
-    arch: str | None,
-    trust_pickle: bool,
     device: str | None,
     json_path: str | None,
     plot_path: str | None,
@@ -98,12 +96,12 @@ def recalibrate(
     sees, pooled in float64 over all batches (and all processes under torchrun), with every
     other layer in eval mode (Dropout off). Nothing else in the model changes.
     """
-    from bnfold.jobs import Job, ModelRequest
+    from bnfold.jobs import Job
 
-    with _distributed():
+    with _process_group():
         job = Job(
             "recalibrate",
-            ModelRequest(model_spec, arch, trust_pickle),
+            request,
             data=data_request,
             find=False,
             fold=False,
@@ -113,11 +111,11 @@ def recalibrate(
             reports=(("--json", json_path), ("--plot", plot_path)),
             force=force,
         )
-        run_job(job, json_path=json_path, plot_path=plot_path, quiet=quiet)
+        run_job(job, quiet=quiet)
 
 
 @contextlib.contextmanager
-def _distributed() -> Iterator[None]:
+def _process_group() -> Iterator[None]:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment), if not
     joined yet; leave it at the end if it was joined here."""
     import torch

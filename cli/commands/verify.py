@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold_cli.main import EPILOG as EXIT_CODES
+from bnfold_cli.console import run_job
 from bnfold_cli.options import (
     ARCH,
     DEBUG,
     DTYPE,
+    EXIT_CODES,
     SHAPES,
     TRUST_PICKLE,
+    flag,
     json_option,
-    run_job,
     verify_options,
 )
 
@@ -60,7 +61,7 @@ Examples:
 @TRUST_PICKLE
 @verify_options
 @json_option("replaces the text")
-@click.option("--force", is_flag=True, help="Overwrite an existing --json file (never an input).")
+@flag("--force", help="Overwrite an existing --json file (never an input).")
 @DEBUG
 def verify(
     onnx_path: Path,
@@ -97,4 +98,4 @@ def verify(
         reports=(("--json", json_path),),
         force=force,
     )
-    run_job(job, json_path=json_path)
+    run_job(job)
