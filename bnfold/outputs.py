@@ -1,7 +1,6 @@
-"""The model files a run writes (their default names and formats: ``bnfold.io.save``),
-atomically: programs and pickled modules by ``bnfold.io.models.save_model``, a recalibrated
-state dict here. When a later stage fails, ``written_before_failure`` names the files already
-written (they are complete).
+"""The model files a run writes (their names, formats and atomic writing: ``bnfold.io.save``).
+When a later stage fails, ``written_before_failure`` names the files already written (they are
+complete).
 """
 
 from __future__ import annotations
@@ -11,14 +10,9 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
 
 from bnfold.errors import BnfoldError
-from bnfold.io.models import ModelFormat, SavedModel, atomic_write, save_model
-from bnfold.io.save import STATE_DICT_FORMATS
+from bnfold.io.models import ModelFormat
 
 
 @dataclass(frozen=True)
@@ -27,40 +21,6 @@ class Target:
 
     path: Path
     format: ModelFormat
-
-
-def save(
-    model: nn.Module,
-    target: Target,
-    inputs: tuple[Any, ...],
-    dynamic_dims: tuple[tuple[int, ...], ...] | None,
-    *,
-    overwrite: bool,
-) -> SavedModel:
-    """Write ``model`` as ``target`` says, atomically: a program or a pickled module
-    (``save_model``, with ``inputs`` and ``dynamic_dims`` for a program), or its state dict."""
-    if target.format not in STATE_DICT_FORMATS:
-        return save_model(
-            model,
-            target.path,
-            example_inputs=inputs,
-            format=target.format,
-            overwrite=overwrite,
-            dynamic_dims=dynamic_dims,
-        )
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-    def write(tmp: str) -> None:
-        if target.format is ModelFormat.SAFETENSORS:
-            from safetensors.torch import save_file
-
-            save_file(state, tmp)
-        else:
-            torch.save(state, tmp)
-
-    atomic_write(target.path, write, overwrite=overwrite)
-    notes = ("state dict: load it into MODEL's architecture, strictly",)
-    return SavedModel(str(target.path), target.format, target.path.stat().st_size, notes)
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from bnfold.io.models import (
     expected_source,
     load_model,
     output_format,
+    save_model,
 )
 from bnfold.io.paths import NamedPath, plan_paths, spec_path
 from bnfold.io.save import STATE_DICT_FORMATS
@@ -62,7 +63,6 @@ from bnfold.jobs import (
 from bnfold.modes import set_eval
 from bnfold.outputs import (
     Target,
-    save,
     would_write,
     written_before_failure,
 )
@@ -71,9 +71,6 @@ from bnfold.version import __version__
 
 T = TypeVar("T")
 PROGRAM = ModelFormat.EXPORTED_PROGRAM
-
-
-# ----------------------------------------------------------------------------------- run
 
 
 def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
@@ -196,7 +193,14 @@ def _write(
     for target in targets:
         with written_before_failure(report.written), hooks.stage(f"Writing {target.path}"):
             to_save = report.result.model if report.result else set_eval(model)
-            saved = save(to_save, target, inputs, dynamic_dims, overwrite=job.force)
+            saved = save_model(
+                to_save,
+                target.path,
+                example_inputs=inputs,
+                format=target.format,
+                overwrite=job.force,
+                dynamic_dims=dynamic_dims,
+            )
         report = replace(report, outputs=(*report.outputs, saved))
     if job.onnx:
         with written_before_failure(report.written), hooks.stage(f"Exporting {job.onnx}"):
@@ -221,9 +225,6 @@ def _first_forward(stage: Callable[[nn.Module, Any], T], model: nn.Module, input
     except Exception:
         check_inputs(model, inputs)
         raise
-
-
-# ------------------------------------------------------------------------------ the inputs
 
 
 def _load(request: ModelRequest, hooks: Hooks) -> LoadedModel:
@@ -288,9 +289,6 @@ def _data_record(request: DataRequest | None, data: DataSource) -> dict[str, Any
     }
 
 
-# ----------------------------------------------------------------------------- the outputs
-
-
 def check_paths(job: Job, model_output: Path | None) -> None:
     """Check every path ``job`` reads and writes before any work (``plan_paths``), each under
     the option that named it, so an error says which option to change; ``model_output`` is the
@@ -329,9 +327,6 @@ def model_targets(job: Job, loaded: LoadedModel, planned: Path | None) -> tuple[
     if job.also_pt2 and fmt is not PROGRAM:
         return Target(main.with_suffix(".pt2"), PROGRAM), Target(main, fmt)
     return (Target(main, fmt),)
-
-
-# ---------------------------------------------------------------------------------- context
 
 
 def versions() -> dict[str, str]:

@@ -30,9 +30,6 @@ _PATH_COLUMNS = (0, 2)  # BatchNorm and Layer
 _GAP = 3  # spaces between the columns of the BatchNorm table
 
 
-# ------------------------------------------------------------------ JSON
-
-
 def render_json(record: Report | DemoResult) -> str:
     """The JSON document of a run: for ``bnfold inspect``/``fold``/``export`` the plan, the
     fold and each later stage's record; for ``recalibrate`` and ``verify`` their stage's."""
@@ -80,9 +77,6 @@ def _sections(report: Report) -> dict[str, Any]:
 
 def _summary(report: Report) -> str:
     return report.result.summary() if report.result is not None else report.plan.summary()
-
-
-# ------------------------------------------------------------------ text
 
 
 def render_text(
@@ -245,9 +239,6 @@ def _output_notes(output: SavedModel) -> str:
     return "".join(f"; {note}" for note in output.notes)
 
 
-# ------------------------------------------------------------------ Markdown
-
-
 def render_markdown(report: Report) -> str:
     """A Markdown section: header, a table with each kept BatchNorm's detail, the summary."""
     rows, _ = _rows(report)
@@ -286,9 +277,6 @@ def _md_cells(cells: list[str]) -> list[str]:
         if escaped[index] not in ("", "-"):
             escaped[index] = f"`{escaped[index]}`"
     return escaped
-
-
-# ------------------------------------------------------------------ small helpers
 
 
 def _format_label(value: Any) -> str:

@@ -150,9 +150,6 @@ def _note(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
-# ------------------------------------------------------------------ stdout for --json -
-
-
 @contextlib.contextmanager
 def stdout_to_stderr(active: bool = True) -> Iterator[None]:
     """While the block runs, file descriptor 1 and ``sys.stdout`` point at stderr, so whatever

@@ -510,3 +510,19 @@ def test_archives_carry_their_final_name(work, capsys):
     )
     assert code == 0, err
     assert _top_folders(work / "recal.pt") == {"recal"}
+
+
+@pytest.mark.parametrize("fmt", [ModelFormat.STATE_DICT, ModelFormat.SAFETENSORS])
+def test_save_model_writes_a_state_dict_when_asked(tmp_path: Path, fmt: ModelFormat) -> None:
+    from safetensors.torch import load_file
+
+    model = ConvNet().eval()
+    path = tmp_path / ("w.safetensors" if fmt is ModelFormat.SAFETENSORS else "w.pt")
+    saved = save_model(model, path, example_inputs=image(), format=fmt)
+    assert saved.format is fmt and saved.bytes == path.stat().st_size and saved.notes
+    state = load_file(path) if fmt is ModelFormat.SAFETENSORS else torch.load(path)
+    expected = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    with pytest.raises(UsageError, match="already exists"):
+        save_model(model, path, example_inputs=image(), format=fmt)

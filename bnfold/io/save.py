@@ -114,12 +114,13 @@ def save_model(
 ) -> SavedModel:
     """Write ``model`` to ``path`` atomically, in a form that loads back without bnfold.
 
-    ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export`` with
-    ``example_inputs``, the batch (dim 0) and ``dynamic_dims`` kept dynamic where the model
-    allows it (``export_program``; ``SavedModel.notes`` say which); load it back with
-    ``torch.export.load(path).module()``. Pickled module: ``torch.save(model)``. Raises
-    ``UsageError`` for a path that may not be written and ``SaveError`` when exporting or
-    writing fails (nothing is left behind, an existing file is untouched).
+        ``format`` defaults to the extension's (``output_format``). ``.pt2``: ``torch.export`` with
+        ``example_inputs``, the batch (dim 0) and ``dynamic_dims`` kept dynamic where the model
+        allows it (``export_program``; ``SavedModel.notes`` say which); load it back with
+        ``torch.export.load(path).module()``. Pickled module: ``torch.save(model)``. A state dict
+    format (only when asked for by ``format``): the model's state dict. Raises
+        ``UsageError`` for a path that may not be written and ``SaveError`` when exporting or
+        writing fails (nothing is left behind, an existing file is untouched).
     """
     out = check_output_path(path, overwrite=overwrite)
     fmt = format or output_format(out)
@@ -139,8 +140,18 @@ def save_model(
         def write(tmp: str) -> None:
             torch.save(model, tmp)
 
-    else:
-        raise UsageError(f"cannot save a model as {fmt.label}; use .pt2")
+    else:  # a state dict: the weights alone
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        notes = ["state dict: load it into MODEL's architecture, strictly"]
+
+        def write(tmp: str) -> None:
+            if fmt is ModelFormat.SAFETENSORS:
+                from safetensors.torch import save_file
+
+                save_file(state, tmp)
+            else:
+                torch.save(state, tmp)
+
     atomic_write(out, write, overwrite=overwrite)
     return SavedModel(path=str(out), format=fmt, bytes=out.stat().st_size, notes=tuple(notes))
 

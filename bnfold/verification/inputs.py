@@ -90,9 +90,6 @@ def _shapes(batch: Batch) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(d) for d in arg.shape) for arg in batch)
 
 
-# -------------------------------------------------------------------------------- references
-
-
 @dataclass
 class Reference:
     """One model every candidate is compared with, and its outputs on each input batch."""

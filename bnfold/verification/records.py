@@ -177,8 +177,6 @@ def require_passed(report: VerificationReport) -> VerificationReport:
     raise VerificationFailed("verification failed: " + "; ".join(lines))
 
 
-# ---------------------------------------------------------------------------------- text
-
 _COLUMNS = "candidate|status|max abs|mean abs|max rel|cosine|top-1|err/tol|worst at".split("|")
 
 
