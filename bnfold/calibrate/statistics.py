@@ -73,6 +73,8 @@ class Layer:
         self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
+        # where a stock layer's train-mode kernel writes each call's batch statistics in place
+        self.batch_mean, self.batch_var = bn.running_mean, bn.running_var
 
     def restore(self) -> None:
         for buffer, value in zip(self._buffers(), self.saved, strict=True):
@@ -99,14 +101,21 @@ class Layer:
         in float32 along the batch; on CUDA by Welford's method), else from a float64 copy. A
         channels-last batch, or half inputs of float32 statistics, are summed in float32 or
         less over the whole batch."""
-        dtype = self.bn.running_mean.dtype
+        dtype = self.batch_mean.dtype
         if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}
         channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
-        if x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last):
-            return torch.stack((self.bn.running_mean, self.bn.running_var))
-        return float64_row(x)
+        if not (x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)):
+            return float64_row(x)
+        row = torch.stack((self.batch_mean, self.batch_var))
+        if dtype == F64:
+            return row
+        # min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std (a
+        # float32 row would round the mean too coarsely), not finite where the input held
+        # NaN or inf (left for the float64 row, which ``Observer._add`` refuses)
+        spread = torch.addcmul(self.batch_var, self.batch_mean, self.batch_mean, value=-(FAR**-2))
+        return row if float(spread.min()) >= 0 else float64_row(x)
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """This call's float64 [mean, unbiased var], its mean and biased variance written
@@ -200,18 +209,14 @@ class Observer:
             self._add(layer, count, layer.kernel_row(x), x)
 
     def _add(self, layer: Layer, count: int, row: torch.Tensor, x: torch.Tensor) -> None:
-        """Refuse NaN/inf (this is the first layer in call order that saw them); take a float32
-        row far from zero again from a float64 copy."""
-        # min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std, not
-        # finite where the input held NaN or inf
-        spread = float(torch.addcmul(row[1], row[0], row[0], value=-(FAR**-2)).min())
-        if not math.isfinite(spread):
+        """Refuse NaN/inf (this is the first layer in call order that saw them)."""
+        if row.dtype == F64 and not math.isfinite(float(row.sum())):
             raise CalibrationError(
                 f"batch {self.batch}: BatchNorm {layer.name!r} is the first layer whose input "
                 f"holds NaN or infinite values; check the data (and the layers before "
                 f"{layer.name!r}) for NaN/inf. Statistics restored, model unchanged"
             )
-        layer.add(count, float64_row(x) if spread < 0 and row.dtype != F64 else row)
+        layer.add(count, row)
 
 
 def _usable(x: Any, bn: nn.Module) -> bool:
