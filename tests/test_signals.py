@@ -21,8 +21,14 @@ import bnfold
 # Runs the real CLI in a fresh interpreter. The model writers write the file, then say so and
 # wait (up to a minute, or until RELEASE exists): the signal arrives in the middle of a save.
 RUNNER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+
+# Signals as in a terminal session, even when the tests run as a background job or under
+# nohup (which start every child with SIGINT or SIGHUP ignored; bnfold rightly leaves an ignored
+# signal ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 import safetensors.torch
 import torch
