@@ -35,6 +35,8 @@ F64 = torch.float64
 #: A float32 row's mean is rounded by up to 2^-24 · |mean|; within FAR std of zero that moves
 #: the pooled variance by at most about 2^-24 · FAR · 2 relative (2e-6, and ~1e-7 in practice).
 FAR = 16.0
+#: The channels-last memory format of 4-D and 5-D inputs.
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 #: Rows a layer keeps before pooling them (a few tensor operations per pooling, not per call).
 POOL_EVERY = 64
 
@@ -104,8 +106,8 @@ class Layer:
         dtype = self.batch_mean.dtype
         if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
-        formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-        channels_last = x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+        layout = CHANNELS_LAST.get(x.dim())
+        channels_last = layout is not None and x.is_contiguous(memory_format=layout)
         if not (x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)):
             return float64_row(x)
         row = torch.stack((self.batch_mean, self.batch_var))
@@ -199,16 +201,16 @@ class Observer:
                     "training: use a larger batch size"
                 )
             if not layer.stock:
-                self._add(layer, count, layer.batch_statistics(x, count), x)
+                self._add(layer, count, layer.batch_statistics(x, count))
         self.running.append((layer, count))
 
     def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         layer, count = self.running.pop()
         if count and layer.stock:
             x = args[0] if args else kwargs["input"]
-            self._add(layer, count, layer.kernel_row(x), x)
+            self._add(layer, count, layer.kernel_row(x))
 
-    def _add(self, layer: Layer, count: int, row: torch.Tensor, x: torch.Tensor) -> None:
+    def _add(self, layer: Layer, count: int, row: torch.Tensor) -> None:
         """Refuse NaN/inf (this is the first layer in call order that saw them)."""
         if row.dtype == F64 and not math.isfinite(float(row.sum())):
             raise CalibrationError(
