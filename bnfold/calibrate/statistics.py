@@ -100,9 +100,9 @@ class Layer:
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
         """This call's [mean, unbiased var]: what the train-mode kernel wrote where it sums to
         about float32 rounding (on CPU a contiguous channels-first input in float64, a 2-D one
-        in float32 along the batch; on CUDA by Welford's method), else from a float64 copy. A
-        channels-last batch, or half inputs of float32 statistics, are summed in float32 or
-        less over the whole batch."""
+        in float32 along the batch; on CUDA by Welford's method), else from a float64 copy: a
+        channels-last batch or half inputs of float32 statistics (the kernel sums them in
+        float32 or less over the whole batch), and a float32 row far from zero (below)."""
         dtype = self.batch_mean.dtype
         if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
