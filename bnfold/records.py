@@ -105,6 +105,10 @@ class SkipReason(str, enum.Enum):
     INPUT_DEPENDENT = "input_dependent"
     NOT_AFFINE = "not_affine"
     NOT_TRACEABLE = "not_traceable"
+    NON_AFFINE_BETWEEN = "non_affine_between"
+    MAX_POOL_SIGN = "max_pool_sign"
+    BRANCHES_MISALIGNED = "branches_misaligned"
+    BRANCH_MERGE_OFF = "branch_merge_off"
 
     @property
     def label(self) -> str:
@@ -210,6 +214,26 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
         "a batch norm called as a function (or from an unregistered module) can only be folded "
         "by rewriting the traced graph; make the forward traceable by torch.fx or fold a "
         "torch.export program (.pt2)",
+    ),
+    SkipReason.NON_AFFINE_BETWEEN: (
+        "non-affine op between",
+        "an activation or another op that is not a per-channel affine map sits between the BN "
+        "and the layer (e.g. BN → ReLU → Conv); no exact fold exists",
+    ),
+    SkipReason.MAX_POOL_SIGN: (
+        "max pooling, negative scale",
+        "max pooling commutes with the BN only on channels whose scale gamma/sqrt(var + eps) "
+        "is not negative; a negative scale turns the max into a min",
+    ),
+    SkipReason.BRANCHES_MISALIGNED: (
+        "branches do not align",
+        "parallel branches summed on one input merge into one conv only when their strides, "
+        "dilations, groups and paddings align (each kernel centred in the largest)",
+    ),
+    SkipReason.BRANCH_MERGE_OFF: (
+        "branch merge off",
+        "the BN sits on parallel branches that merge into one conv; fold with "
+        "merge_branches=True (drop --no-merge-branches) to fold it",
     ),
 }
 
