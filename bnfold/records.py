@@ -245,10 +245,11 @@ class Pair(Record):
     bn: str  # module path, or the graph node name for a functional batch norm
     bn_type: str
     bn_kind: BnKind
-    producer: str  # module path of the Conv/ConvTranspose/Linear
+    producer: str  # module path of the Conv/ConvTranspose/Linear (comma-separated when several)
     producer_type: str
     pattern: str  # row name in bnfold.patterns, e.g. "conv→bn"
     channels: int
+    via: tuple[str, ...] = ()  # the ops between them: pooling, views, "cat", "add", "split"...
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from bnfold.demo import DemoResult
 from bnfold.folding.surgery import LARGE_SCALE
 from bnfold.io.models import ModelFormat, SavedModel
 from bnfold.jobs import Report
-from bnfold.records import Skip, format_bytes
+from bnfold.records import Pair, Skip, format_bytes
 from bnfold.text import labelled, paint, table, wrap
 
 #: ``width=None`` means no limit: module paths whole, nothing wrapped.
@@ -144,18 +144,23 @@ def _rows(report: Report) -> tuple[list[list[str]], list[str]]:
     if folding:
         for item in report.result.folded:
             pair = item.pair
-            cells = [pair.bn, pair.bn_type, pair.producer, pair.pattern, "folded"]
+            cells = [pair.bn, pair.bn_type, pair.producer, _pattern(pair), "folded"]
             rows.append([*cells, f"{item.max_abs_scale:.3g}", ""])
             styles.append("green" if item.max_abs_scale <= LARGE_SCALE else "magenta")
     else:
         for pair in report.plan.pairs:
-            rows.append([pair.bn, pair.bn_type, pair.producer, pair.pattern, "foldable", ""])
+            rows.append([pair.bn, pair.bn_type, pair.producer, _pattern(pair), "foldable", ""])
             styles.append("green")
     for skip in skipped:
         cells = [skip.bn, skip.bn_type, skip.producer or "-", skip.pattern or "-", "kept"]
         rows.append([*cells, *([""] if folding else []), skip.reason.label])
         styles.append("yellow")
     return ([row[:-1] for row in rows] if not skipped else rows), styles
+
+
+def _pattern(pair: Pair) -> str:
+    """The pattern, with the ops between the norm and its layers: ``bn→linear via flatten``."""
+    return f"{pair.pattern} via {', '.join(pair.via)}" if pair.via else pair.pattern
 
 
 def _column_widths(rows: list[list[str]], width: int | None) -> list[int]:

@@ -16,7 +16,7 @@ SIZE = 6
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "module", "residual", "fanout", "shared"
+    kind: str  # "module", "residual", "fanout", "shared", "cat", "sum", "split"
     names: tuple[str, ...]
 
 
@@ -47,6 +47,13 @@ class RandomNet(nn.Module):
                 x = mods[0](x)
             elif step.kind == "residual":
                 x = x + mods[1](mods[0](x))
+            elif step.kind == "cat":  # two convs of half the channels, concatenated, one BN
+                x = mods[2](torch.cat([mods[0](x), mods[1](x)], 1))
+            elif step.kind == "sum":  # two convs summed, one BN
+                x = mods[2](mods[0](x) + mods[1](x))
+            elif step.kind == "split":  # one BN, its halves into two convs
+                left, right = mods[0](x).chunk(2, dim=1)
+                x = torch.cat([mods[1](left), mods[2](right)], 1)
             else:  # fanout: the conv output feeds the BN and the add
                 y = mods[0](x)
                 x = mods[1](y) + y
@@ -76,6 +83,42 @@ def _conv(draw: st.DrawFn) -> nn.Module:
     return conv
 
 
+def _channel_op(draw: st.DrawFn) -> nn.Module:
+    """An op a BN's affine map passes through (max pooling only where its scale is >= 0),
+    keeping the [N, 4, 6, 6] shape; the padded average pool counts its zeros or not."""
+    return draw(
+        st.sampled_from(
+            [
+                nn.Identity(),
+                nn.Dropout(0.5),
+                nn.MaxPool2d(3, 1, 1),
+                nn.AvgPool2d(3, 1, 1, count_include_pad=True),
+                nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                nn.Sequential(nn.Upsample(scale_factor=2), nn.AvgPool2d(2)),
+                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.MaxPool2d(2)),
+                nn.ChannelShuffle(2),
+                nn.Sequential(nn.PixelUnshuffle(2), nn.PixelShuffle(2)),
+            ]
+        )
+    )
+
+
+def _half_conv(draw: st.DrawFn, c_in: int, c_out: int) -> nn.Module:
+    kernel = draw(st.sampled_from([1, 3]))
+    mode = draw(st.sampled_from(["zeros", "reflect"]))
+    return nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, padding_mode=mode)
+
+
+def _flip_signs(net: nn.Module, seed: int) -> None:
+    """Negate the scale of about half the channels of every BN (max pooling must refuse)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+                signs = torch.randint(0, 2, module.weight.shape, generator=gen) * 2 - 1
+                module.weight.mul_(signs)
+
+
 @st.composite
 def random_nets(draw: st.DrawFn) -> RandomNet:
     layers: dict[str, nn.Module] = {}
@@ -88,7 +131,22 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
         return name
 
     for _ in range(draw(st.integers(2, 7))):
-        kind = draw(st.sampled_from(["conv", "bn", "relu", "residual", "fanout", "shared"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "conv",
+                    "bn",
+                    "relu",
+                    "residual",
+                    "fanout",
+                    "shared",
+                    "through",
+                    "cat",
+                    "sum",
+                    "split",
+                ]
+            )
+        )
         if kind == "conv":
             name = add("conv", _conv(draw))
             convs.append(name)
@@ -106,10 +164,36 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
             steps.append(
                 Step("fanout", (add("fan", _conv(draw)), add("fan", nn.BatchNorm2d(CHANNELS))))
             )
+        elif kind == "through":  # conv -> op -> BN, or BN -> op -> conv
+            pair = [_conv(draw), _channel_op(draw), nn.BatchNorm2d(CHANNELS)]
+            if draw(st.booleans()):
+                pair.reverse()
+            steps.append(Step("module", (add("thr", nn.Sequential(*pair)),)))
+        elif kind in ("cat", "sum"):
+            width = CHANNELS // 2 if kind == "cat" else CHANNELS
+            convs_ = (_half_conv(draw, CHANNELS, width), _half_conv(draw, CHANNELS, width))
+            names = (
+                add(kind, convs_[0]),
+                add(kind, convs_[1]),
+                add(kind, nn.BatchNorm2d(CHANNELS)),
+            )
+            steps.append(Step(kind, names))
+        elif kind == "split":
+            half = CHANNELS // 2
+            modules = (
+                nn.BatchNorm2d(CHANNELS),
+                _half_conv(draw, half, half),
+                _half_conv(draw, half, half),
+            )
+            steps.append(Step("split", tuple(add("split", m) for m in modules)))
         elif convs:
             steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
     net = RandomNet(layers, steps, tail=draw(st.booleans()))
-    return zoo.randomize_bn(net.eval(), seed=draw(st.integers(0, 1000)))
+    seed = draw(st.integers(0, 1000))
+    zoo.randomize_bn(net.eval(), seed=seed)
+    if draw(st.booleans()):
+        _flip_signs(net, seed)
+    return net
 
 
 def example(batch: int = 2) -> torch.Tensor:

@@ -21,7 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.affine import affine_site
 from bnfold.find.functional import functional_layer, functional_norm, is_layer_call, is_norm_call
-from bnfold.find.patterns import Position, Refusal, pattern_for
+from bnfold.find.patterns import LayerKind, LayerView, Position, Refusal, pattern_for
+from bnfold.find.reach import Reach, Target, consumers, producers
 from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
 from bnfold.find.sites import (
     LAYER_TYPES,
@@ -41,14 +42,31 @@ from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
 
 
 @dataclass(frozen=True)
-class PlannedPair:
-    """A pair with the live objects the fold needs."""
+class FoldTarget:
+    """One layer a norm folds into, and the part of the norm's map it takes: the norm's scale
+    and shift at the layer's channels (the shift zero on all but one addend of a sum)."""
 
-    record: Pair
-    norm: NormSite
     layer: LayerSite
     position: Position
     affine: Affine
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """A norm with the layers it folds into and the live objects the fold needs."""
+
+    record: Pair
+    norm: NormSite
+    targets: tuple[FoldTarget, ...]
+    affine: Affine  # the norm's whole map
+
+    @property
+    def layer(self) -> LayerSite:
+        return self.targets[0].layer
+
+    @property
+    def position(self) -> Position:
+        return self.targets[0].position
 
 
 @dataclass(frozen=True)
@@ -190,64 +208,63 @@ class _Context:
         return None
 
     def _try(self, norm: NormSite, position: Position, affine: Affine) -> PlannedPair | Skip | None:
-        layer, refusal = self._neighbour(norm, position)
-        if layer is None:
+        walk = producers if position == Position.AFTER else consumers
+        reach = walk(self.gm, self.layers, norm)
+        if reach is None:
             return None
-        rank = _rank(norm.input) if position == Position.AFTER else _rank(norm.out)
-        view = replace(layer.view, activation_rank=rank)
-        pattern = pattern_for(layer.kind, position)
+        targets = tuple(_fold_target(t, position, affine) for t in reach.targets)
+        names = ", ".join(dict.fromkeys(t.layer.name for t in reach.targets))
+        pattern = pattern_for(targets[0].layer.kind, position)
         refusal = (
-            refusal
-            or _extra_between(norm, layer, position)
-            or self._layer_refusal(norm, layer, position)
-            or pattern.check(view, affine)
+            reach.refusal
+            or _duplicate_layers(reach)
+            or _sign_refusal(norm, reach, affine)
+            or self._targets_refusal(norm, reach.targets, targets)
         )
         if refusal is not None:
-            return norm_skip(norm, refusal, layer.name, pattern.name)
+            return norm_skip(norm, refusal, names, pattern.name)
         record = Pair(
             bn=norm.name,
             bn_type=norm.type_name,
             bn_kind=norm.kind,
-            producer=layer.name,
-            producer_type=layer.type_name,
+            producer=names,
+            producer_type=targets[0].layer.type_name,
             pattern=pattern.name,
             channels=norm.params.num_features,
+            via=reach.via,
         )
-        return PlannedPair(record, norm, layer, position, affine)
+        return PlannedPair(record, norm, targets, affine)
 
-    def _neighbour(
-        self, norm: NormSite, position: Position
-    ) -> tuple[LayerSite | None, Refusal | None]:
-        """The layer next to the norm on one side, and a fan-out refusal when the value
-        between them feeds anything else."""
-        if position == Position.AFTER:  # layer -> norm: the layer's output feeds only the norm
-            layer = self.layers.get(norm.input)
-            if layer is None:
-                return None, None
-            between, reader = layer.node, norm.node
-            reason, owner = SkipReason.PRODUCER_FANOUT, layer.name
-        else:  # norm -> layer: the norm's output feeds only the layer
-            readers = [u for u in norm.out.users if u in self.layers and _reads_first(u, norm.out)]
-            if not readers:
-                return None, None
-            layer = self.layers[readers[0]]
-            between, reader = norm.out, readers[0]
-            reason, owner = SkipReason.BN_FANOUT, norm.name
-        others = ", ".join(u.name for u in between.users if u is not reader)
-        return layer, Refusal(reason, f"{owner} output also feeds {others}") if others else None
-
-    def _layer_refusal(
-        self, norm: NormSite, layer: LayerSite, position: Position
+    def _targets_refusal(
+        self, norm: NormSite, reached: tuple[Target, ...], folds: tuple[FoldTarget, ...]
     ) -> Refusal | None:
+        """The conditions on each layer: the subclass's extra ops, the layer's own conditions,
+        the channel axis and count, then the pattern table's check."""
+        for target, fold in zip(reached, folds, strict=True):
+            layer, position = target.layer, fold.position
+            rank = _rank(layer.node if position == Position.AFTER else _first_arg(layer.node))
+            view = replace(layer.view, activation_rank=rank, channel_axis=target.channels.axis)
+            refusal = (
+                _extra_between(norm, layer, position)
+                or self._layer_refusal(norm, target, position)
+                or _conv_axis(layer, view)
+                or _named(layer, pattern_for(layer.kind, position).check(view, fold.affine))
+            )
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _layer_refusal(self, norm: NormSite, target: Target, position: Position) -> Refusal | None:
+        layer = target.layer
         refusal = self._layer_conditions(layer)
         if refusal is not None:
             return refusal
         expected = layer.view.out_channels if position == Position.AFTER else layer.view.in_channels
-        if norm.params.num_features != expected:
+        if target.channels.size != expected:
             side = "output" if position == Position.AFTER else "input"
             return Refusal(
                 SkipReason.CHANNEL_MISMATCH,
-                f"{norm.name} has {norm.params.num_features} channels, {layer.name} "
+                f"{norm.name} has {target.channels.size} channels at {layer.name}, which "
                 f"has {expected} {side} channels",
             )
         return None
@@ -333,14 +350,66 @@ def _rank(node: fx.Node | None) -> int:
     return len(shape) if shape is not None else -1
 
 
-def _reads_first(node: fx.Node, value: fx.Node) -> bool:
-    """Whether ``node`` reads ``value`` as its first (input) argument."""
-    return (node.args[0] if node.args else node.kwargs.get("input")) is value
+def _first_arg(node: fx.Node) -> fx.Node | None:
+    arg = node.args[0] if node.args else node.kwargs.get("input")
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def _fold_target(target: Target, position: Position, affine: Affine) -> FoldTarget:
+    """The norm's map at the layer's channels; zero shift on an addend that does not take it."""
+    index = target.channels.index.to(affine.scale.device)
+    shift = affine.shift[index] if target.takes_shift else torch.zeros_like(affine.shift[index])
+    return FoldTarget(target.layer, position, Affine(affine.scale[index], shift))
+
+
+def _duplicate_layers(reach: Reach) -> Refusal | None:
+    counts = Counter(t.layer.node for t in reach.targets)
+    twice = [node.name for node, count in counts.items() if count > 1]
+    if twice:
+        return Refusal(
+            SkipReason.PRODUCER_SHARED, f"{', '.join(twice)} reaches the norm on two paths"
+        )
+    return None
+
+
+def _sign_refusal(norm: NormSite, reach: Reach, affine: Affine) -> Refusal | None:
+    """Max pooling on the way: every scale on the channels it pools must be >= 0."""
+    for channels in reach.nonnegative:
+        negative = affine.scale[channels.to(affine.scale.device)] < 0
+        if bool(negative.any()):
+            pool = next(label for label in reach.via if "max" in label.lower())
+            return Refusal(
+                SkipReason.MAX_POOL_SIGN,
+                f"{pool} sits between {norm.name} and the layer and {int(negative.sum())} "
+                f"channel(s) of {norm.name} have a negative scale",
+            )
+    return None
+
+
+def _named(layer: LayerSite, refusal: Refusal | None) -> Refusal | None:
+    """A pattern check's refusal, naming the layer it is about."""
+    if refusal is None or layer.name in refusal.detail:
+        return refusal
+    return Refusal(refusal.reason, f"{layer.name}: {refusal.detail}")
+
+
+def _conv_axis(layer: LayerSite, view: LayerView) -> Refusal | None:
+    """A conv's channels are the dim before its spatial dims."""
+    if layer.kind == LayerKind.LINEAR or view.activation_rank < 0:
+        return None
+    expected = view.activation_rank - (layer.weight.dim() - 2) - 1
+    if view.channel_axis == expected:
+        return None
+    return Refusal(
+        SkipReason.CHANNEL_MISMATCH,
+        f"the norm's channels are on dim {view.channel_axis} at {layer.name}, whose channels "
+        f"are on dim {expected}",
+    )
 
 
 def _check_unique_layers(pairs: list[PlannedPair]) -> None:
     """Two norms may fold into one layer only from opposite sides."""
-    seen = Counter((id(p.layer.node), p.position) for p in pairs)
+    seen = Counter((id(t.layer.node), t.position) for p in pairs for t in p.targets)
     duplicated = [key for key, count in seen.items() if count > 1]
     if duplicated:
         raise AssertionError(f"internal error: a layer was paired twice on one side: {duplicated}")

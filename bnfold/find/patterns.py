@@ -39,7 +39,8 @@ class LayerView:
     groups: int
     padding: tuple[int, ...]  # per spatial dim; () for Linear
     padding_mode: str  # "zeros", "reflect", "replicate", "circular"; "zeros" for Linear
-    activation_rank: int  # rank of the tensor between the layer and the norm (-1: unknown)
+    activation_rank: int  # rank of the tensor at the layer, on the norm's side (-1: unknown)
+    channel_axis: int = 1  # where the norm's channels sit in that tensor
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,14 @@ def _always_exact(layer: LayerView, affine: Affine) -> Refusal | None:
     return None
 
 
-def _needs_2d(layer: LayerView, affine: Affine) -> Refusal | None:
-    if layer.activation_rank == 2:
+def _features_last(layer: LayerView, affine: Affine) -> Refusal | None:
+    """A Linear acts on the last dim: the norm's channels must be there."""
+    if layer.channel_axis == layer.activation_rank - 1:
         return None
     return Refusal(
         SkipReason.LINEAR_AXIS,
         f"activation between Linear and BatchNorm1d has rank {layer.activation_rank}: BN "
-        "normalises dim 1 while Linear acts on the last dim",
+        f"normalises dim {layer.channel_axis} while Linear acts on the last dim",
     )
 
 
@@ -98,9 +100,9 @@ def _transposed_input_side(layer: LayerView, affine: Affine) -> Refusal | None:
 PATTERNS: tuple[Pattern, ...] = (
     Pattern("conv→bn", LayerKind.CONV, Position.AFTER, _always_exact),
     Pattern("conv_transpose→bn", LayerKind.CONV_TRANSPOSE, Position.AFTER, _always_exact),
-    Pattern("linear→bn", LayerKind.LINEAR, Position.AFTER, _needs_2d),
+    Pattern("linear→bn", LayerKind.LINEAR, Position.AFTER, _features_last),
     Pattern("bn→conv", LayerKind.CONV, Position.BEFORE, _padding_stays_exact),
-    Pattern("bn→linear", LayerKind.LINEAR, Position.BEFORE, _needs_2d),
+    Pattern("bn→linear", LayerKind.LINEAR, Position.BEFORE, _features_last),
     Pattern("bn→conv_transpose", LayerKind.CONV_TRANSPOSE, Position.BEFORE, _transposed_input_side),
 )
 

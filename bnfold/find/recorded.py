@@ -173,7 +173,7 @@ def _merged_outcome(key: str, runs: list[_Run]) -> tuple[PlannedPair | Skip, str
 
 
 def _signature(pair: PlannedPair) -> tuple:
-    return (pair.record.producer, pair.record.pattern, pair.position)
+    return (pair.record.producer, pair.record.pattern, pair.position, pair.record.via)
 
 
 def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:

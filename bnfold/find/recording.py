@@ -168,6 +168,10 @@ class _State:
             name,
         )
         node.meta["aten"] = str(func)
+        # the op's other arguments (dims, sizes, flags), tensors left out
+        node.meta["aten_args"] = pytree.tree_map(
+            lambda v: None if isinstance(v, Tensor) else v, (args, kwargs)
+        )
         if name in BATCH_NORM_KERNELS and self.instance_norm_depth == 0:
             self.loose_norms.append(LooseNorm(f"aten.{name}", self.where()))
         for tensor in _tensors(out):

@@ -17,7 +17,7 @@ from torch import nn
 
 from bnfold.find.analyse import analyse
 from bnfold.find.functional import erase_norm
-from bnfold.find.pairing import PlannedPair
+from bnfold.find.pairing import FoldTarget, PlannedPair
 from bnfold.find.patterns import Position
 from bnfold.find.sites import LayerSite, NormSite
 from bnfold.find.trace import runnable
@@ -67,7 +67,11 @@ def fold(
     )
     plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
     gm = analysis.module
-    functional = [p for p in analysis.pairs if p.norm.module is None or p.layer.module is None]
+    functional = [
+        p
+        for p in analysis.pairs
+        if p.norm.module is None or any(t.layer.module is None for t in p.targets)
+    ]
     rewrite = bool(functional) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
     workspace = Workspace()
@@ -90,28 +94,29 @@ def fold(
     )
 
 
-def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[PlannedPair]]:
-    groups: dict[int, list[PlannedPair]] = {}
+def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[FoldTarget]]:
+    groups: dict[int, list[FoldTarget]] = {}
     for pair in pairs:
-        groups.setdefault(id(pair.layer.node), []).append(pair)
+        for target in pair.targets:
+            groups.setdefault(id(target.layer.node), []).append(target)
     return list(groups.values())
 
 
-def _fold_layer_group(root: nn.Module, group: list[PlannedPair], workspace: Workspace) -> None:
+def _fold_layer_group(root: nn.Module, group: list[FoldTarget], workspace: Workspace) -> None:
     """Fold the (one or two) norms of one layer in float64, then write the result once."""
     layer = group[0].layer
     device = layer.weight.device
-    affines = [Affine(p.affine.scale.to(device), p.affine.shift.to(device)) for p in group]
+    affines = [Affine(t.affine.scale.to(device), t.affine.shift.to(device)) for t in group]
     if len(group) == 1 and group[0].position == Position.AFTER and layer.weight.is_contiguous():
         with torch.no_grad():  # the common case, without a weight-sized float64 copy
             scale_output_channels_(layer.weight, affines[0].scale, layer.layout, workspace)
         _write_bias(root, layer, output_bias(layer.bias, affines[0]))
         return
     weights = FoldedWeights(layer.weight.detach(), layer.bias)
-    for pair, affine in sorted(
+    for target, affine in sorted(
         zip(group, affines, strict=True), key=lambda item: item[0].position != Position.BEFORE
     ):
-        fold_fn = fold_into_output if pair.position == Position.AFTER else fold_into_input
+        fold_fn = fold_into_output if target.position == Position.AFTER else fold_into_input
         weights = fold_fn(weights.weight, weights.bias, affine, layer.layout)
     with torch.no_grad():  # copy_ rounds float64 to the weight's dtype once
         layer.weight.copy_(weights.weight)

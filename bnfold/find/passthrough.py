@@ -1,0 +1,291 @@
+"""Ops a batch norm's affine map passes through, and where each one puts the channels.
+
+A per-channel map ``a(x) = s * x + t`` commutes with an op that acts on each channel alone and
+keeps affine combinations: identity and dropout in eval, views whose channel axis the recorded
+shapes prove (``bnfold.find.channels``), permutations of axes, averages whose weights sum to 1
+and never include padding zeros (adaptive and unpadded average pooling, a mean over other dims,
+every interpolation mode), and channel shuffles (with the shuffled ``s`` and ``t``). Max pooling
+commutes only where ``s >= 0``: the step says so and the pairing checks it.
+
+``step`` reads one graph node (a module call, a torch function or Tensor method, an ATen op of an
+exported program or of a recorded dataflow) and returns where the channels are on its other side;
+None for any other op (the walk stops there).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bnfold.find.channels import Channels, carry_view, gather, inverse, scatter_unique
+from bnfold.find.patterns import Refusal
+from bnfold.find.recording import recorded_op
+from bnfold.records import SkipReason
+
+
+@dataclass(frozen=True)
+class Call:
+    """One op call read from a graph node: its name, tensor input and other arguments."""
+
+    name: str  # e.g. "view", "adaptive_avg_pool2d", "AvgPool2d" (module class)
+    input: fx.Node
+    args: tuple[Any, ...]  # the arguments after the input, as called
+    kwargs: dict[str, Any]
+    module: nn.Module | None
+    label: str  # for skip details: "pool (AvgPool2d)", "flatten"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op passed: its input node, the channels on the far side, and its conditions."""
+
+    input: fx.Node
+    channels: Channels
+    label: str
+    needs_nonnegative: bool = False  # max pooling: every scale on these channels >= 0
+    refusal: Refusal | None = None  # the op is understood but blocks the fold
+
+
+def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
+    """The op of ``node``, or None for a node that is not a call on a tensor."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if not type(module).__module__.startswith("torch.nn"):
+            return None  # a user module: its forward is not known
+        name, args, kwargs = type(module).__name__, (), {}
+        label = f"{node.target} ({name})"
+    elif node.op == "call_method":
+        module, name, args, kwargs = None, str(node.target), node.args[1:], dict(node.kwargs)
+        label = name
+    elif node.op == "call_function" and node.target is recorded_op:
+        module, name = None, str(node.meta["aten"]).split(".")[1]
+        recorded, kwargs = node.meta.get("aten_args", ((), {}))
+        args, label = tuple(recorded[1:]), name
+    elif node.op == "call_function":
+        packet = getattr(node.target, "overloadpacket", None)  # an ATen op
+        module, args, kwargs = None, node.args[1:], dict(node.kwargs)
+        name = getattr(packet or node.target, "__name__", "")
+        label = name
+    else:
+        return None
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    return Call(name.lstrip("_"), first, tuple(args), kwargs, module, label)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    return node.meta.get("bnfold_shape")
+
+
+def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bool) -> Step | None:
+    """Pass ``node``: with ``toward_input`` the channels are known at its output and sought at
+    its input (a walk from a norm back to the layer before it), else the other way round."""
+    call = read_call(gm, node)
+    if call is None:
+        return None
+    rule = _rule(call.name)
+    in_shape, out_shape = shape_of(call.input), shape_of(node)
+    if rule is None or in_shape is None or out_shape is None:
+        return None
+    known, other = (out_shape, in_shape) if toward_input else (in_shape, out_shape)
+    if not 0 <= channels.axis < len(known) or known[channels.axis] != channels.size:
+        return None
+    moved = rule(call, channels, known, other, toward_input)
+    if moved is None:
+        return None
+    refusal = _avg_padding_refusal(call) if _AVG_POOL.fullmatch(call.name) else None
+    return Step(call.input, moved, call.label, bool(_MAX_POOL.fullmatch(call.name)), refusal)
+
+
+Rule = Any  # (call, channels, known shape, other shape, toward_input) -> Channels | None
+
+
+def _same(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
+    return ch if tuple(known) == tuple(other) else None
+
+
+def _eval_dropout(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+    training = call.kwargs.get("training", call.kwargs.get("train"))
+    if training is None and len(call.args) > 1:
+        training = call.args[1]
+    return _same(call, ch, known, other, back) if training is False else None
+
+
+def _view(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
+    return carry_view(ch, known, other)
+
+
+def _permute(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+    perm = _permutation(call, len(known))
+    if perm is None:
+        return None
+    axis = perm[ch.axis] if back else perm.index(ch.axis)
+    return ch.moved(axis) if other[axis] == ch.size else None
+
+
+def _permutation(call: Call, rank: int) -> list[int] | None:
+    """The axis order of a permute/transpose call (``perm[new] = old``)."""
+    args = [*call.args, *call.kwargs.values()]
+    if call.name in ("t", "numpy_T") or (call.name == "T"):
+        return list(reversed(range(rank)))
+    if call.name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return None
+        return [d % rank for d in dims]
+    if len(args) != 2 or not all(isinstance(d, int) for d in args):
+        return None
+    perm = list(range(rank))
+    a, b = args[0] % rank, args[1] % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def _mean(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
+    dims = call.kwargs.get("dim", call.args[0] if call.args else None)
+    keepdim = call.kwargs.get("keepdim", call.args[1] if len(call.args) > 1 else False)
+    if call.kwargs.get("dtype") is not None or dims is None or not isinstance(keepdim, bool):
+        return None
+    rank = len(other) if back else len(known)
+    dims = {d % rank for d in ((dims,) if isinstance(dims, int) else dims)}
+    kept = [a for a in range(rank) if a not in dims or keepdim]
+    position = {a: (a if keepdim else kept.index(a)) for a in range(rank) if a not in dims}
+    if back:
+        axis = next((a for a, p in position.items() if p == ch.axis), None)
+    else:
+        axis = position.get(ch.axis)
+    return ch.moved(axis) if axis is not None and other[axis] == ch.size else None
+
+
+def _spatial(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
+    """Pooling and interpolation act on the trailing spatial dims only."""
+    digits = re.search(r"([123])d", call.name)
+    spatial = int(digits.group(1)) if digits else len(known) - 2
+    lead = len(known) - spatial
+    if len(known) != len(other) or ch.axis >= lead or tuple(known[:lead]) != tuple(other[:lead]):
+        return None
+    return ch
+
+
+def _pixel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+    """``pixel_shuffle``: input channel ``j`` goes to output channel ``j // r^2``;
+    ``pixel_unshuffle``: output channel ``j`` comes from input channel ``j // r^2``."""
+    if ch.axis != len(known) - 3 or len(known) != len(other):
+        return None
+    wide, narrow = max(ch.size, other[ch.axis]), min(ch.size, other[ch.axis])
+    if narrow == 0 or wide % narrow:
+        return None
+    groups = torch.arange(wide) // (wide // narrow)
+    unshuffle = call.name.lower().startswith("pixel_unshuffle") or call.name == "PixelUnshuffle"
+    to_narrow = back == unshuffle  # shuffle forward / unshuffle backward: wide side known
+    if to_narrow:
+        index = scatter_unique(ch.index, groups, narrow) if ch.size == wide else None
+    else:
+        index = gather(ch.index, groups) if ch.size == narrow else None
+    return None if index is None else Channels(ch.axis, index)
+
+
+def _channel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+    """Output position ``k`` reads input channel ``(k % g) * (C / g) + k // g``."""
+    groups = call.module.groups if call.module is not None else None
+    if groups is None:
+        groups = call.kwargs.get("groups", call.args[0] if call.args else None)
+    if ch.axis != 1 or not isinstance(groups, int) or groups <= 0 or ch.size % groups:
+        return None
+    k = torch.arange(ch.size)
+    reads = (k % groups) * (ch.size // groups) + k // groups
+    return Channels(1, gather(ch.index, inverse(reads) if back else reads))
+
+
+_IDENTITY = {
+    "Identity",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "AlphaDropout",
+    "FeatureAlphaDropout",
+    "contiguous",
+    "clone",
+    "detach",
+    "alias",
+}
+_DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout"}
+_VIEWS = {
+    "view",
+    "reshape",
+    "unsafe_view",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "Flatten",
+    "Unflatten",
+    "view_as",
+    "reshape_as",
+}
+_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "T"}
+_AVG_POOL = re.compile(r"avg_pool[123]d|AvgPool[123]d")
+_MAX_POOL = re.compile(r"(adaptive_)?max_pool[123]d(_with_indices)?|(Adaptive)?MaxPool[123]d")
+_SPATIAL = re.compile(
+    r"(adaptive_)?(avg|max)_pool[123]d(_with_indices)?|(Adaptive)?(Avg|Max)Pool[123]d"
+    r"|interpolate|upsample\w*|Upsample|UpsamplingNearest2d|UpsamplingBilinear2d"
+)
+
+
+def _rule(name: str) -> Rule | None:
+    if name in _IDENTITY:
+        return _same
+    if name in _DROPOUT:
+        return _eval_dropout
+    if name in _VIEWS:
+        return _view
+    if name in _PERMUTES:
+        return _permute
+    if name == "mean":
+        return _mean
+    if _SPATIAL.fullmatch(name):
+        return _spatial
+    if name in ("pixel_shuffle", "pixel_unshuffle", "PixelShuffle", "PixelUnshuffle"):
+        return _pixel_shuffle
+    if name in ("channel_shuffle", "native_channel_shuffle", "ChannelShuffle"):
+        return _channel_shuffle
+    return None
+
+
+def _avg_padding_refusal(call: Call) -> Refusal | None:
+    """Average pooling is exact without padding, or when the padded zeros are not counted."""
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor")
+    if call.module is not None:
+        values = {n: getattr(call.module, n, None) for n in names}
+        values["divisor"] = getattr(call.module, "divisor_override", None)
+    else:
+        values = dict(zip(names, call.args, strict=False))
+        values.update(call.kwargs)
+        values.setdefault("divisor", values.get("divisor_override"))
+    padding = values.get("padding", 0)
+    include = values.get("count_include_pad", True)
+    if values.get("divisor") is not None:
+        return Refusal(
+            SkipReason.NON_AFFINE_BETWEEN,
+            f"{call.label} divides by a fixed divisor_override: its weights need not sum to 1",
+        )
+    if any(_ints(padding)) and include is not False:
+        return Refusal(
+            SkipReason.ZERO_PADDING,
+            f"{call.label} pads by {padding} and counts the padded zeros in its average "
+            "(count_include_pad=True): they are not the BN's zero",
+        )
+    return None
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value or 0),)
