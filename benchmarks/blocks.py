@@ -87,8 +87,8 @@ class MixedDepthwise(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, self.splits, dim=1)
-        return torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
+        parts = torch.split(x, self.splits, dim=1)  # indexed, as timm does: fx can trace it
+        return torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], dim=1)
 
 
 class MixBlock(nn.Module):

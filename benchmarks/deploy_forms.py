@@ -140,7 +140,7 @@ class MixBlockDeploy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.expand(x))
         parts = torch.split(y, self.splits, dim=1)
-        y = self.act(torch.cat([conv(p) for conv, p in zip(self.mix, parts, strict=True)], 1))
+        y = self.act(torch.cat([conv(parts[i]) for i, conv in enumerate(self.mix)], dim=1))
         y = self.project(y)
         return x + y if self.residual else y
 
