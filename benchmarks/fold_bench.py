@@ -5,6 +5,13 @@ left by each, fp32 error ratio of each (RMS error of the folded fp32 model vs th
 over the same for the original fp32 model), whether each result is correct (fp64 relative error
 of folded vs original), and eager CPU latency of the original vs bnfold's folded model.
 
+The models of ``benchmarks/blocks.py`` (RepVGG branches, MixConv concat, LeViT Linear-BN on
+tokens, a final BN before pooling and the head) also have a hand-written deploy form
+(``benchmarks/deploy_forms.py``): every foldable BN folded, each RepVGG block one conv. A second
+table gives, for those, the BN kernels left by bnfold and by the deploy form, the deploy form's
+fp64 error against the original (it must be exact, or the deploy form is wrong), and the eager
+latency of original, folded and deploy form timed together; folded/deploy is the gap left.
+
     python benchmarks/fold_bench.py [--repeat 7] [--json out.json]
 """
 
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -23,12 +31,15 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from blocks import MODELS as BLOCK_MODELS
+from deploy_forms import CONVERTERS, deploy_error_fp64
 from timing import median_times
 
 import bnfold
 from bnfold import zoo
 
 WRONG = 1e-6  # fp64 relative error above this means the folded model computes something else
+EXACT = 1e-10  # a hand-written deploy form must match its original this closely in fp64
 
 
 class Traps(nn.Module):
@@ -56,11 +67,29 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "unet3d": (zoo.unet3d, zoo.DEFAULT_INPUT_SHAPES["unet3d"]),
     "mlp": (zoo.mlp, zoo.DEFAULT_INPUT_SHAPES["mlp"]),
     "traps": (Traps, (2, 16, 16)),
+    **BLOCK_MODELS,
 }
+
+# Parallel summed branches merge into one conv only where bnfold.fold offers merge_branches;
+# on a bnfold without it the fold runs as it is (this is the one place that asks).
+FOLD_OPTIONS = (
+    {"merge_branches": True}
+    if "merge_branches" in inspect.signature(bnfold.fold).parameters
+    else {}
+)
+
+
+def _fold(model: nn.Module, x: torch.Tensor) -> bnfold.FoldResult:
+    return bnfold.fold(model, x, **FOLD_OPTIONS)
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
+        return model(x)
+
+
+def _infer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
         return model(x)
 
 
@@ -89,10 +118,10 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = zoo.randomize_bn(build().eval())
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    ours = bnfold.fold(model, x).model
+    ours = _fold(model, x).model
     theirs = _fuse(model)
     row: dict[str, Any] = {"model": name, "bn_total": bnfold.count_bn_kernels(model, x)}
-    fns: dict[str, Callable[[], Any]] = {"bnfold": lambda: bnfold.fold(model, x)}
+    fns: dict[str, Callable[[], Any]] = {"bnfold": lambda: _fold(model, x)}
     if isinstance(theirs, nn.Module):
         fns["fuse"] = lambda: fuse(model)
     times = median_times(fns, repeat)
@@ -108,12 +137,19 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
         row["fuse_precision_ratio"] = _precision_ratio(model, theirs, x)
     else:
         row["fuse_failed"] = theirs
-    latency = median_times(
-        {"original": lambda: _run(model, x), "folded": lambda: _run(ours, x)}, repeat * 3
-    )
+    candidates = {"original": lambda: _infer(model, x), "folded": lambda: _infer(ours, x)}
+    deployed = CONVERTERS[name](model) if name in CONVERTERS else None
+    if deployed is not None:
+        candidates["deploy"] = lambda: _infer(deployed, x)
+    latency = median_times(candidates, repeat * 3, warmup=1)
     row["latency_original_ms"] = latency["original"] * 1e3
     row["latency_folded_ms"] = latency["folded"] * 1e3
     row["latency_ratio"] = latency["folded"] / latency["original"]
+    if deployed is not None:
+        row["bn_left_deploy"] = bnfold.count_bn_kernels(deployed, x)
+        row["deploy_error_fp64"] = deploy_error_fp64(name, model, x)
+        row["latency_deploy_ms"] = latency["deploy"] * 1e3
+        row["folded_deploy_ratio"] = latency["folded"] / latency["deploy"]
     return row
 
 
@@ -150,6 +186,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def deploy_markdown(rows: list[dict[str, Any]]) -> str:
+    """The models with a hand-written deploy form: how far bnfold's fold is from it."""
+    lines = [
+        "| model | BN kernels: original / bnfold / deploy form | deploy form vs original (fp64) | "
+        "eager ms: original / folded / deploy | folded/deploy (target ≤ 1.05) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "bn_left_deploy" not in r:
+            continue
+        deploy_ok = "exact" if r["deploy_error_fp64"] < EXACT else "DEPLOY FORM WRONG"
+        lines.append(
+            f"| {r['model']} | {r['bn_total']} / {r['bn_left_bnfold']} / {r['bn_left_deploy']} | "
+            f"{deploy_ok} ({r['deploy_error_fp64']:.1e}) | {r['latency_original_ms']:.2f} / "
+            f"{r['latency_folded_ms']:.2f} / {r['latency_deploy_ms']:.2f} | "
+            f"{r['folded_deploy_ratio']:.2f} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
@@ -159,6 +215,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(torch.get_num_threads())
     rows = [bench_model(name, args.repeat) for name in args.models]
     print(markdown(rows))
+    deploy_table = deploy_markdown(rows)
+    if deploy_table:
+        print(
+            "\nAgainst the hand-written deploy form (every foldable BN folded by hand, each RepVGG "
+            f"block one conv; fold options: {FOLD_OPTIONS or 'none'}). Latency: median of "
+            "interleaved repetitions of original, folded and deploy form, same input.\n"
+        )
+        print(deploy_table)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -50,6 +50,27 @@ ARGS: dict[str, tuple[list[str], list[str]]] = {
     "realworld_bench": ([], ["--quick", "--repeat", "1"]),
 }
 
+#: Scripts in benchmarks/ that run_all does not run (not ``*_bench.py``), documented here so a
+#: regenerated BENCHMARKS.md keeps saying how to run them.
+OTHER_SCRIPTS = """\
+## Not run by run_all: kernels_left
+
+`python benchmarks/kernels_left.py [--all] [--models NAME ...] [--json out.json]` counts the
+batch-norm kernels one eval-mode forward runs before folding and after
+`bnfold.fold(model, example).model` (`bnfold.count_bn_kernels`), for the MONAI networks of
+`tests/monai_models.py` (the default test run's `FAST` subset; every network with `--all`) and
+the wild-pattern fixtures of `tests/wild_models.py`, on the inputs those suites use. It prints
+the bnfold it imported, one row per model (how bnfold read it, before, left, skip reasons) and
+totals per suite; `--all` takes about a minute on 2 cores. To measure another checkout of
+bnfold (say the tag `pre-i16`), extract it and put it first on the path, running from outside
+the repository so nothing shadows it:
+
+```bash
+mkdir /tmp/pre-i16 && git archive pre-i16 bnfold | tar -x -C /tmp/pre-i16
+cd /tmp && PYTHONPATH=/tmp/pre-i16 python REPO/benchmarks/kernels_left.py --all --json before.json
+```
+"""
+
 NOTE = """\
 Ratios are measured side by side: both sides run in one process (or, for the CLI, one session),
 on the same model and inputs, with interleaved repetitions. They are what to read and quote.
@@ -238,6 +259,7 @@ def document(
         if not result.ok:
             tail = "\n".join(result.stderr.strip().splitlines()[-20:])
             lines += ["", f"**{_status(result)}**", "", "```text", tail, "```"]
+    lines += ["", OTHER_SCRIPTS]
     return "\n".join(lines).rstrip() + "\n"
 
 

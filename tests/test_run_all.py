@@ -106,3 +106,11 @@ def test_readme_marks_the_tables_the_issues_ask_for() -> None:
         start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         assert start in readme and end in readme, name
         assert "|---|" in readme.split(start)[1].split(end)[0], name
+
+
+def test_the_document_says_how_to_run_the_scripts_run_all_skips() -> None:
+    run_all = _module()
+    text = run_all.document([], [], False, "today", 1.0, "1.00", "abc123")
+    assert "python benchmarks/kernels_left.py" in text
+    assert (ROOT / "benchmarks" / "kernels_left.py").exists()
+    assert run_all.OTHER_SCRIPTS.strip() in (ROOT / "BENCHMARKS.md").read_text()
