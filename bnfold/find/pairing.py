@@ -33,7 +33,12 @@ from bnfold.find.sites import (
     module_norm,
     own_tensors,
 )
-from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
+from bnfold.find.skip_details import (
+    extra_ops,
+    no_producer_detail,
+    non_affine_between,
+    non_finite_detail,
+)
 from bnfold.find.subclasses import strip_norm
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
@@ -132,12 +137,12 @@ def _norm_sites(
 
 def affine_refusals_to_notes(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
     """A refused ``BnKind.AFFINE`` module is not a batch norm: its skip becomes a plan note
-    (dropped when it sits next to no layer at all); every other outcome stays."""
+    (dropped when no layer is adjacent to it); every other outcome stays."""
     kept, notes = [], []
     for outcome in outcomes:
         if not isinstance(outcome, Skip) or outcome.bn_kind != BnKind.AFFINE:
             kept.append(outcome)
-        elif outcome.reason != SkipReason.NO_PRODUCER:
+        elif outcome.reason not in (SkipReason.NO_PRODUCER, SkipReason.NON_AFFINE_BETWEEN):
             notes.append(f"{outcome.bn} ({outcome.bn_type}) left as it is: {outcome.detail}")
     return kept, notes
 
@@ -164,6 +169,9 @@ class _Context:
             return before
         if after is not None or before is not None:
             return after or before  # the refusal by the layer after the norm, else before it
+        between = non_affine_between(self.gm, self.layers, norm)
+        if between is not None:
+            return norm_skip(norm, between)
         detail = no_producer_detail(self.gm, self.layers, norm)
         return norm_skip(norm, Refusal(SkipReason.NO_PRODUCER, detail))
 
@@ -200,7 +208,7 @@ class _Context:
             refusal
             or _extra_between(norm, layer, position)
             or self._layer_refusal(norm, layer, position)
-            or pattern.check(view, affine)
+            or _naming(layer, pattern.check(view, affine))
         )
         if refusal is not None:
             return norm_skip(norm, refusal, layer.name, pattern.name)
@@ -320,12 +328,19 @@ def _extra_between(norm: NormSite, layer: LayerSite, position: Position) -> Refu
         and not isinstance(norm.extra, nn.Identity)
     ):
         return Refusal(
-            SkipReason.NO_PRODUCER,
+            SkipReason.NON_AFFINE_BETWEEN,
             f"{norm.name} ({norm.type_name}) runs {extra_ops(norm.extra)} after its "
             f"batch norm, between the norm and {layer.name}; no layer is adjacent to "
             "the batch norm",
         )
     return None
+
+
+def _naming(layer: LayerSite, refusal: Refusal | None) -> Refusal | None:
+    """A pattern check's refusal, its detail led by the layer it refused."""
+    if refusal is None:
+        return None
+    return Refusal(refusal.reason, f"{layer.name} ({layer.type_name}): {refusal.detail}")
 
 
 def _rank(node: fx.Node | None) -> int:

@@ -80,7 +80,7 @@ def _padding_stays_exact(layer: LayerView, affine: Affine) -> Refusal | None:
         return None
     return Refusal(
         SkipReason.ZERO_PADDING,
-        f"conv zero-pads by {layer.padding}: padded zeros of the BN output are not the zeros "
+        f"it zero-pads by {layer.padding}: padded zeros of the BN output are not the zeros "
         "of the BN input",
     )
 
