@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.affine import affine_site
 from bnfold.find.functional import functional_layer, functional_norm, is_layer_call, is_norm_call
+from bnfold.find.padded import prove_custom_layer
 from bnfold.find.patterns import Position, Refusal, pattern_for
 from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
 from bnfold.find.sites import (
@@ -97,7 +98,7 @@ def decide(
     of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
     module tensors outside their module that the graph has no get_attr node for."""
     modules = dict(gm.named_modules(remove_duplicate=False))
-    layers = _layer_sites(gm, modules)
+    layers = _layer_sites(gm, modules, kept)
     context = _Context(gm, layers, graph_sharing(gm, extra_uses), allow_graph_rewrite)
     outcomes = [context.decide(norm) for norm in _norm_sites(gm, kept, modules)]
     outcomes, notes = affine_refusals_to_notes(outcomes)
@@ -106,11 +107,16 @@ def decide(
     return decisions
 
 
-def _layer_sites(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, LayerSite]:
+def _layer_sites(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], kept: dict[str, Any]
+) -> dict[fx.Node, LayerSite]:
     layers = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES):
-            layers[node] = module_layer(node, str(node.target), modules[node.target])
+            site = module_layer(node, str(node.target), modules[node.target])
+            if not has_stock_forward(site.module):
+                prove_custom_layer(site, kept.get(node.name, ()))
+            layers[node] = site
         elif is_layer_call(node) and (site := functional_layer(gm, node)) is not None:
             layers[node] = site
     return layers
@@ -277,12 +283,8 @@ class _Context:
                 )
         if not layer.weight.is_floating_point():
             return Refusal(SkipReason.NON_FLOAT, f"{layer.name} weight is {layer.weight.dtype}")
-        if layer.module is not None and not has_stock_forward(layer.module):
-            return Refusal(
-                SkipReason.UNSUPPORTED_FORWARD,
-                f"{layer.name} ({layer.type_name}) overrides forward; its output is "
-                "not known to be the plain layer's",
-            )
+        if layer.problem is not None:
+            return layer.problem
         if layer.module is not None and any(
             self.sharing.outside_reads[id(t)] for t in layer.tensors
         ):
@@ -369,4 +371,5 @@ def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...
     notes.extend(state_notes(model))
     for pair in pairs:
         notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
-    return tuple(notes)
+        notes.extend(f"{pair.layer.name}: {note}" for note in pair.layer.notes)
+    return tuple(dict.fromkeys(notes))

@@ -40,6 +40,8 @@ class LayerView:
     padding: tuple[int, ...]  # per spatial dim; () for Linear
     padding_mode: str  # "zeros", "reflect", "replicate", "circular"; "zeros" for Linear
     activation_rank: int  # rank of the tensor between the layer and the norm (-1: unknown)
+    # How a layer subclass's own forward may zero-pad its input at run time (None: never)
+    runtime_padding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,17 @@ def _needs_2d(layer: LayerView, affine: Affine) -> Refusal | None:
 def _padding_stays_exact(layer: LayerView, affine: Affine) -> Refusal | None:
     """BN -> Conv is exact without padding, with a padding mode that copies input values
     (reflect/replicate/circular commute with a per-channel affine map), or when the BN maps
-    zero to zero on every channel (shift == 0)."""
-    if not any(layer.padding) or layer.padding_mode != "zeros":
+    zero to zero on every channel (shift == 0). A subclass forward that may zero-pad at run
+    time (``runtime_padding``) counts as zero padding."""
+    padded = any(layer.padding) and layer.padding_mode == "zeros"
+    if not padded and layer.runtime_padding is None:
         return None
     if bool(torch.all(affine.shift == 0)):
         return None
+    how = f"it zero-pads by {layer.padding}" if padded else layer.runtime_padding
     return Refusal(
         SkipReason.ZERO_PADDING,
-        f"it zero-pads by {layer.padding}: padded zeros of the BN output are not the zeros "
-        "of the BN input",
+        f"{how}: padded zeros of the BN output are not the zeros of the BN input",
     )
 
 
