@@ -180,9 +180,9 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
     ),
     SkipReason.UNSUPPORTED_FORWARD: (
         "custom forward not understood",
-        "a Conv/Linear subclass that overrides forward (e.g. weight standardisation), or a BN "
-        "subclass whose forward is not one batch norm plus extra ops; bnfold cannot prove the "
-        "fold exact, so it leaves the pair",
+        "a Conv/Linear subclass whose forward is not pads then the plain layer (e.g. weight "
+        "standardisation), or a BN subclass whose forward is not one batch norm plus extra "
+        "ops; bnfold cannot prove the fold exact, so it leaves the pair",
     ),
     SkipReason.NON_FINITE: (
         "non-finite statistics",

@@ -322,12 +322,12 @@ def test_recalibrate_and_export_name_what_they_wrote_when_a_later_stage_fails(
     assert f"already written, complete: {onnx}" in line and onnx.is_file()
 
 
-def test_bn_relu_conv_is_kept_as_no_producer_naming_the_relu():
+def test_bn_relu_conv_is_kept_as_non_affine_between_naming_the_relu():
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1))
     (skip,) = bnfold.find_pairs(model.eval(), torch.randn(2, 3, 8, 8)).skipped
-    assert skip.reason is bnfold.SkipReason.NO_PRODUCER
-    assert skip.reason.label == "no adjacent Conv/Linear"
-    assert "feeds 1 (ReLU)" in skip.detail and "sits between it and 2" in skip.detail
+    assert skip.reason is bnfold.SkipReason.NON_AFFINE_BETWEEN
+    assert skip.reason.label == "non-affine op between"
+    assert "feeds 1 (ReLU), which feeds 2 (Conv2d)" in skip.detail
 
 
 # ------------------------------------------------------------------ text widths

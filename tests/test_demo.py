@@ -29,4 +29,4 @@ def test_demo_shows_the_whole_story(tmp_path: Path) -> None:
     assert data["accuracy_recalibrated"] > data["accuracy_train_mode"] - 0.03  # the recovery
     assert abs(data["accuracy_folded"] - data["accuracy_recalibrated"]) < 0.01
     assert data["bn_kernels_before"] == 6 and data["bn_kernels_after"] == 2
-    assert {s["reason"] for s in data["fold"]["skipped"]} == {"no_producer"}
+    assert {s["reason"] for s in data["fold"]["skipped"]} == {"no_producer", "non_affine_between"}

@@ -134,7 +134,7 @@ def test_custom_blocks(runs: dict[str, Run]) -> None:
         ("res_bn", "producer_fanout"),
         ("shared_bn_a", "producer_shared"),
         ("shared_bn_b", "producer_shared"),
-        ("pre_bn", "no_producer"),
+        ("pre_bn", "non_affine_between"),
         ("ws_bn", "unsupported_forward"),
     ]:
         assert re.search(rf"^{bn}: .*\n  KEEP: {reason} ", text, re.MULTILINE), bn

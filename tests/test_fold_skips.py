@@ -147,6 +147,18 @@ class BatchNormAct(nn.BatchNorm2d):
         return self.act(super().forward(x))
 
 
+class FunctionalAct(nn.Module):
+    """BN -> F.relu -> conv, with the activation called as a function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.relu(self.bn(x)))
+
+
 class Scale(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * 1.5
@@ -250,17 +262,53 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
     "bn_first_layer": (
         lambda: _seq(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)),
         X3,
-        SkipReason.NO_PRODUCER,
+        SkipReason.NON_AFFINE_BETWEEN,
     ),
     "bn_act_subclass_first_layer": (
         lambda: _seq(BatchNormAct(3), nn.Conv2d(3, 4, 3)),
         X3,
-        SkipReason.NO_PRODUCER,
+        SkipReason.NON_AFFINE_BETWEEN,
+    ),
+    "conv_act_bn_last_layer": (
+        lambda: _seq(nn.Conv2d(3, 4, 3), nn.GELU(), nn.BatchNorm2d(4)),
+        X3,
+        SkipReason.NON_AFFINE_BETWEEN,
+    ),
+    "bn_functional_act_conv": (
+        lambda: randomize(FunctionalAct()),
+        X4,
+        SkipReason.NON_AFFINE_BETWEEN,
     ),
 }
 
-# The op that stands between the batch norm and the layer, named in the skip's detail.
-BLOCKING_OP = {"bn_first_layer": "ReLU", "bn_act_subclass_first_layer": "act (ReLU)"}
+# What blocks the fold (the module, op or tensor), as the skip's detail must name it.
+BLOCKING_OP = {
+    "residual_fan_out": "conv output also feeds add",
+    "conv_called_twice": "conv is called 2 times",
+    "tied_weights": "a's weight tensor",
+    "bn_called_twice": "bn is called 2 times",
+    "bn_output_fan_out": "bn output also feeds add",
+    "zero_padded_bn_conv": "1 (Conv2d): it zero-pads",
+    "linear_on_3d_same_size": "fc (Linear)",
+    "linear_on_3d_other_size": "fc has 6 output channels",
+    "bn_3d_then_linear": "1 has 5 input channels",
+    "no_running_stats": "1 has track_running_stats=False",
+    "functional_training": "F.batch_norm is called with training=True",
+    "int8_weights": "0 weight is torch.int8",
+    "weight_standardised_conv": "0 (StdConv)",
+    "parametrized": "0 has a parametrized",
+    "weight_norm": "0 has a parametrized",
+    "hooks": "1 has forward hooks",
+    "negative_variance": "running_var is negative",
+    "subclass_two_norms": "1 (DoubleNorm): its forward runs 2 batch norms",
+    "subclass_changes_input": "1 (ScaledInput): its batch norm reads mul",
+    "bn_before_conv_transpose": "1 (ConvTranspose2d)",
+    "bn_after_add": "reads add",
+    "bn_first_layer": "0 feeds 1 (ReLU), which feeds 2 (Conv2d)",
+    "bn_act_subclass_first_layer": "runs act (ReLU) after its batch norm, between the norm and 1",
+    "conv_act_bn_last_layer": "0 (Conv2d) feeds 1 (GELU), which feeds 2",
+    "bn_functional_act_conv": "feeds relu, which feeds conv (Conv2d)",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -279,7 +327,21 @@ def test_skip_reason_and_outputs_still_match(name: str) -> None:
     skip = next(s for s in result.skipped if s.reason == reason)
     assert skip.detail and skip.bn
     assert reason.label and reason.advice()
-    assert BLOCKING_OP.get(name, "") in skip.detail
+
+
+def test_every_skip_detail_names_what_blocks_the_fold() -> None:
+    assert BLOCKING_OP.keys() == CASES.keys()
+    for name, (build, shape, reason) in CASES.items():
+        plan = bnfold.find_pairs(build().eval(), torch.randn(shape))
+        details = [skip.detail for skip in plan.skipped if skip.reason == reason]
+        assert any(BLOCKING_OP[name] in detail for detail in details), (name, details)
+
+
+def test_summary_counts_non_affine_between_by_reason() -> None:
+    model = _seq(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Tanh(), nn.BatchNorm2d(4))
+    plan = bnfold.find_pairs(model, torch.randn(*X3))
+    assert [skip.reason for skip in plan.skipped] == [SkipReason.NON_AFFINE_BETWEEN] * 2
+    assert "2 non-affine op between" in plan.summary()
 
 
 def test_inplace_cannot_rewrite_functional_norm() -> None:

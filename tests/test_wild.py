@@ -137,7 +137,7 @@ def test_branch_that_routes_a_layer_elsewhere_is_not_folded() -> None:
 
 
 def test_bn_subclass_with_an_activation_never_folds_into_the_next_layer() -> None:
-    for act, expected in ((True, {"0": "no_producer"}), (False, {})):
+    for act, expected in ((True, {"0": "non_affine_between"}), (False, {})):
         model = randomise(torch.nn.Sequential(BatchNormAct2d(4, act=act), torch.nn.Conv2d(4, 4, 1)))
         result = fold_checked(model, (torch.randn(2, 4, 5, 5),))
         assert reasons(result) == expected  # BN -> ReLU -> conv is pre-activation

@@ -21,8 +21,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.affine import affine_site
 from bnfold.find.functional import functional_layer, functional_norm, is_layer_call, is_norm_call
-from bnfold.find.patterns import LayerKind, LayerView, Position, Refusal, pattern_for
-from bnfold.find.reach import Reach, Target, consumers, producers
+from bnfold.find.padded import prove_custom_layer
+from bnfold.find.patterns import Position, Refusal, pattern_for
+from bnfold.find.reach import Target, consumers, producers
 from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
 from bnfold.find.sites import (
     LAYER_TYPES,
@@ -34,21 +35,26 @@ from bnfold.find.sites import (
     module_norm,
     own_tensors,
 )
-from bnfold.find.skip_details import extra_ops, no_producer_detail, non_finite_detail
+from bnfold.find.skip_details import (
+    extra_ops,
+    no_producer_detail,
+    non_affine_between,
+    non_finite_detail,
+)
 from bnfold.find.subclasses import strip_norm
+from bnfold.find.targets import (
+    FoldTarget,
+    conv_axis,
+    duplicate_layers,
+    first_arg,
+    fold_target,
+    named,
+    rank,
+    sign_refusal,
+)
 from bnfold.find.unwrap import state_notes
 from bnfold.folding.math import Affine, bn_affine
 from bnfold.records import BnKind, Pair, Plan, Skip, SkipReason
-
-
-@dataclass(frozen=True)
-class FoldTarget:
-    """One layer a norm folds into, and the part of the norm's map it takes: the norm's scale
-    and shift at the layer's channels (the shift zero on all but one addend of a sum)."""
-
-    layer: LayerSite
-    position: Position
-    affine: Affine
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def decide(
     of subclass and affine-candidate calls, ``extra_uses`` counts (by tensor id) reads of
     module tensors outside their module that the graph has no get_attr node for."""
     modules = dict(gm.named_modules(remove_duplicate=False))
-    layers = _layer_sites(gm, modules)
+    layers = _layer_sites(gm, modules, kept)
     context = _Context(gm, layers, graph_sharing(gm, extra_uses), allow_graph_rewrite)
     outcomes = [context.decide(norm) for norm in _norm_sites(gm, kept, modules)]
     outcomes, notes = affine_refusals_to_notes(outcomes)
@@ -119,11 +125,16 @@ def decide(
     return decisions
 
 
-def _layer_sites(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, LayerSite]:
+def _layer_sites(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], kept: dict[str, Any]
+) -> dict[fx.Node, LayerSite]:
     layers = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES):
-            layers[node] = module_layer(node, str(node.target), modules[node.target])
+            site = module_layer(node, str(node.target), modules[node.target])
+            if not has_stock_forward(site.module):
+                prove_custom_layer(site, kept.get(node.name, ()))
+            layers[node] = site
         elif is_layer_call(node) and (site := functional_layer(gm, node)) is not None:
             layers[node] = site
     return layers
@@ -150,12 +161,12 @@ def _norm_sites(
 
 def affine_refusals_to_notes(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
     """A refused ``BnKind.AFFINE`` module is not a batch norm: its skip becomes a plan note
-    (dropped when it sits next to no layer at all); every other outcome stays."""
+    (dropped when no layer is adjacent to it); every other outcome stays."""
     kept, notes = [], []
     for outcome in outcomes:
         if not isinstance(outcome, Skip) or outcome.bn_kind != BnKind.AFFINE:
             kept.append(outcome)
-        elif outcome.reason != SkipReason.NO_PRODUCER:
+        elif outcome.reason not in (SkipReason.NO_PRODUCER, SkipReason.NON_AFFINE_BETWEEN):
             notes.append(f"{outcome.bn} ({outcome.bn_type}) left as it is: {outcome.detail}")
     return kept, notes
 
@@ -182,6 +193,9 @@ class _Context:
             return before
         if after is not None or before is not None:
             return after or before  # the refusal by the layer after the norm, else before it
+        between = non_affine_between(self.gm, self.layers, norm)
+        if between is not None:
+            return norm_skip(norm, between)
         detail = no_producer_detail(self.gm, self.layers, norm)
         return norm_skip(norm, Refusal(SkipReason.NO_PRODUCER, detail))
 
@@ -212,13 +226,13 @@ class _Context:
         reach = walk(self.gm, self.layers, norm)
         if reach is None:
             return None
-        targets = tuple(_fold_target(t, position, affine) for t in reach.targets)
+        targets = tuple(fold_target(t, position, affine) for t in reach.targets)
         names = ", ".join(dict.fromkeys(t.layer.name for t in reach.targets))
         pattern = pattern_for(targets[0].layer.kind, position)
         refusal = (
             reach.refusal
-            or _duplicate_layers(reach)
-            or _sign_refusal(norm, reach, affine)
+            or duplicate_layers(reach)
+            or sign_refusal(norm, reach, affine)
             or self._targets_refusal(norm, reach.targets, targets)
         )
         if refusal is not None:
@@ -242,13 +256,13 @@ class _Context:
         the channel axis and count, then the pattern table's check."""
         for target, fold in zip(reached, folds, strict=True):
             layer, position = target.layer, fold.position
-            rank = _rank(layer.node if position == Position.AFTER else _first_arg(layer.node))
-            view = replace(layer.view, activation_rank=rank, channel_axis=target.channels.axis)
+            at = layer.node if position == Position.AFTER else first_arg(layer.node)
+            view = replace(layer.view, activation_rank=rank(at), channel_axis=target.channels.axis)
             refusal = (
                 _extra_between(norm, layer, position)
                 or self._layer_refusal(norm, target, position)
-                or _conv_axis(layer, view)
-                or _named(layer, pattern_for(layer.kind, position).check(view, fold.affine))
+                or conv_axis(layer, view)
+                or named(layer, pattern_for(layer.kind, position).check(view, fold.affine))
             )
             if refusal is not None:
                 return refusal
@@ -264,7 +278,7 @@ class _Context:
             side = "output" if position == Position.AFTER else "input"
             return Refusal(
                 SkipReason.CHANNEL_MISMATCH,
-                f"{norm.name} has {target.channels.size} channels at {layer.name}, which "
+                f"{norm.name} has {target.channels.size} channels, {layer.name} "
                 f"has {expected} {side} channels",
             )
         return None
@@ -286,12 +300,8 @@ class _Context:
                 )
         if not layer.weight.is_floating_point():
             return Refusal(SkipReason.NON_FLOAT, f"{layer.name} weight is {layer.weight.dtype}")
-        if layer.module is not None and not has_stock_forward(layer.module):
-            return Refusal(
-                SkipReason.UNSUPPORTED_FORWARD,
-                f"{layer.name} ({layer.type_name}) overrides forward; its output is "
-                "not known to be the plain layer's",
-            )
+        if layer.problem is not None:
+            return layer.problem
         if layer.module is not None and any(
             self.sharing.outside_reads[id(t)] for t in layer.tensors
         ):
@@ -337,74 +347,12 @@ def _extra_between(norm: NormSite, layer: LayerSite, position: Position) -> Refu
         and not isinstance(norm.extra, nn.Identity)
     ):
         return Refusal(
-            SkipReason.NO_PRODUCER,
+            SkipReason.NON_AFFINE_BETWEEN,
             f"{norm.name} ({norm.type_name}) runs {extra_ops(norm.extra)} after its "
             f"batch norm, between the norm and {layer.name}; no layer is adjacent to "
             "the batch norm",
         )
     return None
-
-
-def _rank(node: fx.Node | None) -> int:
-    shape = node.meta.get("bnfold_shape") if node is not None else None
-    return len(shape) if shape is not None else -1
-
-
-def _first_arg(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, fx.Node) else None
-
-
-def _fold_target(target: Target, position: Position, affine: Affine) -> FoldTarget:
-    """The norm's map at the layer's channels; zero shift on an addend that does not take it."""
-    index = target.channels.index.to(affine.scale.device)
-    shift = affine.shift[index] if target.takes_shift else torch.zeros_like(affine.shift[index])
-    return FoldTarget(target.layer, position, Affine(affine.scale[index], shift))
-
-
-def _duplicate_layers(reach: Reach) -> Refusal | None:
-    counts = Counter(t.layer.node for t in reach.targets)
-    twice = [node.name for node, count in counts.items() if count > 1]
-    if twice:
-        return Refusal(
-            SkipReason.PRODUCER_SHARED, f"{', '.join(twice)} reaches the norm on two paths"
-        )
-    return None
-
-
-def _sign_refusal(norm: NormSite, reach: Reach, affine: Affine) -> Refusal | None:
-    """Max pooling on the way: every scale on the channels it pools must be >= 0."""
-    for channels in reach.nonnegative:
-        negative = affine.scale[channels.to(affine.scale.device)] < 0
-        if bool(negative.any()):
-            pool = next(label for label in reach.via if "max" in label.lower())
-            return Refusal(
-                SkipReason.MAX_POOL_SIGN,
-                f"{pool} sits between {norm.name} and the layer and {int(negative.sum())} "
-                f"channel(s) of {norm.name} have a negative scale",
-            )
-    return None
-
-
-def _named(layer: LayerSite, refusal: Refusal | None) -> Refusal | None:
-    """A pattern check's refusal, naming the layer it is about."""
-    if refusal is None or layer.name in refusal.detail:
-        return refusal
-    return Refusal(refusal.reason, f"{layer.name}: {refusal.detail}")
-
-
-def _conv_axis(layer: LayerSite, view: LayerView) -> Refusal | None:
-    """A conv's channels are the dim before its spatial dims."""
-    if layer.kind == LayerKind.LINEAR or view.activation_rank < 0:
-        return None
-    expected = view.activation_rank - (layer.weight.dim() - 2) - 1
-    if view.channel_axis == expected:
-        return None
-    return Refusal(
-        SkipReason.CHANNEL_MISMATCH,
-        f"the norm's channels are on dim {view.channel_axis} at {layer.name}, whose channels "
-        f"are on dim {expected}",
-    )
 
 
 def _check_unique_layers(pairs: list[PlannedPair]) -> None:
@@ -423,4 +371,5 @@ def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...
     notes.extend(state_notes(model))
     for pair in pairs:
         notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
-    return tuple(notes)
+        notes.extend(f"{pair.layer.name}: {note}" for note in pair.layer.notes)
+    return tuple(dict.fromkeys(notes))

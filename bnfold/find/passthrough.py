@@ -79,6 +79,12 @@ def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
     return Call(name.lstrip("_"), first, tuple(args), kwargs, module, label)
 
 
+def passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an op a per-channel affine map may pass (whatever its arguments)."""
+    call = read_call(gm, node)
+    return call is not None and _rule(call.name) is not None
+
+
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return node.meta.get("bnfold_shape")
 

@@ -41,6 +41,8 @@ class LayerView:
     padding_mode: str  # "zeros", "reflect", "replicate", "circular"; "zeros" for Linear
     activation_rank: int  # rank of the tensor at the layer, on the norm's side (-1: unknown)
     channel_axis: int = 1  # where the norm's channels sit in that tensor
+    # How a layer subclass's own forward may zero-pad its input at run time (None: never)
+    runtime_padding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,17 @@ def _features_last(layer: LayerView, affine: Affine) -> Refusal | None:
 def _padding_stays_exact(layer: LayerView, affine: Affine) -> Refusal | None:
     """BN -> Conv is exact without padding, with a padding mode that copies input values
     (reflect/replicate/circular commute with a per-channel affine map), or when the BN maps
-    zero to zero on every channel (shift == 0)."""
-    if not any(layer.padding) or layer.padding_mode != "zeros":
+    zero to zero on every channel (shift == 0). A subclass forward that may zero-pad at run
+    time (``runtime_padding``) counts as zero padding."""
+    padded = any(layer.padding) and layer.padding_mode == "zeros"
+    if not padded and layer.runtime_padding is None:
         return None
     if bool(torch.all(affine.shift == 0)):
         return None
+    how = f"it zero-pads by {layer.padding}" if padded else layer.runtime_padding
     return Refusal(
         SkipReason.ZERO_PADDING,
-        f"conv zero-pads by {layer.padding}: padded zeros of the BN output are not the zeros "
-        "of the BN input",
+        f"{how}: padded zeros of the BN output are not the zeros of the BN input",
     )
 
 

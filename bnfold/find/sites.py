@@ -62,6 +62,8 @@ class LayerSite:
     view: LayerView
     module: nn.Module | None = None  # None for functional layers
     weight_attr: str | None = None  # functional layers: get_attr target of the weight
+    problem: Refusal | None = None  # why the layer's own forward is not the plain layer's
+    notes: tuple[str, ...] = ()  # what a proven custom forward was specialised on
 
     @property
     def kind(self) -> LayerKind:
@@ -142,12 +144,12 @@ def padding_amount(padding: Any, kernel: tuple[int, ...], dilation: Any) -> tupl
     if padding == "valid":
         return tuple(0 for _ in kernel)
     if padding == "same":
-        dilation = _per_dim(dilation, len(kernel))
+        dilation = per_dim(dilation, len(kernel))
         return tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=False))
-    return _per_dim(padding, len(kernel))
+    return per_dim(padding, len(kernel))
 
 
-def _per_dim(value: Any, n: int) -> tuple[int, ...]:
+def per_dim(value: Any, n: int) -> tuple[int, ...]:
     """An int or a list of ints as one int per spatial dim."""
     if isinstance(value, (list, tuple)):
         if len(value) == n:
@@ -182,7 +184,10 @@ def is_frozen_norm(module: nn.Module) -> bool:
 
 def needs_example_input(module: nn.Module) -> bool:
     """Modules whose calls the graph pass needs the real input of: BatchNorm subclasses (to
-    strip their forward) and affine candidates (to prove them)."""
+    strip their forward), Conv subclasses with their own forward (to prove it pads then
+    convolves) and affine candidates (to prove them)."""
     if isinstance(module, _BatchNorm):
         return not is_stock_norm(module)
+    if isinstance(module, _ConvNd) and not isinstance(module, _ConvTransposeNd):
+        return not has_stock_forward(module)
     return is_affine_candidate(module)

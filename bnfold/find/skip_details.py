@@ -1,5 +1,6 @@
 """The details of skips that need more than one line to say: what a norm with no adjacent layer
-reads and feeds, which statistics are not finite, which ops a subclass runs after its norm."""
+reads and feeds, which non-affine op stands between a norm and a layer, which statistics are not
+finite, which ops a subclass runs after its norm."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnfold.find.passthrough import passes_through
+from bnfold.find.patterns import Refusal
 from bnfold.find.sites import LayerSite, NormSite
+from bnfold.records import SkipReason
 
 
 def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSite) -> str:
@@ -24,6 +28,51 @@ def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], nor
             "there is no adjacent layer to fold into"
         )
     return text
+
+
+def non_affine_between(
+    gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSite
+) -> Refusal | None:
+    """A norm whose single consumer is one non-affine op (an activation) whose single consumer
+    is a layer (BN → ReLU → Conv), or whose input is such an op on a layer's output (Conv → ReLU
+    → BN): the refusal naming that op."""
+    users = list(norm.out.users)
+    if len(users) == 1 and _blocks(gm, users[0], norm.out):
+        op = users[0]
+        behind = [layers[v] for v in op.users if v in layers]
+        if len(op.users) == 1 and behind and _reads_first(next(iter(op.users)), op):
+            return _between(gm, op, f"{norm.name} feeds", f"which feeds {_layer(behind[0])}")
+    op = norm.input
+    if op is not None and len(op.users) == 1 and op.all_input_nodes:
+        source = op.all_input_nodes[0]
+        if source in layers and len(source.users) == 1 and _blocks(gm, op, source):
+            text = f"{_layer(layers[source])} feeds"
+            return _between(gm, op, text, f"which feeds {norm.name}")
+    return None
+
+
+def _blocks(gm: fx.GraphModule, op: fx.Node, value: fx.Node) -> bool:
+    """``op`` is a call whose only input is ``value`` and that does not pass a per-channel
+    affine map through (``bnfold.find.passthrough``)."""
+    if op.op not in ("call_function", "call_method", "call_module"):
+        return False
+    return op.all_input_nodes == [value] and not passes_through(gm, op)
+
+
+def _between(gm: fx.GraphModule, op: fx.Node, before: str, after: str) -> Refusal:
+    return Refusal(
+        SkipReason.NON_AFFINE_BETWEEN,
+        f"{before} {_describe(gm, op)}, {after}; that op is not a per-channel affine map, so "
+        "the batch norm has no adjacent layer to fold into",
+    )
+
+
+def _layer(layer: LayerSite) -> str:
+    return f"{layer.name} ({layer.type_name})"
+
+
+def _reads_first(node: fx.Node, value: fx.Node) -> bool:
+    return (node.args[0] if node.args else node.kwargs.get("input")) is value
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -25,16 +25,18 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     module = site.module
     traced = trace_guarded(module, tuple(example_args))
     if isinstance(traced, str):
-        site.problem = _unsupported(traced)
+        site.problem = _unsupported(site, traced)
         return
     gm = traced.module
     calls = [n for n in gm.graph.nodes if is_norm_call(n)]
     if len(calls) != 1:
-        site.problem = _unsupported(f"its forward runs {len(calls)} batch norms, expected 1")
+        site.problem = _unsupported(site, f"its forward runs {len(calls)} batch norms, expected 1")
         return
     inner = functional_norm(gm, calls[0])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    problem = inner.problem or _check_inner(module, inner, placeholders)
+    if inner.problem is not None:
+        inner.problem = Refusal(inner.problem.reason, f"{site.name}: {inner.problem.detail}")
+    problem = inner.problem or _check_inner(site, inner, placeholders)
     if problem is not None:
         site.problem = problem
         return
@@ -47,17 +49,19 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
     site.extra = nn.Identity() if output.args[0] is placeholders[0] else gm
 
 
-def _check_inner(module: nn.Module, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:
+def _check_inner(site: NormSite, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:
     if not placeholders or inner.input is not placeholders[0]:
-        return _unsupported("its batch norm does not read the forward's input directly")
-    params = inner.params
+        reads = f"{inner.input.name}" if inner.input is not None else "no tensor"
+        return _unsupported(site, f"its batch norm reads {reads}, not the forward's input")
+    params, module = inner.params, site.module
     if (
         params.running_mean is not module.running_mean
         or params.running_var is not module.running_var
     ):
-        return _unsupported("its batch norm does not use the module's own statistics")
+        return _unsupported(site, "its batch norm does not use the module's own statistics")
     return None
 
 
-def _unsupported(detail: str) -> Refusal:
-    return Refusal(SkipReason.UNSUPPORTED_FORWARD, detail)
+def _unsupported(site: NormSite, detail: str) -> Refusal:
+    """The refusal of a subclass forward, its detail led by the subclass."""
+    return Refusal(SkipReason.UNSUPPORTED_FORWARD, f"{site.name} ({site.type_name}): {detail}")

@@ -17,9 +17,10 @@ from torch import nn
 
 from bnfold.find.analyse import analyse
 from bnfold.find.functional import erase_norm
-from bnfold.find.pairing import FoldTarget, PlannedPair
+from bnfold.find.pairing import PlannedPair
 from bnfold.find.patterns import Position
 from bnfold.find.sites import LayerSite, NormSite
+from bnfold.find.targets import FoldTarget
 from bnfold.find.trace import runnable
 from bnfold.find.unwrap import unwrap
 from bnfold.folding.clone import clone_model
