@@ -303,7 +303,7 @@ BLOCKING_OP = {
     "subclass_two_norms": "1 (DoubleNorm): its forward runs 2 batch norms",
     "subclass_changes_input": "1 (ScaledInput): its batch norm reads mul",
     "bn_before_conv_transpose": "1 (ConvTranspose2d)",
-    "bn_after_add": "reads add",
+    "bn_after_add": "x in add is not produced by",
     "bn_first_layer": "0 feeds 1 (ReLU), which feeds 2 (Conv2d)",
     "bn_act_subclass_first_layer": "runs act (ReLU) after its batch norm, between the norm and 1",
     "conv_act_bn_last_layer": "0 (Conv2d) feeds 1 (GELU), which feeds 2",
