@@ -19,7 +19,7 @@ class ConvNet(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2, bias=False)
         self.up_bn = nn.BatchNorm2d(8)
-        self.post = nn.BatchNorm2d(8)  # after an add: stays, in PyTorch and in ONNX
+        self.post = nn.BatchNorm2d(8)  # after an add, before a ReLU: stays, in PyTorch and in ONNX
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, 64)  # 2 kB of weights: large enough for external data
         self.fc_bn = nn.BatchNorm1d(64)
@@ -28,7 +28,7 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn(self.conv(x)))
         z = self.up_bn(self.up(y))
-        s = self.post(self.pool(z) + self.pool(y))
+        s = F.relu(self.post(self.pool(z) + self.pool(y)))
         return self.head(F.relu(self.fc_bn(self.fc(s.flatten(1)))))
 
 

@@ -29,8 +29,16 @@ EXPECTED: dict[str, tuple[str, int, dict[str, int]]] = {
     "resnet50-2d": ("fx", 53, {}),
     "seresnet50-2d": ("fx", 53, {}),
     "seresnet50-3d": ("fx", 53, {}),
-    "densenet121-2d": ("fx", 59, {"non_affine_between": 61, "no_producer": 1}),
-    "densenet121-3d": ("fx", 59, {"non_affine_between": 61, "no_producer": 1}),
+    "densenet121-2d": (
+        "fx",
+        59,
+        {"producer_fanout": 55, "no_producer": 6, "non_affine_between": 1},
+    ),
+    "densenet121-3d": (
+        "fx",
+        59,
+        {"producer_fanout": 55, "no_producer": 6, "non_affine_between": 1},
+    ),
     "efficientnet-b0-2d": ("fx", 49, {}),
     "efficientnet-b1-3d": ("fx", 69, {}),
     "unet-2d": ("fx", 9, {}),
@@ -42,8 +50,8 @@ EXPECTED: dict[str, tuple[str, int, dict[str, int]]] = {
     "attentionunet-2d": ("fx", 14, {}),
     "attentionunet-3d": ("fx", 14, {}),
     "vnet-3d": ("fx", 24, {}),
-    "highresnet-2d": ("recorded", 12, {"non_affine_between": 9}),  # fx cannot trace it at all
-    "highresnet-3d": ("recorded", 12, {"non_affine_between": 9}),
+    "highresnet-2d": ("recorded", 12, {"non_affine_between": 1, "no_producer": 8}),  # fx cannot trace it at all
+    "highresnet-3d": ("recorded", 12, {"non_affine_between": 1, "no_producer": 8}),
 }
 
 SLOW = tuple(name for name in MODELS if name not in FAST)
