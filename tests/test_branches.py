@@ -92,6 +92,12 @@ def dilated(c: int = 8) -> Branches:
     return Branches([ConvBN(2, c, c, 3, padding=2, dilation=2), ConvBN(2, c, c, 1, bias=True)])
 
 
+def bare(block: Branches) -> Branches:
+    """The block without its activation: the next block reads its sum directly."""
+    block.act = nn.Identity()
+    return block
+
+
 def _net(*blocks: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*blocks).eval())
 
@@ -111,6 +117,7 @@ MERGING = {
     "plain_identity_and_bn_free_conv": lambda: (_net(plain_identity()), _input(2), 1, 1),
     "stride2_no_identity": lambda: (_net(stride2(), repvgg(c=12)), _input(2), 2, 5),
     "dilated": lambda: (_net(dilated()), _input(2), 1, 2),
+    "back_to_back": lambda: (_net(bare(repvgg()), bare(plain_identity())), _input(2), 2, 4),
 }
 
 

@@ -22,13 +22,17 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def merge_blocks(gm: fx.GraphModule, merges: Sequence[PlannedMerge]) -> None:
-    """Replace each planned block of ``gm`` by one call of its merged conv."""
+    """Replace each planned block of ``gm`` by one call of its merged conv (a block whose input
+    is an earlier block's sum reads that block's merged conv)."""
+    replaced: dict[fx.Node, fx.Node] = {}
     for merge in merges:
         block = merge.block
         gm.add_submodule(merge.record.conv, merged_conv(merge))
         with gm.graph.inserting_before(block.add):
-            call = gm.graph.call_module(merge.record.conv, (block.input,))
+            source = replaced.get(block.input, block.input)
+            call = gm.graph.call_module(merge.record.conv, (source,))
         block.add.replace_all_uses_with(call)
+        replaced[block.add] = call
         _erase_branches(gm.graph, merge)
         _delete_branch_modules(gm, merge)
 
