@@ -16,7 +16,7 @@ SIZE = 6
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "module", "residual", "fanout", "shared"
+    kind: str  # "module", "residual", "fanout", "shared", "branches"
     names: tuple[str, ...]
 
 
@@ -47,6 +47,9 @@ class RandomNet(nn.Module):
                 x = mods[0](x)
             elif step.kind == "residual":
                 x = x + mods[1](mods[0](x))
+            elif step.kind == "branches":  # RepVGG-style: 3x3 + 1x1 + BN(x) (or x)
+                out = mods[0](x) + mods[1](x)
+                x = out + (mods[2](x) if len(mods) > 2 else x)
             else:  # fanout: the conv output feeds the BN and the add
                 y = mods[0](x)
                 x = mods[1](y) + y
@@ -76,6 +79,29 @@ def _conv(draw: st.DrawFn) -> nn.Module:
     return conv
 
 
+def _branch_block(draw: st.DrawFn) -> list[nn.Module]:
+    """A 3x3 Conv+BN, a 1x1 Conv+BN (or Conv) and an identity BN (or none: the input itself),
+    aligned or with one misalignment that keeps the 6x6 shape."""
+    groups = draw(st.sampled_from([1, 2, 4]))
+    flaw = draw(st.sampled_from(["none", "none", "groups", "dilation", "reflect"]))
+    dilation = 2 if flaw == "dilation" else 1
+    dense = nn.Conv2d(
+        CHANNELS,
+        CHANNELS,
+        3,
+        padding=dilation,
+        dilation=dilation,
+        groups=groups,
+        padding_mode="reflect" if flaw == "reflect" else "zeros",
+        bias=draw(st.booleans()),
+    )
+    one_groups = 1 if flaw == "groups" and groups > 1 else groups
+    one = nn.Conv2d(CHANNELS, CHANNELS, 1, groups=one_groups, bias=draw(st.booleans()))
+    branches = [nn.Sequential(dense, nn.BatchNorm2d(CHANNELS))]
+    branches.append(nn.Sequential(one, nn.BatchNorm2d(CHANNELS)) if draw(st.booleans()) else one)
+    return branches + ([nn.BatchNorm2d(CHANNELS)] if draw(st.booleans()) else [])
+
+
 @st.composite
 def random_nets(draw: st.DrawFn) -> RandomNet:
     layers: dict[str, nn.Module] = {}
@@ -88,7 +114,9 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
         return name
 
     for _ in range(draw(st.integers(2, 7))):
-        kind = draw(st.sampled_from(["conv", "bn", "relu", "residual", "fanout", "shared"]))
+        kind = draw(
+            st.sampled_from(["conv", "bn", "relu", "residual", "fanout", "shared", "branches"])
+        )
         if kind == "conv":
             name = add("conv", _conv(draw))
             convs.append(name)
@@ -106,6 +134,9 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
             steps.append(
                 Step("fanout", (add("fan", _conv(draw)), add("fan", nn.BatchNorm2d(CHANNELS))))
             )
+        elif kind == "branches":
+            names = tuple(add("branch", module) for module in _branch_block(draw))
+            steps.append(Step("branches", names))
         elif convs:
             steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
     net = RandomNet(layers, steps, tail=draw(st.booleans()))
