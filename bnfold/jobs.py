@@ -74,6 +74,7 @@ class Job:
     data: DataRequest | None = None  # recalibrate on it first
     find: bool = True  # read the dataflow and find the pairs...
     fold: bool = True  # ...and fold them
+    merge_branches: bool = True  # merge aligned parallel branches into one conv each
     save: bool = False  # write the model to ``output`` (None: a name beside MODEL)
     output: Path | None = None
     also_pt2: bool = False  # and a .pt2 beside a pickled-module output

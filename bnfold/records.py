@@ -265,6 +265,43 @@ class Skip(Record):
     bn_kind: BnKind | None = None
 
 
+class BranchKind(str, enum.Enum):
+    """What one addend of a block of parallel branches computes from the block input."""
+
+    CONV_BN = "conv→bn"  # a Conv followed by a BatchNorm
+    CONV = "conv"  # a Conv without a BatchNorm
+    BN = "bn"  # a BatchNorm of the block input (identity BN)
+    IDENTITY = "identity"  # the block input itself
+
+
+@dataclass(frozen=True)
+class Branch(Record):
+    """One branch of a merged block: its kind, its conv and norm (None where it has none) and
+    the conv's kernel size (None for the identity kinds)."""
+
+    kind: BranchKind
+    conv: str | None = None
+    bn: str | None = None
+    kernel: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BranchMerge(Record):
+    """Parallel branches on one input, summed, merged into one new conv: ``add`` is the graph
+    node of the (final) sum, ``input`` the node every branch reads, ``conv`` the module path of
+    the merged conv."""
+
+    add: str
+    input: str
+    branches: tuple[Branch, ...]
+    conv: str
+    conv_type: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    groups: int
+
+
 @dataclass(frozen=True)
 class Plan(Record):
     """What ``find_pairs`` found: every batch norm is in exactly one of ``pairs`` or ``skipped``."""
@@ -277,6 +314,9 @@ class Plan(Record):
     method: str
     model_was_training: bool
     notes: tuple[str, ...] = ()
+    # Blocks of parallel branches merged into one conv each (their norms are in ``pairs`` with
+    # pattern "branches→conv").
+    merges: tuple[BranchMerge, ...] = ()
 
     @property
     def bn_total(self) -> int:
@@ -285,7 +325,7 @@ class Plan(Record):
     def summary(self) -> str:
         """One line, e.g. ``41 of 53 BatchNorms foldable; 12 skipped: 9 residual fan-out, ...``."""
         head = f"{len(self.pairs)} of {self.bn_total} BatchNorms foldable"
-        return head + _by_reason(self.skipped, "skipped")
+        return head + _by_reason(self.skipped, "skipped") + merges_text(self.merges)
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -314,10 +354,21 @@ class FoldResult(Record):
     skipped: tuple[Skip, ...]
     graph_rewritten: bool  # True when ``model`` is a rewritten torch.fx.GraphModule
     inplace: bool
+    merges: tuple[BranchMerge, ...] = ()  # the blocks of parallel branches merged
 
     def summary(self) -> str:
         total = len(self.folded) + len(self.skipped)
-        return f"folded {len(self.folded)} of {total} BatchNorms" + _by_reason(self.skipped, "left")
+        head = f"folded {len(self.folded)} of {total} BatchNorms"
+        return head + _by_reason(self.skipped, "left") + merges_text(self.merges)
+
+
+def merges_text(merges: tuple[BranchMerge, ...]) -> str:
+    """``; 3 branch blocks merged into one conv each`` (empty without merges)."""
+    if not merges:
+        return ""
+    if len(merges) == 1:
+        return "; 1 branch block merged into one conv"
+    return f"; {len(merges)} branch blocks merged into one conv each"
 
 
 def _by_reason(skipped: tuple[Skip, ...], verb: str) -> str:

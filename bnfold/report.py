@@ -18,7 +18,7 @@ from bnfold.demo import DemoResult
 from bnfold.folding.surgery import LARGE_SCALE
 from bnfold.io.models import ModelFormat, SavedModel
 from bnfold.jobs import Report
-from bnfold.records import Pair, Skip, format_bytes
+from bnfold.records import Branch, BranchKind, Pair, Skip, format_bytes
 from bnfold.text import labelled, paint, table, wrap
 
 #: ``width=None`` means no limit: module paths whole, nothing wrapped.
@@ -119,6 +119,7 @@ def render_text(
     if skipped:
         lines += ["Why BatchNorms are kept:", *labelled(_reason_rows(skipped), width, indent=2)]
     lines += labelled([("note:", note) for note in _notes(report)], width)
+    lines += labelled(_merge_rows(report), width)
     lines += [paint(line, "bold" if color else None) for line in wrap(_summary(report), width)]
     lines += [_kernel_line(report)] if report.bn_kernels_before is not None else []
     lines += labelled(_output_rows(report), width)
@@ -222,6 +223,23 @@ def _notes(report: Report) -> list[str]:
     notes = [*(report.model.get("notes") or ()), *report.plan.notes, *report.notes]
     folded = report.result.folded if report.result is not None else ()
     return notes + [f"{item.pair.bn}: {note}" for item in folded for note in item.notes]
+
+
+def _merge_rows(report: Report) -> list[tuple[str, str]]:
+    """One row per block of parallel branches merged (or to merge) into one conv."""
+    merges = report.result.merges if report.result is not None else report.plan.merges
+    rows = []
+    for merge in merges:
+        kernel = "x".join(str(size) for size in merge.kernel)
+        branches = " + ".join(_branch_text(branch) for branch in merge.branches)
+        rows.append(("merged:", f"{branches} → {merge.conv} ({merge.conv_type} {kernel})"))
+    return rows
+
+
+def _branch_text(branch: Branch) -> str:
+    if branch.kind == BranchKind.IDENTITY:
+        return "identity"
+    return "→".join(name for name in (branch.conv, branch.bn) if name)
 
 
 def _kernel_line(report: Report) -> str:

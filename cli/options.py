@@ -170,6 +170,11 @@ def flag(*names: str, help: str) -> Callable:
     return click.option(*names, is_flag=True, help=help)
 
 
+NO_MERGE_BRANCHES = flag(
+    "--no-merge-branches",
+    help="Keep parallel branches summed on one input (RepVGG/MobileOne/ACNet-style blocks) "
+    "as they are instead of merging each block into one conv; Conv+BN branches still fold.",
+)
 TRUST_PICKLE = flag(
     "--trust-pickle",
     help="Allow a full pickled module. Loading it RUNS CODE FROM THE FILE: "

@@ -16,7 +16,7 @@ SIZE = 6
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "module", "residual", "fanout", "shared", "cat", "sum", "split"
+    kind: str  # "module", "residual", "fanout", "shared", "cat", "sum", "split", "branches"
     names: tuple[str, ...]
 
 
@@ -54,6 +54,9 @@ class RandomNet(nn.Module):
             elif step.kind == "split":  # one BN, its halves into two convs
                 left, right = mods[0](x).chunk(2, dim=1)
                 x = torch.cat([mods[1](left), mods[2](right)], 1)
+            elif step.kind == "branches":  # RepVGG-style: 3x3 + 1x1 + BN(x) (or x)
+                out = mods[0](x) + mods[1](x)
+                x = out + (mods[2](x) if len(mods) > 2 else x)
             else:  # fanout: the conv output feeds the BN and the add
                 y = mods[0](x)
                 x = mods[1](y) + y
@@ -119,6 +122,29 @@ def _flip_signs(net: nn.Module, seed: int) -> None:
                 module.weight.mul_(signs)
 
 
+def _branch_block(draw: st.DrawFn) -> list[nn.Module]:
+    """A 3x3 Conv+BN, a 1x1 Conv+BN (or Conv) and an identity BN (or none: the input itself),
+    aligned or with one misalignment that keeps the 6x6 shape."""
+    groups = draw(st.sampled_from([1, 2, 4]))
+    flaw = draw(st.sampled_from(["none", "none", "groups", "dilation", "reflect"]))
+    dilation = 2 if flaw == "dilation" else 1
+    dense = nn.Conv2d(
+        CHANNELS,
+        CHANNELS,
+        3,
+        padding=dilation,
+        dilation=dilation,
+        groups=groups,
+        padding_mode="reflect" if flaw == "reflect" else "zeros",
+        bias=draw(st.booleans()),
+    )
+    one_groups = 1 if flaw == "groups" and groups > 1 else groups
+    one = nn.Conv2d(CHANNELS, CHANNELS, 1, groups=one_groups, bias=draw(st.booleans()))
+    branches = [nn.Sequential(dense, nn.BatchNorm2d(CHANNELS))]
+    branches.append(nn.Sequential(one, nn.BatchNorm2d(CHANNELS)) if draw(st.booleans()) else one)
+    return branches + ([nn.BatchNorm2d(CHANNELS)] if draw(st.booleans()) else [])
+
+
 @st.composite
 def random_nets(draw: st.DrawFn) -> RandomNet:
     layers: dict[str, nn.Module] = {}
@@ -144,6 +170,7 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
                     "cat",
                     "sum",
                     "split",
+                    "branches",
                 ]
             )
         )
@@ -186,6 +213,9 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
                 _half_conv(draw, half, half),
             )
             steps.append(Step("split", tuple(add("split", m) for m in modules)))
+        elif kind == "branches":
+            names = tuple(add("branch", module) for module in _branch_block(draw))
+            steps.append(Step("branches", names))
         elif convs:
             steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
     net = RandomNet(layers, steps, tail=draw(st.booleans()))

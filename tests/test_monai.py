@@ -50,7 +50,11 @@ EXPECTED: dict[str, tuple[str, int, dict[str, int]]] = {
     "attentionunet-2d": ("fx", 14, {}),
     "attentionunet-3d": ("fx", 14, {}),
     "vnet-3d": ("fx", 24, {}),
-    "highresnet-2d": ("recorded", 12, {"non_affine_between": 1, "no_producer": 8}),  # fx cannot trace it at all
+    "highresnet-2d": (
+        "recorded",
+        12,
+        {"non_affine_between": 1, "no_producer": 8},
+    ),  # fx cannot trace it at all
     "highresnet-3d": ("recorded", 12, {"non_affine_between": 1, "no_producer": 8}),
 }
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from bnfold.errors import ModelInputError, TraceError
+from bnfold.find.branches import decide_branches
 from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.pairing import Analysis, decide, plan_notes
@@ -46,7 +47,20 @@ FAITHFUL_RTOL = {
 }
 
 
-def find_pairs(model: nn.Module, example_inputs: Any, *, extra_inputs: Sequence[Any] = ()) -> Plan:
+#: Why the branches of a block are not merged into one conv when folding in place.
+IN_PLACE = (
+    "merging parallel branches into one conv rewrites the forward, which cannot be done in place "
+    "on a module that is not a GraphModule; fold with inplace=False"
+)
+
+
+def find_pairs(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    extra_inputs: Sequence[Any] = (),
+    merge_branches: bool = True,
+) -> Plan:
     """Find every batch norm in ``model``'s dataflow and decide whether it can be folded.
 
     ``example_inputs`` is a tensor or a tuple of positional inputs; eval-mode forwards are run
@@ -57,8 +71,16 @@ def find_pairs(model: nn.Module, example_inputs: Any, *, extra_inputs: Sequence[
     (``plan.method == "recorded"``, see ``bnfold.find.recorded``); ``extra_inputs`` (more example
     inputs, same form) are then recorded too, so pairs behind data-dependent branches can be
     checked on each.
+
+    Parallel branches summed on one input (Conv -> BN, Conv, BN(x), x; see
+    ``bnfold.find.branches``) that align are planned to merge into one conv (``plan.merges``;
+    their norms are pairs with pattern "branches→conv"); ``merge_branches=False`` keeps them
+    apart (Conv -> BN branches still fold, an identity BN is skipped with
+    ``SkipReason.BRANCH_MERGE_OFF``). A recorded dataflow never merges.
     """
-    return analyse(model, example_inputs, extra_inputs=extra_inputs).plan
+    return analyse(
+        model, example_inputs, extra_inputs=extra_inputs, merge_branches=merge_branches
+    ).plan
 
 
 def analyse(
@@ -67,6 +89,7 @@ def analyse(
     *,
     allow_graph_rewrite: bool = True,
     extra_inputs: Sequence[Any] = (),
+    merge_branches: bool = True,
 ) -> Analysis:
     """Trace (or record), propagate shapes and pair batch norms with layers (see
     ``find_pairs``)."""
@@ -78,14 +101,17 @@ def analyse(
             model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes
         )
     decisions = decide(gm, kept, allow_graph_rewrite)
+    cannot_rewrite = None if allow_graph_rewrite else IN_PLACE
+    branches = decide_branches(gm, decisions, merge=merge_branches, cannot_rewrite=cannot_rewrite)
     plan = Plan(
-        pairs=tuple(p.record for p in decisions.pairs),
-        skipped=decisions.skips,
+        pairs=branches.records,
+        skipped=branches.skips,
         method="graph-module" if gm is model else "fx",
         model_was_training=model.training,
-        notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *decisions.notes),
+        notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *branches.notes),
+        merges=tuple(merge.record for merge in branches.merges),
     )
-    return Analysis(plan=plan, module=gm, pairs=decisions.pairs)
+    return Analysis(plan=plan, module=gm, pairs=branches.pairs, merges=branches.merges)
 
 
 def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:

@@ -83,6 +83,7 @@ class Analysis:
     plan: Plan
     module: fx.GraphModule
     pairs: tuple[PlannedPair, ...]
+    merges: tuple[Any, ...] = ()  # bnfold.find.branches.PlannedMerge: blocks to merge
 
 
 Outcome = PlannedPair | Skip
@@ -321,6 +322,25 @@ class _Context:
         if layer.module is not None and has_hooks(layer.module):
             return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
         return None
+
+
+def layer_conditions(
+    gm: fx.GraphModule, sharing: Sharing, layer: LayerSite, allow_graph_rewrite: bool
+) -> Refusal | None:
+    """The conditions a layer meets for any fold (used once, float weights nothing else reads,
+    stock forward, no parametrization or hooks), or the refusal."""
+    return _Context(gm, {}, sharing, allow_graph_rewrite)._layer_conditions(layer)
+
+
+def norm_conditions(
+    gm: fx.GraphModule, sharing: Sharing, norm: NormSite, allow_graph_rewrite: bool
+) -> Refusal | None:
+    """The conditions a norm meets for any fold (statistics, not shared, no hooks, finite), or
+    the refusal."""
+    if norm.problem is not None:
+        return norm.problem
+    context = _Context(gm, {}, sharing, allow_graph_rewrite)
+    return context._norm_refusal(norm, bn_affine(norm.params))
 
 
 def norm_skip(

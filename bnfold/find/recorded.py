@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import ModelInputError, TraceError, first_line
+from bnfold.find.branches import recorded_decisions
 from bnfold.find.pairing import (
     Analysis,
     Outcome,
@@ -90,6 +91,7 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
     decisions = decide(
         recording.module, recording.kept, allow_graph_rewrite, extra_uses=recording.outside_uses
     )
+    decisions = recorded_decisions(recording.module, decisions, recording.outside_uses)
     loose = [_loose_skip(norm) for norm in recording.loose_norms]
     outcomes: dict[str, Outcome] = {}
     occurrences: Counter = Counter()

@@ -17,7 +17,7 @@ from torch import nn
 
 from bnfold.find.analyse import analyse
 from bnfold.find.functional import erase_norm
-from bnfold.find.pairing import PlannedPair
+from bnfold.find.pairing import Analysis, PlannedPair
 from bnfold.find.patterns import Position
 from bnfold.find.sites import LayerSite, NormSite
 from bnfold.find.targets import FoldTarget
@@ -33,8 +33,9 @@ from bnfold.folding.math import (
     output_bias,
     scale_output_channels_,
 )
+from bnfold.folding.restructure import merge_blocks
 from bnfold.modes import set_eval
-from bnfold.records import BnKind, FoldedPair, FoldResult
+from bnfold.records import BnKind, FoldedPair, FoldResult, Pair
 
 LARGE_SCALE = 1e3  # |gamma / sqrt(var + eps)| above this amplifies weight rounding error
 
@@ -45,6 +46,7 @@ def fold(
     *,
     inplace: bool = False,
     extra_inputs: Sequence[Any] = (),
+    merge_branches: bool = True,
 ) -> FoldResult:
     """Fold every foldable batch norm of ``model`` into its neighbouring layer.
 
@@ -59,12 +61,22 @@ def fold(
     ``result.model`` is the folded inner module (see ``bnfold.find.unwrap``). A model torch.fx
     cannot trace is analysed from recorded forwards on ``example_inputs`` and ``extra_inputs``
     and folded at module level (see ``find_pairs``).
+
+    Parallel branches summed on one input that align (RepVGG/MobileOne/ACNet-style blocks, see
+    ``find_pairs``) are merged into one new conv each, registered beside the branch modules of
+    a rewritten GraphModule (``result.merges``); ``merge_branches=False`` keeps the structure.
+    Merging needs a graph rewrite: with ``inplace=True`` on a module that is not a GraphModule
+    the blocks are kept (their identity BNs are skipped with a reason).
     """
     model, wrapper_notes = unwrap(model)
     work = model if inplace else clone_model(model)
     allow_rewrite = not inplace or isinstance(model, fx.GraphModule)
     analysis = analyse(
-        work, example_inputs, allow_graph_rewrite=allow_rewrite, extra_inputs=extra_inputs
+        work,
+        example_inputs,
+        allow_graph_rewrite=allow_rewrite,
+        extra_inputs=extra_inputs,
+        merge_branches=merge_branches,
     )
     plan = replace(analysis.plan, notes=(*wrapper_notes, *analysis.plan.notes))
     gm = analysis.module
@@ -73,13 +85,14 @@ def fold(
         for p in analysis.pairs
         if p.norm.module is None or any(t.layer.module is None for t in p.targets)
     ]
-    rewrite = bool(functional) or isinstance(work, fx.GraphModule)
+    rewrite = bool(functional) or bool(analysis.merges) or isinstance(work, fx.GraphModule)
     target = gm if rewrite else work
     workspace = Workspace()
     for group in _by_layer(analysis.pairs):
         _fold_layer_group(target, group, workspace)
     for pair in analysis.pairs:
         _remove_norm(target, pair.norm)
+    merge_blocks(gm, analysis.merges)
     if rewrite:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -88,11 +101,25 @@ def fold(
     return FoldResult(
         model=target,
         plan=plan,
-        folded=tuple(_record(pair) for pair in analysis.pairs),
+        folded=_folded_records(analysis),
         skipped=plan.skipped,
         graph_rewritten=rewrite,
         inplace=inplace,
+        merges=plan.merges,
     )
+
+
+def _folded_records(analysis: Analysis) -> tuple[FoldedPair, ...]:
+    """A record per folded norm, adjacent or merged with its block, in plan order."""
+    folded = {
+        pair.record.bn: _record(pair.record, pair.norm, pair.affine) for pair in analysis.pairs
+    }
+    for merge in analysis.merges:
+        norms = {b.norm.name: b for b in merge.block.branches if b.norm is not None}
+        for record in merge.pairs:
+            branch = norms[record.bn]
+            folded[record.bn] = _record(record, branch.norm, branch.affine)
+    return tuple(folded[pair.bn] for pair in analysis.plan.pairs)
 
 
 def _by_layer(pairs: tuple[PlannedPair, ...]) -> list[list[FoldTarget]]:
@@ -159,16 +186,16 @@ def _remove_norm(root: nn.Module, norm: NormSite) -> None:
     root.set_submodule(norm.name, norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity())
 
 
-def _record(pair: PlannedPair) -> FoldedPair:
-    scale = pair.affine.scale.abs()
+def _record(pair: Pair, norm: NormSite, affine: Affine) -> FoldedPair:
+    scale = affine.scale.abs()
     max_scale = float(scale.max()) if scale.numel() else 0.0
-    notes = list(pair.norm.notes)
+    notes = list(norm.notes)
     if max_scale > LARGE_SCALE:
         notes.append(
             f"large scale {max_scale:.3g} (tiny running_var): weight rounding error is "
             "amplified by this factor"
         )
-    min_var = float(pair.norm.params.running_var.detach().min())
+    min_var = float(norm.params.running_var.detach().min())
     return FoldedPair(
-        pair=pair.record, max_abs_scale=max_scale, min_running_var=min_var, notes=tuple(notes)
+        pair=pair, max_abs_scale=max_scale, min_running_var=min_var, notes=tuple(notes)
     )

@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 from bnfold_cli.console import run_job
-from bnfold_cli.options import EXIT_CODES, FORCE, MODEL_HELP, flag, model_options, verify_options
+from bnfold_cli.options import (
+    EXIT_CODES,
+    FORCE,
+    MODEL_HELP,
+    NO_MERGE_BRANCHES,
+    flag,
+    model_options,
+    verify_options,
+)
 
 EPILOG = (
     MODEL_HELP
@@ -42,6 +50,7 @@ Examples:
     help="The ONNX file to write.",
 )
 @flag("--no-fold", help="Export MODEL as it is, without folding.")
+@NO_MERGE_BRANCHES
 @click.option(
     "--opset",
     type=click.IntRange(min=7),
@@ -61,6 +70,7 @@ def export(
     request: Any,
     onnx_path: Path,
     no_fold: bool,
+    no_merge_branches: bool,
     opset: int | None,
     static_batch: bool,
     force: bool,
@@ -76,6 +86,7 @@ def export(
         "export",
         request,
         fold=not no_fold,
+        merge_branches=not no_merge_branches,
         onnx=onnx_path,
         opset=opset,
         dynamic_batch=not static_batch,

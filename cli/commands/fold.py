@@ -12,6 +12,7 @@ from bnfold_cli.options import (
     EXIT_CODES,
     FORCE,
     MODEL_HELP,
+    NO_MERGE_BRANCHES,
     data_options,
     flag,
     model_options,
@@ -58,6 +59,7 @@ Examples:
 )
 @flag("--pt2", "also_pt2", help="With a pickled-module output, also write a .pt2 beside it.")
 @FORCE
+@NO_MERGE_BRANCHES
 @flag(
     "--dry-run",
     help="Fold in memory and report what would be written; write no file but the reports.",
@@ -82,6 +84,7 @@ def fold(
     output: Path | None,
     also_pt2: bool,
     force: bool,
+    no_merge_branches: bool,
     dry_run: bool,
     onnx_path: Path | None,
     verify_outputs: bool,
@@ -100,6 +103,7 @@ def fold(
         "fold",
         request,
         data=data_request,
+        merge_branches=not no_merge_branches,
         save=True,
         output=output,
         also_pt2=also_pt2,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 from bnfold_cli.console import run_job
-from bnfold_cli.options import EXIT_CODES, MODEL_HELP, flag, model_options
+from bnfold_cli.options import EXIT_CODES, MODEL_HELP, NO_MERGE_BRANCHES, flag, model_options
 
 EPILOG = (
     MODEL_HELP
@@ -25,8 +25,15 @@ Examples:
 
 @click.command("inspect", epilog=EPILOG)
 @flag("--force", help="Overwrite existing report files (never MODEL).")
+@NO_MERGE_BRANCHES
 @model_options
-def inspect(request: Any, force: bool, json_path: str | None, markdown_path: str | None) -> None:
+def inspect(
+    request: Any,
+    force: bool,
+    no_merge_branches: bool,
+    json_path: str | None,
+    markdown_path: str | None,
+) -> None:
     """Show every BatchNorm: foldable or kept, into which layer, and why.
 
     Nothing is written except the optional --json/--markdown reports.
@@ -34,5 +41,12 @@ def inspect(request: Any, force: bool, json_path: str | None, markdown_path: str
     from bnfold.jobs import Job
 
     reports = (("--json", json_path), ("--markdown", markdown_path))
-    job = Job("inspect", request, fold=False, reports=reports, force=force)
+    job = Job(
+        "inspect",
+        request,
+        fold=False,
+        merge_branches=not no_merge_branches,
+        reports=reports,
+        force=force,
+    )
     run_job(job)

@@ -1,0 +1,200 @@
+"""What each block of parallel branches becomes (blocks: ``bnfold.find.blocks``): one conv
+(RepVGG, MobileOne, ACNet, DBB-style re-parameterisation, read from the dataflow) when its
+geometry aligns (``bnfold.find.alignment``), merging is on and the graph may be rewritten; its
+norms are then pairs with pattern "branches→conv". Otherwise its Conv -> BN pairs fold as they
+are and its identity BNs are skipped with the reason. Reads the graph, never changes it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from bnfold.find.alignment import Alignment, align, geometry
+from bnfold.find.blocks import Block, find_blocks
+from bnfold.find.functional import fetch_attr
+from bnfold.find.pairing import Decisions, PlannedPair, norm_skip
+from bnfold.find.patterns import LayerKind, Refusal
+from bnfold.find.sharing import graph_sharing
+from bnfold.records import Branch, BranchKind, BranchMerge, Pair, Skip, SkipReason
+
+MERGED_PATTERN = "branches→conv"
+
+
+@dataclass(frozen=True)
+class PlannedMerge:
+    """A block that merges, with its alignment and the records of its norms."""
+
+    record: BranchMerge
+    block: Block
+    alignment: Alignment
+    pairs: tuple[Pair, ...]
+
+
+Outcome = PlannedPair | Skip | Pair  # a Pair: a norm merged with its block
+
+
+@dataclass(frozen=True)
+class BranchDecisions:
+    """The pairing's outcomes with the blocks decided: merged norms become ``Pair`` records
+    (pattern "branches→conv"), identity BNs of blocks that do not merge become skips."""
+
+    outcomes: tuple[Outcome, ...]
+    merges: tuple[PlannedMerge, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def pairs(self) -> tuple[PlannedPair, ...]:
+        """The pairs still folded adjacently."""
+        return tuple(o for o in self.outcomes if isinstance(o, PlannedPair))
+
+    @property
+    def records(self) -> tuple[Pair, ...]:
+        return tuple(o if isinstance(o, Pair) else o.record for o in self.outcomes if _paired(o))
+
+    @property
+    def skips(self) -> tuple[Skip, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, Skip))
+
+
+def _paired(outcome: Outcome) -> bool:
+    return not isinstance(outcome, Skip)
+
+
+def decide_branches(
+    gm: fx.GraphModule,
+    decisions: Decisions,
+    *,
+    merge: bool,
+    cannot_rewrite: str | None,
+    extra_uses: Counter | None = None,
+) -> BranchDecisions:
+    """Decide every block of ``gm`` given the pairing's ``decisions``: merge it when it aligns,
+    ``merge`` is on and the graph may be rewritten (``cannot_rewrite`` None, else why not)."""
+    sharing = graph_sharing(gm, extra_uses)
+    changes: dict[str, Outcome] = {}
+    merges, notes, taken = [], [], set()
+    for block in find_blocks(gm, decisions.pairs, sharing, cannot_rewrite is None):
+        result = _block_alignment(block)
+        if isinstance(result, Refusal):
+            notes.append(f"branches summed at {block.add.name} not merged: {result.detail}")
+        elif not merge:
+            result = Refusal(
+                SkipReason.BRANCH_MERGE_OFF,
+                f"branches summed at {block.add.name} are kept apart (merge_branches=False)",
+            )
+        elif cannot_rewrite is not None:
+            result = Refusal(SkipReason.NEEDS_GRAPH_REWRITE, cannot_rewrite)
+        if isinstance(result, Refusal):
+            for branch in block.branches:
+                if branch.kind == BranchKind.BN:
+                    changes[branch.norm.name] = norm_skip(branch.norm, result, None, MERGED_PATTERN)
+            continue
+        planned = _planned(gm, block, result, taken)
+        merges.append(planned)
+        changes.update((pair.bn, pair) for pair in planned.pairs)
+    outcomes = tuple(changes.get(_bn(o), o) for o in decisions.outcomes)
+    return BranchDecisions(outcomes, tuple(merges), (*decisions.notes, *notes))
+
+
+#: Why the branches of a block are not merged in a recorded dataflow.
+RECORDED = (
+    "the dataflow was recorded from real forwards (torch.fx could not trace the model); merging "
+    "parallel branches into one conv needs a traced graph to rewrite"
+)
+
+
+def recorded_decisions(gm: fx.GraphModule, decisions: Decisions, extra_uses: Counter) -> Decisions:
+    """``decisions`` of a recorded dataflow with the identity BNs of its blocks skipped
+    (``SkipReason.NEEDS_GRAPH_REWRITE``): a recorded dataflow folds in the model as it is."""
+    branches = decide_branches(
+        gm, decisions, merge=True, cannot_rewrite=RECORDED, extra_uses=extra_uses
+    )
+    return Decisions(branches.outcomes, branches.notes)
+
+
+def _bn(outcome: PlannedPair | Skip) -> str:
+    return outcome.bn if isinstance(outcome, Skip) else outcome.record.bn
+
+
+def _block_alignment(block: Block) -> Alignment | Refusal:
+    for branch in block.convs:
+        if branch.layer.kind == LayerKind.CONV_TRANSPOSE:
+            return Refusal(
+                SkipReason.BRANCHES_MISALIGNED,
+                f"{branch.layer.name} is a ConvTranspose; only Conv branches merge",
+            )
+    identity = [b for b in block.branches if b.kind in (BranchKind.BN, BranchKind.IDENTITY)]
+    name = None
+    if identity:
+        first = identity[0]
+        name = first.norm.name if first.norm is not None else f"{block.input.name} (identity)"
+    return align([geometry(b.layer) for b in block.convs], name)
+
+
+def _planned(gm: fx.GraphModule, block: Block, alignment: Alignment, taken: set) -> PlannedMerge:
+    path = _free_path(gm, _merged_path(block), taken)
+    conv_type = f"Conv{len(alignment.kernel)}d"
+    branches, pairs = [], []
+    for branch in block.branches:
+        layer, norm = branch.layer, branch.norm
+        kernel = tuple(layer.weight.shape[2:]) if layer is not None else None
+        conv_name = layer.name if layer is not None else None
+        branches.append(Branch(branch.kind, conv_name, norm.name if norm else None, kernel))
+        if norm is not None:
+            pairs.append(
+                Pair(
+                    norm.name,
+                    norm.type_name,
+                    norm.kind,
+                    path,
+                    conv_type,
+                    MERGED_PATTERN,
+                    norm.params.num_features,
+                )
+            )
+    record = BranchMerge(
+        add=block.add.name,
+        input=block.input.name,
+        branches=tuple(branches),
+        conv=path,
+        conv_type=conv_type,
+        kernel=alignment.kernel,
+        stride=alignment.stride,
+        padding=alignment.padding,
+        groups=alignment.groups,
+    )
+    return PlannedMerge(record, block, alignment, tuple(pairs))
+
+
+def _merged_path(block: Block) -> str:
+    """``<common parent of the branch modules>.merged`` (``merged`` at the root)."""
+    paths = [b.layer.name for b in block.convs if b.layer.module is not None]
+    paths += [b.norm.name for b in block.branches if b.norm is not None and b.norm.module]
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for atoms in zip(*parts, strict=False) if parts else ():
+        if len(set(atoms)) != 1:
+            break
+        common.append(atoms[0])
+    return ".".join([*common, "merged"])
+
+
+def _free_path(gm: fx.GraphModule, path: str, taken: set) -> str:
+    """``path``, or ``path_1``, ``path_2``... when the name is in use."""
+    candidate, number = path, 0
+    while candidate in taken or _exists(gm, candidate):
+        number += 1
+        candidate = f"{path}_{number}"
+    taken.add(candidate)
+    return candidate
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        fetch_attr(gm, path)
+    except AttributeError:
+        return False
+    return True
