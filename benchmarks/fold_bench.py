@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -70,17 +69,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     **BLOCK_MODELS,
 }
 
-# Parallel summed branches merge into one conv only where bnfold.fold offers merge_branches;
-# on a bnfold without it the fold runs as it is (this is the one place that asks).
-FOLD_OPTIONS = (
-    {"merge_branches": True}
-    if "merge_branches" in inspect.signature(bnfold.fold).parameters
-    else {}
-)
-
 
 def _fold(model: nn.Module, x: torch.Tensor) -> bnfold.FoldResult:
-    return bnfold.fold(model, x, **FOLD_OPTIONS)
+    return bnfold.fold(model, x)
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if deploy_table:
         print(
             "\nAgainst the hand-written deploy form (every foldable BN folded by hand, each RepVGG "
-            f"block one conv; fold options: {FOLD_OPTIONS or 'none'}). Latency: median of "
+            "block one conv; bnfold with its defaults). Latency: median of "
             "interleaved repetitions of original, folded and deploy form, same input.\n"
         )
         print(deploy_table)

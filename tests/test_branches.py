@@ -157,6 +157,26 @@ def test_precision_ratios_stay_near_one() -> None:
         assert precision_ratio(model, x, native_kernels=native) <= 2.0
 
 
+def _bn_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def test_merged_weights_are_the_hand_written_deploy_conversion_rounded_once() -> None:
+    """RepVGG's own conversion, written out in float64: 3x3·s3 + centred 1x1·s1 + identity·s,
+    biases summed; bnfold's merged conv holds exactly that, rounded once to float32."""
+    model = _net(repvgg(c=6))
+    result = bnfold.fold(model, _input(2, c=6))
+    block = model[0].branches
+    (s3, t3), (s1, t1), (s0, t0) = (_bn_map(m) for m in (block[0].bn, block[1].bn, block[2]))
+    weight = block[0].conv.weight.double() * s3.view(-1, 1, 1, 1)
+    weight[:, :, 1:2, 1:2] += block[1].conv.weight.double() * s1.view(-1, 1, 1, 1)
+    weight[range(6), range(6), 1, 1] += s0
+    merged = result.model.get_submodule(result.plan.merges[0].conv)
+    assert torch.equal(merged.weight, weight.float())
+    assert torch.equal(merged.bias, (t3 + t1 + t0).float())
+
+
 def test_graph_module_given_is_not_changed() -> None:
     model, x, _, _ = MERGING["repvgg"]()
     gm = fx.symbolic_trace(model.double())

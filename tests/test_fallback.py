@@ -51,7 +51,7 @@ def test_consumer_by_keyword_argument_is_seen() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.gate(x)
             y = self.conv(x)
-            return self.bn(y) + self.other(input=y)
+            return torch.cat([self.bn(y), self.other(input=y)], 1)
 
     assert reasons(_fold(Net(), 2, 3, 4, 4)) == {"bn": "producer_fanout"}
 

@@ -351,3 +351,38 @@ def test_exported_programs_fold_the_same(name: str) -> None:
     program = torch.export.export(model, (x,)).module()
     result = fold_fp64(program, x, folded=folded, skipped=0)
     assert result.graph_rewritten
+
+
+class Permuted(nn.Module):
+    """A stored channel permutation between a layer and a norm, by indexing or index_select."""
+
+    def __init__(self, norm_first: bool, perm: list[int], select: bool) -> None:
+        super().__init__()
+        self.norm_first, self.select = norm_first, select
+        self.register_buffer("perm", torch.tensor(perm))
+        self.conv = nn.Conv2d(6, 6, 1) if norm_first else nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(x, 1, self.perm) if self.select else x[:, self.perm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            return self.conv(self.permute(self.bn(x)))
+        return self.bn(self.permute(self.conv(x)))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("select", [False, True])
+def test_stored_channel_permutations_fold_with_the_permuted_map(norm_first, select) -> None:
+    model = randomize(Permuted(norm_first, [3, 0, 5, 1, 4, 2], select).eval())
+    x = torch.randn(2, 6 if norm_first else 4, 7, 7)
+    result = fold_fp64(model, x, folded=1, skipped=0)
+    assert result.folded[0].pair.via == ("index_select" if select else "getitem",)
+    assert_precision(model, x)
+
+
+def test_an_index_that_repeats_channels_is_no_permutation() -> None:
+    model = randomize(Permuted(False, [0, 0, 1, 2, 3, 4], select=True).eval())
+    result = fold_fp64(model, torch.randn(2, 4, 7, 7), folded=0, skipped=1)
+    assert result.skipped[0].reason == SkipReason.NO_PRODUCER

@@ -40,10 +40,16 @@ def test_densenet_pre_activation_is_not_folded() -> None:
     assert reasons(result) == {"norm1": "producer_fanout"}
 
 
-def test_repvgg_branches_each_fold_and_the_identity_branch_stays() -> None:
+def test_repvgg_branches_merge_into_one_conv() -> None:
     result = fold_checked(*_fixture("repvgg"))
+    assert folded(result) == {"dense.bn": "merged", "one.bn": "merged", "identity": "merged"}
+    assert reasons(result) == {}
+
+
+def test_repvgg_branches_kept_apart_each_fold_and_the_identity_branch_stays() -> None:
+    result = fold_checked(*_fixture("repvgg"), merge_branches=False)
     assert folded(result) == {"dense.bn": "dense.conv", "one.bn": "one.conv"}
-    assert reasons(result) == {"identity": "no_producer"}
+    assert reasons(result) == {"identity": "branch_merge_off"}
 
 
 def test_conv_reused_in_two_places_is_not_folded() -> None:

@@ -46,7 +46,12 @@ def counted_kinds(records: Sequence[Any]) -> int:
 
 
 def fold_checked(
-    model: nn.Module, args: Any, *, extra_inputs: Sequence[Any] = (), method: str | None = None
+    model: nn.Module,
+    args: Any,
+    *,
+    extra_inputs: Sequence[Any] = (),
+    method: str | None = None,
+    merge_branches: bool = True,
 ) -> bnfold.FoldResult:
     """Fold a float64 copy and check: exact (< 1e-10 relative), caller untouched, batch-norm
     count before/after matches the records, every norm has a verdict with a reason."""
@@ -54,7 +59,7 @@ def fold_checked(
     args = to_double(args)
     extra_inputs = [to_double(e) for e in extra_inputs]
     before = snapshot(model)
-    result = bnfold.fold(model, args, extra_inputs=extra_inputs)
+    result = bnfold.fold(model, args, extra_inputs=extra_inputs, merge_branches=merge_branches)
     assert_same_snapshot(before, model)
     for inputs in (args, *extra_inputs):
         error = max_rel_error(model, result.model, inputs)

@@ -4,8 +4,9 @@ A per-channel map ``a(x) = s * x + t`` commutes with an op that acts on each cha
 keeps affine combinations: identity and dropout in eval, views whose channel axis the recorded
 shapes prove (``bnfold.find.channels``), permutations of axes, averages whose weights sum to 1
 and never include padding zeros (adaptive and unpadded average pooling, a mean over other dims,
-every interpolation mode), and channel shuffles (with the shuffled ``s`` and ``t``). Max pooling
-commutes only where ``s >= 0``: the step says so and the pairing checks it.
+every interpolation mode), channel shuffles and stored channel permutations (with the permuted
+``s`` and ``t``). Max pooling commutes only where ``s >= 0``: the step says so and the pairing
+checks it.
 
 ``step`` reads one graph node (a module call, a torch function or Tensor method, an ATen op of an
 exported program or of a recorded dataflow) and returns where the channels are on its other side;
@@ -23,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnfold.find.channels import Channels, carry_view, gather, inverse, scatter_unique
+from bnfold.find.functional import fetch_attr
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
 from bnfold.records import SkipReason
@@ -76,7 +78,13 @@ def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
     first = node.args[0] if node.args else None
     if not isinstance(first, fx.Node):
         return None
-    return Call(name.lstrip("_"), first, tuple(args), kwargs, module, label)
+    args, kwargs = fx.node.map_arg((tuple(args), kwargs), lambda n: _stored(gm, n))
+    return Call(name.lstrip("_"), first, args, kwargs, module, label)
+
+
+def _stored(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """A stored tensor (``get_attr``) as its value; any other node stays a node."""
+    return fetch_attr(gm, str(node.target)) if node.op == "get_attr" else node
 
 
 def passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -209,6 +217,37 @@ def _channel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back:
     return Channels(1, gather(ch.index, inverse(reads) if back else reads))
 
 
+def _permute_channels(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+    """``index_select(x, dim, perm)``, ``x[:, perm]`` or ATen ``index`` with a stored
+    permutation of the channels: output position ``k`` reads input channel ``perm[k]``."""
+    perm = _stored_permutation(call, ch)
+    if perm is None or tuple(known) != tuple(other):
+        return None
+    return Channels(ch.axis, gather(ch.index, inverse(perm) if back else perm))
+
+
+def _stored_permutation(call: Call, ch: Channels) -> torch.Tensor | None:
+    if call.name == "index_select":
+        dim = call.kwargs.get("dim", call.args[0] if call.args else None)
+        index = call.kwargs.get("index", call.args[1] if len(call.args) > 1 else None)
+    else:  # x[:, perm] (getitem) or aten.index(x, [None, perm])
+        key = call.args[0] if call.args else None
+        key = key if isinstance(key, (list, tuple)) else (key,)
+        tensors = [i for i, k in enumerate(key) if isinstance(k, torch.Tensor)]
+        plain = all(k is None or k == slice(None) for i, k in enumerate(key) if i not in tensors)
+        if len(tensors) != 1 or not plain:
+            return None
+        dim, index = tensors[0], key[tensors[0]]
+    if not isinstance(index, torch.Tensor) or not isinstance(dim, int):
+        return None
+    index = index.detach().cpu()
+    is_perm = index.dim() == 1 and not index.is_floating_point() and index.numel() == ch.size
+    if dim != ch.axis or not is_perm:
+        return None
+    index = index.long()
+    return index if torch.equal(index.sort().values, torch.arange(ch.size)) else None
+
+
 _IDENTITY = {
     "Identity",
     "Dropout",
@@ -262,6 +301,8 @@ def _rule(name: str) -> Rule | None:
         return _pixel_shuffle
     if name in ("channel_shuffle", "native_channel_shuffle", "ChannelShuffle"):
         return _channel_shuffle
+    if name in ("index_select", "getitem", "index"):
+        return _permute_channels
     return None
 
 

@@ -44,9 +44,13 @@ class LeafTracer(fx.Tracer):
 
 def runnable(gm: fx.GraphModule) -> fx.GraphModule:
     """A plain GraphModule (code generated) with ``gm``'s graph and attributes, for handing out
-    a rewritten trace."""
+    a rewritten trace. A graph bnfold traced is copied into one without a tracer class: a
+    GraphModule pickles its graph's tracer class by reference, and the folded model must load
+    where bnfold is not installed."""
     if isinstance(gm, _LazyGraphModule):
-        return fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))
+        return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     gm.recompile()
     return gm
 
