@@ -339,3 +339,16 @@ def test_caller_model_is_not_changed() -> None:
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_branch_norm_that_runs_an_activation_keeps_the_block() -> None:
+    """x + BatchNormAct(conv(x)): the subclass's ReLU runs on its branch before the sum, so the
+    branches are no affine sum; the norm folds into its conv and keeps its activation."""
+    from wild_models import BatchNormAct2d
+
+    block = Branches([ConvBN(2, 8, 8, 1), None])
+    block.branches[0].bn = BatchNormAct2d(8)
+    model = _net(block)
+    result = fold_fp64(model, _input(2), folded=1, skipped=0)
+    assert not result.plan.merges
+    assert result.folded[0].pair.pattern == "conv→bn"

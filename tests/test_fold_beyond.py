@@ -5,6 +5,7 @@ with their reason while the outputs still match."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -386,3 +387,29 @@ def test_an_index_that_repeats_channels_is_no_permutation() -> None:
     model = randomize(Permuted(False, [0, 0, 1, 2, 3, 4], select=True).eval())
     result = fold_fp64(model, torch.randn(2, 4, 7, 7), folded=0, skipped=1)
     assert result.skipped[0].reason == SkipReason.NO_PRODUCER
+
+
+class Diamonds(nn.Module):
+    """Each level adds two views of the level below: 2**depth paths from the BN to the conv."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for _ in range(self.depth):
+            y = y.flatten(2).view_as(x) + y.reshape(2, 4, 3, 3)
+        return self.bn(y)
+
+
+def test_paths_that_multiply_are_not_followed_forever() -> None:
+    """A graph whose paths double at each level: the walk stops after a bounded number of
+    nodes (2**40 paths would never end) and the BN stays with a reason."""
+    model = randomize(Diamonds(40).eval())
+    started = time.perf_counter()
+    plan = bnfold.find_pairs(model, torch.randn(2, 4, 3, 3))
+    assert time.perf_counter() - started < 30
+    assert [s.bn for s in plan.skipped] == ["bn"]

@@ -133,6 +133,8 @@ class _Finder:
 
     def norm_branch(self, norm: NormSite) -> tuple[fx.Node, LiveBranch] | None:
         pair = self.pairs.get(norm.node)
+        if pair is not None and _runs_more(pair.norm):
+            return None  # a subclass's own ops (an activation) run after its batch norm
         if pair is not None and pair.layer.kind in CONV_KINDS:
             conv = pair.layer.node
             if self.paired_layers[conv] != 1 or len(conv.users) != 1:
@@ -175,6 +177,11 @@ class _Finder:
         """No addend is broadcast (unknown shapes, as in a recorded graph, agree)."""
         shape = add.meta.get("bnfold_shape")
         return shape is None or all(n.meta.get("bnfold_shape") == shape for n in addends)
+
+
+def _runs_more(norm: NormSite) -> bool:
+    """A BatchNorm subclass whose forward runs more than its batch norm."""
+    return norm.kind == BnKind.SUBCLASS and not isinstance(norm.extra, nn.Identity)
 
 
 def _used_only_by(node: fx.Node, chain: list[fx.Node]) -> bool:

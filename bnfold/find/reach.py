@@ -22,13 +22,13 @@ import torch
 import torch.fx as fx
 
 from bnfold.find.channels import Channels, start
-from bnfold.find.passthrough import shape_of, step
+from bnfold.find.passthrough import Step, shape_of, step
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
 from bnfold.find.sites import LayerSite, NormSite
 from bnfold.records import SkipReason
 
-MAX_STEPS = 256  # ops passed on one walk; a longer chain is not followed
+MAX_STEPS = 512  # nodes one walk visits at most
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,14 @@ class _Walk:
         via = tuple(reversed(self.via)) if backward else tuple(self.via)
         return Reach(tuple(self.targets), via, tuple(self.nonnegative), self.refusal)
 
-    def passed(self, label: str) -> bool:
-        self.steps += 1
+    def passed(self, label: str) -> None:
         if label not in self.via:
             self.via.append(label)
+
+    def visit(self) -> bool:
+        """Count a node visited; False once the walk has visited ``MAX_STEPS`` (a graph whose
+        paths multiply is not followed further: what was not reached is not folded)."""
+        self.steps += 1
         return self.steps <= MAX_STEPS
 
     def back(self, node: fx.Node, reader: fx.Node, channels: Channels, shift: bool) -> bool:
@@ -85,6 +89,8 @@ class _Walk:
         return reached
 
     def _back(self, node: fx.Node, reader: fx.Node, channels: Channels, shift: bool) -> bool:
+        if not self.visit():
+            return False
         if node in self.layers:
             self.targets.append(Target(self.layers[node], channels, shift))
             return True
@@ -94,12 +100,15 @@ class _Walk:
             reached = [self.back(n, node, ch, shift and s) for n, ch, s in parts.items]
             return self._merge(reached, parts)
         passed = step(self.gm, node, channels, toward_input=True)
-        if passed is None or not self._note(passed):
+        if passed is None:
             return False
+        self._note(passed)
         return self.back(passed.input, node, passed.channels, shift)
 
     def forward(self, node: fx.Node, channels: Channels) -> bool:
         """Walk from ``node`` towards the layers that read it."""
+        if not self.visit():
+            return False
         users = [u for u in node.users if _reads_value(u, node)]
         layer_users = [u for u in users if u in self.layers and _reads_first(u, node)]
         if len(users) != 1 or _uses(users[0], node) != 1:
@@ -119,16 +128,17 @@ class _Walk:
             self.passed(parts.label)
             return self._merge([self.forward(n, ch) for n, ch, _ in parts.items], parts)
         passed = step(self.gm, user, channels, toward_input=False)
-        if passed is None or passed.input is not node or not self._note(passed):
+        if passed is None or passed.input is not node:
             return False
+        self._note(passed)
         return self.forward(user, passed.channels)
 
-    def _note(self, passed: object) -> bool:
+    def _note(self, passed: Step) -> None:
         if passed.refusal is not None:
             self.refuse(passed.refusal)
         if passed.needs_nonnegative:
             self.nonnegative.append(passed.channels.index)
-        return self.passed(passed.label)
+        self.passed(passed.label)
 
     def _single_use(self, node: fx.Node, reader: fx.Node, reason: SkipReason) -> None:
         others = [u.name for u in node.users if u is not reader and _reads_value(u, node)]
