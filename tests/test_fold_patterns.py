@@ -241,6 +241,47 @@ def test_subclass_keeps_its_extra_behaviour() -> None:
     assert any("numel" in note for note in result.folded[0].notes)
 
 
+class InPlaceActNorm(nn.BatchNorm2d):
+    """A subclass whose activation runs in place, its result not assigned: ``x.relu_()``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        x.relu_()
+        return x
+
+
+def test_subclass_keeps_an_in_place_activation_whose_result_is_not_read() -> None:
+    model = _seq(nn.Conv2d(3, 4, 3), InPlaceActNorm(4))
+    result = fold_fp64(model, torch.randn(2, 3, 7, 7), folded=1)
+    stripped = result.model.double()[1]
+    y = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(stripped(y), F.relu(y))
+
+
+class InPlaceAfterMerge(nn.Module):
+    """A block merged into one conv (the graph is rewritten), and later an in-place op whose
+    result is not read: rewriting must not drop it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.bn(self.conv(x))
+        y.mul_(2.0)
+        return y
+
+
+def test_a_rewritten_graph_keeps_in_place_ops_whose_result_is_not_read() -> None:
+    model = randomize(InPlaceAfterMerge().eval())
+    result = fold_fp64(model, torch.randn(2, 4, 6, 6), folded=1)
+    assert result.graph_rewritten and result.plan.merges
+    assert "mul_" in result.model.code
+
+
 def test_functional_norm_is_removed_from_the_graph() -> None:
     model, x = ALL["functional_buffers"]()
     result = fold_fp64(model, x, folded=1)

@@ -156,6 +156,15 @@ def erase_norm(graph: fx.Graph, norm: NormSite, source: fx.Node) -> None:
         graph.erase_node(norm.node)
 
 
+def drop_unread_attributes(graph: fx.Graph) -> None:
+    """Erase the ``get_attr`` nodes nothing reads any more (a removed norm's statistics, a merged
+    branch's weights). Never a general dead-code pass: to it an in-place op whose result is not
+    read (``x.relu_()``) is dead code, and that op may be a model's activation."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+
+
 def functional_layer(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:
     """A functional Conv/ConvTranspose/Linear call whose weight (and bias) are stored
     tensors, else None."""

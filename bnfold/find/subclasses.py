@@ -12,7 +12,12 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.functional import erase_norm, functional_norm, is_norm_call
+from bnfold.find.functional import (
+    drop_unread_attributes,
+    erase_norm,
+    functional_norm,
+    is_norm_call,
+)
 from bnfold.find.guards import trace_guarded
 from bnfold.find.patterns import Refusal
 from bnfold.find.sites import NormSite
@@ -42,11 +47,17 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
         return
     site.notes = traced.notes  # read before the graph changes
     erase_norm(gm.graph, inner, placeholders[0])
-    gm.graph.eliminate_dead_code()
+    drop_unread_attributes(gm.graph)
     gm.recompile()
     site.params = inner.params
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    site.extra = nn.Identity() if output.args[0] is placeholders[0] else gm
+    site.extra = nn.Identity() if _returns_its_input(gm.graph, placeholders[0]) else gm
+
+
+def _returns_its_input(graph: fx.Graph, placeholder: fx.Node) -> bool:
+    """Nothing is left but the input returned as it is (no call, in place or not)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    return output.args[0] is placeholder and not calls
 
 
 def _check_inner(site: NormSite, inner: NormSite, placeholders: list[fx.Node]) -> Refusal | None:
