@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import pytest
@@ -307,3 +308,18 @@ def test_half_precision_rounds_once_from_float64(dtype: torch.dtype) -> None:
     result = bnfold.fold(half, torch.randn(2, 3, 6, 6, dtype=dtype))
     assert result.model[0].weight.dtype == dtype
     assert torch.equal(result.model[0].weight, expected_w)
+
+
+@pytest.mark.parametrize("op", [operator.iadd, operator.setitem])
+def test_a_given_graph_module_keeps_in_place_operators_whose_result_is_not_read(op) -> None:
+    """torch.fx traces neither ``y += 1`` in place nor ``y[:, 0] = 0``, but a GraphModule built
+    by hand may hold them."""
+    gm = torch.fx.symbolic_trace(randomize(InPlaceAfterMerge().eval()))
+    mul = next(n for n in gm.graph.nodes if n.target == "mul_")
+    args = (mul.args[0], 1.0) if op is operator.iadd else (mul.args[0], (slice(None), 0), 0.0)
+    with gm.graph.inserting_after(mul):
+        gm.graph.call_function(op, args)
+    gm.graph.erase_node(mul)
+    gm.recompile()
+    result = fold_fp64(gm, torch.randn(2, 4, 6, 6), folded=1)
+    assert result.plan.merges and op.__name__ in result.model.code

@@ -156,13 +156,45 @@ def erase_norm(graph: fx.Graph, norm: NormSite, source: fx.Node) -> None:
         graph.erase_node(norm.node)
 
 
-def drop_unread_attributes(graph: fx.Graph) -> None:
-    """Erase the ``get_attr`` nodes nothing reads any more (a removed norm's statistics, a merged
-    branch's weights). Never a general dead-code pass: to it an in-place op whose result is not
-    read (``x.relu_()``) is dead code, and that op may be a model's activation."""
-    for node in reversed(list(graph.nodes)):
-        if node.op == "get_attr" and not node.users:
-            graph.erase_node(node)
+def erase_dead_code(graph: fx.Graph) -> None:
+    """Erase the nodes nothing reads any more (a removed norm's statistics, a merged branch's
+    weights, a shape check), but never a call that may write: torch's dead-code pass takes an
+    in-place method whose result is not read (``x.relu_()``) for dead code, and that call may be
+    a model's activation."""
+    graph.eliminate_dead_code(is_impure_node=_may_write)
+
+
+def _may_write(node: fx.Node) -> bool:
+    """A module call, an in-place op (``add_``, ``inplace=True``, ``out=``), an item assignment,
+    or whatever torch itself calls impure."""
+    if node.op == "call_module" or node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = str(name)
+    in_place = (name.endswith("_") and not name.startswith("_")) or node.target in _IN_PLACE
+    return in_place or node.kwargs.get("inplace") is True or "out" in node.kwargs
+
+
+#: Python's in-place operators (item assignment torch already counts as impure).
+_IN_PLACE = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+    }
+)
 
 
 def functional_layer(gm: fx.GraphModule, node: fx.Node) -> LayerSite | None:

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnfold.find.functional import (
-    drop_unread_attributes,
+    erase_dead_code,
     erase_norm,
     functional_norm,
     is_norm_call,
@@ -47,7 +47,7 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
         return
     site.notes = traced.notes  # read before the graph changes
     erase_norm(gm.graph, inner, placeholders[0])
-    drop_unread_attributes(gm.graph)
+    erase_dead_code(gm.graph)
     gm.recompile()
     site.params = inner.params
     site.extra = nn.Identity() if _returns_its_input(gm.graph, placeholders[0]) else gm

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnfold.find.analyse import analyse
-from bnfold.find.functional import drop_unread_attributes, erase_norm
+from bnfold.find.functional import erase_dead_code, erase_norm
 from bnfold.find.pairing import Analysis, PlannedPair
 from bnfold.find.patterns import Position
 from bnfold.find.sites import LayerSite, NormSite
@@ -94,7 +94,7 @@ def fold(
         _remove_norm(target, pair.norm)
     merge_blocks(gm, analysis.merges)
     if rewrite:
-        drop_unread_attributes(gm.graph)
+        erase_dead_code(gm.graph)
         gm.graph.lint()
         target = runnable(gm)
     set_eval(target)
