@@ -104,7 +104,7 @@ def _fuse(model: nn.Module) -> nn.Module | str:
         return f"{type(exc).__name__}"
 
 
-def bench_model(name: str, repeat: int) -> dict[str, Any]:
+def bench_model(name: str, repeat: int, deploy_batch: int = 32) -> dict[str, Any]:
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = zoo.randomize_bn(build().eval())
@@ -141,7 +141,25 @@ def bench_model(name: str, repeat: int) -> dict[str, Any]:
         row["deploy_error_fp64"] = deploy_error_fp64(name, model, x)
         row["latency_deploy_ms"] = latency["deploy"] * 1e3
         row["folded_deploy_ratio"] = latency["folded"] / latency["deploy"]
+        row.update(_deployment_batch(model, ours, deployed, shape, deploy_batch, repeat))
     return row
+
+
+def _deployment_batch(
+    model: nn.Module, ours: nn.Module, deployed: nn.Module, shape: tuple, batch: int, repeat: int
+) -> dict[str, Any]:
+    """Folded vs deploy form at a deployment batch size: at the bench's batch of 2 a fixed
+    Python cost per call (the generated forward of a rewritten model, the views and the
+    ``Identity`` a module-level fold leaves in the model's own forward) weighs in."""
+    x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(1))
+    fns = {"folded": lambda: _infer(ours, x), "deploy": lambda: _infer(deployed, x)}
+    latency = median_times(fns, max(3, repeat), warmup=1)
+    return {
+        "deploy_batch": batch,
+        "latency_folded_batch_ms": latency["folded"] * 1e3,
+        "latency_deploy_batch_ms": latency["deploy"] * 1e3,
+        "folded_deploy_ratio_batch": latency["folded"] / latency["deploy"],
+    }
 
 
 def _verdict(error: float) -> str:
@@ -181,8 +199,9 @@ def deploy_markdown(rows: list[dict[str, Any]]) -> str:
     """The models with a hand-written deploy form: how far bnfold's fold is from it."""
     lines = [
         "| model | BN kernels: original / bnfold / deploy form | deploy form vs original (fp64) | "
-        "eager ms: original / folded / deploy | folded/deploy (target ≤ 1.05) |",
-        "|---|---|---|---|---|",
+        "eager ms: original / folded / deploy | folded/deploy (target ≤ 1.05) | "
+        "batch: folded / deploy ms | folded/deploy at that batch |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "bn_left_deploy" not in r:
@@ -192,7 +211,9 @@ def deploy_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['bn_total']} / {r['bn_left_bnfold']} / {r['bn_left_deploy']} | "
             f"{deploy_ok} ({r['deploy_error_fp64']:.1e}) | {r['latency_original_ms']:.2f} / "
             f"{r['latency_folded_ms']:.2f} / {r['latency_deploy_ms']:.2f} | "
-            f"{r['folded_deploy_ratio']:.2f} |"
+            f"{r['folded_deploy_ratio']:.2f} | {r['deploy_batch']}: "
+            f"{r['latency_folded_batch_ms']:.1f} / {r['latency_deploy_batch_ms']:.1f} | "
+            f"{r['folded_deploy_ratio_batch']:.2f} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -202,9 +223,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument(
+        "--deploy-batch",
+        type=int,
+        default=32,
+        help="batch size of the second folded-vs-deploy-form timing (default 32)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    rows = [bench_model(name, args.repeat) for name in args.models]
+    rows = [bench_model(name, args.repeat, args.deploy_batch) for name in args.models]
     print(markdown(rows))
     deploy_table = deploy_markdown(rows)
     if deploy_table:

@@ -95,7 +95,8 @@ def test_short_run_prints_the_deploy_table(
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", list(sys.path))  # fold_bench adds benchmarks/ to it
     spec.loader.exec_module(bench)
-    rows = bench.main(["--repeat", "1", "--models", "traps", "levit", "resnet_final_bn"])
+    models = ["--models", "traps", "levit", "resnet_final_bn"]
+    rows = bench.main(["--repeat", "1", "--deploy-batch", "4", *models])
     out = capsys.readouterr().out
     assert "| traps | 3 |" in out and "folded/deploy (target ≤ 1.05)" in out
     by_name = {row["model"]: row for row in rows}
@@ -104,5 +105,6 @@ def test_short_run_prints_the_deploy_table(
         row = by_name[name]
         assert row["deploy_error_fp64"] < EXACT and row["bn_left_deploy"] == 0
         assert row["bnfold_error_fp64"] < bench.WRONG
-        assert row["folded_deploy_ratio"] > 0
+        assert row["folded_deploy_ratio"] > 0 and row["folded_deploy_ratio_batch"] > 0
+        assert row["deploy_batch"] == 4
         assert f"| {name} | {row['bn_total']} / {row['bn_left_bnfold']} / 0 | exact" in out
