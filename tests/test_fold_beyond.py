@@ -87,6 +87,18 @@ class ChannelsLast(nn.Module):
         return self.fc(self.bn(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class CatOfOne(nn.Module):
+    """A concatenation of a single tensor (a list of branches that holds one) before a BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.cat([self.conv(x)], dim=1))
+
+
 class MixConv(nn.Module):
     """MixNet's mixed-kernel depthwise conv: channel groups, kernels 3/5/7, cat, one BN."""
 
@@ -219,6 +231,7 @@ FOLDS: dict[str, tuple[Fixture, int]] = {  # fixture, BNs folded (none left)
     "residual_bn_pool_head": (_module(ResidualHead, (2, 8, 6, 6)), 1),
     "bn_channels_last_linear": (_module(ChannelsLast, (2, 8, 3, 4)), 1),
     "mixconv_cat_bn": (_module(MixConv, (2, 12, 9, 9)), 1),
+    "cat_of_one_bn": (_module(CatOfOne, (2, 4, 7, 7)), 1),
     "stem_cat_bn": (_module(lambda: TwoPathStem("cat"), (2, 3, 8, 8)), 1),
     "stem_sum_bn": (_module(lambda: TwoPathStem("sum"), (2, 3, 8, 8)), 1),
     "bn_chunk_convs": (_module(SplitAfterNorm, (2, 8, 7, 7)), 1),
