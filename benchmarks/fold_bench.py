@@ -139,6 +139,7 @@ def bench_model(name: str, repeat: int, deploy_batch: int = 32) -> dict[str, Any
     if deployed is not None:
         row["bn_left_deploy"] = bnfold.count_bn_kernels(deployed, x)
         row["deploy_error_fp64"] = deploy_error_fp64(name, model, x)
+        row["deploy_precision_ratio"] = _precision_ratio(model, deployed, x)
         row["latency_deploy_ms"] = latency["deploy"] * 1e3
         row["folded_deploy_ratio"] = latency["folded"] / latency["deploy"]
         row.update(_deployment_batch(model, ours, deployed, shape, deploy_batch, repeat))
@@ -199,9 +200,10 @@ def deploy_markdown(rows: list[dict[str, Any]]) -> str:
     """The models with a hand-written deploy form: how far bnfold's fold is from it."""
     lines = [
         "| model | BN kernels: original / bnfold / deploy form | deploy form vs original (fp64) | "
+        "fp32 error ratio: bnfold / deploy form | "
         "eager ms: original / folded / deploy | folded/deploy (target ≤ 1.05) | "
         "batch: folded / deploy ms | folded/deploy at that batch |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "bn_left_deploy" not in r:
@@ -209,7 +211,9 @@ def deploy_markdown(rows: list[dict[str, Any]]) -> str:
         deploy_ok = "exact" if r["deploy_error_fp64"] < EXACT else "DEPLOY FORM WRONG"
         lines.append(
             f"| {r['model']} | {r['bn_total']} / {r['bn_left_bnfold']} / {r['bn_left_deploy']} | "
-            f"{deploy_ok} ({r['deploy_error_fp64']:.1e}) | {r['latency_original_ms']:.2f} / "
+            f"{deploy_ok} ({r['deploy_error_fp64']:.1e}) | "
+            f"{r['bnfold_precision_ratio']:.2f} / {r['deploy_precision_ratio']:.2f} | "
+            f"{r['latency_original_ms']:.2f} / "
             f"{r['latency_folded_ms']:.2f} / {r['latency_deploy_ms']:.2f} | "
             f"{r['folded_deploy_ratio']:.2f} | {r['deploy_batch']}: "
             f"{r['latency_folded_batch_ms']:.1f} / {r['latency_deploy_batch_ms']:.1f} | "

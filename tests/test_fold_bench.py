@@ -106,5 +106,5 @@ def test_short_run_prints_the_deploy_table(
         assert row["deploy_error_fp64"] < EXACT and row["bn_left_deploy"] == 0
         assert row["bnfold_error_fp64"] < bench.WRONG
         assert row["folded_deploy_ratio"] > 0 and row["folded_deploy_ratio_batch"] > 0
-        assert row["deploy_batch"] == 4
+        assert row["deploy_batch"] == 4 and row["deploy_precision_ratio"] > 0
         assert f"| {name} | {row['bn_total']} / {row['bn_left_bnfold']} / 0 | exact" in out
