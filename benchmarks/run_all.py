@@ -15,7 +15,8 @@ The README quotes some benchmarks' first table between ``<!-- bench:NAME -->`` a
 
 ``--quick`` is a smoke run (one or two repetitions, the smallest models): it checks that every
 benchmark still runs and prints its table; its numbers mean nothing. So it writes only to
-``--output`` when one is given, never over BENCHMARKS.md by default.
+``--output`` when one is given, never over BENCHMARKS.md by default. ``--only`` does the same:
+a document of some benchmarks must not replace the one of all of them.
 
 Exit code: 0 when every benchmark ran and printed a Markdown table, 1 otherwise (the document
 is still written, with the failure and the end of the benchmark's error output in it).
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help=f"where to write the document (default: {DEFAULT_OUTPUT.name}; "
-        "with --quick, stdout only)",
+        "with --quick or --only, stdout only)",
     )
     parser.add_argument(
         "--timeout",
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(args_list)
     scripts = discover(args.only.split(",") if args.only else None)
-    output = args.output or (None if args.quick else DEFAULT_OUTPUT)
+    # a smoke run, or a run of some benchmarks only, never replaces the whole document
+    output = args.output or (None if args.quick or args.only else DEFAULT_OUTPUT)
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     begin, load_at_start = time.perf_counter(), _load()

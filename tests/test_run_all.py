@@ -114,3 +114,24 @@ def test_the_document_says_how_to_run_the_scripts_run_all_skips() -> None:
     assert "python benchmarks/kernels_left.py" in text
     assert (ROOT / "benchmarks" / "kernels_left.py").exists()
     assert run_all.OTHER_SCRIPTS.strip() in (ROOT / "BENCHMARKS.md").read_text()
+
+
+def test_a_run_of_some_benchmarks_never_replaces_the_whole_document(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``--only`` without ``--output`` prints its document: BENCHMARKS.md keeps every other
+    benchmark's tables (and the README its quoted ones)."""
+    run_all = _module()
+    document, readme = tmp_path / "BENCHMARKS.md", tmp_path / "README.md"
+    document.write_text("every benchmark\n")
+    readme.write_text("readme\n")
+    monkeypatch.setattr(run_all, "DEFAULT_OUTPUT", document)
+    monkeypatch.setattr(run_all, "README", readme)
+    table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
+    fake = lambda script, args, timeout: run_all.Result(  # noqa: E731
+        script.stem, script.stem, ["python", script.name], 0.1, 0, table, ""
+    )
+    monkeypatch.setattr(run_all, "run", fake)
+    assert run_all.main(["--only", "fold_bench"]) == 0
+    assert document.read_text() == "every benchmark\n" and readme.read_text() == "readme\n"
+    assert "## fold_bench" in capsys.readouterr().out
