@@ -16,6 +16,7 @@ None for any other op (the walk stops there).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,14 +118,17 @@ def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bo
     return Step(call.input, moved, call.label, bool(_MAX_POOL.fullmatch(call.name)), refusal)
 
 
-Rule = Any  # (call, channels, known shape, other shape, toward_input) -> Channels | None
+#: (call, channels, known shape, other shape, toward_input) -> the channels on the other side
+Rule = Callable[[Call, Channels, tuple, tuple, bool], Channels | None]
 
 
 def _same(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
     return ch if tuple(known) == tuple(other) else None
 
 
-def _eval_dropout(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+def _eval_dropout(
+    call: Call, ch: Channels, known: tuple, other: tuple, back: bool
+) -> Channels | None:
     training = call.kwargs.get("training", call.kwargs.get("train"))
     if training is None and len(call.args) > 1:
         training = call.args[1]
@@ -135,7 +139,7 @@ def _view(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> C
     return carry_view(ch, known, other)
 
 
-def _permute(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+def _permute(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> Channels | None:
     perm = _permutation(call, len(known))
     if perm is None:
         return None
@@ -187,7 +191,9 @@ def _spatial(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -
     return ch
 
 
-def _pixel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+def _pixel_shuffle(
+    call: Call, ch: Channels, known: tuple, other: tuple, back: bool
+) -> Channels | None:
     """``pixel_shuffle``: input channel ``j`` goes to output channel ``j // r^2``;
     ``pixel_unshuffle``: output channel ``j`` comes from input channel ``j // r^2``."""
     if ch.axis != len(known) - 3 or len(known) != len(other):
@@ -205,7 +211,9 @@ def _pixel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back: b
     return None if index is None else Channels(ch.axis, index)
 
 
-def _channel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+def _channel_shuffle(
+    call: Call, ch: Channels, known: tuple, other: tuple, back: bool
+) -> Channels | None:
     """Output position ``k`` reads input channel ``(k % g) * (C / g) + k // g``."""
     groups = call.module.groups if call.module is not None else None
     if groups is None:
@@ -217,7 +225,9 @@ def _channel_shuffle(call: Call, ch: Channels, known: tuple, other: tuple, back:
     return Channels(1, gather(ch.index, inverse(reads) if back else reads))
 
 
-def _permute_channels(call: Call, ch: Channels, known: tuple, other: tuple, back: bool):
+def _permute_channels(
+    call: Call, ch: Channels, known: tuple, other: tuple, back: bool
+) -> Channels | None:
     """``index_select(x, dim, perm)``, ``x[:, perm]`` or ATen ``index`` with a stored
     permutation of the channels: output position ``k`` reads input channel ``perm[k]``."""
     perm = _stored_permutation(call, ch)
