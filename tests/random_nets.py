@@ -16,7 +16,7 @@ SIZE = 6
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "module", "residual", "fanout", "shared", "cat", "sum", "split", "branches"
+    kind: str  # "module", "residual", "fanout", "shared", "cat", "sum", "split", "branches", ...
     names: tuple[str, ...]
 
 
@@ -57,6 +57,13 @@ class RandomNet(nn.Module):
             elif step.kind == "branches":  # RepVGG-style: 3x3 + 1x1 + BN(x) (or x)
                 out = mods[0](x) + mods[1](x)
                 x = out + (mods[2](x) if len(mods) > 2 else x)
+            elif step.kind == "tokens":  # LeViT-style: Linear on tokens, BN1d over (B*N, C)
+                n, c, h, w = x.shape
+                tokens = mods[0](x.flatten(2).transpose(1, 2))
+                tokens = mods[1](tokens.flatten(0, 1)).reshape_as(tokens)
+                x = tokens.transpose(1, 2).reshape(n, c, h, w)
+            elif step.kind == "channels_last":  # ConvNeXt-style: BN, channels last, a Linear
+                x = mods[1](mods[0](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             else:  # fanout: the conv output feeds the BN and the add
                 y = mods[0](x)
                 x = mods[1](y) + y
@@ -171,6 +178,8 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
                     "sum",
                     "split",
                     "branches",
+                    "tokens",
+                    "channels_last",
                 ]
             )
         )
@@ -216,6 +225,12 @@ def random_nets(draw: st.DrawFn) -> RandomNet:
         elif kind == "branches":
             names = tuple(add("branch", module) for module in _branch_block(draw))
             steps.append(Step("branches", names))
+        elif kind == "tokens":
+            modules = (nn.Linear(CHANNELS, CHANNELS, bias=draw(st.booleans())), nn.BatchNorm1d(4))
+            steps.append(Step("tokens", tuple(add("tok", m) for m in modules)))
+        elif kind == "channels_last":
+            modules = (nn.BatchNorm2d(CHANNELS), nn.Linear(CHANNELS, CHANNELS))
+            steps.append(Step("channels_last", tuple(add("last", m) for m in modules)))
         elif convs:
             steps.append(Step("shared", (draw(st.sampled_from(convs)),)))
     net = RandomNet(layers, steps, tail=draw(st.booleans()))
