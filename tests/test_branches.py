@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from fold_checks import fold_fp64, precision_ratio, randomize, run
 from torch import nn
 
@@ -352,3 +353,21 @@ def test_a_branch_norm_that_runs_an_activation_keeps_the_block() -> None:
     result = fold_fp64(model, _input(2), folded=1, skipped=0)
     assert not result.plan.merges
     assert result.folded[0].pair.pattern == "conv→bn"
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation: the conv computes with a weight that is not its stored one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_branch_conv_with_its_own_forward_keeps_the_block() -> None:
+    """A BN-free branch whose conv overrides forward is no plain conv: the block is not merged
+    (the identity BN stays), whatever the merge would assume of its stored weight."""
+    model = _net(Branches([ConvBN(2, 8, 8, 3, padding=1), StdConv(8, 8, 1), nn.BatchNorm2d(8)]))
+    result = fold_fp64(model, _input(2), folded=1, skipped=1)
+    assert not result.plan.merges
+    assert result.skipped[0].bn == "0.branches.2"

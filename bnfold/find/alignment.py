@@ -18,7 +18,7 @@ from typing import Any
 
 from bnfold.find.functional import LAYER_ARGS, bound_args
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import LayerSite, padding_amount
+from bnfold.find.sites import LayerSite, padding_amount, per_dim
 from bnfold.records import SkipReason
 
 
@@ -200,11 +200,11 @@ def geometry(layer: LayerSite) -> Geometry:
         args = bound_args(layer.node, LAYER_ARGS[layer.node.target][1])
         stride, padding = args.get("stride", 1), args.get("padding", 0)
         dilation, mode = args.get("dilation", 1), "zeros"
-    dilation = _ints(dilation, len(kernel))
+    dilation = per_dim(dilation, len(kernel))
     return Geometry(
         name=layer.name,
         kernel=kernel,
-        stride=_ints(stride, len(kernel)),
+        stride=per_dim(stride, len(kernel)),
         padding=_side_padding(padding, kernel, dilation),
         dilation=dilation,
         groups=layer.view.groups,
@@ -212,12 +212,6 @@ def geometry(layer: LayerSite) -> Geometry:
         in_channels=layer.view.in_channels,
         out_channels=layer.view.out_channels,
     )
-
-
-def _ints(value: Any, n: int) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value) if len(value) == n else (int(value[0]),) * n
-    return (int(value),) * n
 
 
 def _side_padding(

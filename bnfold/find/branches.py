@@ -7,8 +7,7 @@ are and its identity BNs are skipped with the reason. Reads the graph, never cha
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
@@ -17,7 +16,6 @@ from bnfold.find.blocks import Block, find_blocks
 from bnfold.find.functional import fetch_attr
 from bnfold.find.pairing import Decisions, PlannedPair, norm_skip
 from bnfold.find.patterns import LayerKind, Refusal
-from bnfold.find.sharing import graph_sharing
 from bnfold.records import Branch, BranchKind, BranchMerge, Pair, Skip, SkipReason
 
 MERGED_PATTERN = "branches→conv"
@@ -69,14 +67,12 @@ def decide_branches(
     *,
     merge: bool,
     cannot_rewrite: str | None,
-    extra_uses: Counter | None = None,
 ) -> BranchDecisions:
     """Decide every block of ``gm`` given the pairing's ``decisions``: merge it when it aligns,
     ``merge`` is on and the graph may be rewritten (``cannot_rewrite`` None, else why not)."""
-    sharing = graph_sharing(gm, extra_uses)
     changes: dict[str, Outcome] = {}
     merges, notes, taken = [], [], set()
-    for block in find_blocks(gm, decisions.pairs, sharing, cannot_rewrite is None):
+    for block in find_blocks(decisions.context, decisions.pairs):
         result = _block_alignment(block)
         if isinstance(result, Refusal):
             notes.append(f"branches summed at {block.add.name} not merged: {result.detail}")
@@ -106,13 +102,11 @@ RECORDED = (
 )
 
 
-def recorded_decisions(gm: fx.GraphModule, decisions: Decisions, extra_uses: Counter) -> Decisions:
+def recorded_decisions(gm: fx.GraphModule, decisions: Decisions) -> Decisions:
     """``decisions`` of a recorded dataflow with the identity BNs of its blocks skipped
     (``SkipReason.NEEDS_GRAPH_REWRITE``): a recorded dataflow folds in the model as it is."""
-    branches = decide_branches(
-        gm, decisions, merge=True, cannot_rewrite=RECORDED, extra_uses=extra_uses
-    )
-    return Decisions(branches.outcomes, branches.notes)
+    branches = decide_branches(gm, decisions, merge=True, cannot_rewrite=RECORDED)
+    return replace(decisions, outcomes=branches.outcomes, notes=branches.notes)
 
 
 def _bn(outcome: PlannedPair | Skip) -> str:

@@ -35,7 +35,8 @@ from torch.nn.modules.padding import (
 from bnfold.find.functional import LAYER_ARGS, bound_args, is_layer_call
 from bnfold.find.guards import describe, is_metadata, trace_guarded
 from bnfold.find.patterns import LayerKind, Refusal
-from bnfold.find.sites import LayerSite, padding_amount, per_dim
+from bnfold.find.sites import LayerSite, input_of, nodes_in, padding_amount, per_dim
+from bnfold.find.skip_details import describe_node
 from bnfold.records import SkipReason
 
 _PAD_ARGS = ("input", "pad", "mode", "value")
@@ -83,7 +84,7 @@ def is_padded_conv_candidate(module: nn.Module) -> bool:
 def prove_custom_layer(site: LayerSite, example_args: tuple[Any, ...]) -> None:
     """For a layer whose class overrides forward: fill ``site.view`` and ``site.notes`` when its
     forward is proven to be pads then the plain convolution, else set ``site.problem``."""
-    lead = f"{site.name} ({site.type_name}) overrides forward"
+    lead = f"{site.label} overrides forward"
     if not is_padded_conv_candidate(site.module):
         site.problem = Refusal(
             SkipReason.UNSUPPORTED_FORWARD,
@@ -207,7 +208,7 @@ def _chain(gm: fx.GraphModule, value: Any, source: fx.Node) -> list[PadOp] | str
         if pad is None:
             return f"its convolution reads {_name(gm, value)}, which is not a pad of its input"
         pads.append(pad)
-        value = pad.node.args[0] if pad.node.args else pad.node.kwargs.get("input")
+        value = input_of(pad.node)
     return pads
 
 
@@ -236,7 +237,7 @@ def _padding(gm: fx.GraphModule, pads: list[PadOp], conv_padding: tuple[int, ...
     dependent = _value_dependent(gm)
     zero_pads = []
     for pad in pads:
-        if any(n in dependent for n in _nodes((pad.amounts, pad.value))):
+        if any(n in dependent for n in nodes_in((pad.amounts, pad.value))):
             return f"{_name(gm, pad.node)} pads by amounts that depend on tensor values"
         if pad.mode not in ("constant", "reflect", "replicate", "circular"):
             return f"{_name(gm, pad.node)} pads in mode {pad.mode!r}"
@@ -244,7 +245,7 @@ def _padding(gm: fx.GraphModule, pads: list[PadOp], conv_padding: tuple[int, ...
             continue
         if isinstance(pad.value, fx.Node) or pad.value not in (None, 0):
             return f"{_name(gm, pad.node)} pads with the constant {_concrete(pad.value)!r}, not 0"
-        if _nodes(pad.amounts) or any(_flat(pad.amounts)):
+        if nodes_in(pad.amounts) or any(_flat(pad.amounts)):
             zero_pads.append(pad)
     if not zero_pads:
         return PaddedForward(conv_padding, None, ())
@@ -262,12 +263,6 @@ def _value_dependent(gm: fx.GraphModule) -> set[fx.Node]:
         elif not is_metadata(node) and any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
     return dependent
-
-
-def _nodes(value: Any) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(value, found.append)
-    return found
 
 
 def _flat(value: Any) -> list[Any]:
@@ -295,11 +290,4 @@ def _is_tensor(node: fx.Node) -> bool:
 
 def _name(gm: fx.GraphModule, node: Any) -> str:
     """``mul``, ``static_padding (ZeroPad2d)``, or a literal's repr."""
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
-    if node.op in ("call_function", "call_method"):
-        op = getattr(node.target, "__name__", str(node.target))
-        return node.name if node.name.rstrip("_0123456789") == op else f"{node.name} ({op})"
-    return node.name
+    return describe_node(gm, node) if isinstance(node, fx.Node) else repr(node)

@@ -30,6 +30,7 @@ from bnfold.find.sites import (
     LayerSite,
     NormSite,
     has_stock_forward,
+    input_of,
     is_affine_candidate,
     module_layer,
     module_norm,
@@ -46,7 +47,6 @@ from bnfold.find.targets import (
     FoldTarget,
     conv_axis,
     duplicate_layers,
-    first_arg,
     fold_target,
     named,
     rank,
@@ -91,11 +91,13 @@ Outcome = PlannedPair | Skip
 
 @dataclass(frozen=True)
 class Decisions:
-    """Every norm call of one graph decided, in graph order, and the plan notes of refused
-    affine candidates (which are not batch norms, so not skips)."""
+    """Every norm call of one graph decided, in graph order, the plan notes of refused affine
+    candidates (which are not batch norms, so not skips), and what the pairing read of the
+    graph (its sites and their uses, for the passes after it)."""
 
     outcomes: tuple[Outcome, ...]
     notes: tuple[str, ...]
+    context: PairingContext
 
     @property
     def pairs(self) -> tuple[PlannedPair, ...]:
@@ -118,10 +120,11 @@ def decide(
     module tensors outside their module that the graph has no get_attr node for."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     layers = _layer_sites(gm, modules, kept)
-    context = _Context(gm, layers, graph_sharing(gm, extra_uses), allow_graph_rewrite)
-    outcomes = [context.decide(norm) for norm in _norm_sites(gm, kept, modules)]
-    outcomes, notes = affine_refusals_to_notes(outcomes)
-    decisions = Decisions(tuple(outcomes), tuple(notes))
+    norms = _norm_sites(gm, kept, modules)
+    sharing = graph_sharing(gm, extra_uses)
+    context = PairingContext(gm, layers, {n.out: n for n in norms}, sharing, allow_graph_rewrite)
+    outcomes, notes = affine_refusals_to_notes([context.decide(norm) for norm in norms])
+    decisions = Decisions(tuple(outcomes), tuple(notes), context)
     _check_unique_layers(decisions.pairs)
     return decisions
 
@@ -173,9 +176,13 @@ def affine_refusals_to_notes(outcomes: Sequence[Outcome]) -> tuple[list[Outcome]
 
 
 @dataclass
-class _Context:
+class PairingContext:
+    """One graph as the pairing reads it: its layer calls, its norm calls (by the node of their
+    output), who reads which node and tensor, and whether the graph may be rewritten."""
+
     gm: fx.GraphModule
     layers: dict[fx.Node, LayerSite]
+    norms: dict[fx.Node, NormSite]
     sharing: Sharing
     allow_graph_rewrite: bool
 
@@ -183,7 +190,7 @@ class _Context:
         if norm.problem is not None:
             return norm_skip(norm, norm.problem)
         affine = bn_affine(norm.params)
-        refusal = self._norm_refusal(norm, affine)
+        refusal = self.norm_conditions(norm, affine)
         if refusal is not None:
             return norm_skip(norm, refusal)
         after = self._try(norm, Position.AFTER, affine)
@@ -200,7 +207,9 @@ class _Context:
         detail = no_producer_detail(self.gm, self.layers, norm)
         return norm_skip(norm, Refusal(SkipReason.NO_PRODUCER, detail))
 
-    def _norm_refusal(self, norm: NormSite, affine: Affine) -> Refusal | None:
+    def norm_conditions(self, norm: NormSite, affine: Affine) -> Refusal | None:
+        """The norm is called once, unhooked, with tensors nothing else reads and finite
+        statistics (a functional norm: only where the graph may be rewritten)."""
         if norm.module is not None:
             if self.sharing.calls(norm.node) > 1:
                 return Refusal(
@@ -257,7 +266,7 @@ class _Context:
         the channel axis and count, then the pattern table's check."""
         for target, fold in zip(reached, folds, strict=True):
             layer, position = target.layer, fold.position
-            at = layer.node if position == Position.AFTER else first_arg(layer.node)
+            at = layer.node if position == Position.AFTER else input_of(layer.node)
             view = replace(layer.view, activation_rank=rank(at), channel_axis=target.channels.axis)
             refusal = (
                 _extra_between(norm, layer, position)
@@ -271,7 +280,7 @@ class _Context:
 
     def _layer_refusal(self, norm: NormSite, target: Target, position: Position) -> Refusal | None:
         layer = target.layer
-        refusal = self._layer_conditions(layer)
+        refusal = self.layer_conditions(layer)
         if refusal is not None:
             return refusal
         expected = layer.view.out_channels if position == Position.AFTER else layer.view.in_channels
@@ -284,7 +293,7 @@ class _Context:
             )
         return None
 
-    def _layer_conditions(self, layer: LayerSite) -> Refusal | None:
+    def layer_conditions(self, layer: LayerSite) -> Refusal | None:
         """The layer is used once, holds floating-point weights that nothing else reads, and
         computes what its class says."""
         if layer.module is not None and self.sharing.calls(layer.node) > 1:
@@ -322,25 +331,6 @@ class _Context:
         if layer.module is not None and has_hooks(layer.module):
             return Refusal(SkipReason.HOOKS, f"{layer.name} has forward hooks or pre-hooks")
         return None
-
-
-def layer_conditions(
-    gm: fx.GraphModule, sharing: Sharing, layer: LayerSite, allow_graph_rewrite: bool
-) -> Refusal | None:
-    """The conditions a layer meets for any fold (used once, float weights nothing else reads,
-    stock forward, no parametrization or hooks), or the refusal."""
-    return _Context(gm, {}, sharing, allow_graph_rewrite)._layer_conditions(layer)
-
-
-def norm_conditions(
-    gm: fx.GraphModule, sharing: Sharing, norm: NormSite, allow_graph_rewrite: bool
-) -> Refusal | None:
-    """The conditions a norm meets for any fold (statistics, not shared, no hooks, finite), or
-    the refusal."""
-    if norm.problem is not None:
-        return norm.problem
-    context = _Context(gm, {}, sharing, allow_graph_rewrite)
-    return context._norm_refusal(norm, bn_affine(norm.params))
 
 
 def norm_skip(

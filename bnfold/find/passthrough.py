@@ -28,6 +28,7 @@ from bnfold.find.channels import Channels, carry_view, gather, inverse, scatter_
 from bnfold.find.functional import fetch_attr
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
+from bnfold.find.sites import input_of
 from bnfold.records import SkipReason
 
 
@@ -56,31 +57,47 @@ class Step:
 
 def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
     """The op of ``node``, or None for a node that is not a call on a tensor."""
+    first = input_of(node)
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if not type(module).__module__.startswith("torch.nn"):
             return None  # a user module: its forward is not known
         name, args, kwargs = type(module).__name__, (), {}
         label = f"{node.target} ({name})"
-    elif node.op == "call_method":
-        module, name, args, kwargs = None, str(node.target), node.args[1:], dict(node.kwargs)
-        label = name
-    elif node.op == "call_function" and node.target is recorded_op:
-        module, name = None, str(node.meta["aten"]).split(".")[1]
-        recorded, kwargs = node.meta.get("aten_args", ((), {}))
-        args, label = tuple(recorded[1:]), name
-    elif node.op == "call_function":
-        packet = getattr(node.target, "overloadpacket", None)  # an ATen op
-        module, args, kwargs = None, node.args[1:], dict(node.kwargs)
-        name = getattr(packet or node.target, "__name__", "")
-        label = name
+    elif node.op in ("call_method", "call_function"):
+        module, name = None, op_name(node)
+        args, kwargs = call_arguments(node)
+        args, label = tuple(args[1:]), name
     else:
         return None
-    first = node.args[0] if node.args else None
-    if not isinstance(first, fx.Node):
+    if first is None:
         return None
-    args, kwargs = fx.node.map_arg((tuple(args), kwargs), lambda n: _stored(gm, n))
+    kwargs = {key: value for key, value in kwargs.items() if key != "input"}
+    args, kwargs = fx.node.map_arg((args, kwargs), lambda n: _stored(gm, n))
     return Call(name.lstrip("_"), first, args, kwargs, module, label)
+
+
+def op_name(node: fx.Node) -> str:
+    """The name of a method, function or ATen op call (``view``, ``add``, ``_unsafe_view``);
+    "" for any other node."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op != "call_function":
+        return ""
+    if node.target is recorded_op:  # a tensor made outside the recorded ops has no op
+        aten = node.meta.get("aten")
+        return str(aten).split(".")[1] if aten else ""
+    packet = getattr(node.target, "overloadpacket", None)  # an ATen op
+    return getattr(packet or node.target, "__name__", "")
+
+
+def call_arguments(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's positional and keyword arguments; a recorded ATen op's are in its meta (its
+    tensors as None, its node arguments are its distinct tensor inputs)."""
+    if node.target is recorded_op:
+        args, kwargs = node.meta.get("aten_args", ((), {}))
+        return tuple(args), dict(kwargs)
+    return tuple(node.args), dict(node.kwargs)
 
 
 def _stored(gm: fx.GraphModule, node: fx.Node) -> Any:

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 
 from bnfold.find.channels import Channels, start
-from bnfold.find.passthrough import Step, shape_of, step
+from bnfold.find.passthrough import Step, call_arguments, op_name, shape_of, step
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
-from bnfold.find.sites import LayerSite, NormSite
+from bnfold.find.sites import LayerSite, NormSite, input_of, nodes_in
 from bnfold.records import SkipReason
 
 MAX_STEPS = 512  # nodes one walk visits at most
@@ -110,7 +110,7 @@ class _Walk:
         if not self.visit():
             return False
         users = [u for u in node.users if _reads_value(u, node)]
-        layer_users = [u for u in users if u in self.layers and _reads_first(u, node)]
+        layer_users = [u for u in users if u in self.layers and input_of(u) is node]
         if len(users) != 1 or _uses(users[0], node) != 1:
             if layer_users:  # it feeds a layer, and something else too
                 self.targets.append(Target(self.layers[layer_users[0]], channels))
@@ -119,7 +119,7 @@ class _Walk:
             return False
         user = users[0]
         if user in self.layers:
-            if not _reads_first(user, node):
+            if input_of(user) is not node:
                 return False
             self.targets.append(Target(self.layers[user], channels))
             return True
@@ -194,7 +194,7 @@ _SPLITS = ("split", "chunk", "split_with_sizes")
 
 def _cat_inputs(node: fx.Node, channels: Channels) -> _Parts | None:
     """The inputs of a ``cat`` with the channels each holds."""
-    if _op_name(node) not in _CATS:
+    if op_name(node) not in _CATS:
         return None
     if node.target is recorded_op:  # the recorded node's inputs are its distinct tensors
         tensors, dim = node.args, _arg(node, 1, "dim", 0)
@@ -221,15 +221,23 @@ def _cat_inputs(node: fx.Node, channels: Channels) -> _Parts | None:
     return _Parts("cat", tuple(items))
 
 
+def is_sum(node: fx.Node) -> bool:
+    """A plain sum of two tensors: ``a + b``, ``torch.add``, ``Tensor.add`` or ATen ``add``,
+    with no ``alpha`` other than 1 and no ``out``."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target not in _ADDS and op_name(node) not in ("add", "add_"):
+        return False
+    kwargs = call_arguments(node)[1]
+    if set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+        return False
+    return len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args)
+
+
 def _addends(node: fx.Node, channels: Channels) -> _Parts | None:
     """The two addends of a sum of equal-shaped tensors; the first takes the shift."""
-    name = _op_name(node)
-    if node.target not in _ADDS and name not in ("add", "add_", "__add__", "__iadd__"):
-        return None
-    if len(node.args) != 2 or _arg(node, 2, "alpha", 1) != 1:
-        return None
     shape = shape_of(node)
-    if shape is None or not all(isinstance(a, fx.Node) and shape_of(a) == shape for a in node.args):
+    if not is_sum(node) or shape is None or any(shape_of(a) != shape for a in node.args):
         return None
     first, second = node.args
     return _Parts("add", ((first, channels, True), (second, channels, False)))
@@ -237,7 +245,7 @@ def _addends(node: fx.Node, channels: Channels) -> _Parts | None:
 
 def _split_pieces(node: fx.Node, channels: Channels) -> _Parts | None:
     """The pieces of a ``split``/``chunk`` (read through ``getitem``) with their channels."""
-    if _op_name(node) not in _SPLITS or node.target is recorded_op:
+    if op_name(node) not in _SPLITS or node.target is recorded_op:
         return None
     users = list(node.users)
     if not users or not all(
@@ -271,7 +279,7 @@ def _piece_sizes(node: fx.Node, channels: Channels) -> list[int] | None:
     """The sizes of the pieces when the split is along the channel axis, else None."""
     if _split_dim(node) != channels.axis:
         return None
-    name, arg, total = _op_name(node), _arg(node, 1, "split_size_or_sections", None), channels.size
+    name, arg, total = op_name(node), _arg(node, 1, "split_size_or_sections", None), channels.size
     if arg is None:
         arg = node.kwargs.get("chunks", node.kwargs.get("split_size"))
     if name == "chunk" and isinstance(arg, int) and arg > 0:
@@ -289,24 +297,9 @@ def _even(total: int, size: int) -> list[int]:
     return [min(size, total - first) for first in range(0, total, size)]
 
 
-def _op_name(node: fx.Node) -> str:
-    """The name of a function, method or ATen op call ("" for other nodes)."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op != "call_function":
-        return ""
-    if node.target is recorded_op:
-        return str(node.meta["aten"]).split(".")[1]
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet or node.target, "__name__", "")
-
-
 def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
-    """Argument ``position`` (after none: position 0 is the first argument) or keyword ``name``;
-    a recorded node's non-tensor arguments are in its meta."""
-    args, kwargs = node.args, node.kwargs
-    if node.target is recorded_op:
-        args, kwargs = node.meta.get("aten_args", ((), {}))
+    """Argument ``position`` (0: the first) or keyword ``name`` of a call."""
+    args, kwargs = call_arguments(node)
     if name in kwargs:
         return kwargs[name]
     return args[position] if len(args) > position else default
@@ -314,13 +307,7 @@ def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
 
 def _uses(user: fx.Node, node: fx.Node) -> int:
     """How many times ``user`` reads ``node`` among its arguments."""
-    return sum(1 for arg in _flat_nodes(user) if arg is node)
-
-
-def _flat_nodes(user: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg((user.args, user.kwargs), found.append)
-    return found
+    return sum(1 for arg in nodes_in((user.args, user.kwargs)) if arg is node)
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "sym_size", "sym_numel"}
@@ -330,7 +317,7 @@ _SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 
 def _reads_value(user: fx.Node, node: fx.Node) -> bool:
     """False when ``user`` reads only ``node``'s shape, dtype or device, which a fold keeps."""
-    args, name = user.args, _op_name(user)
+    args, name = user.args, op_name(user)
     if name in _SHAPE_METHODS and args[0] is node:
         return node in args[1:]
     if name in _SHAPE_OF_ARGUMENT:
@@ -338,8 +325,3 @@ def _reads_value(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_function" and user.target is getattr and args[0] is node:
         return args[1] not in _SHAPE_ATTRIBUTES
     return True
-
-
-def _reads_first(node: fx.Node, value: fx.Node) -> bool:
-    """Whether ``node`` reads ``value`` as its first (input) argument."""
-    return (node.args[0] if node.args else node.kwargs.get("input")) is value

@@ -91,7 +91,7 @@ def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
     decisions = decide(
         recording.module, recording.kept, allow_graph_rewrite, extra_uses=recording.outside_uses
     )
-    decisions = recorded_decisions(recording.module, decisions, recording.outside_uses)
+    decisions = recorded_decisions(recording.module, decisions)
     loose = [_loose_skip(norm) for norm in recording.loose_norms]
     outcomes: dict[str, Outcome] = {}
     occurrences: Counter = Counter()

@@ -70,6 +70,11 @@ class LayerSite:
         return self.view.kind
 
     @property
+    def label(self) -> str:
+        """``conv1 (Conv2d)``: the layer as skip details name it."""
+        return f"{self.name} ({self.type_name})"
+
+    @property
     def layout(self) -> Layout:
         return Layout(self.view.groups, self.kind == LayerKind.CONV_TRANSPOSE)
 
@@ -77,6 +82,20 @@ class LayerSite:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor the fold would rewrite."""
         return tuple(t for t in (self.weight, self.bias) if t is not None)
+
+
+def input_of(node: fx.Node) -> fx.Node | None:
+    """The node a call reads as its first (input) argument, given by position or as
+    ``input=``; None when that is not a node."""
+    value = node.args[0] if node.args else node.kwargs.get("input")
+    return value if isinstance(value, fx.Node) else None
+
+
+def nodes_in(value: Any) -> list[fx.Node]:
+    """Every node in a call's arguments (nested lists, tuples, dicts), repeats kept."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return found
 
 
 def is_stock_norm(module: nn.Module) -> bool:

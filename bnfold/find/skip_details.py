@@ -10,21 +10,21 @@ from torch import nn
 
 from bnfold.find.passthrough import passes_through
 from bnfold.find.patterns import Refusal
-from bnfold.find.sites import LayerSite, NormSite
+from bnfold.find.sites import LayerSite, NormSite, input_of
 from bnfold.records import SkipReason
 
 
 def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSite) -> str:
     """What the norm reads and feeds, naming each op (e.g. ``1 (ReLU)``), and the layer
     behind a single consumer when there is one (BN → ReLU → Conv)."""
-    source = _describe(gm, norm.input) if norm.input is not None else "nothing"
+    source = describe_node(gm, norm.input) if norm.input is not None else "nothing"
     users = list(norm.out.users)
-    feeds = ", ".join(_describe(gm, u) for u in users) or "nothing"
+    feeds = ", ".join(describe_node(gm, u) for u in users) or "nothing"
     text = f"{norm.name} reads {source} and feeds {feeds}"
     behind = [layers[v] for v in users[0].users if v in layers] if users else []
     if len(users) == 1 and behind:
         text += (
-            f"; {_describe(gm, users[0])} sits between it and {behind[0].name}, so "
+            f"; {describe_node(gm, users[0])} sits between it and {behind[0].name}, so "
             "there is no adjacent layer to fold into"
         )
     return text
@@ -40,13 +40,13 @@ def non_affine_between(
     if len(users) == 1 and _blocks(gm, users[0], norm.out):
         op = users[0]
         behind = [layers[v] for v in op.users if v in layers]
-        if len(op.users) == 1 and behind and _reads_first(next(iter(op.users)), op):
-            return _between(gm, op, f"{norm.name} feeds", f"which feeds {_layer(behind[0])}")
+        if len(op.users) == 1 and behind and input_of(next(iter(op.users))) is op:
+            return _between(gm, op, f"{norm.name} feeds", f"which feeds {behind[0].label}")
     op = norm.input
     if op is not None and len(op.users) == 1 and op.all_input_nodes:
         source = op.all_input_nodes[0]
         if source in layers and len(source.users) == 1 and _blocks(gm, op, source):
-            text = f"{_layer(layers[source])} feeds"
+            text = f"{layers[source].label} feeds"
             return _between(gm, op, text, f"which feeds {norm.name}")
     return None
 
@@ -62,26 +62,19 @@ def _blocks(gm: fx.GraphModule, op: fx.Node, value: fx.Node) -> bool:
 def _between(gm: fx.GraphModule, op: fx.Node, before: str, after: str) -> Refusal:
     return Refusal(
         SkipReason.NON_AFFINE_BETWEEN,
-        f"{before} {_describe(gm, op)}, {after}; that op is not a per-channel affine map, so "
+        f"{before} {describe_node(gm, op)}, {after}; that op is not a per-channel affine map, so "
         "the batch norm has no adjacent layer to fold into",
     )
 
 
-def _layer(layer: LayerSite) -> str:
-    return f"{layer.name} ({layer.type_name})"
-
-
-def _reads_first(node: fx.Node, value: fx.Node) -> bool:
-    return (node.args[0] if node.args else node.kwargs.get("input")) is value
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node as a detail names it: ``the input 'x'``, ``act (ReLU)``, ``mul``, ``add_3 (add)``."""
     if node.op == "placeholder":
         return f"the input '{node.name}'"
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         return f"{node.target} ({type(module).__name__})"
-    if node.op == "call_function":  # the op's name: relu, aten.relu.default...
+    if node.op in ("call_function", "call_method"):  # the op's name: relu, aten.relu.default...
         op = node.meta.get("aten") or getattr(node.target, "__name__", None) or node.target
         op = str(op).removeprefix("aten.").removesuffix(".default")
         if node.name.rstrip("_0123456789") != op.rstrip("_"):

@@ -76,14 +76,9 @@ def named(layer: LayerSite, refusal: Refusal | None) -> Refusal | None:
     """A pattern check's refusal, its detail led by the layer it refused."""
     if refusal is None:
         return None
-    return Refusal(refusal.reason, f"{layer.name} ({layer.type_name}): {refusal.detail}")
+    return Refusal(refusal.reason, f"{layer.label}: {refusal.detail}")
 
 
 def rank(node: fx.Node | None) -> int:
     shape = node.meta.get("bnfold_shape") if node is not None else None
     return len(shape) if shape is not None else -1
-
-
-def first_arg(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, fx.Node) else None
