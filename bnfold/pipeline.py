@@ -167,14 +167,11 @@ def process(
 def _find_or_fold(model: nn.Module, inputs: tuple[Any, ...], job: Job, report: Report) -> Report:
     """The plan (and, with ``job.fold``, the folded model) and the BN kernels one forward runs
     before and after folding (without folding: after is before when the model is exported)."""
-    merge = job.merge_branches
+    folder = functools.partial(fold, merge_branches=job.merge_branches)
+    finder = functools.partial(find_pairs, merge_branches=job.merge_branches)
     with count_find_forward() as original:
-        if job.fold:
-            result = _first_forward(functools.partial(fold, merge_branches=merge), model, inputs)
-        else:
-            result = None
-        find = functools.partial(find_pairs, merge_branches=merge)
-        plan = result.plan if result else _first_forward(find, model, inputs)
+        result = _first_forward(folder, model, inputs) if job.fold else None
+        plan = result.plan if result else _first_forward(finder, model, inputs)
     before = original.count
     if before is None:  # the dataflow was recorded, not read from a checked trace
         before = count_bn_kernels(model, inputs)

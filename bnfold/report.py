@@ -286,6 +286,9 @@ def render_markdown(report: Report) -> str:
     notes = _notes(report)
     if notes:
         lines += ["", *(f"- note: {note}" for note in notes)]
+    merges = _merge_rows(report)
+    if merges:
+        lines += ["", *(f"- merged: {text}" for _, text in merges)]
     for o in report.outputs:
         lines += ["", f"Wrote `{o.path}` ({_output_detail(o)}{_output_notes(o)})."]
     if report.dry_run:

@@ -82,3 +82,12 @@ def test_text_report_lists_the_merged_blocks(capsys, factory):
     assert caught.value.code == 0
     assert "0.dense.0→0.dense.1 + 0.one.0→0.one.1 + 0.identity → 0.merged (Conv2d 3x3)" in out
     assert "branches→conv" in out
+
+
+def test_markdown_report_lists_the_merged_blocks(capsys, factory, tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        main(["inspect", factory, "--input-shape", "2x8x9x9", "--markdown", "report.md"])
+    assert caught.value.code == 0, capsys.readouterr().err
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "- merged: 0.dense.0→0.dense.1 + 0.one.0→0.one.1 + 0.identity → 0.merged" in text
+    assert "branches→conv" in text

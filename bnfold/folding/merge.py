@@ -57,7 +57,7 @@ def merge_branches(
     bias = torch.zeros(shape.out_channels, dtype=torch.float64, device=device)
     for term in terms:
         if term.weight is None:
-            kernel, term_bias = identity_kernel(term.affine, shape, device), _identity_bias(term)
+            kernel, term_bias = _identity_kernel(term.affine, shape, device), _identity_bias(term)
         else:
             kernel, term_bias = _folded(term, shape.groups)
         where = tuple(
@@ -81,7 +81,7 @@ def _folded(term: BranchTerm, groups: int) -> tuple[Tensor, Tensor]:
     return folded.weight, folded.bias
 
 
-def identity_kernel(affine: Affine | None, shape: MergedShape, device: torch.device) -> Tensor:
+def _identity_kernel(affine: Affine | None, shape: MergedShape, device: torch.device) -> Tensor:
     """``[C, C/g, 1, ...]``: output channel ``c`` reads input channel ``c`` times ``s_c`` (1
     without a norm); the caller places it at the centre tap."""
     channels, per_group = shape.out_channels, shape.in_channels // shape.groups

@@ -27,7 +27,7 @@ def merge_blocks(gm: fx.GraphModule, merges: Sequence[PlannedMerge]) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
     for merge in merges:
         block = merge.block
-        gm.add_submodule(merge.record.conv, merged_conv(merge))
+        gm.add_submodule(merge.record.conv, _merged_conv(merge))
         with gm.graph.inserting_before(block.add):
             source = replaced.get(block.input, block.input)
             call = gm.graph.call_module(merge.record.conv, (source,))
@@ -37,7 +37,7 @@ def merge_blocks(gm: fx.GraphModule, merges: Sequence[PlannedMerge]) -> None:
         _delete_branch_modules(gm, merge)
 
 
-def merged_conv(merge: PlannedMerge) -> nn.Module:
+def _merged_conv(merge: PlannedMerge) -> nn.Module:
     """The new conv of a block, in eval mode, with the dtype and device of its branch convs."""
     alignment = merge.alignment
     like = merge.block.convs[0].layer.weight

@@ -48,7 +48,8 @@ def fold(
     extra_inputs: Sequence[Any] = (),
     merge_branches: bool = True,
 ) -> FoldResult:
-    """Fold every foldable batch norm of ``model`` into its neighbouring layer.
+    """Fold every foldable batch norm of ``model`` into the layers it reaches (next to it, or
+    through the ops ``find_pairs`` follows).
 
     Returns a ``FoldResult`` whose ``model`` computes the eval-mode function of ``model`` with
     the folded norms removed (plain BN modules become ``nn.Identity``, layers gain a bias;
