@@ -168,6 +168,53 @@ def test_a_clean_pt2_still_loads_and_computes_the_same(clean, no_unsafe_loaders)
     assert not no_unsafe_loaders
 
 
+class _TokensLinearBN(nn.Module):
+    """LeViT's Linear -> flatten(0, 1) -> BatchNorm1d: a dynamic batch B gives sizes B*N."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 12, bias=False)
+        self.bn = nn.BatchNorm1d(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class _StridedConvBN(nn.Module):
+    """A stride-2 conv: dynamic H and W give sizes and strides that are expressions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+DERIVED_SIZES = {
+    "tokens": (_TokensLinearBN, (2, 7, 6), (0,)),
+    "strided": (_StridedConvBN, (2, 3, 9, 9), (0, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", DERIVED_SIZES)
+def test_a_pt2_whose_dynamic_sizes_are_expressions_loads(tmp_path, name, no_unsafe_loaders):
+    """Sizes derived from dynamic dims are stored as sympy arithmetic (``Mul(Integer(7),
+    Symbol('s77', ...))``): plain expressions, not code."""
+    build, shape, dims = DERIVED_SIZES[name]
+    x = torch.randn(*shape)
+    dynamic = ({d: torch.export.Dim.AUTO for d in dims},)
+    program = torch.export.export(build().eval(), (x,), dynamic_shapes=dynamic)
+    path = tmp_path / f"{name}.pt2"
+    torch.export.save(program, path)
+    loaded = load_model(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), program.module()(x))
+    assert not no_unsafe_loaders
+
+
 def test_members_torch_never_reads_are_ignored_not_unpickled(clean, tmp_path):
     marker = tmp_path / "MARKER"
     entries = read_members(clean)

@@ -38,8 +38,9 @@ _SAFE_CALLABLES = frozenset(
 )
 # Names a symbolic-shape expression may call or use (sympy and torch's sympy functions).
 _SYMPY_CALLS = frozenset(
-    """Symbol Integer Float Rational Max Min Eq Ne Lt Le Gt Ge And Or Not Mod Abs floor ceiling
-    sqrt Piecewise FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt CeilDiv
+    """Symbol Integer Float Rational Add Mul Pow Max Min Eq Ne Lt Le Gt Ge And Or Not Mod Abs
+    floor ceiling sqrt Piecewise FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt
+    FloorToInt CeilDiv
     LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv TruncToFloat TruncToInt
     RoundToInt RoundDecimal ToFloat Identity BitwiseFn_bitwise_and BitwiseFn_bitwise_or
     IsNonOverlappingAndDenseIndicator""".split()
