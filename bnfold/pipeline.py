@@ -312,7 +312,7 @@ def check_paths(job: Job, model_output: Path | None) -> None:
     sources = [NamedPath(role, path) for role, spec in reads.items() if (path := spec_path(spec))]
     targets = [NamedPath(role, path, written=not job.dry_run) for role, path in outputs.items()]
     for role, path in job.reports:
-        if path is not None and not (role == "--json" and path == "-"):  # '-': stdout
+        if path is not None and not (role in ("--json", "--markdown") and path == "-"):  # stdout
             targets.append(NamedPath(role, Path(path)))
     plan_paths(sources, targets, overwrite=job.force)
 

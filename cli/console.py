@@ -26,11 +26,21 @@ def run_job(job: Any, quiet: bool = False) -> None:
     from bnfold.pipeline import run
 
     files = dict(job.reports)
-    with stdout_to_stderr(files.get("--json") == "-"):
-        report = run(job, hooks(quiet=quiet or files.get("--json") == "-"))
+    piped = stdout_report(files) is not None
+    with stdout_to_stderr(piped):
+        report = run(job, hooks(quiet=quiet or piped))
     emit(report, files, quiet=quiet, force=job.force)
     if report.verification is not None:
         require_passed(report.verification)
+
+
+def stdout_report(files: dict[str, str | None]) -> str | None:
+    """The report option given ``-`` (stdout), if any: ``--json`` or ``--markdown``; both at
+    once is a usage error."""
+    piped = [option for option in ("--json", "--markdown") if files.get(option) == "-"]
+    if len(piped) > 1:
+        raise click.UsageError("--json - and --markdown - both write to stdout; give one a file")
+    return piped[0] if piped else None
 
 
 def hooks(quiet: bool = False) -> Any:
@@ -117,13 +127,14 @@ def emit(
 
     if rank() != 0:
         return
+    renderers = {"--json": ("JSON", render_json), "--markdown": ("Markdown", render_markdown)}
     with written_before_failure(report.written), stage("Writing the report", spinner=False):
-        if files.get("--json") == "-":
-            click.echo(render_json(report), nl=False)
+        piped = stdout_report(files)
+        if piped is not None:
+            click.echo(renderers[piped][1](report), nl=False)
         elif not quiet:
             tty = sys.stdout.isatty()
             click.echo(render_text(report, width=text_width(tty), color=tty), nl=False)
-        renderers = {"--json": ("JSON", render_json), "--markdown": ("Markdown", render_markdown)}
         for option, (kind, render) in renderers.items():
             path = files.get(option)
             if path and path != "-":

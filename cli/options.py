@@ -236,7 +236,7 @@ def model_options(command: Callable) -> Callable:
             "markdown_path",
             metavar="FILE",
             default=None,
-            help="Also write the report as Markdown to FILE.",
+            help="Also write the report as Markdown to FILE ('-' for stdout, instead of the text).",
         ),
         DEBUG,
     )(command)

@@ -140,6 +140,14 @@ def test_dry_run_and_json_to_stdout_write_no_model(tmp_path, capsys, pt2):
     assert not (tmp_path / "model.folded.pt2").exists()
 
 
+def test_markdown_to_stdout_is_the_markdown_alone(tmp_path, capsys, pt2):
+    code, out, _ = run(capsys, "inspect", pt2, "--markdown", "-")
+    assert code == 0 and out.startswith("### bnfold inspect") and "\n| " in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "userpkg"]
+    code, out, err = run(capsys, "inspect", pt2, "--markdown", "-", "--json", "-")
+    assert code == 2 and "both write to stdout" in err and not out
+
+
 def test_dry_run_notes_an_existing_output_instead_of_refusing(tmp_path, capsys, pt2):
     existing = tmp_path / "model.folded.pt2"
     existing.write_bytes(b"keep me")

@@ -134,3 +134,19 @@ def test_loaded_exported_program_module_folds(tmp_path) -> None:
     result = bnfold.fold(loaded, x)
     assert bnfold.count_bn_kernels(result.model, x) == 0
     assert rel_error(run(model, x), run(result.model, x)) < 1e-5
+
+
+def test_a_torch_export_program_is_folded_as_its_module() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    result = bnfold.fold(program, x)
+    assert len(result.folded) == 1 and "took the program's module" in result.plan.notes[0]
+    assert len(bnfold.find_pairs(program, x).pairs) == 1
+    assert bnfold.count_bn_kernels(program, x) == 1
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5)
+    with pytest.raises(bnfold.UsageError, match="no module to update"):
+        bnfold.recalibrate(program, [x])

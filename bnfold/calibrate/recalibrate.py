@@ -115,6 +115,12 @@ def recalibrate(
 
 
 def _check_arguments(model: nn.Module, batches: int | None) -> None:
+    if isinstance(model, torch.export.ExportedProgram):
+        raise UsageError(
+            "recalibrate updates a module's statistics and a torch.export program has no module "
+            "to update; recalibrate the eager module before exporting, or load the .pt2 with "
+            "bnfold.load_model and recalibrate loaded.model"
+        )
     if not isinstance(model, nn.Module):
         raise UsageError(f"recalibrate needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):

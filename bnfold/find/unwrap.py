@@ -2,9 +2,10 @@
 
 Wrappers are taken off before analysis: ``torch.compile`` results (``OptimizedModule``, the
 module is ``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``),
-nested in any order. ``fold`` returns the folded *inner* module: an inference model needs no
-data-parallel wrapper, re-wrapping a ``DistributedDataParallel`` would run a collective on every
-rank, and a compiled module must be compiled again after its weights and modules change. With
+nested in any order; a ``torch.export.ExportedProgram`` is taken as its module, layers rebuilt.
+``fold`` returns the folded *inner* module: an inference model needs no data-parallel wrapper,
+re-wrapping a ``DistributedDataParallel`` would run a collective on every rank, and a compiled
+module must be compiled again after its weights and modules change. With
 ``inplace=True`` the wrapper still holds the (now folded) inner module; a compiled wrapper then
 recompiles on its next call.
 """
@@ -13,12 +14,19 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
+
+from bnfold.io.program_module import module_from_program
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
-    """The module inside any wrappers, and one note per wrapper taken off."""
+    """The module inside any wrappers, and one note per wrapper taken off. A torch.export
+    program becomes a module with its layers rebuilt, as a loaded ``.pt2`` file does."""
     notes = []
+    if isinstance(model, torch.export.ExportedProgram):
+        model, rebuilt = module_from_program(model)
+        notes += ["took the program's module: the folded model is a new module", *rebuilt]
     # OptimizedModule if torch.compile was used in this process (importing dynamo costs seconds)
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     while True:
