@@ -109,6 +109,7 @@ class SkipReason(str, enum.Enum):
     MAX_POOL_SIGN = "max_pool_sign"
     BRANCHES_MISALIGNED = "branches_misaligned"
     BRANCH_MERGE_OFF = "branch_merge_off"
+    IN_PLACE_WRITE = "in_place_write"
 
     @property
     def label(self) -> str:
@@ -234,6 +235,12 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
         "branch merge off",
         "the BN sits on parallel branches that merge into one conv; fold with "
         "merge_branches=True (drop --no-merge-branches) to fold it",
+    ),
+    SkipReason.IN_PLACE_WRITE: (
+        "input written in place",
+        "an op writes in place into the BN's input (or a branch block's input) before the layer "
+        "reads it; folded, the layer would read the changed values. Make that op out of place "
+        "(inplace=False, x = x + y) to fold",
     ),
 }
 

@@ -228,7 +228,7 @@ MISALIGNED = {
         {"padding": 1, "stride": 5},
         {"padding": 2, "stride": 5, "identity": False},
         (11, 11),
-        "does not sit inside",
+        "does not sit centred",
     ),
     "padding_mode": ({"padding": 1, "padding_mode": "reflect"}, {}, (9, 9), "padding_mode"),
     "identity_stride2": ({"padding": 1, "stride": 2}, {"stride": 2}, (1, 1), "stride 1"),
@@ -371,3 +371,76 @@ def test_a_branch_conv_with_its_own_forward_keeps_the_block() -> None:
     result = fold_fp64(model, _input(2), folded=1, skipped=1)
     assert not result.plan.merges
     assert result.skipped[0].bn == "0.branches.2"
+
+
+class ReflectPadConv(nn.Conv2d):
+    """Declares ``padding=1`` but reflect-pads by 1 itself and convolves unpadded: a proven
+    pads-then-conv forward whose padding is not the module's zero padding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, [1, 1, 1, 1], mode="reflect")
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0)
+
+
+def test_a_branch_conv_that_pads_in_its_forward_keeps_the_block() -> None:
+    """Merging builds a plain zero-padded conv from the branches' declared geometry: a branch
+    whose forward pads for itself (TF "same", reflect) would lose its padding. Its BN still
+    folds into it (a pad before the conv does not change a fold after it)."""
+    block = Branches([ConvBN(2, 8, 8, 1), nn.BatchNorm2d(8)])
+    block.branches.insert(0, ConvBN(2, 8, 8, 3, padding=1))
+    block.branches[0].conv = ReflectPadConv(8, 8, 3, padding=1, bias=False)
+    model = _net(block)
+    result = fold_fp64(model, _input(2), folded=2, skipped=1)
+    assert not result.plan.merges
+    assert result.skipped[0].reason == SkipReason.BRANCHES_MISALIGNED
+    assert "0.branches.0.conv (ReflectPadConv) has its own forward" in result.skipped[0].detail
+
+
+class OffCentre(nn.Module):
+    """Stride 2: a 3x3 conv padded by 1 and a 2x2 conv unpadded. Their outputs agree in size on
+    even inputs (the 2x2 kernel fits at offset 1) and differ on odd ones, where the sum
+    broadcasts a 1x1 output."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.a = ConvBN(2, c, c, 3, stride=2, padding=1)
+        self.b = ConvBN(2, c, c, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_off_centre_branches_are_not_merged_and_stay_exact_on_other_sizes() -> None:
+    model = randomize(OffCentre()).double().eval()
+    result = _kept(model, torch.randn(2, 8, 8, 8, dtype=torch.float64), [], folded=2)
+    assert any("does not sit centred" in note for note in result.plan.notes)
+    small = torch.randn(1, 8, 3, 3, dtype=torch.float64)  # branch outputs 2x2 and 1x1
+    assert torch.allclose(run(result.model, small), run(model, small), rtol=1e-10, atol=1e-12)
+
+
+class WrittenBlockInput(nn.Module):
+    """RepVGG branches on x, with x changed in place between their reads and the sum (the
+    merged conv, reading x at the sum, would read the changed values)."""
+
+    def __init__(self, after_branches: bool) -> None:
+        super().__init__()
+        self.block = repvgg()
+        self.after_branches = after_branches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        a, b, identity = self.block.branches
+        if self.after_branches:  # then x joins the sum as a plain identity
+            total = a(x) + b(x) + identity(x)
+            x.mul_(3.0)
+            return total + x
+        first = a(x)
+        F.relu(x, inplace=True)  # the later branches read relu(x)
+        return first + b(x) + identity(x)
+
+
+@pytest.mark.parametrize("after_branches", [False, True])
+def test_a_block_whose_input_is_written_in_place_is_not_merged(after_branches: bool) -> None:
+    model = randomize(WrittenBlockInput(after_branches))
+    result = _kept(model, _input(2), [SkipReason.IN_PLACE_WRITE], folded=2)
+    assert "writes in place into the block's input" in result.skipped[0].detail

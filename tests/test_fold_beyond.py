@@ -426,3 +426,60 @@ def test_paths_that_multiply_are_not_followed_forever() -> None:
     plan = bnfold.find_pairs(model, torch.randn(2, 4, 3, 3))
     assert time.perf_counter() - started < 30
     assert [s.bn for s in plan.skipped] == ["bn"]
+
+
+@torch.fx.wrap
+def mean(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
+    """A user function named like ``torch.mean`` that is not an average."""
+    return x.abs().mean(dim)
+
+
+class NamedLikeTorch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(mean(self.bn(x), (2, 3)))
+
+
+def test_a_user_function_named_like_a_torch_op_is_not_followed() -> None:
+    result = fold_fp64(randomize(NamedLikeTorch()), torch.randn(2, 4, 5, 5), folded=0, skipped=1)
+    assert result.skipped[0].reason == SkipReason.NON_AFFINE_BETWEEN
+
+
+class MeanOfEverything(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x).mean(dim=[]).expand(2, 4))
+
+
+def test_a_mean_over_every_dim_is_not_followed() -> None:
+    fold_fp64(randomize(MeanOfEverything()), torch.randn(5, 4), folded=0, skipped=1)
+
+
+class ChannelsLastBySize(nn.Module):
+    """BN2d -> reshape(N, -1, C) -> Linear(C): channels last only where H = W = 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x).reshape(x.shape[0], -1, 4))
+
+
+def test_a_view_proven_only_through_size_1_dims_is_not_followed() -> None:
+    """On a 1x1 example the reshape keeps each channel whole; on 2x2 it does not (the model
+    runs on both). The proof from sizes cannot tell, so the BN stays."""
+    model = randomize(ChannelsLastBySize())
+    result = fold_fp64(model, torch.randn(2, 4, 1, 1), folded=0, skipped=1)
+    assert result.skipped[0].reason == SkipReason.INPUT_DEPENDENT
+    assert "without size-1 dims" in result.skipped[0].detail
+    fold_fp64(model, torch.randn(2, 4, 2, 2), folded=0, skipped=1)

@@ -143,10 +143,6 @@ def _efficientnet_stem() -> nn.Module:
     )
 
 
-def _bn_before_reflect() -> nn.Module:
-    return _seq(nn.BatchNorm2d(3), ReflectSameConv(3, 6, 3, stride=2), nn.BatchNorm2d(6))
-
-
 def _bn_before_zero_shift() -> nn.Module:
     model = _seq(nn.BatchNorm2d(3), TfSameConv(3, 6, 3, stride=2), nn.BatchNorm2d(6))
     _zero_shift(model[0])
@@ -155,7 +151,6 @@ def _bn_before_zero_shift() -> nn.Module:
 
 FOLDS = {
     "efficientnet_stem": (_efficientnet_stem, 3),
-    "bn_before_reflect_same_conv": (_bn_before_reflect, 2),
     "bn_before_zero_padded_with_zero_shift": (_bn_before_zero_shift, 2),
     "tf_same_dilated": (lambda: _seq(TfSameConv(3, 6, 3, dilation=2), nn.BatchNorm2d(6)), 1),
 }
@@ -243,10 +238,15 @@ STAYS = {
         SkipReason.ZERO_PADDING,
         "1 (TfSameConv): its forward zero-pads its input (pad by [1, 1, 1, 1])",
     ),
+    "bn_before_reflect_same_conv": (  # reflect pads on 9x9; another size may take another path
+        lambda: _seq(nn.BatchNorm2d(3), ReflectSameConv(3, 6, 3, stride=2)),
+        SkipReason.ZERO_PADDING,
+        "decides from the input's size how to pad",
+    ),
     "bn_before_same_conv_that_pads_on_other_sizes": (  # k=2, s=2: no pad on 8x8, one on 9x9
         lambda: _seq(nn.BatchNorm2d(3), DynamicSameConv(3, 6, 2, stride=2)),
         SkipReason.ZERO_PADDING,
-        "decides from the input's size whether to pad",
+        "decides from the input's size how to pad",
     ),
     "bn_before_static_zero_pad": (
         lambda: _seq(nn.BatchNorm2d(3), StaticSameConv(3, 6, 3, stride=2)),

@@ -174,6 +174,30 @@ class AfterAdd(nn.Module):
         return self.bn(self.conv(x) + x)
 
 
+class WrittenInput(nn.Module):
+    """bn(h), then an in-place ReLU on h before conv reads bn's output: folded, bn is an
+    identity and conv would read relu(h)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.side = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        y = self.bn(h)
+        side = self.side(F.relu(h, inplace=True))
+        return self.conv(y) + side
+
+
+def _hooked_pool() -> nn.Module:
+    """BN -> AvgPool2d -> Conv, the pool hooked with a ReLU on its output."""
+    model = _seq(nn.BatchNorm2d(3), nn.AvgPool2d(2), nn.Conv2d(3, 4, 1))
+    model[1].register_forward_hook(lambda module, args, output: F.relu(output))
+    return model
+
+
 def _seq(*layers: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*layers).eval())
 
@@ -279,6 +303,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
         X4,
         SkipReason.NON_AFFINE_BETWEEN,
     ),
+    "bn_input_written_in_place": (
+        lambda: randomize(WrittenInput()),
+        X4,
+        SkipReason.IN_PLACE_WRITE,
+    ),
+    "hooked_op_between": (_hooked_pool, X3, SkipReason.HOOKS),
 }
 
 # What blocks the fold (the module, op or tensor), as the skip's detail must name it.
@@ -308,6 +338,8 @@ BLOCKING_OP = {
     "bn_act_subclass_first_layer": "runs act (ReLU) after its batch norm, between the norm and 1",
     "conv_act_bn_last_layer": "0 (Conv2d) feeds 1 (GELU), which feeds 2",
     "bn_functional_act_conv": "feeds relu, which feeds conv (Conv2d)",
+    "bn_input_written_in_place": "relu writes in place into bn's input before conv (Conv2d)",
+    "hooked_op_between": "0 feeds 1 (AvgPool2d), which feeds 2 (Conv2d); that module has hooks",
 }
 
 
@@ -382,3 +414,68 @@ def test_residual_network_folds_everything_except_fan_out() -> None:
     result = fold_fp64(model, torch.randn(*X4), folded=2, skipped=1)
     assert {f.pair.bn for f in result.folded} == {"1.bn1", "1.bn2"}
     assert result.skipped[0].bn == "0.bn"
+
+
+class Writes(nn.Module):
+    """bn(h), then ``write`` changes h (or a view of it) before conv reads bn's output."""
+
+    def __init__(self, write: Callable[[torch.Tensor], None], module: nn.Module | None = None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.write = write
+        self.act = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        y = self.bn(h)
+        if self.act is not None:
+            self.act(h)
+        else:
+            self.write(h)
+        return self.conv(y)
+
+
+def _add_into(h: torch.Tensor) -> None:
+    h += 1.0
+
+
+def _set_item(h: torch.Tensor) -> None:
+    h[:, 0] = 3.0
+
+
+WRITES = {
+    "method": (lambda h: h.mul_(3.0), None),
+    "operator": (_add_into, None),
+    "view": (lambda h: h.view(2, -1).clamp_(min=0.0), None),
+    "positional_inplace": (lambda h: F.relu(h, True), None),
+    "setitem": (_set_item, None),
+    "out": (lambda h: torch.mul(h, 2.0, out=h), None),
+    "module": (None, nn.ReLU(inplace=True)),
+}
+
+
+@pytest.mark.parametrize("name", WRITES)
+def test_a_write_into_the_bn_input_keeps_the_bn(name: str) -> None:
+    """Every form of in-place write, directly or through a view, between the BN and the layer
+    reading its output keeps the BN (folded, the layer would read the written values)."""
+    write, module = WRITES[name]
+    model = randomize(Writes(write, module))
+    result = fold_fp64(model, torch.randn(*X4), folded=0, skipped=1)
+    assert result.skipped[0].reason == SkipReason.IN_PLACE_WRITE
+
+
+def test_a_write_after_the_layer_read_does_not_block_the_fold() -> None:
+    class After(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x * 2
+            out = self.conv(self.bn(h))
+            h.relu_()
+            return out + h
+
+    fold_fp64(randomize(After()), torch.randn(*X4), folded=1, skipped=0)

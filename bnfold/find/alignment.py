@@ -3,11 +3,13 @@
 Branch ``i`` (kernel ``k_i``, padding ``p_i``, stride ``s``, dilation ``d``) reads input position
 ``o*s - p_i + d*j`` for its tap ``j``. One conv with kernel ``K`` and padding ``P`` reads
 ``o*s - P + d*J``; so branch ``i``'s kernel fits at offset ``(P - p_i) / d`` in the merged kernel
-when that is a whole number in ``[0, K - k_i]`` (centred kernels with "same"-style padding always
-fit). Both convs zero-pad, so a tap outside the input reads zero in either. ``P`` is the padding
-of the branches with the largest kernel, which must agree. An identity branch is a unit tap at
-``P / d`` (stride 1, as many output channels as input channels). Pure geometry: no graph, no
-weights (``geometry`` reads a conv's from its site).
+when that is a whole number, and it must be the centred one, ``(K - k_i) / 2``: only then is the
+branch's output size that of the merged conv at every input size (``2p - d(k - 1)`` equal; an
+off-centre branch with stride > 1 agrees on some sizes only, and a sum broadcasts on others).
+Both convs zero-pad, so a tap outside the input reads zero in either. ``P`` is the padding of the
+branches with the largest kernel, which must agree. An identity branch is a unit tap at ``P / d``,
+which must be the centre (stride 1, as many output channels as input channels). Pure geometry:
+no graph, no weights (``geometry`` reads a conv's from its site).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def align(convs: Sequence[Geometry], identity: str | None) -> Alignment | Refusa
         if offset is None:
             return _misaligned(
                 f"{conv.name}'s kernel {conv.kernel} with padding {conv.padding} does not sit "
-                f"inside the {kernel} kernel with padding {padding}: its taps would move"
+                f"centred in the {kernel} kernel with padding {padding}: its taps would move, "
+                "or its output size would differ at other input sizes"
             )
         offsets.append(offset)
     centre = None
@@ -155,7 +158,9 @@ def _offset(
         if conv.kernel[dim] == size and shift == 0:
             offset.append(0)
             continue
-        if shift % dilation[dim] or not 0 <= shift // dilation[dim] <= size - conv.kernel[dim]:
+        # centred, or the branch's output size differs from the merged conv's at some input
+        # sizes (with stride > 1 they agree on some, where a sum may broadcast)
+        if shift % dilation[dim] or 2 * (shift // dilation[dim]) != size - conv.kernel[dim]:
             return None
         offset.append(shift // dilation[dim])
     return tuple(offset)
@@ -180,7 +185,7 @@ def _centre(
         )
     centre = tuple(p // d for p, d in zip(padding, dilation, strict=True))
     if any(p % d for p, d in zip(padding, dilation, strict=True)) or any(
-        c >= k for c, k in zip(centre, kernel, strict=True)
+        2 * c != k - 1 for c, k in zip(centre, kernel, strict=True)
     ):
         return _misaligned(
             f"identity branch {identity} has no tap in the {kernel} kernel with padding "

@@ -16,6 +16,9 @@ from bnfold.find.blocks import Block, find_blocks
 from bnfold.find.functional import fetch_attr
 from bnfold.find.pairing import Decisions, PlannedPair, norm_skip
 from bnfold.find.patterns import LayerKind, Refusal
+from bnfold.find.sites import has_stock_forward
+from bnfold.find.skip_details import describe_node
+from bnfold.find.writes import first_write
 from bnfold.records import Branch, BranchKind, BranchMerge, Pair, Skip, SkipReason
 
 MERGED_PATTERN = "branches→conv"
@@ -73,7 +76,7 @@ def decide_branches(
     changes: dict[str, Outcome] = {}
     merges, notes, taken = [], [], set()
     for block in find_blocks(decisions.context, decisions.pairs):
-        result = _block_alignment(block)
+        result = _unwritten(gm, block) or _block_alignment(block)
         if isinstance(result, Refusal):
             notes.append(f"branches summed at {block.add.name} not merged: {result.detail}")
         elif not merge:
@@ -113,12 +116,33 @@ def _bn(outcome: PlannedPair | Skip) -> str:
     return outcome.bn if isinstance(outcome, Skip) else outcome.record.bn
 
 
+def _unwritten(gm: fx.GraphModule, block: Block) -> Refusal | None:
+    """The merged conv reads the block's input at the sum: no op between the branches' first
+    read and the sum may write into it in place (``bnfold.find.writes``)."""
+    writer = first_write(gm, block.input, block.input, block.add, frozenset(block.chain))
+    if writer is None:
+        return None
+    return Refusal(
+        SkipReason.IN_PLACE_WRITE,
+        f"{describe_node(gm, writer)} writes in place into the block's input "
+        f"{block.input.name} before the sum {block.add.name}; one merged conv reading it at the "
+        "sum would read the changed values",
+    )
+
+
 def _block_alignment(block: Block) -> Alignment | Refusal:
     for branch in block.convs:
-        if branch.layer.kind == LayerKind.CONV_TRANSPOSE:
+        layer = branch.layer
+        if layer.kind == LayerKind.CONV_TRANSPOSE:
             return Refusal(
                 SkipReason.BRANCHES_MISALIGNED,
-                f"{branch.layer.name} is a ConvTranspose; only Conv branches merge",
+                f"{layer.name} is a ConvTranspose; only Conv branches merge",
+            )
+        if layer.module is not None and not has_stock_forward(layer.module):
+            return Refusal(
+                SkipReason.BRANCHES_MISALIGNED,
+                f"{layer.label} has its own forward (it may pad at run time); only plain conv "
+                "branches merge",
             )
     identity = [b for b in block.branches if b.kind in (BranchKind.BN, BranchKind.IDENTITY)]
     name = None

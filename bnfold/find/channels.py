@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,3 +95,27 @@ def _candidates(shape: Sequence[int], size: int) -> list[int]:
     """Axes to try, those of the channels' own size first (a plain move of the axis)."""
     axes = [b for b in range(len(shape)) if shape[b] > 1 or size == 1]
     return sorted(axes, key=lambda b: shape[b] != size)
+
+
+#: Views to sizes given as numbers: what they do to the channels is read from the sizes alone.
+SIZED_VIEWS = {"view", "reshape", "unsafe_view"}
+
+
+def general_view(
+    sizes: Sequence[Any], in_shape: tuple, out_shape: tuple, axes: tuple[int, int]
+) -> bool:
+    """Whether a view to ``sizes`` (its arguments after the input) does to the channels (at
+    input axis ``axes[0]``, output axis ``axes[1]``) what the example shows at any size.
+    Without size-1 dims the sizes prove it;
+    with them, only a view that keeps the channel axis and every dim before it and infers
+    (``-1``) no size before the channel axis: ``x.view(n, -1)`` on ``(n, c, 1, 1)`` merges
+    ``c`` with what follows at any size, while ``x.reshape(-1, c)`` on ``(n, c, 1)`` is another
+    view once that 1 grows."""
+    if 1 not in in_shape and 1 not in out_shape:
+        return True
+    axis, out_axis = axes
+    if axis != out_axis or tuple(in_shape[:axis]) != tuple(out_shape[:axis]):
+        return False
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):  # view((n, -1))
+        sizes = sizes[0]
+    return all(index >= axis for index, size in enumerate(sizes) if size == -1)

@@ -173,12 +173,14 @@ def _may_write(node: fx.Node) -> bool:
         return False
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     name = str(name)
-    in_place = (name.endswith("_") and not name.startswith("_")) or node.target in _IN_PLACE
+    in_place = (
+        name.endswith("_") and not name.startswith("_")
+    ) or node.target in IN_PLACE_OPERATORS
     return in_place or node.kwargs.get("inplace") is True or "out" in node.kwargs
 
 
 #: Python's in-place operators (item assignment torch already counts as impure).
-_IN_PLACE = frozenset(
+IN_PLACE_OPERATORS = frozenset(
     {
         operator.iadd,
         operator.isub,

@@ -11,7 +11,10 @@ where each pad is a zero (or reflect/replicate/circular) pad whose amounts depen
 and the convolution reads the module's own ``weight`` and ``bias`` with its stride, dilation and
 groups (padding 0 or its own). Anything else is refused, naming the op that is not understood.
 A zero pad counts as padding whatever its amount on the example: the amount is computed at run
-time, and a forward that decides from the input's size whether to pad may pad on another size.
+time, and a forward that decides from the input's size whether (or how) to pad may zero-pad on
+another size, whatever it did on the example. The proof holds for the path the example takes: a
+forward that computes something other than pads and its convolution on another size is outside
+it (the plan's notes name every decision the trace took on the input's size).
 """
 
 from __future__ import annotations
@@ -123,10 +126,10 @@ def _prove(module: _ConvNd, example_args: tuple[Any, ...]) -> PaddedForward | st
     proof = _read_graph(traced.module, module)
     if isinstance(proof, str):
         return proof
-    if proof.zero_pad is None and traced.guards and not _pads(traced.module):
+    if proof.zero_pad is None and traced.guards:  # another size may take another path
         guard = describe(traced.guards[0])
         proof = replace(
-            proof, zero_pad=f"its forward decides from the input's size whether to pad ({guard})"
+            proof, zero_pad=f"its forward decides from the input's size how to pad ({guard})"
         )
     return replace(proof, notes=traced.notes)
 

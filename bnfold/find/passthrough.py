@@ -24,10 +24,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.channels import Channels, carry_view, gather, inverse, scatter_unique
+from bnfold.find.channels import (
+    SIZED_VIEWS,
+    Channels,
+    carry_view,
+    gather,
+    general_view,
+    inverse,
+    scatter_unique,
+)
 from bnfold.find.functional import fetch_attr
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
+from bnfold.find.sharing import has_hooks
 from bnfold.find.sites import input_of
 from bnfold.records import SkipReason
 
@@ -60,8 +69,8 @@ def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
     first = input_of(node)
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        if not type(module).__module__.startswith("torch.nn"):
-            return None  # a user module: its forward is not known
+        if not type(module).__module__.startswith("torch.nn") or has_hooks(module):
+            return None  # a user module, or a hook that may change its output: not known
         name, args, kwargs = type(module).__name__, (), {}
         label = f"{node.target} ({name})"
     elif node.op in ("call_method", "call_function"):
@@ -79,7 +88,8 @@ def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
 
 def op_name(node: fx.Node) -> str:
     """The name of a method, function or ATen op call (``view``, ``add``, ``_unsafe_view``);
-    "" for any other node."""
+    "" for any other node, and for a function torch or ``operator`` does not define (a user's
+    ``torch.fx.wrap``-ped ``mean`` is not ``torch.mean``)."""
     if node.op == "call_method":
         return str(node.target)
     if node.op != "call_function":
@@ -88,7 +98,20 @@ def op_name(node: fx.Node) -> str:
         aten = node.meta.get("aten")
         return str(aten).split(".")[1] if aten else ""
     packet = getattr(node.target, "overloadpacket", None)  # an ATen op
-    return getattr(packet or node.target, "__name__", "")
+    target = packet or node.target
+    return getattr(target, "__name__", "") if _from_library(target) else ""
+
+
+def _from_library(target: Any) -> bool:
+    """A function of torch (a ``torch.*`` function, a Tensor method, an ATen op) or of the
+    ``operator`` module."""
+    if getattr(target, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase):
+        return True
+    home = getattr(target, "__module__", None) or ""
+    return home.split(".")[0] in _LIBRARIES
+
+
+_LIBRARIES = {"torch", "_operator", "operator"}
 
 
 def call_arguments(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -132,6 +155,14 @@ def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bo
     if moved is None:
         return None
     refusal = _avg_padding_refusal(call) if _AVG_POOL.fullmatch(call.name) else None
+    axes = (moved.axis, channels.axis) if toward_input else (channels.axis, moved.axis)
+    if call.name in SIZED_VIEWS and not general_view(call.args, in_shape, out_shape, axes):
+        refusal = Refusal(
+            SkipReason.INPUT_DEPENDENT,
+            f"{call.label} turns {tuple(in_shape)} into {tuple(out_shape)}: where it puts the "
+            "channels is proven from sizes, and a size-1 dim fits many views, so the proof may "
+            "hold at this input size only; fold with an example input without size-1 dims",
+        )
     return Step(call.input, moved, call.label, bool(_MAX_POOL.fullmatch(call.name)), refusal)
 
 
@@ -189,6 +220,8 @@ def _mean(call: Call, ch: Channels, known: tuple, other: tuple, back: bool) -> C
         return None
     rank = len(other) if back else len(known)
     dims = {d % rank for d in ((dims,) if isinstance(dims, int) else dims)}
+    if not dims:  # mean(dim=[]) averages over every dim
+        return None
     kept = [a for a in range(rank) if a not in dims or keepdim]
     position = {a: (a if keepdim else kept.index(a)) for a in range(rank) if a not in dims}
     if back:
@@ -275,7 +308,7 @@ def _stored_permutation(call: Call, ch: Channels) -> torch.Tensor | None:
     return index if torch.equal(index.sort().values, torch.arange(ch.size)) else None
 
 
-_IDENTITY = {
+IDENTITY_OPS = {
     "Identity",
     "Dropout",
     "Dropout1d",
@@ -288,8 +321,8 @@ _IDENTITY = {
     "detach",
     "alias",
 }
-_DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout"}
-_VIEWS = {
+DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout"}
+VIEW_OPS = {
     "view",
     "reshape",
     "unsafe_view",
@@ -302,7 +335,9 @@ _VIEWS = {
     "view_as",
     "reshape_as",
 }
-_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "T"}
+
+
+PERMUTE_OPS = {"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "T"}
 _AVG_POOL = re.compile(r"avg_pool[123]d|AvgPool[123]d")
 _MAX_POOL = re.compile(r"(adaptive_)?max_pool[123]d(_with_indices)?|(Adaptive)?MaxPool[123]d")
 _SPATIAL = re.compile(
@@ -312,13 +347,13 @@ _SPATIAL = re.compile(
 
 
 def _rule(name: str) -> Rule | None:
-    if name in _IDENTITY:
+    if name in IDENTITY_OPS:
         return _same
-    if name in _DROPOUT:
+    if name in DROPOUT_OPS:
         return _eval_dropout
-    if name in _VIEWS:
+    if name in VIEW_OPS:
         return _view
-    if name in _PERMUTES:
+    if name in PERMUTE_OPS:
         return _permute
     if name == "mean":
         return _mean

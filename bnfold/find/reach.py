@@ -26,6 +26,8 @@ from bnfold.find.passthrough import Step, call_arguments, op_name, shape_of, ste
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
 from bnfold.find.sites import LayerSite, NormSite, input_of, nodes_in
+from bnfold.find.skip_details import describe_node
+from bnfold.find.writes import first_write
 from bnfold.records import SkipReason
 
 MAX_STEPS = 512  # nodes one walk visits at most
@@ -178,7 +180,27 @@ def producers(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSi
 def consumers(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSite) -> Reach | None:
     """The layers ``norm`` folds into from before them, or None when no walk reaches one."""
     walk = _Walk(gm, layers)
-    return walk.result(walk.forward(norm.out, start(norm.params.num_features)), backward=False)
+    reached = walk.forward(norm.out, start(norm.params.num_features))
+    if reached and norm.input is not None:
+        _refuse_writes(gm, walk, norm)
+    return walk.result(reached, backward=False)
+
+
+def _refuse_writes(gm: fx.GraphModule, walk: _Walk, norm: NormSite) -> None:
+    """Folded, the norm is an identity: the layers read its input, which no op before the
+    last of them may write into (``bnfold.find.writes``)."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    last = max((t.layer for t in walk.targets), key=lambda layer: order[layer.node])
+    writer = first_write(gm, norm.input, norm.node, last.node)
+    if writer is not None:
+        walk.refuse(
+            Refusal(
+                SkipReason.IN_PLACE_WRITE,
+                f"{describe_node(gm, writer)} writes in place into {norm.name}'s input before "
+                f"{last.label} reads {norm.name}'s output; folded, the layer would read the "
+                "changed values",
+            )
+        )
 
 
 @dataclass(frozen=True)

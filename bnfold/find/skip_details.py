@@ -10,6 +10,7 @@ from torch import nn
 
 from bnfold.find.passthrough import passes_through
 from bnfold.find.patterns import Refusal
+from bnfold.find.sharing import has_hooks
 from bnfold.find.sites import LayerSite, NormSite, input_of
 from bnfold.records import SkipReason
 
@@ -60,6 +61,12 @@ def _blocks(gm: fx.GraphModule, op: fx.Node, value: fx.Node) -> bool:
 
 
 def _between(gm: fx.GraphModule, op: fx.Node, before: str, after: str) -> Refusal:
+    if op.op == "call_module" and has_hooks(gm.get_submodule(str(op.target))):
+        return Refusal(
+            SkipReason.HOOKS,
+            f"{before} {describe_node(gm, op)}, {after}; that module has hooks, which may change "
+            "its output, so the batch norm cannot move across it",
+        )
     return Refusal(
         SkipReason.NON_AFFINE_BETWEEN,
         f"{before} {describe_node(gm, op)}, {after}; that op is not a per-channel affine map, so "
