@@ -119,7 +119,7 @@ def _bn(outcome: PlannedPair | Skip) -> str:
 def _unwritten(gm: fx.GraphModule, block: Block) -> Refusal | None:
     """The merged conv reads the block's input at the sum: no op between the branches' first
     read and the sum may write into it in place (``bnfold.find.writes``)."""
-    writer = first_write(gm, block.input, block.input, block.add, frozenset(block.chain))
+    writer = first_write(gm, block.input, block.input, {block.add}, frozenset(block.chain))
     if writer is None:
         return None
     return Refusal(

@@ -8,6 +8,7 @@ call node's arguments are read by name. Statistics, weights and biases must be s
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -165,18 +166,51 @@ def erase_dead_code(graph: fx.Graph) -> None:
 
 
 def _may_write(node: fx.Node) -> bool:
-    """A module call, an in-place op (``add_``, ``inplace=True``, ``out=``), an item assignment,
-    or whatever torch itself calls impure."""
+    """A module call, an in-place op (``writes_first_input``), ``out=``, an item assignment, or
+    whatever torch itself calls impure."""
     if node.op == "call_module" or node.is_impure():
         return True
+    return writes_first_input(node) or "out" in node.kwargs
+
+
+def writes_first_input(node: fx.Node) -> bool:
+    """A method or function call that writes into its first input: an in-place method or ATen
+    op (``add_``, ``aten.relu_``), a Python in-place operator, or ``inplace=True`` by keyword or
+    by position (``F.relu(x, True)``)."""
     if node.op not in ("call_method", "call_function"):
         return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    name = str(name)
-    in_place = (
-        name.endswith("_") and not name.startswith("_")
-    ) or node.target in IN_PLACE_OPERATORS
-    return in_place or node.kwargs.get("inplace") is True or "out" in node.kwargs
+    if node.target in IN_PLACE_OPERATORS or _inplace_argument(node) is True:
+        return True
+    name = _call_name(node)
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _call_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    aten = node.meta.get("aten")  # a recorded ATen op
+    if aten is not None:
+        return str(aten).split(".")[1]
+    target = getattr(node.target, "overloadpacket", None) or node.target
+    return str(getattr(target, "__name__", ""))
+
+
+def _inplace_argument(node: fx.Node) -> object:
+    """The ``inplace`` argument of a call, by keyword or by position."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"]
+    names = _parameters(node.target) if node.op == "call_function" else ()
+    if "inplace" in names and names.index("inplace") < len(node.args):
+        return node.args[names.index("inplace")]
+    return None
+
+
+@functools.cache
+def _parameters(target: object) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return ()
 
 
 #: Python's in-place operators (item assignment torch already counts as impure).

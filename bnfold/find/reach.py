@@ -189,16 +189,15 @@ def consumers(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], norm: NormSi
 def _refuse_writes(gm: fx.GraphModule, walk: _Walk, norm: NormSite) -> None:
     """Folded, the norm is an identity: the layers read its input, which no op before the
     last of them may write into (``bnfold.find.writes``)."""
-    order = {node: index for index, node in enumerate(gm.graph.nodes)}
-    last = max((t.layer for t in walk.targets), key=lambda layer: order[layer.node])
-    writer = first_write(gm, norm.input, norm.node, last.node)
+    layers = {target.layer.node: target.layer for target in walk.targets}
+    writer = first_write(gm, norm.input, norm.node, layers)
     if writer is not None:
         walk.refuse(
             Refusal(
                 SkipReason.IN_PLACE_WRITE,
                 f"{describe_node(gm, writer)} writes in place into {norm.name}'s input before "
-                f"{last.label} reads {norm.name}'s output; folded, the layer would read the "
-                "changed values",
+                f"{', '.join(layer.label for layer in layers.values())} reads {norm.name}'s "
+                "output; folded, the layer would read the changed values",
             )
         )
 

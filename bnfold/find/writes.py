@@ -12,13 +12,12 @@ as a write: torch.fx traces ``x += y`` as ``x + y``.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import operator
+from collections.abc import Collection
 
 import torch.fx as fx
 
-from bnfold.find.functional import IN_PLACE_OPERATORS
+from bnfold.find.functional import writes_first_input
 from bnfold.find.passthrough import DROPOUT_OPS, IDENTITY_OPS, PERMUTE_OPS, VIEW_OPS, op_name
 from bnfold.find.sites import input_of, nodes_in
 
@@ -63,20 +62,21 @@ def first_write(
     gm: fx.GraphModule,
     value: fx.Node,
     after: fx.Node,
-    before: fx.Node,
+    readers: Collection[fx.Node],
     ignore: frozenset[fx.Node] = frozenset(),
 ) -> fx.Node | None:
-    """The first node strictly between ``after`` and ``before`` (in graph order, which is the
+    """The first node after ``after`` and before the last of ``readers`` (in graph order, the
     order the forward runs), other than those in ``ignore``, that may write into ``value`` or a
     view of it in place."""
     views = _views_of(gm, value)
-    between = False
-    for node in gm.graph.nodes:
-        if node is before:
-            return None
-        if between and node not in ignore and _writes_into(gm, node, views):
+    waiting = set(readers)
+    node = after.next
+    while waiting and node.op != "root":
+        if node in waiting:
+            waiting.discard(node)
+        elif node not in ignore and _writes_into(gm, node, views):
             return node
-        between = between or node is after
+        node = node.next
     return None
 
 
@@ -104,7 +104,7 @@ def _may_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
     if _in_place(gm, node):  # returns the tensor it wrote into
         return True
     name = _name(gm, node)
-    return not name or name.lstrip("_") in ALIASING or name in ALIASING
+    return not name or name.lstrip("_") in ALIASING
 
 
 def _writes_into(gm: fx.GraphModule, node: fx.Node, views: set[fx.Node]) -> bool:
@@ -116,30 +116,8 @@ def _writes_into(gm: fx.GraphModule, node: fx.Node, views: set[fx.Node]) -> bool
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A call that writes into its first input."""
+    """A call that writes into its first input (a module with ``inplace=True``, or a call
+    ``writes_first_input`` names)."""
     if node.op == "call_module":
         return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
-    if node.op not in ("call_method", "call_function"):
-        return False
-    if node.target in IN_PLACE_OPERATORS or _inplace_argument(node) is True:
-        return True
-    name = op_name(node) or str(getattr(node.target, "__name__", ""))
-    return name.endswith("_") and not name.startswith("_")
-
-
-def _inplace_argument(node: fx.Node) -> object:
-    """The ``inplace`` argument of a function call, by keyword or by position."""
-    if "inplace" in node.kwargs:
-        return node.kwargs["inplace"]
-    names = _parameters(node.target) if node.op == "call_function" else ()
-    if "inplace" in names and names.index("inplace") < len(node.args):
-        return node.args[names.index("inplace")]
-    return None
-
-
-@functools.cache
-def _parameters(target: object) -> tuple[str, ...]:
-    try:
-        return tuple(inspect.signature(target).parameters)
-    except (TypeError, ValueError):  # a builtin without a signature
-        return ()
+    return writes_first_input(node)
