@@ -245,6 +245,11 @@ def _pt2_attacks(marker: Path) -> dict:
             if "expr_str" in value:
                 value["expr_str"] = f"{code} or {value['expr_str']}"
 
+    def inside_arithmetic(program: dict) -> None:  # Add/Mul/Pow are allowed calls
+        for value in _walk_dicts(program):
+            if "expr_str" in value:
+                value["expr_str"] = f"Mul(Add({code}, 1), Pow('{code}', 2))"
+
     def guard(program: dict) -> None:
         program["guards_code"] = [f"{code} == 0"]
 
@@ -261,6 +266,7 @@ def _pt2_attacks(marker: Path) -> dict:
     return {
         "pickled sample inputs": dict(members=pickled_sample_inputs),
         "shape expression": dict(program=expression),
+        "code inside arithmetic": dict(program=inside_arithmetic),
         "guard code": dict(program=guard),
         "pickled weight": dict(members=pickled_weight),
         "foreign call": dict(program=foreign_call),
