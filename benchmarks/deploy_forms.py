@@ -1,6 +1,7 @@
 """Hand-written deploy forms of the models in ``benchmarks/blocks.py``: the same function with
-every foldable batch norm already folded, each RepVGG block one 3x3 conv + ReLU. This is the
-physical limit a fold can reach; ``fold_bench`` times bnfold's folded model against it.
+every foldable batch norm already folded, each RepVGG block one 3x3 conv + ReLU (a module per
+block, as RepVGG's own converter leaves it). This is the physical limit a fold can reach;
+``fold_bench`` times bnfold's folded model against it.
 
 Every converter computes the new weights in float64 from the original's eval-mode batch norms
 and rounds once to the original's dtype. With ``s = gamma / sqrt(var + eps)`` and
@@ -91,17 +92,29 @@ def _linear_like(linear: nn.Linear) -> nn.Linear:
 # ------------------------------------------------------------------------------------- RepVGG
 
 
+class RepVGGBlockDeploy(nn.Module):
+    """A block in its deploy form, as RepVGG's own converter leaves it: one conv, then ReLU."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x))
+
+
 class RepVGGDeploy(nn.Module):
-    """Each block one 3x3 conv + ReLU; the same pooling and head."""
+    """Each block one 3x3 conv + ReLU (still a module per block); the same pooling and head."""
 
     def __init__(self, convs: list[nn.Conv2d], fc: nn.Linear) -> None:
         super().__init__()
-        self.body = nn.Sequential(*(m for conv in convs for m in (conv, nn.ReLU())))
+        self.blocks = nn.Sequential(*(RepVGGBlockDeploy(conv) for conv in convs))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.body(x)), 1))
+        return self.fc(torch.flatten(self.pool(self.blocks(x)), 1))
 
 
 def merge_repvgg_block(block: RepVGGBlock) -> nn.Conv2d:

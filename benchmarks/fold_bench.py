@@ -7,10 +7,11 @@ of folded vs original), and eager CPU latency of the original vs bnfold's folded
 
 The models of ``benchmarks/blocks.py`` (RepVGG branches, MixConv concat, LeViT Linear-BN on
 tokens, a final BN before pooling and the head) also have a hand-written deploy form
-(``benchmarks/deploy_forms.py``): every foldable BN folded, each RepVGG block one conv. A second
-table gives, for those, the BN kernels left by bnfold and by the deploy form, the deploy form's
-fp64 error against the original (it must be exact, or the deploy form is wrong), and the eager
-latency of original, folded and deploy form timed together; folded/deploy is the gap left.
+(``benchmarks/deploy_forms.py``): every foldable BN folded, each RepVGG block one conv module
+(as RepVGG's own converter leaves it). A second table gives, for those, the BN kernels left by
+bnfold and by the deploy form, the deploy form's fp64 error against the original (it must be
+exact, or the deploy form is wrong), and the eager latency of original, folded and deploy form
+timed together; folded/deploy is the gap left.
 
     python benchmarks/fold_bench.py [--repeat 7] [--json out.json]
 """
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if deploy_table:
         print(
             "\nAgainst the hand-written deploy form (every foldable BN folded by hand, each RepVGG "
-            "block one conv; bnfold with its defaults). Latency: median of "
+            "block one conv module with its ReLU, as RepVGG's converter leaves it; bnfold with its "
+            "defaults). Latency: median of "
             "interleaved repetitions of original, folded and deploy form, same input.\n"
         )
         print(deploy_table)
