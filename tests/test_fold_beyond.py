@@ -99,6 +99,18 @@ class CatOfOne(nn.Module):
         return self.bn(torch.cat([self.conv(x)], dim=1))
 
 
+class NormThenCatOfOne(nn.Module):
+    """The same after a BN: the cat of one tensor between a BN and the conv it folds into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.bn(x)], dim=1))
+
+
 class MixConv(nn.Module):
     """MixNet's mixed-kernel depthwise conv: channel groups, kernels 3/5/7, cat, one BN."""
 
@@ -130,7 +142,10 @@ class TwoPathStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.a(x), self.b(x)
-        y = torch.cat([a, b], 1) if self.combine == "cat" else a + b
+        if self.combine == "cat_axis":  # torch's NumPy-style keyword
+            y = torch.cat([a, b], axis=1)
+        else:
+            y = torch.cat([a, b], 1) if self.combine == "cat" else a + b
         out = self.bn(y)
         return out + a.sum() if self.extra else out
 
@@ -138,14 +153,16 @@ class TwoPathStem(nn.Module):
 class SplitAfterNorm(nn.Module):
     """BN, then chunk along channels, each piece into its own conv."""
 
-    def __init__(self, padding: int = 0) -> None:
+    def __init__(self, padding: int = 0, from_end: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(8)
         self.left = nn.Conv2d(4, 5, 3 if padding else 1, padding=padding)
         self.right = nn.Conv2d(4, 5, 1)
+        self.from_end = from_end  # the second piece read as pieces[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        left, right = self.bn(x).chunk(2, dim=1)
+        pieces = self.bn(x).chunk(2, dim=1)
+        left, right = (pieces[0], pieces[-1]) if self.from_end else pieces
         return torch.cat([self.left(left), self.right(right)], 1)
 
 
@@ -232,9 +249,12 @@ FOLDS: dict[str, tuple[Fixture, int]] = {  # fixture, BNs folded (none left)
     "bn_channels_last_linear": (_module(ChannelsLast, (2, 8, 3, 4)), 1),
     "mixconv_cat_bn": (_module(MixConv, (2, 12, 9, 9)), 1),
     "cat_of_one_bn": (_module(CatOfOne, (2, 4, 7, 7)), 1),
+    "bn_cat_of_one_conv": (_module(NormThenCatOfOne, (2, 4, 7, 7)), 1),
     "stem_cat_bn": (_module(lambda: TwoPathStem("cat"), (2, 3, 8, 8)), 1),
+    "stem_cat_axis_bn": (_module(lambda: TwoPathStem("cat_axis"), (2, 3, 8, 8)), 1),
     "stem_sum_bn": (_module(lambda: TwoPathStem("sum"), (2, 3, 8, 8)), 1),
     "bn_chunk_convs": (_module(SplitAfterNorm, (2, 8, 7, 7)), 1),
+    "bn_chunk_convs_from_end": (_module(lambda: SplitAfterNorm(from_end=True), (2, 8, 7, 7)), 1),
 }
 
 
@@ -346,7 +366,8 @@ class _Gated(nn.Module):
         return self.inner(x)
 
 
-RECORDED = sorted(set(FOLDS) - {"bn_chunk_convs"})  # a recorded split is one node: refused
+# a recorded split is one node: refused
+RECORDED = sorted(set(FOLDS) - {"bn_chunk_convs", "bn_chunk_convs_from_end"})
 
 
 @pytest.mark.parametrize("name", RECORDED)
@@ -370,15 +391,15 @@ def test_exported_programs_fold_the_same(name: str) -> None:
 class Permuted(nn.Module):
     """A stored channel permutation between a layer and a norm, by indexing or index_select."""
 
-    def __init__(self, norm_first: bool, perm: list[int], select: bool) -> None:
+    def __init__(self, norm_first: bool, perm: list[int], select: bool, dim: int = 1) -> None:
         super().__init__()
-        self.norm_first, self.select = norm_first, select
+        self.norm_first, self.select, self.dim = norm_first, select, dim
         self.register_buffer("perm", torch.tensor(perm))
         self.conv = nn.Conv2d(6, 6, 1) if norm_first else nn.Conv2d(4, 6, 3)
         self.bn = nn.BatchNorm2d(6)
 
     def permute(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.index_select(x, 1, self.perm) if self.select else x[:, self.perm]
+        return torch.index_select(x, self.dim, self.perm) if self.select else x[:, self.perm]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
@@ -393,6 +414,14 @@ def test_stored_channel_permutations_fold_with_the_permuted_map(norm_first, sele
     x = torch.randn(2, 6 if norm_first else 4, 7, 7)
     result = fold_fp64(model, x, folded=1, skipped=0)
     assert result.folded[0].pair.via == ("index_select" if select else "getitem",)
+    assert_precision(model, x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_a_permutation_selected_along_a_negative_dim_folds(norm_first: bool) -> None:
+    model = randomize(Permuted(norm_first, [3, 0, 5, 1, 4, 2], select=True, dim=-3).eval())
+    x = torch.randn(2, 6 if norm_first else 4, 7, 7)
+    fold_fp64(model, x, folded=1, skipped=0)
     assert_precision(model, x)
 
 

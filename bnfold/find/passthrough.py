@@ -115,12 +115,18 @@ _LIBRARIES = {"torch", "_operator", "operator"}
 
 
 def call_arguments(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A call's positional and keyword arguments; a recorded ATen op's are in its meta (its
-    tensors as None, its node arguments are its distinct tensor inputs)."""
+    """A call's positional and keyword arguments, torch's NumPy-style keyword names (``axis``,
+    ``keepdims``) under their own (``dim``, ``keepdim``); a recorded ATen op's are in its meta
+    (its tensors as None, its node arguments are its distinct tensor inputs)."""
     if node.target is recorded_op:
         args, kwargs = node.meta.get("aten_args", ((), {}))
-        return tuple(args), dict(kwargs)
-    return tuple(node.args), dict(node.kwargs)
+    else:
+        args, kwargs = node.args, node.kwargs
+    return tuple(args), {_KEYWORDS.get(key, key): value for key, value in kwargs.items()}
+
+
+#: torch accepts these NumPy names for the keywords of its own functions and methods
+_KEYWORDS = {"axis": "dim", "keepdims": "keepdim"}
 
 
 def _stored(gm: fx.GraphModule, node: fx.Node) -> Any:
@@ -280,13 +286,13 @@ def _permute_channels(
 ) -> Channels | None:
     """``index_select(x, dim, perm)``, ``x[:, perm]`` or ATen ``index`` with a stored
     permutation of the channels: output position ``k`` reads input channel ``perm[k]``."""
-    perm = _stored_permutation(call, ch)
+    perm = _stored_permutation(call, ch, len(known))
     if perm is None or tuple(known) != tuple(other):
         return None
     return Channels(ch.axis, gather(ch.index, inverse(perm) if back else perm))
 
 
-def _stored_permutation(call: Call, ch: Channels) -> torch.Tensor | None:
+def _stored_permutation(call: Call, ch: Channels, rank: int) -> torch.Tensor | None:
     if call.name == "index_select":
         dim = call.kwargs.get("dim", call.args[0] if call.args else None)
         index = call.kwargs.get("index", call.args[1] if len(call.args) > 1 else None)
@@ -298,8 +304,9 @@ def _stored_permutation(call: Call, ch: Channels) -> torch.Tensor | None:
         if len(tensors) != 1 or not plain:
             return None
         dim, index = tensors[0], key[tensors[0]]
-    if not isinstance(index, torch.Tensor) or not isinstance(dim, int):
+    if not isinstance(index, torch.Tensor) or not isinstance(dim, int) or not -rank <= dim < rank:
         return None
+    dim %= rank
     index = index.detach().cpu()
     is_perm = index.dim() == 1 and not index.is_floating_point() and index.numel() == ch.size
     if dim != ch.axis or not is_perm:

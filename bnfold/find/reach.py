@@ -125,6 +125,9 @@ class _Walk:
                 return False
             self.targets.append(Target(self.layers[user], channels))
             return True
+        if _cat_of(user, node, channels):
+            self.passed("cat")
+            return self.forward(user, channels)
         parts = _split_pieces(user, channels)
         if parts is not None:
             self.passed(parts.label)
@@ -242,6 +245,12 @@ def _cat_inputs(node: fx.Node, channels: Channels) -> _Parts | None:
     return _Parts("cat", tuple(items))
 
 
+def _cat_of(node: fx.Node, tensor: fx.Node, channels: Channels) -> bool:
+    """Whether ``node`` is a ``cat`` of ``tensor`` alone (an identity)."""
+    parts = _cat_inputs(node, channels)
+    return parts is not None and [n for n, _, _ in parts.items] == [tensor]
+
+
 def is_sum(node: fx.Node) -> bool:
     """A plain sum of two tensors: ``a + b``, ``torch.add``, ``Tensor.add`` or ATen ``add``,
     with no ``alpha`` other than 1 and no ``out``."""
@@ -280,8 +289,9 @@ def _split_pieces(node: fx.Node, channels: Channels) -> _Parts | None:
     items = []
     for user in users:
         piece = user.args[1]
-        if not 0 <= piece < len(sizes):
+        if not -len(sizes) <= piece < len(sizes):
             return None
+        piece %= len(sizes)
         offset = sum(sizes[:piece])
         index = channels.index[offset : offset + sizes[piece]]
         items.append((user, Channels(channels.axis, index), True))
