@@ -192,8 +192,10 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
     ),
     SkipReason.NEEDS_GRAPH_REWRITE: (
         "needs graph rewrite",
-        "folding a functional batch norm rewrites the forward, which cannot be done in place; "
-        "call fold(..., inplace=False)",
+        "folding it rewrites the forward (a functional batch norm, or parallel branches merged "
+        "into one conv): call fold(..., inplace=False) for a module that is not a GraphModule; "
+        "a model torch.fx cannot trace is never rewritten, so make its forward traceable or "
+        "fold a torch.export program (.pt2)",
     ),
     SkipReason.UNSUPPORTED_PATTERN: (
         "unsupported pattern",

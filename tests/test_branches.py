@@ -99,6 +99,18 @@ def bare(block: Branches) -> Branches:
     return block
 
 
+class SumThenMore(nn.Module):
+    """A RepVGG block's sum, then a term that is no branch (a pooled context, broadcast)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dense, self.one = ConvBN(2, c, c, 3, padding=1), ConvBN(2, c, c, 1)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x) + self.one(x) + self.identity(x) + x.mean((2, 3), keepdim=True)
+
+
 def _net(*blocks: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*blocks).eval())
 
@@ -119,6 +131,7 @@ MERGING = {
     "stride2_no_identity": lambda: (_net(stride2(), repvgg(c=12)), _input(2), 2, 5),
     "dilated": lambda: (_net(dilated()), _input(2), 1, 2),
     "back_to_back": lambda: (_net(bare(repvgg()), bare(plain_identity())), _input(2), 2, 4),
+    "sum_then_more": lambda: (_net(SumThenMore()), _input(2), 1, 3),
 }
 
 
@@ -331,6 +344,10 @@ def test_recorded_dataflow_does_not_merge() -> None:
     assert result.plan.method == "recorded" and not result.merges
     assert [s.reason for s in result.skipped] == [SkipReason.NEEDS_GRAPH_REWRITE]
     assert "recorded" in result.skipped[0].detail
+    assert "torch.export" in SkipReason.NEEDS_GRAPH_REWRITE.advice()
+    result = bnfold.fold(model, x, merge_branches=False)  # the user's choice, not the trace
+    assert [s.reason for s in result.skipped] == [SkipReason.BRANCH_MERGE_OFF]
+    assert len(result.folded) == 2
 
 
 def test_caller_model_is_not_changed() -> None:

@@ -98,7 +98,13 @@ def analyse(
         gm, kept = trace_checked(model, example_inputs)
     except TraceError as exc:
         return analyse_recorded(
-            model, example_inputs, extra_inputs, allow_graph_rewrite, exc, wrapper_notes
+            model,
+            example_inputs,
+            extra_inputs,
+            allow_graph_rewrite,
+            exc,
+            wrapper_notes,
+            merge_branches=merge_branches,
         )
     decisions = decide(gm, kept, allow_graph_rewrite)
     cannot_rewrite = None if allow_graph_rewrite else IN_PLACE

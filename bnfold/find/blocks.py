@@ -60,7 +60,7 @@ def _chain(add: fx.Node) -> tuple[list[Any], list[fx.Node]]:
     only by the next one is part of the chain)."""
     addends, chain = [], [add]
     for arg in add.args:
-        if isinstance(arg, fx.Node) and is_sum(arg) and len(arg.users) == 1:
+        if isinstance(arg, fx.Node) and _inner_sum(arg):
             inner, inner_chain = _chain(arg)
             addends.extend(inner)
             chain.extend(inner_chain)
@@ -69,11 +69,25 @@ def _chain(add: fx.Node) -> tuple[list[Any], list[fx.Node]]:
     return addends, chain
 
 
+def _inner_sum(node: fx.Node) -> bool:
+    """A sum read only by the next sum of its chain."""
+    return is_sum(node) and len(node.users) == 1 and is_sum(next(iter(node.users)))
+
+
 @dataclass
 class _Finder:
     context: PairingContext  # the sites and uses the pairing read
     pairs: dict[fx.Node, PlannedPair]  # norm node -> its "conv→bn" pair
     paired_layers: Counter  # layer node -> planned pairs folding into it
+
+    def blocks_at(self, add: fx.Node) -> list[Block]:
+        """The block whose final sum is ``add``, else the blocks of its inner sums (in
+        ``(a + b + x) + y`` the branches summed first may merge when ``y`` is no branch)."""
+        block = self.block(add)
+        if block is not None:
+            return [block]
+        inner = [a for a in add.args if isinstance(a, fx.Node) and _inner_sum(a)]
+        return [block for node in inner for block in self.blocks_at(node)]
 
     def block(self, add: fx.Node) -> Block | None:
         addends, chain = _chain(add)
@@ -161,10 +175,7 @@ def find_blocks(context: PairingContext, pairs: tuple[PlannedPair, ...]) -> list
     finder = _Finder(context, conv_bn, paired_layers)
     blocks = []
     for node in context.gm.graph.nodes:
-        inner = len(node.users) == 1 and is_sum(next(iter(node.users)))
-        if not is_sum(node) or inner:  # not a sum, or an inner sum of a chain
+        if not is_sum(node) or _inner_sum(node):  # not a sum, or an inner sum of a chain
             continue
-        block = finder.block(node)
-        if block is not None:
-            blocks.append(block)
+        blocks.extend(finder.blocks_at(node))
     return blocks

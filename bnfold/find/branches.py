@@ -105,10 +105,11 @@ RECORDED = (
 )
 
 
-def recorded_decisions(gm: fx.GraphModule, decisions: Decisions) -> Decisions:
+def recorded_decisions(gm: fx.GraphModule, decisions: Decisions, merge: bool) -> Decisions:
     """``decisions`` of a recorded dataflow with the identity BNs of its blocks skipped
-    (``SkipReason.NEEDS_GRAPH_REWRITE``): a recorded dataflow folds in the model as it is."""
-    branches = decide_branches(gm, decisions, merge=True, cannot_rewrite=RECORDED)
+    (``SkipReason.NEEDS_GRAPH_REWRITE``, or ``BRANCH_MERGE_OFF`` when ``merge`` is off): a
+    recorded dataflow folds in the model as it is."""
+    branches = decide_branches(gm, decisions, merge=merge, cannot_rewrite=RECORDED)
     return replace(decisions, outcomes=branches.outcomes, notes=branches.notes)
 
 

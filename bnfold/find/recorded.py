@@ -53,12 +53,16 @@ def analyse_recorded(
     allow_graph_rewrite: bool,
     fx_error: TraceError,
     notes: Sequence[str] = (),
+    *,
+    merge_branches: bool = True,
 ) -> Analysis:
     """Pair norms from recorded forwards (see the module doc). Raises ``ModelInputError``
     when the model itself rejects an input, ``TraceError`` when recording is impossible."""
     inputs = [example_inputs, *extra_inputs]
     try:
-        runs = [_run(record(model, inputs_), allow_graph_rewrite) for inputs_ in inputs]
+        runs = [
+            _run(record(model, inputs_), allow_graph_rewrite, merge_branches) for inputs_ in inputs
+        ]
     except ModelInputError:
         raise
     except Exception as exc:  # a model neither fx nor recording can read
@@ -87,11 +91,11 @@ def analyse_recorded(
     return Analysis(plan=plan, module=first.module, pairs=tuple(pairs))
 
 
-def _run(recording: Recording, allow_graph_rewrite: bool) -> _Run:
+def _run(recording: Recording, allow_graph_rewrite: bool, merge_branches: bool) -> _Run:
     decisions = decide(
         recording.module, recording.kept, allow_graph_rewrite, extra_uses=recording.outside_uses
     )
-    decisions = recorded_decisions(recording.module, decisions)
+    decisions = recorded_decisions(recording.module, decisions, merge_branches)
     loose = [_loose_skip(norm) for norm in recording.loose_norms]
     outcomes: dict[str, Outcome] = {}
     occurrences: Counter = Counter()
