@@ -30,7 +30,7 @@ from torch import nn
 from bnfold.calibrate.data import DataSource, load_data
 from bnfold.calibrate.recalibrate import recalibrate
 from bnfold.errors import UsageError
-from bnfold.export import export_onnx, external_data_path
+from bnfold.export import export_onnx, external_data_path, refuse_bfloat16
 from bnfold.find.analyse import find_pairs
 from bnfold.find.kernels import count_bn_kernels, count_find_forward
 from bnfold.folding.surgery import fold
@@ -136,6 +136,8 @@ def process(
     on ``data`` (it is then the original every candidate is compared with), fold or find, write
     ``targets``, export, and verify the results and the given ``candidates``. The report holds
     the stages' records only."""
+    if job.onnx and not job.dry_run:
+        refuse_bfloat16(model)  # before any stage runs or writes
     report = Report()
     if data is not None:
         batches = job.data.batches if job.data else None

@@ -72,6 +72,26 @@ def test_a_bfloat16_onnx_export_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "bf16.onnx").exists()
 
 
+def test_cli_fold_of_a_bfloat16_model_with_onnx_writes_nothing(capsys, models, tmp_path):
+    """The refusal comes before any stage writes: no folded model is left behind either."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(
+        capsys,
+        "fold",
+        f"{MODULE}:bfloat16",
+        "--input-shape",
+        "1x3x8x8",
+        "--onnx",
+        out / "bf16.onnx",
+        "-o",
+        out / "bf16.pt2",
+    )
+    assert code == 3 and "bfloat16 models are not exported to ONNX" in err
+    assert "already written" not in err
+    assert list(out.iterdir()) == []
+
+
 def test_a_float64_model_is_verified_on_float64_inputs():
     model, x = _model(torch.float64), _input(torch.float64)
     report = bnfold.verify(model, bnfold.fold(model, x), x, providers=("cpu",))

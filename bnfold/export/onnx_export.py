@@ -113,7 +113,7 @@ def export_onnx(
     module = model.model if isinstance(model, FoldResult) else model
     if not isinstance(module, nn.Module):
         raise UsageError(f"export_onnx needs an nn.Module or a FoldResult, got {type(module)}")
-    _refuse_bfloat16(module)
+    refuse_bfloat16(module)
     target = check_target(Path(path), overwrite)
     args = example_args(example_inputs, dynamic_batch)
     param = next(module.parameters(), None)  # the inputs go to the module's device
@@ -152,10 +152,10 @@ def export_onnx(
     )
 
 
-def _refuse_bfloat16(module: nn.Module) -> None:
+def refuse_bfloat16(module: nn.Module) -> None:
     """The exporter writes a bfloat16 model's graph with mixed bfloat16/float32 types that fail
     onnx.checker (torch 2.13, opsets 18-22; below 22 ONNX's Conv has no bfloat16 at all): say so
-    before exporting."""
+    before exporting (and before a pipeline writes anything else)."""
     if any(t.dtype == torch.bfloat16 for t in (*module.parameters(), *module.buffers())):
         raise ExportError(
             "bfloat16 models are not exported to ONNX: torch's exporter writes their graph with "
