@@ -40,6 +40,19 @@ def test_caller_model_in_train_mode_is_bit_identical() -> None:
     assert rel_error(expected, run(result.model, x)) < 1e-5
 
 
+def test_submodules_in_train_mode_are_named_in_a_note() -> None:
+    model = _small().eval()
+    model[1].train()
+    result = bnfold.fold(model, torch.randn(2, 3, 8, 8))
+    assert model[1].training and not result.model[1].training
+    (note,) = [note for note in result.plan.notes if "train mode" in note]
+    assert note.startswith("1 in train mode inside an eval-mode model")
+    model[1].eval()
+    assert not any(
+        "train mode" in n for n in bnfold.find_pairs(model, torch.randn(2, 3, 8, 8)).notes
+    )
+
+
 def test_find_pairs_does_not_touch_the_model() -> None:
     model = _small()
     before = snapshot(model)
