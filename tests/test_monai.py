@@ -110,6 +110,7 @@ def test_monai_network_exports_and_verifies_on_ort_cpu(name: str, tmp_path) -> N
         {"folded": result, "onnx": exported},
         x,
         providers=["cpu"],
+        random_batch_sizes=(),  # the tolerance is this network's own noise on x
         tolerances=dict.fromkeys(("torch-cpu", "ort-cpu", "ort-cpu-noopt"), tolerance),
     )
     assert report.passed, report.format_text()

@@ -147,7 +147,7 @@ def test_broken_fold_fails_and_names_the_layer(convnet) -> None:
     assert cand.divergence is not None
     assert (cand.divergence.layer, cand.divergence.reference_layer) == ("conv", "bn")
     assert cand.divergence.folded_with == "bn"
-    assert "fold is wrong" in cand.hint
+    assert "fold is wrong" in cand.hint and "float64 copies" in cand.hint
     with pytest.raises(VerificationFailed, match=r"torch-cpu.*first diverging layer: conv"):
         require_passed(report)
 

@@ -271,7 +271,12 @@ def _with_hints(reports: list[CandidateReport]) -> tuple[CandidateReport, ...]:
         hint = None
         if r.status is Status.FAILED:
             if kind == "torch-cpu":
-                hint = "folded PyTorch differs from the original: the fold is wrong"
+                hint = (
+                    "folded PyTorch differs from the original: the fold is wrong, or the "
+                    "model's own float32 rounding exceeds the tolerance; compare float64 copies "
+                    "(model.double() on float64 inputs) to tell them apart: a wrong fold stays, "
+                    "rounding goes"
+                )
             elif kind.startswith("ort-cpu") and status.get("torch-cpu") is Status.PASSED:
                 hint = "folded PyTorch passed: the difference comes from the ONNX export"
                 if kind == "ort-cpu" and status.get("ort-cpu-noopt") is Status.PASSED:
