@@ -163,3 +163,28 @@ def test_a_torch_export_program_is_folded_as_its_module() -> None:
         assert torch.allclose(result.model(x), model(x), atol=1e-5)
     with pytest.raises(bnfold.UsageError, match="no module to update"):
         bnfold.recalibrate(program, [x])
+
+
+class ReadsNormSize(nn.Module):
+    """The forward reads a plain setting of the BN it folds (``num_features``) for a shape."""
+
+    def __init__(self, gate: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate and x.dim() != 4:  # fx cannot decide this: the dataflow is recorded
+            raise ValueError("expects images")
+        y = self.bn(self.conv(x))
+        return y.view(y.shape[0], self.bn.num_features, -1).mean(-1)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_folded_norm_keeps_its_plain_settings_for_the_forward(gate: bool) -> None:
+    model = randomize(ReadsNormSize(gate).eval())
+    result = fold_fp64(model, torch.randn(2, 4, 5, 5), folded=1, skipped=0)
+    assert result.plan.method == ("recorded" if gate else "fx")
+    assert isinstance(result.model.bn, nn.Identity) and result.model.bn.num_features == 4
+    assert not hasattr(result.model.bn, "running_mean")

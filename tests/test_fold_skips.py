@@ -198,6 +198,19 @@ def _hooked_pool() -> nn.Module:
     return model
 
 
+class StatisticsReadElsewhere(nn.Module):
+    """The forward reads the BN's running mean itself (fx makes that buffer a constant of its
+    own: another tensor object on the same memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
+
+
 def _seq(*layers: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*layers).eval())
 
@@ -234,6 +247,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
     "conv_called_twice": (lambda: randomize(SharedConv()), X4, SkipReason.PRODUCER_SHARED),
     "tied_weights": (lambda: randomize(TiedWeights()), X4, SkipReason.PRODUCER_SHARED),
     "bn_called_twice": (lambda: randomize(SharedBN()), X4, SkipReason.BN_SHARED),
+    "bn_statistics_read_elsewhere": (
+        lambda: randomize(StatisticsReadElsewhere()),
+        X4,
+        SkipReason.BN_SHARED,
+    ),
     "bn_output_fan_out": (lambda: randomize(BNFanOut()), X4, SkipReason.BN_FANOUT),
     "zero_padded_bn_conv": (
         lambda: _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)),
@@ -317,6 +335,7 @@ BLOCKING_OP = {
     "conv_called_twice": "conv is called 2 times",
     "tied_weights": "a's weight tensor",
     "bn_called_twice": "bn is called 2 times",
+    "bn_statistics_read_elsewhere": "bn's parameters or buffers are also read elsewhere",
     "bn_output_fan_out": "bn output also feeds add",
     "zero_padded_bn_conv": "1 (Conv2d): it zero-pads",
     "linear_on_3d_same_size": "fc (Linear)",

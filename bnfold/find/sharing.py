@@ -35,15 +35,36 @@ def graph_sharing(gm: fx.GraphModule, extra_reads: Counter | None = None) -> Sha
     slots = Counter(id(tensor) for _, tensor in gm.named_parameters(remove_duplicate=False))
     reads: Counter = Counter(extra_reads or {})
     attr_users: Counter = Counter()
+    on_storage = _by_storage(gm)
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not node.users:
             continue
         attr_users[node.target] += len(node.users)
         value = fetch_attr(gm, str(node.target))
         if isinstance(value, torch.Tensor):
-            reads[id(value)] += len(node.users)
+            for key in {id(value), *on_storage.get(_storage(value), ())}:
+                reads[key] += len(node.users)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     return Sharing(calls, slots, reads, attr_users)
+
+
+def _by_storage(gm: fx.GraphModule) -> dict[int, set[int]]:
+    """The ids of the model's parameters and buffers on each storage: fx reads a buffer
+    (``self.bn.running_mean``) through a constant of its own (``_tensor_constant0``), another
+    tensor object on the same memory."""
+    found: dict[int, set[int]] = {}
+    for tensor in (*gm.parameters(), *gm.buffers()):
+        key = _storage(tensor)
+        if key is not None:
+            found.setdefault(key, set()).add(id(tensor))
+    return found
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's memory starts (None for an empty tensor, which shares nothing)."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    return tensor.untyped_storage().data_ptr()
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -184,7 +184,23 @@ def _remove_norm(root: nn.Module, norm: NormSite) -> None:
     if norm.kind == BnKind.FUNCTIONAL:
         erase_norm(root.graph, norm, norm.input)
         return
-    root.set_submodule(norm.name, norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity())
+    replacement = norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity()
+    root.set_submodule(norm.name, _with_settings(replacement, norm.module))
+
+
+#: Plain values a forward may read from a batch norm (``self.bn.num_features``) for shapes.
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _with_settings(replacement: nn.Module, norm: nn.Module | None) -> nn.Module:
+    """``replacement`` carrying the norm's plain settings (``num_features``, ``eps``,
+    ``momentum``, ``affine``...) that it lacks, so a forward that reads one still runs; the
+    norm's tensors are gone, and a forward that reads those keeps the norm (``bn_shared``)."""
+    for key, value in vars(norm).items() if norm is not None else ():
+        plain = isinstance(value, _SETTING_TYPES)
+        if plain and not key.startswith("_") and not hasattr(replacement, key):
+            setattr(replacement, key, value)
+    return replacement
 
 
 def _record(pair: Pair, norm: NormSite, affine: Affine) -> FoldedPair:
