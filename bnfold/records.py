@@ -176,8 +176,8 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
     ),
     SkipReason.HOOKS: (
         "module hooks",
-        "a forward hook or pre-hook on the BN or layer would see different tensors after "
-        "folding; remove the hook to fold",
+        "a forward hook or pre-hook on the BN or layer (or one registered for every module) "
+        "would see different tensors after folding; remove the hook to fold",
     ),
     SkipReason.UNSUPPORTED_FORWARD: (
         "custom forward not understood",

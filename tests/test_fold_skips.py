@@ -498,3 +498,20 @@ def test_a_write_after_the_layer_read_does_not_block_the_fold() -> None:
             return out + h
 
     fold_fp64(randomize(After()), torch.randn(*X4), folded=1, skipped=0)
+
+
+def test_a_hook_for_every_module_keeps_every_norm() -> None:
+    """A global hook that clamps BN outputs would stop firing on a folded BN."""
+    model = _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def clamp(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        return out.clamp(-0.5, 0.5) if isinstance(module, nn.BatchNorm2d) else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(clamp)
+    try:
+        result = fold_fp64(model, torch.randn(*X3), folded=0, skipped=1)
+    finally:
+        handle.remove()
+    (skip,) = result.skipped
+    assert skip.reason == SkipReason.HOOKS and "global module hook" in skip.detail
+    fold_fp64(model, torch.randn(*X3), folded=1, skipped=0)  # removed: it folds

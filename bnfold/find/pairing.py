@@ -24,7 +24,7 @@ from bnfold.find.functional import functional_layer, functional_norm, is_layer_c
 from bnfold.find.padded import prove_custom_layer
 from bnfold.find.patterns import Position, Refusal, pattern_for
 from bnfold.find.reach import Target, consumers, producers
-from bnfold.find.sharing import Sharing, graph_sharing, has_hooks, is_parametrized
+from bnfold.find.sharing import Sharing, global_hooks, graph_sharing, has_hooks, is_parametrized
 from bnfold.find.sites import (
     LAYER_TYPES,
     LayerSite,
@@ -210,6 +210,12 @@ class PairingContext:
     def norm_conditions(self, norm: NormSite, affine: Affine) -> Refusal | None:
         """The norm is called once, unhooked, with tensors nothing else reads and finite
         statistics (a functional norm: only where the graph may be rewritten)."""
+        if global_hooks():
+            return Refusal(
+                SkipReason.HOOKS,
+                f"a global module hook (torch.nn.modules.module.register_module_forward_hook or "
+                f"_pre_hook) runs on every module call, {norm.name}'s and its layer's included",
+            )
         if norm.module is not None:
             if self.sharing.calls(norm.node) > 1:
                 return Refusal(

@@ -67,6 +67,14 @@ def _storage(tensor: torch.Tensor) -> int | None:
     return tensor.untyped_storage().data_ptr()
 
 
+def global_hooks() -> bool:
+    """Whether a forward hook or pre-hook for every module is registered
+    (``torch.nn.modules.module.register_module_forward_hook`` and ``_pre_hook``); torch offers
+    no public way to ask, so this reads the registries those functions fill."""
+    registries = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    return any(getattr(torch.nn.modules.module, name, None) for name in registries)
+
+
 def has_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks
