@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.find.branches import decide_branches
+from bnfold.find.control import nested_norm_skips
 from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.pairing import Analysis, decide, plan_notes
@@ -111,7 +112,7 @@ def analyse(
     branches = decide_branches(gm, decisions, merge=merge_branches, cannot_rewrite=cannot_rewrite)
     plan = Plan(
         pairs=branches.records,
-        skipped=branches.skips,
+        skipped=(*branches.skips, *nested_norm_skips(gm)),
         method="graph-module" if gm is model else "fx",
         model_was_training=model.training,
         notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *branches.notes),

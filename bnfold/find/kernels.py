@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bnfold.errors import TraceError
 from bnfold.find.sites import is_frozen_norm
 from bnfold.find.unwrap import unwrap
 from bnfold.io.inputs import as_args
@@ -42,20 +43,52 @@ BATCH_NORM_KERNELS = (
     "miopen_batch_norm",
     "mkldnn_batch_norm",
 )
+#: The composite ops above those kernels: a dispatch mode sees them only where torch does not
+#: decompose them first (inside the branch a ``torch.cond`` runs in eager mode).
+COMPOSITE_BATCH_NORMS = ("batch_norm", "_batch_norm_impl_index")
 #: Instance norm runs a batch-norm kernel inside: that kernel is not a batch norm of the model.
 INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
 class _BatchNormCounter(TorchDispatchMode):
+    supports_higher_order_operators = True  # torch.cond: the branch taken is counted
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.muted = 0  # > 0 inside an instance norm or a frozen norm
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in BATCH_NORM_KERNELS and not self.muted:
+        if not hasattr(func, "overloadpacket"):  # a higher-order op
+            return self._higher_order(func, args, kwargs or {})
+        name = func.overloadpacket.__name__
+        if name in COMPOSITE_BATCH_NORMS:  # seen whole inside a branch of torch.cond
+            return self._counted_once(func, args, kwargs or {})
+        if name in BATCH_NORM_KERNELS and not self.muted:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+    def _counted_once(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A composite batch norm counts once, whatever kernel it runs inside."""
+        self.count += 0 if self.muted else 1
+        self.muted += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.muted -= 1
+
+    def _higher_order(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``cond(pred, true_fn, false_fn, operands)`` runs the branch ``pred`` picks, counted;
+        other higher-order ops run code this count cannot follow."""
+        name = func.name() if callable(getattr(func, "name", None)) else str(func)
+        if name != "cond" or kwargs or len(args) != 4:
+            raise TraceError(
+                f"cannot count the batch norms of a forward that calls {name}, a higher-order "
+                "op whose inner code the count cannot follow"
+            )
+        pred, true_fn, false_fn, operands = args
+        with self:
+            return (true_fn if bool(pred) else false_fn)(*operands)
 
     def pre_hook(self, module: nn.Module, args: Any) -> None:
         if is_frozen_norm(module):

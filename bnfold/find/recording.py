@@ -178,14 +178,39 @@ class _State:
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
             self.value_read(f"aten.{name}")
+        elif _shape_from_values(func, args):
+            self.value_read(f"aten.{name}, whose result's shape depends on the input's values,")
+
+
+def _shape_from_values(func: Any, args: tuple) -> bool:
+    """An op whose result's shape depends on its input's values (``nonzero``, ``masked_select``,
+    ``unique``, ``bincount``, ``x[mask]``: torch tags them ``dynamic_output_shape``), so code
+    after it may route by values; indexing with integer tensors has the indices' shape."""
+    if torch.Tag.dynamic_output_shape not in getattr(func, "tags", ()):
+        return False
+    if func.overloadpacket is torch.ops.aten.index:
+        return any(t.dtype in (torch.bool, torch.uint8) for t in _tensors(args[1:]))
+    return True
+
+
+class Unrecordable(Exception):
+    """The forward calls an op a recording cannot follow: a higher-order op (``torch.cond``,
+    ``torch.ops.higher_order.*``) that runs code of its own."""
 
 
 class _OpRecorder(TorchDispatchMode):
+    supports_higher_order_operators = True  # to refuse them by name, not with torch's error
+
     def __init__(self, state: _State) -> None:
         super().__init__()
         self.state = state
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not hasattr(func, "overloadpacket"):  # not an ATen op: a higher-order op
+            raise Unrecordable(
+                f"the forward calls {getattr(func, '__name__', func)}, a higher-order op (as "
+                "torch.cond) whose branches a recording of one forward cannot follow"
+            )
         kwargs = kwargs or {}
         if self.state.leaf_depth > 0:
             self.state.leaf_reads(args, kwargs)
@@ -231,6 +256,8 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     try:
         with inference(model), _ReadWatcher(state), _OpRecorder(state):
             output = model(*args)
+    except Unrecordable:
+        raise
     except Exception as exc:
         where = state.where()
         raise input_rejected(f"layer {where!r}" if where else "", exc) from exc

@@ -1,0 +1,91 @@
+"""Models whose forward picks what runs from the input's values: ``torch.cond`` (eager and
+exported) and routes on shapes that depend on values (``nonzero``, boolean masks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fold_checks import fold_fp64, randomize, rel_error, run
+from torch import nn
+
+import bnfold
+from bnfold import SkipReason
+
+
+class Branching(nn.Module):
+    """``torch.cond`` picks which BN normalises the conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cond(x.sum() > 0, lambda t: self.bn_a(t), lambda t: self.bn_b(t), (y,))
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)).abs()
+    return x, -x
+
+
+def test_norms_inside_cond_branches_of_a_program_stay_with_a_reason() -> None:
+    model = randomize(Branching().eval())
+    positive, negative = _inputs()
+    program = torch.export.export(model, (positive,))
+    result = bnfold.fold(program, positive)
+    assert result.plan.bn_total == 2 and not result.folded
+    assert {s.bn for s in result.skipped} == {"bn_a", "bn_b"}
+    assert {s.reason for s in result.skipped} == {SkipReason.INPUT_DEPENDENT}
+    assert all("torch.cond" in s.detail for s in result.skipped)
+    for x in (positive, negative):
+        assert rel_error(run(model, x), run(result.model, x)) == 0.0
+
+
+def test_an_eager_cond_is_refused_with_what_to_do_and_counted_by_the_branch_taken() -> None:
+    model = randomize(Branching().eval())
+    positive, negative = _inputs()
+    with pytest.raises(bnfold.TraceError, match="higher-order op") as caught:
+        bnfold.fold(model, positive)
+    assert ".pt2" in str(caught.value)
+    assert bnfold.count_bn_kernels(model, positive) == bnfold.count_bn_kernels(model, negative) == 1
+
+
+class MaskRouted(nn.Module):
+    """Routes by the size of a boolean selection: a shape that depends on the input's values."""
+
+    def __init__(self, select: str) -> None:
+        super().__init__()
+        self.select = select
+        self.conv_a = nn.Conv2d(3, 4, 3)
+        self.conv_b = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.select == "mask":
+            positive = x[x > 0].numel()
+        elif self.select == "nonzero":
+            positive = len(torch.nonzero(x > 0))
+        else:
+            positive = torch.masked_select(x, x > 0).numel()
+        conv = self.conv_a if positive > x.numel() // 2 else self.conv_b
+        return self.bn(conv(x))
+
+
+@pytest.mark.parametrize("select", ["mask", "nonzero", "masked_select"])
+def test_routing_on_a_shape_that_depends_on_values_is_input_dependent(select: str) -> None:
+    model = randomize(MaskRouted(select).eval())
+    x = torch.randn(2, 3, 6, 6).abs()
+    result = fold_fp64(model, x, folded=0, skipped=1)
+    assert result.plan.method == "recorded"
+    assert result.skipped[0].reason == SkipReason.INPUT_DEPENDENT
+    assert any("depends on the input's values" in note for note in result.plan.notes)
+    other = -x.double()  # the route the example did not take
+    assert rel_error(run(copy.deepcopy(model).double(), other), run(result.model, other)) < 1e-12
+    # both routes given: the pairings differ, so the BN still stays
+    both = bnfold.fold(model, x, extra_inputs=[-x])
+    assert [s.reason for s in both.skipped] == [SkipReason.INPUT_DEPENDENT]
