@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from bnfold.find.calls import op_name
 from bnfold.find.functional import fetch_attr
 from bnfold.find.kernels import BATCH_NORM_KERNELS, COMPOSITE_BATCH_NORMS
-from bnfold.find.passthrough import op_name
 from bnfold.records import BnKind, Skip, SkipReason
 
 _NORM_OPS = (*BATCH_NORM_KERNELS, *COMPOSITE_BATCH_NORMS)

@@ -381,23 +381,8 @@ def _check_unique_layers(pairs: list[PlannedPair]) -> None:
 
 def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...]:
     """Notes on the model as a whole (train mode, dtype and device) and on each pair."""
-    notes = [note for note in (_mode_note(model),) if note]
-    notes.extend(state_notes(model))
+    notes = list(state_notes(model))
     for pair in pairs:
         notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
         notes.extend(f"{pair.layer.name}: {note}" for note in pair.layer.notes)
     return tuple(dict.fromkeys(notes))
-
-
-def _mode_note(model: nn.Module) -> str | None:
-    """Which part of the model is in train mode, if any: the fold computes eval mode."""
-    if model.training:
-        return "model was in train mode: the fold computes the eval-mode function"
-    training = [name for name, module in model.named_modules() if name and module.training]
-    if not training:
-        return None
-    more = f" and {len(training) - 3} more" if len(training) > 3 else ""
-    return (
-        f"{', '.join(training[:3])}{more} in train mode inside an eval-mode model: the fold "
-        "computes the eval-mode function (every module in eval mode)"
-    )

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnfold.find.calls import call_arguments, op_name, shape_of
 from bnfold.find.channels import (
     SIZED_VIEWS,
     Channels,
@@ -35,7 +36,6 @@ from bnfold.find.channels import (
 )
 from bnfold.find.functional import fetch_attr
 from bnfold.find.patterns import Refusal
-from bnfold.find.recording import recorded_op
 from bnfold.find.sharing import has_hooks
 from bnfold.find.sites import input_of
 from bnfold.records import SkipReason
@@ -86,49 +86,6 @@ def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
     return Call(name.lstrip("_"), first, args, kwargs, module, label)
 
 
-def op_name(node: fx.Node) -> str:
-    """The name of a method, function or ATen op call (``view``, ``add``, ``_unsafe_view``);
-    "" for any other node, and for a function torch or ``operator`` does not define (a user's
-    ``torch.fx.wrap``-ped ``mean`` is not ``torch.mean``)."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op != "call_function":
-        return ""
-    if node.target is recorded_op:  # a tensor made outside the recorded ops has no op
-        aten = node.meta.get("aten")
-        return str(aten).split(".")[1] if aten else ""
-    packet = getattr(node.target, "overloadpacket", None)  # an ATen op
-    target = packet or node.target
-    return getattr(target, "__name__", "") if _from_library(target) else ""
-
-
-def _from_library(target: Any) -> bool:
-    """A function of torch (a ``torch.*`` function, a Tensor method, an ATen op) or of the
-    ``operator`` module."""
-    if getattr(target, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase):
-        return True
-    home = getattr(target, "__module__", None) or ""
-    return home.split(".")[0] in _LIBRARIES
-
-
-_LIBRARIES = {"torch", "_operator", "operator"}
-
-
-def call_arguments(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A call's positional and keyword arguments, torch's NumPy-style keyword names (``axis``,
-    ``keepdims``) under their own (``dim``, ``keepdim``); a recorded ATen op's are in its meta
-    (its tensors as None, its node arguments are its distinct tensor inputs)."""
-    if node.target is recorded_op:
-        args, kwargs = node.meta.get("aten_args", ((), {}))
-    else:
-        args, kwargs = node.args, node.kwargs
-    return tuple(args), {_KEYWORDS.get(key, key): value for key, value in kwargs.items()}
-
-
-#: torch accepts these NumPy names for the keywords of its own functions and methods
-_KEYWORDS = {"axis": "dim", "keepdims": "keepdim"}
-
-
 def _stored(gm: fx.GraphModule, node: fx.Node) -> Any:
     """A stored tensor (``get_attr``) as its value; any other node stays a node."""
     return fetch_attr(gm, str(node.target)) if node.op == "get_attr" else node
@@ -138,10 +95,6 @@ def passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` is an op a per-channel affine map may pass (whatever its arguments)."""
     call = read_call(gm, node)
     return call is not None and _rule(call.name) is not None
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    return node.meta.get("bnfold_shape")
 
 
 def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bool) -> Step | None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from bnfold.find.calls import call_arguments, op_name, shape_of
 from bnfold.find.channels import Channels, start
-from bnfold.find.passthrough import Step, call_arguments, op_name, shape_of, step
+from bnfold.find.passthrough import Step, step
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import recorded_op
 from bnfold.find.sites import LayerSite, NormSite, input_of, nodes_in

@@ -47,8 +47,14 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 
 
 def state_notes(model: nn.Module) -> tuple[str, ...]:
-    """What the folded model keeps from the model's state: the device and dtype of its weights
-    (said only when they are not the default float32 on CPU)."""
+    """The model's state that the fold sets or keeps: train mode anywhere (the fold computes eval
+    mode), and the device and dtype of its weights (said only when they are not the default
+    float32 on CPU)."""
+    mode = _mode_note(model)
+    return ((mode,) if mode else ()) + _placement_notes(model)
+
+
+def _placement_notes(model: nn.Module) -> tuple[str, ...]:
     tensors = (*model.parameters(), *model.buffers())
     kinds = {(t.dtype, t.device) for t in tensors if t.is_floating_point()}
     dtypes = sorted({str(dtype).removeprefix("torch.") for dtype, _ in kinds})
@@ -60,4 +66,18 @@ def state_notes(model: nn.Module) -> tuple[str, ...]:
     return (
         f"weights are {', '.join(dtypes)} on {', '.join(devices)}: folds are computed in "
         f"float64 and {rounding}; the folded model keeps each layer's dtype and device",
+    )
+
+
+def _mode_note(model: nn.Module) -> str | None:
+    """Which part of the model is in train mode, if any: the fold computes eval mode."""
+    if model.training:
+        return "model was in train mode: the fold computes the eval-mode function"
+    training = [name for name, module in model.named_modules() if name and module.training]
+    if not training:
+        return None
+    more = f" and {len(training) - 3} more" if len(training) > 3 else ""
+    return (
+        f"{', '.join(training[:3])}{more} in train mode inside an eval-mode model: the fold "
+        "computes the eval-mode function (every module in eval mode)"
     )

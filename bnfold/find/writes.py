@@ -17,8 +17,9 @@ from collections.abc import Collection
 
 import torch.fx as fx
 
+from bnfold.find.calls import op_name
 from bnfold.find.functional import writes_first_input
-from bnfold.find.passthrough import DROPOUT_OPS, IDENTITY_OPS, PERMUTE_OPS, VIEW_OPS, op_name
+from bnfold.find.passthrough import DROPOUT_OPS, IDENTITY_OPS, PERMUTE_OPS, VIEW_OPS
 from bnfold.find.sites import input_of, nodes_in
 
 #: ``x[i] = v``, and the Python operators an augmented assignment on a tensor (``x += y``) is
