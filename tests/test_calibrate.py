@@ -365,3 +365,57 @@ def test_report_states_each_ranks_share() -> None:
     )
     assert "per rank (rank 0 first): samples 10, 9, 0; batches 3, 2, 0" in report.format_text()
     assert report.to_dict()["per_rank"][2] == {"rank": 2, "batches": 0, "samples": 0}
+
+
+class TokenNorm(nn.BatchNorm1d):
+    """LeViT/ViT-style: BatchNorm1d over the last dim of ``(B, L, C)`` tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ScaledFirst(nn.BatchNorm1d):
+    """Scales and shifts its input before its batch norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 10 + 3)
+
+
+class ByHand(nn.BatchNorm1d):
+    """Normalises with its running statistics by hand: no batch norm runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt()
+
+
+def _channel_statistics(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance per channel (dim 1) of every part, in float64."""
+    values = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
+    return values.mean(1), values.var(1)
+
+
+@pytest.mark.parametrize("tokens", [6, 10])  # 6: as many tokens as channels
+def test_a_subclass_is_recalibrated_on_what_its_batch_norm_normalises(tokens: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    spread, offset = torch.arange(1.0, 7.0), torch.arange(6.0)
+    batches = [torch.randn(n, tokens, 6, generator=gen) * spread + offset for n in (4, 9)]
+    norm = TokenNorm(6).eval()
+    report = recalibrate(norm, batches)
+    mean, var = _channel_statistics([b.transpose(1, 2) for b in batches])
+    assert float(((norm.running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6
+    assert float(((norm.running_var.double() - var).abs() / var).max()) < 1e-6
+    assert report.layers[0].samples == sum(b.shape[0] for b in batches) * tokens
+
+    scaled = ScaledFirst(3).eval()
+    parts = [torch.randn(n, 3, 5, generator=gen) for n in (4, 9)]
+    recalibrate(scaled, parts)
+    mean, var = _channel_statistics([p * 10 + 3 for p in parts])
+    assert float(((scaled.running_var.double() - var).abs() / var).max()) < 1e-6
+
+
+def test_a_subclass_that_runs_no_batch_norm_is_refused_and_left_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), ByHand(3), nn.BatchNorm1d(3)).eval()
+    before = all_state(model)
+    with pytest.raises(bnfold.CalibrationError, match="ran no batch norm"):
+        recalibrate(model, [torch.randn(8, 4) for _ in range(2)])
+    assert_same(before, all_state(model))

@@ -9,9 +9,12 @@ Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Obser
   exceeds ``FAR`` std, are taken from a float64 copy.
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
   in a process group, whose train-mode forward would all-reduce every call): it stays in eval
-  mode and the pre-hook writes the float64 batch mean and biased variance of its input into its
-  running buffers, so its own forward normalises with batch statistics and keeps its extra
-  behaviour (activation, dropout) in eval form.
+  mode. Each batch norm its forward runs on its running statistics is seen
+  (``bnfold.calibrate.inside``): the float64 batch mean and biased variance of that call's own
+  input (what it normalises, which its forward may have transposed or scaled) are written into
+  the running buffers first, so it normalises with batch statistics and keeps its extra
+  behaviour (activation, dropout) in eval form. A forward that runs no such batch norm is
+  refused: what it normalises is unknown.
 
 Each call's row is checked for NaN/inf as it comes (the error names the first BatchNorm that saw
 them), and each layer pools its rows by Chan's formula in float64.
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold.calibrate.inside import NormCalls
 from bnfold.errors import CalibrationError, ModelInputError
 from bnfold.find.sites import is_stock_norm
 
@@ -71,6 +75,7 @@ class Layer:
         synced = isinstance(bn, nn.SyncBatchNorm) and world > 1  # its forward would all-reduce
         self.stock = is_stock_norm(bn) and "forward" not in bn.__dict__ and not synced
         self.calls = 0
+        self.unusable = False  # a call whose input no statistics can be taken from
         self.counts: list[int] = []  # values per channel of each row not yet pooled
         self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
@@ -157,15 +162,27 @@ def float64_row(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((mean.view(-1), var))
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A BatchNorm call under way: a stock layer's values per channel (0: not taken), or how
+    many calls another layer had pooled before this one."""
+
+    layer: Layer
+    count: int = 0
+    calls_before: int = 0
+
+
 class Observer:
     """The hooks of every target BatchNorm, and the flags they change."""
 
     def __init__(self, layers: dict[str, Layer]) -> None:
         self.layers = layers
         self.batch = 0
-        self.running: list[tuple[Layer, int]] = []  # the BatchNorm calls under way, innermost last
+        self.running: list[_Call] = []  # the BatchNorm calls under way, innermost last
         self.handles: list[Any] = []
         self.momenta: list[tuple[nn.Module, Any]] = []
+        others = {id(x.bn.running_mean): x for x in layers.values() if not x.stock}
+        self.inner = NormCalls(others, self._take)
 
     def attach(self) -> None:
         """Hooks on, stock layers in train mode with momentum 1 (the caller restores flags)."""
@@ -180,35 +197,68 @@ class Observer:
 
     def detach(self) -> None:
         """Hooks off, momenta back."""
+        self.abandon_calls()
         for handle in self.handles:
             handle.remove()
         for bn, momentum in self.momenta:
             bn.momentum = momentum
 
+    def abandon_calls(self) -> None:
+        """Forget the calls under way (a batch failed, or the next one starts)."""
+        self.running.clear()
+        self.inner.unwind()
+
     def inside(self) -> str | None:
         """The innermost BatchNorm whose call did not finish (after an error), if any."""
-        return self.running[-1][0].name if self.running else None
+        return self.running[-1].layer.name if self.running else None
 
     def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not layer.stock:  # its own forward: its batch norm calls are taken (``_take``)
+            self.inner.enter()
+            self.running.append(_Call(layer, calls_before=layer.calls))
+            return
         x = args[0] if args else kwargs.get("input")
         count = 0
         if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
-            count = x.numel() // x.shape[1]
-            if count < 2:
-                raise ModelInputError(
-                    f"batch {self.batch}: BatchNorm {layer.name!r} got one value per channel "
-                    f"(input shape {tuple(x.shape)}); batch statistics need at least two, as in "
-                    "training: use a larger batch size"
-                )
-            if not layer.stock:
-                self._add(layer, count, layer.batch_statistics(x, count))
-        self.running.append((layer, count))
+            count = self._count(layer, x)
+        self.running.append(_Call(layer, count))
 
     def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        layer, count = self.running.pop()
-        if count and layer.stock:
-            x = args[0] if args else kwargs["input"]
-            self._add(layer, count, layer.kernel_row(x))
+        call = self.running.pop()
+        layer = call.layer
+        if layer.stock:
+            if call.count:
+                x = args[0] if args else kwargs["input"]
+                self._add(layer, call.count, layer.kernel_row(x))
+            return
+        self.inner.leave()
+        if layer.calls == call.calls_before and not layer.unusable:
+            raise CalibrationError(
+                f"batch {self.batch}: BatchNorm {layer.name!r} ({type(bn).__name__}) has its own "
+                "forward, and it ran no batch norm (F.batch_norm or torch.batch_norm) on its own "
+                "running statistics, so what it normalises is unknown; give it the stock "
+                "forward to recalibrate it. Statistics restored, model unchanged"
+            )
+
+    def _take(self, layer: Layer, x: torch.Tensor) -> None:
+        """A batch norm call inside ``layer``'s own forward, on its running statistics: the
+        statistics of ``x``, written into them for the eval-mode batch norm to use."""
+        if not _usable(x, layer.bn):  # the batch norm itself decides (and rejects it)
+            layer.unusable = True
+            return
+        count = self._count(layer, x)
+        self._add(layer, count, layer.batch_statistics(x, count))
+
+    def _count(self, layer: Layer, x: torch.Tensor) -> int:
+        """Values per channel of a call; at least two, as in training."""
+        count = x.numel() // x.shape[1]
+        if count < 2:
+            raise ModelInputError(
+                f"batch {self.batch}: BatchNorm {layer.name!r} got one value per channel "
+                f"(input shape {tuple(x.shape)}); batch statistics need at least two, as in "
+                "training: use a larger batch size"
+            )
+        return count
 
     def _add(self, layer: Layer, count: int, row: torch.Tensor) -> None:
         """Refuse NaN/inf (this is the first layer in call order that saw them)."""
