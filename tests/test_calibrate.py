@@ -419,3 +419,28 @@ def test_a_subclass_that_runs_no_batch_norm_is_refused_and_left_as_it_was() -> N
     with pytest.raises(bnfold.CalibrationError, match="ran no batch norm"):
         recalibrate(model, [torch.randn(8, 4) for _ in range(2)])
     assert_same(before, all_state(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stored_statistics_that_are_nan_are_replaced(dtype: torch.dtype) -> None:
+    """Momentum 1 computes 0 * old + 1 * new: a NaN stored before must not stay."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).to(dtype).eval()
+    model[1].running_mean.fill_(float("nan"))
+    model[1].running_var.fill_(float("inf"))
+    batches = [b.to(dtype) for b in uneven_batches((4, 6))]
+    reference = reference_statistics(model, batches)
+    recalibrate(model, batches)
+    mean_error, var_error = statistics_error(model, reference)["1"]
+    assert mean_error < 1e-6 and var_error < 1e-6
+
+
+def test_a_long_2d_batch_is_pooled_to_float32_rounding() -> None:
+    """On CPU a 2-D float32 batch's statistics are summed in float32 along the batch: beyond
+    ``KERNEL_ROWS_2D`` rows they are taken in float64 (LeViT-style (B*N, C) tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12544, 8, generator=gen, dtype=torch.float64) + 15
+    model = nn.Sequential(nn.BatchNorm1d(8)).eval()
+    recalibrate(model, [x.float()])
+    var, mean = torch.var_mean(x.float().double(), dim=0)
+    assert float(((model[0].running_var.double() - var).abs() / var).max()) < 2e-7
+    assert float(((model[0].running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6

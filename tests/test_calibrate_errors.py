@@ -27,6 +27,19 @@ def test_empty_data() -> None:
     assert "unchanged" in message
 
 
+def test_data_of_empty_batches_only() -> None:
+    batches = [torch.randn(0, 3, 8, 8) for _ in range(3)]
+    message = _refused(mixed(), batches, CalibrationError, "no BatchNorm saw any data")
+    assert "unchanged" in message
+
+
+def test_statistics_a_float16_buffer_cannot_hold_are_refused() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(4)).half().eval()
+    batches = [(torch.randn(16, 4) * 400).half() for _ in range(2)]  # variance about 1.6e5
+    message = _refused(model, batches, CalibrationError, "float16 running statistics")
+    assert "'0'" in message
+
+
 def test_batch_the_model_rejects_names_the_batch_and_restores_stats() -> None:
     batches = uneven_batches((4, 5))
     batches.append(torch.randn(3, 5, 8, 8))  # 5 channels: the first conv refuses it
@@ -44,6 +57,7 @@ def test_tuple_batch_error_hints_at_labels() -> None:
     batches = [(x, torch.zeros(len(x))) for x in uneven_batches((4,))]
     message = _refused(mixed(), batches, ModelInputError, "batch 0")
     assert "forward=lambda model, batch: model(batch[0])" in message
+    assert "--data callable yield the inputs alone" in message  # what the CLI can do
 
 
 def test_nan_in_data_names_the_first_batchnorm() -> None:
@@ -105,11 +119,12 @@ def test_interrupt_restores_too() -> None:
     [
         (nn.Sequential(nn.Linear(2, 2)), [torch.randn(2, 2)], {}, "no BatchNorm"),
         (nn.Sequential(nn.BatchNorm1d(2)), [torch.randn(2, 2)], {"batches": 0}, "batches"),
+        (nn.Sequential(nn.BatchNorm1d(2)), [torch.randn(2, 2)], {"batches": True}, "batches"),
         (nn.Sequential(nn.BatchNorm1d(2)), 5, {}, "iterable"),
         ("not a model", [], {}, "nn.Module"),
         (nn.Sequential(nn.LazyBatchNorm1d()), [torch.randn(2, 2)], {}, "lazy"),
     ],
-    ids=["no-bn", "zero-batches", "not-iterable", "not-a-module", "lazy"],
+    ids=["no-bn", "zero-batches", "bool-batches", "not-iterable", "not-a-module", "lazy"],
 )
 def test_usage_errors(model: object, data: object, kwargs: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):

@@ -101,10 +101,17 @@ def recalibrate(
                     )
                 if world > 1:
                     distributed.all_reduce(list(layers.values()), device)
+                if not any(layer.total for layer in layers.values()):
+                    raise CalibrationError(
+                        "no BatchNorm saw any data: every batch was empty (0 samples) or took "
+                        "a route without BatchNorms (model left unchanged)"
+                    )
             finally:
                 observer.detach()
         per_rank = [RankShare(rank, s.batches, s.samples) for rank, s in enumerate(shares)]
         report = build_report(norms, layers, per_rank, started, notes, model)
+        for layer in layers.values():
+            layer.check_fits()
         for layer in layers.values():  # last
             layer.write()
     except BaseException:
@@ -128,7 +135,9 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
             "recalibrate cannot hook a TorchScript module; pass the eager nn.Module (or a .pt2 "
             "program loaded as a module)"
         )
-    if batches is not None and (not isinstance(batches, int) or batches < 1):
+    if batches is not None and (
+        isinstance(batches, bool) or not isinstance(batches, int) or batches < 1
+    ):
         raise UsageError(f"batches must be a positive integer or None, got {batches!r}")
 
 
@@ -216,7 +225,8 @@ def _rejected(index: int, batch: Batch, exc: Exception, inside: str | None) -> M
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         hint = (
             " (a tuple/list batch is passed as positional inputs; for (inputs, labels) "
-            "batches pass forward=lambda model, batch: model(batch[0]))"
+            "batches pass forward=lambda model, batch: model(batch[0]) in Python, or have a "
+            "--data callable yield the inputs alone)"
         )
     return ModelInputError(
         f"batch {index}: the model rejected the batch{where}: {type(exc).__name__}: {exc}"
