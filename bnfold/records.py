@@ -110,6 +110,7 @@ class SkipReason(str, enum.Enum):
     BRANCHES_MISALIGNED = "branches_misaligned"
     BRANCH_MERGE_OFF = "branch_merge_off"
     IN_PLACE_WRITE = "in_place_write"
+    WEIGHT_OVERFLOW = "weight_overflow"
 
     @property
     def label(self) -> str:
@@ -237,6 +238,12 @@ _LABELS: dict[SkipReason, tuple[str, str]] = {
         "branch merge off",
         "the BN sits on parallel branches that merge into one conv; fold with "
         "merge_branches=True (drop --no-merge-branches) to fold it",
+    ),
+    SkipReason.WEIGHT_OVERFLOW: (
+        "folded weights overflow",
+        "the folded weights would not fit the layer's dtype (float16 holds at most 65504): the "
+        "BN's scale gamma/sqrt(var + eps) is too large for them; fold a float32 copy "
+        "(model.float()), or recalibrate if the variance is stale",
     ),
     SkipReason.IN_PLACE_WRITE: (
         "input written in place",

@@ -515,3 +515,23 @@ def test_a_hook_for_every_module_keeps_every_norm() -> None:
     (skip,) = result.skipped
     assert skip.reason == SkipReason.HOOKS and "global module hook" in skip.detail
     fold_fp64(model, torch.randn(*X3), folded=1, skipped=0)  # removed: it folds
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_folded_weights_a_float16_layer_cannot_hold_keep_the_norm(norm_first: bool) -> None:
+    """A zero variance and eps 1e-9 give a scale near 3e4: float16 weights of 10 pass 65504."""
+    conv = nn.Conv2d(4, 4, 3)
+    with torch.no_grad():
+        conv.weight.uniform_(-10, 10)
+    bn = nn.BatchNorm2d(4, eps=1e-9)
+    bn.running_var.zero_()
+    model = (nn.Sequential(bn, conv) if norm_first else nn.Sequential(conv, bn)).half().eval()
+    x = torch.randn(2, 4, 8, 8).half()
+    result = bnfold.fold(model, x)
+    (skip,) = result.skipped
+    assert skip.reason == SkipReason.WEIGHT_OVERFLOW and "65504" not in skip.detail
+    assert "weights would reach" in skip.detail and "float16" in skip.detail
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    same = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(run(model, x), run(result.model, x), **same)
+    fold_fp64(model, x, folded=1, skipped=0)  # in float64 the same fold fits

@@ -49,6 +49,7 @@ from bnfold.find.targets import (
     duplicate_layers,
     fold_target,
     named,
+    overflow_refusal,
     rank,
     sign_refusal,
 )
@@ -279,6 +280,7 @@ class PairingContext:
                 or self._layer_refusal(norm, target, position)
                 or conv_axis(layer, view)
                 or named(layer, pattern_for(layer.kind, position).check(view, fold.affine))
+                or overflow_refusal(fold)
             )
             if refusal is not None:
                 return refusal

@@ -13,7 +13,7 @@ import torch.fx as fx
 from bnfold.find.patterns import LayerKind, LayerView, Position, Refusal
 from bnfold.find.reach import Reach, Target
 from bnfold.find.sites import LayerSite, NormSite
-from bnfold.folding.math import Affine
+from bnfold.folding.math import Affine, fold_into_input, fold_into_output
 from bnfold.records import SkipReason
 
 
@@ -82,3 +82,33 @@ def named(layer: LayerSite, refusal: Refusal | None) -> Refusal | None:
 def rank(node: fx.Node | None) -> int:
     shape = node.meta.get("bnfold_shape") if node is not None else None
     return len(shape) if shape is not None else -1
+
+
+def overflow_refusal(fold: FoldTarget) -> Refusal | None:
+    """The folded weight and bias must fit the layer's dtype: a float16 weight times a large
+    scale can pass 65504 and round to inf. A bound from the largest magnitudes decides almost
+    every layer; only where it cannot are the folded tensors computed (float64)."""
+    layer = fold.layer
+    weight, bias = layer.weight.detach(), layer.bias
+    limit = torch.finfo(weight.dtype).max
+    w = float(weight.abs().max()) if weight.numel() else 0.0
+    b = float(bias.detach().abs().max()) if bias is not None and bias.numel() else 0.0
+    s, t = (
+        float(v.abs().max()) if v.numel() else 0.0 for v in (fold.affine.scale, fold.affine.shift)
+    )
+    if fold.position == Position.AFTER:
+        bound = max(w * s, b * s + t)
+    else:
+        bound = max(w * s, b + w * t * weight.numel())
+    if bound <= limit / 2:
+        return None
+    folder = fold_into_output if fold.position == Position.AFTER else fold_into_input
+    folded = folder(weight, bias, fold.affine, layer.layout)
+    largest = max(float(folded.weight.abs().max()), float(folded.bias.abs().max()))
+    if largest <= limit:
+        return None
+    return Refusal(
+        SkipReason.WEIGHT_OVERFLOW,
+        f"folded into {layer.name}, the weights would reach {largest:.3g}, more than its "
+        f"{str(weight.dtype).removeprefix('torch.')} can hold ({limit:.3g})",
+    )
