@@ -91,11 +91,7 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
     layer = fold.layer
     weight, bias = layer.weight.detach(), layer.bias
     limit = torch.finfo(weight.dtype).max
-    w = float(weight.abs().max()) if weight.numel() else 0.0
-    b = float(bias.detach().abs().max()) if bias is not None and bias.numel() else 0.0
-    s, t = (
-        float(v.abs().max()) if v.numel() else 0.0 for v in (fold.affine.scale, fold.affine.shift)
-    )
+    w, b, s, t = (_largest(v) for v in (weight, bias, fold.affine.scale, fold.affine.shift))
     if fold.position == Position.AFTER:
         bound = max(w * s, b * s + t)
     else:
@@ -112,3 +108,11 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
         f"folded into {layer.name}, the weights would reach {largest:.3g}, more than its "
         f"{str(weight.dtype).removeprefix('torch.')} can hold ({limit:.3g})",
     )
+
+
+def _largest(tensor: torch.Tensor | None) -> float:
+    """The largest magnitude in ``tensor`` (0 for None or empty), without an ``abs`` copy."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor.detach())
+    return max(-float(low), float(high))
