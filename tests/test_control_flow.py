@@ -1,5 +1,6 @@
-"""Models whose forward picks what runs from the input's values: ``torch.cond`` (eager and
-exported) and routes on shapes that depend on values (``nonzero``, boolean masks)."""
+"""Models whose forward picks what runs at run time: from the input's values (``torch.cond``,
+eager and exported; routes on shapes that depend on values: ``nonzero``, boolean masks), or
+from an argument, the input's size or a setting (a norm per route beside one layer)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,56 @@ def test_routing_on_a_shape_that_depends_on_values_is_input_dependent(select: st
     # both routes given: the pairings differ, so the BN still stays
     both = bnfold.fold(model, x, extra_inputs=[-x])
     assert [s.reason for s in both.skipped] == [SkipReason.INPUT_DEPENDENT]
+
+
+class PerRoute(nn.Module):
+    """One conv, a norm per route: by a Python argument, the input's size or a setting."""
+
+    def __init__(self, by: str, width: int = 4) -> None:
+        super().__init__()
+        self.by = by
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(4), nn.BatchNorm2d(width)])
+        self.route = 0
+
+    def forward(self, x: torch.Tensor, route: int = 0) -> torch.Tensor:
+        if self.by == "size":
+            route = 0 if x.shape[-1] >= 8 else 1
+        elif self.by == "setting":
+            route = self.route
+        return self.norms[route](self.conv(x))
+
+
+@pytest.mark.parametrize("by", ["argument", "size", "setting"])
+def test_a_norm_that_did_not_run_beside_the_layer_keeps_the_pair(by: str) -> None:
+    model = randomize(PerRoute(by).eval())
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_fp64(model, x, folded=0, skipped=1)
+    (skip,) = result.skipped
+    assert skip.reason == SkipReason.INPUT_DEPENDENT and "norms.1" in skip.detail
+    assert any("never ran" in note and "norms.1" in note for note in result.plan.notes)
+    double = copy.deepcopy(model).double()
+    other = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    double.route = result.model.route = 1
+    assert rel_error(run(double, (other, 1)), run(result.model, (other, 1))) < 1e-12
+
+
+class WithAuxiliaryHead(nn.Module):
+    """An auxiliary head that runs only in training, with a norm of the same width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.aux = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y + self.aux(y) if self.training else y
+
+
+def test_an_idle_norm_of_another_width_or_elsewhere_leaves_the_pair_alone() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    fold_fp64(randomize(PerRoute("argument", width=5).eval()), x, folded=1, skipped=0)
+    result = fold_fp64(randomize(WithAuxiliaryHead().eval()), x, folded=1, skipped=0)
+    assert any("never ran" in note and "aux.1" in note for note in result.plan.notes)

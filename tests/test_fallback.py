@@ -176,7 +176,7 @@ def test_bn_modules_that_do_not_run_are_not_in_the_plan_and_hooks_are_cleaned_up
         def __init__(self) -> None:
             super().__init__()
             self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-            self.unused = nn.BatchNorm2d(4)
+            self.unused = nn.BatchNorm2d(5)  # another width: it cannot stand in for bn
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.gate(x)
@@ -186,7 +186,7 @@ def test_bn_modules_that_do_not_run_are_not_in_the_plan_and_hooks_are_cleaned_up
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     result = _fold(Net(), 1, 3, 4, 4)
     assert folded(result) == {"bn": "conv"}
-    assert any("never ran on the recorded inputs" in n and "unused" in n for n in result.plan.notes)
+    assert any("never ran on the example inputs" in n and "unused" in n for n in result.plan.notes)
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
 

@@ -523,3 +523,11 @@ def test_readme_python_block(block: Block, base: Path, tmp_path: Path) -> None:
         f"README python block at line {block.line} failed (exit {proc.returncode})\n"
         f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
+
+
+def test_every_skip_reason_has_a_row_in_the_readme_table() -> None:
+    from bnfold import SkipReason
+
+    text = README.read_text()
+    missing = [reason.value for reason in SkipReason if f"| `{reason.value}` |" not in text]
+    assert not missing, missing

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils import _pytree as pytree
 from bnfold.errors import ModelInputError, TraceError
 from bnfold.find.branches import decide_branches
 from bnfold.find.control import nested_norm_skips
+from bnfold.find.idle import idle_norms, idle_note, refuse_beside_idle
 from bnfold.find.kernels import counted_when_asked
 from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.pairing import Analysis, decide, plan_notes
@@ -108,6 +110,8 @@ def analyse(
             merge_branches=merge_branches,
         )
     decisions = decide(gm, kept, allow_graph_rewrite)
+    idle = idle_norms(model, _ran(gm))
+    decisions = replace(decisions, outcomes=refuse_beside_idle(model, decisions.outcomes, idle))
     cannot_rewrite = None if allow_graph_rewrite else IN_PLACE
     branches = decide_branches(gm, decisions, merge=merge_branches, cannot_rewrite=cannot_rewrite)
     plan = Plan(
@@ -115,10 +119,21 @@ def analyse(
         skipped=(*branches.skips, *nested_norm_skips(gm)),
         method="graph-module" if gm is model else "fx",
         model_was_training=model.training,
-        notes=(*wrapper_notes, *plan_notes(model, decisions.pairs), *branches.notes),
+        notes=(
+            *wrapper_notes,
+            *plan_notes(model, decisions.pairs),
+            *filter(None, [idle_note(idle)]),
+            *branches.notes,
+        ),
         merges=tuple(merge.record for merge in branches.merges),
     )
     return Analysis(plan=plan, module=gm, pairs=branches.pairs, merges=branches.merges)
+
+
+def _ran(gm: fx.GraphModule) -> set[str]:
+    """The modules the traced graph runs: those it calls, and those whose tensors it reads."""
+    ran = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return ran | {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
 
 
 def trace_checked(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import ModelInputError, TraceError, first_line
 from bnfold.find.branches import recorded_decisions
+from bnfold.find.idle import idle_norms, idle_note, refuse_beside_idle
 from bnfold.find.pairing import (
     Analysis,
     Outcome,
@@ -34,7 +34,6 @@ from bnfold.find.pairing import (
 )
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import LooseNorm, Recording, record
-from bnfold.find.sites import is_frozen_norm
 from bnfold.records import BnKind, Plan, Skip, SkipReason
 
 
@@ -72,6 +71,10 @@ def analyse_recorded(
             "this model to bnfold."
         ) from exc
     pairs, skips, merge_notes = _merge(runs)
+    idle = idle_norms(model, {path for run in runs for path in run.called})
+    checked = refuse_beside_idle(model, pairs, idle)
+    pairs = [o for o in checked if isinstance(o, PlannedPair)]
+    skips += [o for o in checked if isinstance(o, Skip)]
     skips, affine_notes = affine_refusals_to_notes(skips)
     first = runs[0].recording
     plan = Plan(
@@ -82,6 +85,7 @@ def analyse_recorded(
         notes=(
             *notes,
             *_recorded_notes(model, runs, fx_error),
+            *filter(None, [idle_note(idle)]),
             *plan_notes(model, pairs),
             *merge_notes,
             *affine_notes,
@@ -202,16 +206,5 @@ def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) ->
         notes.append(
             f"the forward reads tensor values ({reads[0]}): a pair folds only when "
             "every recorded input pairs it identically"
-        )
-    called = {path for run in runs for path in run.called}
-    idle = [
-        name
-        for name, m in model.named_modules()
-        if name and name not in called and (isinstance(m, _BatchNorm) or is_frozen_norm(m))
-    ]
-    if idle:
-        notes.append(
-            f"{len(idle)} batch norm module(s) never ran on the recorded inputs and are "
-            f"left as they are: {', '.join(idle[:5])}{' ...' if len(idle) > 5 else ''}"
         )
     return notes
