@@ -232,3 +232,35 @@ def test_recording_reads_every_leaf_call_in_order() -> None:
     assert rec.read_detail is None and not rec.loose_norms
     bn = next(n for n in rec.module.graph.nodes if n.target == "1")
     assert bn.args[0].target == "0" and bn.meta["bnfold_shape"] == (1, 4, 2, 2)
+
+
+class KeepsFeature(nn.Module):
+    """Keeps the conv's output on a module (an attribute, a list or a dict cache), as feature
+    extractors do: an output the fx graph does not show."""
+
+    def __init__(self, store: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.store = store
+        self.cache: list[torch.Tensor] = []
+        self.named: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.store == "attribute":
+            self.feature = y
+        elif self.store == "list":
+            self.cache.append(y)
+        else:
+            self.named["conv"] = y
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("store", ["attribute", "list", "dict"])
+def test_a_value_kept_on_a_module_is_an_output_and_the_trace_leaves_no_trace(store: str) -> None:
+    model = KeepsFeature(store).eval()
+    result = _fold(model, 2, 3, 6, 6)  # the recorded dataflow sees the kept value escape
+    assert reasons(result) == {"bn": "producer_fanout"}
+    with pytest.raises(bnfold.TraceError, match="keeps a traced value on a module"):
+        bnfold.find.trace.trace_model(model)
+    assert model.cache == [] and model.named == {} and not hasattr(model, "feature")

@@ -6,6 +6,7 @@ subclass forward never breaks the trace of the model around it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,17 +76,65 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
 
 
 def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
-    """Trace ``root`` into a GraphModule over it, leaving ``root`` as it was (fx stores tensor
-    constants as new attributes of the root: the GraphModule takes them over). The graph pass
-    reads graphs and never runs their Python code: torch's lazy GraphModule generates that code
-    only when it is needed (``runnable``)."""
-    before = set(root.__dict__)
+    """Trace ``root`` into a GraphModule over it, leaving ``root`` and its modules as they were
+    (fx stores tensor constants as new attributes of the root: the GraphModule takes them over).
+    A forward that keeps a traced value on a module (``self.feat = y``, a list or dict cache)
+    has an output the graph does not show: ``TraceError``. The graph pass reads graphs and never
+    runs their Python code: torch's lazy GraphModule generates that code only when it is needed
+    (``runnable``)."""
+    saved = {module: _state(module) for module in root.modules()}
     try:
         graph = tracer.trace(root)
+        kept = next((found for found in map(_kept_proxy, saved) if found), None)
+        if kept is not None:
+            raise TraceError(
+                f"the forward keeps a traced value on a module ({kept}), an output the traced "
+                "graph does not show"
+            )
         return _LazyGraphModule(root, graph, class_name=type(root).__name__)
     finally:
-        for name in set(root.__dict__) - before:
-            del root.__dict__[name]
+        for module, state in saved.items():
+            _restore(module, state)
+
+
+def _state(module: nn.Module) -> dict[str, Any]:
+    """A module's attributes, with a copy of each list, dict and set (their contents restored)."""
+    return {
+        name: (value, copy.copy(value) if isinstance(value, (list, dict, set)) else None)
+        for name, value in vars(module).items()
+    }
+
+
+def _restore(module: nn.Module, state: dict[str, Any]) -> None:
+    for name in set(vars(module)) - set(state):
+        del module.__dict__[name]
+    for name, (value, contents) in state.items():
+        module.__dict__[name] = value
+        if isinstance(value, list):
+            value[:] = contents
+        elif isinstance(value, (dict, set)):
+            value.clear()
+            value.update(contents)
+
+
+def _kept_proxy(module: nn.Module) -> str | None:
+    """``Type.attribute`` of a module attribute that holds a traced value, if any."""
+    for name, value in vars(module).items():
+        if _holds_proxy(value, depth=3):
+            return f"{type(module).__name__}.{name}"
+    return None
+
+
+def _holds_proxy(value: Any, depth: int) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth == 0 or isinstance(value, (str, bytes, torch.Tensor, nn.Module)):
+        return False
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(item, depth - 1) for item in value)
+    return False
 
 
 def propagate(
