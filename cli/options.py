@@ -47,7 +47,8 @@ batches and callables are used as they are); --batches N uses the first N.
 EXIT_CODES = """\b
 Exit codes:
   0    success
-  1    verification failed (outputs differ beyond tolerance), and nothing else
+  1    verification failed (outputs differ beyond tolerance, or a candidate
+       cannot run an input the original runs), and nothing else
   2    usage error (bad option, missing input shape, an output that
        exists without --force or would replace an input)
   3    anything else: unloadable model, failed export, out of memory, an

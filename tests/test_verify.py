@@ -196,6 +196,9 @@ def test_onnx_that_fails_at_another_batch_size_is_a_failure(tmp_path) -> None:
     report = verify(model, exported, vector(batch=2), providers=["cpu"])
     kinds = _by_kind(report)
     assert kinds["ort-cpu"].status is Status.FAILED and "raised" in kinds["ort-cpu"].reason
+    reason = kinds["ort-cpu"].reason
+    assert "Expected: 2" in reason  # ONNX Runtime's lines after its first: which dim, which size
+    assert "the original runs this input, this candidate does not" in reason
     assert not report.passed
 
 

@@ -214,7 +214,8 @@ def _check_candidate(
         except Exception as exc:  # any engine error is a failure of this candidate
             reason = (
                 f"raised {type(exc).__name__} on input #{number} (batch "
-                f"{batch[0].shape[0]}): {first_line(exc, with_type=False)}"
+                f"{batch[0].shape[0]}): {first_line(exc, with_type=False, lines=6)}; the "
+                "original runs this input, this candidate does not"
             )
             return CandidateReport(**base, status=Status.FAILED, reason=reason)
         expected = references[0].outputs[number]
