@@ -192,6 +192,18 @@ def test_missing_empty_directory_and_non_model_files(tmp_path):
         load_model(tmp_path / "other.zip")
 
 
+def test_a_fifo_or_device_is_refused_before_it_is_read(tmp_path):
+    """Reading a FIFO blocks until a writer comes, a device may never end: neither is read."""
+    os.mkfifo(tmp_path / "model.pt2")
+    os.mkfifo(tmp_path / "samples.pt")
+    with pytest.raises(LoadError, match="not a regular file"):
+        load_model(tmp_path / "model.pt2")
+    with pytest.raises(LoadError, match="not a regular file"):
+        load_model("/dev/zero", arch="bnfold.zoo:small_cnn")
+    with pytest.raises(LoadError, match="not a regular file"):
+        bnfold.load_data(tmp_path / "samples.pt")
+
+
 @pytest.mark.parametrize("kind", ["pt2", "zip", "legacy", "safetensors"])
 def test_truncated_files_are_a_clear_load_error(tmp_path, user, kind):
     model = user.build()

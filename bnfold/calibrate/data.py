@@ -28,7 +28,7 @@ from bnfold.calibrate.sources import (
 from bnfold.errors import LoadError, UnsafeFileError, UnsafePickleError, UsageError, first_line
 from bnfold.io.factory import import_target
 from bnfold.io.models import FACTORY_SPEC, describe_broken_link
-from bnfold.io.paths import spec_path
+from bnfold.io.paths import refuse_special_file, spec_path
 from bnfold.io.unpickle import load_torch_file
 
 
@@ -69,6 +69,7 @@ def load_data(
         options = ImageOptions.make(image_size, resize, mean, std)
         source: DataSource = ImageFolder(path, options, batch_size=batch_size, seed=seed)
     elif path is not None and path.exists():
+        refuse_special_file(path, "data")
         member = None if path == Path(text) else text.rpartition(":")[2]
         source = _load_file(path, batch_size=batch_size, seed=seed, member=member)
     elif FACTORY_SPEC.match(text):

@@ -26,7 +26,7 @@ from bnfold.errors import (
 from bnfold.io.archive import open_zip
 from bnfold.io.factory import FACTORY_SPEC, build_from_factory, model_from_weights, read_safetensors
 from bnfold.io.formats import LoadedModel, ModelFormat
-from bnfold.io.paths import describe_broken_link
+from bnfold.io.paths import describe_broken_link, refuse_special_file
 from bnfold.io.program_checks import check_graph_targets
 from bnfold.io.program_module import dynamic_dims, module_from_program
 from bnfold.io.pt2 import read_program
@@ -67,6 +67,7 @@ def load_model(
 def _load_file(path: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
     if path.is_dir():
         raise LoadError(f"{path} is a directory, not a model file")
+    refuse_special_file(path, "models")
     if path.stat().st_size == 0:
         raise LoadError(f"{path} is empty (0 bytes): not a model file")
     kind = _sniff(path)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnfold.errors import SaveError, UsageError
+from bnfold.errors import LoadError, SaveError, UsageError
 
 #: Errors of ``os.link`` that mean "this filesystem has no hard links here", not "name taken".
 _NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -55,6 +55,17 @@ def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
     if colon and head and os.path.isfile(head):
         return Path(head)
     return None
+
+
+def refuse_special_file(path: Path, what: str) -> None:
+    """Refuse an input that is neither a regular file nor a folder (a FIFO, a device, a
+    socket): reading one may block forever or never end."""
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise LoadError(
+            f"{path} is not a regular file (a FIFO, device or socket): bnfold reads {what} "
+            "from files only; save it to a file first"
+        )
 
 
 def describe_broken_link(text: str) -> str:
