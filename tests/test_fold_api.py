@@ -188,3 +188,15 @@ def test_a_folded_norm_keeps_its_plain_settings_for_the_forward(gate: bool) -> N
     assert result.plan.method == ("recorded" if gate else "fx")
     assert isinstance(result.model.bn, nn.Identity) and result.model.bn.num_features == 4
     assert not hasattr(result.model.bn, "running_mean")
+
+
+def test_a_model_that_cannot_be_copied_is_refused_with_what_to_do() -> None:
+    import threading
+
+    model = _small().eval()
+    model.lock = threading.Lock()  # type: ignore[assignment]
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(bnfold.UsageError, match="cannot copy Sequential") as caught:
+        bnfold.fold(model, x)
+    assert "inplace=True" in str(caught.value)
+    assert bnfold.fold(model, x, inplace=True).model is model

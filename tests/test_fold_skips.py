@@ -327,6 +327,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
         SkipReason.IN_PLACE_WRITE,
     ),
     "hooked_op_between": (_hooked_pool, X3, SkipReason.HOOKS),
+    "bn_after_bn": (
+        lambda: _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)),
+        X3,
+        SkipReason.NO_PRODUCER,
+    ),
 }
 
 # What blocks the fold (the module, op or tensor), as the skip's detail must name it.
@@ -359,6 +364,7 @@ BLOCKING_OP = {
     "bn_functional_act_conv": "feeds relu, which feeds conv (Conv2d)",
     "bn_input_written_in_place": "relu writes in place into bn's input before conv (Conv2d)",
     "hooked_op_between": "0 feeds 1 (AvgPool2d), which feeds 2 (Conv2d); that module has hooks",
+    "bn_after_bn": "1 (BatchNorm2d), which feeds 2; a batch norm folds into a layer, not into",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.passthrough import passes_through
 from bnfold.find.patterns import Refusal
@@ -61,7 +62,15 @@ def _blocks(gm: fx.GraphModule, op: fx.Node, value: fx.Node) -> bool:
 
 
 def _between(gm: fx.GraphModule, op: fx.Node, before: str, after: str) -> Refusal:
-    if op.op == "call_module" and has_hooks(gm.get_submodule(str(op.target))):
+    module = gm.get_submodule(str(op.target)) if op.op == "call_module" else None
+    if isinstance(module, _BatchNorm):
+        return Refusal(
+            SkipReason.NO_PRODUCER,
+            f"{before} {describe_node(gm, op)}, {after}; a batch norm folds into a layer, not "
+            "into another batch norm: fold the result again to fold this one too (that layer's "
+            "weights are then rounded twice)",
+        )
+    if module is not None and has_hooks(module):
         return Refusal(
             SkipReason.HOOKS,
             f"{before} {describe_node(gm, op)}, {after}; that module has hooks, which may change "

@@ -17,12 +17,23 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from bnfold.errors import UsageError, first_line
+
 M = TypeVar("M", bound=nn.Module)
 
 
 def clone_model(model: M) -> M:
-    """``copy.deepcopy(model)``, faster: same structure, same aliasing, same tensor values."""
-    return copy.deepcopy(model, plain_copies(model))
+    """``copy.deepcopy(model)``, faster: same structure, same aliasing, same tensor values.
+    Raises ``UsageError`` when the model cannot be copied (an attribute holding a lock, a file,
+    a C handle)."""
+    try:
+        return copy.deepcopy(model, plain_copies(model))
+    except Exception as exc:
+        raise UsageError(
+            f"cannot copy {type(model).__name__} to leave your model untouched: deepcopy "
+            f"failed ({first_line(exc)}); make that attribute copyable (or drop it), or pass "
+            "inplace=True to work on the model itself"
+        ) from exc
 
 
 def plain_copies(model: nn.Module) -> dict[int, torch.Tensor]:
