@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -191,8 +192,6 @@ def test_a_folded_norm_keeps_its_plain_settings_for_the_forward(gate: bool) -> N
 
 
 def test_a_model_that_cannot_be_copied_is_refused_with_what_to_do() -> None:
-    import threading
-
     model = _small().eval()
     model.lock = threading.Lock()  # type: ignore[assignment]
     x = torch.randn(2, 3, 8, 8)
