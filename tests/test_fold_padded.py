@@ -201,6 +201,8 @@ def test_the_size_decisions_of_a_proven_forward_are_plan_notes() -> None:
     assert len(plan.pairs) == 3
     assert any(note.startswith("0: forward specialised on") for note in plan.notes)
     assert any(note.startswith("3: forward specialised on") for note in plan.notes)
+    sizes = [note for note in plan.notes if "specialised on" in note]
+    assert all("x.size()" in note and "<built-in" not in note for note in sizes), sizes
 
 
 def test_the_recorded_path_folds_a_padded_conv_subclass() -> None:

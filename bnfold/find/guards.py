@@ -10,6 +10,7 @@ on it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -150,16 +151,43 @@ def describe(guard: fx.Node) -> str:
     """``gt(x.numel(), 0) -> True`` style text for a guard node (read it before the graph is
     changed)."""
     concrete = guard.meta.get("concrete")
-    expr = _expression(guard, depth=3)
+    expr = _expression(guard, depth=10, top=True)
     return f"{expr} -> {concrete}" if isinstance(concrete, (bool, int)) else expr
 
 
-def _expression(node: Any, depth: int) -> str:
+#: Python operators fx records as calls, written back as operators.
+_INFIX = {
+    operator.add: "+",
+    operator.sub: "-",
+    operator.mul: "*",
+    operator.truediv: "/",
+    operator.floordiv: "//",
+    operator.mod: "%",
+    operator.lt: "<",
+    operator.le: "<=",
+    operator.gt: ">",
+    operator.ge: ">=",
+    operator.eq: "==",
+    operator.ne: "!=",
+}
+
+
+def _expression(node: Any, depth: int, top: bool = False) -> str:
+    if isinstance(node, slice):
+        parts = ("" if v is None else _expression(v, depth) for v in (node.start, node.stop))
+        return ":".join(parts) + ("" if node.step is None else f":{node.step}")
     if not isinstance(node, fx.Node):
         return repr(node)
-    if depth == 0 or node.op in ("placeholder", "get_attr"):
+    if node.op in ("placeholder", "get_attr"):
         return str(node.target) if node.op != "placeholder" else node.name
+    if depth == 0:
+        return "…"
     args = [_expression(a, depth - 1) for a in node.args]
+    if node.op == "call_function" and node.target in _INFIX and len(args) == 2:
+        text = f"{args[0]} {_INFIX[node.target]} {args[1]}"
+        return text if top else f"({text})"
+    if node.op == "call_function" and node.target is operator.getitem and len(args) == 2:
+        return f"{args[0]}[{args[1]}]"
     if node.op == "call_function" and node.target is getattr and len(args) == 2:
         return f"{args[0]}.{node.args[1]}"
     if node.op == "call_method":
