@@ -294,6 +294,24 @@ class SharedConv(nn.Module):
 def test_branch_output_used_elsewhere_keeps_the_block() -> None:
     result = _kept(_net(Escaping()), _input(2), [SkipReason.NO_PRODUCER], folded=2)
     assert result.skipped[0].bn == "0.identity"
+    assert "merges no branches: 0.dense.bn (BatchNorm2d) is no branch" in result.skipped[0].detail
+
+
+class ActivatedBranch(nn.Module):
+    """A RepVGG block whose 1x1 branch has its own ReLU: the sum is no block."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dense, self.one = ConvBN(2, c, c, 3, padding=1), ConvBN(2, c, c, 1)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x) + torch.relu(self.one(x)) + self.identity(x)
+
+
+def test_an_identity_bn_of_a_sum_that_is_no_block_says_why() -> None:
+    result = _kept(_net(ActivatedBranch()), _input(2), [SkipReason.NO_PRODUCER], folded=2)
+    assert "merges no branches: relu is no branch on the block input" in result.skipped[0].detail
 
 
 def test_shared_conv_keeps_the_block() -> None:

@@ -13,7 +13,8 @@ decided in ``bnfold.find.branches``. Reads the graph, never changes it.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -23,6 +24,7 @@ from bnfold.find.pairing import PairingContext, PlannedPair
 from bnfold.find.patterns import LayerKind
 from bnfold.find.reach import is_sum
 from bnfold.find.sites import LayerSite, NormSite, input_of
+from bnfold.find.skip_details import describe_node
 from bnfold.folding.math import Affine, bn_affine
 from bnfold.records import BnKind, BranchKind
 
@@ -74,37 +76,61 @@ def _inner_sum(node: fx.Node) -> bool:
     return is_sum(node) and len(node.users) == 1 and is_sum(next(iter(node.users)))
 
 
+@dataclass(frozen=True)
+class BlockSearch:
+    """The blocks of a graph, and why each sum tried is no block (by its sum node)."""
+
+    blocks: tuple[Block, ...]
+    refused: dict[fx.Node, str]
+
+    def why_not(self, add: fx.Node) -> str | None:
+        """Why the chain of sums ``add`` belongs to is no block, from the outermost sum in."""
+        chain = [add]
+        while _inner_sum(chain[-1]):
+            chain.append(next(iter(chain[-1].users)))
+        return next((self.refused[n] for n in reversed(chain) if n in self.refused), None)
+
+
 @dataclass
 class _Finder:
     context: PairingContext  # the sites and uses the pairing read
     pairs: dict[fx.Node, PlannedPair]  # norm node -> its "conv→bn" pair
     paired_layers: Counter  # layer node -> planned pairs folding into it
+    refused: dict[fx.Node, str] = field(default_factory=dict)
 
     def blocks_at(self, add: fx.Node) -> list[Block]:
         """The block whose final sum is ``add``, else the blocks of its inner sums (in
         ``(a + b + x) + y`` the branches summed first may merge when ``y`` is no branch)."""
         block = self.block(add)
-        if block is not None:
+        if isinstance(block, Block):
             return [block]
+        self.refused[add] = block
         inner = [a for a in add.args if isinstance(a, fx.Node) and _inner_sum(a)]
         return [block for node in inner for block in self.blocks_at(node)]
 
-    def block(self, add: fx.Node) -> Block | None:
+    def block(self, add: fx.Node) -> Block | str:
+        """The block whose final sum is ``add``, or why it is none."""
         addends, chain = _chain(add)
         if len(addends) < 2 or len(set(addends)) != len(addends):
-            return None
+            return "it adds a value to itself"
         found = [self.branch(node, chain) for node in addends]
-        if any(item is None for item in found):
-            return None
+        missing = [node for node, item in zip(addends, found, strict=True) if item is None]
+        if missing:
+            return (
+                f"{self.describe(missing[0])} is no branch (a Conv → BN, a Conv, a BN or the "
+                "input itself, each read by the sum alone)"
+            )
         sources = {source for source, _ in found}
         branches = tuple(branch for _, branch in found)
-        if len(sources) != 1 or not self.shapes_agree(addends, add):
-            return None
+        if len(sources) != 1:
+            return _strays(addends, found, self.describe)
+        if not self.shapes_agree(addends, add):
+            return "an addend is broadcast"
         kinds = {b.kind for b in branches}
         if kinds.isdisjoint({BranchKind.CONV, BranchKind.CONV_BN}):
-            return None
+            return "no branch has a conv"
         if kinds.isdisjoint({BranchKind.BN, BranchKind.CONV_BN}):
-            return None
+            return "no branch has a batch norm"
         return Block(add, tuple(chain), sources.pop(), branches)
 
     def branch(self, node: Any, chain: list[fx.Node]) -> tuple[fx.Node, LiveBranch] | None:
@@ -139,6 +165,9 @@ class _Finder:
             return None
         return norm.input, LiveBranch(BranchKind.BN, norm=norm, affine=bn_affine(norm.params))
 
+    def describe(self, value: Any) -> str:
+        return describe_node(self.context.gm, value) if isinstance(value, fx.Node) else repr(value)
+
     def norm_at(self, node: fx.Node) -> NormSite | None:
         """The batch norm (module, subclass or functional) whose output ``node`` is."""
         site = self.context.norms.get(node)
@@ -155,6 +184,23 @@ class _Finder:
         return shape is None or all(n.meta.get("bnfold_shape") == shape for n in addends)
 
 
+def _strays(
+    addends: list[fx.Node],
+    found: list[tuple[fx.Node, LiveBranch]],
+    describe: Callable[[fx.Node], str],
+) -> str:
+    """Why branches on several inputs are no block: the addend off the one input the layer
+    and norm branches share, else the inputs."""
+    shared = {source for source, branch in found if branch.kind != BranchKind.IDENTITY}
+    if len(shared) == 1:
+        block_input = shared.pop()
+        pairs = zip(addends, found, strict=True)
+        off = next(node for node, (source, _) in pairs if source is not block_input)
+        return f"{describe(off)} is no branch on the block input ({describe(block_input)})"
+    names = ", ".join(sorted({describe(source) for source, _ in found}))
+    return f"its branches read different inputs ({names})"
+
+
 def _runs_more(norm: NormSite) -> bool:
     """A BatchNorm subclass whose forward runs more than its batch norm."""
     return norm.kind == BnKind.SUBCLASS and not isinstance(norm.extra, nn.Identity)
@@ -164,8 +210,9 @@ def _used_only_by(node: fx.Node, chain: list[fx.Node]) -> bool:
     return len(node.users) == 1 and next(iter(node.users)) in chain
 
 
-def find_blocks(context: PairingContext, pairs: tuple[PlannedPair, ...]) -> list[Block]:
-    """Every block of the pairing's graph (see the module doc), in graph order."""
+def find_blocks(context: PairingContext, pairs: tuple[PlannedPair, ...]) -> BlockSearch:
+    """Every block of the pairing's graph (see the module doc), in graph order, and why each
+    other sum tried is none."""
     conv_bn = {
         p.norm.node: p
         for p in pairs
@@ -178,4 +225,4 @@ def find_blocks(context: PairingContext, pairs: tuple[PlannedPair, ...]) -> list
         if not is_sum(node) or _inner_sum(node):  # not a sum, or an inner sum of a chain
             continue
         blocks.extend(finder.blocks_at(node))
-    return blocks
+    return BlockSearch(tuple(blocks), finder.refused)

@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 import torch.fx as fx
 
 from bnfold.find.alignment import Alignment, align, geometry
-from bnfold.find.blocks import Block, find_blocks
+from bnfold.find.blocks import Block, BlockSearch, find_blocks
 from bnfold.find.functional import fetch_attr
-from bnfold.find.pairing import Decisions, PlannedPair, norm_skip
+from bnfold.find.pairing import Decisions, PairingContext, PlannedPair, norm_skip
 from bnfold.find.patterns import LayerKind, Refusal
+from bnfold.find.reach import is_sum
 from bnfold.find.sites import has_stock_forward
 from bnfold.find.skip_details import describe_node
 from bnfold.find.writes import first_write
@@ -75,7 +76,8 @@ def decide_branches(
     ``merge`` is on and the graph may be rewritten (``cannot_rewrite`` None, else why not)."""
     changes: dict[str, Outcome] = {}
     merges, notes, taken = [], [], set()
-    for block in find_blocks(decisions.context, decisions.pairs):
+    search = find_blocks(decisions.context, decisions.pairs)
+    for block in search.blocks:
         result = _unwritten(gm, block) or _block_alignment(block)
         if isinstance(result, Refusal):
             notes.append(f"branches summed at {block.add.name} not merged: {result.detail}")
@@ -95,7 +97,28 @@ def decide_branches(
         merges.append(planned)
         changes.update((pair.bn, pair) for pair in planned.pairs)
     outcomes = tuple(changes.get(_bn(o), o) for o in decisions.outcomes)
+    outcomes = _explained(outcomes, search, decisions.context)
     return BranchDecisions(outcomes, tuple(merges), (*decisions.notes, *notes))
+
+
+def _explained(
+    outcomes: tuple[Outcome, ...], search: BlockSearch, context: PairingContext
+) -> tuple[Outcome, ...]:
+    """A BN left without a layer whose output goes into a sum of branches that is no block
+    (an identity BN) says why the sum does not merge."""
+    norms = {norm.name: norm for norm in context.norms.values()}
+    explained = []
+    for outcome in outcomes:
+        lost = isinstance(outcome, Skip) and outcome.reason == SkipReason.NO_PRODUCER
+        norm = norms.get(outcome.bn) if lost else None
+        users = list(norm.out.users) if norm is not None else []
+        if len(users) == 1 and is_sum(users[0]):
+            why = search.why_not(users[0])
+            if why is not None:
+                detail = f"{outcome.detail}; {users[0].name} merges no branches: {why}"
+                outcome = replace(outcome, detail=detail)
+        explained.append(outcome)
+    return tuple(explained)
 
 
 #: Why the branches of a block are not merged in a recorded dataflow.
