@@ -418,6 +418,16 @@ def test_stored_channel_permutations_fold_with_the_permuted_map(norm_first, sele
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("select", [False, True])
+def test_stored_permutations_fold_in_a_recorded_dataflow(norm_first, select) -> None:
+    model = randomize(Permuted(norm_first, [3, 0, 5, 1, 4, 2], select).eval())
+    x = torch.randn(2, 6 if norm_first else 4, 7, 7)
+    result = fold_fp64(_Gated(model).eval(), x, folded=1, skipped=0)
+    assert result.plan.method == "recorded"
+    assert result.folded[0].pair.via == ("index_select" if select else "index",)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
 def test_a_permutation_selected_along_a_negative_dim_folds(norm_first: bool) -> None:
     model = randomize(Permuted(norm_first, [3, 0, 5, 1, 4, 2], select=True, dim=-3).eval())
     x = torch.randn(2, 6 if norm_first else 4, 7, 7)

@@ -83,6 +83,7 @@ class _State:
 
     paths: dict[int, str]
     leaf_tensors: set[int]
+    index_buffers: set[int] = field(default_factory=set)  # the model's integer buffers
     graph: fx.Graph = field(default_factory=fx.Graph)
     producers: dict[int, tuple[weakref.ref, fx.Node]] = field(default_factory=dict)
     stack: list[_Frame] = field(default_factory=list)
@@ -92,6 +93,11 @@ class _State:
     read_detail: str | None = None
     outside_uses: Counter = field(default_factory=Counter)
     loose_norms: list[LooseNorm] = field(default_factory=list)
+
+    def _argument(self, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        return value if id(value) in self.index_buffers else None
 
     def node_for(self, tensor: Tensor) -> fx.Node:
         """The node that produced ``tensor``; a fresh ``tensor`` node for one made elsewhere."""
@@ -168,10 +174,9 @@ class _State:
             name,
         )
         node.meta["aten"] = str(func)
-        # the op's other arguments (dims, sizes, flags), tensors left out
-        node.meta["aten_args"] = pytree.tree_map(
-            lambda v: None if isinstance(v, Tensor) else v, (args, kwargs)
-        )
+        # the op's other arguments (dims, sizes, flags); of its tensors only the model's own
+        # index buffers (a stored channel permutation), the others as None
+        node.meta["aten_args"] = pytree.tree_map(self._argument, (args, kwargs))
         if name in BATCH_NORM_KERNELS and self.instance_norm_depth == 0:
             self.loose_norms.append(LooseNorm(f"aten.{name}", self.where()))
         for tensor in _tensors(out):
@@ -247,7 +252,8 @@ def record(model: nn.Module, example_inputs: Any) -> Recording:
     args = as_args(example_inputs)
     paths = {id(m): name for name, m in model.named_modules() if name}
     leaf_tensors = {id(t) for m in model.modules() if is_leaf(m) for t in own_tensors(m)}
-    state = _State(paths=paths, leaf_tensors=leaf_tensors)
+    indices = {id(t) for t in model.buffers() if not t.is_floating_point()}
+    state = _State(paths=paths, leaf_tensors=leaf_tensors, index_buffers=indices)
     leaves = _tensors(args)
     for i, tensor in enumerate(leaves):
         state.produced(tensor, state.add_node("placeholder", f"input_{i}", ()))
