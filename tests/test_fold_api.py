@@ -187,8 +187,10 @@ def test_a_folded_norm_keeps_its_plain_settings_for_the_forward(gate: bool) -> N
     model = randomize(ReadsNormSize(gate).eval())
     result = fold_fp64(model, torch.randn(2, 4, 5, 5), folded=1, skipped=0)
     assert result.plan.method == ("recorded" if gate else "fx")
-    assert isinstance(result.model.bn, nn.Identity) and result.model.bn.num_features == 4
-    assert not hasattr(result.model.bn, "running_mean")
+    norm = result.model.bn
+    assert isinstance(norm, nn.Identity) and norm.num_features == 4
+    assert torch.equal(norm.running_mean, model.bn.running_mean.double())  # read, as before
+    assert not any(key.startswith("bn.") for key in result.model.state_dict())
 
 
 def test_a_model_that_cannot_be_copied_is_refused_with_what_to_do() -> None:
@@ -199,3 +201,54 @@ def test_a_model_that_cannot_be_copied_is_refused_with_what_to_do() -> None:
         bnfold.fold(model, x)
     assert "inplace=True" in str(caught.value)
     assert bnfold.fold(model, x, inplace=True).model is model
+
+
+class RegisteredTwice(nn.Module):
+    """One BN module under two names (``self.bn`` and ``self.body[1]``); ``body`` runs it."""
+
+    def __init__(self, gate: bool) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), self.bn, nn.ReLU())
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate and x.dim() != 4:  # fx cannot decide this: the dataflow is recorded
+            raise ValueError("expects images")
+        return self.body(x)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_norm_registered_under_two_names_is_removed_under_both(gate: bool) -> None:
+    model = randomize(RegisteredTwice(gate).eval())
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_fp64(model, x, folded=1, skipped=0)
+    assert result.model.bn is result.model.body[1]
+    assert isinstance(result.model.bn, nn.Identity)
+    assert bnfold.count_bn_kernels(result.model, x.double()) == 0
+
+
+class ReadsNormTensors(nn.Module):
+    """Reads the BN's tensors beside its call in ways the analysis does not see: fx bakes
+    ``running_mean.clone()`` into a constant of its graph, a recorded forward does not see
+    ``weight.shape``."""
+
+    def __init__(self, gate: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if not self.gate:
+            return y.mean((2, 3)) - self.bn.running_mean.clone()
+        if x.dim() != 4:  # fx cannot decide this: the dataflow is recorded
+            raise ValueError("expects images")
+        return y.view(y.shape[0], self.bn.weight.shape[0], -1).mean(-1)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_forward_reading_a_folded_norms_tensors_still_runs_exactly(gate: bool) -> None:
+    model = randomize(ReadsNormTensors(gate).eval())
+    fold_fp64(model, torch.randn(2, 3, 6, 6), folded=1, skipped=0)

@@ -185,21 +185,32 @@ def _remove_norm(root: nn.Module, norm: NormSite) -> None:
         erase_norm(root.graph, norm, norm.input)
         return
     replacement = norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity()
-    root.set_submodule(norm.name, _with_settings(replacement, norm.module))
+    replacement = _standing_in(replacement, norm.module)
+    # every name the norm is registered under (``self.bn`` and ``self.body[1]``, one module)
+    paths = [name for name, m in root.named_modules(remove_duplicate=False) if m is norm.module]
+    for path in paths or [norm.name]:
+        root.set_submodule(path, replacement)
 
 
 #: Plain values a forward may read from a batch norm (``self.bn.num_features``) for shapes.
 _SETTING_TYPES = (bool, int, float, str, type(None))
 
 
-def _with_settings(replacement: nn.Module, norm: nn.Module | None) -> nn.Module:
-    """``replacement`` carrying the norm's plain settings (``num_features``, ``eps``,
-    ``momentum``, ``affine``...) that it lacks, so a forward that reads one still runs; the
-    norm's tensors are gone, and a forward that reads those keeps the norm (``bn_shared``)."""
-    for key, value in vars(norm).items() if norm is not None else ():
+def _standing_in(replacement: nn.Module, norm: nn.Module | None) -> nn.Module:
+    """``replacement`` carrying what a forward may still read from the norm it replaces: its
+    plain settings (``num_features``, ``eps``...) and, as buffers outside the state dict, its
+    statistics and affine parameters (a forward that reads them beside the norm's call, as in
+    ``self.bn.running_mean.clone()`` or ``self.bn.weight.shape``, computes what it did)."""
+    if norm is None:
+        return replacement
+    for key, value in vars(norm).items():
         plain = isinstance(value, _SETTING_TYPES)
         if plain and not key.startswith("_") and not hasattr(replacement, key):
             setattr(replacement, key, value)
+    tensors = (*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False))
+    for key, tensor in tensors:
+        if not hasattr(replacement, key):
+            replacement.register_buffer(key, tensor.detach(), persistent=False)
     return replacement
 
 
