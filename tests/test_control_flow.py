@@ -53,6 +53,10 @@ def test_an_eager_cond_is_refused_with_what_to_do_and_counted_by_the_branch_take
     with pytest.raises(bnfold.TraceError, match="higher-order op") as caught:
         bnfold.fold(model, positive)
     assert ".pt2" in str(caught.value)
+    # refused before a recording ran it under modes torch's compiler cannot trace (that would
+    # break torch.cond for the rest of the process)
+    model(positive)
+    torch.export.export(model, (positive,))
     assert bnfold.count_bn_kernels(model, positive) == bnfold.count_bn_kernels(model, negative) == 1
 
 

@@ -34,7 +34,7 @@ from bnfold.find.leafcalls import LeafCalls
 from bnfold.find.pairing import Analysis, decide, plan_notes
 from bnfold.find.recorded import analyse_recorded
 from bnfold.find.sites import LAYER_TYPES, needs_example_input
-from bnfold.find.trace import is_leaf, propagate, trace_model
+from bnfold.find.trace import HigherOrderOpError, is_leaf, propagate, trace_model
 from bnfold.find.unwrap import unwrap
 from bnfold.io.inputs import as_args
 from bnfold.modes import inference
@@ -99,6 +99,8 @@ def analyse(
     model, wrapper_notes = unwrap(model)
     try:
         gm, kept = trace_checked(model, example_inputs)
+    except HigherOrderOpError:
+        raise
     except TraceError as exc:
         return analyse_recorded(
             model,

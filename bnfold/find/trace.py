@@ -7,6 +7,7 @@ subclass forward never breaks the trace of the model around it.
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,12 +68,32 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
     try:
         module = trace_to_module(LeafTracer(), model)
     except Exception as exc:
+        if _in_higher_order_op(exc):
+            raise HigherOrderOpError(
+                f"cannot analyse {type(model).__name__}: its forward calls a higher-order op "
+                f"(torch.cond, torch.while_loop...) that torch.fx cannot trace ({first_line(exc)})"
+                " and a recorded forward cannot follow. Pass a torch.export program (.pt2) of "
+                "the model: its batch norms outside the op fold, those inside are reported"
+            ) from exc
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx: {first_line(exc)}. Make the "
             "offending forward traceable (no Python control flow on tensor values) or pass a "
             "torch.export program (.pt2)."
         ) from exc
     return module
+
+
+class HigherOrderOpError(TraceError):
+    """The forward calls a higher-order op (``torch.cond``): neither fx nor a recording can
+    read it (running it eagerly under a recording's modes breaks torch's compiler for the
+    rest of the process), so the model must come as a ``torch.export`` program."""
+
+
+def _in_higher_order_op(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch's higher-order ops (``torch.cond`` rejecting an
+    fx proxy as its predicate)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any("_higher_order_ops" in frame.filename for frame in frames)
 
 
 def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
