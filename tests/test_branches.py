@@ -479,3 +479,24 @@ def test_a_block_whose_input_is_written_in_place_is_not_merged(after_branches: b
     model = randomize(WrittenBlockInput(after_branches))
     result = _kept(model, _input(2), [SkipReason.IN_PLACE_WRITE], folded=2)
     assert "writes in place into the block's input" in result.skipped[0].detail
+
+
+def test_a_merge_whose_weights_float16_cannot_hold_keeps_the_block() -> None:
+    """Three centre taps of 1 under BN scales of 4e4 each fit float16 alone, not summed."""
+    block = repvgg(c=4)
+    with torch.no_grad():
+        for conv in (block.branches[0].conv, block.branches[1].conv):
+            conv.weight.zero_()
+        for i in range(4):
+            block.branches[0].conv.weight[i, i, 1, 1] = 1.0
+            block.branches[1].conv.weight[i, i, 0, 0] = 1.0
+        for norm in (block.branches[0].bn, block.branches[1].bn, block.branches[2]):
+            norm.weight.fill_(4e4)
+    model = nn.Sequential(bare(block)).eval().half()
+    x = (torch.randn(2, 4, 8, 8) * 1e-2).half()
+    result = bnfold.fold(model, x)
+    assert not result.merges and len(result.folded) == 2
+    (skip,) = result.skipped
+    assert skip.reason == SkipReason.WEIGHT_OVERFLOW and "1.2e+05" in skip.detail
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    torch.testing.assert_close(run(model, x), run(result.model, x), rtol=1e-2, atol=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 import torch.fx as fx
 
 from bnfold.find.alignment import Alignment, align, geometry
@@ -20,6 +21,8 @@ from bnfold.find.reach import is_sum
 from bnfold.find.sites import has_stock_forward
 from bnfold.find.skip_details import describe_node
 from bnfold.find.writes import first_write
+from bnfold.folding.math import FoldedWeights, largest_magnitude
+from bnfold.folding.merge import BranchTerm, MergedShape, merge_branches
 from bnfold.records import Branch, BranchKind, BranchMerge, Pair, Skip, SkipReason
 
 MERGED_PATTERN = "branches→conv"
@@ -79,6 +82,8 @@ def decide_branches(
     search = find_blocks(decisions.context, decisions.pairs)
     for block in search.blocks:
         result = _unwritten(gm, block) or _block_alignment(block)
+        if isinstance(result, Alignment):
+            result = _overflow(block, result) or result
         if isinstance(result, Refusal):
             notes.append(f"branches summed at {block.add.name} not merged: {result.detail}")
         elif not merge:
@@ -134,6 +139,51 @@ def recorded_decisions(gm: fx.GraphModule, decisions: Decisions, merge: bool) ->
     recorded dataflow folds in the model as it is."""
     branches = decide_branches(gm, decisions, merge=merge, cannot_rewrite=RECORDED)
     return replace(decisions, outcomes=branches.outcomes, notes=branches.notes)
+
+
+def merged_weights(block: Block, alignment: Alignment) -> FoldedWeights:
+    """The float64 weight and bias of the one conv a block merges into
+    (``bnfold.folding.merge``), from its branches' own weights."""
+    like = block.convs[0].layer.weight
+    offsets = iter(alignment.offsets)
+    terms = []
+    for branch in block.branches:
+        layer = branch.layer
+        if layer is None:
+            terms.append(BranchTerm(None, None, branch.affine, alignment.centre))
+        else:
+            terms.append(BranchTerm(layer.weight, layer.bias, branch.affine, next(offsets)))
+    shape = MergedShape(
+        alignment.out_channels, alignment.in_channels, alignment.groups, alignment.kernel
+    )
+    return merge_branches(terms, shape, like.device)
+
+
+def _overflow(block: Block, alignment: Alignment) -> Refusal | None:
+    """The merged weights must fit the branch convs' dtype (float16 kernels scaled by large BN
+    scales can sum past 65504). A bound from each branch's largest magnitudes decides almost
+    every block; only where it cannot are the merged weights computed."""
+    dtype = block.convs[0].layer.weight.dtype
+    limit = torch.finfo(dtype).max
+    bound = 0.0
+    for branch in block.branches:
+        scale = largest_magnitude(branch.affine.scale) if branch.affine else 1.0
+        shift = largest_magnitude(branch.affine.shift) if branch.affine else 0.0
+        layer = branch.layer
+        weight = largest_magnitude(layer.weight) if layer is not None else 1.0
+        bias = largest_magnitude(layer.bias) if layer is not None else 0.0
+        bound += max(weight * scale, bias * scale + shift)
+    if bound <= limit / 2:
+        return None
+    weights = merged_weights(block, alignment)
+    largest = max(largest_magnitude(weights.weight), largest_magnitude(weights.bias))
+    if largest <= limit:
+        return None
+    return Refusal(
+        SkipReason.WEIGHT_OVERFLOW,
+        f"merged into one conv, the branches of {block.add.name} would reach {largest:.3g}, more "
+        f"than {str(dtype).removeprefix('torch.')} can hold ({limit:.3g})",
+    )
 
 
 def _bn(outcome: PlannedPair | Skip) -> str:

@@ -13,7 +13,7 @@ import torch.fx as fx
 from bnfold.find.patterns import LayerKind, LayerView, Position, Refusal
 from bnfold.find.reach import Reach, Target
 from bnfold.find.sites import LayerSite, NormSite
-from bnfold.folding.math import Affine, fold_into_input, fold_into_output
+from bnfold.folding.math import Affine, fold_into_input, fold_into_output, largest_magnitude
 from bnfold.records import SkipReason
 
 
@@ -91,7 +91,9 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
     layer = fold.layer
     weight, bias = layer.weight.detach(), layer.bias
     limit = torch.finfo(weight.dtype).max
-    w, b, s, t = (_largest(v) for v in (weight, bias, fold.affine.scale, fold.affine.shift))
+    w, b, s, t = (
+        largest_magnitude(v) for v in (weight, bias, fold.affine.scale, fold.affine.shift)
+    )
     if fold.position == Position.AFTER:
         bound = max(w * s, b * s + t)
     else:
@@ -108,11 +110,3 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
         f"folded into {layer.name}, the weights would reach {largest:.3g}, more than its "
         f"{str(weight.dtype).removeprefix('torch.')} can hold ({limit:.3g})",
     )
-
-
-def _largest(tensor: torch.Tensor | None) -> float:
-    """The largest magnitude in ``tensor`` (0 for None or empty), without an ``abs`` copy."""
-    if tensor is None or tensor.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(tensor.detach())
-    return max(-float(low), float(high))

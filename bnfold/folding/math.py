@@ -177,3 +177,11 @@ def _bias64(bias: Tensor | None, channels: int, device: torch.device) -> Tensor:
     if bias is None:
         return torch.zeros(channels, dtype=torch.float64, device=device)
     return bias.detach().to(torch.float64)
+
+
+def largest_magnitude(tensor: Tensor | None) -> float:
+    """The largest ``|value|`` in ``tensor`` (0 for None or empty), without an ``abs`` copy."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor.detach())
+    return max(-float(low), float(high))

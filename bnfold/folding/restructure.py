@@ -14,8 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.branches import PlannedMerge
-from bnfold.folding.merge import BranchTerm, MergedShape, merge_branches
+from bnfold.find.branches import PlannedMerge, merged_weights
 
 _CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -41,18 +40,7 @@ def _merged_conv(merge: PlannedMerge) -> nn.Module:
     """The new conv of a block, in eval mode, with the dtype and device of its branch convs."""
     alignment = merge.alignment
     like = merge.block.convs[0].layer.weight
-    offsets = iter(alignment.offsets)
-    terms = []
-    for branch in merge.block.branches:
-        layer = branch.layer
-        if layer is None:
-            terms.append(BranchTerm(None, None, branch.affine, alignment.centre))
-        else:
-            terms.append(BranchTerm(layer.weight, layer.bias, branch.affine, next(offsets)))
-    shape = MergedShape(
-        alignment.out_channels, alignment.in_channels, alignment.groups, alignment.kernel
-    )
-    weights = merge_branches(terms, shape, like.device)
+    weights = merged_weights(merge.block, alignment)
     conv = _CONV_TYPES[len(alignment.kernel)](
         alignment.in_channels,
         alignment.out_channels,
