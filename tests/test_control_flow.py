@@ -147,3 +147,34 @@ def test_an_idle_norm_of_another_width_or_elsewhere_leaves_the_pair_alone() -> N
     fold_fp64(randomize(PerRoute("argument", width=5).eval()), x, folded=1, skipped=0)
     result = fold_fp64(randomize(WithAuxiliaryHead().eval()), x, folded=1, skipped=0)
     assert any("never ran" in note and "aux.1" in note for note in result.plan.notes)
+
+
+class Wrapped(nn.Module):
+    """A conv and BN inside ``torch.no_grad()`` or ``autocast``: a wrapper op in a program."""
+
+    def __init__(self, context: str) -> None:
+        super().__init__()
+        self.context = context
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context == "no_grad":
+            with torch.no_grad():
+                return self.bn(self.conv(x))
+        with torch.autocast("cpu", enabled=False):
+            return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("context", ["no_grad", "autocast"])
+def test_norms_inside_a_programs_wrapper_stay_and_are_counted(context: str) -> None:
+    model = randomize(Wrapped(context).eval())
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    assert bnfold.count_bn_kernels(program.module(), x) == 1
+    result = bnfold.fold(program, x)
+    (skip,) = result.skipped
+    assert skip.bn == "bn" and skip.reason == SkipReason.UNSUPPORTED_PATTERN
+    assert "wrap_with" in skip.detail and "fold the eager model" in skip.detail
+    assert rel_error(run(model, x), run(result.model, x)) == 0.0
+    fold_fp64(model, x, folded=1, skipped=0)  # the eager model folds

@@ -78,17 +78,25 @@ class _BatchNormCounter(TorchDispatchMode):
             self.muted -= 1
 
     def _higher_order(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        """``cond(pred, true_fn, false_fn, operands)`` runs the branch ``pred`` picks, counted;
-        other higher-order ops run code this count cannot follow."""
+        """Run a higher-order op's code, counted: ``cond(pred, true_fn, false_fn, operands)``
+        the branch ``pred`` picks; the no_grad and autocast wrappers of an exported program
+        their body, in their context. Others run code this count cannot follow."""
         name = func.name() if callable(getattr(func, "name", None)) else str(func)
-        if name != "cond" or kwargs or len(args) != 4:
-            raise TraceError(
-                f"cannot count the batch norms of a forward that calls {name}, a higher-order "
-                "op whose inner code the count cannot follow"
-            )
-        pred, true_fn, false_fn, operands = args
-        with self:
-            return (true_fn if bool(pred) else false_fn)(*operands)
+        if name == "cond" and not kwargs and len(args) == 4:
+            pred, true_fn, false_fn, operands = args
+            with self:
+                return (true_fn if bool(pred) else false_fn)(*operands)
+        if name == "wrap_with_set_grad_enabled" and not kwargs:
+            with torch.set_grad_enabled(args[0]), self:
+                return args[1](*args[2:])
+        if name == "wrap_with_autocast" and not kwargs:
+            device, dtype, enabled, cache = args[:4]
+            with torch.autocast(device, dtype, enabled, cache), self:
+                return args[4](*args[5:])
+        raise TraceError(
+            f"cannot count the batch norms of a forward that calls {name}, a higher-order op "
+            "whose inner code the count cannot follow"
+        )
 
     def pre_hook(self, module: nn.Module, args: Any) -> None:
         if is_frozen_norm(module):
