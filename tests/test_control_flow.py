@@ -178,3 +178,47 @@ def test_norms_inside_a_programs_wrapper_stay_and_are_counted(context: str) -> N
     assert "wrap_with" in skip.detail and "fold the eager model" in skip.detail
     assert rel_error(run(model, x), run(result.model, x)) == 0.0
     fold_fp64(model, x, folded=1, skipped=0)  # the eager model folds
+
+
+class StoredMask(nn.Module):
+    """A pruning-style stored boolean channel mask: a selection every input shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        self.register_buffer("keep", torch.tensor([True, False, True, True, False, True]))
+        self.register_buffer("kept", torch.tensor([True, True, False, True]))
+        self.head, self.head_bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # fx cannot decide this: the dataflow is recorded
+            raise ValueError("expects images")
+        y = self.bn(self.conv(x))[:, self.keep]
+        return self.head_bn(self.head(y[:, torch.nonzero(self.kept).flatten()].relu()))
+
+
+def test_a_stored_mask_is_no_value_read() -> None:
+    result = fold_fp64(randomize(StoredMask().eval()), torch.randn(2, 3, 6, 6), folded=2)
+    assert result.plan.method == "recorded"
+    assert not any("reads tensor values" in note for note in result.plan.notes)
+
+
+class CalledByForward(nn.Module):
+    """A second BN run through ``bn2.forward`` (no module call): it ran, so it stands in for
+    nothing, and the first pair folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # fx cannot decide this: the dataflow is recorded
+            raise ValueError("expects images")
+        return self.bn2.forward(self.bn1(self.conv1(x)).relu())
+
+
+def test_a_norm_run_through_its_forward_method_is_not_idle() -> None:
+    result = fold_fp64(randomize(CalledByForward().eval()), torch.randn(2, 3, 6, 6), folded=1)
+    assert result.folded[0].pair.bn == "bn1"
+    assert not any("never ran" in note for note in result.plan.notes)

@@ -34,6 +34,7 @@ from bnfold.find.pairing import (
 )
 from bnfold.find.patterns import Refusal
 from bnfold.find.recording import LooseNorm, Recording, record
+from bnfold.find.sites import own_tensors
 from bnfold.records import BnKind, Plan, Skip, SkipReason
 
 
@@ -71,7 +72,7 @@ def analyse_recorded(
             "this model to bnfold."
         ) from exc
     pairs, skips, merge_notes = _merge(runs)
-    idle = idle_norms(model, {path for run in runs for path in run.called})
+    idle = idle_norms(model, _ran(model, runs))
     checked = refuse_beside_idle(model, pairs, idle)
     pairs = [o for o in checked if isinstance(o, PlannedPair)]
     skips += [o for o in checked if isinstance(o, Skip)]
@@ -189,6 +190,17 @@ def _signature(pair: PlannedPair) -> tuple:
 def _dependent_skip(pair: PlannedPair, detail: str) -> Skip:
     refusal = Refusal(SkipReason.INPUT_DEPENDENT, detail)
     return norm_skip(pair.norm, refusal, pair.record.producer, pair.record.pattern)
+
+
+def _ran(model: nn.Module, runs: list[_Run]) -> set[str]:
+    """The modules the recorded forwards ran: those called, and those whose tensors an op read
+    (``bn.forward(y)``, ``F.batch_norm(y, bn.running_mean, ...)``)."""
+    read = {key for run in runs for key, count in run.recording.outside_uses.items() if count}
+    ran = {path for run in runs for path in run.called}
+    for name, module in model.named_modules():
+        if name and any(id(t) in read for t in own_tensors(module)):
+            ran.add(name)
+    return ran
 
 
 def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) -> list[str]:

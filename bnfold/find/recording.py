@@ -183,19 +183,22 @@ class _State:
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
             self.value_read(f"aten.{name}")
-        elif _shape_from_values(func, args):
+        elif _shape_from_values(func, args, self.index_buffers):
             self.value_read(f"aten.{name}, whose result's shape depends on the input's values,")
 
 
-def _shape_from_values(func: Any, args: tuple) -> bool:
-    """An op whose result's shape depends on its input's values (``nonzero``, ``masked_select``,
-    ``unique``, ``bincount``, ``x[mask]``: torch tags them ``dynamic_output_shape``), so code
-    after it may route by values; indexing with integer tensors has the indices' shape."""
+def _shape_from_values(func: Any, args: tuple, constants: set[int]) -> bool:
+    """An op whose result's shape depends on the values of a tensor the input may change
+    (``nonzero``, ``masked_select``, ``unique``, ``bincount``, ``x[mask]``: torch tags them
+    ``dynamic_output_shape``), so code after it may route by values. Indexing with integer
+    tensors has the indices' shape; a mask the model stores (``constants``: ids of its integer
+    and boolean buffers) is the same for every input."""
     if torch.Tag.dynamic_output_shape not in getattr(func, "tags", ()):
         return False
+    deciding = _tensors(args)
     if func.overloadpacket is torch.ops.aten.index:
-        return any(t.dtype in (torch.bool, torch.uint8) for t in _tensors(args[1:]))
-    return True
+        deciding = [t for t in _tensors(args[1:]) if t.dtype in (torch.bool, torch.uint8)]
+    return any(id(t) not in constants for t in deciding)
 
 
 class Unrecordable(Exception):
