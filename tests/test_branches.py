@@ -111,6 +111,13 @@ class SumThenMore(nn.Module):
         return self.dense(x) + self.one(x) + self.identity(x) + x.mean((2, 3), keepdim=True)
 
 
+class SummedFromZero(Branches):
+    """The branches summed with Python's ``sum``, which starts at 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(sum(branch(x) for branch in self.branches))
+
+
 def _net(*blocks: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*blocks).eval())
 
@@ -132,6 +139,7 @@ MERGING = {
     "dilated": lambda: (_net(dilated()), _input(2), 1, 2),
     "back_to_back": lambda: (_net(bare(repvgg()), bare(plain_identity())), _input(2), 2, 4),
     "sum_then_more": lambda: (_net(SumThenMore()), _input(2), 1, 3),
+    "summed_from_zero": lambda: (_net(SummedFromZero(repvgg().branches)), _input(2), 1, 3),
 }
 
 

@@ -12,6 +12,7 @@ decided in ``bnfold.find.branches``. Reads the graph, never changes it.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,9 +67,25 @@ def _chain(add: fx.Node) -> tuple[list[Any], list[fx.Node]]:
             inner, inner_chain = _chain(arg)
             addends.extend(inner)
             chain.extend(inner_chain)
+        elif isinstance(arg, fx.Node) and _zero_start(arg) is not None:
+            addends.append(_zero_start(arg))  # sum(branches) and out = 0; out = out + b(x)
+            chain.append(arg)
         else:
             addends.append(arg)
     return addends, chain
+
+
+def _zero_start(node: fx.Node) -> fx.Node | None:
+    """``t`` of a ``0 + t`` (or ``t + 0``) read only by the next sum, else None."""
+    if node.op != "call_function" or node.target not in (operator.add, operator.iadd):
+        return None
+    if node.kwargs or len(node.args) != 2 or len(node.users) != 1:
+        return None
+    if not is_sum(next(iter(node.users))):
+        return None
+    nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    zeros = [a for a in node.args if type(a) in (int, float) and a == 0]
+    return nodes[0] if len(nodes) == 1 and len(zeros) == 1 else None
 
 
 def _inner_sum(node: fx.Node) -> bool:
