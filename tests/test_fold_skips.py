@@ -541,3 +541,30 @@ def test_folded_weights_a_float16_layer_cannot_hold_keep_the_norm(norm_first: bo
     same = {"rtol": 0, "atol": 0, "equal_nan": True}
     torch.testing.assert_close(run(model, x), run(result.model, x), **same)
     fold_fp64(model, x, folded=1, skipped=0)  # in float64 the same fold fits
+
+
+class FlatStatistics(nn.Module):
+    """Two BNs whose running statistics are views of one flat storage; the forward reads the
+    first one's variance: only that BN stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        flat = torch.rand(16) + 0.5
+        for index, norm in enumerate((self.b1, self.b2)):
+            norm.running_mean = flat[8 * index : 8 * index + 4]
+            norm.running_var = flat[8 * index + 4 : 8 * index + 8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b1(self.c1(x)) + self.b2(self.c2(x))
+        return y * self.b1.running_var.view(1, -1, 1, 1)
+
+
+def test_a_read_of_one_view_of_a_flat_storage_keeps_only_its_norm() -> None:
+    model = FlatStatistics().eval()  # float32 as built: a float64 copy would split the storage
+    plan = bnfold.find_pairs(model, torch.randn(*X3))
+    assert [p.bn for p in plan.pairs] == ["b2"]
+    assert [(s.bn, s.reason) for s in plan.skipped] == [("b1", SkipReason.BN_SHARED)]
+    shared = model.b1.running_var.untyped_storage().data_ptr()
+    assert shared == model.b2.running_var.untyped_storage().data_ptr()  # one flat storage

@@ -42,29 +42,47 @@ def graph_sharing(gm: fx.GraphModule, extra_reads: Counter | None = None) -> Sha
         attr_users[node.target] += len(node.users)
         value = fetch_attr(gm, str(node.target))
         if isinstance(value, torch.Tensor):
-            for key in {id(value), *on_storage.get(_storage(value), ())}:
+            for key in {id(value), *_sharing(value, on_storage)}:
                 reads[key] += len(node.users)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     return Sharing(calls, slots, reads, attr_users)
 
 
-def _by_storage(gm: fx.GraphModule) -> dict[int, set[int]]:
-    """The ids of the model's parameters and buffers on each storage: fx reads a buffer
-    (``self.bn.running_mean``) through a constant of its own (``_tensor_constant0``), another
-    tensor object on the same memory."""
-    found: dict[int, set[int]] = {}
+def _by_storage(gm: fx.GraphModule) -> dict[int, list[tuple[range, int]]]:
+    """The model's parameters and buffers by storage: each one's byte range and id. fx reads a
+    buffer (``self.bn.running_mean``, or a view of it it computes while tracing) through a
+    constant of its own, another tensor object on the same memory."""
+    found: dict[int, list[tuple[range, int]]] = {}
     for tensor in (*gm.parameters(), *gm.buffers()):
-        key = _storage(tensor)
-        if key is not None:
-            found.setdefault(key, set()).add(id(tensor))
+        place = _place(tensor)
+        if place is not None:
+            found.setdefault(place[0], []).append((place[1], id(tensor)))
     return found
 
 
-def _storage(tensor: torch.Tensor) -> int | None:
-    """Where a tensor's memory starts (None for an empty tensor, which shares nothing)."""
+def _sharing(value: torch.Tensor, on_storage: dict[int, list[tuple[range, int]]]) -> set[int]:
+    """The ids of the model's tensors whose memory ``value`` overlaps."""
+    place = _place(value)
+    if place is None:
+        return set()
+    storage, span = place
+    return {key for other, key in on_storage.get(storage, ()) if _overlap(span, other)}
+
+
+def _place(tensor: torch.Tensor) -> tuple[int, range] | None:
+    """A tensor's storage and the bytes it spans there (None for an empty tensor, which shares
+    nothing); two parts of one flat storage are told apart."""
     if tensor.numel() == 0 or tensor.device.type == "meta":
         return None
-    return tensor.untyped_storage().data_ptr()
+    size = tensor.element_size()
+    steps = zip(tensor.shape, tensor.stride(), strict=True)
+    extent = 1 + sum((n - 1) * abs(step) for n, step in steps)
+    start = tensor.storage_offset() * size
+    return tensor.untyped_storage().data_ptr(), range(start, start + extent * size)
+
+
+def _overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
 
 
 def global_hooks() -> bool:
