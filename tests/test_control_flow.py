@@ -75,13 +75,15 @@ class MaskRouted(nn.Module):
             positive = x[x > 0].numel()
         elif self.select == "nonzero":
             positive = len(torch.nonzero(x > 0))
+        elif self.select == "sparse":  # how many values a sparse copy keeps
+            positive = (x * (x > 0)).to_sparse().indices().shape[1]
         else:
             positive = torch.masked_select(x, x > 0).numel()
         conv = self.conv_a if positive > x.numel() // 2 else self.conv_b
         return self.bn(conv(x))
 
 
-@pytest.mark.parametrize("select", ["mask", "nonzero", "masked_select"])
+@pytest.mark.parametrize("select", ["mask", "nonzero", "masked_select", "sparse"])
 def test_routing_on_a_shape_that_depends_on_values_is_input_dependent(select: str) -> None:
     model = randomize(MaskRouted(select).eval())
     x = torch.randn(2, 3, 6, 6).abs()

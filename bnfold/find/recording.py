@@ -183,7 +183,7 @@ class _State:
             self.produced(tensor, node)
         if name in _VALUE_READ_OPS:
             self.value_read(f"aten.{name}")
-        elif _shape_from_values(func, args, self.index_buffers):
+        elif _shape_from_values(func, args, self.index_buffers) or _made_sparse(args, out):
             self.value_read(f"aten.{name}, whose result's shape depends on the input's values,")
 
 
@@ -199,6 +199,13 @@ def _shape_from_values(func: Any, args: tuple, constants: set[int]) -> bool:
     if func.overloadpacket is torch.ops.aten.index:
         deciding = [t for t in _tensors(args[1:]) if t.dtype in (torch.bool, torch.uint8)]
     return any(id(t) not in constants for t in deciding)
+
+
+def _made_sparse(args: tuple, out: Any) -> bool:
+    """A dense tensor made sparse: how many values it keeps (``indices().shape``) depends on
+    how many are zero (torch does not tag these conversions)."""
+    made = any(t.layout != torch.strided for t in _tensors(out))
+    return made and any(t.layout == torch.strided for t in _tensors(args))
 
 
 class Unrecordable(Exception):
