@@ -211,6 +211,14 @@ class StatisticsReadElsewhere(nn.Module):
         return self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
 
 
+class ActivatedAtSize(nn.BatchNorm2d):
+    """Runs its activation only on inputs wider than 5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.relu() if x.shape[-1] > 5 else out
+
+
 def _seq(*layers: nn.Module) -> nn.Module:
     return randomize(nn.Sequential(*layers).eval())
 
@@ -327,6 +335,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
         SkipReason.IN_PLACE_WRITE,
     ),
     "hooked_op_between": (_hooked_pool, X3, SkipReason.HOOKS),
+    "subclass_chooses_by_size": (
+        lambda: _seq(nn.Conv2d(3, 4, 3), ActivatedAtSize(4)),
+        (2, 3, 8, 8),
+        SkipReason.UNSUPPORTED_FORWARD,
+    ),
     "bn_after_bn": (
         lambda: _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)),
         X3,
@@ -365,6 +378,7 @@ BLOCKING_OP = {
     "bn_input_written_in_place": "relu writes in place into bn's input before conv (Conv2d)",
     "hooked_op_between": "0 feeds 1 (AvgPool2d), which feeds 2 (Conv2d); that module has hooks",
     "bn_after_bn": "1 (BatchNorm2d), which feeds 2; a batch norm folds into a layer, not into",
+    "subclass_chooses_by_size": "decides from the input's size what runs around its batch norm",
 }
 
 

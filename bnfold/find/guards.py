@@ -128,6 +128,45 @@ def trace_guarded(module: nn.Module, example_args: tuple[Any, ...]) -> Guarded |
     return Guarded(traced, tuple(tracer.guards))
 
 
+#: What a guard may read of a tensor and still hold at every size: its rank, dtype, device.
+_SIZE_FREE = frozenset({"dim", "ndim", "ndimension", "dtype", "device", "is_cuda", "layout"})
+
+
+def reads_sizes(guard: fx.Node) -> bool:
+    """Whether a guard reads a tensor's sizes (``x.shape``, ``x.size()``, ``x.numel()``), so
+    that another input size may decide it the other way; rank, dtype and device checks
+    (``x.dim() != 4``) do not."""
+    if _emptiness_check(guard):
+        return False
+    seen, todo = set(), [guard]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if is_metadata(node):
+            read = node.args[1] if node.op == "call_function" else node.target
+            if read not in _SIZE_FREE:
+                return True
+            continue
+        todo.extend(node.all_input_nodes)
+    return False
+
+
+def _emptiness_check(guard: fx.Node) -> bool:
+    """``x.numel() > 0`` and the like: the same for every input that is not empty."""
+    if guard.op != "call_function" or guard.target not in _INFIX or len(guard.args) != 2:
+        return False
+    counted = [a for a in guard.args if isinstance(a, fx.Node)]
+    zero = [a for a in guard.args if type(a) is int and a == 0]
+    return (
+        len(counted) == 1
+        and len(zero) == 1
+        and counted[0].op == "call_method"
+        and counted[0].target in ("numel", "nelement")
+    )
+
+
 def is_metadata(node: fx.Node) -> bool:
     """``x.shape``, ``x.dtype``, ``x.size()``, ``x.numel()``...: reads no tensor values."""
     if node.op == "call_function" and node.target is getattr:

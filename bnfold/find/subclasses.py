@@ -18,7 +18,7 @@ from bnfold.find.functional import (
     functional_norm,
     is_norm_call,
 )
-from bnfold.find.guards import trace_guarded
+from bnfold.find.guards import describe, reads_sizes, trace_guarded
 from bnfold.find.patterns import Refusal
 from bnfold.find.sites import NormSite
 from bnfold.records import SkipReason
@@ -46,11 +46,20 @@ def strip_norm(site: NormSite, example_args: tuple[Any, ...]) -> None:
         site.problem = problem
         return
     site.notes = traced.notes  # read before the graph changes
+    on_size = [describe(guard) for guard in traced.guards if reads_sizes(guard)]
     erase_norm(gm.graph, inner, placeholders[0])
     erase_dead_code(gm.graph)
     gm.recompile()
+    plain = _returns_its_input(gm.graph, placeholders[0])
+    if on_size and not plain:  # the ops kept around the norm were chosen for this size
+        site.problem = _unsupported(
+            site,
+            f"its forward decides from the input's size what runs around its batch norm "
+            f"({on_size[0]}); folded, this size's choice would hold at every size",
+        )
+        return
     site.params = inner.params
-    site.extra = nn.Identity() if _returns_its_input(gm.graph, placeholders[0]) else gm
+    site.extra = nn.Identity() if plain else gm
 
 
 def _returns_its_input(graph: fx.Graph, placeholder: fx.Node) -> bool:
