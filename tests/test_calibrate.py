@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -444,3 +445,51 @@ def test_a_long_2d_batch_is_pooled_to_float32_rounding() -> None:
     var, mean = torch.var_mean(x.float().double(), dim=0)
     assert float(((model[0].running_var.double() - var).abs() / var).max()) < 2e-7
     assert float(((model[0].running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6
+
+
+class ActAfter(nn.BatchNorm2d):
+    """BN, then ReLU; empty inputs pass through without a batch norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        return torch.relu(super().forward(x))
+
+
+def _subclass_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), ActAfter(4), nn.BatchNorm2d(4)).eval()
+
+
+def test_a_subclass_is_recalibrated_when_the_forward_turns_grad_on() -> None:
+    model = _subclass_model()
+    batches = uneven_batches((4, 6))
+    reference = reference_statistics(model, batches)
+
+    def with_grad(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return m(batch)
+
+    recalibrate(model, batches, forward=with_grad)
+    assert not any(b.requires_grad for b in model.buffers())
+    assert max(max(e) for e in statistics_error(model, reference).values()) < 1e-6
+
+
+def test_a_subclass_run_in_another_thread_leaves_no_mode_behind() -> None:
+    """A failing batch in a worker thread: afterwards a forward there changes nothing."""
+    model = _subclass_model()
+    before = all_state(model)
+    batches = [*uneven_batches((4,)), torch.randn(3, 5, 8, 8)]  # the second one fails
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(bnfold.ModelInputError):
+            recalibrate(model, batches, forward=lambda m, b: pool.submit(m, b).result())
+        with torch.no_grad():
+            pool.submit(model, uneven_batches((4,))[0]).result()
+    assert_same(before, all_state(model))
+
+
+def test_an_empty_batch_a_subclass_passes_through_is_no_error() -> None:
+    model = _subclass_model()
+    batches = [*uneven_batches((4,)), torch.randn(0, 3, 8, 8), *uneven_batches((6,))]
+    reference = reference_statistics(model, [b for b in batches if len(b)])
+    recalibrate(model, batches)
+    assert max(max(e) for e in statistics_error(model, reference).values()) < 1e-6

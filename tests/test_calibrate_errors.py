@@ -141,3 +141,16 @@ def test_batchnorm_without_running_stats_is_reported_and_skipped() -> None:
         LayerStatus.RECALIBRATED,
     ]
     assert model[1].running_mean is None and model[1].num_batches_tracked is None
+
+
+class ScaledFirstHalf(nn.BatchNorm1d):
+    """Scales its input by 300 before its batch norm: one call's variance passes float16's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 300)
+
+
+def test_one_call_a_float16_subclass_cannot_hold_is_refused() -> None:
+    model = nn.Sequential(ScaledFirstHalf(4)).half().eval()
+    batches = [torch.randn(16, 4).half(), (torch.randn(16, 4) * 0.2).half()]
+    _refused(model, batches, CalibrationError, "one call's statistics exceed")

@@ -9,12 +9,13 @@ Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Obser
   exceeds ``FAR`` std, are taken from a float64 copy.
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
   in a process group, whose train-mode forward would all-reduce every call): it stays in eval
-  mode. Each batch norm its forward runs on its running statistics is seen
-  (``bnfold.calibrate.inside``): the float64 batch mean and biased variance of that call's own
-  input (what it normalises, which its forward may have transposed or scaled) are written into
-  the running buffers first, so it normalises with batch statistics and keeps its extra
-  behaviour (activation, dropout) in eval form. A forward that runs no such batch norm is
-  refused: what it normalises is unknown.
+  mode, and for the run its forward is wrapped (as the instance's own ``forward``, restored
+  after) so that each batch norm it runs on its running statistics is seen, in the thread that
+  runs it (``bnfold.calibrate.inside``). The float64 batch mean and biased variance of that
+  call's own input (what it normalises, which its forward may have transposed or scaled) are
+  written into the running buffers first, so it normalises with batch statistics and keeps its
+  extra behaviour (activation, dropout) in eval form. A forward that runs no such batch norm on
+  a non-empty batch is refused: what it normalises is unknown.
 
 Each call's row is checked for NaN/inf as it comes (the error names the first BatchNorm that saw
 them), and each layer pools its rows by Chan's formula in float64.
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.calibrate.inside import NormCalls
+from bnfold.calibrate.inside import NormCalls, watched_forward
 from bnfold.errors import CalibrationError, ModelInputError
 from bnfold.find.sites import is_stock_norm
 
@@ -148,10 +149,20 @@ class Layer:
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """This call's float64 [mean, unbiased var], its mean and biased variance written
-        into the running buffers for the layer's eval-mode forward."""
+        into the running buffers for the layer's eval-mode forward (outside autograd, even
+        when the caller's forward turned it on)."""
         row = float64_row(x)
-        self.bn.running_mean.copy_(row[0])
-        self.bn.running_var.copy_(row[1] * ((count - 1) / count))
+        limit = torch.finfo(self.bn.running_var.dtype).max
+        if float(row.abs().max()) > limit:  # NaN and inf are the caller's to refuse
+            raise CalibrationError(
+                f"BatchNorm {self.name!r}: one call's statistics exceed what its "
+                f"{str(self.bn.running_var.dtype).removeprefix('torch.')} running statistics "
+                f"can hold ({limit:.3g}); keep this BatchNorm in float32 (bn.float()) or "
+                "recalibrate a float32 copy. Statistics restored, model unchanged"
+            )
+        with torch.no_grad():
+            self.bn.running_mean.copy_(row[0])
+            self.bn.running_var.copy_(row[1] * ((count - 1) / count))
         return row
 
     def add(self, count: int, row: torch.Tensor) -> None:
@@ -178,7 +189,7 @@ class Layer:
 def float64_row(x: torch.Tensor) -> torch.Tensor:
     """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy (two passes)."""
     dims = [0, *range(2, x.dim())]
-    copy = x.to(F64, copy=True)
+    copy = x.detach().to(F64, copy=True)
     mean = copy.mean(dims, keepdim=True)
     var = copy.sub_(mean).square_().sum(dims) / (x.numel() // x.shape[1] - 1)
     return torch.stack((mean.view(-1), var))
@@ -191,7 +202,7 @@ class _Call:
 
     layer: Layer
     count: int = 0
-    calls_before: int = 0
+    calls_before: int | None = None  # None: its input was no batch to take statistics of
 
 
 class Observer:
@@ -205,6 +216,7 @@ class Observer:
         self.momenta: list[tuple[nn.Module, Any]] = []
         others = {id(x.bn.running_mean): x for x in layers.values() if not x.stock}
         self.inner = NormCalls(others, self._take)
+        self.forwards: list[tuple[nn.Module, Any]] = []  # instance forwards replaced
 
     def attach(self) -> None:
         """Hooks on, stock layers in train mode with momentum 1 (the caller restores flags)."""
@@ -216,13 +228,21 @@ class Observer:
                 # momentum 1 writes 0 * old + 1 * new: a NaN stored before would stay
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0)
+            else:  # its own forward: its batch norm calls are taken (``_take``)
+                self.forwards.append((bn, bn.__dict__.get("forward")))
+                bn.forward = watched_forward(bn, self.inner)
             before = functools.partial(self._before, layer)
             self.handles.append(bn.register_forward_pre_hook(before, with_kwargs=True))
             self.handles.append(bn.register_forward_hook(self._after, with_kwargs=True))
 
     def detach(self) -> None:
-        """Hooks off, momenta back."""
+        """Hooks off, momenta and forwards back."""
         self.abandon_calls()
+        for bn, forward in self.forwards:
+            if forward is None:
+                del bn.__dict__["forward"]
+            else:
+                bn.forward = forward
         for handle in self.handles:
             handle.remove()
         for bn, momentum in self.momenta:
@@ -231,18 +251,17 @@ class Observer:
     def abandon_calls(self) -> None:
         """Forget the calls under way (a batch failed, or the next one starts)."""
         self.running.clear()
-        self.inner.unwind()
 
     def inside(self) -> str | None:
         """The innermost BatchNorm whose call did not finish (after an error), if any."""
         return self.running[-1].layer.name if self.running else None
 
     def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not layer.stock:  # its own forward: its batch norm calls are taken (``_take``)
-            self.inner.enter()
-            self.running.append(_Call(layer, calls_before=layer.calls))
-            return
         x = args[0] if args else kwargs.get("input")
+        if not layer.stock:  # its batch norm calls are taken (``_take``)
+            calls = layer.calls if _usable(x, bn) else None  # None: nothing to take
+            self.running.append(_Call(layer, calls_before=calls))
+            return
         count = 0
         if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
             count = self._count(layer, x)
@@ -256,7 +275,6 @@ class Observer:
                 x = args[0] if args else kwargs["input"]
                 self._add(layer, call.count, layer.kernel_row(x))
             return
-        self.inner.leave()
         if layer.calls == call.calls_before and not layer.unusable:
             raise CalibrationError(
                 f"batch {self.batch}: BatchNorm {layer.name!r} ({type(bn).__name__}) has its own "
