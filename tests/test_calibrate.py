@@ -435,15 +435,17 @@ def test_stored_statistics_that_are_nan_are_replaced(dtype: torch.dtype) -> None
     assert mean_error < 1e-6 and var_error < 1e-6
 
 
-def test_a_long_2d_batch_is_pooled_to_float32_rounding() -> None:
-    """On CPU a 2-D float32 batch's statistics are summed in float32 along the batch: beyond
-    ``KERNEL_ROWS_2D`` rows they are taken in float64 (LeViT-style (B*N, C) tokens)."""
+@pytest.mark.parametrize("tail", [(), (1,)])
+def test_a_batch_without_spatial_extent_is_pooled_to_float32_rounding(tail: tuple) -> None:
+    """On CPU the kernel sums an (N, C) or (N, C, 1) float32 batch along the batch in float32:
+    beyond ``KERNEL_ROWS_FLAT`` rows it is taken in float64 (LeViT-style (B*N, C) tokens)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(12544, 8, generator=gen, dtype=torch.float64) + 15
+    x = torch.randn(12544, 8, *tail, generator=gen, dtype=torch.float64) + 15
     model = nn.Sequential(nn.BatchNorm1d(8)).eval()
     recalibrate(model, [x.float()])
-    var, mean = torch.var_mean(x.float().double(), dim=0)
-    assert float(((model[0].running_var.double() - var).abs() / var).max()) < 2e-7
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.float().double(), dim=dims)
+    assert float(((model[0].running_var.double() - var).abs() / var).max()) < 1e-7
     assert float(((model[0].running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6
 
 

@@ -102,9 +102,11 @@ def test_cpu_kernel_float64_statistics_in_any_layout(layout: str) -> None:
 # -------------------------------------------------------------------- where each row comes from
 
 
-@pytest.mark.parametrize("shape", [(5, 6, 6), (4, 128, 128), (7,)], ids=["small", "large", "2-D"])
+@pytest.mark.parametrize(
+    "shape", [(5, 6, 6), (4, 128, 128), (7,), (7, 1)], ids=["small", "large", "2-D", "flat"]
+)
 def test_contiguous_input_takes_the_kernel_rows_whatever_its_size(shape: tuple) -> None:
-    bn = nn.BatchNorm2d(shape[0]) if len(shape) > 1 else nn.BatchNorm1d(shape[0])
+    bn = nn.BatchNorm2d(shape[0]) if len(shape) > 2 else nn.BatchNorm1d(shape[0])
     batches = _batches(shape, sizes=(4, 2, 3))
     layer, dtypes, outputs = _observe(bn, batches)
     assert dtypes == [torch.float32] * 3
@@ -121,7 +123,13 @@ def test_contiguous_input_takes_the_kernel_rows_whatever_its_size(shape: tuple) 
         (nn.BatchNorm2d(5).half(), (5, 6, 6), {"dtype": torch.float16}),
         (nn.BatchNorm1d(5), (5,), {"dtype": torch.bfloat16}),
     ],
-    ids=["2-D-far", "channels-last", "large-channels-last", "float16", "bfloat16-into-float32"],
+    ids=[
+        "2-D-far",
+        "channels-last",
+        "large-channels-last",
+        "float16",
+        "bfloat16-into-float32",
+    ],
 )
 def test_inputs_the_kernel_sums_in_float32_take_float64_rows(bn, shape, kw) -> None:
     """Channels-last and half-precision inputs (the kernel would sum every position in float32

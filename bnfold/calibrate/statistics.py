@@ -40,12 +40,14 @@ F64 = torch.float64
 #: A float32 row's mean is rounded by up to 2^-24 · |mean|; within FAR std of zero that moves
 #: the pooled variance by at most about 2^-24 · FAR · 2 relative (2e-6, and ~1e-7 in practice).
 FAR = 16.0
+#: On CPU the kernel sums a batch without spatial extent, ``(N, C)`` or ``(N, C, 1)``, along the
+#: batch in float32. Measured worst variance error in float32 roundings of the result: 2 at 16
+#: rows, 4 at 64, 10 at 1,024, 26 at 4,096 (and 9e-7 relative at 12,544 rows, 7e-6 at 100,000).
+#: Up to this many rows the kernel's row is taken (its float64 copy would cost a small batch
+#: more than the forward), above it a float64 copy.
+KERNEL_ROWS_FLAT = 1024
 #: The channels-last memory format of 4-D and 5-D inputs.
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-#: On CPU a 2-D float32 input's statistics are summed in float32 along the batch; the error
-#: grows with the rows (measured: 9e-7 of the variance at 12,544 rows, 7e-6 at 100,000): up to
-#: this many it stays below one float32 rounding of the result, above it the row is float64.
-KERNEL_ROWS_2D = 1024
 #: Rows a layer keeps before pooling them (a few tensor operations per pooling, not per call).
 POOL_EVERY = 64
 
@@ -124,11 +126,11 @@ class Layer:
 
     def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
         """This call's [mean, unbiased var]: what the train-mode kernel wrote where it sums to
-        about float32 rounding (on CPU a contiguous channels-first input in float64, a 2-D one
-        of up to ``KERNEL_ROWS_2D`` rows in float32 along the batch; on CUDA by Welford's
-        method), else from a float64 copy: a
-        channels-last batch or half inputs of float32 statistics (the kernel sums them in
-        float32 or less over the whole batch), and a float32 row far from zero (below)."""
+        about float32 rounding (on CPU a contiguous channels-first input with spatial dims in
+        float64, one without spatial extent of up to ``KERNEL_ROWS_FLAT`` rows in float32 along
+        the batch; on CUDA by Welford's method), else from a float64 copy: a longer batch
+        without spatial extent, a channels-last batch or half inputs of float32 statistics
+        (summed in float32 or less over the whole batch), and a float32 row far from zero."""
         dtype = self.batch_mean.dtype
         if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
@@ -136,7 +138,8 @@ class Layer:
         channels_last = layout is not None and x.is_contiguous(memory_format=layout)
         if not (x.is_cuda or dtype == F64 or (x.is_contiguous() and not channels_last)):
             return float64_row(x)
-        if x.dim() == 2 and not x.is_cuda and x.shape[0] > KERNEL_ROWS_2D:
+        flat = x.numel() == x.shape[0] * x.shape[1]  # (N, C), (N, C, 1): summed along N
+        if flat and not x.is_cuda and x.shape[0] > KERNEL_ROWS_FLAT:
             return float64_row(x)
         row = torch.stack((self.batch_mean, self.batch_var))
         if dtype == F64:
@@ -187,12 +190,10 @@ class Layer:
 
 
 def float64_row(x: torch.Tensor) -> torch.Tensor:
-    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy (two passes)."""
+    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy."""
     dims = [0, *range(2, x.dim())]
-    copy = x.detach().to(F64, copy=True)
-    mean = copy.mean(dims, keepdim=True)
-    var = copy.sub_(mean).square_().sum(dims) / (x.numel() // x.shape[1] - 1)
-    return torch.stack((mean.view(-1), var))
+    var, mean = torch.var_mean(x.detach().to(F64), dims, correction=1)
+    return torch.stack((mean, var))
 
 
 @dataclass(frozen=True)
