@@ -35,6 +35,7 @@ from calibrate_models import mixed, two_inputs, uneven_batches
 
 import bnfold
 from bnfold import load_data, recalibrate
+from bnfold.calibrate.distributed import fingerprint
 
 pytestmark = pytest.mark.distributed
 
@@ -628,3 +629,14 @@ def test_readme_torchrun_example(tmp_path: Path) -> None:
     assert result.stdout.count("BatchNorms from 6 batches (44 samples") == 1  # rank 0 prints
     per_rank = ", ".join(str(sum(len(c) for c in part)) for part in parts)
     assert f"per rank (rank 0 first): samples {per_rank};" in result.stdout
+
+
+def test_a_fingerprint_reads_every_byte_and_skips_empty_batches() -> None:
+    """Two first batches that share their first 64 KiB (letterboxed, zero-padded data) differ;
+    an empty batch is no evidence of anything."""
+    padded = torch.zeros(4, 3, 64, 64)
+    other = padded.clone()
+    other[-1, -1, -1, -1] = 1.0
+    assert fingerprint(padded) != fingerprint(other)
+    assert fingerprint(torch.zeros(0, 3, 8, 8)) == 0
+    assert fingerprint((torch.zeros(0, 3), torch.zeros(0))) == 0

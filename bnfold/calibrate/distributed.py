@@ -17,9 +17,6 @@ from bnfold.calibrate.sources import Batch, DataSource
 from bnfold.calibrate.statistics import F64, Layer, Moments
 from bnfold.errors import CalibrationError, UsageError
 
-#: Bytes of each tensor that go into a batch's fingerprint (the rest is not read).
-FINGERPRINT_BYTES = 1 << 16
-
 
 @dataclass(frozen=True)
 class Fed:
@@ -50,18 +47,17 @@ def check_split(data: object, world: int) -> None:
 
 
 def fingerprint(batch: Batch) -> int:
-    """A positive 62-bit hash of a batch's tensors (dtype, shape and their first
-    ``FINGERPRINT_BYTES`` bytes); 0 when the batch holds no tensor it can read."""
+    """A positive 62-bit hash of a batch's tensors (dtype, shape and every byte); 0 when the
+    batch holds no value (empty tensors) or no tensor it can read."""
     tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    if not tensors:
+    if not any(t.numel() for t in tensors):
         return 0
     digest = hashlib.blake2b(digest_size=8)
     try:
         for tensor in tensors:
             flat = tensor.detach().reshape(-1)
-            head = flat[: max(1, FINGERPRINT_BYTES // flat.element_size())]
             digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     except (RuntimeError, TypeError):  # a tensor kind without plain bytes (sparse, quantized)
         return 0
     return (int.from_bytes(digest.digest(), "little") >> 2) + 1

@@ -178,7 +178,7 @@ class _Feeder:
         """Feed the batches; what was fed (with the first batch's fingerprint if asked)."""
         fed = samples = first = 0
         for index, batch in enumerate(_batches(data, limit)):
-            if fingerprint and index == 0:
+            if fingerprint and not first:  # the first batch that holds values
                 first = distributed.fingerprint(batch)
             batch = map_tensors(batch, lambda t: t.to(self.device))
             self.observer.batch = index
