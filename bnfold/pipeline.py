@@ -50,7 +50,7 @@ from bnfold.io.models import (
     output_format,
     save_model,
 )
-from bnfold.io.paths import NamedPath, plan_paths, spec_path
+from bnfold.io.paths import NamedPath, plan_paths, refuse_special_file, spec_path
 from bnfold.io.save import STATE_DICT_FORMATS
 from bnfold.jobs import (
     NO_HOOKS,
@@ -81,7 +81,11 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     output = job.output or (default_output_path(guess, folded=job.fold) if guess else None)
     planned = output if job.save else None
     check_paths(job, planned)
-    missing = [c for _, c in job.candidates if isinstance(c, Path) and not c.is_file()]
+    files = [c for _, c in job.candidates if isinstance(c, Path)]
+    for candidate in files:
+        if candidate.exists():
+            refuse_special_file(candidate, "ONNX models")
+    missing = [c for c in files if not c.is_file()]
     if missing:
         raise UsageError(f"no ONNX file at {missing[0]}")
     loaded = _load(request, hooks)

@@ -34,6 +34,7 @@ from bnfold.errors import (
 )
 from bnfold.io.inputs import as_args
 from bnfold.io.inputs import model_dtype as float_dtype
+from bnfold.io.paths import refuse_special_file
 from bnfold.modes import inference
 from bnfold.records import Record
 
@@ -260,7 +261,9 @@ def ort_runner(
     if optimization not in OPTIMIZATIONS:
         raise UsageError(f"unknown optimization {optimization!r}; choose one of {OPTIMIZATIONS}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the fallback is detected below, not logged
+    # fatal only: a run's error reaches the report from its exception, and the CUDA fallback is
+    # detected below; ORT's own error log lines would repeat them on stderr
+    options.log_severity_level = 4
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = (
         level.ORT_ENABLE_ALL if optimization == OPT_DEFAULT else level.ORT_DISABLE_ALL
@@ -291,6 +294,8 @@ def ort_runner(
 
 
 def _session(ort: Any, path: Path, options: Any, providers: list[Any], cuda: bool) -> Any:
+    if path.exists():
+        refuse_special_file(path, "ONNX models")
     if not path.is_file():
         raise UsageError(f"no ONNX file at {path}")
     try:

@@ -72,6 +72,8 @@ def load_data(
         refuse_special_file(path, "data")
         member = None if path == Path(text) else text.rpartition(":")[2]
         source = _load_file(path, batch_size=batch_size, seed=seed, member=member)
+    elif Path(text.rpartition(":")[0]).suffix.lower() in _FILE_SUFFIXES:
+        raise LoadError(f"{text.rpartition(':')[0]}: no such file (named by {text})")
     elif FACTORY_SPEC.match(text):
         source = IterableSource(_call(text), text)
     elif os.path.islink(text):
@@ -84,6 +86,10 @@ def load_data(
     if world > 1:
         source.shard(rank, world)
     return source
+
+
+#: Data files a ``FILE:NAME`` spec may name (a module path has no such suffix).
+_FILE_SUFFIXES = {".npz", ".npy", ".pt", ".pth"}
 
 
 def _call(spec: str) -> Iterable:
