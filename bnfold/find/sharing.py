@@ -35,13 +35,14 @@ def graph_sharing(gm: fx.GraphModule, extra_reads: Counter | None = None) -> Sha
     slots = Counter(id(tensor) for _, tensor in gm.named_parameters(remove_duplicate=False))
     reads: Counter = Counter(extra_reads or {})
     attr_users: Counter = Counter()
-    on_storage = _by_storage(gm)
+    on_storage: dict[int, list[tuple[range, int]]] | None = None  # built at the first read
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not node.users:
             continue
         attr_users[node.target] += len(node.users)
         value = fetch_attr(gm, str(node.target))
         if isinstance(value, torch.Tensor):
+            on_storage = _by_storage(gm) if on_storage is None else on_storage
             for key in {id(value), *_sharing(value, on_storage)}:
                 reads[key] += len(node.users)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")

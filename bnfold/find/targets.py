@@ -85,11 +85,14 @@ def rank(node: fx.Node | None) -> int:
 
 
 def overflow_refusal(fold: FoldTarget) -> Refusal | None:
-    """The folded weight and bias must fit the layer's dtype: a float16 weight times a large
-    scale can pass 65504 and round to inf. A bound from the largest magnitudes decides almost
+    """The folded weight and bias of a float16 layer must fit float16: a weight times a large
+    scale can pass 65504 and round to inf (the other float dtypes reach 3e38, which no finite
+    fold of a working model comes near). A bound from the largest magnitudes decides almost
     every layer; only where it cannot are the folded tensors computed (float64)."""
     layer = fold.layer
     weight, bias = layer.weight.detach(), layer.bias
+    if weight.dtype != torch.float16:
+        return None
     limit = torch.finfo(weight.dtype).max
     w, b, s, t = (
         largest_magnitude(v) for v in (weight, bias, fold.affine.scale, fold.affine.shift)

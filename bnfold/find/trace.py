@@ -119,11 +119,20 @@ def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
 
 
 def _state(module: nn.Module) -> dict[str, Any]:
-    """A module's attributes, with a copy of each list, dict and set (their contents restored)."""
+    """A module's attributes, with a copy of each list, dict and set of its own (their contents
+    restored; torch's own registries, which hold no traced value, are not copied)."""
     return {
-        name: (value, copy.copy(value) if isinstance(value, (list, dict, set)) else None)
+        name: (value, _contents(value) if name not in _REGISTRIES else None)
         for name, value in vars(module).items()
     }
+
+
+def _contents(value: Any) -> Any:
+    return copy.copy(value) if isinstance(value, (list, dict, set)) else None
+
+
+#: The attributes every nn.Module has (parameters, buffers, submodules, hooks).
+_REGISTRIES = frozenset(vars(nn.Module()))
 
 
 def _restore(module: nn.Module, state: dict[str, Any]) -> None:
@@ -131,9 +140,11 @@ def _restore(module: nn.Module, state: dict[str, Any]) -> None:
         del module.__dict__[name]
     for name, (value, contents) in state.items():
         module.__dict__[name] = value
+        if contents is None:
+            continue
         if isinstance(value, list):
             value[:] = contents
-        elif isinstance(value, (dict, set)):
+        else:
             value.clear()
             value.update(contents)
 
@@ -141,7 +152,7 @@ def _restore(module: nn.Module, state: dict[str, Any]) -> None:
 def _kept_proxy(module: nn.Module) -> str | None:
     """``Type.attribute`` of a module attribute that holds a traced value, if any."""
     for name, value in vars(module).items():
-        if _holds_proxy(value, depth=3):
+        if name not in _REGISTRIES and _holds_proxy(value, depth=3):
             return f"{type(module).__name__}.{name}"
     return None
 

@@ -91,8 +91,11 @@ def fold(
     workspace = Workspace()
     for group in _by_layer(analysis.pairs):
         _fold_layer_group(target, group, workspace)
+    paths: dict[int, list[str]] = {}  # every name each module is registered under
+    for name, module in target.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
     for pair in analysis.pairs:
-        _remove_norm(target, pair.norm)
+        _remove_norm(target, pair.norm, paths.get(id(pair.norm.module), []))
     merge_blocks(gm, analysis.merges)
     if rewrite:
         erase_dead_code(gm.graph)
@@ -180,14 +183,14 @@ def _add_functional_bias(gm: fx.GraphModule, layer: LayerSite, bias: nn.Paramete
         node.update_kwarg("bias", bias_node)
 
 
-def _remove_norm(root: nn.Module, norm: NormSite) -> None:
+def _remove_norm(root: nn.Module, norm: NormSite, paths: list[str]) -> None:
+    """Replace the norm under every name it is registered under (``paths``: ``self.bn`` and
+    ``self.body[1]`` may be one module), or erase its functional call."""
     if norm.kind == BnKind.FUNCTIONAL:
         erase_norm(root.graph, norm, norm.input)
         return
     replacement = norm.extra if norm.kind == BnKind.SUBCLASS else nn.Identity()
     replacement = _standing_in(replacement, norm.module)
-    # every name the norm is registered under (``self.bn`` and ``self.body[1]``, one module)
-    paths = [name for name, m in root.named_modules(remove_duplicate=False) if m is norm.module]
     for path in paths or [norm.name]:
         root.set_submodule(path, replacement)
 
