@@ -20,6 +20,7 @@ from bnfold.find.patterns import LayerKind, Refusal
 from bnfold.find.reach import is_sum
 from bnfold.find.sites import has_stock_forward
 from bnfold.find.skip_details import describe_node
+from bnfold.find.targets import weight_overflow
 from bnfold.find.writes import first_write
 from bnfold.folding.math import FoldedWeights, largest_magnitude
 from bnfold.folding.merge import BranchTerm, MergedShape, merge_branches
@@ -166,7 +167,6 @@ def _overflow(block: Block, alignment: Alignment) -> Refusal | None:
     dtype = block.convs[0].layer.weight.dtype
     if dtype != torch.float16:  # the other float dtypes reach 3e38 (see ``overflow_refusal``)
         return None
-    limit = torch.finfo(dtype).max
     bound = 0.0
     for branch in block.branches:
         scale = largest_magnitude(branch.affine.scale) if branch.affine else 1.0
@@ -175,16 +175,11 @@ def _overflow(block: Block, alignment: Alignment) -> Refusal | None:
         weight = largest_magnitude(layer.weight) if layer is not None else 1.0
         bias = largest_magnitude(layer.bias) if layer is not None else 0.0
         bound += max(weight * scale, bias * scale + shift)
-    if bound <= limit / 2:
-        return None
-    weights = merged_weights(block, alignment)
-    largest = max(largest_magnitude(weights.weight), largest_magnitude(weights.bias))
-    if largest <= limit:
-        return None
-    return Refusal(
-        SkipReason.WEIGHT_OVERFLOW,
-        f"merged into one conv, the branches of {block.add.name} would reach {largest:.3g}, more "
-        f"than {str(dtype).removeprefix('torch.')} can hold ({limit:.3g})",
+    return weight_overflow(
+        bound,
+        lambda: merged_weights(block, alignment),
+        dtype,
+        f"merged into one conv, the branches of {block.add.name}",
     )
 
 

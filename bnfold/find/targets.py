@@ -5,6 +5,7 @@ walks, ``bnfold.find.pairing`` decides)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,13 @@ import torch.fx as fx
 from bnfold.find.patterns import LayerKind, LayerView, Position, Refusal
 from bnfold.find.reach import Reach, Target
 from bnfold.find.sites import LayerSite, NormSite
-from bnfold.folding.math import Affine, fold_into_input, fold_into_output, largest_magnitude
+from bnfold.folding.math import (
+    Affine,
+    FoldedWeights,
+    fold_into_input,
+    fold_into_output,
+    largest_magnitude,
+)
 from bnfold.records import SkipReason
 
 
@@ -93,7 +100,6 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
     weight, bias = layer.weight.detach(), layer.bias
     if weight.dtype != torch.float16:
         return None
-    limit = torch.finfo(weight.dtype).max
     w, b, s, t = (
         largest_magnitude(v) for v in (weight, bias, fold.affine.scale, fold.affine.shift)
     )
@@ -101,15 +107,29 @@ def overflow_refusal(fold: FoldTarget) -> Refusal | None:
         bound = max(w * s, b * s + t)
     else:
         bound = max(w * s, b + w * t * weight.numel())
+    folder = fold_into_output if fold.position == Position.AFTER else fold_into_input
+    return weight_overflow(
+        bound,
+        lambda: folder(weight, bias, fold.affine, layer.layout),
+        weight.dtype,
+        f"folded into {layer.name}, the weights",
+    )
+
+
+def weight_overflow(
+    bound: float, folded: Callable[[], FoldedWeights], dtype: torch.dtype, subject: str
+) -> Refusal | None:
+    """Refuse folded weights ``dtype`` cannot hold: nothing to compute while ``bound`` (on their
+    largest magnitude) stays below half of its largest value, else the weights ``folded()``."""
+    limit = torch.finfo(dtype).max
     if bound <= limit / 2:
         return None
-    folder = fold_into_output if fold.position == Position.AFTER else fold_into_input
-    folded = folder(weight, bias, fold.affine, layer.layout)
-    largest = max(float(folded.weight.abs().max()), float(folded.bias.abs().max()))
+    weights = folded()
+    largest = max(largest_magnitude(weights.weight), largest_magnitude(weights.bias))
     if largest <= limit:
         return None
     return Refusal(
         SkipReason.WEIGHT_OVERFLOW,
-        f"folded into {layer.name}, the weights would reach {largest:.3g}, more than its "
-        f"{str(weight.dtype).removeprefix('torch.')} can hold ({limit:.3g})",
+        f"{subject} would reach {largest:.3g}, more than {str(dtype).removeprefix('torch.')} "
+        f"can hold ({limit:.3g})",
     )
