@@ -67,8 +67,8 @@ def _chain(add: fx.Node) -> tuple[list[Any], list[fx.Node]]:
             inner, inner_chain = _chain(arg)
             addends.extend(inner)
             chain.extend(inner_chain)
-        elif isinstance(arg, fx.Node) and _zero_start(arg) is not None:
-            addends.append(_zero_start(arg))  # sum(branches) and out = 0; out = out + b(x)
+        elif isinstance(arg, fx.Node) and (started := _zero_start(arg)) is not None:
+            addends.append(started)  # sum(branches) and out = 0; out = out + b(x)
             chain.append(arg)
         else:
             addends.append(arg)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from bnfold.find.calls import op_name
 from bnfold.find.functional import fetch_attr
-from bnfold.find.kernels import BATCH_NORM_KERNELS, COMPOSITE_BATCH_NORMS
+from bnfold.find.kernels import BATCH_NORM_KERNELS, COMPOSITE_BATCH_NORMS, higher_order_name
 from bnfold.records import BnKind, Skip, SkipReason
 
 _NORM_OPS = (*BATCH_NORM_KERNELS, *COMPOSITE_BATCH_NORMS)
@@ -33,7 +33,7 @@ def nested_norm_skips(gm: fx.GraphModule) -> tuple[Skip, ...]:
         if node.op != "call_function":
             continue
         for name, subgraph in _subgraphs(gm, node):
-            where = _Where(name, _op_label(node))
+            where = _Where(name, higher_order_name(node.target))
             skips.extend(_norms_in(subgraph, where, _operand_names(gm, node)))
     return tuple(skips)
 
@@ -45,11 +45,6 @@ class _Where:
 
     def __str__(self) -> str:
         return f"{self.subgraph} of {self.op}"
-
-
-def _op_label(node: fx.Node) -> str:
-    name = getattr(node.target, "name", None)
-    return name() if callable(name) else getattr(node.target, "__name__", str(node.target))
 
 
 def _subgraphs(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, fx.GraphModule]]:
@@ -84,7 +79,7 @@ def _norms_in(subgraph: fx.GraphModule, where: _Where, operands: list[str | None
         if op_name(node) in _NORM_OPS:
             skips.append(_skip(node, where, _norm_name(node, placeholders, operands)))
         for name, inner in _subgraphs(subgraph, node):  # a cond inside a branch
-            skips.extend(_norms_in(inner, _Where(name, _op_label(node)), []))
+            skips.extend(_norms_in(inner, _Where(name, higher_order_name(node.target)), []))
     return skips
 
 

@@ -50,6 +50,12 @@ COMPOSITE_BATCH_NORMS = ("batch_norm", "_batch_norm_impl_index")
 INSTANCE_NORMS = (F.instance_norm, torch.instance_norm)
 
 
+def higher_order_name(target: Any) -> str:
+    """A higher-order op's name (``cond``, ``wrap_with_set_grad_enabled``)."""
+    name = getattr(target, "name", None)
+    return name() if callable(name) else getattr(target, "__name__", str(target))
+
+
 class _BatchNormCounter(TorchDispatchMode):
     supports_higher_order_operators = True  # torch.cond: the branch taken is counted
 
@@ -81,7 +87,7 @@ class _BatchNormCounter(TorchDispatchMode):
         """Run a higher-order op's code, counted: ``cond(pred, true_fn, false_fn, operands)``
         the branch ``pred`` picks; the no_grad and autocast wrappers of an exported program
         their body, in their context. Others run code this count cannot follow."""
-        name = func.name() if callable(getattr(func, "name", None)) else str(func)
+        name = higher_order_name(func)
         if name == "cond" and not kwargs and len(args) == 4:
             pred, true_fn, false_fn, operands = args
             with self:

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfold.find.kernels import BATCH_NORM_KERNELS, INSTANCE_NORMS
+from bnfold.find.kernels import BATCH_NORM_KERNELS, INSTANCE_NORMS, higher_order_name
 from bnfold.find.sites import needs_example_input, own_tensors
 from bnfold.find.trace import input_rejected, is_leaf
 from bnfold.io.inputs import as_args
@@ -223,7 +223,7 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not hasattr(func, "overloadpacket"):  # not an ATen op: a higher-order op
             raise Unrecordable(
-                f"the forward calls {getattr(func, '__name__', func)}, a higher-order op (as "
+                f"the forward calls {higher_order_name(func)}, a higher-order op (as "
                 "torch.cond) whose branches a recording of one forward cannot follow"
             )
         kwargs = kwargs or {}
