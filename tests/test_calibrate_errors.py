@@ -153,4 +153,4 @@ class ScaledFirstHalf(nn.BatchNorm1d):
 def test_one_call_a_float16_subclass_cannot_hold_is_refused() -> None:
     model = nn.Sequential(ScaledFirstHalf(4)).half().eval()
     batches = [torch.randn(16, 4).half(), (torch.randn(16, 4) * 0.2).half()]
-    _refused(model, batches, CalibrationError, "one call's statistics exceed")
+    _refused(model, batches, CalibrationError, "one call's statistics reach")

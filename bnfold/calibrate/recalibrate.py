@@ -182,16 +182,13 @@ class _Feeder:
                 first = distributed.fingerprint(batch)
             batch = map_tensors(batch, lambda t: t.to(self.device))
             self.observer.batch = index
-            self.observer.abandon_calls()
+            self.observer.running.clear()
             try:
                 self.feed(self.model, batch)
             except BnfoldError:
-                self.observer.abandon_calls()
                 raise
             except Exception as exc:
-                inside = self.observer.inside()
-                self.observer.abandon_calls()
-                raise _rejected(index, batch, exc, inside) from exc
+                raise _rejected(index, batch, exc, self.observer.inside()) from exc
             items = batch_items(batch)
             if self.progress is not None:
                 self.progress(index, items)

@@ -97,16 +97,20 @@ class Layer:
     def check_fits(self) -> None:
         """Refuse pooled statistics the running buffers' dtype cannot hold (a float16 variance
         above 65504 would be written as inf)."""
-        if self.total is None:
-            return
+        if self.total is not None:
+            largest = max(float(self.total.mean.abs().max()), float(self.total.var.max()))
+            self._refuse_above(largest, "its input's statistics reach")
+
+    def _refuse_above(self, largest: float, what: str) -> None:
+        """Refuse statistics of magnitude ``largest`` that the running buffers cannot hold."""
         dtype = self.bn.running_var.dtype
-        largest = max(float(self.total.mean.abs().max()), float(self.total.var.max()))
-        if largest > torch.finfo(dtype).max:
+        limit = torch.finfo(dtype).max
+        if largest > limit:  # NaN compares false: it is refused where it comes in
             raise CalibrationError(
-                f"BatchNorm {self.name!r}: its input's statistics reach {largest:.3g}, more than "
-                f"its {str(dtype).removeprefix('torch.')} running statistics can hold "
-                f"({torch.finfo(dtype).max:.3g}); keep this BatchNorm in float32 "
-                "(bn.float()) or recalibrate a float32 copy. Statistics restored, model unchanged"
+                f"BatchNorm {self.name!r}: {what} {largest:.3g}, more than its "
+                f"{str(dtype).removeprefix('torch.')} running statistics can hold ({limit:.3g}); "
+                "keep this BatchNorm in float32 (bn.float()) or recalibrate a float32 copy. "
+                "Statistics restored, model unchanged"
             )
 
     def write(self) -> None:
@@ -155,14 +159,7 @@ class Layer:
         into the running buffers for the layer's eval-mode forward (outside autograd, even
         when the caller's forward turned it on)."""
         row = float64_row(x)
-        limit = torch.finfo(self.bn.running_var.dtype).max
-        if float(row.abs().max()) > limit:  # NaN and inf are the caller's to refuse
-            raise CalibrationError(
-                f"BatchNorm {self.name!r}: one call's statistics exceed what its "
-                f"{str(self.bn.running_var.dtype).removeprefix('torch.')} running statistics "
-                f"can hold ({limit:.3g}); keep this BatchNorm in float32 (bn.float()) or "
-                "recalibrate a float32 copy. Statistics restored, model unchanged"
-            )
+        self._refuse_above(float(row.abs().max()), "one call's statistics reach")
         with torch.no_grad():
             self.bn.running_mean.copy_(row[0])
             self.bn.running_var.copy_(row[1] * ((count - 1) / count))
@@ -238,7 +235,6 @@ class Observer:
 
     def detach(self) -> None:
         """Hooks off, momenta and forwards back."""
-        self.abandon_calls()
         for bn, forward in self.forwards:
             if forward is None:
                 del bn.__dict__["forward"]
@@ -248,10 +244,6 @@ class Observer:
             handle.remove()
         for bn, momentum in self.momenta:
             bn.momentum = momentum
-
-    def abandon_calls(self) -> None:
-        """Forget the calls under way (a batch failed, or the next one starts)."""
-        self.running.clear()
 
     def inside(self) -> str | None:
         """The innermost BatchNorm whose call did not finish (after an error), if any."""
