@@ -83,8 +83,7 @@ def run(job: Job, hooks: Hooks = NO_HOOKS) -> Report:
     check_paths(job, planned)
     files = [c for _, c in job.candidates if isinstance(c, Path)]
     for candidate in files:
-        if candidate.exists():
-            refuse_special_file(candidate, "ONNX models")
+        refuse_special_file(candidate, "ONNX models")
     missing = [c for c in files if not c.is_file()]
     if missing:
         raise UsageError(f"no ONNX file at {missing[0]}")

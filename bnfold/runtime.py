@@ -294,8 +294,7 @@ def ort_runner(
 
 
 def _session(ort: Any, path: Path, options: Any, providers: list[Any], cuda: bool) -> Any:
-    if path.exists():
-        refuse_special_file(path, "ONNX models")
+    refuse_special_file(path, "ONNX models")
     if not path.is_file():
         raise UsageError(f"no ONNX file at {path}")
     try:

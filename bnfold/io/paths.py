@@ -58,10 +58,10 @@ def spec_path(spec: str | os.PathLike[str] | None) -> Path | None:
 
 
 def refuse_special_file(path: Path, what: str) -> None:
-    """Refuse an input that is neither a regular file nor a folder (a FIFO, a device, a
-    socket): reading one may block forever or never end."""
-    mode = path.stat().st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    """Refuse an input that exists but is neither a regular file nor a folder (a FIFO, a device,
+    a socket): reading one may block forever or never end. A missing path is the caller's."""
+    status = _stat(path)
+    if status is not None and not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
         raise LoadError(
             f"{path} is not a regular file (a FIFO, device or socket): bnfold reads {what} "
             "from files only; save it to a file first"
