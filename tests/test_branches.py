@@ -305,13 +305,8 @@ def test_branch_output_used_elsewhere_keeps_the_block() -> None:
     assert "merges no branches: 0.dense.bn (BatchNorm2d) is no branch" in result.skipped[0].detail
 
 
-class ActivatedBranch(nn.Module):
+class ActivatedBranch(SumThenMore):
     """A RepVGG block whose 1x1 branch has its own ReLU: the sum is no block."""
-
-    def __init__(self, c: int = 8) -> None:
-        super().__init__()
-        self.dense, self.one = ConvBN(2, c, c, 3, padding=1), ConvBN(2, c, c, 1)
-        self.identity = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x) + torch.relu(self.one(x)) + self.identity(x)

@@ -228,16 +228,10 @@ def test_a_norm_registered_under_two_names_is_removed_under_both(gate: bool) -> 
     assert bnfold.count_bn_kernels(result.model, x.double()) == 0
 
 
-class ReadsNormTensors(nn.Module):
+class ReadsNormTensors(ReadsNormSize):
     """Reads the BN's tensors beside its call in ways the analysis does not see: fx bakes
     ``running_mean.clone()`` into a constant of its graph, a recorded forward does not see
     ``weight.shape``."""
-
-    def __init__(self, gate: bool) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
@@ -251,4 +245,4 @@ class ReadsNormTensors(nn.Module):
 @pytest.mark.parametrize("gate", [False, True])
 def test_a_forward_reading_a_folded_norms_tensors_still_runs_exactly(gate: bool) -> None:
     model = randomize(ReadsNormTensors(gate).eval())
-    fold_fp64(model, torch.randn(2, 3, 6, 6), folded=1, skipped=0)
+    fold_fp64(model, torch.randn(2, 4, 6, 6), folded=1, skipped=0)
