@@ -138,3 +138,30 @@ def test_verify_on_sample_data(files, capsys) -> None:
     assert code == 1, err  # the broken ONNX fails on the sample data too
     inputs = json.loads(text)["verification"]["inputs"]
     assert [(i["source"], i["batch_size"]) for i in inputs] == [("sample", 4), ("sample", 4)]
+
+
+def test_verify_exits_1_when_a_candidate_cannot_run_an_input_the_original_runs(
+    files, capsys
+) -> None:
+    """An ONNX file exported with a fixed batch of 2, verified on batches of 4: no output is
+    compared, and that is a failed verification (exit 1) with ONNX Runtime's own reason."""
+    fixed = files / "fixed.onnx"
+    bnfold.export_onnx(ready(ConvNet()), image(), fixed, dynamic_batch=False)
+    data = files / "samples4.pt"
+    torch.save(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4)), data)
+    code, _, err = run(
+        capsys,
+        "verify",
+        fixed,
+        "--reference",
+        files / "model.pt2",
+        "--data",
+        data,
+        "--batch-size",
+        "4",
+        "--random-batches",
+        "none",
+    )
+    assert code == 1, err
+    assert "the original runs this input, this candidate does not" in err
+    assert "Expected: 2" in err
