@@ -181,6 +181,7 @@ def frozen_state(model: nn.Module) -> dict[str, Any]:
             len(module._forward_pre_hooks),
             len(module._forward_hooks),
         )
+        state[f"{name}.own forward"] = module.__dict__.get("forward")  # recalibration swaps it
         for pname, param in module.named_parameters(recurse=False):
             state[f"{name}.{pname}"] = (param.detach().clone(), param.requires_grad, param.grad)
         for bname, buf in module.named_buffers(recurse=False):

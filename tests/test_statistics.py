@@ -1,8 +1,10 @@
 """How each BatchNorm call's statistics are taken (torch's kernel rows, float64 rows, the
-pre-hook of a BatchNorm with its own forward), each exact against float64, far from zero too;
-the pooling; and no process-wide state."""
+batch norm calls of a BatchNorm with its own forward), each exact against float64, far from
+zero too; the pooling; and no process-wide state."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 from bnfold.calibrate import statistics
 from bnfold.calibrate.recalibrate import recalibrate
 from bnfold.calibrate.statistics import Layer, Moments, Observer
-from bnfold.errors import CalibrationError
+from bnfold.errors import CalibrationError, ModelInputError
 from bnfold.modes import eval_mode
 
 F64 = torch.float64
@@ -34,8 +36,8 @@ def _exact(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _observe(bn: nn.Module, batches: list[torch.Tensor]) -> tuple:
-    """``bn`` fed ``batches`` under its hooks, as recalibration runs it: the layer, its rows'
-    dtypes in call order, and its outputs."""
+    """``bn`` fed ``batches`` with its forward replaced, as recalibration runs it: the layer,
+    its rows' dtypes in call order, and its outputs."""
     layer = Layer("bn", bn)
     observer = Observer({"bn": layer})
     dtypes, outputs = [], []
@@ -45,7 +47,7 @@ def _observe(bn: nn.Module, batches: list[torch.Tensor]) -> tuple:
             for index, x in enumerate(batches):
                 observer.batch = index
                 outputs.append(bn(x))
-                dtypes.append(layer.rows[-1].dtype)
+                dtypes.append(layer.rows[-1].mean.dtype)
             layer.pool()
         finally:
             observer.detach()
@@ -57,8 +59,9 @@ def _assert_exact(layer: Layer, batches: list[torch.Tensor], tol: float = 1e-6) 
     assert total is not None
     mean, var = _exact(batches)
     assert total.count == sum(x.numel() // x.shape[1] for x in batches)
-    assert float(((total.mean - mean).abs() / var.sqrt()).max()) < tol
-    assert float(((total.m2 / (total.count - 1) - var).abs() / var).max()) < tol
+    pooled_mean, pooled_var = torch.from_numpy(total.mean), torch.from_numpy(total.var)
+    assert float(((pooled_mean - mean).abs() / var.sqrt()).max()) < tol
+    assert float(((pooled_var - var).abs() / var).max()) < tol
 
 
 def _train_mode(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
@@ -152,7 +155,7 @@ def test_calls_far_from_zero_take_float64_rows() -> None:
 
 
 def test_a_batchnorm_with_its_own_forward_gets_batch_statistics_in_eval_mode() -> None:
-    """The pre-hook writes the float64 batch mean and biased variance into the buffers; the
+    """Its batch norm call gets the float64 batch mean and biased variance in the buffers; the
     layer's own forward (here: doubling) runs in eval mode with them."""
 
     class Scaled(nn.BatchNorm2d):
@@ -177,9 +180,42 @@ def test_which_batchnorms_take_torchs_forward() -> None:
     assert not Layer("", patched).stock
 
 
+def test_a_forward_that_calls_the_batchnorms_forward_directly_is_counted() -> None:
+    """``self.bn.forward(x)`` skips the module call (and any hook); the BatchNorm's forward is
+    what recalibration replaces, so the call is still seen."""
+
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn.forward(self.conv(x))
+
+    model = Direct().eval()
+    batches = _batches((3, 5, 5))
+    with torch.no_grad():
+        mean, var = _exact([model.conv(x) for x in batches])
+    report = recalibrate(model, batches)
+    assert report.layers[0].calls == len(batches)
+    assert float(((model.bn.running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6
+    assert float(((model.bn.running_var.double() - var).abs() / var).max()) < 1e-6
+
+
+def test_each_batchnorms_own_instance_forward_is_put_back_after_a_run_and_an_error() -> None:
+    patched, plain = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    own = functools.partial(nn.BatchNorm1d.forward, patched)  # runs its batch norm: usable
+    patched.forward = own
+    model = nn.Sequential(patched, plain).eval()
+    recalibrate(model, _batches((3,)))
+    with pytest.raises(ModelInputError):
+        recalibrate(model, [torch.randn(4, 5)])
+    assert patched.__dict__["forward"] is own and "forward" not in plain.__dict__
+
+
 def test_mixed_dtypes_the_layer_rejects_go_to_its_own_forward() -> None:
-    """A float32 input to a float64 BatchNorm: the layer's own forward decides (it rejects it,
-    as it would outside recalibration)."""
+    """A float32 input to a float64 BatchNorm: torch's kernel decides (it rejects it, as the
+    layer's forward would outside recalibration)."""
     with pytest.raises(RuntimeError):
         _observe(nn.BatchNorm1d(3).double(), _batches((3,)))
 
@@ -215,12 +251,12 @@ def test_moments_merge_is_chan() -> None:
     parts = []
     for x in batches:
         mean, var = _exact([x])
-        parts.append(Moments(x.shape[0], mean, var * (x.shape[0] - 1)))
+        parts.append(Moments(x.shape[0], mean.numpy(), (var * (x.shape[0] - 1)).numpy()))
     merged = parts[0].merge(parts[1])
     mean, var = _exact(batches)
     assert merged.count == 11
-    torch.testing.assert_close(merged.mean, mean, rtol=1e-12, atol=0)
-    torch.testing.assert_close(merged.m2 / 10, var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.from_numpy(merged.mean), mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.from_numpy(merged.var), var, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------------- far from zero
@@ -305,7 +341,7 @@ def test_affine_free_sync_and_hooked_batchnorms_are_exact() -> None:
 def test_report_has_the_old_statistics_on_every_route() -> None:
     """The report reads the statistics as they were before the first call wrote them."""
 
-    class Own(nn.BatchNorm1d):  # its own forward: the pre-hook writes the buffers
+    class Own(nn.BatchNorm1d):  # its own forward: its batch norm call writes the buffers
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x)
 

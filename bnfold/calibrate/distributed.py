@@ -9,12 +9,13 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from bnfold.calibrate.sources import Batch, DataSource
-from bnfold.calibrate.statistics import F64, Layer, Moments
+from bnfold.calibrate.statistics import Layer, Moments
 from bnfold.errors import CalibrationError, UsageError
 
 
@@ -123,25 +124,28 @@ def _collective_device(device: torch.device) -> torch.device:
 def all_reduce(layers: list[Layer], device: torch.device) -> None:
     """Every layer's statistics and calls over every rank, merged exactly (the global mean
     first, then M2 about it). ``layers`` are in the same order on every rank."""
-    where = _collective_device(device)
-    local = [_local(layer, where) for layer in layers]
-    widths = [moments.mean.numel() for moments in local]
+    local = [layer.total or _nothing(layer.bn.num_features) for layer in layers]
+    ends = np.cumsum([moments.mean.size for moments in local])[:-1]
     counts = [[moments.count, layer.calls] for moments, layer in zip(local, layers, strict=True)]
-    first = torch.tensor(counts, dtype=F64, device=where).flatten()
-    first = torch.cat([first, *(moments.mean * moments.count for moments in local)])
-    dist.all_reduce(first)
-    counts = first[: 2 * len(layers)].view(-1, 2).tolist()
-    sums = first[2 * len(layers) :].split(widths)
+    head = np.array(counts, dtype=np.float64).ravel()
+    first = _summed([head, *(moments.mean * moments.count for moments in local)], device)
+    counts = first[: head.size].reshape(-1, 2).tolist()
+    sums = np.split(first[head.size :], ends)
     means = [s / max(n, 1.0) for s, (n, _) in zip(sums, counts, strict=True)]
     m2 = [m.m2 + m.count * (m.mean - mean) ** 2 for m, mean in zip(local, means, strict=True)]
-    second = torch.cat(m2)
-    dist.all_reduce(second)
-    parts = zip(layers, counts, means, second.split(widths), strict=True)
+    second = np.split(_summed(m2, device), ends)
+    parts = zip(layers, counts, means, second, strict=True)
     for layer, (count, calls), mean, deviations in parts:
         layer.calls = int(calls)
         layer.total = Moments(int(count), mean, deviations) if count else None
 
 
-def _local(layer: Layer, where: torch.device) -> Moments:
-    total = layer.total or Moments(0, *[torch.zeros(layer.bn.num_features, dtype=F64)] * 2)
-    return Moments(total.count, total.mean.to(where), total.m2.to(where))
+def _nothing(width: int) -> Moments:
+    return Moments(0, np.zeros(width), np.zeros(width))
+
+
+def _summed(arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
+    """``arrays``, concatenated, summed over every rank (float64)."""
+    tensor = torch.from_numpy(np.concatenate(arrays)).to(_collective_device(device))
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 #: Where each batch-norm function takes its input and its running mean, by position.
@@ -60,15 +59,3 @@ class NormCalls(TorchFunctionMode):
             if owner is not None and isinstance(x, torch.Tensor):
                 self.take(owner, x)
         return func(*args, **kwargs)
-
-
-def watched_forward(module: nn.Module, calls: NormCalls) -> Callable[..., Any]:
-    """``module``'s forward with ``calls`` watching while it runs (set as the instance's own
-    ``forward`` for the run; the caller restores it)."""
-    forward = module.forward
-
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        with calls.watching():
-            return forward(*args, **kwargs)
-
-    return watched

@@ -181,14 +181,13 @@ class _Feeder:
             if fingerprint and not first:  # the first batch that holds values
                 first = distributed.fingerprint(batch)
             batch = map_tensors(batch, lambda t: t.to(self.device))
-            self.observer.batch = index
-            self.observer.running.clear()
+            self.observer.start(index)
             try:
                 self.feed(self.model, batch)
             except BnfoldError:
                 raise
             except Exception as exc:
-                raise _rejected(index, batch, exc, self.observer.inside()) from exc
+                raise _rejected(index, batch, exc, self.observer.failed_in) from exc
             items = batch_items(batch)
             if self.progress is not None:
                 self.progress(index, items)

@@ -192,11 +192,11 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     starts = [0, *itertools.accumulate(widths[:-1])]
     new = [layer.total for layer in layers if layer.total is not None]
     old = [layer.saved for layer in layers]  # running mean, running var, ...
-    columns = (
-        [o[0] for o in old] + [m.mean for m in new] + [o[1] for o in old] + [m.var for m in new]
-    )
     table = np.empty((6, sum(widths)))  # old mean, new mean, old var, new var, shift, ratio
-    table[:4] = torch.cat(columns).to("cpu", torch.float64).view(4, -1).numpy()
+    saved = torch.cat([o[0] for o in old] + [o[1] for o in old]).to("cpu", torch.float64)
+    table[[0, 2]] = saved.view(2, -1).numpy()
+    table[1] = np.concatenate([m.mean for m in new])
+    table[3] = np.concatenate([m.var for m in new])
     old_mean, new_mean, old_var, new_var, shift, ratio = table
     eps = np.repeat([float(layer.bn.eps) for layer in layers], widths)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -205,7 +205,8 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
     low = np.minimum.reduceat(table, starts, axis=1).T.tolist()
     mid = (np.add.reduceat(table, starts, axis=1) / widths).T.tolist()
     high = np.maximum.reduceat(table, starts, axis=1).T.tolist()
-    tiny = np.split(new_var < eps, starts[1:])
+    tiny = new_var < eps
+    ends = [*starts[1:], len(tiny)]
     return [
         LayerCalibration(
             layer.name,
@@ -215,7 +216,9 @@ def _summaries(layers: Sequence[Layer]) -> list[LayerCalibration]:
             layer.calls,
             moments.count,
             *(ChannelSummary(*values) for values in zip(*rows, strict=True)),
-            near_zero_var_channels=tuple(np.flatnonzero(below).tolist()),
+            near_zero_var_channels=tuple(tiny[start:end].nonzero()[0].tolist()),
         )
-        for layer, moments, *rows, below in zip(layers, new, low, mid, high, tiny, strict=True)
+        for layer, moments, *rows, start, end in zip(
+            layers, new, low, mid, high, starts, ends, strict=True
+        )
     ]

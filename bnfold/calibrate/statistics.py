@@ -1,21 +1,22 @@
 """Each BatchNorm call's batch statistics during recalibration, pooled exactly in float64.
 
-Every recalibrated BatchNorm gets a forward pre-hook and a forward hook (``Observer``):
+For the run, every recalibrated BatchNorm's forward is replaced (as the instance's own
+``forward``, restored after; ``Observer``), and the model stays in eval mode:
 
 - **Stock** (torch's own forward: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` outside a process
-  group): it runs in train mode with momentum 1, so after each call its running buffers hold the
-  call's batch mean and unbiased variance from torch's kernel. A call the kernel does not sum to
-  about float32 rounding (``Layer.kernel_row``), and a float32 call with a channel whose |mean|
-  exceeds ``FAR`` std, are taken from a float64 copy.
+  group): torch's train-mode batch norm runs with momentum 1 on fresh zero tensors in place of
+  the running buffers, so each call leaves its batch mean and unbiased variance from torch's
+  kernel there: the call's row, the buffers untouched. A call the kernel does not sum to about
+  float32 rounding (``Layer.kernel_row``), and a float32 call with a channel whose |mean|
+  exceeds ``FAR`` std, take their row from a float64 copy.
 - **Other** (a subclass with its own forward, as timm's ``BatchNormAct2d``; a ``SyncBatchNorm``
-  in a process group, whose train-mode forward would all-reduce every call): it stays in eval
-  mode, and for the run its forward is wrapped (as the instance's own ``forward``, restored
-  after) so that each batch norm it runs on its running statistics is seen, in the thread that
-  runs it (``bnfold.calibrate.inside``). The float64 batch mean and biased variance of that
-  call's own input (what it normalises, which its forward may have transposed or scaled) are
-  written into the running buffers first, so it normalises with batch statistics and keeps its
-  extra behaviour (activation, dropout) in eval form. A forward that runs no such batch norm on
-  a non-empty batch is refused: what it normalises is unknown.
+  in a process group, whose train-mode forward would all-reduce every call): its own forward
+  runs, in eval mode, while each batch norm it runs on its running statistics is seen, in the
+  thread that runs it (``bnfold.calibrate.inside``). The float64 batch mean and biased variance
+  of that call's own input (what it normalises, which its forward may have transposed or
+  scaled) are written into the running buffers first, so it normalises with batch statistics
+  and keeps its extra behaviour (activation, dropout) in eval form. A forward that runs no such
+  batch norm on a non-empty batch is refused: what it normalises is unknown.
 
 Each call's row is checked for NaN/inf as it comes (the error names the first BatchNorm that saw
 them), and each layer pools its rows by Chan's formula in float64.
@@ -25,13 +26,16 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bnfold.calibrate.inside import NormCalls, watched_forward
+from bnfold.calibrate.inside import NormCalls
 from bnfold.errors import CalibrationError, ModelInputError
 from bnfold.find.sites import is_stock_norm
 
@@ -52,13 +56,20 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 POOL_EVERY = 64
 
 
+class Row(NamedTuple):
+    """One call's mean and unbiased variance per channel."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Moments:
-    """Count, mean and sum of squared deviations (``m2``) per channel, float64."""
+    """Count, mean and sum of squared deviations (``m2``) per channel, float64 on the CPU."""
 
     count: int
-    mean: torch.Tensor
-    m2: torch.Tensor
+    mean: np.ndarray
+    m2: np.ndarray
 
     def merge(self, other: Moments) -> Moments:
         """Both sets of values together (Chan's formula)."""
@@ -68,8 +79,8 @@ class Moments:
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
         return Moments(count, mean, m2)
 
-    @property
-    def var(self) -> torch.Tensor:
+    @functools.cached_property
+    def var(self) -> np.ndarray:
         """The unbiased variance (every call has at least two values per channel)."""
         return self.m2 / (self.count - 1)
 
@@ -84,11 +95,9 @@ class Layer:
         self.calls = 0
         self.unusable = False  # a call whose input no statistics can be taken from
         self.counts: list[int] = []  # values per channel of each row not yet pooled
-        self.rows: list[torch.Tensor] = []  # [mean, unbiased var] of each call not yet pooled
+        self.rows: list[Row] = []  # each call's row not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
-        # where a stock layer's train-mode kernel writes each call's batch statistics in place
-        self.batch_mean, self.batch_var = bn.running_mean, bn.running_var
 
     def restore(self) -> None:
         for buffer, value in zip(self._buffers(), self.saved, strict=True):
@@ -98,7 +107,7 @@ class Layer:
         """Refuse pooled statistics the running buffers' dtype cannot hold (a float16 variance
         above 65504 would be written as inf)."""
         if self.total is not None:
-            largest = max(float(self.total.mean.abs().max()), float(self.total.var.max()))
+            largest = max(float(np.abs(self.total.mean).max()), float(self.total.var.max()))
             self._refuse_above(largest, "its input's statistics reach")
 
     def _refuse_above(self, largest: float, what: str) -> None:
@@ -119,8 +128,8 @@ class Layer:
         if self.total is None:
             self.restore()
             return
-        self.bn.running_mean.copy_(self.total.mean)
-        self.bn.running_var.copy_(self.total.var)
+        self.bn.running_mean.copy_(torch.from_numpy(self.total.mean))
+        self.bn.running_var.copy_(torch.from_numpy(self.total.var))
         if self.bn.num_batches_tracked is not None:
             self.bn.num_batches_tracked.fill_(self.calls)
 
@@ -128,14 +137,19 @@ class Layer:
         buffers = (self.bn.running_mean, self.bn.running_var, self.bn.num_batches_tracked)
         return [t for t in buffers if t is not None]
 
-    def kernel_row(self, x: torch.Tensor) -> torch.Tensor:
-        """This call's [mean, unbiased var]: what the train-mode kernel wrote where it sums to
+    def fresh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two zero tensors like the running statistics, for one call's kernel to fill."""
+        like = self.saved[0]  # a copy of running_mean (its own lookup costs more than this)
+        return torch.zeros_like(like), torch.zeros_like(like)
+
+    def kernel_row(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> Row:
+        """This call's row: what the train-mode kernel wrote (``mean``, ``var``) where it sums to
         about float32 rounding (on CPU a contiguous channels-first input with spatial dims in
         float64, one without spatial extent of up to ``KERNEL_ROWS_FLAT`` rows in float32 along
         the batch; on CUDA by Welford's method), else from a float64 copy: a longer batch
         without spatial extent, a channels-last batch or half inputs of float32 statistics
         (summed in float32 or less over the whole batch), and a float32 row far from zero."""
-        dtype = self.batch_mean.dtype
+        dtype = mean.dtype
         if x.dtype != dtype or dtype not in (torch.float32, F64):
             return float64_row(x)
         layout = CHANNELS_LAST.get(x.dim())
@@ -145,27 +159,27 @@ class Layer:
         flat = x.numel() == x.shape[0] * x.shape[1]  # (N, C), (N, C, 1): summed along N
         if flat and not x.is_cuda and x.shape[0] > KERNEL_ROWS_FLAT:
             return float64_row(x)
-        row = torch.stack((self.batch_mean, self.batch_var))
         if dtype == F64:
-            return row
+            return Row(mean, var)
         # min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std (a
         # float32 row would round the mean too coarsely), not finite where the input held
         # NaN or inf (left for the float64 row, which ``Observer._add`` refuses)
-        spread = torch.addcmul(self.batch_var, self.batch_mean, self.batch_mean, value=-(FAR**-2))
-        return row if float(spread.min()) >= 0 else float64_row(x)
+        spread = torch.addcmul(var, mean, mean, value=-(FAR**-2))
+        return Row(mean, var) if float(spread.min()) >= 0 else float64_row(x)
 
-    def batch_statistics(self, x: torch.Tensor, count: int) -> torch.Tensor:
-        """This call's float64 [mean, unbiased var], its mean and biased variance written
-        into the running buffers for the layer's eval-mode forward (outside autograd, even
-        when the caller's forward turned it on)."""
+    def batch_statistics(self, x: torch.Tensor, count: int) -> Row:
+        """This call's float64 row, its mean and biased variance written into the running
+        buffers for the layer's eval-mode forward (outside autograd, even when the caller's
+        forward turned it on)."""
         row = float64_row(x)
-        self._refuse_above(float(row.abs().max()), "one call's statistics reach")
+        largest = max(float(row.mean.abs().max()), float(row.var.max()))
+        self._refuse_above(largest, "one call's statistics reach")
         with torch.no_grad():
-            self.bn.running_mean.copy_(row[0])
-            self.bn.running_var.copy_(row[1] * ((count - 1) / count))
+            self.bn.running_mean.copy_(row.mean)
+            self.bn.running_var.copy_(row.var * ((count - 1) / count))
         return row
 
-    def add(self, count: int, row: torch.Tensor) -> None:
+    def add(self, count: int, row: Row) -> None:
         self.calls += 1
         self.counts.append(count)
         self.rows.append(row)
@@ -173,108 +187,97 @@ class Layer:
             self.pool()
 
     def pool(self) -> None:
-        """Merge the waiting rows into the total (Chan's formula over the rows, float64)."""
+        """Merge the waiting rows into the total (Chan's formula over the rows, in float64 on
+        the CPU: a few small array operations instead of a few device calls)."""
         if not self.rows:
             return
-        values = torch.stack(self.rows).to(F64)  # (rows, 2, channels)
-        n = values.new_tensor(self.counts)
+        k = len(self.rows)
+        rows = [row.mean for row in self.rows] + [row.var for row in self.rows]
+        values = torch.stack(rows).to("cpu", F64).numpy()
+        means, variances = values[:k], values[k:]  # (rows, channels) each
+        n = np.array(self.counts, dtype=np.float64)
         total = sum(self.counts)
-        mean = n @ values[:, 0] / total
-        m2 = (n - 1) @ values[:, 1] + n @ (values[:, 0] - mean).square_()
+        mean = n @ means / total
+        m2 = (n - 1) @ variances + n @ np.square(means - mean)
         part = Moments(total, mean, m2)
         self.total = part if self.total is None else self.total.merge(part)
         self.counts, self.rows = [], []
 
 
-def float64_row(x: torch.Tensor) -> torch.Tensor:
-    """[mean, unbiased var] per channel (dim 1) of ``x``, from a float64 copy."""
+def float64_row(x: torch.Tensor) -> Row:
+    """The row of ``x`` (channels on dim 1), from a float64 copy."""
     dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(x.detach().to(F64), dims, correction=1)
-    return torch.stack((mean, var))
-
-
-@dataclass(frozen=True)
-class _Call:
-    """A BatchNorm call under way: a stock layer's values per channel (0: not taken), or how
-    many calls another layer had pooled before this one."""
-
-    layer: Layer
-    count: int = 0
-    calls_before: int | None = None  # None: its input was no batch to take statistics of
+    return Row(mean, var)
 
 
 class Observer:
-    """The hooks of every target BatchNorm, and the flags they change."""
+    """Every target BatchNorm's forward, replaced for the run (as the instance's own
+    ``forward``, restored by ``detach``) by one that takes each call's statistics."""
 
     def __init__(self, layers: dict[str, Layer]) -> None:
         self.layers = layers
         self.batch = 0
-        self.running: list[_Call] = []  # the BatchNorm calls under way, innermost last
-        self.handles: list[Any] = []
-        self.momenta: list[tuple[nn.Module, Any]] = []
+        self.failed_in: str | None = None  # the innermost BatchNorm a failure passed through
         others = {id(x.bn.running_mean): x for x in layers.values() if not x.stock}
         self.inner = NormCalls(others, self._take)
-        self.forwards: list[tuple[nn.Module, Any]] = []  # instance forwards replaced
+        self.forwards: list[tuple[nn.Module, Any]] = []  # each layer's instance forward, if any
 
     def attach(self) -> None:
-        """Hooks on, stock layers in train mode with momentum 1 (the caller restores flags)."""
         for layer in self.layers.values():
             bn = layer.bn
+            self.forwards.append((bn, bn.__dict__.get("forward")))
             if layer.stock:
-                self.momenta.append((bn, bn.momentum))
-                bn.momentum, bn.training = 1.0, True
-                # momentum 1 writes 0 * old + 1 * new: a NaN stored before would stay
-                bn.running_mean.zero_()
-                bn.running_var.fill_(1.0)
-            else:  # its own forward: its batch norm calls are taken (``_take``)
-                self.forwards.append((bn, bn.__dict__.get("forward")))
-                bn.forward = watched_forward(bn, self.inner)
-            before = functools.partial(self._before, layer)
-            self.handles.append(bn.register_forward_pre_hook(before, with_kwargs=True))
-            self.handles.append(bn.register_forward_hook(self._after, with_kwargs=True))
+                bn.forward = functools.partial(self._stock, layer)
+            else:
+                bn.forward = functools.partial(self._other, layer, bn.forward)
 
     def detach(self) -> None:
-        """Hooks off, momenta and forwards back."""
         for bn, forward in self.forwards:
             if forward is None:
                 del bn.__dict__["forward"]
             else:
                 bn.forward = forward
-        for handle in self.handles:
-            handle.remove()
-        for bn, momentum in self.momenta:
-            bn.momentum = momentum
+        self.forwards = []
 
-    def inside(self) -> str | None:
-        """The innermost BatchNorm whose call did not finish (after an error), if any."""
-        return self.running[-1].layer.name if self.running else None
+    def start(self, batch: int) -> None:
+        self.batch, self.failed_in = batch, None
 
-    def _before(self, layer: Layer, bn: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _stock(self, layer: Layer, input: torch.Tensor) -> torch.Tensor:
+        """torch's train-mode batch norm, writing this call's batch mean and unbiased variance
+        into fresh tensors (momentum 1 over zeros), which become its row."""
+        bn = layer.bn
+        try:
+            bn._check_input_dim(input)
+            if not _usable(input, bn):  # torch's kernel decides (it rejects it, or passes it)
+                return F.batch_norm(input, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+            count = self._count(layer, input)
+            mean, var = layer.fresh()
+            output = F.batch_norm(input, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
+            self._add(layer, count, layer.kernel_row(input, mean, var))
+            return output
+        except BaseException:
+            self.failed_in = self.failed_in or layer.name
+            raise
+
+    def _other(self, layer: Layer, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The layer's own forward, its batch norm calls taken (``_take``) while it runs."""
         x = args[0] if args else kwargs.get("input")
-        if not layer.stock:  # its batch norm calls are taken (``_take``)
-            calls = layer.calls if _usable(x, bn) else None  # None: nothing to take
-            self.running.append(_Call(layer, calls_before=calls))
-            return
-        count = 0
-        if _usable(x, bn):  # otherwise the layer's own forward decides (and rejects it)
-            count = self._count(layer, x)
-        self.running.append(_Call(layer, count))
-
-    def _after(self, bn: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        call = self.running.pop()
-        layer = call.layer
-        if layer.stock:
-            if call.count:
-                x = args[0] if args else kwargs["input"]
-                self._add(layer, call.count, layer.kernel_row(x))
-            return
-        if layer.calls == call.calls_before and not layer.unusable:
+        calls_before = layer.calls if _usable(x, layer.bn) else None  # None: nothing to take
+        try:
+            with self.inner.watching():
+                output = forward(*args, **kwargs)
+        except BaseException:
+            self.failed_in = self.failed_in or layer.name
+            raise
+        if layer.calls == calls_before and not layer.unusable:
             raise CalibrationError(
-                f"batch {self.batch}: BatchNorm {layer.name!r} ({type(bn).__name__}) has its own "
-                "forward, and it ran no batch norm (F.batch_norm or torch.batch_norm) on its own "
-                "running statistics, so what it normalises is unknown; give it the stock "
+                f"batch {self.batch}: BatchNorm {layer.name!r} ({type(layer.bn).__name__}) has "
+                "its own forward, and it ran no batch norm (F.batch_norm or torch.batch_norm) on "
+                "its own running statistics, so what it normalises is unknown; give it the stock "
                 "forward to recalibrate it. Statistics restored, model unchanged"
             )
+        return output
 
     def _take(self, layer: Layer, x: torch.Tensor) -> None:
         """A batch norm call inside ``layer``'s own forward, on its running statistics: the
@@ -296,9 +299,9 @@ class Observer:
             )
         return count
 
-    def _add(self, layer: Layer, count: int, row: torch.Tensor) -> None:
+    def _add(self, layer: Layer, count: int, row: Row) -> None:
         """Refuse NaN/inf (this is the first layer in call order that saw them)."""
-        if row.dtype == F64 and not math.isfinite(float(row.sum())):
+        if row.mean.dtype == F64 and not math.isfinite(float(row.mean.sum() + row.var.sum())):
             raise CalibrationError(
                 f"batch {self.batch}: BatchNorm {layer.name!r} is the first layer whose input "
                 f"holds NaN or infinite values; check the data (and the layers before "
