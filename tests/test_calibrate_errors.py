@@ -154,3 +154,10 @@ def test_one_call_a_float16_subclass_cannot_hold_is_refused() -> None:
     model = nn.Sequential(ScaledFirstHalf(4)).half().eval()
     batches = [torch.randn(16, 4).half(), (torch.randn(16, 4) * 0.2).half()]
     _refused(model, batches, CalibrationError, "one call's statistics reach")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_model_is_refused() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.BatchNorm1d(2)))
+    with pytest.raises(UsageError, match=r"TorchScript .* eager"):
+        recalibrate(scripted, [torch.randn(4, 2)])

@@ -132,8 +132,8 @@ def _check_arguments(model: nn.Module, batches: int | None) -> None:
         raise UsageError(f"recalibrate needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise UsageError(
-            "recalibrate cannot hook a TorchScript module; pass the eager nn.Module (or a .pt2 "
-            "program loaded as a module)"
+            "recalibrate cannot swap a TorchScript module's BatchNorm forwards; pass the eager "
+            "nn.Module (or a .pt2 program loaded as a module)"
         )
     if batches is not None and (
         isinstance(batches, bool) or not isinstance(batches, int) or batches < 1
