@@ -5,10 +5,11 @@ zero too; the pooling; and no process-wide state."""
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from calibrate_models import reference_statistics, statistics_error
+from calibrate_models import all_state, assert_same, reference_statistics, statistics_error
 from torch import nn
 
 from bnfold.calibrate import statistics
@@ -213,6 +214,23 @@ def test_each_batchnorms_own_instance_forward_is_put_back_after_a_run_and_an_err
     assert patched.__dict__["forward"] is own and "forward" not in plain.__dict__
 
 
+def test_a_wrong_width_is_refused_also_without_affine_parameters() -> None:
+    """torch refuses 8 channels into ``BatchNorm2d(6, affine=False)``; so does the run (torch's
+    kernel is given statistics of the layer's width to check)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(6, affine=False)).eval()
+    with pytest.raises(ModelInputError, match=r"inside BatchNorm '1'.*8 elements not 6"):
+        recalibrate(model, _batches((3, 4, 4)))
+
+
+def test_float32_sums_that_overflow_take_float64_rows() -> None:
+    """Values near 3e18 in (N, C) batches: the exact variance (about 1e37) fits in float32, the
+    kernel's float32 sum of squares over 64 rows does not; the row comes from a float64 copy."""
+    batches = [x * 1.5e18 for x in _batches((3,), sizes=(64, 64), offset=0.0)]
+    layer, dtypes, _ = _observe(nn.BatchNorm1d(3), batches)
+    assert dtypes == [F64] * len(batches)
+    _assert_exact(layer, batches, 1e-12)
+
+
 def test_mixed_dtypes_the_layer_rejects_go_to_its_own_forward() -> None:
     """A float32 input to a float64 BatchNorm: torch's kernel decides (it rejects it, as the
     layer's forward would outside recalibration)."""
@@ -373,6 +391,67 @@ def test_report_has_the_old_statistics_on_every_route() -> None:
         assert layer.old_mean.min == pytest.approx(float(old_mean.min()))
         assert layer.old_var.max == pytest.approx(float(old_var.max()))
         assert layer.new_mean.max == pytest.approx(float(bn.running_mean.max()), rel=1e-6)
+
+
+class _ActBN(nn.BatchNorm2d):
+    """timm's BatchNormAct in short: its own forward, a batch norm on its buffers, then ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return torch.relu(y)
+
+
+def test_threads_calling_a_batchnorm_with_its_own_forward_read_their_own_statistics() -> None:
+    """Each call's batch statistics are written into the layer's buffers for its batch norm to
+    read: calls from a thread pool (chunks 100 apart) must not read each other's. The next
+    BatchNorm pools exactly the chunk-normalised, rectified values."""
+    model = nn.Sequential(_ActBN(4), nn.BatchNorm2d(4)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        torch.cat([torch.randn(2, 4, 16, 16, generator=gen) + 100 * k for k in range(8)])
+        for _ in range(6)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        recalibrate(model, data, forward=lambda m, batch: list(pool.map(m, batch.split(2))))
+    chunks = [x.double() for batch in data for x in batch.split(2)]
+    normalised = [
+        torch.relu((x - x.mean((0, 2, 3), keepdim=True)) / (x.var((0, 2, 3), keepdim=True,
+                                                            correction=0) + 1e-5).sqrt())
+        for x in chunks
+    ]  # fmt: skip
+    mean, var = _exact(normalised)
+    assert float(((model[1].running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-5
+    assert float(((model[1].running_var.double() - var).abs() / var).max()) < 1e-5
+
+
+def test_an_interrupted_swap_of_forwards_is_undone() -> None:
+    """A layer that refuses the swap (its ``__setattr__`` raises) after another was swapped:
+    the error reaches the caller, and every forward is put back."""
+
+    class Frozen(nn.BatchNorm2d):
+        def __setattr__(self, key: str, value: object) -> None:
+            if key == "forward":
+                raise AttributeError("frozen")
+            super().__setattr__(key, value)
+
+    model = nn.Sequential(nn.BatchNorm2d(3), Frozen(3)).eval()
+    before = all_state(model)
+    with pytest.raises(AttributeError, match="frozen"):
+        recalibrate(model, _batches((3, 4, 4)))
+    assert_same(before, all_state(model))
+
+
+def test_buffers_swapped_in_by_functional_call_are_named_in_the_refusal() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _ActBN(4)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CalibrationError, match="functional_call"):
+        recalibrate(
+            model,
+            _batches((3, 4, 4)),
+            forward=lambda m, x: torch.func.functional_call(m, state, (x,)),
+        )
 
 
 def test_no_process_wide_state_changes(monkeypatch: pytest.MonkeyPatch) -> None:

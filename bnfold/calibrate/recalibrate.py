@@ -89,8 +89,8 @@ def recalibrate(
     observer = Observer(layers)
     try:
         with eval_mode(model, (module for _, module in named)), torch.no_grad():
-            observer.attach()
             try:
+                observer.attach()
                 feeder = _Feeder(model, observer, forward or _default_forward, device, progress)
                 feed = functools.partial(feeder.all, data, batches)
                 shares = distributed.feed_everywhere(feed, data, device, world)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -98,6 +99,7 @@ class Layer:
         self.rows: list[Row] = []  # each call's row not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
+        self.lock = threading.RLock()  # a layer with its own forward runs one call at a time
 
     def restore(self) -> None:
         for buffer, value in zip(self._buffers(), self.saved, strict=True):
@@ -161,11 +163,12 @@ class Layer:
             return float64_row(x)
         if dtype == F64:
             return Row(mean, var)
-        # min over channels of var − mean² / FAR²: negative where |mean| exceeds FAR std (a
-        # float32 row would round the mean too coarsely), not finite where the input held
-        # NaN or inf (left for the float64 row, which ``Observer._add`` refuses)
-        spread = torch.addcmul(var, mean, mean, value=-(FAR**-2))
-        return Row(mean, var) if float(spread.min()) >= 0 else float64_row(x)
+        # var − mean² / FAR² per channel: negative where |mean| exceeds FAR std (a float32 row
+        # would round the mean too coarsely), not finite where the input held NaN or inf or
+        # the float32 sums overflowed (left for the float64 row: ``Observer._add`` refuses
+        # NaN/inf, statistics beyond float32 are refused when written)
+        low, high = torch.aminmax(torch.addcmul(var, mean, mean, value=-(FAR**-2)))
+        return Row(mean, var) if 0 <= float(low) and float(high) < math.inf else float64_row(x)
 
     def batch_statistics(self, x: torch.Tensor, count: int) -> Row:
         """This call's float64 row, its mean and biased variance written into the running
@@ -224,6 +227,8 @@ class Observer:
         self.forwards: list[tuple[nn.Module, Any]] = []  # each layer's instance forward, if any
 
     def attach(self) -> None:
+        """Every layer's forward swapped (each recorded first: ``detach`` puts back what an
+        interrupted ``attach`` swapped)."""
         for layer in self.layers.values():
             bn = layer.bn
             self.forwards.append((bn, bn.__dict__.get("forward")))
@@ -235,7 +240,7 @@ class Observer:
     def detach(self) -> None:
         for bn, forward in self.forwards:
             if forward is None:
-                del bn.__dict__["forward"]
+                bn.__dict__.pop("forward", None)
             else:
                 bn.forward = forward
         self.forwards = []
@@ -249,10 +254,10 @@ class Observer:
         bn = layer.bn
         try:
             bn._check_input_dim(input)
+            mean, var = layer.fresh()  # also what a wrong width is checked against
             if not _usable(input, bn):  # torch's kernel decides (it rejects it, or passes it)
-                return F.batch_norm(input, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+                return F.batch_norm(input, mean, var, bn.weight, bn.bias, True, 0.0, bn.eps)
             count = self._count(layer, input)
-            mean, var = layer.fresh()
             output = F.batch_norm(input, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
             self._add(layer, count, layer.kernel_row(input, mean, var))
             return output
@@ -263,19 +268,23 @@ class Observer:
     def _other(self, layer: Layer, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The layer's own forward, its batch norm calls taken (``_take``) while it runs."""
         x = args[0] if args else kwargs.get("input")
-        calls_before = layer.calls if _usable(x, layer.bn) else None  # None: nothing to take
         try:
-            with self.inner.watching():
+            # one call at a time: each writes its statistics into the layer's shared buffers
+            # for its own batch norm to read (threads would read each other's)
+            with layer.lock, self.inner.watching():
+                calls_before = layer.calls if _usable(x, layer.bn) else None  # None: no batch
                 output = forward(*args, **kwargs)
+                took = layer.calls != calls_before or layer.unusable
         except BaseException:
             self.failed_in = self.failed_in or layer.name
             raise
-        if layer.calls == calls_before and not layer.unusable:
+        if not took:
             raise CalibrationError(
                 f"batch {self.batch}: BatchNorm {layer.name!r} ({type(layer.bn).__name__}) has "
                 "its own forward, and it ran no batch norm (F.batch_norm or torch.batch_norm) on "
-                "its own running statistics, so what it normalises is unknown; give it the stock "
-                "forward to recalibrate it. Statistics restored, model unchanged"
+                "its own running statistics (buffers swapped in, as by torch.func.functional_call, "
+                "are not its own), so what it normalises is unknown; give it the stock forward, "
+                "or call the model itself, to recalibrate it. Statistics restored, model unchanged"
             )
         return output
 
