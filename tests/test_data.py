@@ -13,6 +13,7 @@ import torch
 
 from bnfold import recalibrate
 from bnfold.calibrate.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+from bnfold.calibrate.sources import batch_items, map_tensors
 from bnfold.errors import LoadError, UnsafeFileError, UsageError
 
 
@@ -387,3 +388,30 @@ def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path: Path) -> Non
     dangling.symlink_to(tmp_path / "moved-away.pt")
     with pytest.raises(LoadError, match=r"symbolic link to .*moved-away\.pt, which does not exist"):
         load_data(dangling)
+
+
+@pytest.mark.parametrize(
+    ("batch", "items"),
+    [
+        (torch.ones(5, 3), 5),
+        (torch.tensor(2.0), 1),
+        (("label", torch.ones(4, 2), torch.ones(7)), 4),
+        ({"mask": torch.ones(6, 1), "x": torch.ones(9, 2)}, 6),
+        ((), 0),
+        (["no tensor"], 0),
+    ],
+    ids=["tensor", "0-d", "tuple", "dict", "empty", "no-tensor"],
+)
+def test_batch_walkers_see_every_kind_of_batch(batch: object, items: int) -> None:
+    """A batch's items come from its first tensor; every tensor is mapped and every other value
+    and container kept."""
+    assert batch_items(batch) == items
+    mapped = map_tensors(batch, lambda t: t * 2)
+    leaves = [batch] if isinstance(batch, torch.Tensor) else torch.utils._pytree.tree_leaves(batch)
+    new = [mapped] if isinstance(mapped, torch.Tensor) else torch.utils._pytree.tree_leaves(mapped)
+    assert type(mapped) is type(batch) and len(new) == len(leaves)
+    for old, value in zip(leaves, new, strict=True):
+        if isinstance(old, torch.Tensor):
+            assert torch.equal(value, old * 2)
+        else:
+            assert value is old
