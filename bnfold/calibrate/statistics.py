@@ -253,7 +253,7 @@ class Observer:
         into fresh tensors (momentum 1 over zeros), which become its row."""
         bn = layer.bn
         try:
-            bn._check_input_dim(input)
+            bn._check_input_dim(input)  # torch's forward checks this first (a subclass may not)
             mean, var = layer.fresh()  # also what a wrong width is checked against
             if not _usable(input, bn):  # torch's kernel decides (it rejects it, or passes it)
                 return F.batch_norm(input, mean, var, bn.weight, bn.bias, True, 0.0, bn.eps)
