@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -57,6 +58,8 @@ def test_plain_tensors_take_the_fast_path() -> None:
     fast = plain_copies(model)
     assert id(model[1].weight) in fast and id(model[1].running_var) in fast
     assert id(model[2].weight) in fast  # tied: copied once, deepcopy's memo shares it
+    assert id(model[1]._forward_hooks) in fast  # an empty hook registry: a new empty one
+    assert id(model[1]._parameters) not in fast  # not empty: deepcopy's
     for left in (
         model[0].weight,
         model[2].window,
@@ -65,3 +68,30 @@ def test_plain_tensors_take_the_fast_path() -> None:
         model[1].running_mean,
     ):
         assert id(left) not in fast
+
+
+class _Registry(OrderedDict):
+    pass
+
+
+def test_empty_dicts_are_new_and_keep_their_type_aliasing_and_attributes() -> None:
+    """Each module's empty dicts (hook registries, a user's cache) come out new and empty;
+    one dict shared by two modules stays shared in the copy; dict subclasses and dicts with
+    attributes of their own are deepcopy's (and come out the same)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    shared: dict = {}
+    model[0].cache, model[1].cache = shared, shared
+    model[0].registry = _Registry()
+    tagged = OrderedDict()
+    tagged.note = "kept"
+    model[1].tagged = tagged
+    model[1].filled = {"a": [1]}
+    ours = clone_model(model)
+    assert ours[0].cache is ours[1].cache and ours[0].cache is not shared
+    assert type(ours[0].registry) is _Registry and ours[0].registry is not model[0].registry
+    assert ours[1].tagged.note == "kept" and ours[1].tagged is not tagged
+    assert ours[1].filled == {"a": [1]} and ours[1].filled["a"] is not model[1].filled["a"]
+    ours[0].register_forward_hook(lambda *args: None)
+    ours[0].cache["x"] = 1
+    assert not model[0]._forward_hooks and shared == {}  # nothing reaches the original
+    assert ours[0]._forward_hooks is not model[0]._forward_hooks
