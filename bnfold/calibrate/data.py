@@ -65,15 +65,16 @@ def load_data(
         raise UsageError(f"shard must be (rank, world_size) with 0 <= rank < world_size: {shard}")
     text = os.fspath(spec)
     path = spec_path(text)  # FILE for FILE:NAME
+    named, _, member = text.rpartition(":")
     if path is not None and path.is_dir():
         options = ImageOptions.make(image_size, resize, mean, std)
         source: DataSource = ImageFolder(path, options, batch_size=batch_size, seed=seed)
     elif path is not None and path.exists():
         refuse_special_file(path, "data")
-        member = None if path == Path(text) else text.rpartition(":")[2]
-        source = _load_file(path, batch_size=batch_size, seed=seed, member=member)
-    elif Path(text.rpartition(":")[0]).suffix.lower() in _FILE_SUFFIXES:
-        raise LoadError(f"{text.rpartition(':')[0]}: no such file (named by {text})")
+        name = None if path == Path(text) else member
+        source = _load_file(path, batch_size=batch_size, seed=seed, member=name)
+    elif Path(named).suffix.lower() in _FILE_SUFFIXES:
+        raise LoadError(f"{named}: no such file (named by {text})")
     elif FACTORY_SPEC.match(text):
         source = IterableSource(_call(text), text)
     elif os.path.islink(text):
