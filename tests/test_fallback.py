@@ -264,3 +264,28 @@ def test_a_value_kept_on_a_module_is_an_output_and_the_trace_leaves_no_trace(sto
     with pytest.raises(bnfold.TraceError, match="keeps a traced value on a module"):
         bnfold.find.trace.trace_model(model)
     assert model.cache == [] and model.named == {} and not hasattr(model, "feature")
+
+
+class Counts(nn.Module):
+    """Rebinds attributes and fills a set while it runs, as call counters and caches do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.calls = 0
+        self.shapes: set[tuple[int, ...]] = {(0,)}
+        self.last: list[int] = [7]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.shapes.add((1,))
+        self.last = [self.calls]
+        return self.bn(self.conv(x))
+
+
+def test_tracing_restores_rebound_attributes_and_container_contents() -> None:
+    model = Counts().eval()
+    last = model.last
+    bnfold.find.trace.trace_model(model)
+    assert model.calls == 0 and model.shapes == {(0,)}
+    assert model.last is last and last == [7]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -118,30 +118,33 @@ def trace_to_module(tracer: fx.Tracer, root: nn.Module) -> fx.GraphModule:
             _restore(module, state)
 
 
-def _state(module: nn.Module) -> dict[str, Any]:
-    """A module's attributes, with a copy of each list, dict and set of its own (their contents
-    restored; torch's own registries, which hold no traced value, are not copied)."""
-    return {
-        name: (value, _contents(value) if name not in _REGISTRIES else None)
-        for name, value in vars(module).items()
+def _state(module: nn.Module) -> _State:
+    """A module's attributes, and a copy of each list, dict and set among them (torch's own
+    registries, which hold no traced value, are not copied)."""
+    attributes = dict(vars(module))
+    contents = {
+        name: copy.copy(value)
+        for name, value in attributes.items()
+        if name not in _REGISTRIES and isinstance(value, (list, dict, set))
     }
+    return _State(attributes, contents)
 
 
-def _contents(value: Any) -> Any:
-    return copy.copy(value) if isinstance(value, (list, dict, set)) else None
+class _State(NamedTuple):
+    attributes: dict[str, Any]
+    contents: dict[str, Any]  # a copy of each list, dict and set attribute
 
 
 #: The attributes every nn.Module has (parameters, buffers, submodules, hooks).
 _REGISTRIES = frozenset(vars(nn.Module()))
 
 
-def _restore(module: nn.Module, state: dict[str, Any]) -> None:
-    for name in set(vars(module)) - set(state):
+def _restore(module: nn.Module, state: _State) -> None:
+    for name in set(vars(module)) - state.attributes.keys():
         del module.__dict__[name]
-    for name, (value, contents) in state.items():
-        module.__dict__[name] = value
-        if contents is None:
-            continue
+    module.__dict__.update(state.attributes)
+    for name, contents in state.contents.items():
+        value = state.attributes[name]
         if isinstance(value, list):
             value[:] = contents
         else:
