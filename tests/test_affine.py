@@ -49,6 +49,9 @@ AFFINE_FORMS = {
     "sum_of_two": lambda m, x: x * _col(m.s) + x * 0.5 - _col(m.t),
     "batch_norm_call": lambda m, x: F.batch_norm(x, m.t.detach(), m.s.detach(), training=False),
     "metadata_branch": lambda m, x: x * _col(m.s, x.dim()) if x.dim() == 4 else x,
+    "channel_count": lambda m, x: (
+        x * m.s.reshape(1, x.shape[1], 1, 1) + m.t.view(1, x.size(1), 1, 1)
+    ),
 }
 
 NOT_AFFINE_FORMS = {
@@ -60,6 +63,9 @@ NOT_AFFINE_FORMS = {
     "tuple_out": (lambda m, x: (x * _col(m.s), x), "not a single tensor"),
     "constant": (lambda m, x: _col(m.s) + torch.zeros_like(x), "'zeros_like' is applied"),
     "training_bn": (lambda m, x: F.batch_norm(x, None, None, training=True), "batch statistics"),
+    "width_factor": (lambda m, x: x * _col(m.s) * (x.shape[-1] / 8), "computed from x.shape"),
+    "per_sample": (lambda m, x: x * _col(m.s) / x.size(0) + _col(m.t), "computed from x.size"),
+    "per_element": (lambda m, x: (x + _col(m.t)) / x.numel(), "computed from x.numel"),
 }
 
 
@@ -190,3 +196,30 @@ def test_frozen_norm_fp32_folds_in_float64() -> None:
     folded_error = (result.model(x).double() - reference).abs().max()
     original_error = (model.float()(x).double() - reference).abs().max()
     assert folded_error <= 2 * original_error + 1e-7
+
+
+class SizeScaled(nn.Module):
+    """A FrozenBatchNorm2d-style norm whose output also scales with the input's width."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return (x * _col(scale) + _col(shift)) * (x.shape[-1] / 8)
+
+
+def test_a_frozen_norm_scaled_by_the_input_size_is_kept_and_exact_at_other_sizes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), SizeScaled(6)).double().eval()
+    result = bnfold.fold(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert reasons(result) == {"1": "not_affine"}
+    assert "x.shape" in result.skipped[0].detail
+    for shape in [(2, 4, 8, 8), (1, 4, 6, 6), (3, 4, 12, 12)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        assert torch.equal(result.model(x), model(x))

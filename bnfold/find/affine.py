@@ -7,14 +7,16 @@ learnt per-channel scale. A candidate with ``running_mean`` and ``running_var`` 
 *frozen norm* (``BnKind.FROZEN``, reported like any batch norm); any other is ``BnKind.AFFINE``
 (folded when proven, otherwise only a plan note).
 
-Nothing is assumed from names: ``prove_affine`` traces the module's forward on the real input
-and interprets the graph abstractly. Every value is a constant (computed from the module's
-tensors in float64), a metadata value of the input (shape, dtype), or ``s * x + t`` with constant
-``s``, ``t``; only ``+ - * /`` with constants, ``neg``, ``F.batch_norm(training=False)`` with
-constant statistics, and dtype/layout no-ops keep the affine form. The output must be ``s*x + t``
-with ``s``, ``t`` varying along dim 1 only. Branches on the input's *values* refuse the proof;
-branches on its metadata (``x.requires_grad``, ``x.dim()``) are noted. Finally the module is run
-on the example and compared with ``s*x + t`` (``CHECK_RTOL``), a guard against interpreter bugs.
+Nothing is assumed from names: ``prove_affine`` traces the module's forward on the real input and
+interprets the graph abstractly. Every value is a constant (computed from the module's tensors in
+float64), a metadata value of the input (shape, dtype), or ``s * x + t`` with constant ``s``,
+``t``; only ``+ - * /`` with constants, ``neg``, ``F.batch_norm(training=False)`` with constant
+statistics, and dtype/layout no-ops keep the affine form. The output must be ``s*x + t`` with
+``s``, ``t`` varying along dim 1 only. A constant computed from the input's sizes other than its
+channel count (``x.shape[-1] / 8``) refuses the proof: the map would hold at one size. Branches on
+the input's *values* refuse the proof; branches on its metadata (``x.requires_grad``, ``x.dim()``)
+are noted. Finally the module is run on the example and compared with ``s*x + t`` (``CHECK_RTOL``),
+a guard against interpreter bugs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnfold.find.functional import NORM_ARGS
-from bnfold.find.guards import trace_guarded, value_dependent_nodes
+from bnfold.find.guards import (
+    describe,
+    is_metadata,
+    reads_sizes,
+    trace_guarded,
+    value_dependent_nodes,
+)
 from bnfold.find.patterns import Refusal
 from bnfold.find.sites import NormSite, is_frozen_norm, module_site
 from bnfold.folding.math import Affine, BnParams, bn_affine
@@ -217,9 +225,41 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if _floating(rest):
             return args[0]
         return _Unknown(f"'{key}' converts the input to a non-floating dtype")
+    sized = _size_read(node)
+    if sized is not None:
+        return _Unknown(
+            f"'{node.name}' combines the input with a value computed from {describe(sized)}: "
+            "the map would hold at this input size only"
+        )
     if key in _BATCH_NORMS:
         return _batch_norm(node, dict(zip(NORM_ARGS[key], args, strict=False)) | kwargs)
     return _arithmetic(node, key, args, kwargs)
+
+
+def _size_read(node: fx.Node) -> fx.Node | None:
+    """A read of the input's sizes that ``node`` depends on, other than its channel count
+    (``x.shape[1]``, ``x.size(1)``: the same at every size a per-channel map accepts)."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        current = todo.pop()
+        if current in seen or _channel_count(current):
+            continue
+        seen.add(current)
+        if is_metadata(current):
+            if reads_sizes(current):
+                return current
+            continue
+        todo.extend(current.all_input_nodes)
+    return None
+
+
+def _channel_count(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target == "size":
+        return node.args[1:] == (1,) or node.kwargs.get("dim") == 1
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    read = node.args[0]
+    return node.args[1] == 1 and isinstance(read, fx.Node) and is_metadata(read)
 
 
 def _arithmetic(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:
