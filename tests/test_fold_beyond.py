@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from fold_checks import assert_precision, fold_fp64, randomize
+from fold_checks import assert_precision, fold_fp64, randomize, rel_error
 from torch import nn
 
 import bnfold
@@ -522,3 +522,64 @@ def test_a_view_proven_only_through_size_1_dims_is_not_followed() -> None:
     assert result.skipped[0].reason == SkipReason.INPUT_DEPENDENT
     assert "without size-1 dims" in result.skipped[0].detail
     fold_fp64(model, torch.randn(2, 4, 2, 2), folded=0, skipped=1)
+
+
+class ViewTo(nn.Module):
+    """BN1d(6) on (N, 6, L) -> a view to 2-D written several ways -> Linear(12)."""
+
+    def __init__(self, view: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(12, 3)
+        self.view = view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.view(self.bn(x)))
+
+
+LITERAL_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "batch_written_out": lambda y: y.reshape(2, -1),  # the example's batch size
+    "width_written_out": lambda y: y.view(-1, 12),  # 6 channels x the example's L = 2
+    "tuple_of_literals": lambda y: torch.reshape(y, (2, 12)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LITERAL_VIEWS))
+def test_a_view_to_literal_sizes_is_not_followed(name: str) -> None:
+    """At another batch size or L the literal stays and the channels land elsewhere (the model
+    still runs), so the BN stays and the folded model is exact there too."""
+    model = randomize(ViewTo(LITERAL_VIEWS[name])).double().eval()
+    result = fold_fp64(model, torch.randn(2, 6, 2), folded=0, skipped=1)
+    assert result.skipped[0].reason == SkipReason.INPUT_DEPENDENT
+    assert "literal size" in result.skipped[0].detail
+    x = torch.randn(1, 6, 4, dtype=torch.float64)
+    assert torch.equal(result.model(x), model(x))
+
+
+def test_a_view_to_sizes_read_from_the_input_is_followed_at_every_batch_size() -> None:
+    model = randomize(ViewTo(lambda y: y.reshape(y.shape[0], -1))).double().eval()
+    result = fold_fp64(model, torch.randn(2, 6, 2), folded=1, skipped=0)
+    for batch in (1, 5):
+        x = torch.randn(batch, 6, 2, dtype=torch.float64)
+        assert rel_error(model(x), result.model(x)) < 1e-10
+
+
+class TokensAsRows(nn.Module):
+    """LeViT-style: Linear on (B, N, C) tokens, BN1d over ``view(-1, C)`` with the channel
+    count written out, viewed back with sizes read from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.bn(y.view(-1, 8)).view(x.shape[0], x.shape[1], -1)
+
+
+def test_the_channel_count_written_out_at_the_channels_axis_is_followed() -> None:
+    model = randomize(TokensAsRows()).double().eval()
+    result = fold_fp64(model, torch.randn(2, 7, 5), folded=1, skipped=0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    assert rel_error(model(x), result.model(x)) < 1e-10

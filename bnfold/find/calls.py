@@ -29,6 +29,11 @@ def op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", "") if _from_library(target) else ""
 
 
+def is_aten(node: fx.Node) -> bool:
+    """An ATen op call: of an exported program, or of a recorded dataflow."""
+    return node.target is recorded_op or hasattr(node.target, "overloadpacket")
+
+
 def _from_library(target: Any) -> bool:
     """A function of torch (a ``torch.*`` function, a Tensor method, an ATen op) or of the
     ``operator`` module."""

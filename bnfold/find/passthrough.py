@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.calls import call_arguments, op_name, shape_of
+from bnfold.find.calls import call_arguments, is_aten, op_name, shape_of
 from bnfold.find.channels import (
     SIZED_VIEWS,
     Channels,
@@ -115,14 +115,46 @@ def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bo
         return None
     refusal = _avg_padding_refusal(call) if _AVG_POOL.fullmatch(call.name) else None
     axes = (moved.axis, channels.axis) if toward_input else (channels.axis, moved.axis)
-    if call.name in SIZED_VIEWS and not general_view(call.args, in_shape, out_shape, axes):
-        refusal = Refusal(
-            SkipReason.INPUT_DEPENDENT,
-            f"{call.label} turns {tuple(in_shape)} into {tuple(out_shape)}: where it puts the "
-            "channels is proven from sizes, and a size-1 dim fits many views, so the proof may "
-            "hold at this input size only; fold with an example input without size-1 dims",
-        )
+    if call.name in SIZED_VIEWS:
+        refusal = _view_refusal(node, call, (in_shape, out_shape), axes)
     return Step(call.input, moved, call.label, bool(_MAX_POOL.fullmatch(call.name)), refusal)
+
+
+def _view_refusal(
+    node: fx.Node, call: Call, shapes: tuple[tuple, tuple], axes: tuple[int, int]
+) -> Refusal | None:
+    """Why a view to sizes may put the channels elsewhere at another input size, if it may."""
+    (in_shape, out_shape), turns = shapes, f"turns {tuple(shapes[0])} into {tuple(shapes[1])}"
+    literal = _literal_size(node, call.args, in_shape[axes[0]], axes[1])
+    if literal is not None:
+        return Refusal(
+            SkipReason.INPUT_DEPENDENT,
+            f"{call.label} to the literal size {literal} {turns}: the literal stays when the "
+            "input's size changes, so where the view puts the channels holds at this input "
+            "size only; write that size as read from the input (x.size(0), or -1)",
+        )
+    if not general_view(call.args, in_shape, out_shape, axes):
+        return Refusal(
+            SkipReason.INPUT_DEPENDENT,
+            f"{call.label} {turns}: where it puts the channels is proven from sizes, and a "
+            "size-1 dim fits many views, so the proof may hold at this input size only; fold "
+            "with an example input without size-1 dims",
+        )
+    return None
+
+
+def _literal_size(node: fx.Node, args: tuple, channels: int, out_axis: int) -> Any:
+    """A size of a view in an fx trace written as a number (sizes the forward reads from a
+    tensor are nodes there), other than -1 and the channel count at the channels' own axis.
+    An ATen op's sizes (exported programs, recorded dataflows) are numbers either way."""
+    if is_aten(node):
+        return None
+    sizes = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    for index, size in enumerate(sizes):
+        if isinstance(size, fx.Node) or size == -1 or (index == out_axis and size == channels):
+            continue
+        return size
+    return None
 
 
 #: (call, channels, known shape, other shape, toward_input) -> the channels on the other side
