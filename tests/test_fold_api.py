@@ -246,3 +246,22 @@ class ReadsNormTensors(ReadsNormSize):
 def test_a_forward_reading_a_folded_norms_tensors_still_runs_exactly(gate: bool) -> None:
     model = randomize(ReadsNormTensors(gate).eval())
     fold_fp64(model, torch.randn(2, 4, 6, 6), folded=1, skipped=0)
+
+
+@pytest.mark.parametrize("model", [None, lambda x: x, "model.pt"], ids=["none", "function", "path"])
+@pytest.mark.parametrize("api", ["fold", "find_pairs", "count_bn_kernels"])
+def test_anything_but_a_module_is_refused_with_what_to_do(model, api: str) -> None:
+    with pytest.raises(bnfold.UsageError, match=r"must be a torch\.nn\.Module.*load_model"):
+        getattr(bnfold, api)(model, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("extra", [torch.randn(2, 3, 8, 8), {"x": torch.randn(2, 3, 8, 8)}])
+@pytest.mark.parametrize("api", ["fold", "find_pairs"])
+def test_extra_inputs_given_as_one_input_is_refused_not_walked(extra, api: str) -> None:
+    """A tensor passed as ``extra_inputs`` would be walked row by row as inputs of the wrong
+    rank; it is refused, and the caller's model is untouched."""
+    model = randomize(zoo.small_cnn()).eval()
+    before = snapshot(model)
+    with pytest.raises(bnfold.UsageError, match=r"pass \[x\]"):
+        getattr(bnfold, api)(model, torch.randn(2, 3, 8, 8), extra_inputs=extra)
+    assert_same_snapshot(before, model)

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.errors import ModelInputError, TraceError
+from bnfold.errors import ModelInputError, TraceError, UsageError
 from bnfold.find.branches import decide_branches
 from bnfold.find.control import nested_norm_skips
 from bnfold.find.idle import idle_norms, idle_note, refuse_beside_idle
@@ -97,6 +97,7 @@ def analyse(
     """Trace (or record), propagate shapes and pair batch norms with layers (see
     ``find_pairs``)."""
     model, wrapper_notes = unwrap(model)
+    _check_extra_inputs(extra_inputs)
     try:
         gm, kept = trace_checked(model, example_inputs)
     except HigherOrderOpError:
@@ -130,6 +131,16 @@ def analyse(
         merges=tuple(merge.record for merge in branches.merges),
     )
     return Analysis(plan=plan, module=gm, pairs=branches.pairs, merges=branches.merges)
+
+
+def _check_extra_inputs(extra_inputs: Sequence[Any]) -> None:
+    """``extra_inputs`` is a list of example inputs: a tensor, a dict or a string given in its
+    place would be walked as if each row or key were one."""
+    if isinstance(extra_inputs, (torch.Tensor, dict, str, bytes)):
+        raise UsageError(
+            f"extra_inputs is a sequence of example inputs, each like example_inputs; got a "
+            f"{type(extra_inputs).__name__}: pass [x] for one more input"
+        )
 
 
 def _ran(gm: fx.GraphModule) -> set[str]:

@@ -69,8 +69,8 @@ def _features_last(layer: LayerView, affine: Affine) -> Refusal | None:
         return None
     return Refusal(
         SkipReason.LINEAR_AXIS,
-        f"activation between Linear and BatchNorm1d has rank {layer.activation_rank}: BN "
-        f"normalises dim {layer.channel_axis} while Linear acts on the last dim",
+        f"the tensor at the Linear has rank {layer.activation_rank} and the BN's channels on "
+        f"dim {layer.channel_axis}, while Linear acts on the last dim",
     )
 
 

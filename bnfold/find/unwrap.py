@@ -17,12 +17,14 @@ import sys
 import torch
 from torch import nn
 
+from bnfold.errors import UsageError
 from bnfold.io.program_module import module_from_program
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """The module inside any wrappers, and one note per wrapper taken off. A torch.export
-    program becomes a module with its layers rebuilt, as a loaded ``.pt2`` file does."""
+    program becomes a module with its layers rebuilt, as a loaded ``.pt2`` file does. Raises
+    ``UsageError`` for anything that is not a module."""
     notes = []
     if isinstance(model, torch.export.ExportedProgram):
         model, rebuilt = module_from_program(model)
@@ -42,8 +44,13 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
                 "the inner module; wrap it again if you need to"
             )
             model = model.module
-        else:
+        elif isinstance(model, nn.Module):
             return model, tuple(notes)
+        else:
+            raise UsageError(
+                f"the model must be a torch.nn.Module or a torch.export program, got "
+                f"{type(model).__name__}; load a model file with bnfold.load_model(path).model"
+            )
 
 
 def state_notes(model: nn.Module) -> tuple[str, ...]:
