@@ -462,3 +462,27 @@ def test_no_process_wide_state_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.BatchNorm1d(8), nn.Unflatten(1, (2, 4)), nn.BatchNorm1d(2))
     recalibrate(model.eval(), [torch.randn(16, 8), torch.randn(9, 8)])
     assert calls == []
+
+
+def test_threads_calling_a_stock_batchnorm_pool_every_call_exactly() -> None:
+    """Threads of a forward calling one stock BatchNorm on 2-row slices: every call is
+    pooled, with its own count, into exact statistics (rows are added one at a time)."""
+
+    class Threaded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(self.bn, x.split(2)))
+            return x
+
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(512, 16, generator=gen) * (1 + k) + k for k in range(4)]
+    model = Threaded().eval()
+    recalibrate(model, data)
+    mean, var = _exact([x.double() for x in data])
+    assert int(model.bn.num_batches_tracked) == 4 * 256
+    assert float((model.bn.running_mean.double() - mean).abs().max()) < 1e-5
+    assert float(((model.bn.running_var.double() - var).abs() / var).max()) < 1e-5

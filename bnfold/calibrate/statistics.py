@@ -99,7 +99,7 @@ class Layer:
         self.rows: list[Row] = []  # each call's row not yet pooled
         self.total: Moments | None = None  # every value it saw (on every rank, once reduced)
         self.saved = tuple(t.clone() for t in self._buffers())  # the statistics before the run
-        self.lock = threading.RLock()  # a layer with its own forward runs one call at a time
+        self.lock = threading.RLock()  # rows added (and own forwards run) one at a time
 
     def restore(self) -> None:
         for buffer, value in zip(self._buffers(), self.saved, strict=True):
@@ -183,11 +183,12 @@ class Layer:
         return row
 
     def add(self, count: int, row: Row) -> None:
-        self.calls += 1
-        self.counts.append(count)
-        self.rows.append(row)
-        if len(self.rows) >= POOL_EVERY:
-            self.pool()
+        with self.lock:  # threads calling one layer: each row kept, with its own count
+            self.calls += 1
+            self.counts.append(count)
+            self.rows.append(row)
+            if len(self.rows) >= POOL_EVERY:
+                self.pool()
 
     def pool(self) -> None:
         """Merge the waiting rows into the total (Chan's formula over the rows, in float64 on
