@@ -12,7 +12,8 @@ import functools
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import click
@@ -52,20 +53,32 @@ def hooks(quiet: bool = False) -> Any:
     return Hooks(stage=stage, recalibrating=functools.partial(_progress_bar, quiet=quiet))
 
 
+#: The running command's check for a stop signal whose exception was caught and dropped on
+#: the way (``bnfold_cli.main``): it raises that exception again.
+STOP_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("bnfold_cli_stop", default=None)
+
+
 @contextlib.contextmanager
 def stage(message: str, spinner: bool = True) -> Iterator[None]:
     """One stage of a command, with a spinner showing ``message`` on stderr when it is a
     terminal. An exception that is not a ``BnfoldError`` (a bug, torch out of memory, an
     exception or ``sys.exit`` in the user's code) leaves as ``UnexpectedError("<stage> failed:
-    <type>: <message>")``, the original as its cause; ``KeyboardInterrupt`` passes untouched."""
-    try:
-        if spinner and sys.stderr.isatty():
-            from rich.console import Console
+    <type>: <message>")``, the original as its cause; ``KeyboardInterrupt`` passes untouched.
+    A stop signal the stage's code dropped (``STOP_CHECK``) stops the run before the stage puts
+    an output in place, or when it ends."""
+    from bnfold.io.paths import stop_check
 
-            with Console(stderr=True).status(message):
+    check = STOP_CHECK.get() or (lambda: None)
+    try:
+        with stop_check(check):
+            if spinner and sys.stderr.isatty():
+                from rich.console import Console
+
+                with Console(stderr=True).status(message):
+                    yield
+            else:
                 yield
-        else:
-            yield
+        check()
     except (Exception, SystemExit) as exc:
         from bnfold.errors import BnfoldError, UnexpectedError
 

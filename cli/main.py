@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 import click
-from bnfold_cli.console import describe_unexpected
+from bnfold_cli.console import STOP_CHECK, describe_unexpected
 from bnfold_cli.options import DEBUG, EXIT_CODES
 
 EXIT_OK = 0
@@ -100,21 +100,29 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _stop_signals_raise() -> Iterator[None]:
     """While the command runs: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise
-    ``Stopped``; a second stop signal is ignored so it cannot cut the cleanup short. Only
+    ``Stopped``; a second stop signal is ignored so it cannot cut the cleanup short. Code on the
+    way that catches and drops that exception (torch's ONNX exporter may) does not win: it is
+    raised again before any output is put in place and when a stage ends (``STOP_CHECK``). Only
     signals left at their default are taken (one ignored under nohup stays ignored, a handler
     of an embedding program stays), only in the main thread; the previous handlers are
     restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stopping = False
+    received: list[int] = []
+
+    def interrupt(signum: int) -> BaseException:
+        return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:
+        if received:
             return
-        stopping = True
-        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+        received.append(signum)
+        raise interrupt(signum)
+
+    def check() -> None:  # the exception was caught and dropped on the way (torch's exporter)
+        if received:
+            raise interrupt(received[0])
 
     previous = {}
     for name in _STOP_SIGNALS:
@@ -122,9 +130,11 @@ def _stop_signals_raise() -> Iterator[None]:
         default = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
         if number is not None and signal.getsignal(number) is default:
             previous[number] = signal.signal(number, stop)
+    token = STOP_CHECK.set(check)
     try:
         yield
     finally:
+        STOP_CHECK.reset(token)
         for number, handler in previous.items():
             signal.signal(number, handler)
 

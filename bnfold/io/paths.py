@@ -13,7 +13,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,22 @@ def staging(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+#: What ``publish`` runs first in this context (``stop_check``).
+_STOP_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("bnfold_stop_check", default=None)
+
+
+@contextlib.contextmanager
+def stop_check(check: Callable[[], None]) -> Iterator[None]:
+    """In this context, ``check()`` runs before each output is put in place (``publish``); what
+    it raises leaves the target as it was. The CLI raises there for a stop signal whose
+    exception code on the way caught and dropped."""
+    token = _STOP_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _STOP_CHECK.reset(token)
+
+
 def publish(
     staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool
 ) -> None:
@@ -203,8 +220,12 @@ def publish(
     With ``overwrite``: ``os.replace`` (a link at ``target`` is replaced, not followed).
     Without: an exclusive hard link (on a filesystem without them, an exclusive create that
     reserves the name, then a replace), so a file that appeared at ``target`` after the checks
-    is kept and ``UsageError`` says so. ``staged`` is gone afterwards when this returns.
+    is kept and ``UsageError`` says so. ``staged`` is gone afterwards when this returns. The
+    context's ``stop_check`` runs first.
     """
+    check = _STOP_CHECK.get()
+    if check is not None:
+        check()
     source, out = os.fspath(staged), os.fspath(target)
     with open(source, "rb") as handle:
         os.fsync(handle.fileno())
