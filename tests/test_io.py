@@ -532,3 +532,17 @@ def test_program_exported_in_train_mode_keeps_its_batch_norm_with_a_note(tmp_pat
     loaded = load_model(path)
     assert any("train mode" in note for note in loaded.notes)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.model.modules())
+
+
+@pytest.mark.parametrize("fmt", ["EXPORTED_PROGRAM", "STATE_DICT", "SAFETENSORS"])
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_model_format_gets_the_permissions_of_a_new_file(tmp_path, user, fmt, umask):
+    """safetensors creates its file owner-only; bnfold's outputs all follow the umask."""
+    path = tmp_path / "model.out"
+    old = os.umask(umask)
+    try:
+        save_model(user.build(), path, example_inputs=X, format=getattr(ModelFormat, fmt))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert_no_temp_files(tmp_path)

@@ -221,12 +221,13 @@ def publish(
     Without: an exclusive hard link (on a filesystem without them, an exclusive create that
     reserves the name, then a replace), so a file that appeared at ``target`` after the checks
     is kept and ``UsageError`` says so. ``staged`` is gone afterwards when this returns. The
-    context's ``stop_check`` runs first.
+    context's ``stop_check`` runs first; the file gets the permissions of a new file (umask).
     """
     check = _STOP_CHECK.get()
     if check is not None:
         check()
     source, out = os.fspath(staged), os.fspath(target)
+    _as_created(source)
     with open(source, "rb") as handle:
         os.fsync(handle.fileno())
     if overwrite:
@@ -243,6 +244,19 @@ def publish(
         os.replace(source, out)
         return
     os.unlink(source)
+
+
+def _as_created(path: str) -> None:
+    """Give ``path`` the permissions a new file gets here (0666 less the umask), as most writers
+    leave them: some (safetensors) create their file owner-only."""
+    probe = f"{path}.mode"
+    handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(handle).st_mode)
+    finally:
+        os.close(handle)
+        os.unlink(probe)
+    os.chmod(path, mode)
 
 
 def _reserve(target: str) -> None:
