@@ -345,6 +345,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], SkipReason]] = 
         X3,
         SkipReason.NO_PRODUCER,
     ),
+    "channels_spread_by_pixel_unshuffle": (
+        lambda: _seq(nn.Conv2d(3, 4, 3), nn.PixelUnshuffle(2), nn.BatchNorm2d(16)),
+        X3,
+        SkipReason.NO_PRODUCER,
+    ),
 }
 
 # What blocks the fold (the module, op or tensor), as the skip's detail must name it.
@@ -378,6 +383,7 @@ BLOCKING_OP = {
     "bn_input_written_in_place": "relu writes in place into bn's input before conv (Conv2d)",
     "hooked_op_between": "0 feeds 1 (AvgPool2d), which feeds 2 (Conv2d); that module has hooks",
     "bn_after_bn": "1 (BatchNorm2d), which feeds 2; a batch norm folds into a layer, not into",
+    "channels_spread_by_pixel_unshuffle": "(PixelUnshuffle) turns (2, 4, 4, 4) into (2, 16, 2, 2)",
     "subclass_chooses_by_size": "decides from the input's size what runs around its batch norm",
 }
 

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfold.find.calls import shape_of
 from bnfold.find.passthrough import passes_through
 from bnfold.find.patterns import Refusal
 from bnfold.find.sharing import has_hooks
@@ -29,7 +30,20 @@ def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], nor
             f"; {describe_node(gm, users[0])} sits between it and {behind[0].name}, so "
             "there is no adjacent layer to fold into"
         )
+    for op in (norm.input, *users[:1]):
+        if op is not None and op.op != "placeholder" and passes_through(gm, op):
+            text += f"; {_spreads(gm, op)}"
     return text
+
+
+def _spreads(gm: fx.GraphModule, op: fx.Node) -> str:
+    """Why an op a per-channel map may pass did not pass it here."""
+    before, after = shape_of(input_of(op)) if input_of(op) is not None else None, shape_of(op)
+    turns = f" turns {before} into {after} and" if before and after else ""
+    return (
+        f"{describe_node(gm, op)}{turns} does not keep each channel on one channel of the other "
+        "side, so a per-channel map cannot move across it"
+    )
 
 
 def non_affine_between(
