@@ -11,6 +11,7 @@ from wild_models import BatchNormAct2d, D2FrozenBatchNorm2d, randomise
 
 import bnfold
 import bnfold.find.recorded
+from bnfold import zoo
 from bnfold.find.recording import record
 
 
@@ -289,3 +290,29 @@ def test_tracing_restores_rebound_attributes_and_container_contents() -> None:
     bnfold.find.trace.trace_model(model)
     assert model.calls == 0 and model.shapes == {(0,)}
     assert model.last is last and last == [7]
+
+
+class RecordedView(nn.Module):
+    """fx cannot trace it (a branch on a size); its BN reaches the Linear across a view whose
+    first size is written out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(6), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 0:
+            return self.fc(self.bn(x).reshape(2, -1))
+        return x
+
+
+def test_a_recorded_fold_across_a_view_notes_the_sizes_and_extra_inputs_check_them() -> None:
+    model = zoo.randomize_bn(RecordedView()).double().eval()
+    x = torch.randn(2, 6, 2, dtype=torch.float64)
+    result = bnfold.fold(model, x)
+    assert result.plan.method == "recorded" and len(result.folded) == 1
+    assert any("bn folds into fc across view" in note for note in result.plan.notes)
+    other = torch.randn(1, 6, 4, dtype=torch.float64)  # the view puts channels elsewhere here
+    checked = bnfold.fold(model, x, extra_inputs=[other])
+    assert [s.reason for s in checked.skipped] == [bnfold.SkipReason.INPUT_DEPENDENT]
+    assert torch.equal(checked.model(other), model(other))
