@@ -40,6 +40,16 @@ def _col(v: torch.Tensor, rank: int = 4) -> torch.Tensor:
     return v.reshape((1, -1) + (1,) * (rank - 2))
 
 
+def _unpacked(m: Affine, x: torch.Tensor) -> torch.Tensor:
+    _, c = x.shape[:2]  # SE-block style
+    return x * m.s.view(1, c, 1, 1)
+
+
+def _of_size(m: Affine, x: torch.Tensor) -> torch.Tensor:
+    _, c, _, _ = x.size()
+    return x * m.s.view(1, c, 1, 1) + m.t.view(1, c, 1, 1)
+
+
 AFFINE_FORMS = {
     "scale_shift": lambda m, x: x * _col(m.s) + _col(m.t),
     "divide": lambda m, x: (x - _col(m.t)) / _col(m.s),
@@ -52,6 +62,9 @@ AFFINE_FORMS = {
     "channel_count": lambda m, x: (
         x * m.s.reshape(1, x.shape[1], 1, 1) + m.t.view(1, x.size(1), 1, 1)
     ),
+    "channel_count_unpacked": lambda m, x: _unpacked(m, x),
+    "channel_count_of_size": lambda m, x: _of_size(m, x),
+    "channel_count_negative": lambda m, x: x * m.s.view(1, x.shape[-3], 1, 1) + _col(m.t),
 }
 
 NOT_AFFINE_FORMS = {

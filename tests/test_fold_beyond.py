@@ -545,20 +545,43 @@ LITERAL_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 @pytest.mark.parametrize("name", sorted(LITERAL_VIEWS))
-def test_a_view_to_literal_sizes_is_not_followed(name: str) -> None:
+def test_a_fold_across_a_view_to_literal_sizes_comes_with_a_note(name: str) -> None:
     """At another batch size or L the literal stays and the channels land elsewhere (the model
-    still runs), so the BN stays and the folded model is exact there too."""
+    still runs): the fold is exact on the example and the plan says what it assumed."""
     model = randomize(ViewTo(LITERAL_VIEWS[name])).double().eval()
-    result = fold_fp64(model, torch.randn(2, 6, 2), folded=0, skipped=1)
-    assert result.skipped[0].reason == SkipReason.INPUT_DEPENDENT
-    assert "literal size" in result.skipped[0].detail
-    x = torch.randn(1, 6, 4, dtype=torch.float64)
-    assert torch.equal(result.model(x), model(x))
+    result = fold_fp64(model, torch.randn(2, 6, 2), folded=1, skipped=0)
+    notes = [note for note in result.plan.notes if note.startswith("bn -> fc: ")]
+    assert len(notes) == 1 and "written out" in notes[0], result.plan.notes
+
+
+class GanHead(nn.Module):
+    """DCGAN's generator input: Linear -> view(B, 32, 4, 4) -> BN2d; and a 1x1 view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 32 * 4 * 4), nn.BatchNorm2d(32)
+        self.fc2, self.bn2 = nn.Linear(8, 16), nn.BatchNorm2d(16)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.fc(z)
+        ones = self.bn2(self.fc2(z).view(z.size(0), 16, 1, 1))
+        return self.bn(out.view(out.shape[0], 32, 4, 4)).relu()[:, :16] + ones
+
+
+def test_views_with_literal_sizes_that_keep_the_channels_fold_at_every_batch_size() -> None:
+    model = randomize(GanHead()).double().eval()
+    result = fold_fp64(model, torch.randn(4, 8), folded=2, skipped=0)
+    notes = [note for note in result.plan.notes if "written out" in note]
+    assert len(notes) == 1 and notes[0].startswith("bn -> fc: view to sizes with 4, 4"), notes
+    for batch in (1, 7):
+        z = torch.randn(batch, 8, dtype=torch.float64)
+        assert rel_error(model(z), result.model(z)) < 1e-10
 
 
 def test_a_view_to_sizes_read_from_the_input_is_followed_at_every_batch_size() -> None:
     model = randomize(ViewTo(lambda y: y.reshape(y.shape[0], -1))).double().eval()
     result = fold_fp64(model, torch.randn(2, 6, 2), folded=1, skipped=0)
+    assert not any("written out" in note for note in result.plan.notes)
     for batch in (1, 5):
         x = torch.randn(batch, 6, 2, dtype=torch.float64)
         assert rel_error(model(x), result.model(x)) < 1e-10
@@ -581,5 +604,6 @@ class TokensAsRows(nn.Module):
 def test_the_channel_count_written_out_at_the_channels_axis_is_followed() -> None:
     model = randomize(TokensAsRows()).double().eval()
     result = fold_fp64(model, torch.randn(2, 7, 5), folded=1, skipped=0)
+    assert not any("written out" in note for note in result.plan.notes)
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     assert rel_error(model(x), result.model(x)) < 1e-10

@@ -254,12 +254,38 @@ def _size_read(node: fx.Node) -> fx.Node | None:
 
 
 def _channel_count(node: fx.Node) -> bool:
+    """``x.shape[1]``, ``x.size(1)``, ``C`` of ``N, C = x.shape[:2]``, ``x.shape[-3]`` of 4-D."""
     if node.op == "call_method" and node.target == "size":
-        return node.args[1:] == (1,) or node.kwargs.get("dim") == 1
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        tensor = node.args[0].meta.get("concrete") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(dim, int) or not isinstance(tensor, Tensor):
+            return False
+        return dim % max(tensor.dim(), 1) == 1
     if node.op != "call_function" or node.target is not operator.getitem:
         return False
-    read = node.args[0]
-    return node.args[1] == 1 and isinstance(read, fx.Node) and is_metadata(read)
+    source, index = node.args
+    dims = _dims(source) if isinstance(source, fx.Node) else None
+    return (
+        isinstance(index, int)
+        and dims is not None
+        and -len(dims) <= index < len(dims)
+        and (dims[index] == 1)
+    )
+
+
+def _dims(node: fx.Node) -> list[int] | None:
+    """Which dims of the input a size tuple holds: all for ``x.shape``, ``x.size()``; those
+    of a slice of one."""
+    if not isinstance(node.meta.get("concrete"), torch.Size):
+        return None
+    if is_metadata(node):
+        return list(range(len(node.meta["concrete"])))
+    if node.op == "call_function" and node.target is operator.getitem:
+        source, index = node.args
+        parent = _dims(source) if isinstance(source, fx.Node) else None
+        if parent is not None and isinstance(index, slice):
+            return parent[index]
+    return None
 
 
 def _arithmetic(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:

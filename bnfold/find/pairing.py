@@ -66,6 +66,7 @@ class PlannedPair:
     norm: NormSite
     targets: tuple[FoldTarget, ...]
     affine: Affine  # the norm's whole map
+    notes: tuple[str, ...] = ()  # what the fold across the ops between them assumes
 
     @property
     def layer(self) -> LayerSite:
@@ -264,7 +265,7 @@ class PairingContext:
             channels=norm.params.num_features,
             via=reach.via,
         )
-        return PlannedPair(record, norm, targets, affine)
+        return PlannedPair(record, norm, targets, affine, reach.notes)
 
     def _targets_refusal(
         self, norm: NormSite, reached: tuple[Target, ...], folds: tuple[FoldTarget, ...]
@@ -387,4 +388,5 @@ def plan_notes(model: nn.Module, pairs: Sequence[PlannedPair]) -> tuple[str, ...
     for pair in pairs:
         notes.extend(f"{pair.norm.name}: {note}" for note in pair.norm.notes)
         notes.extend(f"{pair.layer.name}: {note}" for note in pair.layer.notes)
+        notes.extend(f"{pair.norm.name} -> {pair.record.producer}: {note}" for note in pair.notes)
     return tuple(dict.fromkeys(notes))

@@ -62,6 +62,7 @@ class Step:
     label: str
     needs_nonnegative: bool = False  # max pooling: every scale on these channels >= 0
     refusal: Refusal | None = None  # the op is understood but blocks the fold
+    note: str | None = None  # what the fold across it assumes
 
 
 def read_call(gm: fx.GraphModule, node: fx.Node) -> Call | None:
@@ -115,46 +116,52 @@ def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bo
         return None
     refusal = _avg_padding_refusal(call) if _AVG_POOL.fullmatch(call.name) else None
     axes = (moved.axis, channels.axis) if toward_input else (channels.axis, moved.axis)
+    note = None
     if call.name in SIZED_VIEWS:
-        refusal = _view_refusal(node, call, (in_shape, out_shape), axes)
-    return Step(call.input, moved, call.label, bool(_MAX_POOL.fullmatch(call.name)), refusal)
+        refusal = refusal or _view_refusal(call, in_shape, out_shape, axes)
+        note = _literal_note(node, call, channels.size, axes[1])
+    nonnegative = bool(_MAX_POOL.fullmatch(call.name))
+    return Step(call.input, moved, call.label, nonnegative, refusal, note)
 
 
 def _view_refusal(
-    node: fx.Node, call: Call, shapes: tuple[tuple, tuple], axes: tuple[int, int]
+    call: Call, in_shape: tuple, out_shape: tuple, axes: tuple[int, int]
 ) -> Refusal | None:
     """Why a view to sizes may put the channels elsewhere at another input size, if it may."""
-    (in_shape, out_shape), turns = shapes, f"turns {tuple(shapes[0])} into {tuple(shapes[1])}"
-    literal = _literal_size(node, call.args, in_shape[axes[0]], axes[1])
-    if literal is not None:
-        return Refusal(
-            SkipReason.INPUT_DEPENDENT,
-            f"{call.label} to the literal size {literal} {turns}: the literal stays when the "
-            "input's size changes, so where the view puts the channels holds at this input "
-            "size only; write that size as read from the input (x.size(0), or -1)",
-        )
-    if not general_view(call.args, in_shape, out_shape, axes):
-        return Refusal(
-            SkipReason.INPUT_DEPENDENT,
-            f"{call.label} {turns}: where it puts the channels is proven from sizes, and a "
-            "size-1 dim fits many views, so the proof may hold at this input size only; fold "
-            "with an example input without size-1 dims",
-        )
-    return None
+    if general_view(call.args, in_shape, out_shape, axes):
+        return None
+    return Refusal(
+        SkipReason.INPUT_DEPENDENT,
+        f"{call.label} turns {tuple(in_shape)} into {tuple(out_shape)}: where it puts the "
+        "channels is proven from sizes, and a size-1 dim fits many views, so the proof may hold "
+        "at this input size only; fold with an example input without size-1 dims",
+    )
 
 
-def _literal_size(node: fx.Node, args: tuple, channels: int, out_axis: int) -> Any:
-    """A size of a view in an fx trace written as a number (sizes the forward reads from a
-    tensor are nodes there), other than -1 and the channel count at the channels' own axis.
-    An ATen op's sizes (exported programs, recorded dataflows) are numbers either way."""
+def _literal_note(node: fx.Node, call: Call, channels: int, out_axis: int) -> str | None:
+    """A note for a view in an fx trace to sizes written as numbers (sizes the forward reads
+    from a tensor are nodes there), other than -1, 1 and the channel count at the channels'
+    own axis: a number stays when the input's size changes, which may move the channels
+    (``x.reshape(2, -1)`` at another batch size). An ATen op's sizes (exported programs,
+    recorded dataflows) are numbers either way."""
     if is_aten(node):
         return None
+    args = call.args
     sizes = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-    for index, size in enumerate(sizes):
-        if isinstance(size, fx.Node) or size == -1 or (index == out_axis and size == channels):
-            continue
-        return size
-    return None
+    literal = [
+        size
+        for index, size in enumerate(sizes)
+        if not isinstance(size, fx.Node)
+        and size not in (-1, 1)
+        and not (index == out_axis and size == channels)
+    ]
+    if not literal:
+        return None
+    return (
+        f"{call.label} to sizes with {', '.join(map(str, literal))} written out: the fold holds "
+        "where that view puts the channels as on this input (read sizes from the input, "
+        "x.size(0) or -1, to make it hold at every size)"
+    )
 
 
 #: (call, channels, known shape, other shape, toward_input) -> the channels on the other side

@@ -52,6 +52,7 @@ class Reach:
     via: tuple[str, ...]
     nonnegative: tuple[torch.Tensor, ...]
     refusal: Refusal | None
+    notes: tuple[str, ...] = ()  # what the fold across the ops passed assumes
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Walk:
     via: list[str] = field(default_factory=list)
     nonnegative: list[torch.Tensor] = field(default_factory=list)
     refusal: Refusal | None = None
+    notes: list[str] = field(default_factory=list)
     steps: int = 0
 
     def refuse(self, refusal: Refusal) -> None:
@@ -72,7 +74,8 @@ class _Walk:
         if not reached:
             return None
         via = tuple(reversed(self.via)) if backward else tuple(self.via)
-        return Reach(tuple(self.targets), via, tuple(self.nonnegative), self.refusal)
+        notes = tuple(dict.fromkeys(self.notes))
+        return Reach(tuple(self.targets), via, tuple(self.nonnegative), self.refusal, notes)
 
     def passed(self, label: str) -> None:
         if label not in self.via:
@@ -144,6 +147,8 @@ class _Walk:
             self.refuse(passed.refusal)
         if passed.needs_nonnegative:
             self.nonnegative.append(passed.channels.index)
+        if passed.note is not None:
+            self.notes.append(passed.note)
         self.passed(passed.label)
 
     def _single_use(self, node: fx.Node, reader: fx.Node, reason: SkipReason) -> None:
