@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.find.calls import shape_of
-from bnfold.find.passthrough import passes_through
+from bnfold.find.channels import start
+from bnfold.find.passthrough import passes_through, step
 from bnfold.find.patterns import Refusal
 from bnfold.find.sharing import has_hooks
 from bnfold.find.sites import LayerSite, NormSite, input_of
@@ -30,19 +31,27 @@ def no_producer_detail(gm: fx.GraphModule, layers: dict[fx.Node, LayerSite], nor
             f"; {describe_node(gm, users[0])} sits between it and {behind[0].name}, so "
             "there is no adjacent layer to fold into"
         )
-    for op in (norm.input, *users[:1]):
-        if op is not None and op.op != "placeholder" and passes_through(gm, op):
+    for op, toward_input in ((norm.input, True), (users[0] if users else None, False)):
+        if op is not None and _stops_here(gm, op, norm, toward_input):
             text += f"; {_spreads(gm, op)}"
     return text
 
 
+def _stops_here(gm: fx.GraphModule, op: fx.Node, norm: NormSite, toward_input: bool) -> bool:
+    """``op`` is one a per-channel map may pass, but not with this norm's channels."""
+    if op.op == "placeholder" or not passes_through(gm, op):
+        return False
+    channels = start(norm.params.num_features)
+    return step(gm, op, channels, toward_input=toward_input) is None
+
+
 def _spreads(gm: fx.GraphModule, op: fx.Node) -> str:
-    """Why an op a per-channel map may pass did not pass it here."""
+    """An op a per-channel map may pass, that it did not pass here, and its shapes."""
     before, after = shape_of(input_of(op)) if input_of(op) is not None else None, shape_of(op)
-    turns = f" turns {before} into {after} and" if before and after else ""
+    turns = f" turns {before} into {after}:" if before and after else ":"
     return (
-        f"{describe_node(gm, op)}{turns} does not keep each channel on one channel of the other "
-        "side, so a per-channel map cannot move across it"
+        f"{describe_node(gm, op)}{turns} the fold cannot follow the channels across it here "
+        "(they do not stay whole on one axis, or bnfold does not read this form of the op)"
     )
 
 
