@@ -31,13 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnfold.find.functional import NORM_ARGS
-from bnfold.find.guards import (
-    describe,
-    is_metadata,
-    reads_sizes,
-    trace_guarded,
-    value_dependent_nodes,
-)
+from bnfold.find.guards import describe, size_read, trace_guarded, value_dependent_nodes
 from bnfold.find.patterns import Refusal
 from bnfold.find.sites import NormSite, is_frozen_norm, module_site
 from bnfold.folding.math import Affine, BnParams, bn_affine
@@ -225,7 +219,7 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if _floating(rest):
             return args[0]
         return _Unknown(f"'{key}' converts the input to a non-floating dtype")
-    sized = _size_read(node)
+    sized = size_read(node)
     if sized is not None:
         return _Unknown(
             f"'{node.name}' combines the input with a value computed from {describe(sized)}: "
@@ -234,58 +228,6 @@ def _affine_node(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     if key in _BATCH_NORMS:
         return _batch_norm(node, dict(zip(NORM_ARGS[key], args, strict=False)) | kwargs)
     return _arithmetic(node, key, args, kwargs)
-
-
-def _size_read(node: fx.Node) -> fx.Node | None:
-    """A read of the input's sizes that ``node`` depends on, other than its channel count
-    (``x.shape[1]``, ``x.size(1)``: the same at every size a per-channel map accepts)."""
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        current = todo.pop()
-        if current in seen or _channel_count(current):
-            continue
-        seen.add(current)
-        if is_metadata(current):
-            if reads_sizes(current):
-                return current
-            continue
-        todo.extend(current.all_input_nodes)
-    return None
-
-
-def _channel_count(node: fx.Node) -> bool:
-    """``x.shape[1]``, ``x.size(1)``, ``C`` of ``N, C = x.shape[:2]``, ``x.shape[-3]`` of 4-D."""
-    if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        tensor = node.args[0].meta.get("concrete") if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(dim, int) or not isinstance(tensor, Tensor):
-            return False
-        return dim % max(tensor.dim(), 1) == 1
-    if node.op != "call_function" or node.target is not operator.getitem:
-        return False
-    source, index = node.args
-    dims = _dims(source) if isinstance(source, fx.Node) else None
-    return (
-        isinstance(index, int)
-        and dims is not None
-        and -len(dims) <= index < len(dims)
-        and (dims[index] == 1)
-    )
-
-
-def _dims(node: fx.Node) -> list[int] | None:
-    """Which dims of the input a size tuple holds: all for ``x.shape``, ``x.size()``; those
-    of a slice of one."""
-    if not isinstance(node.meta.get("concrete"), torch.Size):
-        return None
-    if is_metadata(node):
-        return list(range(len(node.meta["concrete"])))
-    if node.op == "call_function" and node.target is operator.getitem:
-        source, index = node.args
-        parent = _dims(source) if isinstance(source, fx.Node) else None
-        if parent is not None and isinstance(index, slice):
-            return parent[index]
-    return None
 
 
 def _arithmetic(node: fx.Node, key: Any, args: tuple, kwargs: dict) -> Any:

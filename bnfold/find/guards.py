@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from bnfold.errors import first_line
@@ -151,6 +152,58 @@ def reads_sizes(guard: fx.Node) -> bool:
             continue
         todo.extend(node.all_input_nodes)
     return False
+
+
+def size_read(node: fx.Node) -> fx.Node | None:
+    """A read of the input's sizes that ``node`` depends on, other than its channel count
+    (``x.shape[1]``, ``x.size(1)``: the same at every size a per-channel map accepts)."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        current = todo.pop()
+        if current in seen or _channel_count(current):
+            continue
+        seen.add(current)
+        if is_metadata(current):
+            if reads_sizes(current):
+                return current
+            continue
+        todo.extend(current.all_input_nodes)
+    return None
+
+
+def _channel_count(node: fx.Node) -> bool:
+    """``x.shape[1]``, ``x.size(1)``, ``C`` of ``N, C = x.shape[:2]``, ``x.shape[-3]`` of 4-D."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        tensor = node.args[0].meta.get("concrete") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(dim, int) or not isinstance(tensor, Tensor):
+            return False
+        return dim % max(tensor.dim(), 1) == 1
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    source, index = node.args
+    dims = _dims(source) if isinstance(source, fx.Node) else None
+    return (
+        isinstance(index, int)
+        and dims is not None
+        and -len(dims) <= index < len(dims)
+        and (dims[index] == 1)
+    )
+
+
+def _dims(node: fx.Node) -> list[int] | None:
+    """Which dims of the input a size tuple holds: all for ``x.shape``, ``x.size()``; those
+    of a slice of one."""
+    if not isinstance(node.meta.get("concrete"), torch.Size):
+        return None
+    if is_metadata(node):
+        return list(range(len(node.meta["concrete"])))
+    if node.op == "call_function" and node.target is operator.getitem:
+        source, index = node.args
+        parent = _dims(source) if isinstance(source, fx.Node) else None
+        if parent is not None and isinstance(index, slice):
+            return parent[index]
+    return None
 
 
 def _emptiness_check(guard: fx.Node) -> bool:
