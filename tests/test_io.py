@@ -546,3 +546,15 @@ def test_every_model_format_gets_the_permissions_of_a_new_file(tmp_path, user, f
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert_no_temp_files(tmp_path)
+
+
+def test_a_filesystem_that_refuses_modes_still_gets_the_file(tmp_path, monkeypatch):
+    """Permissions are best effort: a chmod the filesystem refuses does not fail the save."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    write_text_atomic(tmp_path / "report.json", "x")
+    assert (tmp_path / "report.json").read_text() == "x"
+    assert_no_temp_files(tmp_path)

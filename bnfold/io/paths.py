@@ -248,15 +248,19 @@ def publish(
 
 def _as_created(path: str) -> None:
     """Give ``path`` the permissions a new file gets here (0666 less the umask), as most writers
-    leave them: some (safetensors) create their file owner-only."""
+    leave them: some (safetensors) create their file owner-only. Best effort: a filesystem that
+    refuses (a network mount without modes) keeps the writer's."""
     probe = f"{path}.mode"
-    handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        mode = stat.S_IMODE(os.fstat(handle).st_mode)
-    finally:
-        os.close(handle)
-        os.unlink(probe)
-    os.chmod(path, mode)
+        handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            mode = stat.S_IMODE(os.fstat(handle).st_mode)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+        os.chmod(path, mode)
+    except OSError:
+        return
 
 
 def _reserve(target: str) -> None:
