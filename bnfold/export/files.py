@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,7 @@ def publish_export(staged: Path, target: Path, data_name: str | None, overwrite:
     follow (nothing was at its name before)."""
     moved: list[Path] = []
     try:
-        if data_name:  # onnx writes the data file owner-only; give it the .onnx file's mode
-            os.chmod(staged.parent / data_name, stat.S_IMODE(staged.stat().st_mode))
+        if data_name:  # owner-only as onnx writes it; publish gives it a new file's mode
             publish(staged.parent / data_name, target.parent / data_name, overwrite=overwrite)
             moved.append(target.parent / data_name)
         publish(staged, target, overwrite=overwrite)
