@@ -272,3 +272,38 @@ def test_onnx_benchmark_smoke(tmp_path) -> None:
     assert row["plain"]["batchnorm_nodes"] == 1 and row["bnfold"]["batchnorm_nodes"] == 0
     assert row["bnfold"]["max_rel_error"] < 1e-5
     assert "| mlp | 3/3 |" in bench.markdown([row], threads=1, repeat=1)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left")])
+@pytest.mark.parametrize("old_data", [True, False], ids=["old-data", "old-inline"])
+def test_an_onnx_file_that_cannot_follow_its_data_leaves_the_old_pair(
+    tmp_path, reuse_export, monkeypatch, failure, old_data: bool
+) -> None:
+    """With overwrite, the data file goes into place first: when the .onnx file then cannot
+    follow (a stop, a full disk), the data file at its name is put back as it was, so the old
+    graph never meets new weights."""
+    import bnfold.export.files as files
+
+    target = tmp_path / "ext.onnx"
+    export_onnx(reuse_export, image(), target, external_data_threshold=1 if old_data else 1 << 40)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = onnx.load(str(target))
+    weight = max(changed.graph.initializer, key=lambda tensor: tensor.ByteSize())  # external
+    weight.CopyFrom(
+        onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 2, weight.name)
+    )
+    monkeypatch.setattr(export_mod, "run_exporter", lambda *args: (changed, "dynamo", []))
+    real, calls = files.publish, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(files, "publish", second_fails)
+    expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else SaveError
+    with pytest.raises(expected):
+        export_onnx(reuse_export, image(), target, external_data_threshold=1, overwrite=True)
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,21 +94,48 @@ def write(proto: Any, staged: Path, name: str, threshold: int) -> str | None:
 
 def publish_export(staged: Path, target: Path, data_name: str | None, overwrite: bool) -> None:
     """Move the staged data file, then the .onnx file, into place (``bnfold.io.paths.publish``).
-    Without ``overwrite``, a data file moved here is removed again if the .onnx file cannot
-    follow (nothing was at its name before)."""
-    moved: list[Path] = []
+    When the .onnx file cannot follow, the data file at its name is put back as it was (a copy
+    of the one it replaced is kept in the staging folder until then), so an old .onnx file is
+    never left beside new weights."""
+    data = target.parent / data_name if data_name else None
+    previous, moved = None, False
     try:
-        if data_name:  # owner-only as onnx writes it; publish gives it a new file's mode
-            publish(staged.parent / data_name, target.parent / data_name, overwrite=overwrite)
-            moved.append(target.parent / data_name)
+        if data is not None and overwrite:
+            previous = _keep(data, staged.parent)
+        if data is not None:  # owner-only as onnx writes it; publish gives it a new file's mode
+            publish(staged.parent / data.name, data, overwrite=overwrite)
+            moved = True
         publish(staged, target, overwrite=overwrite)
     except BaseException as exc:
-        if not overwrite:
-            for path in moved:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        if moved and data is not None:
+            _put_back(data, previous)
         if isinstance(exc, OSError):
             raise SaveError(
                 f"could not move the exported file into place at {target}: {exc}"
             ) from exc
         raise
+
+
+def _keep(path: Path, folder: Path) -> Path | None:
+    """A copy of what is at ``path`` in ``folder`` (the same link, a hard link to the file, or a
+    copy of it), or None when there is nothing."""
+    kept = folder / f"previous.{path.name}"
+    if path.is_symlink():
+        os.symlink(os.readlink(path), kept)
+    elif path.is_file():
+        try:
+            os.link(path, kept)
+        except OSError:
+            shutil.copy2(path, kept)
+    else:
+        return None
+    return kept
+
+
+def _put_back(path: Path, previous: Path | None) -> None:
+    """The file at ``path`` as it was before: ``previous`` moved back, or removed."""
+    with contextlib.suppress(OSError):
+        if previous is not None:
+            os.replace(previous, path)
+        else:
+            os.unlink(path)
