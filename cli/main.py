@@ -72,44 +72,51 @@ def main(argv: list[str] | None = None) -> int:
     """
     register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    received: list[int] = []  # the stop signal, once one came
     try:
-        with warnings.catch_warnings(), _stop_signals_raise():
+        with warnings.catch_warnings(), _stop_signals_raise(received):
             if not debug:  # torch's own deprecation chatter is not the user's business
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
             result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        signum = _signal_of(exc)
-        click.echo(
-            f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was left.",
-            err=True,
-        )
-        code = EXIT_SIGNAL_BASE + signum
+        code = _aborted(received[0] if received else _signal_of(exc))
     except click.ClickException as exc:
         exc.show()
         code = EXIT_USAGE if exc.exit_code == EXIT_USAGE else EXIT_FAILED
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except (Exception, SystemExit) as exc:  # click never raises SystemExit here: user code did
-        code = _report_error(exc, debug)
+        # a stop whose exception code on the way turned into another error: the stop wins
+        code = _aborted(received[0]) if received else _report_error(exc, debug)
     else:
         code = result if isinstance(result, int) else EXIT_OK
+    if received and argv is None:  # the program is ending: a second Ctrl-C cannot cut it short
+        for number in filter(None, (getattr(signal, name, None) for name in _STOP_SIGNALS)):
+            signal.signal(number, signal.SIG_IGN)
     sys.exit(code)
 
 
+def _aborted(signum: int) -> int:
+    click.echo(
+        f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was left.",
+        err=True,
+    )
+    return EXIT_SIGNAL_BASE + signum
+
+
 @contextlib.contextmanager
-def _stop_signals_raise() -> Iterator[None]:
+def _stop_signals_raise(received: list[int]) -> Iterator[None]:
     """While the command runs: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise
     ``Stopped``; a second stop signal is ignored so it cannot cut the cleanup short. Code on the
     way that catches and drops that exception (torch's ONNX exporter may) does not win: it is
     raised again before any output is put in place and when a stage ends (``STOP_CHECK``). Only
     signals left at their default are taken (one ignored under nohup stays ignored, a handler
     of an embedding program stays), only in the main thread; the previous handlers are
-    restored on exit."""
+    restored on exit. The signal that came is appended to ``received``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
 
     def interrupt(signum: int) -> BaseException:
         return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)

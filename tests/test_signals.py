@@ -54,7 +54,8 @@ torch.save = slow(torch.save)
 safetensors.torch.save_file = slow(safetensors.torch.save_file)
 from bnfold_cli.main import main
 
-main(sys.argv[2:])
+sys.argv = ["bnfold", *sys.argv[2:]]  # as the console script runs it
+main()
 """
 
 COMMANDS = {
@@ -166,6 +167,26 @@ def signal_during_save(
         assert (work / "out.pt2").read_bytes() == b"the output of an earlier run", case
 
 
+def test_a_second_stop_signal_while_the_run_ends_changes_nothing(base, tmp_path, processes):
+    """SIGTERM mid-save, then SIGINT while the program cleans up and exits: the first signal
+    decides the exit code and the last line, the old output stays."""
+    work = tmp_path / "twice"
+    work.mkdir()
+    process = start(base, work, COMMANDS["fold"])
+    processes.append(process)
+    wait_for_write(process, tmp_path / "twice-marks")
+    process.send_signal(signal.SIGTERM)
+    for _ in range(10):  # into the cleanup and the interpreter's exit
+        time.sleep(0.05)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("Aborted (SIGTERM)"), err
+    assert (work / "out.pt2").read_bytes() == b"the output of an earlier run"
+    assert sorted(p.name for p in work.iterdir()) == ["model.pt2", "out.pt2", "samples.pt"]
+
+
 def test_the_cli_restores_the_handlers_it_found_and_keeps_an_ignored_sighup(capsys, monkeypatch):
     """Under nohup SIGHUP is ignored before bnfold starts: it stays ignored while the command
     runs (a hang-up must not stop the run), and every handler is restored afterwards."""
@@ -195,29 +216,31 @@ def test_the_cli_restores_the_handlers_it_found_and_keeps_an_ignored_sighup(caps
     assert after == before
 
 
-def _dropping(real, signum: int):
+def _dropping(real, signum: int, convert: bool = False):
     """``real``, after a stop signal whose exception it catches and drops (as torch's ONNX
-    exporter may)."""
+    exporter may), or turns into a RuntimeError (``convert``)."""
 
     def call(*args, **kwargs):
         assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN)  # bnfold's
         try:
             os.kill(os.getpid(), signum)
             time.sleep(5)  # the handler raises here
-        except BaseException:
-            pass
+        except BaseException as exc:
+            if convert:
+                raise RuntimeError("converted") from exc
         return real(*args, **kwargs)
 
     return call
 
 
-@pytest.mark.parametrize("where", ["writing", "folding"])
+@pytest.mark.parametrize("where", ["writing", "folding", "folding, turned into an error"])
 def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(
     base, tmp_path, monkeypatch, capsys, where: str
 ) -> None:
     """The exception is raised again before the output is put in place (dropped while
-    writing it) or when the stage ends (dropped while folding): the earlier output stays,
-    no temporary file is left, and the exit code is 143."""
+    writing it) or when the stage ends (dropped while folding); turned into another error, the
+    stop still wins over it: the earlier output stays, no temporary file is left, and the exit
+    code is 143."""
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         pytest.skip("SIGTERM already has a handler here: bnfold leaves it alone")
     (tmp_path / "model.pt2").write_bytes((base / "model.pt2").read_bytes())
@@ -225,7 +248,8 @@ def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(
     if where == "writing":
         monkeypatch.setattr(torch.export, "save", _dropping(torch.export.save, signal.SIGTERM))
     else:
-        monkeypatch.setattr("bnfold.pipeline.fold", _dropping(bnfold.fold, signal.SIGTERM))
+        convert = where.endswith("error")
+        monkeypatch.setattr("bnfold.pipeline.fold", _dropping(bnfold.fold, signal.SIGTERM, convert))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as caught:
         main(["fold", "model.pt2", "-o", "out.pt2", "--force"])
