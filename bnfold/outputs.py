@@ -26,13 +26,19 @@ class Target:
 @contextlib.contextmanager
 def written_before_failure(paths: Sequence[str]) -> Iterator[None]:
     """A ``BnfoldError`` leaving the block after files were written (``paths``, appended as
-    they are) names them: the same class, with ``(already written, complete: ...)``."""
+    they are) names them: the same class, with ``(already written, complete: ...)``. An
+    interrupt gets the same words as a note (``add_note``), for whoever reports it."""
     try:
         yield
     except BnfoldError as exc:
         if not paths:
             raise
         raise type(exc)(f"{exc} (already written, complete: {', '.join(paths)})") from exc
+    except KeyboardInterrupt as exc:
+        note = f"already written, complete: {', '.join(paths)}"
+        if paths and note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+        raise
 
 
 def would_write(path: Path, force: bool) -> str:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
             result = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        code = _aborted(received[0] if received else _signal_of(exc))
+        code = _aborted(received[0] if received else _signal_of(exc), _written(exc))
     except click.ClickException as exc:
         exc.show()
         code = EXIT_USAGE if exc.exit_code == EXIT_USAGE else EXIT_FAILED
@@ -97,12 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     sys.exit(code)
 
 
-def _aborted(signum: int) -> int:
+def _aborted(signum: int, written: str | None = None) -> int:
+    done = f" ({written})" if written else ""
     click.echo(
-        f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was left.",
+        f"Aborted ({signal.Signals(signum).name}); no temporary or partial file was left{done}.",
         err=True,
     )
     return EXIT_SIGNAL_BASE + signum
+
+
+def _written(exc: BaseException) -> str | None:
+    """The interrupt's note naming the files already written, if any (click wraps it)."""
+    for cause in (exc, exc.__cause__, exc.__context__):
+        for note in getattr(cause, "__notes__", ()):
+            if note.startswith("already written"):
+                return note
+    return None
 
 
 @contextlib.contextmanager

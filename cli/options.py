@@ -55,7 +55,8 @@ Exit codes:
        unexpected error, sys.exit called by your factory or forward, ...
   130  interrupted (Ctrl-C, SIGINT); 143 SIGTERM; 129 SIGHUP. No
        temporary or partial file is left; the file being written is
-       not put in place (an existing file of its name is unchanged)
+       not put in place (an existing file of its name is unchanged);
+       the Aborted line names the files already written
 Every failure but a bad option or a stop prints one 'error:' line; --debug
 prints the traceback first.
 """

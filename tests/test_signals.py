@@ -257,3 +257,26 @@ def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("Aborted (SIGTERM)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "out.pt2"]
     assert (tmp_path / "out.pt2").read_bytes() == b"the output of an earlier run"
+
+
+def test_a_stop_after_the_model_was_written_names_it(base, tmp_path, monkeypatch, capsys) -> None:
+    """SIGTERM while the JSON report is written: the model file is already in place and
+    complete, and the Aborted line says so."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM already has a handler here: bnfold leaves it alone")
+    import bnfold.io.models as models
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+
+    (tmp_path / "model.pt2").write_bytes((base / "model.pt2").read_bytes())
+    monkeypatch.setattr(models, "write_text_atomic", stopped)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        main(["fold", "model.pt2", "-o", "out.pt2", "--json", "report.json"])
+    assert caught.value.code == 143
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("Aborted (SIGTERM)") and "already written, complete: out.pt2" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "out.pt2"]
+    bnfold.load_model(tmp_path / "out.pt2")  # complete
