@@ -54,7 +54,8 @@ def hooks(quiet: bool = False) -> Any:
 
 
 #: The running command's check for a stop signal whose exception was caught and dropped on
-#: the way (``bnfold_cli.main``): it raises that exception again.
+#: the way (``bnfold_cli.main``): it raises that exception again. ``stage`` hands it to
+#: ``bnfold.io.paths.stop_check``: main cannot import bnfold itself (``--help`` skips torch).
 STOP_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("bnfold_cli_stop", default=None)
 
 

@@ -311,7 +311,8 @@ def test_a_recorded_fold_across_a_view_notes_the_sizes_and_extra_inputs_check_th
     x = torch.randn(2, 6, 2, dtype=torch.float64)
     result = bnfold.fold(model, x)
     assert result.plan.method == "recorded" and len(result.folded) == 1
-    assert any("bn folds into fc across view" in note for note in result.plan.notes)
+    notes = [note for note in result.plan.notes if note.startswith("bn -> fc: ")]
+    assert len(notes) == 1 and "as recorded" in notes[0], result.plan.notes
     other = torch.randn(1, 6, 4, dtype=torch.float64)  # the view puts channels elsewhere here
     checked = bnfold.fold(model, x, extra_inputs=[other])
     assert [s.reason for s in checked.skipped] == [bnfold.SkipReason.INPUT_DEPENDENT]

@@ -98,17 +98,16 @@ def publish_export(staged: Path, target: Path, data_name: str | None, overwrite:
     of the one it replaced is kept in the staging folder until then), so an old .onnx file is
     never left beside new weights."""
     data = target.parent / data_name if data_name else None
-    previous, moved = None, False
+    previous, moved = None, None
     try:
-        if data is not None and overwrite:
-            previous = _keep(data, staged.parent)
         if data is not None:  # owner-only as onnx writes it; publish gives it a new file's mode
+            previous = _keep(data, staged.parent) if overwrite else None
             publish(staged.parent / data.name, data, overwrite=overwrite)
-            moved = True
+            moved = data
         publish(staged, target, overwrite=overwrite)
     except BaseException as exc:
-        if moved and data is not None:
-            _put_back(data, previous)
+        if moved is not None:
+            _put_back(moved, previous)
         if isinstance(exc, OSError):
             raise SaveError(
                 f"could not move the exported file into place at {target}: {exc}"

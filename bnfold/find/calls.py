@@ -31,7 +31,12 @@ def op_name(node: fx.Node) -> str:
 
 def is_aten(node: fx.Node) -> bool:
     """An ATen op call: of an exported program, or of a recorded dataflow."""
-    return node.target is recorded_op or hasattr(node.target, "overloadpacket")
+    return is_recorded(node) or hasattr(node.target, "overloadpacket")
+
+
+def is_recorded(node: fx.Node) -> bool:
+    """An op of a recorded dataflow (one execution; its arguments are the values it ran with)."""
+    return node.target is recorded_op
 
 
 def _from_library(target: Any) -> bool:

@@ -116,6 +116,9 @@ def general_view(
     axis, out_axis = axes
     if axis != out_axis or tuple(in_shape[:axis]) != tuple(out_shape[:axis]):
         return False
-    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):  # view((n, -1))
-        sizes = sizes[0]
-    return all(index >= axis for index, size in enumerate(sizes) if size == -1)
+    return all(index >= axis for index, size in enumerate(view_sizes(sizes)) if size == -1)
+
+
+def view_sizes(args: Sequence[Any]) -> Sequence[Any]:
+    """The sizes a view is called with, given as ``view(n, -1)`` or ``view((n, -1))``."""
+    return args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args

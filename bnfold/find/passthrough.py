@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.find.calls import call_arguments, is_aten, op_name, shape_of
+from bnfold.find.calls import call_arguments, is_aten, is_recorded, op_name, shape_of
 from bnfold.find.channels import (
     SIZED_VIEWS,
     Channels,
@@ -33,6 +33,7 @@ from bnfold.find.channels import (
     general_view,
     inverse,
     scatter_unique,
+    view_sizes,
 )
 from bnfold.find.functional import fetch_attr
 from bnfold.find.patterns import Refusal
@@ -118,49 +119,45 @@ def step(gm: fx.GraphModule, node: fx.Node, channels: Channels, toward_input: bo
     axes = (moved.axis, channels.axis) if toward_input else (channels.axis, moved.axis)
     note = None
     if call.name in SIZED_VIEWS:
-        refusal = refusal or _view_refusal(call, in_shape, out_shape, axes)
         note = _literal_note(node, call, channels.size, axes[1])
+        if not general_view(call.args, in_shape, out_shape, axes):
+            refusal = Refusal(
+                SkipReason.INPUT_DEPENDENT,
+                f"{call.label} turns {tuple(in_shape)} into {tuple(out_shape)}: where it puts the "
+                "channels is proven from sizes, and a size-1 dim fits many views, so the proof "
+                "may hold at this input size only; fold with an example input without size-1 dims",
+            )
     nonnegative = bool(_MAX_POOL.fullmatch(call.name))
     return Step(call.input, moved, call.label, nonnegative, refusal, note)
 
 
-def _view_refusal(
-    call: Call, in_shape: tuple, out_shape: tuple, axes: tuple[int, int]
-) -> Refusal | None:
-    """Why a view to sizes may put the channels elsewhere at another input size, if it may."""
-    if general_view(call.args, in_shape, out_shape, axes):
-        return None
-    return Refusal(
-        SkipReason.INPUT_DEPENDENT,
-        f"{call.label} turns {tuple(in_shape)} into {tuple(out_shape)}: where it puts the "
-        "channels is proven from sizes, and a size-1 dim fits many views, so the proof may hold "
-        "at this input size only; fold with an example input without size-1 dims",
-    )
-
-
 def _literal_note(node: fx.Node, call: Call, channels: int, out_axis: int) -> str | None:
-    """A note for a view in an fx trace to sizes written as numbers (sizes the forward reads
-    from a tensor are nodes there), other than -1, 1 and the channel count at the channels'
-    own axis: a number stays when the input's size changes, which may move the channels
-    (``x.reshape(2, -1)`` at another batch size). An ATen op's sizes (exported programs,
-    recorded dataflows) are numbers either way."""
-    if is_aten(node):
+    """A note for a view to sizes given as numbers (not -1, 1 or the channel count at the
+    channels' axis): a number stays when the input's size changes, which may move the channels.
+    A size an fx trace reads from a tensor is a node; a recording has numbers only; an exported
+    program is fixed to its sizes (no note)."""
+    recorded = is_recorded(node)
+    if is_aten(node) and not recorded:
         return None
-    args = call.args
-    sizes = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
     literal = [
-        size
-        for index, size in enumerate(sizes)
+        str(size)
+        for index, size in enumerate(view_sizes(call.args))
         if not isinstance(size, fx.Node)
         and size not in (-1, 1)
         and not (index == out_axis and size == channels)
     ]
     if not literal:
         return None
+    if recorded:
+        how = (
+            "as recorded (a recording cannot tell a size written out from one read from the input)"
+        )
+        fix = "extra_inputs of other sizes check it"
+    else:
+        how, fix = "written out", "read sizes from the input, x.size(0) or -1, to make it hold"
     return (
-        f"{call.label} to sizes with {', '.join(map(str, literal))} written out: the fold holds "
-        "where that view puts the channels as on this input (read sizes from the input, "
-        "x.size(0) or -1, to make it hold at every size)"
+        f"{call.label} to sizes with {', '.join(literal)} {how}: the fold holds where that view "
+        f"puts the channels as on this input ({fix})"
     )
 
 

@@ -22,7 +22,6 @@ from torch import nn
 
 from bnfold.errors import ModelInputError, TraceError, first_line
 from bnfold.find.branches import recorded_decisions
-from bnfold.find.channels import SIZED_VIEWS
 from bnfold.find.idle import idle_norms, idle_note, refuse_beside_idle
 from bnfold.find.pairing import (
     Analysis,
@@ -89,7 +88,6 @@ def analyse_recorded(
             *_recorded_notes(model, runs, fx_error),
             *filter(None, [idle_note(idle)]),
             *plan_notes(model, pairs),
-            *_view_notes(pairs),
             *merge_notes,
             *affine_notes,
             *dict.fromkeys(n for run in runs for n in run.notes),
@@ -222,18 +220,3 @@ def _recorded_notes(model: nn.Module, runs: list[_Run], fx_error: TraceError) ->
             "every recorded input pairs it identically"
         )
     return notes
-
-
-def _view_notes(pairs: Sequence[PlannedPair]) -> list[str]:
-    """A recording sees every view with its sizes as numbers: it cannot tell ``x.view(-1, 12)``
-    from ``x.view(x.size(0), -1)``, so a fold across one holds where the view puts the channels
-    as on the recorded input."""
-    return [
-        f"{pair.norm.name} folds into {pair.record.producer} across {op} with the sizes of the "
-        "recorded input: a recording cannot tell a size written out in the code from one read "
-        "from the input, so this holds at inputs the view treats the same way (extra_inputs "
-        "of other sizes check it)"
-        for pair in pairs
-        for op in dict.fromkeys(pair.record.via)
-        if op.lstrip("_") in SIZED_VIEWS
-    ]

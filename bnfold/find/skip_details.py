@@ -47,7 +47,8 @@ def _stops_here(gm: fx.GraphModule, op: fx.Node, norm: NormSite, toward_input: b
 
 def _spreads(gm: fx.GraphModule, op: fx.Node) -> str:
     """An op a per-channel map may pass, that it did not pass here, and its shapes."""
-    before, after = shape_of(input_of(op)) if input_of(op) is not None else None, shape_of(op)
+    source, after = input_of(op), shape_of(op)
+    before = shape_of(source) if source is not None else None
     turns = f" turns {before} into {after}:" if before and after else ":"
     return (
         f"{describe_node(gm, op)}{turns} the fold cannot follow the channels across it here "
